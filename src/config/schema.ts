@@ -1,0 +1,279 @@
+import { z } from "zod";
+
+/**
+ * The agent's configuration schema (TOML keys are snake_case and so are the properties here: one
+ * name per setting everywhere, in files, env overrides, errors and docs). Every object is strict:
+ * an unknown key is an error naming the file and key, never silently ignored (typos in security
+ * settings must not fall back to defaults).
+ */
+
+/** TPM persistent handles for device keys live in the owner range (TPM 2.0 Part 1, 29.2; EK is 0x8101xxxx). */
+export const OWNER_HANDLE_MIN = 0x81000000;
+export const OWNER_HANDLE_MAX = 0x8100ffff;
+
+const SECRET_HINT =
+  'secrets are given by reference: { file = "/path" }, { credential = "NAME" } (systemd LoadCredential) or { env = "VAR" }';
+
+/** A reference to a secret; the value itself is never written into config. */
+export type SecretRef =
+  | { readonly file: string }
+  | { readonly credential: string }
+  | { readonly env: string };
+
+/**
+ * Secret references. A literal string is refused with a hint (a PIN in agent.toml would be readable
+ * by everyone who can read the config, and ends up in backups and bug reports).
+ */
+export const secretRefSchema = z.unknown().transform((v, ctx): SecretRef => {
+  if (typeof v === "string" || typeof v === "number") {
+    ctx.addIssue({ code: "custom", message: `a literal secret value is not allowed; ${SECRET_HINT}` });
+    return z.NEVER;
+  }
+  if (v === null || typeof v !== "object" || Array.isArray(v)) {
+    ctx.addIssue({ code: "custom", message: `expected a secret reference; ${SECRET_HINT}` });
+    return z.NEVER;
+  }
+  const entries = Object.entries(v);
+  const [first] = entries;
+  if (entries.length !== 1 || first === undefined) {
+    ctx.addIssue({
+      code: "custom",
+      message: `expected exactly one of file, credential, env; ${SECRET_HINT}`,
+    });
+    return z.NEVER;
+  }
+  const [kind, value] = first;
+  if (typeof value !== "string" || value.length === 0) {
+    ctx.addIssue({ code: "custom", message: `${kind}: expected a non-empty string` });
+    return z.NEVER;
+  }
+  switch (kind) {
+    case "file":
+      if (!value.startsWith("/")) {
+        ctx.addIssue({ code: "custom", message: "file: expected an absolute path" });
+        return z.NEVER;
+      }
+      return { file: value };
+    case "credential":
+      // A credential name is a file name inside $CREDENTIALS_DIRECTORY: no path tricks.
+      if (!/^[A-Za-z0-9_.-]+$/.test(value) || value === "." || value === "..") {
+        ctx.addIssue({ code: "custom", message: "credential: expected a plain credential name" });
+        return z.NEVER;
+      }
+      return { credential: value };
+    case "env":
+      if (!/^[A-Za-z_][A-Za-z0-9_]*$/.test(value)) {
+        ctx.addIssue({ code: "custom", message: "env: expected an environment variable name" });
+        return z.NEVER;
+      }
+      return { env: value };
+    default:
+      ctx.addIssue({ code: "custom", message: `unknown secret reference kind "${kind}"; ${SECRET_HINT}` });
+      return z.NEVER;
+  }
+});
+
+/** Parses 0x-hex strings or integers (TOML has native 0x integers; env values are strings). */
+function handleSchema(defaultValue: number) {
+  return z
+    .union([z.number(), z.string()])
+    .transform((v, ctx): number => {
+      const n =
+        typeof v === "number" ? v : /^0x[0-9a-fA-F]{1,8}$/.test(v) ? Number.parseInt(v, 16) : Number.NaN;
+      // Device keys must not land on EK/platform handles, where they would clobber provisioning.
+      if (!Number.isInteger(n) || n < OWNER_HANDLE_MIN || n > OWNER_HANDLE_MAX) {
+        ctx.addIssue({ code: "custom", message: "expected an owner-range handle 0x81000000-0x8100FFFF" });
+        return z.NEVER;
+      }
+      return n;
+    })
+    .default(defaultValue);
+}
+
+const absPath = z.string().refine((p) => p.startsWith("/"), "expected an absolute path");
+const httpsUrl = z
+  .string()
+  .url()
+  .refine((u) => /^https?:\/\//.test(u), "expected an http(s) URL");
+const logLevel = z.enum(["debug", "info", "warn", "error"]);
+const keyAlgorithm = z.enum(["ec-p256", "rsa-2048"]);
+const fraction = z.number().gt(0).lt(1);
+/** Octal file modes: TOML 0o660 (integer) or "0660" (string, env). */
+const fileMode = z
+  .union([z.number().int(), z.string().regex(/^0?[0-7]{3,4}$/)])
+  .transform((v) => (typeof v === "number" ? v : Number.parseInt(v, 8)))
+  .refine((m) => m >= 0 && m <= 0o777, "expected a file mode like 0o660")
+  .refine((m) => (m & 0o007) === 0, "the API socket must not be accessible to others (no o+rwx bits)");
+
+/** "127.0.0.1:9464", "[::1]:9464", "localhost:9464" or an absolute Unix socket path. */
+const metricsListen = z.string().refine((s) => {
+  if (s.startsWith("/")) return true;
+  const m = /^(127\.0\.0\.1|localhost|\[::1\]):(\d{1,5})$/.exec(s);
+  return m !== null && Number(m[2]) > 0 && Number(m[2]) < 65536;
+}, "expected a loopback address (127.0.0.1:PORT, [::1]:PORT) or an absolute Unix socket path; metrics are not exposed on the network");
+
+const agentSection = z.strictObject({
+  state_dir: absPath.default("/var/lib/m2m-agent"),
+  runtime_dir: absPath.default("/run/m2m-agent"),
+  log_level: logLevel.default("info"),
+  /** SIGTERM: in-flight work gets this long to drain before the process exits anyway. */
+  drain_timeout_ms: z.number().int().min(0).max(600_000).default(10_000),
+  /** Audit log of identity events; default `<state_dir>/audit.log`. */
+  audit_log: absPath.optional(),
+});
+
+const tpmSection = z.strictObject({
+  tcti: z.string().min(1).default("device:/dev/tpmrm0"),
+  srk_handle: handleSchema(0x81000001),
+  key_handle: handleSchema(0x81000002),
+  ak_handle: handleSchema(0x81000003),
+  algorithm: keyAlgorithm.default("ec-p256"),
+  timeout_ms: z.number().int().min(100).max(300_000).default(10_000),
+});
+
+const pkcs11Section = z.strictObject({
+  module: absPath.optional(),
+  token_label: z.string().min(1).max(32).optional(),
+  key_label: z.string().min(1).default("m2m-device"),
+  key_id: z
+    .string()
+    .regex(/^[0-9a-fA-F]{2,64}$/, "expected hex")
+    .optional(),
+  algorithm: keyAlgorithm.default("ec-p256"),
+  pin: secretRefSchema.optional(),
+});
+
+const keysSection = z
+  .strictObject({
+    provider: z.enum(["tpm", "pkcs11"]).default("tpm"),
+    tpm: tpmSection.prefault({}),
+    pkcs11: pkcs11Section.prefault({}),
+  })
+  .superRefine((k, ctx) => {
+    if (k.provider !== "pkcs11") return;
+    if (k.pkcs11.module === undefined)
+      ctx.addIssue({
+        code: "custom",
+        path: ["pkcs11", "module"],
+        message: 'required when provider = "pkcs11"',
+      });
+    if (k.pkcs11.token_label === undefined)
+      ctx.addIssue({
+        code: "custom",
+        path: ["pkcs11", "token_label"],
+        message: 'required when provider = "pkcs11"',
+      });
+    if (k.pkcs11.pin === undefined)
+      ctx.addIssue({ code: "custom", path: ["pkcs11", "pin"], message: 'required when provider = "pkcs11"' });
+  });
+
+const enrollSection = z
+  .strictObject({
+    enabled: z.boolean().default(false),
+    registrar_url: httpsUrl.optional(),
+    registrar_ca_file: absPath.optional(),
+    method: z.enum(["tpm", "pkcs11"]).optional(),
+    bootstrap_token: secretRefSchema.optional(),
+    hardware_serial: z.string().min(1).max(128).optional(),
+    group: z.string().min(1).max(128).optional(),
+    requested_attributes: z.record(z.string(), z.string()).default({}),
+  })
+  .superRefine((e, ctx) => {
+    if (e.enabled && e.registrar_url === undefined)
+      ctx.addIssue({ code: "custom", path: ["registrar_url"], message: "required when enabled = true" });
+  });
+
+const oauthSection = z.strictObject({
+  issuer: httpsUrl,
+  token_endpoint: httpsUrl.optional(),
+  client_id: z.string().min(1).optional(),
+  scopes: z.array(z.string().min(1)).default([]),
+  dpop: z.boolean().default(true),
+  refresh_fraction: fraction.default(0.8),
+  cache_file: absPath.optional(),
+});
+
+const estSection = z.strictObject({
+  url: httpsUrl.optional(),
+  renew_fraction: fraction.default(0.6667),
+  rotate_key: z.boolean().default(false),
+});
+
+const outboxSection = z.strictObject({
+  /** Default `<state_dir>/outbox.db`. */
+  path: absPath.optional(),
+  max_bytes: z
+    .number()
+    .int()
+    .min(1024)
+    .default(64 * 1024 * 1024),
+  max_count: z.number().int().min(1).default(100_000),
+  max_age_s: z
+    .number()
+    .int()
+    .min(1)
+    .default(7 * 24 * 3600),
+  drop_policy: z.enum(["oldest", "refuse"]).default("oldest"),
+});
+
+const mqttSinkSection = z.strictObject({
+  urls: z.array(z.string().regex(/^mqtts?:\/\//, "expected mqtt:// or mqtts:// URL")).min(1),
+  auth: z.enum(["mtls-pkcs11", "token"]).default("token"),
+  topic_template: z.string().min(1).default("devices/{device_id}/{channel}"),
+  qos: z.union([z.literal(0), z.literal(1), z.literal(2)]).default(1),
+  inflight: z.number().int().min(1).max(65535).default(32),
+  ca_file: absPath.optional(),
+});
+
+const httpsSinkSection = z.strictObject({
+  url: httpsUrl,
+  batch_max: z.number().int().min(1).max(10_000).default(100),
+  batch_ms: z.number().int().min(0).max(600_000).default(1000),
+});
+
+const relaySection = z.strictObject({
+  outbox: outboxSection.prefault({}),
+  mqtt: mqttSinkSection.optional(),
+  https: httpsSinkSection.optional(),
+  sources: z
+    .strictObject({
+      mqtt: z
+        .strictObject({
+          url: z.string().regex(/^mqtts?:\/\//, "expected mqtt:// or mqtts:// URL"),
+          topics: z.array(z.string().min(1)).min(1),
+        })
+        .optional(),
+    })
+    .prefault({}),
+});
+
+const apiSection = z.strictObject({
+  socket: absPath.default("/run/m2m-agent/api.sock"),
+  mode: fileMode.default(0o660),
+  group: z.string().min(1).optional(),
+});
+
+const metricsSection = z.strictObject({
+  enabled: z.boolean().default(false),
+  listen: metricsListen.default("127.0.0.1:9464"),
+});
+
+export const agentConfigSchema = z.strictObject({
+  agent: agentSection.prefault({}),
+  keys: keysSection.prefault({}),
+  enroll: enrollSection.prefault({}),
+  credentials: z
+    .strictObject({
+      oauth: oauthSection.optional(),
+      est: estSection.optional(),
+    })
+    .prefault({}),
+  relay: relaySection.prefault({}),
+  api: apiSection.prefault({}),
+  metrics: metricsSection.prefault({}),
+});
+
+/** The one validated, typed agent configuration. */
+export type AgentConfig = z.output<typeof agentConfigSchema>;
+export type TpmConfig = AgentConfig["keys"]["tpm"];
+export type Pkcs11Config = AgentConfig["keys"]["pkcs11"];
