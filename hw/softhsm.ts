@@ -1,7 +1,9 @@
 import { existsSync } from "node:fs";
 import { chmod, mkdir, mkdtemp, open, rm, writeFile } from "node:fs/promises";
+import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { pathToFileURL } from "node:url";
 import { execa } from "execa";
 import { M2mError } from "../src/core/errors.js";
 import { Secret } from "../src/core/secret.js";
@@ -38,6 +40,15 @@ export interface SoftHsmHandle {
    * first C_Initialize'd, so set `process.env.SOFTHSM2_CONF = env.SOFTHSM2_CONF` before loading it).
    */
   readonly env: Readonly<Record<string, string>>;
+  /**
+   * Initialises one more token in the same token directory (same conf). SoftHSM builds its slot list in
+   * C_Initialize: create every token before the module is first loaded (or finalize and reload).
+   */
+  addToken(
+    label: string,
+    pin?: string,
+    soPin?: string,
+  ): Promise<{ tokenLabel: string; pin: Secret; pinFile: string }>;
   /** Removes the temp dir (token files included). Idempotent. */
   cleanup(): Promise<void>;
 }
@@ -52,6 +63,38 @@ export function findSoftHsmModule(): string {
     });
   }
   return found;
+}
+
+async function initToken(o: {
+  env: Record<string, string>;
+  label: string;
+  pin: string;
+  soPin: string;
+  pinFile: string;
+  timeout: number;
+}): Promise<void> {
+  // The PIN file is created 0600 from the first byte (O_EXCL + mode), never chmod'ed afterwards.
+  const fh = await open(o.pinFile, "wx", 0o600);
+  try {
+    await fh.writeFile(`${o.pin}\n`);
+  } finally {
+    await fh.close();
+  }
+  // Test-only: softhsm2-util accepts PINs only on argv (or an interactive TTY). These are throwaway
+  // PINs of a throwaway token in a private temp dir; production code never puts a PIN on argv.
+  try {
+    await execa(
+      "softhsm2-util",
+      ["--init-token", "--free", "--label", o.label, "--pin", o.pin, "--so-pin", o.soPin],
+      { env: o.env, extendEnv: true, timeout: o.timeout, killSignal: "SIGKILL", stdin: "ignore" },
+    );
+  } catch (err) {
+    // The execa error carries argv (test PINs): keep only stderr text, no cause.
+    throw new M2mError("ERR_HW_SOFTHSM_INIT", "permanent", "softhsm2-util --init-token failed", {
+      hint: "check that softhsm2-util is installed and the temp dir is writable",
+      details: { label: o.label, stderr: String((err as { stderr?: unknown }).stderr ?? "").slice(0, 500) },
+    });
+  }
 }
 
 /**
@@ -88,33 +131,115 @@ export async function initSoftHsm(opts: SoftHsmOptions = {}): Promise<SoftHsmHan
     );
     const env = { SOFTHSM2_CONF: conf };
 
-    // The PIN file is created 0600 from the first byte (O_EXCL + mode), never chmod'ed afterwards.
-    const pinFile = join(dir, "user.pin");
-    const fh = await open(pinFile, "wx", 0o600);
-    try {
-      await fh.writeFile(`${pin}\n`);
-    } finally {
-      await fh.close();
-    }
-
-    // Test-only: softhsm2-util accepts PINs only on argv (or an interactive TTY). These are throwaway
-    // PINs of a throwaway token in a private temp dir; production code never puts a PIN on argv.
-    try {
-      await execa(
-        "softhsm2-util",
-        ["--init-token", "--free", "--label", tokenLabel, "--pin", pin, "--so-pin", soPin],
-        { env, extendEnv: true, timeout, killSignal: "SIGKILL", stdin: "ignore" },
-      );
-    } catch (err) {
-      throw new M2mError("ERR_HW_SOFTHSM_INIT", "permanent", "softhsm2-util --init-token failed", {
-        // The cause carries argv (test PINs); keep only stderr text.
-        hint: "check that softhsm2-util is installed and the temp dir is writable",
-        details: { stderr: String((err as { stderr?: unknown }).stderr ?? "").slice(0, 500) },
-      });
-    }
-    return { modulePath, tokenLabel, pin: new Secret(pin), pinFile, conf, dir, env, cleanup };
+    let n = 0;
+    const addToken = async (label: string, userPin = pin, so = soPin) => {
+      const pinFile = join(dir, n++ === 0 ? "user.pin" : `user-${n}.pin`);
+      await initToken({ env, label, pin: userPin, soPin: so, pinFile, timeout });
+      return { tokenLabel: label, pin: new Secret(userPin), pinFile };
+    };
+    const first = await addToken(tokenLabel);
+    return { modulePath, ...first, conf, dir, env, addToken, cleanup };
   } catch (err) {
     await cleanup();
     throw err;
   }
+}
+
+/** What an independent process sees of a key pair on a SoftHSM token (public facts only). */
+export interface TokenKeyView {
+  readonly found: boolean;
+  readonly privateKeys: number;
+  readonly publicKeys: number;
+  /** RFC 7638 thumbprint computed in the child from the public key attributes. */
+  readonly thumbprint?: string;
+  /** Uncompressed EC point (hex) from CKA_EC_POINT, when EC. */
+  readonly ecPointHex?: string;
+  /** Boolean attributes of the private key, by CKA_* name. */
+  readonly attributes: Readonly<Record<string, boolean>>;
+  /** The CKR name with which reading the secret value (CKA_VALUE / CKA_PRIVATE_EXPONENT) failed; "readable" if it did not. */
+  readonly secretRead: string;
+}
+
+// Runs in a fresh `node` process: plain pkcs11js, no project code, so it is an independent witness.
+const INSPECT_SCRIPT = `
+import { readFileSync } from "node:fs";
+import { createHash } from "node:crypto";
+const [pkcs11jsUrl, modulePath, tokenLabel, keyLabel] = process.argv.slice(2);
+const { default: pkcs11js } = await import(pkcs11jsUrl);
+const pin = readFileSync(process.env.M2M_PIN_FILE, "utf8").replace(/\\r?\\n$/, "");
+const lib = new pkcs11js.PKCS11();
+lib.load(modulePath);
+lib.C_Initialize({ flags: pkcs11js.CKF_OS_LOCKING_OK });
+const ckr = (e) => (/CKR_[A-Z0-9_]+/.exec(String(e && (e.message + " " + e.stack))) || ["?"])[0];
+const b64u = (b) => Buffer.from(b).toString("base64url");
+const strip = (b) => { let i = 0; while (i < b.length - 1 && b[i] === 0) i++; return b.subarray(i); };
+try {
+  const slot = lib.C_GetSlotList(true).find((s) => lib.C_GetTokenInfo(s).label.trimEnd() === tokenLabel);
+  if (!slot) throw new Error("token not found");
+  const s = lib.C_OpenSession(slot, pkcs11js.CKF_SERIAL_SESSION);
+  lib.C_Login(s, pkcs11js.CKU_USER, pin);
+  const find = (cls) => {
+    lib.C_FindObjectsInit(s, [{ type: pkcs11js.CKA_CLASS, value: cls }, { type: pkcs11js.CKA_LABEL, value: keyLabel }]);
+    const r = lib.C_FindObjects(s, 100);
+    lib.C_FindObjectsFinal(s);
+    return r;
+  };
+  const privs = find(pkcs11js.CKO_PRIVATE_KEY);
+  const pubs = find(pkcs11js.CKO_PUBLIC_KEY);
+  const out = { found: privs.length > 0, privateKeys: privs.length, publicKeys: pubs.length, attributes: {}, secretRead: "n/a" };
+  if (privs.length > 0) {
+    const names = ["CKA_LOCAL", "CKA_NEVER_EXTRACTABLE", "CKA_ALWAYS_SENSITIVE", "CKA_EXTRACTABLE", "CKA_SENSITIVE",
+      "CKA_PRIVATE", "CKA_TOKEN", "CKA_SIGN", "CKA_DECRYPT", "CKA_UNWRAP", "CKA_DERIVE"];
+    const vals = lib.C_GetAttributeValue(s, privs[0], names.map((n) => ({ type: pkcs11js[n] })));
+    names.forEach((n, i) => { out.attributes[n] = vals[i].value[0] !== 0; });
+    const kt = lib.C_GetAttributeValue(s, privs[0], [{ type: pkcs11js.CKA_KEY_TYPE }])[0].value.readUInt32LE(0);
+    const secretAttr = kt === pkcs11js.CKK_EC ? pkcs11js.CKA_VALUE : pkcs11js.CKA_PRIVATE_EXPONENT;
+    try { lib.C_GetAttributeValue(s, privs[0], [{ type: secretAttr }]); out.secretRead = "readable"; }
+    catch (e) { out.secretRead = ckr(e); }
+  }
+  if (pubs.length > 0) {
+    const kt = lib.C_GetAttributeValue(s, pubs[0], [{ type: pkcs11js.CKA_KEY_TYPE }])[0].value.readUInt32LE(0);
+    let jwk;
+    if (kt === pkcs11js.CKK_EC) {
+      const raw = lib.C_GetAttributeValue(s, pubs[0], [{ type: pkcs11js.CKA_EC_POINT }])[0].value;
+      const point = raw.length === 67 ? raw.subarray(2) : raw;
+      out.ecPointHex = point.toString("hex");
+      jwk = '{"crv":"P-256","kty":"EC","x":"' + b64u(point.subarray(1, 33)) + '","y":"' + b64u(point.subarray(33, 65)) + '"}';
+    } else {
+      const [n, e] = lib.C_GetAttributeValue(s, pubs[0], [{ type: pkcs11js.CKA_MODULUS }, { type: pkcs11js.CKA_PUBLIC_EXPONENT }]);
+      jwk = '{"e":"' + b64u(strip(e.value)) + '","kty":"RSA","n":"' + b64u(strip(n.value)) + '"}';
+    }
+    out.thumbprint = createHash("sha256").update(jwk).digest("base64url");
+  }
+  lib.C_CloseSession(s);
+  process.stdout.write(JSON.stringify(out));
+} finally {
+  lib.C_Finalize();
+}
+`;
+
+/**
+ * Looks at a key pair from a brand-new `node` process using pkcs11js directly (no project code): the
+ * witness that a key persists outside the process that made it and that its secret cannot be read.
+ * The PIN travels as a file path in the environment, never on argv.
+ */
+export async function inspectKeyInNewProcess(
+  h: Pick<SoftHsmHandle, "modulePath" | "dir" | "env">,
+  token: { tokenLabel: string; pinFile: string },
+  keyLabel: string,
+): Promise<TokenKeyView> {
+  const script = join(h.dir, "inspect-key.mjs");
+  await writeFile(script, INSPECT_SCRIPT, { mode: 0o600 });
+  const pkcs11jsUrl = pathToFileURL(createRequire(import.meta.url).resolve("pkcs11js")).href;
+  const { stdout } = await execa(
+    process.execPath,
+    [script, pkcs11jsUrl, h.modulePath, token.tokenLabel, keyLabel],
+    {
+      env: { ...h.env, M2M_PIN_FILE: token.pinFile },
+      extendEnv: true,
+      timeout: 30_000,
+      killSignal: "SIGKILL",
+    },
+  );
+  return JSON.parse(stdout) as TokenKeyView;
 }
