@@ -1,0 +1,139 @@
+import { createHmac, randomBytes } from "node:crypto";
+import { base64url, calculateJwkThumbprint, compactVerify, type JWK } from "jose";
+import type { Clock } from "../../core/clock.js";
+import { refusal } from "./errors.js";
+import { algFitsKey, isAllowedAlg, isObject, publicKeyOf, sha256b64u, splitCompact } from "./jws-util.js";
+import type { ReplayCache } from "./replay-cache.js";
+
+export interface DpopCheck {
+  readonly method: string;
+  /** The request URL as the server sees it (query and fragment are ignored). */
+  readonly url: string;
+  /** The access token presented with the proof (resource requests): `ath` must match. */
+  readonly accessToken?: string;
+  /** When set, `nonce` must be one this issuer accepts. */
+  readonly nonces?: DpopNonceIssuer;
+}
+
+export interface DpopPolicy {
+  /** How old a proof's iat may be, seconds. */
+  readonly maxAgeSec: number;
+  readonly skewSec: number;
+}
+
+export const DEFAULT_DPOP_POLICY: DpopPolicy = { maxAgeSec: 60, skewSec: 30 };
+
+/**
+ * Stateless server nonces (RFC 9449 §8): HMAC of the time window; the current and previous windows
+ * are accepted so a nonce stays good for at least one full window.
+ */
+export class DpopNonceIssuer {
+  readonly #secret = randomBytes(32);
+  readonly #clock: Clock;
+  readonly #windowSec: number;
+
+  constructor(clock: Clock, windowSec = 300) {
+    this.#clock = clock;
+    this.#windowSec = windowSec;
+  }
+
+  #at(window: number): string {
+    return base64url.encode(createHmac("sha256", this.#secret).update(String(window)).digest());
+  }
+
+  current(): string {
+    return this.#at(Math.floor(this.#clock.nowSeconds() / this.#windowSec));
+  }
+
+  accepts(nonce: string): boolean {
+    const w = Math.floor(this.#clock.nowSeconds() / this.#windowSec);
+    return nonce === this.#at(w) || nonce === this.#at(w - 1);
+  }
+}
+
+/** Normalises a URL for htu comparison: scheme + host (+ non-default port) + path, no query/fragment. */
+export function htuOf(url: string | URL): string {
+  const u = new URL(url.toString());
+  return `${u.origin}${u.pathname}`;
+}
+
+/**
+ * Verifies a DPoP proof JWT (RFC 9449 §4.3) and returns the JWK thumbprint of its key. Each failure
+ * has its own code (`ERR_DPOP_*`); a missing or stale nonce maps to use_dpop_nonce.
+ */
+export async function verifyDpopProof(
+  proof: string,
+  check: DpopCheck,
+  deps: { replay: ReplayCache; clock: Clock; policy?: DpopPolicy },
+): Promise<{ jkt: string; jwk: JWK }> {
+  const policy = deps.policy ?? DEFAULT_DPOP_POLICY;
+  const { header, payload } = splitCompact(proof, "ERR_DPOP");
+  // Security: the typ keeps other JWTs (assertions, access tokens) from passing as proofs.
+  if (header.typ !== "dpop+jwt") throw refusal("ERR_DPOP_TYP", "invalid_dpop_proof", "typ must be dpop+jwt");
+  // Security: explicit allowlist: no `none`, no HMAC (a proof must be asymmetric to prove possession).
+  if (!isAllowedAlg(header.alg)) throw refusal("ERR_DPOP_ALG", "invalid_dpop_proof", "proof alg not allowed");
+  const jwk = header.jwk;
+  // Security: the embedded public JWK is the one place a key may come from; private parts are refused.
+  if (!isObject(jwk) || "d" in jwk || "p" in jwk || "k" in jwk || (jwk.kty !== "EC" && jwk.kty !== "RSA")) {
+    throw refusal("ERR_DPOP_JWK", "invalid_dpop_proof", "proof jwk missing or not a public key");
+  }
+  // Security: only the embedded jwk is allowed; a pointer to a key (jku/x5u/x5c) is ambiguous.
+  if ("jku" in header || "x5c" in header || "x5u" in header) {
+    throw refusal("ERR_DPOP_HEADER_KEY", "invalid_dpop_proof", "proof header carries a key reference");
+  }
+  let key: ReturnType<typeof publicKeyOf>;
+  try {
+    key = publicKeyOf(jwk as JWK);
+  } catch (err) {
+    throw refusal("ERR_DPOP_JWK", "invalid_dpop_proof", "proof jwk unusable", err);
+  }
+  if (!algFitsKey(header.alg, key))
+    throw refusal("ERR_DPOP_ALG", "invalid_dpop_proof", "alg does not fit jwk");
+  try {
+    await compactVerify(proof, key, { algorithms: [header.alg] });
+  } catch (err) {
+    throw refusal("ERR_DPOP_SIGNATURE", "invalid_dpop_proof", "proof signature invalid", err);
+  }
+  // Security: a proof is bound to one method and one URL; elsewhere it is worthless.
+  if (payload.htm !== check.method.toUpperCase())
+    throw refusal("ERR_DPOP_HTM", "invalid_dpop_proof", "htm mismatch");
+  let htuOk = false;
+  try {
+    htuOk = typeof payload.htu === "string" && htuOf(payload.htu) === htuOf(check.url);
+  } catch {
+    htuOk = false;
+  }
+  if (!htuOk) throw refusal("ERR_DPOP_HTU", "invalid_dpop_proof", "htu mismatch");
+  const now = deps.clock.nowSeconds();
+  const iat = payload.iat;
+  // Security: proofs are short-lived; an old or future-dated one could have been captured/precomputed.
+  if (
+    typeof iat !== "number" ||
+    iat > now + policy.skewSec ||
+    iat < now - policy.maxAgeSec - policy.skewSec
+  ) {
+    throw refusal("ERR_DPOP_IAT", "invalid_dpop_proof", "proof iat outside the accepted window");
+  }
+  const jti = payload.jti;
+  if (typeof jti !== "string" || jti.length < 8 || jti.length > 256) {
+    throw refusal("ERR_DPOP_JTI", "invalid_dpop_proof", "proof jti missing or malformed");
+  }
+  if (check.accessToken !== undefined) {
+    // Security: ath binds the proof to this access token, so a proof cannot be paired with another.
+    if (payload.ath !== sha256b64u(check.accessToken)) {
+      throw refusal("ERR_DPOP_ATH", "invalid_dpop_proof", "ath does not match the access token");
+    }
+  }
+  if (check.nonces !== undefined) {
+    // Security: server nonces bound how far in advance a stolen-key holder can precompute proofs.
+    if (typeof payload.nonce !== "string" || !check.nonces.accepts(payload.nonce)) {
+      throw refusal("ERR_DPOP_NONCE", "use_dpop_nonce", "proof nonce missing or stale");
+    }
+  }
+  const jkt = await calculateJwkThumbprint(jwk as JWK, "sha256");
+  // Security: each proof is single-use within its acceptance window.
+  if (!deps.replay.checkAndRecord(`p|${jkt}|${jti}`, iat + policy.maxAgeSec + policy.skewSec, now)) {
+    throw refusal("ERR_DPOP_REPLAY", "invalid_dpop_proof", "proof already used");
+  }
+  return { jkt, jwk: jwk as JWK };
+}

@@ -1,0 +1,263 @@
+import { randomUUID } from "node:crypto";
+import type { IncomingMessage, ServerResponse } from "node:http";
+import { SignJWT } from "jose";
+import type { Clock } from "../../core/clock.js";
+import { M2mError } from "../../core/errors.js";
+import { type Logger, silentLogger } from "../../core/log.js";
+import { type AccessTokenCheck, type VerifiedAccessToken, verifyAccessToken } from "./access-token.js";
+import {
+  type AssertionPolicy,
+  DEFAULT_ASSERTION_POLICY,
+  JWT_BEARER_ASSERTION_TYPE,
+  verifyClientAssertion,
+} from "./client-assertion.js";
+import type { DeviceDirectory, DirectoryDevice } from "./directory.js";
+import { DpopNonceIssuer, verifyDpopProof } from "./dpop-verify.js";
+import { GENERIC_DESCRIPTION, type OAuthErrorValue, oauthErrorOf, refusal } from "./errors.js";
+import { type HttpRoute, mediaType, readBody, sendJson } from "./http-util.js";
+import { ALLOWED_ALGS } from "./jws-util.js";
+import { ReplayCache } from "./replay-cache.js";
+import { ScopePolicy, type ScopePolicyConfig } from "./scope-policy.js";
+import type { TokenSigningKey } from "./signing-key.js";
+
+export interface TokenServiceConfig {
+  /** Issuer identifier (https URL, no trailing slash), e.g. `https://registrar.example:8443`. */
+  readonly issuer: string;
+  /** Default `${issuer}/oauth2/token`. */
+  readonly tokenEndpoint?: string;
+  /** Default `${issuer}/jwks`. */
+  readonly jwksUri?: string;
+  /** `aud` of issued access tokens (the resource servers). */
+  readonly audiences: readonly string[];
+  /** Access-token lifetime, seconds (default 600). */
+  readonly accessTokenTtlSec?: number;
+  readonly scopes: ScopePolicyConfig;
+  /** Refuse token requests without a DPoP proof. */
+  readonly requireDpop?: boolean;
+  /** Require a server nonce in DPoP proofs (RFC 9449 §8). */
+  readonly requireDpopNonce?: boolean;
+  readonly assertion?: Partial<Omit<AssertionPolicy, "audiences">>;
+  /** Largest accepted form body, bytes (default 16 KiB). */
+  readonly maxBodyBytes?: number;
+}
+
+export interface TokenServiceDeps {
+  readonly directory: DeviceDirectory;
+  readonly signingKey: TokenSigningKey;
+  readonly clock: Clock;
+  readonly log?: Logger;
+}
+
+export interface IssuedToken {
+  readonly access_token: string;
+  readonly token_type: "Bearer" | "DPoP";
+  readonly expires_in: number;
+  readonly scope: string;
+}
+
+/** The token endpoint as a plain function, so it can be tested without HTTP. */
+export interface TokenRequest {
+  readonly form: URLSearchParams;
+  /** The DPoP header value, if any. */
+  readonly dpop?: string;
+}
+
+/**
+ * The registrar's OAuth 2.0 token service: client_credentials with private_key_jwt (RFC 7523),
+ * optional DPoP binding (RFC 9449), RFC 9068 JWT access tokens with least-privilege scopes.
+ */
+export class TokenService {
+  readonly issuer: string;
+  readonly tokenEndpoint: string;
+  readonly jwksUri: string;
+  readonly #config: TokenServiceConfig;
+  readonly #deps: TokenServiceDeps;
+  readonly #log: Logger;
+  readonly #replay = new ReplayCache();
+  readonly #resourceReplay = new ReplayCache();
+  readonly #policy: ScopePolicy;
+  readonly #assertionPolicy: AssertionPolicy;
+  readonly nonces: DpopNonceIssuer;
+
+  constructor(config: TokenServiceConfig, deps: TokenServiceDeps) {
+    this.#config = config;
+    this.#deps = deps;
+    this.#log = deps.log ?? silentLogger;
+    this.issuer = config.issuer.replace(/\/+$/, "");
+    this.tokenEndpoint = config.tokenEndpoint ?? `${this.issuer}/oauth2/token`;
+    this.jwksUri = config.jwksUri ?? `${this.issuer}/jwks`;
+    this.#policy = new ScopePolicy(config.scopes);
+    this.#assertionPolicy = {
+      ...DEFAULT_ASSERTION_POLICY,
+      ...(config.assertion ?? {}),
+      audiences: [this.tokenEndpoint, this.issuer],
+    };
+    this.nonces = new DpopNonceIssuer(deps.clock);
+  }
+
+  /** RFC 8414 metadata. */
+  metadata(): Record<string, unknown> {
+    return {
+      issuer: this.issuer,
+      token_endpoint: this.tokenEndpoint,
+      jwks_uri: this.jwksUri,
+      grant_types_supported: ["client_credentials"],
+      token_endpoint_auth_methods_supported: ["private_key_jwt"],
+      token_endpoint_auth_signing_alg_values_supported: [...ALLOWED_ALGS],
+      dpop_signing_alg_values_supported: [...ALLOWED_ALGS],
+      scopes_supported: [...new Set(Object.values(this.#config.scopes.roles).flat())].sort(),
+      response_types_supported: [],
+    };
+  }
+
+  jwks(): { keys: unknown[] } {
+    return { keys: [this.#deps.signingKey.publicJwk] };
+  }
+
+  /**
+   * Handles one token request. @throws M2mError with `details.oauthError` (see errors.ts).
+   * @returns the token response and the DPoP nonce to send back, if any.
+   */
+  async token(req: TokenRequest): Promise<{ body: IssuedToken; device: DirectoryDevice }> {
+    const form = req.form;
+    for (const name of ["grant_type", "client_assertion", "client_assertion_type", "client_id", "scope"]) {
+      // Security: repeated parameters are ambiguous (RFC 6749 §3.2); refuse instead of picking one.
+      if (form.getAll(name).length > 1)
+        throw refusal("ERR_TOKEN_REQUEST", "invalid_request", `repeated ${name}`);
+    }
+    if (form.get("grant_type") !== "client_credentials") {
+      throw refusal("ERR_TOKEN_GRANT_TYPE", "unsupported_grant_type", "only client_credentials is supported");
+    }
+    const assertion = form.get("client_assertion");
+    if (form.get("client_assertion_type") !== JWT_BEARER_ASSERTION_TYPE || assertion === null) {
+      throw refusal(
+        "ERR_TOKEN_CLIENT_AUTH",
+        "invalid_client",
+        "private_key_jwt client authentication required",
+      );
+    }
+    const clock = this.#deps.clock;
+    let jkt: string | undefined;
+    if (req.dpop !== undefined) {
+      const proof = await verifyDpopProof(
+        req.dpop,
+        {
+          method: "POST",
+          url: this.tokenEndpoint,
+          ...(this.#config.requireDpopNonce === true ? { nonces: this.nonces } : {}),
+        },
+        { replay: this.#replay, clock },
+      );
+      jkt = proof.jkt;
+    } else if (this.#config.requireDpop === true) {
+      throw refusal("ERR_DPOP_REQUIRED", "invalid_dpop_proof", "a DPoP proof is required");
+    }
+    const device = await verifyClientAssertion(assertion, form.get("client_id") ?? undefined, {
+      directory: this.#deps.directory,
+      replay: this.#replay,
+      clock,
+      policy: this.#assertionPolicy,
+    });
+    const granted = this.#policy.grant(form.get("scope") ?? undefined, device.role, device.attributes);
+    if (granted === undefined)
+      throw refusal("ERR_TOKEN_SCOPE", "invalid_scope", "no requested scope is allowed");
+    const ttl = this.#config.accessTokenTtlSec ?? 600;
+    const now = clock.nowSeconds();
+    const aud = this.#config.audiences.length === 1 ? this.#config.audiences[0] : [...this.#config.audiences];
+    const claims: Record<string, unknown> = {
+      client_id: device.deviceId,
+      scope: granted.join(" "),
+      ...(jkt === undefined ? {} : { cnf: { jkt } }),
+    };
+    const jwt = await new SignJWT(claims)
+      .setProtectedHeader({ alg: "ES256", typ: "at+jwt", kid: this.#deps.signingKey.kid })
+      .setIssuer(this.issuer)
+      .setSubject(device.deviceId)
+      .setAudience(aud ?? this.issuer)
+      .setIssuedAt(now)
+      .setExpirationTime(now + ttl)
+      .setJti(randomUUID())
+      .sign(this.#deps.signingKey.privateKey);
+    return {
+      body: {
+        access_token: jwt,
+        token_type: jkt === undefined ? "Bearer" : "DPoP",
+        expires_in: ttl,
+        scope: granted.join(" "),
+      },
+      device,
+    };
+  }
+
+  /** For resource servers co-located with the registrar (the ingest endpoint). */
+  verifyAccessToken(token: string, check: AccessTokenCheck): Promise<VerifiedAccessToken> {
+    return verifyAccessToken(token, {
+      ...check,
+      issuer: this.issuer,
+      keys: this.#deps.signingKey.publicKey,
+      clock: this.#deps.clock,
+      replay: this.#resourceReplay,
+    });
+  }
+
+  /** POST /oauth2/token */
+  async handleToken(req: IncomingMessage, res: ServerResponse): Promise<void> {
+    const nonceHeader: Record<string, string> =
+      this.#config.requireDpopNonce === true ? { "dpop-nonce": this.nonces.current() } : {};
+    try {
+      if (mediaType(req) !== "application/x-www-form-urlencoded") {
+        throw refusal("ERR_TOKEN_REQUEST", "invalid_request", "form body required");
+      }
+      let raw: Buffer;
+      try {
+        raw = await readBody(req, this.#config.maxBodyBytes ?? 16_384);
+      } catch (err) {
+        throw refusal("ERR_TOKEN_REQUEST_TOO_LARGE", "invalid_request", "body too large", err);
+      }
+      const dpopHeader = req.headers.dpop;
+      if (Array.isArray(dpopHeader))
+        throw refusal("ERR_DPOP_MALFORMED", "invalid_dpop_proof", "one DPoP header only");
+      const { body, device } = await this.token({
+        form: new URLSearchParams(raw.toString("utf8")),
+        ...(dpopHeader === undefined ? {} : { dpop: dpopHeader }),
+      });
+      this.#log.info("token issued", {
+        deviceId: device.deviceId,
+        scope: body.scope,
+        tokenType: body.token_type,
+      });
+      sendJson(res, 200, body, { pragma: "no-cache", ...nonceHeader });
+    } catch (err) {
+      const error: OAuthErrorValue = oauthErrorOf(err);
+      const code = err instanceof M2mError ? err.code : "ERR_INTERNAL";
+      this.#log.warn("token refused", { code, error });
+      const status = error === "invalid_client" ? 401 : error === "server_error" ? 500 : 400;
+      const headers: Record<string, string> = { ...nonceHeader };
+      if (error === "invalid_client") headers["www-authenticate"] = 'Bearer error="invalid_client"';
+      sendJson(res, status, { error, error_description: GENERIC_DESCRIPTION[error] }, headers);
+    }
+  }
+}
+
+/** The token-service routes for the registrar server (`extraRoutes`). */
+export function oauthRoutes(deps: { tokenService: TokenService }): HttpRoute[] {
+  const svc = deps.tokenService;
+  const path = (u: string): string => new URL(u).pathname;
+  const meta = async (_req: IncomingMessage, res: ServerResponse): Promise<void> => {
+    sendJson(res, 200, svc.metadata(), { "cache-control": "max-age=300" });
+  };
+  return [
+    { method: "POST", path: path(svc.tokenEndpoint), handler: (req, res) => svc.handleToken(req, res) },
+    { method: "GET", path: "/.well-known/oauth-authorization-server", handler: meta },
+    {
+      method: "GET",
+      path: path(svc.jwksUri),
+      handler: async (_req, res) => {
+        sendJson(res, 200, svc.jwks(), {
+          "content-type": "application/jwk-set+json",
+          "cache-control": "max-age=300",
+        });
+      },
+    },
+  ];
+}
