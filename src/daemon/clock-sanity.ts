@@ -1,0 +1,128 @@
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
+import { writeFileAtomic } from "../core/atomic-file.js";
+import type { Clock } from "../core/clock.js";
+import { M2mError } from "../core/errors.js";
+import type { Logger } from "../core/log.js";
+
+/**
+ * The earliest time a correct clock can show on a device running this build. Bumped at release time
+ * (a gateway with a dead RTC boots in 1970 or at the firmware's build date).
+ */
+export const BUILD_TIME_FLOOR = new Date("2026-11-01T00:00:00Z");
+
+export const CLOCK_FLOOR_FILE = "clock-floor.json";
+
+export interface ClockVerdict {
+  readonly trusted: boolean;
+  readonly now: string;
+  readonly floor: string;
+  /** Which input set the floor: build, persisted, certificate. */
+  readonly floorSource: "build" | "persisted" | "certificate";
+  readonly reason?: string;
+}
+
+/**
+ * Clock sanity at boot and while running: the wall clock must not be below a floor =
+ * max(build time, last persisted time, certificate notBefore). Below the floor, no credential
+ * decision (expiry, renewal, JWT iat/exp) is made: a clock in 1970 would make every certificate look
+ * not-yet-valid, and one rolled back could make a revoked/expired credential look fresh.
+ */
+export class ClockSanity {
+  readonly #clock: Clock;
+  readonly #file: string;
+  readonly #log: Logger;
+  readonly #build: Date;
+  #persisted: Date | undefined;
+  #certNotBefore: Date | undefined;
+  #timer: NodeJS.Timeout | undefined;
+
+  constructor(options: { clock: Clock; stateDir: string; log: Logger; buildTime?: Date }) {
+    this.#clock = options.clock;
+    this.#file = join(options.stateDir, CLOCK_FLOOR_FILE);
+    this.#log = options.log;
+    this.#build = options.buildTime ?? BUILD_TIME_FLOOR;
+  }
+
+  /** Reads the persisted floor (a missing or corrupt file just means "no persisted floor"). */
+  async load(): Promise<void> {
+    try {
+      const parsed = JSON.parse(await readFile(this.#file, "utf8")) as { lastSeen?: unknown };
+      const d = typeof parsed.lastSeen === "string" ? new Date(parsed.lastSeen) : undefined;
+      if (d !== undefined && !Number.isNaN(d.getTime())) this.#persisted = d;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT")
+        this.#log.warn("clock floor file unreadable; ignoring it", { file: this.#file, error: err });
+    }
+  }
+
+  /** Raises the floor to a certificate's notBefore (a valid cert cannot predate the real time). */
+  setCertificateNotBefore(notBefore: Date | undefined): void {
+    this.#certNotBefore = notBefore;
+  }
+
+  check(): ClockVerdict {
+    const now = this.#clock.now();
+    let floor = this.#build;
+    let floorSource: ClockVerdict["floorSource"] = "build";
+    if (this.#persisted !== undefined && this.#persisted > floor) {
+      floor = this.#persisted;
+      floorSource = "persisted";
+    }
+    if (this.#certNotBefore !== undefined && this.#certNotBefore > floor) {
+      floor = this.#certNotBefore;
+      floorSource = "certificate";
+    }
+    const trusted = now.getTime() >= floor.getTime();
+    return {
+      trusted,
+      now: now.toISOString(),
+      floor: floor.toISOString(),
+      floorSource,
+      ...(trusted
+        ? {}
+        : {
+            reason: `untrusted clock: ${now.toISOString()} is before the ${floorSource} time floor ${floor.toISOString()}`,
+          }),
+    };
+  }
+
+  /** For credential code paths. @throws ERR_CLOCK_UNTRUSTED (transient: NTP may fix it). */
+  assertTrusted(): void {
+    const v = this.check();
+    if (!v.trusted) {
+      throw new M2mError("ERR_CLOCK_UNTRUSTED", "transient", v.reason ?? "untrusted clock", {
+        hint: "fix time synchronisation (systemd-timesyncd / chrony) or the RTC; the agent resumes by itself",
+        details: { now: v.now, floor: v.floor },
+      });
+    }
+  }
+
+  /**
+   * Persists the current time as the new floor, only when the clock is trusted and moving forward
+   * (never lowers the floor; atomic write so a power cut leaves the old or new value).
+   */
+  async persist(): Promise<boolean> {
+    const v = this.check();
+    if (!v.trusted) return false;
+    const now = this.#clock.now();
+    if (this.#persisted !== undefined && now <= this.#persisted) return false;
+    await writeFileAtomic(this.#file, `${JSON.stringify({ lastSeen: now.toISOString() })}\n`);
+    this.#persisted = now;
+    return true;
+  }
+
+  /** Persists every `intervalMs` (timer unref'd: never keeps the process alive). */
+  startPeriodic(intervalMs: number): void {
+    this.stop();
+    this.#timer = setInterval(() => {
+      this.persist().catch((err: unknown) => this.#log.warn("could not persist clock floor", { error: err }));
+    }, intervalMs);
+    this.#timer.unref();
+  }
+
+  stop(): void {
+    if (this.#timer !== undefined) clearInterval(this.#timer);
+    this.#timer = undefined;
+  }
+}
