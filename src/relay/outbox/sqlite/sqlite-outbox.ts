@@ -1,0 +1,710 @@
+import { existsSync, renameSync } from "node:fs";
+import Database from "better-sqlite3";
+import { type Clock, systemClock } from "../../../core/clock.js";
+import { M2mError } from "../../../core/errors.js";
+import { type Logger, silentLogger } from "../../../core/log.js";
+import { newMessageId } from "../../ids.js";
+import {
+  type DeadLetter,
+  type DropReason,
+  defaultOutboxLimits,
+  type LeaseOptions,
+  type NewMessage,
+  type Outbox,
+  type OutboxLimits,
+  type OutboxMessage,
+  type OutboxStats,
+} from "../outbox.js";
+
+export interface SqliteOutboxOptions {
+  /** Database file path (e.g. `/var/lib/m2m-agent/outbox.db`). */
+  readonly path: string;
+  /** Sinks every message must reach (at most 30). Removing a sink later releases its messages. */
+  readonly sinks: readonly string[];
+  readonly limits?: Partial<OutboxLimits>;
+  /**
+   * `FULL` (default) fsyncs the WAL on every commit: acknowledged data survives a power cut.
+   * `NORMAL` only survives a process crash (measured in docs/outbox.md; kept for the benchmark).
+   */
+  readonly synchronous?: "FULL" | "NORMAL";
+  readonly clock?: Clock;
+  readonly logger?: Logger;
+  /** How often the TTL is applied (ms); 0 disables the timer (call `expire()` yourself). */
+  readonly ttlCheckMs?: number;
+  /** Suggested client back-off when refusing new messages. */
+  readonly refuseRetryAfterMs?: number;
+  /** Called when a corrupt file was renamed aside at open. */
+  readonly onQuarantine?: (movedTo: string) => void;
+}
+
+interface MessageRow {
+  seq: number;
+  id: string;
+  channel: string;
+  payload: Buffer;
+  content_type: string;
+  ts: number;
+  ingested_at: number;
+  size: number;
+  pending: number;
+}
+
+interface SinkState {
+  readonly bit: number;
+  /** id → seq of messages handed out and not yet acked/nacked. */
+  readonly leased: Map<string, number>;
+  /** id → when it may be leased again (monotonic ms) and its seq/channel (FIFO blocking). */
+  readonly deferred: Map<string, { seq: number; channel: string; dueAt: number }>;
+  readonly attempts: Map<string, number>;
+  /** Highest seq ever handed out to this sink in this process. */
+  highWater: number;
+  readonly waiters: Set<() => void>;
+}
+
+type Op =
+  | {
+      kind: "append";
+      batch: readonly NewMessage[];
+      resolve: (ids: string[]) => void;
+      reject: (e: unknown) => void;
+    }
+  | {
+      kind: "ack";
+      sink: SinkState;
+      ids: readonly string[];
+      resolve: () => void;
+      reject: (e: unknown) => void;
+    }
+  | {
+      kind: "dead";
+      sinkName: string;
+      sink: SinkState;
+      id: string;
+      reason: string;
+      resolve: () => void;
+      reject: (e: unknown) => void;
+    }
+  | { kind: "expire"; resolve: (n: number) => void; reject: (e: unknown) => void };
+
+const META_KEYS = [
+  "count",
+  "bytes",
+  "appended",
+  "dead_letters",
+  "quarantined",
+  "drop_max_bytes",
+  "drop_max_count",
+  "drop_ttl",
+  "drop_refused",
+] as const;
+type MetaKey = (typeof META_KEYS)[number];
+
+const SCHEMA = `
+CREATE TABLE IF NOT EXISTS messages(
+  seq INTEGER PRIMARY KEY,
+  id TEXT NOT NULL,
+  channel TEXT NOT NULL,
+  payload BLOB NOT NULL,
+  content_type TEXT NOT NULL,
+  ts INTEGER NOT NULL,
+  ingested_at INTEGER NOT NULL,
+  size INTEGER NOT NULL,
+  pending INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_id ON messages(id);
+CREATE TABLE IF NOT EXISTS dead_letters(
+  id TEXT NOT NULL,
+  sink TEXT NOT NULL,
+  channel TEXT NOT NULL,
+  payload BLOB NOT NULL,
+  content_type TEXT NOT NULL,
+  ts INTEGER NOT NULL,
+  reason TEXT NOT NULL,
+  at INTEGER NOT NULL,
+  PRIMARY KEY(id, sink)
+);
+CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sinks(name TEXT PRIMARY KEY, bit INTEGER NOT NULL);
+`;
+
+const SCAN_PAGE = 512;
+const MAX_SCAN_PAGES = 16;
+
+function isCorruption(err: unknown): boolean {
+  const code = (err as { code?: unknown }).code;
+  return typeof code === "string" && (code.startsWith("SQLITE_CORRUPT") || code === "SQLITE_NOTADB");
+}
+
+/**
+ * The SQLite outbox (better-sqlite3, WAL, synchronous=FULL by default): chosen by measurement, see
+ * docs/outbox.md. Writes (appends, acks, dead-letters, TTL) queued within one tick are applied in ONE
+ * transaction with ONE fsync (group commit). Depth, bytes and counters live in a `meta` row updated
+ * in the same transaction, so opening never scans the backlog.
+ */
+export class SqliteOutbox implements Outbox {
+  readonly sinks: readonly string[];
+  readonly #db: Database.Database;
+  readonly #clock: Clock;
+  readonly #log: Logger;
+  readonly #limits: OutboxLimits;
+  readonly #refuseRetryAfterMs: number;
+  readonly #state = new Map<string, SinkState>();
+  readonly #allBits: number;
+  #meta: Record<MetaKey, number>;
+  #queue: Op[] = [];
+  #flushScheduled = false;
+  #closed = false;
+  #ttlTimer: NodeJS.Timeout | undefined;
+  readonly #stmts: {
+    insert: Database.Statement;
+    setMeta: Database.Statement;
+    oldest: Database.Statement;
+    scan: Database.Statement;
+    byId: Database.Statement;
+    clearBit: Database.Statement;
+    deleteIfDone: Database.Statement;
+    dropOldest: Database.Statement;
+    headAges: Database.Statement;
+    deleteUpTo: Database.Statement;
+    insertDead: Database.Statement;
+    deadList: Database.Statement;
+  };
+
+  private constructor(db: Database.Database, options: SqliteOutboxOptions, quarantined: boolean) {
+    this.#db = db;
+    this.#clock = options.clock ?? systemClock;
+    this.#log = options.logger ?? silentLogger;
+    this.#limits = { ...defaultOutboxLimits, ...(options.limits ?? {}) };
+    this.#refuseRetryAfterMs = options.refuseRetryAfterMs ?? 1000;
+    this.sinks = [...options.sinks];
+    if (this.sinks.length === 0 || this.sinks.length > 30) {
+      throw new M2mError("ERR_OUTBOX_CONFIG", "permanent", "an outbox needs 1 to 30 sinks");
+    }
+    db.exec(SCHEMA);
+    this.#meta = Object.fromEntries(META_KEYS.map((k) => [k, 0])) as Record<MetaKey, number>;
+    for (const row of db.prepare("SELECT k, v FROM meta").all() as { k: string; v: number }[]) {
+      if ((META_KEYS as readonly string[]).includes(row.k)) this.#meta[row.k as MetaKey] = row.v;
+    }
+    if (quarantined) this.#meta.quarantined += 1;
+    this.#stmts = {
+      insert: db.prepare(
+        "INSERT INTO messages(id, channel, payload, content_type, ts, ingested_at, size, pending) VALUES (?,?,?,?,?,?,?,?)",
+      ),
+      setMeta: db.prepare("INSERT INTO meta(k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v"),
+      oldest: db.prepare("SELECT ingested_at FROM messages ORDER BY seq LIMIT 1"),
+      scan: db.prepare(
+        "SELECT seq, id, channel, payload, content_type, ts, ingested_at, size, pending FROM messages WHERE seq >= ? AND (pending & ?) != 0 ORDER BY seq LIMIT ?",
+      ),
+      byId: db.prepare(
+        "SELECT seq, id, channel, payload, content_type, ts, ingested_at, size, pending FROM messages WHERE id = ?",
+      ),
+      clearBit: db.prepare("UPDATE messages SET pending = pending & ? WHERE id = ?"),
+      deleteIfDone: db.prepare("DELETE FROM messages WHERE id = ? AND pending = 0 RETURNING size"),
+      dropOldest: db.prepare(
+        "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages ORDER BY seq LIMIT ?) RETURNING id, size",
+      ),
+      headAges: db.prepare("SELECT seq, ingested_at FROM messages ORDER BY seq LIMIT ?"),
+      deleteUpTo: db.prepare("DELETE FROM messages WHERE seq <= ? RETURNING id, size"),
+      insertDead: db.prepare(
+        "INSERT OR REPLACE INTO dead_letters(id, sink, channel, payload, content_type, ts, reason, at) VALUES (?,?,?,?,?,?,?,?)",
+      ),
+      deadList: db.prepare(
+        "SELECT id, sink, channel, payload, content_type, ts, reason, at FROM dead_letters ORDER BY at DESC, rowid DESC LIMIT ?",
+      ),
+    };
+    this.#allBits = this.#registerSinks();
+    this.#writeMeta();
+    const ttlCheckMs = options.ttlCheckMs ?? 60_000;
+    if (ttlCheckMs > 0 && this.#limits.ttlMs > 0) {
+      this.#ttlTimer = setInterval(() => {
+        this.expire().catch((err: unknown) => this.#log.warn("outbox TTL sweep failed", { err }));
+      }, ttlCheckMs);
+      this.#ttlTimer.unref();
+    }
+  }
+
+  /**
+   * Opens (or creates) the outbox. A file SQLite reports as corrupt or not a database is renamed to
+   * `<path>.corrupt-<ts>` (with its -wal/-shm) and a fresh outbox is started: counted and logged,
+   * never deleted.
+   * @throws ERR_OUTBOX_OPEN when the file cannot be opened for another reason.
+   */
+  static open(options: SqliteOutboxOptions): SqliteOutbox {
+    const log = options.logger ?? silentLogger;
+    try {
+      return new SqliteOutbox(SqliteOutbox.#openDb(options), options, false);
+    } catch (err) {
+      if (!isCorruption(err)) {
+        throw new M2mError("ERR_OUTBOX_OPEN", "permanent", "cannot open the outbox database", {
+          cause: err,
+          hint: "check the state directory permissions and free disk space",
+        });
+      }
+      const stamp = (options.clock ?? systemClock).now().toISOString().replace(/[:.]/g, "-");
+      const movedTo = `${options.path}.corrupt-${stamp}`;
+      for (const suffix of ["", "-wal", "-shm"]) {
+        if (existsSync(options.path + suffix)) renameSync(options.path + suffix, movedTo + suffix);
+      }
+      log.error("outbox database is corrupt: quarantined and started fresh", {
+        code: "ERR_OUTBOX_CORRUPT",
+        movedTo,
+      });
+      options.onQuarantine?.(movedTo);
+      return new SqliteOutbox(SqliteOutbox.#openDb(options), options, true);
+    }
+  }
+
+  static #openDb(options: SqliteOutboxOptions): Database.Database {
+    const db = new Database(options.path);
+    try {
+      // Touch the header and schema: garbage or a truncated file fails here with NOTADB / CORRUPT.
+      db.pragma("journal_mode = WAL");
+      db.pragma(`synchronous = ${options.synchronous ?? "FULL"}`);
+      db.pragma("journal_size_limit = 67108864");
+      db.prepare("SELECT count(*) FROM sqlite_master").get();
+      return db;
+    } catch (err) {
+      db.close();
+      throw err;
+    }
+  }
+
+  #registerSinks(): number {
+    const rows = this.#db.prepare("SELECT name, bit FROM sinks").all() as { name: string; bit: number }[];
+    const known = new Map(rows.map((r) => [r.name, r.bit]));
+    const used = new Set(rows.map((r) => r.bit));
+    let all = 0;
+    const tx = this.#db.transaction(() => {
+      for (const name of this.sinks) {
+        let bit = known.get(name);
+        if (bit === undefined) {
+          bit = 0;
+          while (used.has(bit)) bit++;
+          used.add(bit);
+          this.#db.prepare("INSERT INTO sinks(name, bit) VALUES (?, ?)").run(name, bit);
+        }
+        all |= 1 << bit;
+        this.#state.set(name, {
+          bit: 1 << bit,
+          leased: new Map(),
+          deferred: new Map(),
+          attempts: new Map(),
+          highWater: 0,
+          waiters: new Set(),
+        });
+      }
+      // A sink removed from the configuration no longer holds messages back (rare; one scan).
+      for (const [name, bit] of known) {
+        if (this.sinks.includes(name)) continue;
+        this.#db
+          .prepare("UPDATE messages SET pending = pending & ? WHERE (pending & ?) != 0")
+          .run(~(1 << bit), 1 << bit);
+        const freed = this.#db.prepare("DELETE FROM messages WHERE pending = 0 RETURNING size").all() as {
+          size: number;
+        }[];
+        this.#meta.count -= freed.length;
+        this.#meta.bytes -= freed.reduce((a, r) => a + r.size, 0);
+        this.#db.prepare("DELETE FROM sinks WHERE name = ?").run(name);
+      }
+    });
+    tx();
+    return all;
+  }
+
+  #writeMeta(): void {
+    for (const k of META_KEYS) this.#stmts.setMeta.run(k, this.#meta[k]);
+  }
+
+  #sink(name: string): SinkState {
+    const s = this.#state.get(name);
+    if (s === undefined) throw new M2mError("ERR_OUTBOX_SINK_UNKNOWN", "permanent", `unknown sink ${name}`);
+    return s;
+  }
+
+  #checkOpen(): void {
+    if (this.#closed) throw new M2mError("ERR_OUTBOX_CLOSED", "permanent", "the outbox is closed");
+  }
+
+  #enqueue(op: Op): void {
+    this.#queue.push(op);
+    if (!this.#flushScheduled) {
+      this.#flushScheduled = true;
+      // setImmediate: every append issued in this tick (e.g. by several HTTP requests parsed in the
+      // same I/O phase) joins the same transaction and fsync.
+      setImmediate(() => this.#flush());
+    }
+  }
+
+  append(batch: readonly NewMessage[]): Promise<string[]> {
+    this.#checkOpen();
+    if (batch.length === 0) return Promise.resolve([]);
+    return new Promise((resolve, reject) => this.#enqueue({ kind: "append", batch, resolve, reject }));
+  }
+
+  ack(sink: string, ids: readonly string[]): Promise<void> {
+    this.#checkOpen();
+    const s = this.#sink(sink);
+    for (const id of ids) {
+      s.leased.delete(id);
+      s.attempts.delete(id);
+      s.deferred.delete(id);
+    }
+    return new Promise((resolve, reject) => this.#enqueue({ kind: "ack", sink: s, ids, resolve, reject }));
+  }
+
+  deadLetter(sink: string, id: string, reason: string): Promise<void> {
+    this.#checkOpen();
+    const s = this.#sink(sink);
+    s.leased.delete(id);
+    s.attempts.delete(id);
+    s.deferred.delete(id);
+    return new Promise((resolve, reject) =>
+      this.#enqueue({
+        kind: "dead",
+        sinkName: sink,
+        sink: s,
+        id,
+        reason: reason.slice(0, 200),
+        resolve,
+        reject,
+      }),
+    );
+  }
+
+  expire(): Promise<number> {
+    this.#checkOpen();
+    return new Promise((resolve, reject) => this.#enqueue({ kind: "expire", resolve, reject }));
+  }
+
+  #flush(): void {
+    this.#flushScheduled = false;
+    const ops = this.#queue;
+    this.#queue = [];
+    if (ops.length === 0 || this.#closed) {
+      for (const op of ops) op.reject(new M2mError("ERR_OUTBOX_CLOSED", "permanent", "the outbox is closed"));
+      return;
+    }
+    const metaBefore = { ...this.#meta };
+    const results: (() => void)[] = [];
+    const dropped: string[] = [];
+    const tx = this.#db.transaction(() => {
+      for (const op of ops) {
+        switch (op.kind) {
+          case "append": {
+            const r = this.#applyAppend(op.batch, dropped);
+            if (r instanceof M2mError) results.push(() => op.reject(r));
+            else results.push(() => op.resolve(r));
+            break;
+          }
+          case "ack":
+            for (const id of op.ids) {
+              this.#stmts.clearBit.run(~op.sink.bit, id);
+              this.#deleteIfDone(id);
+            }
+            results.push(() => op.resolve());
+            break;
+          case "dead": {
+            const row = this.#stmts.byId.get(op.id) as MessageRow | undefined;
+            if (row !== undefined && (row.pending & op.sink.bit) !== 0) {
+              this.#stmts.insertDead.run(
+                row.id,
+                op.sinkName,
+                row.channel,
+                row.payload,
+                row.content_type,
+                row.ts,
+                op.reason,
+                this.#clock.now().getTime(),
+              );
+              this.#meta.dead_letters += 1;
+              this.#stmts.clearBit.run(~op.sink.bit, op.id);
+              this.#deleteIfDone(op.id);
+            }
+            results.push(() => op.resolve());
+            break;
+          }
+          case "expire": {
+            const n = this.#applyTtl(dropped);
+            results.push(() => op.resolve(n));
+            break;
+          }
+        }
+      }
+      this.#writeMeta();
+    });
+    try {
+      tx();
+    } catch (err) {
+      this.#meta = metaBefore;
+      const e = new M2mError("ERR_OUTBOX_IO", "transient", "the outbox could not commit", {
+        cause: err,
+        hint: "check free disk space and that the state directory is writable",
+      });
+      this.#log.error("outbox commit failed", { err: e, sqlite: String((err as { code?: unknown }).code) });
+      for (const op of ops) op.reject(e);
+      return;
+    }
+    this.#forget(dropped);
+    for (const r of results) r();
+    if (ops.some((o) => o.kind === "append")) this.#wake();
+  }
+
+  #deleteIfDone(id: string): void {
+    const gone = this.#stmts.deleteIfDone.get(id) as { size: number } | undefined;
+    if (gone !== undefined) {
+      this.#meta.count -= 1;
+      this.#meta.bytes -= gone.size;
+    }
+  }
+
+  #applyAppend(batch: readonly NewMessage[], dropped: string[]): string[] | M2mError {
+    const L = this.#limits;
+    let bytes = 0;
+    for (const m of batch) {
+      if (m.payload.byteLength > L.maxBytes) {
+        return new M2mError(
+          "ERR_OUTBOX_MESSAGE_TOO_LARGE",
+          "permanent",
+          "message larger than the outbox byte limit",
+        );
+      }
+      bytes += m.payload.byteLength;
+    }
+    if (batch.length > L.maxCount || bytes > L.maxBytes) {
+      return new M2mError("ERR_OUTBOX_BATCH_TOO_LARGE", "permanent", "batch larger than the outbox limits");
+    }
+    const overCount = this.#meta.count + batch.length - L.maxCount;
+    const overBytes = this.#meta.bytes + bytes - L.maxBytes;
+    if (overCount > 0 || overBytes > 0) {
+      if (L.dropPolicy === "refuse-new") {
+        this.#meta.drop_refused += batch.length;
+        return new M2mError("ERR_OUTBOX_FULL", "transient", "the outbox is full", {
+          details: { retryAfterMs: this.#refuseRetryAfterMs },
+          hint: "the upstream is not keeping up; messages are refused until the backlog drains",
+        });
+      }
+      // Oldest first: delete from the head until both limits hold. Counted by the limit that forced it.
+      while (this.#meta.count + batch.length > L.maxCount || this.#meta.bytes + bytes > L.maxBytes) {
+        const byCount = this.#meta.count + batch.length > L.maxCount;
+        const rows = this.#stmts.dropOldest.all(1) as { id: string; size: number }[];
+        const row = rows[0];
+        if (row === undefined) break;
+        this.#meta.count -= 1;
+        this.#meta.bytes -= row.size;
+        if (byCount) this.#meta.drop_max_count += 1;
+        else this.#meta.drop_max_bytes += 1;
+        dropped.push(row.id);
+      }
+    }
+    const now = this.#clock.now().getTime();
+    const ids: string[] = [];
+    for (const m of batch) {
+      const id = newMessageId(now);
+      this.#stmts.insert.run(
+        id,
+        m.channel,
+        Buffer.from(m.payload.buffer, m.payload.byteOffset, m.payload.byteLength),
+        m.contentType ?? "application/json",
+        m.ts ?? now,
+        now,
+        m.payload.byteLength,
+        this.#allBits,
+      );
+      ids.push(id);
+    }
+    this.#meta.count += batch.length;
+    this.#meta.bytes += bytes;
+    this.#meta.appended += batch.length;
+    return ids;
+  }
+
+  #applyTtl(dropped: string[]): number {
+    if (this.#limits.ttlMs <= 0) return 0;
+    const cutoff = this.#clock.now().getTime() - this.#limits.ttlMs;
+    let total = 0;
+    for (;;) {
+      // The head is (nearly) ordered by ingest time: delete the expired prefix without a table scan.
+      const head = this.#stmts.headAges.all(1000) as { seq: number; ingested_at: number }[];
+      let last = -1;
+      for (const r of head) {
+        if (r.ingested_at >= cutoff) break;
+        last = r.seq;
+      }
+      if (last < 0) break;
+      const rows = this.#stmts.deleteUpTo.all(last) as { id: string; size: number }[];
+      for (const r of rows) {
+        this.#meta.bytes -= r.size;
+        dropped.push(r.id);
+      }
+      this.#meta.count -= rows.length;
+      this.#meta.drop_ttl += rows.length;
+      total += rows.length;
+      if (head.length < 1000 || rows.length === 0) break;
+    }
+    return total;
+  }
+
+  /** Dropped messages leave every sink's in-memory lease/defer state. */
+  #forget(ids: readonly string[]): void {
+    if (ids.length === 0) return;
+    for (const s of this.#state.values()) {
+      for (const id of ids) {
+        s.leased.delete(id);
+        s.deferred.delete(id);
+        s.attempts.delete(id);
+      }
+    }
+  }
+
+  async lease(sink: string, max: number, options: LeaseOptions = {}): Promise<OutboxMessage[]> {
+    this.#checkOpen();
+    const s = this.#sink(sink);
+    const now = this.#clock.monotonicMs();
+    let from = s.highWater + 1;
+    for (const d of s.deferred.values()) from = Math.min(from, d.seq);
+    for (const seq of s.leased.values()) from = Math.min(from, seq);
+    const out: OutboxMessage[] = [];
+    const blocked = new Set<string>();
+    let bytes = 0;
+    const maxBytes = options.maxBytes ?? Number.POSITIVE_INFINITY;
+    for (let page = 0; page < MAX_SCAN_PAGES && out.length < max; page++) {
+      const rows = this.#stmts.scan.all(from, s.bit, SCAN_PAGE) as MessageRow[];
+      for (const row of rows) {
+        from = row.seq + 1;
+        if (s.leased.has(row.id)) continue;
+        const d = s.deferred.get(row.id);
+        // Per-channel FIFO: nothing of a channel passes its earliest deferred message.
+        if (blocked.has(row.channel)) continue;
+        if (d !== undefined && d.dueAt > now) {
+          blocked.add(row.channel);
+          continue;
+        }
+        if (out.length > 0 && bytes + row.size > maxBytes) {
+          page = MAX_SCAN_PAGES;
+          break;
+        }
+        s.deferred.delete(row.id);
+        const attempt = (s.attempts.get(row.id) ?? 0) + 1;
+        s.attempts.set(row.id, attempt);
+        s.leased.set(row.id, row.seq);
+        s.highWater = Math.max(s.highWater, row.seq);
+        bytes += row.size;
+        out.push({
+          id: row.id,
+          seq: row.seq,
+          channel: row.channel,
+          payload: row.payload,
+          contentType: row.content_type,
+          ts: row.ts,
+          ingestedAt: row.ingested_at,
+          attempt,
+        });
+        if (out.length >= max) break;
+      }
+      if (rows.length < SCAN_PAGE) break;
+    }
+    return out;
+  }
+
+  async nack(sink: string, ids: readonly string[], delayMs = 0): Promise<void> {
+    this.#checkOpen();
+    const s = this.#sink(sink);
+    const dueAt = this.#clock.monotonicMs() + Math.max(0, delayMs);
+    for (const id of ids) {
+      const seq = s.leased.get(id);
+      if (seq === undefined) continue;
+      s.leased.delete(id);
+      const row = this.#stmts.byId.get(id) as MessageRow | undefined;
+      if (row === undefined) continue;
+      s.deferred.set(id, { seq, channel: row.channel, dueAt });
+    }
+    this.#wake(sink);
+  }
+
+  async deadLetters(limit = 100): Promise<DeadLetter[]> {
+    this.#checkOpen();
+    const rows = this.#stmts.deadList.all(limit) as {
+      id: string;
+      sink: string;
+      channel: string;
+      payload: Buffer;
+      content_type: string;
+      ts: number;
+      reason: string;
+      at: number;
+    }[];
+    return rows.map((r) => ({
+      id: r.id,
+      sink: r.sink,
+      channel: r.channel,
+      payload: r.payload,
+      contentType: r.content_type,
+      ts: r.ts,
+      reason: r.reason,
+      at: r.at,
+    }));
+  }
+
+  #wake(sink?: string): void {
+    for (const [name, s] of this.#state) {
+      if (sink !== undefined && name !== sink) continue;
+      const ws = [...s.waiters];
+      s.waiters.clear();
+      for (const w of ws) w();
+    }
+  }
+
+  waitForWork(sink: string, signal?: AbortSignal): Promise<void> {
+    const s = this.#sink(sink);
+    if (this.#closed || signal?.aborted) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      const timerAbort = new AbortController();
+      const done = (): void => {
+        s.waiters.delete(done);
+        timerAbort.abort();
+        signal?.removeEventListener("abort", done);
+        resolve();
+      };
+      s.waiters.add(done);
+      signal?.addEventListener("abort", done, { once: true });
+      let nextDue = Number.POSITIVE_INFINITY;
+      for (const d of s.deferred.values()) nextDue = Math.min(nextDue, d.dueAt);
+      if (Number.isFinite(nextDue)) {
+        this.#clock.sleep(nextDue - this.#clock.monotonicMs(), timerAbort.signal).then(done, () => undefined);
+      }
+    });
+  }
+
+  stats(): OutboxStats {
+    const oldest = this.#closed
+      ? undefined
+      : (this.#stmts.oldest.get() as { ingested_at: number } | undefined);
+    const leased: Record<string, number> = {};
+    for (const [name, s] of this.#state) leased[name] = s.leased.size;
+    const drops: Record<DropReason, number> = {
+      max_bytes: this.#meta.drop_max_bytes,
+      max_count: this.#meta.drop_max_count,
+      ttl: this.#meta.drop_ttl,
+      refused: this.#meta.drop_refused,
+    };
+    return {
+      depth: this.#meta.count,
+      bytes: this.#meta.bytes,
+      oldestAgeMs: oldest === undefined ? 0 : Math.max(0, this.#clock.now().getTime() - oldest.ingested_at),
+      drops,
+      deadLetters: this.#meta.dead_letters,
+      appended: this.#meta.appended,
+      quarantined: this.#meta.quarantined,
+      leased,
+    };
+  }
+
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    if (this.#queue.length > 0) this.#flush();
+    this.#closed = true;
+    if (this.#ttlTimer !== undefined) clearInterval(this.#ttlTimer);
+    this.#wake();
+    this.#db.close();
+  }
+}

@@ -1,0 +1,204 @@
+import { type Clock, systemClock } from "../core/clock.js";
+import { asM2mError } from "../core/errors.js";
+import { type Logger, silentLogger } from "../core/log.js";
+import { backoffDelay, defaultRetryPolicy, type RetryPolicy } from "../core/retry.js";
+import type { Outbox, OutboxMessage } from "./outbox/outbox.js";
+import type { DeliveryOutcome, Sink } from "./sinks/sink.js";
+
+export interface RelayOptions {
+  readonly outbox: Outbox;
+  readonly sinks: readonly Sink[];
+  /** Backoff for sink failures (base/factor/cap/jitter; maxAttempts and deadline are ignored: we never give up). */
+  readonly retry?: RetryPolicy;
+  /**
+   * The failure count (and so the backoff) only resets after the sink has delivered without a failure
+   * for this long: a flapping broker does not get hammered at the base delay. Default 30 s.
+   */
+  readonly stableAfterMs?: number;
+  readonly clock?: Clock;
+  readonly logger?: Logger;
+  readonly random?: () => number;
+}
+
+export interface SinkCounters {
+  delivered: number;
+  retried: number;
+  deadLettered: number;
+  failures: number;
+  inFlight: number;
+  /** Consecutive-failure level driving the backoff. */
+  backoffLevel: number;
+  lastError: string | undefined;
+}
+
+const relayPolicy: RetryPolicy = { ...defaultRetryPolicy, baseMs: 100, capMs: 30_000 };
+
+/**
+ * The delivery loop: one pump per sink. Starts immediately (no backlog scan), keeps the sink's window
+ * full, acks on success, dead-letters refusals, and on retry outcomes nacks them and pauses the sink
+ * with full-jitter backoff (or the upstream's capped Retry-After).
+ */
+export class Relay {
+  readonly #o: RelayOptions;
+  readonly #clock: Clock;
+  readonly #log: Logger;
+  readonly #policy: RetryPolicy;
+  readonly #abort = new AbortController();
+  readonly #pumps: Promise<void>[] = [];
+  readonly counters: Record<string, SinkCounters> = {};
+
+  constructor(options: RelayOptions) {
+    this.#o = options;
+    this.#clock = options.clock ?? systemClock;
+    this.#log = options.logger ?? silentLogger;
+    this.#policy = options.retry ?? relayPolicy;
+    for (const s of options.sinks) {
+      this.counters[s.name] = {
+        delivered: 0,
+        retried: 0,
+        deadLettered: 0,
+        failures: 0,
+        inFlight: 0,
+        backoffLevel: 0,
+        lastError: undefined,
+      };
+    }
+  }
+
+  start(): void {
+    for (const sink of this.#o.sinks) {
+      this.#pumps.push(
+        this.#pump(sink).catch((err: unknown) => {
+          if (!this.#abort.signal.aborted) this.#log.error("relay pump stopped", { sink: sink.name, err });
+        }),
+      );
+    }
+  }
+
+  /** Stops leasing, waits for in-flight deliveries to settle (their outcomes are still recorded). */
+  async stop(): Promise<void> {
+    this.#abort.abort();
+    await Promise.all(this.#pumps);
+  }
+
+  async #pump(sink: Sink): Promise<void> {
+    const { outbox } = this.#o;
+    const c = this.counters[sink.name] as SinkCounters;
+    const signal = this.#abort.signal;
+    let pausedUntil = 0;
+    let lastFailureAt = Number.NEGATIVE_INFINITY;
+    const inflight = new Set<Promise<void>>();
+    let wake: (() => void) | undefined;
+    let settled = false;
+    const poke = (): void => {
+      settled = true;
+      const w = wake;
+      wake = undefined;
+      w?.();
+    };
+    const aborted = new Promise<void>((r) => signal.addEventListener("abort", () => r(), { once: true }));
+
+    const handle = async (batch: readonly OutboxMessage[], outcomes: DeliveryOutcome[]): Promise<void> => {
+      const ok: string[] = [];
+      const retry: { id: string; delayMs?: number; code: string }[] = [];
+      for (const o of outcomes) {
+        if (o.kind === "ok") ok.push(o.id);
+        else if (o.kind === "retry") retry.push(o);
+        else {
+          c.deadLettered++;
+          this.#log.warn("message dead-lettered", { sink: sink.name, id: o.id, reason: o.reason });
+          await outbox.deadLetter(sink.name, o.id, o.reason);
+        }
+      }
+      // Anything the sink forgot to report is retried, never dropped.
+      const reported = new Set(outcomes.map((o) => o.id));
+      for (const m of batch) if (!reported.has(m.id)) retry.push({ id: m.id, code: "ERR_SINK_NO_OUTCOME" });
+      if (ok.length > 0) {
+        c.delivered += ok.length;
+        await outbox.ack(sink.name, ok);
+        if (this.#clock.monotonicMs() - lastFailureAt >= (this.#o.stableAfterMs ?? 30_000))
+          c.backoffLevel = 0;
+      }
+      if (retry.length > 0) {
+        c.retried += retry.length;
+        c.failures++;
+        c.backoffLevel++;
+        lastFailureAt = this.#clock.monotonicMs();
+        const first = retry[0];
+        c.lastError = first?.code;
+        const hinted = Math.max(0, ...retry.map((r) => r.delayMs ?? 0));
+        const jittered = backoffDelay(this.#policy, c.backoffLevel, this.#o.random);
+        const delay = hinted > 0 ? Math.min(hinted, this.#policy.maxRetryAfterMs) : jittered;
+        pausedUntil = Math.max(pausedUntil, this.#clock.monotonicMs() + delay);
+        this.#log.info("delivery failed; backing off", {
+          sink: sink.name,
+          code: first?.code,
+          messages: retry.length,
+          delayMs: delay,
+          level: c.backoffLevel,
+        });
+        await outbox.nack(
+          sink.name,
+          retry.map((r) => r.id),
+          delay,
+        );
+      }
+    };
+
+    while (!signal.aborted) {
+      const now = this.#clock.monotonicMs();
+      if (now < pausedUntil) {
+        // Let in-flight deliveries finish during the pause; their failures may extend it.
+        await this.#clock.sleep(pausedUntil - now, signal).catch(() => undefined);
+        continue;
+      }
+      const room = sink.maxInFlight - c.inFlight;
+      let batch: OutboxMessage[] = [];
+      settled = false;
+      if (room > 0) {
+        try {
+          batch = await outbox.lease(sink.name, Math.min(room, sink.maxBatch));
+        } catch (err) {
+          if (signal.aborted) break;
+          this.#log.error("outbox lease failed", { err: asM2mError(err) });
+          await this.#clock.sleep(1000, signal).catch(() => undefined);
+          continue;
+        }
+      }
+      if (batch.length === 0) {
+        // A delivery settled while we leased: its outcome may have freed room or nacked work.
+        if (settled) continue;
+        // Nothing to send (or the window is full): wait for new work or a delivery to settle.
+        const ctl = new AbortController();
+        await Promise.race([
+          room > 0 ? outbox.waitForWork(sink.name, ctl.signal) : new Promise<void>(() => undefined),
+          new Promise<void>((r) => {
+            wake = r;
+          }),
+          aborted,
+        ]);
+        wake = undefined;
+        ctl.abort();
+        continue;
+      }
+      c.inFlight += batch.length;
+      const p: Promise<void> = sink
+        .deliver(batch)
+        .catch((err: unknown): DeliveryOutcome[] => {
+          const e = asM2mError(err, "ERR_SINK_DELIVER");
+          return batch.map((m) => ({ id: m.id, kind: "retry", code: e.code }));
+        })
+        .then((outcomes) => handle(batch, outcomes))
+        .catch((err: unknown) =>
+          this.#log.error("recording delivery outcome failed", { err: asM2mError(err) }),
+        )
+        .finally(() => {
+          c.inFlight -= batch.length;
+          inflight.delete(p);
+          poke();
+        });
+      inflight.add(p);
+    }
+    await Promise.all(inflight);
+  }
+}

@@ -1,0 +1,367 @@
+import { randomBytes } from "node:crypto";
+import type { SecureContext } from "node:tls";
+import mqtt, { type IClientOptions, type MqttClient } from "mqtt";
+import { type Clock, systemClock } from "../../../core/clock.js";
+import { asM2mError, M2mError } from "../../../core/errors.js";
+import { type Logger, silentLogger } from "../../../core/log.js";
+import type { Secret } from "../../../core/secret.js";
+import { expandTopic } from "../../channel.js";
+import type { OutboxMessage } from "../../outbox/outbox.js";
+import type { DeliveryOutcome, Sink, TokenSource } from "../sink.js";
+import { createEngineSecureContext, type EngineKeyOptions } from "./engine-tls.js";
+
+/** How the gateway proves who it is to the broker. TLS server verification is always on. */
+export type MqttAuth =
+  /** mTLS, device key in a PEM (tests, or a gateway without a token). */
+  | { readonly kind: "mtls-file"; readonly certPem: string; readonly keyPem: Secret }
+  /** mTLS, device key inside the PKCS#11 token through the OpenSSL engine. */
+  | { readonly kind: "mtls-engine"; readonly certPem: string; readonly engine: EngineKeyOptions }
+  /** username = device id, password = access token (renewed make-before-break before expiry). */
+  | { readonly kind: "token"; readonly username: string; readonly tokens: TokenSource };
+
+export interface MqttSinkOptions {
+  readonly name?: string;
+  /** `mqtts://host:port` URLs; tried in order, the last good one first (clustered brokers). */
+  readonly urls: readonly string[];
+  /** CA bundle that must sign the broker certificate. */
+  readonly caPem: string;
+  /** Expected broker name when it differs from the URL host. */
+  readonly servername?: string;
+  readonly auth: MqttAuth;
+  readonly deviceId: string;
+  /** Default `devices/{deviceId}/{channel}`. */
+  readonly topicTemplate?: string;
+  /** Client id prefix; a random suffix per connection lets make-before-break overlap. */
+  readonly clientIdPrefix?: string;
+  readonly maxInFlight?: number;
+  readonly maxBatch?: number;
+  readonly connectTimeoutMs?: number;
+  readonly keepaliveSeconds?: number;
+  /** Reconnect with a fresh token this long before it expires. Default 60 s. */
+  readonly renewBeforeMs?: number;
+  /** Old connection gets this long to settle its PUBACKs after a token switch. */
+  readonly drainTimeoutMs?: number;
+  readonly clock?: Clock;
+  readonly logger?: Logger;
+}
+
+/** PUBACK reason codes that refuse this message for good: dead-letter it, let the rest flow. */
+const DEAD_LETTER_CODES: Readonly<Record<number, string>> = {
+  135: "mqtt_0x87_not_authorized",
+  144: "mqtt_0x90_topic_name_invalid",
+  153: "mqtt_0x99_payload_format_invalid",
+  149: "mqtt_0x95_packet_too_large",
+};
+/** Reason codes that mean "not now": back off and keep the message. */
+const BACKOFF_CODES: Readonly<Record<number, string>> = {
+  151: "ERR_MQTT_QUOTA_EXCEEDED",
+  137: "ERR_MQTT_SERVER_BUSY",
+  150: "ERR_MQTT_RATE_TOO_HIGH",
+};
+
+/** Classifies a failed QoS 1 publish into an outcome. Exported for unit tests. */
+export function classifyPublishError(id: string, err: unknown): DeliveryOutcome {
+  const code = (err as { code?: unknown }).code;
+  if (typeof code === "number") {
+    const dead = DEAD_LETTER_CODES[code];
+    if (dead !== undefined) return { id, kind: "dead-letter", reason: dead };
+    const backoff = BACKOFF_CODES[code];
+    if (backoff !== undefined) return { id, kind: "retry", code: backoff };
+    return { id, kind: "retry", code: `ERR_MQTT_PUBACK_0x${code.toString(16)}` };
+  }
+  return { id, kind: "retry", code: "ERR_MQTT_CONNECTION_LOST" };
+}
+
+interface Conn {
+  readonly client: MqttClient;
+  readonly url: string;
+  /** Settles every publish still waiting when the connection dies (mqtt.js does not, with reconnect off). */
+  readonly pending: Set<(err: Error) => void>;
+  closed: boolean;
+  /** When the token used to connect expires (token auth). */
+  readonly expiresAt?: number;
+}
+
+/**
+ * MQTT 5 sink (mqtt.js): QoS 1, stable id as user property `m2m-id`, topic from a template, a bounded
+ * window, and reconnects driven by the relay's backoff (mqtt.js reconnectPeriod: 0). A message counts
+ * as delivered only on a successful PUBACK.
+ */
+export class MqttSink implements Sink {
+  readonly name: string;
+  readonly maxBatch: number;
+  readonly maxInFlight: number;
+  readonly #o: MqttSinkOptions;
+  readonly #clock: Clock;
+  readonly #log: Logger;
+  readonly #template: string;
+  #conn: Conn | undefined;
+  #connecting: Promise<Conn> | undefined;
+  #urlIndex = 0;
+  #renewTimer: AbortController | undefined;
+  #engineContext: SecureContext | undefined;
+  #closed = false;
+  /** Counters for metrics. */
+  readonly counters = { connects: 0, connectFailures: 0, published: 0, deadLettered: 0, renewals: 0 };
+
+  constructor(options: MqttSinkOptions) {
+    if (options.urls.length === 0)
+      throw new M2mError("ERR_MQTT_CONFIG", "permanent", "no broker URL configured");
+    for (const u of options.urls) {
+      // Transport security is not optional: plain mqtt:// would expose tokens and data.
+      if (!u.startsWith("mqtts://")) {
+        throw new M2mError("ERR_MQTT_CONFIG", "permanent", "broker URLs must use mqtts:// (TLS)");
+      }
+    }
+    this.#o = options;
+    this.name = options.name ?? "mqtt";
+    this.maxInFlight = options.maxInFlight ?? 100;
+    this.maxBatch = options.maxBatch ?? this.maxInFlight;
+    this.#clock = options.clock ?? systemClock;
+    this.#log = (options.logger ?? silentLogger).child({ sink: this.name });
+    this.#template = options.topicTemplate ?? "devices/{deviceId}/{channel}";
+  }
+
+  topicFor(channel: string): string {
+    return expandTopic(this.#template, { deviceId: this.#o.deviceId, channel });
+  }
+
+  /** True while a connection is up (health). */
+  get connected(): boolean {
+    return this.#conn !== undefined && !this.#conn.closed;
+  }
+
+  async deliver(batch: readonly OutboxMessage[]): Promise<DeliveryOutcome[]> {
+    let conn: Conn;
+    try {
+      conn = await this.#ensureConnected();
+    } catch (err) {
+      const e = asM2mError(err);
+      return batch.map((m) => ({ id: m.id, kind: "retry", code: e.code }));
+    }
+    return Promise.all(batch.map((m) => this.#publish(conn, m)));
+  }
+
+  #publish(conn: Conn, m: OutboxMessage): Promise<DeliveryOutcome> {
+    return new Promise<DeliveryOutcome>((resolve) => {
+      let settled = false;
+      const settle = (err: Error | undefined): void => {
+        if (settled) return;
+        settled = true;
+        conn.pending.delete(settle);
+        if (err === undefined) {
+          this.counters.published++;
+          resolve({ id: m.id, kind: "ok" });
+        } else {
+          const o = classifyPublishError(m.id, err);
+          if (o.kind === "dead-letter") this.counters.deadLettered++;
+          resolve(o);
+        }
+      };
+      if (conn.closed) return settle(new Error("connection closed"));
+      conn.pending.add(settle);
+      conn.client.publish(
+        this.topicFor(m.channel),
+        Buffer.from(m.payload.buffer, m.payload.byteOffset, m.payload.byteLength),
+        {
+          qos: 1,
+          properties: {
+            contentType: m.contentType,
+            userProperties: { "m2m-id": m.id, "m2m-ts": String(m.ts) },
+          },
+        },
+        (err) => settle(err ?? undefined),
+      );
+    });
+  }
+
+  async #ensureConnected(): Promise<Conn> {
+    if (this.#closed) throw new M2mError("ERR_MQTT_CLOSED", "permanent", "sink closed");
+    if (this.#conn !== undefined && !this.#conn.closed) return this.#conn;
+    this.#connecting ??= this.#connectAny().finally(() => {
+      this.#connecting = undefined;
+    });
+    const conn = await this.#connecting;
+    return conn;
+  }
+
+  /** One pass over the broker URLs, starting with the last good one. The relay backs off between passes. */
+  async #connectAny(): Promise<Conn> {
+    let last: unknown;
+    const n = this.#o.urls.length;
+    for (let i = 0; i < n; i++) {
+      const idx = (this.#urlIndex + i) % n;
+      const url = this.#o.urls[idx] as string;
+      try {
+        const conn = await this.#connect(url);
+        this.#urlIndex = idx;
+        this.#install(conn);
+        return conn;
+      } catch (err) {
+        last = err;
+        this.counters.connectFailures++;
+        this.#log.warn("broker connect failed", { url, err: asM2mError(err, "ERR_MQTT_CONNECT") });
+      }
+    }
+    throw asM2mError(last, "ERR_MQTT_CONNECT");
+  }
+
+  async #connect(url: string, forceRefresh = false): Promise<Conn> {
+    const o = this.#o;
+    const opts: IClientOptions = {
+      protocolVersion: 5,
+      // Our relay drives reconnects (jittered backoff that survives flaps); mqtt.js's is fixed-interval.
+      reconnectPeriod: 0,
+      clean: true,
+      clientId: `${o.clientIdPrefix ?? o.deviceId}-${randomBytes(4).toString("hex")}`,
+      connectTimeout: o.connectTimeoutMs ?? 10_000,
+      keepalive: o.keepaliveSeconds ?? 30,
+      ca: o.caPem,
+      // Always verify the broker: a gateway must not hand data and tokens to an impostor.
+      rejectUnauthorized: true,
+      ...(o.servername === undefined ? {} : { servername: o.servername }),
+      queueQoSZero: false,
+      resubscribe: false,
+    };
+    let expiresAt: number | undefined;
+    switch (o.auth.kind) {
+      case "mtls-file":
+        opts.cert = o.auth.certPem;
+        opts.key = o.auth.keyPem.reveal();
+        break;
+      case "mtls-engine": {
+        this.#engineContext ??= createEngineSecureContext({
+          ...o.auth.engine,
+          certPem: o.auth.certPem,
+          caPem: o.caPem,
+        });
+        // mqtt.js passes unknown options through to tls.connect, which accepts a SecureContext.
+        (opts as IClientOptions & { secureContext?: SecureContext }).secureContext = this.#engineContext;
+        break;
+      }
+      case "token": {
+        const t = await o.auth.tokens.getToken(forceRefresh ? { forceRefresh: true } : undefined);
+        opts.username = o.auth.username;
+        opts.password = t.token.reveal();
+        expiresAt = t.expiresAt.getTime();
+        break;
+      }
+    }
+    let client: MqttClient;
+    try {
+      client = await mqtt.connectAsync(url, opts, false);
+    } catch (err) {
+      const code = (err as { code?: unknown }).code;
+      // CONNACK 0x86/0x87: the token may have been revoked or expired early: one forced refresh.
+      if (
+        o.auth.kind === "token" &&
+        !forceRefresh &&
+        (code === 0x86 || code === 0x87 || code === 134 || code === 135)
+      ) {
+        return this.#connect(url, true);
+      }
+      throw new M2mError(
+        code === 0x86 || code === 0x87 ? "ERR_MQTT_AUTH" : "ERR_MQTT_CONNECT",
+        "transient",
+        "cannot connect to the broker",
+        { cause: err, details: { url } },
+      );
+    }
+    this.counters.connects++;
+    const conn: Conn = {
+      client,
+      url,
+      pending: new Set(),
+      closed: false,
+      ...(expiresAt === undefined ? {} : { expiresAt }),
+    };
+    client.on("close", () => this.#onClose(conn));
+    client.on("error", (err) =>
+      this.#log.warn("mqtt client error", { err: asM2mError(err, "ERR_MQTT_CLIENT") }),
+    );
+    return conn;
+  }
+
+  #onClose(conn: Conn): void {
+    if (conn.closed) return;
+    conn.closed = true;
+    const err = new Error("connection closed");
+    for (const settle of [...conn.pending]) settle(err);
+    conn.client.end(true);
+    if (this.#conn === conn) {
+      this.#conn = undefined;
+      this.#log.warn("broker connection lost", { url: conn.url });
+    }
+  }
+
+  #install(conn: Conn): void {
+    this.#conn = conn;
+    this.#log.info("broker connected", { url: conn.url });
+    if (conn.expiresAt !== undefined) this.#scheduleRenewal(conn);
+  }
+
+  /**
+   * Make-before-break: before the token expires, connect a second client with a fresh token, switch
+   * new publishes to it, then let the old one settle its PUBACKs and disconnect it cleanly.
+   */
+  #scheduleRenewal(conn: Conn): void {
+    this.#renewTimer?.abort();
+    const ctl = new AbortController();
+    this.#renewTimer = ctl;
+    const renewBefore = this.#o.renewBeforeMs ?? 60_000;
+    const wait = Math.max(0, (conn.expiresAt ?? 0) - this.#clock.now().getTime() - renewBefore);
+    this.#clock.sleep(wait, ctl.signal).then(
+      () => this.#renew(conn),
+      () => undefined,
+    );
+  }
+
+  async #renew(old: Conn): Promise<void> {
+    if (this.#closed || this.#conn !== old) return;
+    let fresh: Conn;
+    try {
+      fresh = await this.#connect(old.url);
+    } catch (err) {
+      this.#log.warn("make-before-break reconnect failed; retrying shortly", { err: asM2mError(err) });
+      const ctl = new AbortController();
+      this.#renewTimer = ctl;
+      this.#clock.sleep(5_000, ctl.signal).then(
+        () => this.#renew(old),
+        () => undefined,
+      );
+      return;
+    }
+    if (this.#closed || this.#conn !== old) {
+      fresh.client.end(true);
+      return;
+    }
+    this.counters.renewals++;
+    this.#install(fresh);
+    await this.#drainAndEnd(old);
+  }
+
+  async #drainAndEnd(old: Conn): Promise<void> {
+    const deadline = this.#clock.monotonicMs() + (this.#o.drainTimeoutMs ?? 10_000);
+    while (old.pending.size > 0 && !old.closed && this.#clock.monotonicMs() < deadline) {
+      await this.#clock.sleep(20);
+    }
+    if (old.closed) return;
+    old.closed = true;
+    // Anything still unacknowledged is retried by the relay (at-least-once; same m2m-id).
+    const err = new Error("connection replaced");
+    for (const settle of [...old.pending]) settle(err);
+    await old.client.endAsync(false).catch(() => old.client.end(true));
+  }
+
+  async close(): Promise<void> {
+    this.#closed = true;
+    this.#renewTimer?.abort();
+    const c = this.#conn;
+    this.#conn = undefined;
+    if (c !== undefined && !c.closed) {
+      c.closed = true;
+      for (const settle of [...c.pending]) settle(new Error("sink closed"));
+      await c.client.endAsync(true).catch(() => undefined);
+    }
+  }
+}

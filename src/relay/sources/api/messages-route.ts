@@ -1,0 +1,33 @@
+import type { ApiServer } from "../../../api/server.js";
+import type { Outbox } from "../../outbox/outbox.js";
+import { defaultParseLimits, type ParseLimits, parseMessages } from "./parse.js";
+
+export interface MessagesRouteOptions {
+  readonly outbox: Outbox;
+  readonly limits?: Partial<ParseLimits>;
+  /** Whole-body cap for the route (413). Default 4 MiB. */
+  readonly maxBodyBytes?: number;
+  /** Called with the number of messages accepted (metrics). */
+  readonly onAccepted?: (n: number) => void;
+}
+
+/**
+ * Mounts `POST /v1/messages`: answers `200 { ids }` only after the outbox made the batch durable
+ * (fsynced). Errors: 400 (schema, with code and `details.index`), 413 (size), 415 (media type),
+ * 429 + Retry-After (outbox full under refuse-new), 503 (storage failure).
+ */
+export function mountMessagesRoute(api: ApiServer, options: MessagesRouteOptions): void {
+  const limits = { ...defaultParseLimits, ...(options.limits ?? {}) };
+  api.route(
+    "POST",
+    "/v1/messages",
+    async (req) => {
+      const body = await req.body();
+      const messages = parseMessages(body, req.headers["content-type"], limits);
+      const ids = await options.outbox.append(messages);
+      options.onAccepted?.(ids.length);
+      return { status: 200, json: { ids } };
+    },
+    { maxBodyBytes: options.maxBodyBytes ?? 4 * 1024 * 1024 },
+  );
+}

@@ -1,0 +1,148 @@
+import { M2mError } from "../../../core/errors.js";
+import { MAX_CHANNEL_LENGTH, validateChannel } from "../../channel.js";
+import type { NewMessage } from "../../outbox/outbox.js";
+
+export interface ParseLimits {
+  readonly maxMessages: number;
+  readonly maxPayloadBytes: number;
+}
+
+export const defaultParseLimits: ParseLimits = { maxMessages: 1000, maxPayloadBytes: 256 * 1024 };
+
+const ALLOWED_KEYS = new Set(["channel", "payload", "ts", "content_type"]);
+const BASE64_RE = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
+const CONTENT_TYPE_RE = /^[a-z0-9!#$&^_.+-]+\/[a-z0-9!#$&^_.+-]+(;[ -~]*)?$/i;
+const enc = new TextEncoder();
+
+function invalid(code: string, message: string, index: number): M2mError {
+  return new M2mError(code, "permanent", `message ${index}: ${message}`, { details: { index } });
+}
+
+export function isJsonContentType(ct: string): boolean {
+  const base = (ct.split(";")[0] ?? "").trim().toLowerCase();
+  return base === "application/json" || base.endsWith("+json");
+}
+
+/**
+ * Parses a `POST /v1/messages` body: one JSON object, a JSON array of objects, or NDJSON (one object
+ * per line, when the request content type is `application/x-ndjson`). Each object is
+ * `{ channel, payload, ts?, content_type? }`: with a JSON content type (the default) `payload` is any
+ * JSON value; otherwise it is a base64 string of the raw bytes.
+ * @throws ERR_API_INVALID_JSON, ERR_API_INVALID_MESSAGE, ERR_API_INVALID_PAYLOAD, ERR_CHANNEL_INVALID
+ *         (400, `details.index`), ERR_API_TOO_MANY_MESSAGES, ERR_API_PAYLOAD_TOO_LARGE (413)
+ */
+export function parseMessages(
+  body: Buffer,
+  requestContentType: string | undefined,
+  limits: ParseLimits,
+): NewMessage[] {
+  const ct = (requestContentType ?? "application/json").split(";")[0]?.trim().toLowerCase() ?? "";
+  let items: unknown[];
+  if (ct === "application/x-ndjson" || ct === "application/jsonl") {
+    items = [];
+    const lines = body.toString("utf8").split("\n");
+    for (let i = 0; i < lines.length; i++) {
+      const line = (lines[i] ?? "").trim();
+      if (line === "") continue;
+      if (items.length >= limits.maxMessages) throw tooMany(limits);
+      try {
+        items.push(JSON.parse(line));
+      } catch {
+        throw new M2mError("ERR_API_INVALID_JSON", "permanent", `line ${i + 1} is not valid JSON`, {
+          details: { line: i + 1 },
+        });
+      }
+    }
+  } else if (ct === "application/json") {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(body.toString("utf8"));
+    } catch {
+      throw new M2mError("ERR_API_INVALID_JSON", "permanent", "body is not valid JSON");
+    }
+    items = Array.isArray(parsed) ? parsed : [parsed];
+  } else {
+    throw new M2mError(
+      "ERR_API_UNSUPPORTED_MEDIA_TYPE",
+      "permanent",
+      "content-type must be application/json or application/x-ndjson",
+    );
+  }
+  if (items.length === 0)
+    throw new M2mError("ERR_API_INVALID_MESSAGE", "permanent", "no messages in the body");
+  if (items.length > limits.maxMessages) throw tooMany(limits);
+  return items.map((item, i) => parseOne(item, i, limits));
+}
+
+function tooMany(limits: ParseLimits): M2mError {
+  return new M2mError(
+    "ERR_API_TOO_MANY_MESSAGES",
+    "permanent",
+    `at most ${limits.maxMessages} messages per request`,
+    {
+      details: { httpStatus: 413 },
+    },
+  );
+}
+
+function parseOne(item: unknown, i: number, limits: ParseLimits): NewMessage {
+  if (item === null || typeof item !== "object" || Array.isArray(item)) {
+    throw invalid("ERR_API_INVALID_MESSAGE", "must be an object", i);
+  }
+  const o = item as Record<string, unknown>;
+  for (const k of Object.keys(o)) {
+    if (!ALLOWED_KEYS.has(k))
+      throw invalid("ERR_API_INVALID_MESSAGE", `unknown field "${k.slice(0, 32)}"`, i);
+  }
+  let channel: string;
+  try {
+    channel = validateChannel(o.channel);
+  } catch (err) {
+    throw new M2mError(
+      "ERR_CHANNEL_INVALID",
+      "permanent",
+      `message ${i}: channel must be 1-${MAX_CHANNEL_LENGTH} of A-Z a-z 0-9 _ - / (no wildcards, no leading /)`,
+      { details: { index: i }, cause: err },
+    );
+  }
+  let contentType = "application/json";
+  if (o.content_type !== undefined) {
+    if (
+      typeof o.content_type !== "string" ||
+      o.content_type.length > 100 ||
+      !CONTENT_TYPE_RE.test(o.content_type)
+    ) {
+      throw invalid("ERR_API_INVALID_MESSAGE", "content_type must be a media type", i);
+    }
+    contentType = o.content_type;
+  }
+  if (!("payload" in o) || o.payload === undefined)
+    throw invalid("ERR_API_INVALID_PAYLOAD", "payload is required", i);
+  let payload: Uint8Array;
+  if (isJsonContentType(contentType)) {
+    payload = enc.encode(JSON.stringify(o.payload));
+  } else {
+    if (typeof o.payload !== "string" || o.payload.length % 4 !== 0 || !BASE64_RE.test(o.payload)) {
+      throw invalid("ERR_API_INVALID_PAYLOAD", "payload must be base64 for a non-JSON content_type", i);
+    }
+    payload = Buffer.from(o.payload, "base64");
+  }
+  if (payload.byteLength > limits.maxPayloadBytes) {
+    throw new M2mError(
+      "ERR_API_PAYLOAD_TOO_LARGE",
+      "permanent",
+      `message ${i}: payload larger than ${limits.maxPayloadBytes} bytes`,
+      {
+        details: { index: i, httpStatus: 413 },
+      },
+    );
+  }
+  let ts: number | undefined;
+  if (o.ts !== undefined) {
+    if (typeof o.ts === "number" && Number.isSafeInteger(o.ts) && o.ts >= 0 && o.ts < 1e14) ts = o.ts;
+    else if (typeof o.ts === "string" && o.ts.length <= 40 && !Number.isNaN(Date.parse(o.ts)))
+      ts = Date.parse(o.ts);
+    else throw invalid("ERR_API_INVALID_MESSAGE", "ts must be epoch milliseconds or an RFC 3339 string", i);
+  }
+  return { channel, payload, contentType, ...(ts === undefined ? {} : { ts }) };
+}
