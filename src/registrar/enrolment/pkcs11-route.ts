@@ -1,0 +1,54 @@
+import { createHash } from "node:crypto";
+import { M2mError } from "../../core/errors.js";
+import { ENROLL_PATHS, pkcs11EnrollRequestSchema } from "../../wire/v1/index.js";
+import { verifyCsr } from "../ca/index.js";
+import type { Route } from "../http/router.js";
+import { completeEnrolment, type EnrolmentDeps, requireGroup } from "./complete.js";
+
+/** SHA-256 (hex) of a bootstrap token: the only form the registrar ever stores. */
+export function hashBootstrapToken(token: string): string {
+  return createHash("sha256").update(token, "utf8").digest("hex");
+}
+
+/**
+ * POST /v1/enroll/pkcs11: bootstrap token + CSR signed by the token-held key. The PKCS#11 attributes
+ * are recorded as self-asserted evidence; the bootstrap token is the only authorisation.
+ */
+export function pkcs11Route(deps: () => EnrolmentDeps): Route {
+  return {
+    method: "POST",
+    path: ENROLL_PATHS.pkcs11,
+    audit: "enroll.pkcs11",
+    async handle(ctx) {
+      const d = deps();
+      const body = ctx.json(pkcs11EnrollRequestSchema);
+      ctx.auditFields({ method: "pkcs11", hardwareSerial: body.hardwareSerial });
+      const hash = hashBootstrapToken(body.bootstrapToken);
+      const token = d.store.getBootstrapToken(hash);
+      // Security: early, read-only checks; the atomic consume in commitEnrolment is what counts.
+      if (token === undefined)
+        throw new M2mError("ERR_TOKEN_INVALID", "permanent", "bootstrap token not accepted");
+      if (token.usedAt !== undefined)
+        throw new M2mError("ERR_TOKEN_USED", "permanent", "bootstrap token used");
+      if (token.expiresAt.getTime() <= d.clock.now().getTime()) {
+        throw new M2mError("ERR_TOKEN_EXPIRED", "permanent", "bootstrap token expired");
+      }
+      const group = requireGroup(d.store, token.group, "pkcs11");
+      ctx.auditFields({ group: group.name });
+      // Security: the CSR signature proves possession of the private key being certified.
+      const csr = await verifyCsr(Buffer.from(body.csr, "base64url"));
+      const { result, reenrolled } = await completeEnrolment(d, {
+        method: "pkcs11",
+        group,
+        proof: { kind: "token", hash },
+        csr,
+        deviceSpkiDer: csr.spkiDer,
+        ekHash: undefined,
+        hardwareSerial: body.hardwareSerial,
+        evidence: { ...body.evidence, selfAsserted: true, requestedAttributes: body.requestedAttributes },
+      });
+      ctx.auditFields({ deviceId: result.deviceId, reenrolled });
+      return { status: 200, json: result };
+    },
+  };
+}

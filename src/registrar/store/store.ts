@@ -1,0 +1,168 @@
+import type { Attributes, EnrolmentMethod } from "../../wire/v1/index.js";
+
+/**
+ * The registrar's persistence seam. `SqliteRegistrarStore` is the reference implementation; a shared
+ * SQL database can implement the same interface later without touching the verifier or the routes.
+ *
+ * Every method that decides something security-relevant (consuming a token or a session, registering
+ * a device) is atomic: the check and the write happen in one transaction, so of two concurrent callers
+ * exactly one wins and the other gets a typed error.
+ */
+export interface RegistrarStore {
+  // --- enrolment groups -------------------------------------------------------------------------
+  /** @throws ERR_GROUP_EXISTS when the name is taken. */
+  addGroup(group: NewEnrolmentGroup): EnrolmentGroup;
+  getGroup(name: string): EnrolmentGroup | undefined;
+  listGroups(): EnrolmentGroup[];
+
+  // --- bootstrap tokens (only the SHA-256 of the token is ever stored) ---------------------------
+  /** @throws ERR_GROUP_UNKNOWN */
+  addBootstrapToken(token: { hash: string; group: string; expiresAt: Date; createdAt: Date }): void;
+  /** Read-only lookup of a token (the CLI, and pre-checks that must not consume). */
+  getBootstrapToken(hash: string): BootstrapTokenRecord | undefined;
+
+  // --- enrolment sessions (TPM begin → finish) ---------------------------------------------------
+  createSession(session: NewEnrolmentSession): void;
+  getSession(id: string): EnrolmentSession | undefined;
+  /** Removes sessions that expired before `now` (housekeeping; never needed for correctness). */
+  purgeExpiredSessions(now: Date): number;
+
+  // --- devices -----------------------------------------------------------------------------------
+  getDevice(deviceId: string): DeviceRecord | undefined;
+  findDeviceByEkHash(ekHash: string): DeviceRecord | undefined;
+  findDeviceByThumbprint(thumbprint: string): DeviceRecord | undefined;
+  listDevices(): DeviceRecord[];
+  /**
+   * Atomically consumes the proof (a bootstrap token or an enrolment session), then registers the
+   * device or re-issues for the same hardware. Nothing is written unless every check passes.
+   * @throws ERR_TOKEN_INVALID, ERR_TOKEN_USED, ERR_TOKEN_EXPIRED, ERR_SESSION_UNKNOWN,
+   *   ERR_SESSION_CONSUMED, ERR_SESSION_EXPIRED, ERR_EK_ALREADY_REGISTERED, ERR_KEY_ALREADY_REGISTERED,
+   *   ERR_HARDWARE_MISMATCH, ERR_DEVICE_REVOKED
+   */
+  commitEnrolment(input: CommitEnrolment): CommitResult;
+  /** Resolves which deviceId an enrolment would get (existing same hardware, or the proposed one). */
+  planEnrolment(input: PlanEnrolment): { deviceId: string; existing: boolean };
+  /** @throws ERR_DEVICE_UNKNOWN. Idempotent for an already revoked device. */
+  revokeDevice(deviceId: string, at: Date): DeviceRecord;
+
+  // --- audit ---------------------------------------------------------------------------------------
+  appendAudit(event: AuditEvent): void;
+  listAudit(limit: number): AuditEvent[];
+
+  close(): void;
+}
+
+export interface NewEnrolmentGroup {
+  readonly name: string;
+  readonly role: string;
+  readonly attributes: Attributes;
+  readonly methods: readonly EnrolmentMethod[];
+  /** Folder of PEM CA certificates an EK certificate must chain to (TPM groups). */
+  readonly ekTrustDir?: string | undefined;
+  /** SHA-256 (hex) of allowed EK SubjectPublicKeyInfo DER (`ekFingerprint`), for TPMs without an EK cert. */
+  readonly ekAllow: readonly string[];
+  readonly createdAt: Date;
+}
+export type EnrolmentGroup = NewEnrolmentGroup;
+
+export interface BootstrapTokenRecord {
+  readonly hash: string;
+  readonly group: string;
+  readonly expiresAt: Date;
+  readonly createdAt: Date;
+  readonly usedAt: Date | undefined;
+  readonly usedBy: string | undefined;
+}
+
+/** What `begin` remembers for `finish`. The expected secret is stored as its SHA-256 only. */
+export interface SessionData {
+  readonly group: string;
+  readonly secretHash: string;
+  /** base64url */
+  readonly nonce: string;
+  readonly ekHash: string;
+  /** base64url TPM2B_PUBLIC of AK and device key, as sent in begin. */
+  readonly akPublic: string;
+  readonly ekPublic: string;
+  readonly devicePublic: string;
+  readonly hardwareSerial: string;
+  readonly requestedAttributes: Attributes;
+}
+
+export interface NewEnrolmentSession {
+  readonly id: string;
+  readonly data: SessionData;
+  readonly createdAt: Date;
+  readonly expiresAt: Date;
+}
+export interface EnrolmentSession extends NewEnrolmentSession {
+  readonly consumedAt: Date | undefined;
+}
+
+export type DeviceStatus = "active" | "revoked";
+
+export interface DeviceRecord {
+  readonly deviceId: string;
+  readonly method: EnrolmentMethod;
+  readonly status: DeviceStatus;
+  readonly group: string;
+  readonly role: string;
+  readonly attributes: Attributes;
+  readonly publicJwk: Record<string, string>;
+  readonly thumbprint: string;
+  /** SHA-256 hex of the EK SubjectPublicKeyInfo DER (TPM devices only). */
+  readonly ekHash: string | undefined;
+  readonly hardwareSerial: string;
+  /** PKCS#11 self-asserted evidence, recorded as such. */
+  readonly evidence: Record<string, unknown> | undefined;
+  readonly certSerial: string;
+  readonly certNotAfter: Date;
+  readonly createdAt: Date;
+  readonly updatedAt: Date;
+  readonly revokedAt: Date | undefined;
+}
+
+export type EnrolmentProof =
+  | { readonly kind: "token"; readonly hash: string }
+  | { readonly kind: "session"; readonly id: string };
+
+export interface PlanEnrolment {
+  readonly method: EnrolmentMethod;
+  readonly thumbprint: string;
+  readonly ekHash: string | undefined;
+  readonly hardwareSerial: string;
+  /** Used when no existing record matches. */
+  readonly proposedDeviceId: string;
+}
+
+export interface CommitEnrolment extends PlanEnrolment {
+  readonly proof: EnrolmentProof;
+  readonly now: Date;
+  /** The deviceId the certificate was issued for (from planEnrolment). */
+  readonly deviceId: string;
+  readonly group: string;
+  readonly role: string;
+  readonly attributes: Attributes;
+  readonly publicJwk: Record<string, string>;
+  readonly evidence: Record<string, unknown> | undefined;
+  readonly certSerial: string;
+  readonly certNotAfter: Date;
+}
+
+export interface CommitResult {
+  readonly device: DeviceRecord;
+  /** True when an existing device (same hardware) was re-issued a certificate. */
+  readonly reenrolled: boolean;
+}
+
+export interface AuditEvent {
+  readonly ts: string;
+  readonly event: string;
+  readonly outcome: "success" | "failure";
+  readonly code?: string;
+  readonly method?: string;
+  readonly deviceId?: string;
+  readonly group?: string;
+  readonly remote?: string;
+  readonly [k: string]: unknown;
+}
