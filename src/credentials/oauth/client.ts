@@ -239,6 +239,8 @@ export class OAuthClient implements TokenSource {
           },
         );
       } catch (err) {
+        // Key errors (TPM busy, wrong PIN, …) keep their own code and retry class.
+        if (err instanceof M2mError) throw err;
         throw new M2mError("ERR_OAUTH_TOKEN", "transient", "token endpoint unreachable", { cause: err });
       }
       const nonce = response.headers.get("dpop-nonce");
