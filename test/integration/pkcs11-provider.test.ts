@@ -212,6 +212,82 @@ describe("Pkcs11KeyProvider on SoftHSM2: RSA-2048", () => {
   });
 });
 
+/** Makes a key pair with raw pkcs11js, bypassing the provider's templates (unfit keys on purpose). */
+function rawKeyPair(label: string, priv: { extractable: boolean; sensitive: boolean }, ec = true): void {
+  const lib = loadModule(hsm.modulePath);
+  const s = lib.C_OpenSession(slotOf(hsm.tokenLabel), pkcs11js.CKF_SERIAL_SESSION | pkcs11js.CKF_RW_SESSION);
+  try {
+    const id = randomBytes(4);
+    const common = [
+      { type: pkcs11js.CKA_TOKEN, value: true },
+      { type: pkcs11js.CKA_LABEL, value: label },
+      { type: pkcs11js.CKA_ID, value: id },
+    ];
+    lib.C_GenerateKeyPair(
+      s,
+      { mechanism: ec ? pkcs11js.CKM_EC_KEY_PAIR_GEN : pkcs11js.CKM_RSA_PKCS_KEY_PAIR_GEN },
+      ec
+        ? [...common, { type: pkcs11js.CKA_EC_PARAMS, value: Buffer.from("06082a8648ce3d030107", "hex") }]
+        : [...common, { type: pkcs11js.CKA_MODULUS_BITS, value: 1024 }],
+      [
+        ...common,
+        { type: pkcs11js.CKA_PRIVATE, value: true },
+        { type: pkcs11js.CKA_SIGN, value: true },
+        { type: pkcs11js.CKA_EXTRACTABLE, value: priv.extractable },
+        { type: pkcs11js.CKA_SENSITIVE, value: priv.sensitive },
+      ],
+    );
+  } finally {
+    lib.C_CloseSession(s);
+  }
+}
+
+describe("Pkcs11KeyProvider refuses keys unfit to be a device identity", () => {
+  it("an extractable or non-sensitive key under the label: ERR_KEY_UNPROTECTED, not used", async () => {
+    rawKeyPair("exportable", { extractable: true, sensitive: true });
+    await rejectsWith(provider({ keyLabel: "exportable" }).createOrOpen(), "ERR_KEY_UNPROTECTED");
+    rawKeyPair("readable", { extractable: false, sensitive: false });
+    await rejectsWith(provider({ keyLabel: "readable" }).open(), "ERR_KEY_UNPROTECTED");
+  });
+
+  it("two private keys with the label: ERR_KEY_AMBIGUOUS (a keyId picks one)", async () => {
+    rawKeyPair("twice", { extractable: false, sensitive: true });
+    rawKeyPair("twice", { extractable: false, sensitive: true });
+    const e = await rejectsWith(provider({ keyLabel: "twice" }).createOrOpen(), "ERR_KEY_AMBIGUOUS");
+    expect(e.hint).toMatch(/keyId/);
+    expect((await inspectKeyInNewProcess(hsm, hsm, "twice")).privateKeys).toBe(2);
+  });
+
+  it("RSA-1024 under an rsa-2048 config: ERR_KEY_MISMATCH", async () => {
+    rawKeyPair("small-rsa", { extractable: false, sensitive: true }, false);
+    await rejectsWith(provider({ keyLabel: "small-rsa", algorithm: "rsa-2048" }).open(), "ERR_KEY_MISMATCH");
+  });
+
+  it("a leftover public key without its private half: ERR_KEY_MISMATCH, nothing generated; destroy clears it", async () => {
+    const d = provider({ keyLabel: "half" });
+    await d.createOrOpen();
+    const lib = loadModule(hsm.modulePath);
+    const s = lib.C_OpenSession(
+      slotOf(hsm.tokenLabel),
+      pkcs11js.CKF_SERIAL_SESSION | pkcs11js.CKF_RW_SESSION,
+    );
+    lib.C_FindObjectsInit(s, [
+      { type: pkcs11js.CKA_CLASS, value: pkcs11js.CKO_PRIVATE_KEY },
+      { type: pkcs11js.CKA_LABEL, value: "half" },
+    ]);
+    const [priv] = lib.C_FindObjects(s, 2);
+    lib.C_FindObjectsFinal(s);
+    if (priv === undefined) throw new Error("private key not found");
+    lib.C_DestroyObject(s, priv);
+    lib.C_CloseSession(s);
+    const again = provider({ keyLabel: "half" });
+    await rejectsWith(again.createOrOpen(), "ERR_KEY_MISMATCH");
+    expect(await inspectKeyInNewProcess(hsm, hsm, "half")).toMatchObject({ privateKeys: 0, publicKeys: 1 });
+    await again.destroy();
+    expect((await again.createOrOpen()).created).toBe(true);
+  });
+});
+
 describe("Pkcs11KeyProvider destroy", () => {
   it("removes private and public objects; open then fails; destroy is idempotent", async () => {
     const d = provider({ keyLabel: "to-destroy", keyId: "0a0b0c" });

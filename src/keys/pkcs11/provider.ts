@@ -1,7 +1,7 @@
 import { createHash, randomBytes } from "node:crypto";
 import pkcs11js from "pkcs11js";
 import { type Clock, systemClock } from "../../core/clock.js";
-import { M2mError } from "../../core/errors.js";
+import { isM2mError, M2mError } from "../../core/errors.js";
 import { type Logger, silentLogger } from "../../core/log.js";
 import { type RetryPolicy, withRetry } from "../../core/retry.js";
 import type {
@@ -547,17 +547,22 @@ export class Pkcs11KeyProvider implements KeyProvider {
         );
       }
       const spki = this.#publicSpki(lib, s, priv, id, algorithm);
-      const info = await keyInfoFromSpki(spki, this.#ref(id), created);
       // The token must hold exactly the algorithm we asked for (curve or modulus size included).
-      if (info.algorithm !== algorithm) {
-        throw new M2mError(
-          "ERR_KEY_MISMATCH",
-          "permanent",
-          `key "${this.#cfg.keyLabel}" has the wrong size/curve`,
-        );
-      }
+      const info = await keyInfoFromSpki(spki, this.#ref(id), created).catch((err: unknown) => {
+        throw isM2mError(err, "ERR_KEY_ALGORITHM") ? this.#sizeMismatch(err) : err;
+      });
+      if (info.algorithm !== algorithm) throw this.#sizeMismatch(undefined);
       return { conn, priv, id, algorithm, info, sigLen: algorithm === "ec-p256" ? 64 : 256 };
     });
+  }
+
+  #sizeMismatch(cause: unknown): M2mError {
+    return new M2mError(
+      "ERR_KEY_MISMATCH",
+      "permanent",
+      `key "${this.#cfg.keyLabel}" on the token has the wrong size or curve for ${this.#cfg.algorithm}`,
+      { cause, hint: "destroy it and let the agent generate a new key, or choose another keyLabel" },
+    );
   }
 
   #publicSpki(lib: pkcs11js.PKCS11, s: Handle, priv: Handle, id: Buffer, algorithm: KeyAlgorithm): Buffer {
