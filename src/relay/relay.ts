@@ -157,7 +157,11 @@ export class Relay {
       settled = false;
       if (room > 0) {
         try {
-          batch = await outbox.lease(sink.name, Math.min(room, sink.maxBatch));
+          batch = await outbox.lease(
+            sink.name,
+            Math.min(room, sink.maxBatch),
+            sink.maxBatchBytes === undefined ? {} : { maxBytes: sink.maxBatchBytes },
+          );
         } catch (err) {
           if (signal.aborted) break;
           this.#log.error("outbox lease failed", { err: asM2mError(err) });

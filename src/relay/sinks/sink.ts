@@ -1,4 +1,4 @@
-import type { Secret } from "../../core/secret.js";
+import type { TokenSource } from "../../credentials/oauth/token-source.js";
 import type { OutboxMessage } from "../outbox/outbox.js";
 
 /**
@@ -19,6 +19,8 @@ export interface Sink {
   readonly maxBatch: number;
   /** Most messages in flight at once across concurrent `deliver` calls (bounded window). */
   readonly maxInFlight: number;
+  /** Most payload bytes handed to one `deliver` call (optional). */
+  readonly maxBatchBytes?: number;
   /**
    * Delivers a batch; resolves with exactly one outcome per message (same order). Never rejects for
    * a per-message problem; connection-level failures come back as `retry` outcomes with a code.
@@ -27,18 +29,10 @@ export interface Sink {
   close(): Promise<void>;
 }
 
-/** An access token and its expiry; the credentials feature implements this. */
-export interface AccessToken {
-  readonly token: Secret;
-  readonly expiresAt: Date;
-}
-
-export interface TokenSource {
-  /** A valid token; `forceRefresh` after the upstream refused the current one (401 / CONNACK 0x86). */
-  getToken(options?: { forceRefresh?: boolean }): Promise<AccessToken>;
-}
-
-/** Produces a fresh DPoP proof JWT (RFC 9449) per request; the credentials feature implements this. */
-export interface DpopSigner {
-  proof(method: string, url: string, accessToken?: Secret): Promise<string>;
-}
+/**
+ * Credentials come through the credentials feature's seams (implemented by `OAuthClient`); the relay
+ * depends on the interfaces only. `invalidate` (optional) drops a cached token after the upstream
+ * refused it, so the next `getToken` fetches a fresh one.
+ */
+export type { AccessToken, DpopSigner } from "../../credentials/oauth/token-source.js";
+export type RefreshableTokenSource = TokenSource & { invalidate?(scope?: string): void };

@@ -7,7 +7,7 @@ import { type Logger, silentLogger } from "../../../core/log.js";
 import type { Secret } from "../../../core/secret.js";
 import { expandTopic } from "../../channel.js";
 import type { OutboxMessage } from "../../outbox/outbox.js";
-import type { DeliveryOutcome, Sink, TokenSource } from "../sink.js";
+import type { DeliveryOutcome, RefreshableTokenSource, Sink } from "../sink.js";
 import { createEngineSecureContext, type EngineKeyOptions } from "./engine-tls.js";
 
 /** How the gateway proves who it is to the broker. TLS server verification is always on. */
@@ -17,7 +17,7 @@ export type MqttAuth =
   /** mTLS, device key inside the PKCS#11 token through the OpenSSL engine. */
   | { readonly kind: "mtls-engine"; readonly certPem: string; readonly engine: EngineKeyOptions }
   /** username = device id, password = access token (renewed make-before-break before expiry). */
-  | { readonly kind: "token"; readonly username: string; readonly tokens: TokenSource };
+  | { readonly kind: "token"; readonly username: string; readonly tokens: RefreshableTokenSource };
 
 export interface MqttSinkOptions {
   readonly name?: string;
@@ -240,7 +240,8 @@ export class MqttSink implements Sink {
         break;
       }
       case "token": {
-        const t = await o.auth.tokens.getToken(forceRefresh ? { forceRefresh: true } : undefined);
+        if (forceRefresh) o.auth.tokens.invalidate?.();
+        const t = await o.auth.tokens.getToken();
         opts.username = o.auth.username;
         opts.password = t.token.reveal();
         expiresAt = t.expiresAt.getTime();
