@@ -1,0 +1,81 @@
+import { randomBytes } from "node:crypto";
+import { type Clock, systemClock } from "../core/clock.js";
+import { M2mError } from "../core/errors.js";
+import { Secret } from "../core/secret.js";
+import { attributesSchema, type EnrolmentMethod } from "../wire/v1/index.js";
+import { hashBootstrapToken } from "./enrolment/pkcs11-route.js";
+import type { BootstrapTokenRecord, EnrolmentGroup, RegistrarStore } from "./store/index.js";
+
+/**
+ * Operator actions shared by the `m2m-registrar` CLI, tests and demos. The store enforces
+ * atomicity; these functions validate operator input and generate secrets.
+ */
+
+export interface AddGroupInput {
+  readonly name: string;
+  readonly role: string;
+  readonly attributes?: Record<string, string>;
+  readonly methods: readonly EnrolmentMethod[];
+  readonly ekTrustDir?: string | undefined;
+  readonly ekAllow?: readonly string[];
+}
+
+const NAME = /^[A-Za-z0-9._:@/+-]{1,64}$/;
+
+/** @throws ERR_GROUP_INVALID, ERR_GROUP_EXISTS */
+export function addEnrolmentGroup(
+  store: RegistrarStore,
+  input: AddGroupInput,
+  clock: Clock = systemClock,
+): EnrolmentGroup {
+  const bad = (m: string): M2mError => new M2mError("ERR_GROUP_INVALID", "permanent", m);
+  if (!NAME.test(input.name)) throw bad("group name must be 1-64 printable characters without spaces");
+  if (!NAME.test(input.role)) throw bad("role must be 1-64 printable characters without spaces");
+  if (input.methods.length === 0) throw bad("at least one enrolment method is required");
+  const attributes = attributesSchema.safeParse(input.attributes ?? {});
+  if (!attributes.success) throw bad("attributes: at most 32, keys printable, values ≤ 256 characters");
+  const ekAllow = (input.ekAllow ?? []).map((h) => h.trim().toLowerCase());
+  for (const h of ekAllow)
+    if (!/^[0-9a-f]{64}$/.test(h)) throw bad("--ek-allow takes SHA-256 hex fingerprints");
+  if (input.methods.includes("tpm") && input.ekTrustDir === undefined && ekAllow.length === 0) {
+    throw bad("a TPM group needs --ek-trust-dir or --ek-allow");
+  }
+  return store.addGroup({
+    name: input.name,
+    role: input.role,
+    attributes: attributes.data,
+    methods: [...new Set(input.methods)],
+    ekTrustDir: input.ekTrustDir,
+    ekAllow,
+    createdAt: clock.now(),
+  });
+}
+
+/**
+ * Creates a one-time bootstrap token bound to a group. The token is returned once (as a Secret);
+ * only its SHA-256 is stored.
+ * @throws ERR_GROUP_UNKNOWN, ERR_TOKEN_TTL
+ */
+export function createBootstrapToken(
+  store: RegistrarStore,
+  group: string,
+  ttlSeconds: number,
+  clock: Clock = systemClock,
+): { token: Secret; record: BootstrapTokenRecord } {
+  if (!Number.isFinite(ttlSeconds) || ttlSeconds <= 0 || ttlSeconds > 366 * 86_400) {
+    throw new M2mError("ERR_TOKEN_TTL", "permanent", "token TTL must be between 1 s and 366 days");
+  }
+  if (store.getGroup(group) === undefined) {
+    throw new M2mError("ERR_GROUP_UNKNOWN", "permanent", `enrolment group ${group} does not exist`);
+  }
+  // 256 bits of randomness; base64url so it survives files, env vars and systemd credentials.
+  const value = `m2mbt_${randomBytes(32).toString("base64url")}`;
+  const now = clock.now();
+  const hash = hashBootstrapToken(value);
+  const expiresAt = new Date(now.getTime() + ttlSeconds * 1000);
+  store.addBootstrapToken({ hash, group, expiresAt, createdAt: now });
+  return {
+    token: new Secret(value),
+    record: { hash, group, expiresAt, createdAt: now, usedAt: undefined, usedBy: undefined },
+  };
+}
