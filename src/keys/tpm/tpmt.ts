@@ -131,10 +131,18 @@ export function parseTpmtPublic(bytes: Uint8Array): ParsedPublic {
   return { type, nameAlg, objectAttributes, authPolicy, symmetric, scheme, curveId, unique: [x, y], bytes };
 }
 
-/** Name = nameAlg ‖ SHA-256(TPMT_PUBLIC) (only sha256 name algorithms are used by this agent). */
+const NAME_HASHES: ReadonlyMap<number, string> = new Map([
+  [ALG.SHA256, "sha256"],
+  [0x000c, "sha384"],
+  [0x000d, "sha512"],
+]);
+
+/** Name = nameAlg ‖ H_nameAlg(TPMT_PUBLIC) (sha256; sha384/512 for high-range EKs). */
 export function objectName(pub: ParsedPublic): Uint8Array {
-  if (pub.nameAlg !== ALG.SHA256) throw bad("nameAlg is not sha256");
-  return Buffer.concat([Buffer.from([0x00, 0x0b]), createHash("sha256").update(pub.bytes).digest()]);
+  const hash = NAME_HASHES.get(pub.nameAlg);
+  if (hash === undefined) throw bad(`unsupported nameAlg 0x${pub.nameAlg.toString(16)}`);
+  const head = Buffer.from([(pub.nameAlg >> 8) & 0xff, pub.nameAlg & 0xff]);
+  return Buffer.concat([head, createHash(hash).update(pub.bytes).digest()]);
 }
 
 function leftPad(b: Uint8Array, size: number): Buffer {

@@ -1,0 +1,468 @@
+import { createHash, createPublicKey } from "node:crypto";
+import { readFile, writeFile } from "node:fs/promises";
+import { M2mError } from "../../core/errors.js";
+import { Secret } from "../../core/secret.js";
+import type { TpmRunner, TpmTx } from "./runner.js";
+import { readPublicOrUndefined } from "./tpm-provider.js";
+import {
+  ALG,
+  ATTR,
+  attrNames,
+  CURVE,
+  objectName,
+  type ParsedPublic,
+  publicKeyOf,
+  toTpm2bPublic,
+} from "./tpmt.js";
+import { hex32, listHandles, withTransientCleanup } from "./transient.js";
+
+/**
+ * Agent-side TPM attestation operations used by enrolment: EK certificates and publics, a restricted
+ * noDA attestation key (AK) under the RSA EK, credential activation (TPM2_ActivateCredential), and
+ * TPM2_Certify of the device key with a verifier nonce (raw command, since tpm2_certify 5.4 has no
+ * qualifying-data option).
+ *
+ * Scope: credential activation works with any EK whose authPolicy is the TCG "PolicyA" (SHA-256
+ * PolicySecret(TPM_RH_ENDORSEMENT)): the low-range RSA-2048 and ECC P-256 templates (L-1, L-2).
+ * High-range EKs (e.g. swtpm's ECC P-384 at 0x81010016) need PolicyB (PolicySecret + PolicyOR) and
+ * are read-only here: their certificates and publics are reported, activation with them fails with
+ * ERR_TPM_EK_POLICY_UNSUPPORTED.
+ */
+
+export type EkKind = "rsa-2048" | "ecc-p256" | "ecc-p384" | "ecc-p521" | "rsa-3072" | "rsa-4096" | "other";
+
+/** TCG EK Credential Profile 2.x standard NV indices of EK certificates. */
+export const EK_CERT_NV_INDICES: readonly { index: number; kind: EkKind }[] = [
+  { index: 0x01c00002, kind: "rsa-2048" }, // L-1
+  { index: 0x01c0000a, kind: "ecc-p256" }, // L-2
+  { index: 0x01c00012, kind: "rsa-2048" }, // H-1
+  { index: 0x01c00014, kind: "ecc-p256" }, // H-2
+  { index: 0x01c00016, kind: "ecc-p384" }, // H-3
+  { index: 0x01c00018, kind: "ecc-p521" }, // H-4
+  { index: 0x01c0001c, kind: "rsa-3072" }, // H-6
+  { index: 0x01c0001e, kind: "rsa-4096" }, // H-7
+];
+
+/** Conventional persistent EK handles (TCG Provisioning Guidance; swtpm puts its P-384 EK at 0x81010016). */
+export const RSA_EK_HANDLE = 0x81010001;
+export const ECC_EK_HANDLE = 0x81010002;
+export const SWTPM_ECC_P384_EK_HANDLE = 0x81010016;
+
+/** TCG PolicyA (SHA-256): TPM2_PolicySecret(TPM_RH_ENDORSEMENT). */
+export const EK_POLICY_A_SHA256 = "837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa";
+
+export const AK_ATTRIBUTES =
+  ATTR.fixedTPM |
+  ATTR.fixedParent |
+  ATTR.sensitiveDataOrigin |
+  ATTR.userWithAuth |
+  ATTR.restricted |
+  ATTR.sign |
+  ATTR.noDA;
+const AK_ATTRIBUTES_TEXT = "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|restricted|sign|noda";
+
+const TPM_RS_PW = 0x40000009;
+const TPM_CC_CERTIFY = 0x00000148;
+const TPM_ST_SESSIONS = 0x8002;
+/** TPM2B_DATA holds at most sizeof(TPMT_HA) = 2 + 64 bytes. */
+const MAX_QUALIFYING_DATA = 64;
+
+export interface EkCertificate {
+  readonly nvIndex: number;
+  readonly kind: EkKind;
+  /** DER as stored in NV (some TPMs pad it; the verifier parses the leading certificate). */
+  readonly der: Uint8Array;
+}
+
+export interface TpmObjectPublic {
+  readonly handle: number;
+  /** TPMT_PUBLIC bytes as the TPM returns them. */
+  readonly tpmtPublic: Uint8Array;
+  /** TPM2B_PUBLIC = u16 size ‖ TPMT_PUBLIC (what tpm2_makecredential -u and the wire format take). */
+  readonly tpm2bPublic: Uint8Array;
+  /** SubjectPublicKeyInfo PEM. */
+  readonly pem: string;
+  /** Name = 000b ‖ SHA-256(TPMT_PUBLIC). */
+  readonly name: Uint8Array;
+  readonly objectAttributes: number;
+}
+
+export interface EkPublic extends TpmObjectPublic {
+  readonly kind: EkKind;
+  /** True when this call created and persisted the EK (it was absent). */
+  readonly created: boolean;
+  /** Whether `activateCredential` can use it (PolicyA EK). */
+  readonly activationSupported: boolean;
+}
+
+export interface AkPublic extends TpmObjectPublic {
+  readonly created: boolean;
+}
+
+export interface CertifyResult {
+  /** TPMS_ATTEST bytes (the content of certifyInfo TPM2B_ATTEST). */
+  readonly attest: Uint8Array;
+  /** TPMT_SIGNATURE bytes over `attest` by the AK. */
+  readonly signature: Uint8Array;
+}
+
+function kindOf(pub: ParsedPublic): EkKind {
+  if (pub.type === ALG.RSA) {
+    return pub.keyBits === 2048
+      ? "rsa-2048"
+      : pub.keyBits === 3072
+        ? "rsa-3072"
+        : pub.keyBits === 4096
+          ? "rsa-4096"
+          : "other";
+  }
+  return pub.curveId === CURVE.P256
+    ? "ecc-p256"
+    : pub.curveId === CURVE.P384
+      ? "ecc-p384"
+      : pub.curveId === 0x0005
+        ? "ecc-p521"
+        : "other";
+}
+
+function toObjectPublic(handle: number, pub: ParsedPublic): TpmObjectPublic {
+  return {
+    handle,
+    tpmtPublic: pub.bytes,
+    tpm2bPublic: toTpm2bPublic(pub.bytes),
+    pem: publicKeyOf(pub).export({ format: "pem", type: "spki" }).toString(),
+    name: objectName(pub),
+    objectAttributes: pub.objectAttributes,
+  };
+}
+
+/** An EK: restricted decryption key, fixed to the TPM, generated inside it, admin by policy. */
+function looksLikeEk(pub: ParsedPublic): boolean {
+  const need =
+    ATTR.fixedTPM |
+    ATTR.fixedParent |
+    ATTR.sensitiveDataOrigin |
+    ATTR.adminWithPolicy |
+    ATTR.restricted |
+    ATTR.decrypt;
+  return (pub.objectAttributes & need) === need && (pub.objectAttributes & ATTR.sign) === 0;
+}
+
+function isPolicyA(pub: ParsedPublic): boolean {
+  return Buffer.from(pub.authPolicy).toString("hex") === EK_POLICY_A_SHA256;
+}
+
+export class TpmAttestationOps {
+  readonly #runner: TpmRunner;
+  readonly akHandle: number;
+
+  constructor(runner: TpmRunner, options: { akHandle?: number } = {}) {
+    this.#runner = runner;
+    this.akHandle = options.akHandle ?? 0x81000003;
+  }
+
+  /**
+   * Reads every EK certificate present at the standard NV indices. A missing index is "absent", not
+   * an error.
+   */
+  async readEkCertificates(): Promise<EkCertificate[]> {
+    return this.#runner.exclusive(async (tx) => {
+      const present = new Set(await listHandles(tx, "handles-nv-index"));
+      const out: EkCertificate[] = [];
+      for (const { index, kind } of EK_CERT_NV_INDICES) {
+        if (!present.has(`0x${index.toString(16)}`)) continue;
+        const file = tx.path("ekcert.der");
+        try {
+          await tx.run("tpm2_nvread", [hex32(index), "-o", file], { op: "nvread-ekcert" });
+        } catch (err) {
+          // An index can disappear between listing and reading, or be unreadable with owner auth.
+          if (err instanceof M2mError && err.code === "ERR_TPM_HANDLE_MISSING") continue;
+          throw err;
+        }
+        out.push({ nvIndex: index, kind, der: new Uint8Array(await readFile(file)) });
+      }
+      return out;
+    });
+  }
+
+  /**
+   * Reads the persisted EKs (0x8101xxxx). When no RSA EK is persisted, creates the standard RSA EK
+   * (tpm2_createek, TCG template L-1) and persists it at 0x81010001 (`createIfAbsent`, default true).
+   */
+  async readEkPublics(options: { createIfAbsent?: boolean } = {}): Promise<EkPublic[]> {
+    return this.#runner.exclusive(async (tx) => {
+      const eks = await this.#persistedEks(tx);
+      if (!eks.some((e) => e.kind === "rsa-2048") && options.createIfAbsent !== false) {
+        await withTransientCleanup(tx, async () => {
+          await tx.run("tpm2_createek", ["-c", hex32(RSA_EK_HANDLE), "-G", "rsa", "-u", tx.path("ek.pub")], {
+            op: "createek",
+            timeoutMs: Math.max(this.#runner.timeoutMs, 60_000),
+          });
+        });
+        const pub = await readPublicOrUndefined(tx, RSA_EK_HANDLE);
+        if (pub === undefined || !looksLikeEk(pub)) {
+          throw new M2mError("ERR_TPM_EK", "permanent", "could not create the RSA endorsement key");
+        }
+        eks.push({
+          ...toObjectPublic(RSA_EK_HANDLE, pub),
+          kind: kindOf(pub),
+          created: true,
+          activationSupported: isPolicyA(pub),
+        });
+      }
+      return eks;
+    });
+  }
+
+  async #persistedEks(tx: TpmTx): Promise<EkPublic[]> {
+    const handles = (await listHandles(tx, "handles-persistent"))
+      .map((h) => Number(h))
+      .filter((h) => h >= 0x81010000 && h <= 0x8101ffff);
+    const out: EkPublic[] = [];
+    for (const h of handles) {
+      const pub = await readPublicOrUndefined(tx, h);
+      if (pub === undefined || !looksLikeEk(pub)) continue;
+      out.push({
+        ...toObjectPublic(h, pub),
+        kind: kindOf(pub),
+        created: false,
+        activationSupported: isPolicyA(pub),
+      });
+    }
+    return out;
+  }
+
+  /**
+   * Creates the AK (restricted ECDSA-P256/SHA-256 signing key, noDA) under the EK and persists it at
+   * `akHandle`. Idempotent: an existing AK with the right shape is returned (`created: false`);
+   * `replace: true` evicts it first (new enrolment ⇒ new AK). Anything else at the handle fails with
+   * ERR_KEY_MISMATCH and is never evicted.
+   */
+  async createAk(options: { ekHandle?: number; replace?: boolean } = {}): Promise<AkPublic> {
+    const ekHandle = options.ekHandle ?? RSA_EK_HANDLE;
+    return this.#runner.exclusive(async (tx) => {
+      const existing = await readPublicOrUndefined(tx, this.akHandle);
+      if (existing !== undefined) {
+        this.#checkAk(existing);
+        if (options.replace !== true) return { ...toObjectPublic(this.akHandle, existing), created: false };
+        await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", hex32(this.akHandle)], { op: "evict-ak" });
+      }
+      await this.#requirePolicyAEk(tx, ekHandle);
+      await withTransientCleanup(tx, async () => {
+        const ctx = tx.path("ak.ctx");
+        await this.#withEkPolicySession(tx, (session) =>
+          tx.run(
+            "tpm2_create",
+            [
+              "-C",
+              hex32(ekHandle),
+              "-P",
+              `session:${session}`,
+              "-g",
+              "sha256",
+              // A restricted signing key needs an explicit NULL symmetric, else TPM_RC_SYMMETRIC (0x2D6).
+              "-G",
+              "ecc256:ecdsa-sha256:null",
+              "-a",
+              AK_ATTRIBUTES_TEXT,
+              "-c",
+              ctx,
+            ],
+            { op: "create-ak" },
+          ),
+        );
+        await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", ctx, hex32(this.akHandle)], { op: "persist-ak" });
+      });
+      const ak = await readPublicOrUndefined(tx, this.akHandle);
+      if (ak === undefined)
+        throw new M2mError("ERR_TPM_AK", "permanent", "the AK vanished right after creation");
+      this.#checkAk(ak);
+      return { ...toObjectPublic(this.akHandle, ak), created: true };
+    });
+  }
+
+  /** Reads the AK. @throws ERR_KEY_NOT_FOUND when absent; ERR_KEY_MISMATCH when not an AK. */
+  async readAk(): Promise<AkPublic> {
+    const ak = await this.#runner.exclusive((tx) => readPublicOrUndefined(tx, this.akHandle));
+    if (ak === undefined) {
+      throw new M2mError("ERR_KEY_NOT_FOUND", "permanent", `no attestation key at ${hex32(this.akHandle)}`);
+    }
+    this.#checkAk(ak);
+    return { ...toObjectPublic(this.akHandle, ak), created: false };
+  }
+
+  #checkAk(pub: ParsedPublic): void {
+    // Security: only a restricted signing key makes TPMS_ATTEST's magic meaningful (the TPM refuses to
+    // sign external data that starts with TPM_GENERATED_VALUE); an unrestricted key could forge attests.
+    const ok =
+      pub.objectAttributes === AK_ATTRIBUTES &&
+      pub.type === ALG.ECC &&
+      pub.curveId === CURVE.P256 &&
+      pub.nameAlg === ALG.SHA256 &&
+      pub.scheme.scheme === ALG.ECDSA &&
+      pub.scheme.hashAlg === ALG.SHA256 &&
+      pub.authPolicy.length === 0;
+    if (!ok) {
+      throw new M2mError(
+        "ERR_KEY_MISMATCH",
+        "permanent",
+        `the object at ${hex32(this.akHandle)} is not an attestation key of this agent`,
+        {
+          hint: "configure another akHandle or evict the object deliberately",
+          details: { handle: hex32(this.akHandle), attributes: attrNames(pub.objectAttributes).join("|") },
+        },
+      );
+    }
+  }
+
+  async #requirePolicyAEk(tx: TpmTx, ekHandle: number): Promise<ParsedPublic> {
+    const ek = await readPublicOrUndefined(tx, ekHandle);
+    if (ek === undefined) {
+      throw new M2mError("ERR_TPM_EK", "permanent", `no endorsement key at ${hex32(ekHandle)}`, {
+        hint: "call readEkPublics() first (it creates the RSA EK when absent)",
+      });
+    }
+    // Security: the EK must be a real endorsement key (restricted decrypt, fixed, admin by policy);
+    // activation against another key would prove nothing about this TPM.
+    if (!looksLikeEk(ek)) {
+      throw new M2mError(
+        "ERR_TPM_EK",
+        "permanent",
+        `the object at ${hex32(ekHandle)} is not an endorsement key`,
+      );
+    }
+    if (!isPolicyA(ek)) {
+      throw new M2mError(
+        "ERR_TPM_EK_POLICY_UNSUPPORTED",
+        "permanent",
+        `the EK at ${hex32(ekHandle)} needs a policy other than PolicyA (high-range EK)`,
+        { hint: "use the RSA-2048 (or low-range ECC P-256) EK for credential activation" },
+      );
+    }
+    return ek;
+  }
+
+  /** Starts a policy session satisfying PolicyA, runs `fn`, and always flushes the session. */
+  async #withEkPolicySession<T>(tx: TpmTx, fn: (sessionFile: string) => Promise<T>): Promise<T> {
+    const session = tx.path("ek-session.ctx");
+    await tx.run("tpm2_startauthsession", ["--policy-session", "-S", session], { op: "start-session" });
+    try {
+      await tx.run("tpm2_policysecret", ["-S", session, "-c", "e"], { op: "policysecret" });
+      return await fn(session);
+    } finally {
+      await tx.run("tpm2_flushcontext", [session], { op: "flush-session" }).catch(() => undefined);
+    }
+  }
+
+  /**
+   * TPM2_ActivateCredential: recovers the secret a verifier bound to (EK, Name(AK)). Proves that the AK
+   * lives in the same TPM as the EK.
+   * @param blob tpm2-tools format: `BADCC0DE 00000001 TPM2B_ID_OBJECT TPM2B_ENCRYPTED_SECRET`.
+   * @throws ERR_TPM_CREDENTIAL_BLOB (malformed blob), ERR_TPM_EK_POLICY_UNSUPPORTED, ERR_TPM_COMMAND
+   * (the TPM refused: wrong EK / AK name / tampered blob), ERR_TPM_*.
+   */
+  async activateCredential(blob: Uint8Array, ekHandle: number = RSA_EK_HANDLE): Promise<Secret<Uint8Array>> {
+    checkBlob(blob);
+    return this.#runner.exclusive(async (tx) => {
+      await this.#requirePolicyAEk(tx, ekHandle);
+      const blobFile = tx.path("credential.blob");
+      await writeFile(blobFile, blob, { mode: 0o600 });
+      const out = tx.path("credential.secret");
+      // The secret is written to a 0600 file in the private dir (removed when this block ends); the tool
+      // also prints it on stdout, which the runner never logs.
+      await this.#withEkPolicySession(tx, (session) =>
+        tx.run(
+          "tpm2_activatecredential",
+          [
+            "-c",
+            hex32(this.akHandle),
+            "-C",
+            hex32(ekHandle),
+            "-i",
+            blobFile,
+            "-o",
+            out,
+            "-P",
+            `session:${session}`,
+          ],
+          { op: "activatecredential" },
+        ),
+      );
+      return new Secret(new Uint8Array(await readFile(out)));
+    });
+  }
+
+  /**
+   * TPM2_Certify of `keyHandle` by the AK with a verifier nonce as qualifyingData (raw command through
+   * tpm2_send; both objects authorized with empty-password sessions, so both need adminWithPolicy clear).
+   */
+  async certify(keyHandle: number, akHandle: number, qualifyingData: Uint8Array): Promise<CertifyResult> {
+    if (qualifyingData.length > MAX_QUALIFYING_DATA) {
+      throw new M2mError(
+        "ERR_TPM_ARGUMENT",
+        "permanent",
+        `qualifying data longer than ${MAX_QUALIFYING_DATA} bytes`,
+      );
+    }
+    const cmd = buildCertifyCommand(keyHandle, akHandle, qualifyingData);
+    const resp = await this.#runner.sendRaw(cmd, { op: "certify" });
+    return parseCertifyResponse(resp.body);
+  }
+}
+
+/** Builds TPM2_Certify (0x148) with two TPM_RS_PW sessions and inScheme TPM_ALG_NULL (use the AK's scheme). */
+export function buildCertifyCommand(
+  keyHandle: number,
+  akHandle: number,
+  qualifyingData: Uint8Array,
+): Uint8Array {
+  const pwSession = [...u32(TPM_RS_PW), 0, 0, /* attrs */ 0, 0, 0];
+  const auth = [...pwSession, ...pwSession];
+  const params = [...u16(qualifyingData.length), ...qualifyingData, ...u16(ALG.NULL)];
+  const body = [...u32(keyHandle), ...u32(akHandle), ...u32(auth.length), ...auth, ...params];
+  const size = 10 + body.length;
+  return Uint8Array.from([...u16(TPM_ST_SESSIONS), ...u32(size), ...u32(TPM_CC_CERTIFY), ...body]);
+}
+
+/** Parses a TPM2_Certify response body (after the 10-byte header): parameterSize, TPM2B_ATTEST, TPMT_SIGNATURE. */
+export function parseCertifyResponse(body: Uint8Array): CertifyResult {
+  const fail = (why: string) =>
+    new M2mError("ERR_TPM_RESPONSE", "permanent", `malformed TPM2_Certify response: ${why}`);
+  const rd16 = (o: number) => ((body[o] ?? 0) << 8) | (body[o + 1] ?? 0);
+  if (body.length < 6) throw fail("too short");
+  const paramSize = ((rd16(0) << 16) | rd16(2)) >>> 0;
+  if (4 + paramSize > body.length) throw fail("parameterSize beyond the response");
+  const attestSize = rd16(4);
+  if (6 + attestSize > 4 + paramSize) throw fail("certifyInfo beyond the parameters");
+  const attest = body.slice(6, 6 + attestSize);
+  const signature = body.slice(6 + attestSize, 4 + paramSize);
+  if (signature.length < 4) throw fail("no signature");
+  return { attest, signature };
+}
+
+function checkBlob(blob: Uint8Array): void {
+  const fail = (why: string) =>
+    new M2mError("ERR_TPM_CREDENTIAL_BLOB", "permanent", `malformed credential blob: ${why}`);
+  if (blob.length < 12 || blob.length > 2048) throw fail("size");
+  const dv = new DataView(blob.buffer, blob.byteOffset, blob.byteLength);
+  if (dv.getUint32(0) !== 0xbadcc0de || dv.getUint32(4) !== 1) throw fail("header");
+  const idLen = dv.getUint16(8);
+  if (10 + idLen + 2 > blob.length) throw fail("TPM2B_ID_OBJECT");
+  const secLen = dv.getUint16(10 + idLen);
+  if (12 + idLen + secLen !== blob.length) throw fail("TPM2B_ENCRYPTED_SECRET");
+}
+
+function u16(v: number): number[] {
+  return [(v >>> 8) & 0xff, v & 0xff];
+}
+function u32(v: number): number[] {
+  return [(v >>> 24) & 0xff, (v >>> 16) & 0xff, (v >>> 8) & 0xff, v & 0xff];
+}
+
+/** QN(child) = 000b ‖ SHA-256(QN(parent) ‖ Name(child)); QN of a primary's parent is its hierarchy handle. */
+export function qualifiedName(parentQn: Uint8Array, name: Uint8Array): Uint8Array {
+  return Buffer.concat([
+    Buffer.from([0x00, 0x0b]),
+    createHash("sha256").update(parentQn).update(name).digest(),
+  ]);
+}
