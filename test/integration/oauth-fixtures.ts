@@ -5,6 +5,12 @@ import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { execa } from "execa";
+import {
+  peerCertificateOf,
+  type Route,
+  type RouteContext,
+  type RouteResponse,
+} from "../../src/registrar/http/router.js";
 
 /** A throwaway CA and a 127.0.0.1 server certificate made with the openssl CLI. */
 export interface TestPki {
@@ -96,5 +102,75 @@ export async function startHttps(
         server.closeAllConnections();
         server.close(() => resolve());
       }),
+  };
+}
+
+/**
+ * Mounts registrar `Route`s on a bare server with the router's semantics (exact path, media type
+ * check, size-limited body, 404/405/413/415), for tests that do not need the whole registrar.
+ */
+export function mountRoutes(routes: readonly Route[]): (req: IncomingMessage, res: ServerResponse) => void {
+  return (req, res) => {
+    void (async () => {
+      const url = new URL(req.url ?? "/", "http://registrar.invalid");
+      const route = routes.find((r) => r.path === url.pathname && r.method === req.method);
+      const reply = (r: RouteResponse): void => {
+        const headers: Record<string, string> = { "cache-control": "no-store", ...(r.headers ?? {}) };
+        let payload: Buffer;
+        if ("json" in r) {
+          payload = Buffer.from(JSON.stringify(r.json));
+          headers["content-type"] = "application/json";
+        } else {
+          payload = Buffer.isBuffer(r.body) ? r.body : Buffer.from(r.body);
+          headers["content-type"] = r.contentType;
+        }
+        res.writeHead(r.status, headers);
+        res.end(payload);
+      };
+      if (route === undefined) {
+        reply({
+          status: routes.some((r) => r.path === url.pathname) ? 405 : 404,
+          json: { error: "not_found" },
+        });
+        return;
+      }
+      const contentType = (req.headers["content-type"] ?? "").split(";")[0]?.trim().toLowerCase() ?? "";
+      let rawBody = Buffer.alloc(0);
+      if (route.method !== "GET") {
+        if (!(route.contentTypes ?? ["application/json"]).includes(contentType)) {
+          reply({ status: 415, json: { error: "content_type" } });
+          return;
+        }
+        const chunks: Buffer[] = [];
+        let size = 0;
+        for await (const c of req as AsyncIterable<Buffer>) {
+          size += c.length;
+          if (size > (route.maxBodyBytes ?? 65_536)) {
+            reply({ status: 413, json: { error: "too_large" }, headers: { connection: "close" } });
+            return;
+          }
+          chunks.push(c);
+        }
+        rawBody = Buffer.concat(chunks);
+      }
+      const ctx: RouteContext = {
+        req,
+        url,
+        rawBody,
+        contentType,
+        remote: req.socket.remoteAddress ?? "",
+        json: () => {
+          throw new Error("json bodies are not used by these routes");
+        },
+        peerCertificateDer: () => peerCertificateOf(req),
+        auditFields: () => undefined,
+      };
+      try {
+        reply(await route.handle(ctx));
+      } catch (err) {
+        const status = (err as { status?: number }).status ?? 500;
+        reply({ status, json: { error: { code: (err as { code?: string }).code ?? "ERR_INTERNAL" } } });
+      }
+    })();
   };
 }

@@ -11,14 +11,13 @@ import { HardwareDpopSigner } from "../../src/credentials/oauth/dpop.js";
 import { FakeKeyProvider } from "../../src/keys/fake/fake-provider.js";
 import type { KeyInfo } from "../../src/keys/key-provider.js";
 import { InMemoryDeviceDirectory } from "../../src/registrar/oauth/directory.js";
-import { routeHandler } from "../../src/registrar/oauth/http-util.js";
 import { loadOrCreateSigningKey } from "../../src/registrar/oauth/signing-key.js";
 import {
   oauthRoutes,
   TokenService,
   type TokenServiceConfig,
 } from "../../src/registrar/oauth/token-service.js";
-import { makeTestPki, startHttps, type TestPki } from "./oauth-fixtures.js";
+import { makeTestPki, mountRoutes, startHttps, type TestPki } from "./oauth-fixtures.js";
 
 const scopes: TokenServiceConfig["scopes"] = {
   roles: { "sensor-gateway": ["telemetry:write", "est", "status:read"], camera: ["video:write"] },
@@ -45,7 +44,7 @@ async function startRig(
   const directory = new InMemoryDeviceDirectory();
   const signingKey = await loadOrCreateSigningKey(dataDir);
   // The issuer is only known once the port is; the service is created lazily on first request.
-  const state: { svc?: TokenService; routes?: ReturnType<typeof routeHandler> } = {};
+  const state: { svc?: TokenService; routes?: ReturnType<typeof mountRoutes> } = {};
   const rig = { requests: 0, fail503: 0 } as Rig;
   const handler = (req: IncomingMessage, res: ServerResponse): void => {
     if (req.url === "/oauth2/token") {
@@ -65,7 +64,7 @@ async function startRig(
     { directory, signingKey, clock },
   );
   state.svc = svc;
-  state.routes = routeHandler(oauthRoutes({ tokenService: svc }));
+  state.routes = mountRoutes(oauthRoutes({ tokenService: svc }));
   return Object.assign(rig, { origin: srv.origin, svc, directory, clock, close: srv.close });
 }
 
@@ -246,7 +245,7 @@ describe("agent OAuth client against the registrar token service (https on 127.0
       `${rig.origin}/oauth2/token`,
       `grant_type=client_credentials&x=${"a".repeat(40_000)}`,
     );
-    expect(big.status).toBe(400);
+    expect(big.status).toBe(413); // the router refuses oversized bodies before the token service sees them
     const meta = await getJson(pki, `${rig.origin}/.well-known/oauth-authorization-server`);
     expect(meta).toMatchObject({
       issuer: rig.origin,

@@ -1,9 +1,10 @@
 import { randomUUID } from "node:crypto";
-import type { IncomingMessage, ServerResponse } from "node:http";
+import type { IncomingMessage } from "node:http";
 import { SignJWT } from "jose";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
 import { type Logger, silentLogger } from "../../core/log.js";
+import type { Route, RouteResponse } from "../http/router.js";
 import { type AccessTokenCheck, type VerifiedAccessToken, verifyAccessToken } from "./access-token.js";
 import {
   type AssertionPolicy,
@@ -14,7 +15,6 @@ import {
 import type { DeviceDirectory, DirectoryDevice } from "./directory.js";
 import { DpopNonceIssuer, verifyDpopProof } from "./dpop-verify.js";
 import { GENERIC_DESCRIPTION, type OAuthErrorValue, oauthErrorOf, refusal } from "./errors.js";
-import { type HttpRoute, mediaType, readBody, sendJson } from "./http-util.js";
 import { ALLOWED_ALGS } from "./jws-util.js";
 import { ReplayCache } from "./replay-cache.js";
 import { ScopePolicy, type ScopePolicyConfig } from "./scope-policy.js";
@@ -37,8 +37,6 @@ export interface TokenServiceConfig {
   /** Require a server nonce in DPoP proofs (RFC 9449 §8). */
   readonly requireDpopNonce?: boolean;
   readonly assertion?: Partial<Omit<AssertionPolicy, "audiences">>;
-  /** Largest accepted form body, bytes (default 16 KiB). */
-  readonly maxBodyBytes?: number;
 }
 
 export interface TokenServiceDeps {
@@ -200,25 +198,22 @@ export class TokenService {
     });
   }
 
-  /** POST /oauth2/token */
-  async handleToken(req: IncomingMessage, res: ServerResponse): Promise<void> {
+  /**
+   * POST /oauth2/token as a registrar route. Never throws: every refusal is an RFC 6749 §5.2 body
+   * (`{error, error_description}`, generic), the specific code goes to the log only.
+   */
+  async handleToken(ctx: {
+    readonly rawBody: Buffer;
+    readonly req: IncomingMessage;
+  }): Promise<RouteResponse> {
     const nonceHeader: Record<string, string> =
       this.#config.requireDpopNonce === true ? { "dpop-nonce": this.nonces.current() } : {};
     try {
-      if (mediaType(req) !== "application/x-www-form-urlencoded") {
-        throw refusal("ERR_TOKEN_REQUEST", "invalid_request", "form body required");
-      }
-      let raw: Buffer;
-      try {
-        raw = await readBody(req, this.#config.maxBodyBytes ?? 16_384);
-      } catch (err) {
-        throw refusal("ERR_TOKEN_REQUEST_TOO_LARGE", "invalid_request", "body too large", err);
-      }
-      const dpopHeader = req.headers.dpop;
+      const dpopHeader = ctx.req.headers.dpop;
       if (Array.isArray(dpopHeader))
         throw refusal("ERR_DPOP_MALFORMED", "invalid_dpop_proof", "one DPoP header only");
       const { body, device } = await this.token({
-        form: new URLSearchParams(raw.toString("utf8")),
+        form: new URLSearchParams(ctx.rawBody.toString("utf8")),
         ...(dpopHeader === undefined ? {} : { dpop: dpopHeader }),
       });
       this.#log.info("token issued", {
@@ -226,38 +221,57 @@ export class TokenService {
         scope: body.scope,
         tokenType: body.token_type,
       });
-      sendJson(res, 200, body, { pragma: "no-cache", ...nonceHeader });
+      return {
+        status: 200,
+        json: body,
+        headers: { "cache-control": "no-store", pragma: "no-cache", ...nonceHeader },
+      };
     } catch (err) {
       const error: OAuthErrorValue = oauthErrorOf(err);
       const code = err instanceof M2mError ? err.code : "ERR_INTERNAL";
-      this.#log.warn("token refused", { code, error });
+      if (error === "server_error") this.#log.error("token endpoint failed", { error: err });
+      else this.#log.info("token refused", { code, error });
       const status = error === "invalid_client" ? 401 : error === "server_error" ? 500 : 400;
-      const headers: Record<string, string> = { ...nonceHeader };
+      const headers: Record<string, string> = { "cache-control": "no-store", ...nonceHeader };
       if (error === "invalid_client") headers["www-authenticate"] = 'Bearer error="invalid_client"';
-      sendJson(res, status, { error, error_description: GENERIC_DESCRIPTION[error] }, headers);
+      return { status, json: { error, error_description: GENERIC_DESCRIPTION[error] }, headers };
     }
   }
 }
 
-/** The token-service routes for the registrar server (`extraRoutes`). */
-export function oauthRoutes(deps: { tokenService: TokenService }): HttpRoute[] {
+/**
+ * The token-service routes for the registrar server (`extraRoutes`): token endpoint, RFC 8414
+ * metadata, JWKS.
+ */
+export function oauthRoutes(deps: { tokenService: TokenService }): Route[] {
   const svc = deps.tokenService;
   const path = (u: string): string => new URL(u).pathname;
-  const meta = async (_req: IncomingMessage, res: ServerResponse): Promise<void> => {
-    sendJson(res, 200, svc.metadata(), { "cache-control": "max-age=300" });
-  };
   return [
-    { method: "POST", path: path(svc.tokenEndpoint), handler: (req, res) => svc.handleToken(req, res) },
-    { method: "GET", path: "/.well-known/oauth-authorization-server", handler: meta },
+    {
+      method: "POST",
+      path: path(svc.tokenEndpoint),
+      contentTypes: ["application/x-www-form-urlencoded"],
+      maxBodyBytes: 16_384,
+      handle: (ctx) => svc.handleToken(ctx),
+    },
+    {
+      method: "GET",
+      path: "/.well-known/oauth-authorization-server",
+      handle: async () => ({
+        status: 200,
+        json: svc.metadata(),
+        headers: { "cache-control": "max-age=300" },
+      }),
+    },
     {
       method: "GET",
       path: path(svc.jwksUri),
-      handler: async (_req, res) => {
-        sendJson(res, 200, svc.jwks(), {
-          "content-type": "application/jwk-set+json",
-          "cache-control": "max-age=300",
-        });
-      },
+      handle: async () => ({
+        status: 200,
+        body: JSON.stringify(svc.jwks()),
+        contentType: "application/jwk-set+json",
+        headers: { "cache-control": "max-age=300" },
+      }),
     },
   ];
 }
