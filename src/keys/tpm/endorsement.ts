@@ -1,4 +1,4 @@
-import { createHash, createPublicKey } from "node:crypto";
+import { createHash } from "node:crypto";
 import { readFile, writeFile } from "node:fs/promises";
 import { M2mError } from "../../core/errors.js";
 import { Secret } from "../../core/secret.js";

@@ -1,10 +1,4 @@
-import {
-  createHash,
-  createPublicKey,
-  type KeyObject,
-  constants as nc,
-  verify as nodeVerify,
-} from "node:crypto";
+import { createHash, type KeyObject, constants as nc, verify as nodeVerify } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
@@ -401,5 +395,5 @@ export async function readPublicOrUndefined(tx: TpmTx, handle: number): Promise<
 
 /** Public key (SPKI PEM) of an object in the TPM. */
 export function spkiPemOf(pub: ParsedPublic): string {
-  return createPublicKey(publicKeyOf(pub)).export({ format: "pem", type: "spki" }).toString();
+  return publicKeyOf(pub).export({ format: "pem", type: "spki" }).toString();
 }
