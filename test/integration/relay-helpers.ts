@@ -51,3 +51,155 @@ export async function until(
     await new Promise((r) => setTimeout(r, 25));
   }
 }
+
+// ---------- HTTPS ingest server, token issuer, token source (HTTPS sink tests) ----------
+
+import { readFile } from "node:fs/promises";
+import type { IncomingMessage, ServerResponse } from "node:http";
+import { createServer as createHttpsServer, type Server as HttpsServer } from "node:https";
+import type { AddressInfo } from "node:net";
+import { generateKeyPair, type JWTPayload, jwtVerify, SignJWT } from "jose";
+import type { TestCa } from "../../hw/mosquitto.js";
+import { systemClock } from "../../src/core/clock.js";
+import { Secret } from "../../src/core/secret.js";
+import { HardwareDpopSigner } from "../../src/credentials/oauth/dpop.js";
+import type { AccessToken } from "../../src/credentials/oauth/token-source.js";
+import { FakeKeyProvider } from "../../src/keys/fake/fake-provider.js";
+import { HttpError, type Route, type RouteResponse } from "../../src/registrar/http/router.js";
+
+/** Minimal host for registrar `Route`s on HTTPS (the full registrar needs a store and a fleet CA). */
+export async function startRouteHost(
+  ca: TestCa,
+  routes: readonly Route[],
+  pre?: (req: IncomingMessage, res: ServerResponse) => boolean,
+): Promise<{ url: string; origin: string; server: HttpsServer; close(): Promise<void> }> {
+  const { certPath, keyPath } = await ca.issueServer();
+  const server = createHttpsServer(
+    { cert: await readFile(certPath), key: await readFile(keyPath) },
+    (req, res) => {
+      if (pre?.(req, res) === true) return;
+      const chunks: Buffer[] = [];
+      req.on("data", (c: Buffer) => chunks.push(c));
+      req.on("end", () => {
+        const url = new URL(req.url ?? "/", "https://127.0.0.1");
+        const route = routes.find((r) => r.method === req.method && r.path === url.pathname);
+        const send = (r: RouteResponse): void => {
+          const body = "json" in r ? JSON.stringify(r.json) : r.body;
+          res.writeHead(r.status, {
+            "content-type": "json" in r ? "application/json" : r.contentType,
+            ...(r.headers ?? {}),
+          });
+          res.end(body);
+        };
+        if (route === undefined) return send({ status: 404, json: { error: "not found" } });
+        const rawBody = Buffer.concat(chunks);
+        route
+          .handle({
+            req,
+            url,
+            rawBody,
+            contentType: (req.headers["content-type"] ?? "").split(";")[0] ?? "",
+            remote: "",
+            json: () => JSON.parse(rawBody.toString("utf8")),
+            peerCertificateDer: () => undefined,
+            auditFields: () => undefined,
+          })
+          .then(send, (err: unknown) => {
+            const status = err instanceof HttpError ? err.status : 500;
+            send({ status, json: { error: { code: (err as { code?: string }).code ?? "ERR_INTERNAL" } } });
+          });
+      });
+    },
+  );
+  await new Promise<void>((r) => server.listen(0, "127.0.0.1", () => r()));
+  const port = (server.address() as AddressInfo).port;
+  return {
+    url: `https://127.0.0.1:${port}/v1/ingest`,
+    origin: `https://127.0.0.1:${port}`,
+    server,
+    close: () =>
+      new Promise<void>((r) => {
+        server.closeAllConnections();
+        server.close(() => r());
+      }),
+  };
+}
+
+/** Issues RFC 9068-style access tokens (ES256) and verifies them: the test's authorization server. */
+export async function createTokenIssuer(issuer = "https://registrar.test") {
+  const { privateKey, publicKey } = await generateKeyPair("ES256");
+  return {
+    async issue(claims: {
+      sub: string;
+      scope: string;
+      aud: string;
+      jkt?: string;
+      ttlSec: number;
+    }): Promise<string> {
+      const now = Math.floor(Date.now() / 1000);
+      return new SignJWT({
+        scope: claims.scope,
+        client_id: claims.sub,
+        ...(claims.jkt === undefined ? {} : { cnf: { jkt: claims.jkt } }),
+      })
+        .setProtectedHeader({ alg: "ES256", typ: "at+jwt" })
+        .setIssuer(issuer)
+        .setSubject(claims.sub)
+        .setAudience(claims.aud)
+        .setIssuedAt(now)
+        .setExpirationTime(now + claims.ttlSec)
+        .setJti(crypto.randomUUID())
+        .sign(privateKey);
+    },
+    async verify(token: string): Promise<JWTPayload> {
+      const { payload } = await jwtVerify(token, publicKey, {
+        issuer,
+        typ: "at+jwt",
+        algorithms: ["ES256"],
+        requiredClaims: ["exp", "sub"],
+      });
+      return payload;
+    },
+  };
+}
+
+/** A device's DPoP signer on a software key (FakeKeyProvider + signCompactJws via HardwareDpopSigner). */
+export async function createSoftwareDpop(): Promise<{ signer: HardwareDpopSigner; jkt: string }> {
+  const provider = new FakeKeyProvider();
+  const info = await provider.createOrOpen();
+  return { signer: new HardwareDpopSigner(provider, info, systemClock), jkt: info.thumbprint };
+}
+
+/** A TokenSource handing out tokens from `mint`, cached until `refreshBeforeMs` before expiry. */
+export class TestTokenSource {
+  issued = 0;
+  invalidations = 0;
+  #cached: AccessToken | undefined;
+  readonly #mint: () => Promise<{ token: string; expiresAt: Date }>;
+  readonly #refreshBeforeMs: number;
+  readonly #type: "Bearer" | "DPoP";
+
+  constructor(
+    mint: () => Promise<{ token: string; expiresAt: Date }>,
+    refreshBeforeMs = 0,
+    type: "Bearer" | "DPoP" = "DPoP",
+  ) {
+    this.#mint = mint;
+    this.#refreshBeforeMs = refreshBeforeMs;
+    this.#type = type;
+  }
+
+  async getToken(): Promise<AccessToken> {
+    const c = this.#cached;
+    if (c !== undefined && c.expiresAt.getTime() - this.#refreshBeforeMs > Date.now()) return c;
+    const { token, expiresAt } = await this.#mint();
+    this.issued++;
+    this.#cached = { token: new Secret(token), expiresAt, tokenType: this.#type, scope: "telemetry:write" };
+    return this.#cached;
+  }
+
+  invalidate(): void {
+    this.invalidations++;
+    this.#cached = undefined;
+  }
+}

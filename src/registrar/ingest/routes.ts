@@ -112,7 +112,8 @@ export function ingestRoutes(options: IngestRoutesOptions): { routes: Route[]; s
 
   const handle = async (ctx: RouteContext): Promise<RouteResponse> => {
     const auth = parseAuthorization(ctx.req.headers.authorization);
-    if (auth === undefined) throw bearerChallenge("ERR_INGEST_NO_TOKEN", "access token required", "invalid_token");
+    if (auth === undefined)
+      throw bearerChallenge("ERR_INGEST_NO_TOKEN", "access token required", "invalid_token");
     let claims: JWTPayload;
     try {
       claims = await options.verifyAccessToken(auth.token);
@@ -123,30 +124,52 @@ export function ingestRoutes(options: IngestRoutesOptions): { routes: Route[]; s
     // Security: a token minted for another resource server must not work here.
     const aud = claims.aud;
     const audOk = Array.isArray(aud) ? aud.includes(options.audience) : aud === options.audience;
-    if (!audOk) throw bearerChallenge("ERR_INGEST_AUDIENCE", "access token not for this endpoint", "invalid_token");
+    if (!audOk)
+      throw bearerChallenge("ERR_INGEST_AUDIENCE", "access token not for this endpoint", "invalid_token");
     // Security: least privilege: a token without telemetry:write cannot write telemetry.
     const scopes = typeof claims.scope === "string" ? claims.scope.split(" ") : [];
     if (!scopes.includes(scope)) throw new HttpError(403, "ERR_INGEST_SCOPE", "insufficient scope");
     const sub = claims.sub;
-    if (typeof sub !== "string" || sub === "" || sub.includes("/") || sub.includes("+") || sub.includes("#")) {
+    if (
+      typeof sub !== "string" ||
+      sub === "" ||
+      sub.includes("/") ||
+      sub.includes("+") ||
+      sub.includes("#")
+    ) {
       throw bearerChallenge("ERR_INGEST_SUBJECT", "access token subject unusable", "invalid_token");
     }
     const jkt = (claims.cnf as { jkt?: unknown } | undefined)?.jkt;
     if (typeof jkt === "string") {
       // Security: a bound token proves nothing without a proof by the bound key (a stolen token alone fails).
-      if (auth.scheme !== "DPoP") throw bearerChallenge("ERR_INGEST_DPOP_SCHEME", "DPoP-bound token sent as Bearer", "invalid_token");
+      if (auth.scheme !== "DPoP")
+        throw bearerChallenge("ERR_INGEST_DPOP_SCHEME", "DPoP-bound token sent as Bearer", "invalid_token");
       const proof = ctx.req.headers.dpop;
-      if (typeof proof !== "string") throw bearerChallenge("ERR_INGEST_DPOP_MISSING", "DPoP proof required", "invalid_dpop_proof");
+      if (typeof proof !== "string")
+        throw bearerChallenge("ERR_INGEST_DPOP_MISSING", "DPoP proof required", "invalid_dpop_proof");
       const publicUrl = typeof options.publicUrl === "function" ? options.publicUrl() : options.publicUrl;
       let proven: { jkt: string };
       try {
         // htm/htu/iat/jti (replay)/ath are checked inside; the proof key must be the token's key.
-        proven = await verifyDpopProof(proof, { method: "POST", url: publicUrl, accessToken: auth.token }, { replay, clock });
+        proven = await verifyDpopProof(
+          proof,
+          { method: "POST", url: publicUrl, accessToken: auth.token },
+          { replay, clock },
+        );
       } catch (err) {
-        throw bearerChallenge(isM2mError(err) ? err.code : "ERR_DPOP_INVALID", "DPoP proof rejected", "invalid_dpop_proof");
+        throw bearerChallenge(
+          isM2mError(err) ? err.code : "ERR_DPOP_INVALID",
+          "DPoP proof rejected",
+          "invalid_dpop_proof",
+        );
       }
       // Security: the proof must come from the key the token was issued to.
-      if (proven.jkt !== jkt) throw bearerChallenge("ERR_DPOP_KEY_MISMATCH", "DPoP proof key is not the token's key", "invalid_dpop_proof");
+      if (proven.jkt !== jkt)
+        throw bearerChallenge(
+          "ERR_DPOP_KEY_MISMATCH",
+          "DPoP proof key is not the token's key",
+          "invalid_dpop_proof",
+        );
     } else if (options.requireDpop !== false) {
       throw bearerChallenge("ERR_INGEST_DPOP_REQUIRED", "a DPoP-bound token is required", "invalid_token");
     }
@@ -170,7 +193,11 @@ export function ingestRoutes(options: IngestRoutesOptions): { routes: Route[]; s
       throw new HttpError(400, "ERR_BAD_JSON", "request body is not valid JSON");
     }
     const messages = (body as { messages?: unknown } | null)?.messages;
-    if (!Array.isArray(messages) || messages.length === 0 || messages.length > (options.maxMessages ?? 1000)) {
+    if (
+      !Array.isArray(messages) ||
+      messages.length === 0 ||
+      messages.length > (options.maxMessages ?? 1000)
+    ) {
       throw new HttpError(400, "ERR_SCHEMA", "request body does not match the schema", { field: "messages" });
     }
     const prefix = `devices/${sub}/`;
@@ -192,10 +219,17 @@ export function ingestRoutes(options: IngestRoutesOptions): { routes: Route[]; s
         typeof o.content_type !== "string" ||
         (!("payload" in o) && typeof o.payload_b64 !== "string")
       ) {
-        throw new HttpError(400, "ERR_SCHEMA", "request body does not match the schema", { field: `messages[${i}]` });
+        throw new HttpError(400, "ERR_SCHEMA", "request body does not match the schema", {
+          field: `messages[${i}]`,
+        });
       }
       // Security: a device writes only under its own namespace (devices/{sub}/...), like the broker ACL.
-      if (!o.topic.startsWith(prefix) || o.topic.length === prefix.length || o.topic.includes("+") || o.topic.includes("#")) {
+      if (
+        !o.topic.startsWith(prefix) ||
+        o.topic.length === prefix.length ||
+        o.topic.includes("+") ||
+        o.topic.includes("#")
+      ) {
         rejected.push({ id: o.id, code: "ERR_INGEST_TOPIC_NOT_OWNED" });
         continue;
       }

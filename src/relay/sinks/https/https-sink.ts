@@ -1,9 +1,9 @@
 import { promisify } from "node:util";
 import { gzip as gzipCb } from "node:zlib";
 import { Agent, type Dispatcher, request } from "undici";
+import { type Clock, systemClock } from "../../../core/clock.js";
 import { asM2mError, M2mError } from "../../../core/errors.js";
 import { type Logger, silentLogger } from "../../../core/log.js";
-import { type Clock, systemClock } from "../../../core/clock.js";
 import { expandTopic } from "../../channel.js";
 import type { OutboxMessage } from "../../outbox/outbox.js";
 import { isJsonContentType } from "../../sources/api/parse.js";
@@ -81,7 +81,8 @@ export class HttpsSink implements Sink {
   constructor(options: HttpsSinkOptions) {
     const url = new URL(options.url);
     // Tokens and data never travel in clear.
-    if (url.protocol !== "https:") throw new M2mError("ERR_HTTPS_SINK_CONFIG", "permanent", "ingest URL must be https://");
+    if (url.protocol !== "https:")
+      throw new M2mError("ERR_HTTPS_SINK_CONFIG", "permanent", "ingest URL must be https://");
     this.#o = options;
     this.#url = url;
     this.name = options.name ?? "https";
@@ -107,7 +108,8 @@ export class HttpsSink implements Sink {
       const topic = expandTopic(template, { deviceId: this.#o.deviceId, channel: m.channel });
       const head = `{"id":${JSON.stringify(m.id)},"topic":${JSON.stringify(topic)},"channel":${JSON.stringify(m.channel)},"ts":${m.ts},"content_type":${JSON.stringify(m.contentType)}`;
       // JSON payloads were validated at ingest and are embedded as is; anything else goes base64.
-      if (isJsonContentType(m.contentType)) return `${head},"payload":${Buffer.from(m.payload).toString("utf8")}}`;
+      if (isJsonContentType(m.contentType))
+        return `${head},"payload":${Buffer.from(m.payload).toString("utf8")}}`;
       return `${head},"payload_b64":${JSON.stringify(Buffer.from(m.payload).toString("base64"))}}`;
     });
     return `{"messages":[${items.join(",")}]}`;
@@ -191,7 +193,8 @@ export class HttpsSink implements Sink {
         const parsed = JSON.parse(body.toString("utf8")) as { rejected?: unknown };
         if (Array.isArray(parsed.rejected)) {
           for (const r of parsed.rejected as { id?: unknown; code?: unknown }[]) {
-            if (typeof r?.id === "string") rejected.set(r.id, typeof r.code === "string" ? r.code.slice(0, 64) : "rejected");
+            if (typeof r?.id === "string")
+              rejected.set(r.id, typeof r.code === "string" ? r.code.slice(0, 64) : "rejected");
           }
         }
       } catch {
@@ -200,7 +203,9 @@ export class HttpsSink implements Sink {
     }
     return batch.map((m) => {
       const code = rejected.get(m.id);
-      return code === undefined ? { id: m.id, kind: "ok" } : { id: m.id, kind: "dead-letter", reason: `ingest_${code}` };
+      return code === undefined
+        ? { id: m.id, kind: "ok" }
+        : { id: m.id, kind: "dead-letter", reason: `ingest_${code}` };
     });
   }
 

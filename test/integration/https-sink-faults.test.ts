@@ -1,0 +1,326 @@
+import { mkdtemp, rm } from "node:fs/promises";
+import type { IncomingMessage, ServerResponse } from "node:http";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createTestCa, type TestCa } from "../../hw/mosquitto.js";
+import { ingestRoutes } from "../../src/registrar/ingest/routes.js";
+import { newMessageId } from "../../src/relay/ids.js";
+import type { OutboxMessage } from "../../src/relay/outbox/outbox.js";
+import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
+import { Relay } from "../../src/relay/relay.js";
+import { HttpsSink } from "../../src/relay/sinks/https/https-sink.js";
+import {
+  createSoftwareDpop,
+  createTokenIssuer,
+  startRouteHost,
+  TestTokenSource,
+  until,
+} from "./relay-helpers.js";
+
+const enc = new TextEncoder();
+const AUD = "https://ingest.test";
+
+function msgs(n: number, channel = "temp"): OutboxMessage[] {
+  return Array.from({ length: n }, (_, i) => ({
+    id: newMessageId(),
+    seq: i + 1,
+    channel,
+    payload: enc.encode(JSON.stringify({ n: i })),
+    contentType: "application/json",
+    ts: 1_700_000_000_000 + i,
+    ingestedAt: 0,
+    attempt: 1,
+  }));
+}
+
+describe("HTTPS sink against a local HTTPS ingest server with fault injection", () => {
+  let ca: TestCa;
+  let dir: string;
+  let issuer: Awaited<ReturnType<typeof createTokenIssuer>>;
+  let dpop: Awaited<ReturnType<typeof createSoftwareDpop>>;
+  let host: Awaited<ReturnType<typeof startRouteHost>>;
+  let other: Awaited<ReturnType<typeof startRouteHost>>;
+  let ingest: ReturnType<typeof ingestRoutes>;
+  let mode:
+    | "ok"
+    | "500"
+    | "429"
+    | "429-huge"
+    | "slow-body"
+    | "reset"
+    | "redirect-other"
+    | "redirect-same"
+    | "big-response" = "ok";
+  let faultsLeft = 0;
+  const otherSeen: { authorization: string | undefined }[] = [];
+  let lastHeaders: IncomingMessage["headers"] = {};
+
+  const pre = (req: IncomingMessage, res: ServerResponse): boolean => {
+    lastHeaders = req.headers;
+    if (req.url === "/v1/old" && mode === "redirect-same") {
+      res.writeHead(307, { location: "/v1/ingest" }).end();
+      return true;
+    }
+    if (faultsLeft <= 0) return false;
+    faultsLeft--;
+    switch (mode) {
+      case "500":
+        res.writeHead(500).end();
+        return true;
+      case "429":
+        res.writeHead(429, { "retry-after": "2" }).end();
+        return true;
+      case "429-huge":
+        res.writeHead(429, { "retry-after": "86400" }).end();
+        return true;
+      case "slow-body":
+        res.writeHead(200, { "content-type": "application/json" });
+        res.write("{");
+        // Never finishes: the sink's bodyTimeout must fire.
+        return true;
+      case "reset":
+        req.socket.destroy();
+        return true;
+      case "redirect-other":
+        res.writeHead(307, { location: `${other.origin}/v1/ingest` }).end();
+        return true;
+      case "big-response":
+        req.resume();
+        req.on("end", () => {
+          res.writeHead(200, { "content-type": "application/json" });
+          res.end(`{"pad":"${"x".repeat(1024 * 1024)}"}`);
+        });
+        return true;
+      default:
+        return false;
+    }
+  };
+
+  beforeAll(async () => {
+    ca = await createTestCa();
+    dir = await mkdtemp(join(tmpdir(), "m2m-https-sink-"));
+    issuer = await createTokenIssuer();
+    dpop = await createSoftwareDpop();
+    let publicUrl = "";
+    ingest = ingestRoutes({
+      verifyAccessToken: (t) => issuer.verify(t),
+      audience: AUD,
+      publicUrl: () => publicUrl,
+    });
+    host = await startRouteHost(ca, ingest.routes, pre);
+    publicUrl = host.url;
+    other = await startRouteHost(ca, [], (req, res) => {
+      otherSeen.push({ authorization: req.headers.authorization });
+      res.writeHead(200).end("{}");
+      return true;
+    });
+  });
+  afterAll(async () => {
+    await host?.close();
+    await other?.close();
+    await rm(dir, { recursive: true, force: true });
+    if (ca !== undefined) await rm(ca.dir, { recursive: true, force: true });
+  });
+
+  const tokens = (opts: { scope?: string; aud?: string; sub?: string } = {}): TestTokenSource =>
+    new TestTokenSource(async () => ({
+      token: await issuer.issue({
+        sub: opts.sub ?? "device-a",
+        scope: opts.scope ?? "telemetry:write",
+        aud: opts.aud ?? AUD,
+        jkt: dpop.jkt,
+        ttlSec: 300,
+      }),
+      expiresAt: new Date(Date.now() + 300_000),
+    }));
+
+  const sink = (extra: Partial<ConstructorParameters<typeof HttpsSink>[0]> = {}): HttpsSink =>
+    new HttpsSink({
+      url: host.url,
+      caPem: ca.caPem,
+      tokens: tokens(),
+      dpop: dpop.signer,
+      deviceId: "device-a",
+      headersTimeoutMs: 2000,
+      bodyTimeoutMs: 500,
+      ...extra,
+    });
+
+  it("delivers a batch with DPoP, gzip and M2M-Message-Id; the endpoint stores each id once", async () => {
+    mode = "ok";
+    const s = sink();
+    const batch = msgs(20);
+    const out = await s.deliver(batch);
+    expect(out.every((o) => o.kind === "ok")).toBe(true);
+    expect(lastHeaders["content-encoding"]).toBe("gzip");
+    expect(lastHeaders.authorization).toMatch(/^DPoP /);
+    expect(typeof lastHeaders.dpop).toBe("string");
+    expect(lastHeaders["m2m-message-id"]).toBe(batch.map((m) => m.id).join(","));
+    for (const m of batch) expect(ingest.store.messages.get(m.id)?.topic).toBe("devices/device-a/temp");
+    // A redelivery (at-least-once) is recognised as a duplicate by id.
+    const again = await s.deliver(batch);
+    expect(again.every((o) => o.kind === "ok")).toBe(true);
+    expect(ingest.store.duplicates).toBeGreaterThanOrEqual(20);
+    await s.close();
+  });
+
+  it("5xx → retry; the relay delivers everything once the server recovers", async () => {
+    mode = "500";
+    faultsLeft = 3;
+    const outbox = SqliteOutbox.open({ path: join(dir, "5xx.db"), sinks: ["https"], ttlCheckMs: 0 });
+    const s = sink({ maxBatch: 10 });
+    const relay = new Relay({
+      outbox,
+      sinks: [s],
+      retry: { baseMs: 20, factor: 2, capMs: 100, deadlineMs: 1e9, maxAttempts: 1e9, maxRetryAfterMs: 1000 },
+    });
+    const ids = await outbox.append(
+      Array.from({ length: 35 }, (_, i) => ({ channel: "fivexx", payload: enc.encode(String(i)) })),
+    );
+    relay.start();
+    await until(() => outbox.stats().depth === 0, 20_000, "drain");
+    await relay.stop();
+    for (const id of ids) expect(ingest.store.messages.has(id)).toBe(true);
+    expect(relay.counters.https?.retried).toBeGreaterThan(0);
+    await s.close();
+    await outbox.close();
+  });
+
+  it("429 honours Retry-After; a huge Retry-After is capped", async () => {
+    mode = "429";
+    faultsLeft = 1;
+    const s = sink({ maxRetryAfterMs: 60_000 });
+    const out = await s.deliver(msgs(2));
+    expect(out.map((o) => o.kind === "retry" && o.delayMs)).toEqual([2000, 2000]);
+    mode = "429-huge";
+    faultsLeft = 1;
+    const capped = await s.deliver(msgs(1));
+    expect(capped[0]).toMatchObject({ kind: "retry", delayMs: 60_000, code: "ERR_HTTPS_RATE_LIMITED" });
+    await s.close();
+  });
+
+  it("a slow response body hits bodyTimeout → retry (never hangs)", async () => {
+    mode = "slow-body";
+    faultsLeft = 1;
+    const s = sink();
+    const out = await s.deliver(msgs(1));
+    expect(out[0]).toMatchObject({ kind: "retry", code: "ERR_HTTPS_NETWORK" });
+    await s.close();
+  });
+
+  it("a connection reset → retry", async () => {
+    mode = "reset";
+    faultsLeft = 1;
+    const s = sink();
+    const out = await s.deliver(msgs(1));
+    expect(out[0]).toMatchObject({ kind: "retry", code: "ERR_HTTPS_NETWORK" });
+    await s.close();
+  });
+
+  it("a redirect to another origin is not followed: that server never sees a request or the token", async () => {
+    mode = "redirect-other";
+    faultsLeft = 1;
+    const s = sink();
+    const out = await s.deliver(msgs(1));
+    expect(out[0]).toMatchObject({ kind: "retry", code: "ERR_HTTPS_REDIRECT_REFUSED" });
+    expect(otherSeen).toEqual([]);
+    expect(s.counters.redirectsRefused).toBe(1);
+    await s.close();
+  });
+
+  it("a same-origin redirect is followed with a proof for the new URL", async () => {
+    mode = "redirect-same";
+    const s = sink({ url: `${host.origin}/v1/old` });
+    const batch = msgs(2);
+    const out = await s.deliver(batch);
+    expect(out.every((o) => o.kind === "ok")).toBe(true);
+    expect(ingest.store.messages.has(batch[0]?.id ?? "")).toBe(true);
+    await s.close();
+  });
+
+  it("401 → the token is refreshed exactly once and the batch goes through", async () => {
+    mode = "ok";
+    let first = true;
+    const ts = new TestTokenSource(async () => {
+      // The first token is for another audience: refused with 401.
+      const aud = first ? "https://elsewhere" : AUD;
+      first = false;
+      return {
+        token: await issuer.issue({
+          sub: "device-a",
+          scope: "telemetry:write",
+          aud,
+          jkt: dpop.jkt,
+          ttlSec: 300,
+        }),
+        expiresAt: new Date(Date.now() + 300_000),
+      };
+    });
+    const s = sink({ tokens: ts });
+    const out = await s.deliver(msgs(1));
+    expect(out[0]?.kind).toBe("ok");
+    expect(ts.invalidations).toBe(1);
+    expect(s.counters.refreshes).toBe(1);
+    await s.close();
+  });
+
+  it("a persistent 401 is retried later, not refreshed in a loop", async () => {
+    const ts = new TestTokenSource(async () => ({
+      token: await issuer.issue({
+        sub: "device-a",
+        scope: "telemetry:write",
+        aud: "https://elsewhere",
+        jkt: dpop.jkt,
+        ttlSec: 300,
+      }),
+      expiresAt: new Date(Date.now() + 300_000),
+    }));
+    const s = sink({ tokens: ts });
+    const out = await s.deliver(msgs(1));
+    expect(out[0]).toMatchObject({ kind: "retry", code: "ERR_HTTPS_UNAUTHORIZED" });
+    expect(ts.invalidations).toBe(1);
+    await s.close();
+  });
+
+  it("other 4xx (403 insufficient scope) → dead-letter", async () => {
+    const s = sink({ tokens: tokens({ scope: "telemetry:read" }) });
+    const out = await s.deliver(msgs(2));
+    expect(out.map((o) => o.kind === "dead-letter" && o.reason)).toEqual(["http_403", "http_403"]);
+    await s.close();
+  });
+
+  it("a message for another device's namespace is rejected by the endpoint and dead-lettered; the rest is stored", async () => {
+    const s = sink({ topicTemplate: "devices/{channel}" });
+    const mine = msgs(1, "device-a/temp");
+    const theirs = msgs(1, "device-b/temp");
+    const out = await s.deliver([...mine, ...theirs]);
+    expect(out[0]?.kind).toBe("ok");
+    expect(out[1]).toMatchObject({ kind: "dead-letter", reason: "ingest_ERR_INGEST_TOPIC_NOT_OWNED" });
+    expect(ingest.store.messages.has(theirs[0]?.id ?? "")).toBe(false);
+    await s.close();
+  });
+
+  it("a stolen DPoP-bound token without the device's proof key is refused", async () => {
+    const thief = await createSoftwareDpop();
+    const s = sink({ dpop: thief.signer });
+    const out = await s.deliver(msgs(1));
+    expect(out[0]).toMatchObject({ kind: "retry", code: "ERR_HTTPS_UNAUTHORIZED" });
+    await s.close();
+  });
+
+  it("an oversized 2xx response body is cut off and the batch still counts as delivered", async () => {
+    mode = "big-response";
+    faultsLeft = 1;
+    const s = sink({ maxResponseBytes: 1024 });
+    const out = await s.deliver(msgs(1));
+    expect(out[0]?.kind).toBe("ok");
+    await s.close();
+  });
+
+  it("refuses a non-https URL", () => {
+    expect(() => sink({ url: "http://127.0.0.1:1/v1/ingest" })).toThrow(
+      expect.objectContaining({ code: "ERR_HTTPS_SINK_CONFIG" }),
+    );
+  });
+});
