@@ -179,6 +179,21 @@ describe("Pkcs11KeyProvider on SoftHSM2: EC P-256 device key", () => {
     );
   });
 
+  it("close() with signs queued: in-flight ones finish, queued ones fail ERR_PKCS11_CLOSED; later calls reopen", async () => {
+    const c = provider({ syncBudgetMs: 0, sessions: 2 });
+    await c.open();
+    const results = await Promise.allSettled(Array.from({ length: 20 }, () => c.sign(randomBytes(16))));
+    const pending = Array.from({ length: 20 }, () => c.sign(randomBytes(16)));
+    await c.close();
+    const settled = await Promise.allSettled(pending);
+    expect(results.every((r) => r.status === "fulfilled")).toBe(true);
+    const rejected = settled.filter((r) => r.status === "rejected");
+    expect(rejected.length).toBeGreaterThan(0);
+    for (const r of rejected) expect((r.reason as M2mError).code).toBe("ERR_PKCS11_CLOSED");
+    const data = randomBytes(8);
+    expect(verifyEs256(info, data, await c.sign(data))).toBe(true);
+  });
+
   it("reopens transparently when every session of the token was closed under it", async () => {
     const lib = loadModule(hsm.modulePath);
     const reopened = () =>

@@ -58,13 +58,14 @@ class SessionPool {
 
   constructor(
     readonly lib: pkcs11js.PKCS11,
+    readonly slot: Handle,
     sessions: readonly Session[],
   ) {
     this.#idle.push(...sessions);
-    this.all = sessions;
+    this.size = sessions.length;
   }
 
-  readonly all: readonly Session[];
+  readonly size: number;
 
   get closed(): boolean {
     return this.#closed;
@@ -76,29 +77,49 @@ class SessionPool {
   }
 
   acquire(): Promise<Session> {
-    if (this.#closed) return Promise.reject(poolClosedError());
+    if (this.#closed) return Promise.reject(poolClosedError(this.#closedBy));
     const s = this.#idle.pop();
     if (s !== undefined) return Promise.resolve(s);
     return new Promise((resolve, reject) => this.#waiters.push({ resolve, reject }));
   }
 
-  release(s: Session): void {
+  /**
+   * Returns a session to the pool. `stuck`: an operation may still be active on it (CKR_OPERATION_ACTIVE);
+   * PKCS#11 2.x has no way to cancel it, so the session is replaced by a fresh one (which inherits the
+   * application's login state).
+   */
+  release(s: Session, stuck = false): void {
     if (this.#closed) {
       closeQuietly(this.lib, s.handle);
       return;
+    }
+    if (stuck) {
+      closeQuietly(this.lib, s.handle);
+      try {
+        s.handle = this.lib.C_OpenSession(this.slot, SESSION_FLAGS);
+      } catch {
+        // Cannot replace it now: the pool shrinks by one; a reconnect restores the full size.
+        return;
+      }
     }
     const w = this.#waiters.shift();
     if (w !== undefined) w.resolve(s);
     else this.#idle.push(s);
   }
 
-  /** Closes idle sessions now, busy ones when released; waiters move on (they retry on the new pool). */
-  close(): void {
+  /**
+   * Closes idle sessions now, busy ones when released. Waiters fail: after a rebuild with a transient
+   * error (they retry on the new pool), after `close()` with ERR_PKCS11_CLOSED.
+   */
+  close(by: "rebuild" | "close"): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#closedBy = by;
     for (const s of this.#idle.splice(0)) closeQuietly(this.lib, s.handle);
-    for (const w of this.#waiters.splice(0)) w.reject(poolClosedError());
+    for (const w of this.#waiters.splice(0)) w.reject(poolClosedError(by));
   }
+
+  #closedBy: "rebuild" | "close" = "rebuild";
 }
 
 function closeQuietly(lib: pkcs11js.PKCS11, h: Handle): void {
@@ -109,11 +130,16 @@ function closeQuietly(lib: pkcs11js.PKCS11, h: Handle): void {
   }
 }
 
-function poolClosedError(): M2mError {
+function poolClosedError(by: "rebuild" | "close"): M2mError {
+  if (by === "close") {
+    return new M2mError("ERR_PKCS11_CLOSED", "permanent", "the PKCS#11 key provider was closed");
+  }
   return new M2mError("ERR_PKCS11_SESSION", "transient", "PKCS#11 session pool was rebuilt", {
-    details: { reason: "pool-closed" },
+    details: { reason: "pool-rebuilt" },
   });
 }
+
+const SESSION_FLAGS = pkcs11js.CKF_SERIAL_SESSION | pkcs11js.CKF_RW_SESSION;
 
 interface Connection {
   readonly lib: pkcs11js.PKCS11;
@@ -312,9 +338,15 @@ export class Pkcs11KeyProvider implements KeyProvider {
     const slot = this.#findSlot(lib);
     const sessions: Session[] = [];
     try {
-      const flags = pkcs11js.CKF_SERIAL_SESSION | pkcs11js.CKF_RW_SESSION;
       for (let i = 0; i < this.#cfg.sessions; i++) {
-        sessions.push({ handle: lib.C_OpenSession(slot, flags) });
+        try {
+          sessions.push({ handle: lib.C_OpenSession(slot, SESSION_FLAGS) });
+        } catch (err) {
+          // Small tokens (smartcards) allow few sessions: run with what we got rather than not at all.
+          if (sessions.length === 0 || !isCkr(err, "CKR_SESSION_COUNT")) throw err;
+          this.#log.warn("pkcs11 token limits sessions; pool is smaller", { sessions: sessions.length });
+          break;
+        }
       }
       const first = sessions[0];
       if (first === undefined) throw new Error("unreachable: sessions >= 1");
@@ -326,7 +358,7 @@ export class Pkcs11KeyProvider implements KeyProvider {
     const conn: Connection = {
       lib,
       slot,
-      pool: new SessionPool(lib, sessions),
+      pool: new SessionPool(lib, slot, sessions),
       generation: ++this.#generation,
     };
     this.#conn = conn;
@@ -419,13 +451,21 @@ export class Pkcs11KeyProvider implements KeyProvider {
   #invalidate(generation: number): void {
     if (this.#conn?.generation !== generation) return;
     this.#log.warn("pkcs11 session lost; reopening", { generation });
-    this.#conn.pool.close();
+    this.#conn.pool.close("rebuild");
     this.#conn = undefined;
     if (this.#key?.conn.generation === generation) this.#key = undefined;
   }
 
-  /** Runs `fn` once, and once more on a fresh connection if the session was lost. */
-  async #withReopen<T>(fn: (conn: Connection) => Promise<T>): Promise<T> {
+  /**
+   * Runs `fn` once, and once more on a fresh connection if the session was lost (token re-plugged,
+   * sessions closed under us). A second loss surfaces as ERR_PKCS11_SESSION (transient); other failures
+   * are mapped to `code`.
+   */
+  async #withReopen<T>(
+    fn: (conn: Connection) => Promise<T>,
+    code = "ERR_PKCS11",
+    what = "PKCS#11 operation",
+  ): Promise<T> {
     return withRetry(
       sessionRetry,
       async () => {
@@ -439,7 +479,7 @@ export class Pkcs11KeyProvider implements KeyProvider {
       },
       { clock: this.#cfg.clock },
     ).catch((err: unknown) => {
-      throw wrap(err, "ERR_PKCS11", "PKCS#11 operation");
+      throw wrap(err, code, what);
     });
   }
 
@@ -701,7 +741,11 @@ export class Pkcs11KeyProvider implements KeyProvider {
       if (!isSessionLost(err)) throw wrap(err, "ERR_PKCS11_SIGN", `${use} signing`);
       this.#invalidate(key.conn.generation);
     }
-    return this.#withReopen(async () => this.#signWith(await this.#openKey(), mech, input));
+    return this.#withReopen(
+      async () => this.#signWith(await this.#openKey(), mech, input),
+      "ERR_PKCS11_SIGN",
+      `${use} signing`,
+    );
   }
 
   async #signWith(key: OpenKey, mech: pkcs11js.Mechanism, input: Buffer): Promise<Uint8Array> {
@@ -709,20 +753,28 @@ export class Pkcs11KeyProvider implements KeyProvider {
     const idle = pool.tryAcquire();
     if (idle !== undefined && syncBudget.spentMs < this.#cfg.syncBudgetMs) {
       const t0 = performance.now();
+      let stuck = false;
       try {
         lib.C_SignInit(idle.handle, mech, key.priv);
         return checkSig(lib.C_Sign(idle.handle, input, Buffer.allocUnsafe(key.sigLen)), key);
+      } catch (err) {
+        stuck = isCkr(err, "CKR_OPERATION_ACTIVE", "CKR_BUFFER_TOO_SMALL");
+        throw err;
       } finally {
-        pool.release(idle);
+        pool.release(idle, stuck);
         chargeSync(performance.now() - t0);
       }
     }
     const s = idle ?? (await pool.acquire());
+    let stuck = false;
     try {
       lib.C_SignInit(s.handle, mech, key.priv);
       return checkSig(await lib.C_SignAsync(s.handle, input, Buffer.allocUnsafe(key.sigLen)), key);
+    } catch (err) {
+      stuck = isCkr(err, "CKR_OPERATION_ACTIVE", "CKR_BUFFER_TOO_SMALL");
+      throw err;
     } finally {
-      pool.release(s);
+      pool.release(s, stuck);
     }
   }
 
@@ -806,7 +858,7 @@ export class Pkcs11KeyProvider implements KeyProvider {
     const conn = this.#conn;
     this.#conn = undefined;
     this.#key = undefined;
-    conn?.pool.close();
+    conn?.pool.close("close");
   }
 }
 
