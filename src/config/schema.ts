@@ -109,7 +109,7 @@ const fileMode = z
 const metricsListen = z.string().refine((s) => {
   if (s.startsWith("/")) return true;
   const m = /^(127\.0\.0\.1|localhost|\[::1\]):(\d{1,5})$/.exec(s);
-  return m !== null && Number(m[2]) > 0 && Number(m[2]) < 65536;
+  return m !== null && Number(m[2]) >= 0 && Number(m[2]) < 65536;
 }, "expected a loopback address (127.0.0.1:PORT, [::1]:PORT) or an absolute Unix socket path; metrics are not exposed on the network");
 
 const agentSection = z.strictObject({

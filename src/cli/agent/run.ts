@@ -1,0 +1,19 @@
+import type { Command } from "commander";
+import { action, globalOptions } from "./common.js";
+
+/** `m2m-agent run`: the daemon (systemd `Type=notify`; works without systemd too). */
+export function register(program: Command): void {
+  program
+    .command("run")
+    .description("run the agent daemon in the foreground (systemd Type=notify)")
+    .action(
+      action(async (cmd) => {
+        const opts = globalOptions(cmd);
+        const { runDaemon } = await import("../../daemon/run.js");
+        return runDaemon({
+          ...(opts.config === undefined ? {} : { configPath: opts.config }),
+          explicit: opts.config !== undefined,
+        });
+      }),
+    );
+}

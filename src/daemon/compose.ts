@@ -1,0 +1,608 @@
+import { X509Certificate } from "node:crypto";
+import { readFileSync } from "node:fs";
+import type { ApiServer } from "../api/server.js";
+import { type AgentConfig, auditLogPath, configKeys } from "../config/index.js";
+import { type Clock, systemClock } from "../core/clock.js";
+import { asM2mError, isM2mError, M2mError } from "../core/errors.js";
+import type { Logger } from "../core/log.js";
+import { backoffDelay, defaultRetryPolicy } from "../core/retry.js";
+import type { EnrolmentState } from "../enroll/state.js";
+import type { KeyInfo, KeyProvider } from "../keys/key-provider.js";
+import { AnomalyDetector as Anomalies, type AnomalyDetector, AuditLog, type AuditSink } from "./audit.js";
+import { ClockSanity, type ClockVerdict } from "./clock-sanity.js";
+import { HealthBoard, instrumentKeyProvider, OperationWatch } from "./health.js";
+import { describeState, Lifecycle, STATE_NAMES, type State } from "./lifecycle.js";
+import { AgentMetrics, type MetricsServer, startMetricsServer } from "./metrics.js";
+import type { SystemdNotifier } from "./notify.js";
+import { agentVersion } from "./version.js";
+
+/**
+ * The ONE composition root of the agent: config → KeyProvider → enrolment state → stages
+ * (credentials, relay, …) → local API, plus lifecycle, metrics, audit and clock sanity. Nothing else
+ * constructs backends. Heavy modules (pkcs11js, tpm2 runner, mqtt, sqlite, x509) are imported
+ * dynamically and only when configured, which keeps `start → READY=1` short.
+ *
+ * Adding a capability = writing an `AgentStage` and appending it to `STAGES` below.
+ */
+
+export interface KeyProviderDeps {
+  readonly log: Logger;
+  readonly clock?: Clock;
+  readonly env?: NodeJS.ProcessEnv;
+}
+
+/**
+ * Builds the configured KeyProvider (dynamic import: only the chosen backend is loaded).
+ * @throws ERR_CONFIG for an unsupported provider; backend constructors throw ERR_KEY_CONFIG.
+ */
+export async function keyProviderFromConfig(
+  config: AgentConfig,
+  deps: KeyProviderDeps,
+): Promise<KeyProvider> {
+  const k = config.keys;
+  switch (k.provider) {
+    case "tpm": {
+      const { TpmKeyProvider } = await import("../keys/tpm/tpm-provider.js");
+      return new TpmKeyProvider({
+        tcti: k.tpm.tcti,
+        srkHandle: k.tpm.srk_handle,
+        keyHandle: k.tpm.key_handle,
+        akHandle: k.tpm.ak_handle,
+        algorithm: k.tpm.algorithm,
+        timeoutMs: k.tpm.timeout_ms,
+        ...(deps.clock === undefined ? {} : { clock: deps.clock }),
+      });
+    }
+    case "pkcs11": {
+      const p = k.pkcs11;
+      // The schema requires these for provider = "pkcs11"; re-checked here for a precise error.
+      if (p.module === undefined || p.token_label === undefined || p.pin === undefined) {
+        throw new M2mError(
+          "ERR_CONFIG",
+          "permanent",
+          "keys.pkcs11: module, token_label and pin are required",
+        );
+      }
+      const { Pkcs11KeyProvider } = await import("../keys/pkcs11/index.js");
+      return new Pkcs11KeyProvider({
+        modulePath: p.module,
+        tokenLabel: p.token_label,
+        keyLabel: p.key_label,
+        ...(p.key_id === undefined ? {} : { keyId: p.key_id }),
+        algorithm: p.algorithm,
+        pin: p.pin,
+        logger: deps.log.child({ component: "pkcs11" }),
+        ...(deps.clock === undefined ? {} : { clock: deps.clock }),
+        ...(deps.env === undefined ? {} : { env: deps.env }),
+      });
+    }
+    default: {
+      const never: never = k.provider;
+      throw new M2mError("ERR_CONFIG", "permanent", `keys.provider: unsupported provider ${String(never)}`);
+    }
+  }
+}
+
+/** What stages get: shared services, and a place to publish their own for later stages. */
+export interface StageContext {
+  readonly config: AgentConfig;
+  readonly log: Logger;
+  readonly clock: Clock;
+  readonly env: NodeJS.ProcessEnv;
+  readonly metrics: AgentMetrics;
+  readonly health: HealthBoard;
+  readonly lifecycle: Lifecycle;
+  readonly audit: AuditSink;
+  readonly anomalies: AnomalyDetector;
+  readonly clockSanity: ClockSanity;
+  /** The local API (undefined when it could not be started: the agent runs degraded). */
+  readonly api: ApiServer | undefined;
+  readonly key: { readonly provider: KeyProvider; readonly info: KeyInfo };
+  readonly enrolment: EnrolmentState | undefined;
+  /** Services published by earlier stages (e.g. "tokenSource", "outbox"), by name. */
+  readonly services: Map<string, unknown>;
+}
+
+export interface StageReload {
+  /** Key paths applied live. */
+  readonly applied: readonly string[];
+  /** Key paths that need a restart to take effect. */
+  readonly restartRequired: readonly string[];
+}
+
+export interface StageHandle {
+  /** Shown under `stages.<name>` in status. */
+  status?(): unknown;
+  /** Apply a new config; keys this stage does not handle live are reported as restart-required. */
+  reload?(next: AgentConfig): Promise<StageReload>;
+  /** Drain in-flight work; `signal` fires at the drain deadline. */
+  stop(signal: AbortSignal): Promise<void>;
+}
+
+export interface AgentStage {
+  readonly name: string;
+  /** Config sections this stage owns (for "restart required" attribution on reload). */
+  readonly sections: readonly string[];
+  /** False → the stage is skipped and its modules are never imported. */
+  enabled(config: AgentConfig): boolean;
+  start(ctx: StageContext): Promise<StageHandle>;
+}
+
+/**
+ * Stages in start order (stopped in reverse). Enrolment runs before them (see `#bringUp`); the
+ * credentials and relay helpers add their stages here.
+ */
+export const STAGES: AgentStage[] = [];
+
+export interface AgentDeps {
+  readonly log: Logger;
+  readonly clock?: Clock;
+  readonly env?: NodeJS.ProcessEnv;
+  readonly notifier?: SystemdNotifier;
+  /** Test seam: use this provider instead of the configured one. */
+  readonly keyProvider?: KeyProvider;
+  /** Test seam: replaces `STAGES`. */
+  readonly stages?: readonly AgentStage[];
+  /** Called when the log level changes on reload. */
+  readonly setLogLevel?: (level: AgentConfig["agent"]["log_level"]) => void;
+}
+
+export interface AgentStatus {
+  readonly state: State["name"];
+  readonly status: string;
+  readonly reasons: Readonly<Record<string, string>>;
+  readonly since: string;
+  readonly version: string;
+  readonly pid: number;
+  readonly uptimeS: number;
+  readonly key?: {
+    readonly provider: string;
+    readonly ref: string;
+    readonly algorithm: string;
+    readonly thumbprint: string;
+  };
+  readonly enrolment: {
+    readonly enrolled: boolean;
+    readonly deviceId?: string;
+    readonly certificateNotAfter?: string;
+  };
+  readonly clock: ClockVerdict;
+  readonly anomalies: ReturnType<AnomalyDetector["flags"]>;
+  readonly stages: Readonly<Record<string, unknown>>;
+  readonly metrics?: string;
+}
+
+export interface ReloadReport {
+  readonly applied: readonly string[];
+  readonly restartRequired: readonly string[];
+}
+
+/** Leaf key paths whose values differ between two configs (paths only: values are never logged). */
+export function changedKeys(a: AgentConfig, b: AgentConfig): string[] {
+  const get = (o: unknown, path: string): unknown =>
+    path
+      .split(".")
+      .reduce<unknown>(
+        (cur, k) =>
+          cur !== null && typeof cur === "object" ? (cur as Record<string, unknown>)[k] : undefined,
+        o,
+      );
+  const keys = new Set([...configKeys(a), ...configKeys(b)]);
+  return [...keys].filter((k) => JSON.stringify(get(a, k)) !== JSON.stringify(get(b, k))).sort();
+}
+
+/** Looks a group name up in /etc/group (Node has no getgrnam). */
+export function groupId(name: string): number | undefined {
+  if (/^\d+$/.test(name)) return Number(name);
+  try {
+    for (const line of readFileSync("/etc/group", "utf8").split("\n")) {
+      const [gname, , gid] = line.split(":");
+      if (gname === name && gid !== undefined) return Number(gid);
+    }
+  } catch {
+    // no /etc/group: fall through
+  }
+  return undefined;
+}
+
+/** A running agent. */
+export class Agent {
+  readonly lifecycle: Lifecycle;
+  readonly metrics: AgentMetrics;
+  readonly health: HealthBoard;
+  readonly clockSanity: ClockSanity;
+  readonly anomalies: Anomalies;
+  readonly watch: OperationWatch;
+  #config: AgentConfig;
+  readonly #deps: AgentDeps;
+  readonly #log: Logger;
+  readonly #clock: Clock;
+  readonly #env: NodeJS.ProcessEnv;
+  readonly #stages: readonly AgentStage[];
+  readonly #handles: { stage: AgentStage; handle: StageHandle }[] = [];
+  readonly #services = new Map<string, unknown>();
+  readonly #startedMono: number;
+  #since: string;
+  #audit: AuditSink = { record: async () => undefined };
+  #auditLog: AuditLog | undefined;
+  #api: ApiServer | undefined;
+  #metricsServer: MetricsServer | undefined;
+  #provider: KeyProvider | undefined;
+  #keyInfo: KeyInfo | undefined;
+  #enrolment: EnrolmentState | undefined;
+  #certNotAfter: Date | undefined;
+  #retryTimer: NodeJS.Timeout | undefined;
+  #clockTimer: NodeJS.Timeout | undefined;
+  #bringUpDone = false;
+
+  constructor(config: AgentConfig, deps: AgentDeps) {
+    this.#config = config;
+    this.#deps = deps;
+    this.#log = deps.log;
+    this.#clock = deps.clock ?? systemClock;
+    this.#env = deps.env ?? process.env;
+    this.#stages = deps.stages ?? STAGES;
+    this.#startedMono = this.#clock.monotonicMs();
+    this.#since = this.#clock.now().toISOString();
+    this.lifecycle = new Lifecycle(this.#log.child({ component: "lifecycle" }));
+    this.metrics = new AgentMetrics(agentVersion());
+    this.health = new HealthBoard(this.lifecycle);
+    this.watch = new OperationWatch(this.#clock, Math.max(30_000, 3 * config.keys.tpm.timeout_ms));
+    this.clockSanity = new ClockSanity({
+      clock: this.#clock,
+      stateDir: config.agent.state_dir,
+      log: this.#log,
+    });
+    this.anomalies = new Anomalies({
+      clock: this.#clock,
+      onFlag: (flag) => {
+        this.metrics.anomalies.inc({ kind: flag.kind });
+        this.#log.warn("anomaly flagged", { kind: flag.kind, channel: flag.channel, detail: flag.detail });
+        this.#audit.record("anomaly", { ...flag }).catch(() => undefined);
+      },
+    });
+    this.metrics.setState("starting", STATE_NAMES);
+    this.lifecycle.onTransition(({ from, to }) => {
+      this.#since = this.#clock.now().toISOString();
+      this.metrics.setState(to.name, STATE_NAMES);
+      this.metrics.transitions.inc({ from: from.name, to: to.name });
+      if (to.name !== "stopping" && to.name !== "stopped" && to.name !== "reloading")
+        void this.#deps.notifier?.status(describeState(to));
+    });
+  }
+
+  get config(): AgentConfig {
+    return this.#config;
+  }
+
+  get keyInfo(): KeyInfo | undefined {
+    return this.#keyInfo;
+  }
+
+  /** Watchdog predicate: false while a hardware call is stuck past its deadline. */
+  healthy(): boolean {
+    const hung = this.watch.hung();
+    if (hung !== undefined) {
+      this.health.set("hang", `${hung.op} pending for ${Math.round(hung.pendingMs / 1000)} s`);
+      return false;
+    }
+    this.health.set("hang", undefined);
+    return true;
+  }
+
+  /** Starts everything; resolves once the agent is running, degraded or unprovisioned. */
+  async start(): Promise<void> {
+    const c = this.#config;
+    await this.clockSanity.load();
+    this.#checkClock();
+    try {
+      this.#auditLog = await AuditLog.open(auditLogPath(c), { clock: this.#clock, log: this.#log });
+      this.#audit = this.#auditLog;
+      this.health.set("audit", undefined);
+    } catch (err) {
+      this.health.set("audit", asM2mError(err).message);
+    }
+    await this.#startApi();
+    await this.#startMetrics();
+    await this.#bringUp();
+    if (this.lifecycle.state.name === "starting") this.lifecycle.dispatch({ type: "ready" });
+    this.health.apply();
+    this.#clockTimer = setInterval(() => {
+      this.#checkClock();
+      this.clockSanity
+        .persist()
+        .catch((err: unknown) => this.#log.warn("could not persist clock floor", { error: err }));
+    }, 60_000);
+    this.#clockTimer.unref();
+  }
+
+  #checkClock(): void {
+    const v = this.clockSanity.check();
+    this.metrics.clockTrusted.set(v.trusted ? 1 : 0);
+    this.health.set("clock", v.reason);
+  }
+
+  async #startApi(): Promise<void> {
+    const c = this.#config.api;
+    try {
+      const { ApiServer } = await import("../api/server.js");
+      const gid = c.group === undefined ? undefined : groupId(c.group);
+      if (c.group !== undefined && gid === undefined)
+        this.#log.warn("api.group not found; socket keeps the agent's group", { group: c.group });
+      const api = new ApiServer({
+        socketPath: c.socket,
+        mode: c.mode,
+        ...(gid === undefined ? {} : { gid }),
+        logger: this.#log.child({ component: "api" }),
+      });
+      api.route("GET", "/v1/status", async () => ({ status: 200, json: this.status() }));
+      await api.listen();
+      this.#api = api;
+      this.health.set("api", undefined);
+      this.#log.info("local API listening", { socket: c.socket });
+    } catch (err) {
+      this.health.set("api", `local API unavailable: ${asM2mError(err).message}`);
+      this.#log.error("local API could not start", { error: err });
+    }
+  }
+
+  async #startMetrics(): Promise<void> {
+    const m = this.#config.metrics;
+    if (!m.enabled) return;
+    try {
+      this.#metricsServer = await startMetricsServer(
+        this.metrics.registry,
+        m.listen,
+        this.#log.child({ component: "metrics" }),
+      );
+      this.health.set("metrics", undefined);
+    } catch (err) {
+      this.health.set("metrics", asM2mError(err).message);
+    }
+  }
+
+  /** Key → enrolment state → stages. Transient key failures are retried in the background. */
+  async #bringUp(attempt = 1): Promise<void> {
+    const c = this.#config;
+    try {
+      if (this.#provider === undefined) {
+        const raw =
+          this.#deps.keyProvider ??
+          (await keyProviderFromConfig(c, { log: this.#log, clock: this.#clock, env: this.#env }));
+        this.#provider = instrumentKeyProvider(raw, this.metrics, this.watch, this.#clock);
+      }
+      // Enrolment creates the key on first start; without enrolment the key is made by `keys init`.
+      this.#keyInfo = c.enroll.enabled ? await this.#provider.createOrOpen() : await this.#provider.open();
+      if (this.#keyInfo.created)
+        await this.#audit.record("key_created", {
+          ref: this.#keyInfo.ref,
+          thumbprint: this.#keyInfo.thumbprint,
+        });
+      this.health.set("key", undefined);
+      this.#log.info("device key open", { ref: this.#keyInfo.ref, thumbprint: this.#keyInfo.thumbprint });
+    } catch (err) {
+      const e = asM2mError(err);
+      if (isM2mError(err, "ERR_KEY_NOT_FOUND")) {
+        this.lifecycle.dispatch({
+          type: "unprovisioned",
+          reason: "no device key: run `m2m-agent keys init` or enable [enroll]",
+        });
+        return;
+      }
+      this.health.set("key", `${e.code}: ${e.message}`);
+      if (this.lifecycle.state.name === "starting")
+        this.lifecycle.dispatch({ type: "degrade", reason: this.health.summary ?? e.code });
+      if (e.retry === "transient") {
+        const delay = Math.max(
+          1000,
+          backoffDelay({ ...defaultRetryPolicy, baseMs: 2000, capMs: 60_000 }, attempt),
+        );
+        this.#log.warn("device key unavailable; retrying", { code: e.code, delayMs: delay });
+        this.#retryTimer = setTimeout(() => void this.#bringUp(attempt + 1), delay);
+      } else {
+        this.#log.error("device key unusable; not retrying", { error: e });
+      }
+      return;
+    }
+    await this.#loadEnrolment();
+    if (c.enroll.enabled && this.#enrolment === undefined) {
+      // The enrolment flow (src/enroll) plugs in here as the first stage once it exposes one.
+      this.health.set("enrolment", "not enrolled");
+    }
+    await this.#startStages();
+    this.#bringUpDone = true;
+    this.health.apply();
+  }
+
+  async #loadEnrolment(): Promise<void> {
+    try {
+      const { readEnrolmentState } = await import("../enroll/state.js");
+      this.#enrolment = await readEnrolmentState(this.#config.agent.state_dir);
+    } catch (err) {
+      this.health.set("enrolment", asM2mError(err).message);
+      return;
+    }
+    const e = this.#enrolment;
+    if (e === undefined) return;
+    // Security: an identity issued to another key must not be used with this one.
+    if (this.#keyInfo !== undefined && e.keyThumbprint !== this.#keyInfo.thumbprint) {
+      this.health.set("enrolment", "enrolled identity belongs to another key (re-enrol)");
+      return;
+    }
+    try {
+      const cert = new X509Certificate(e.certificatePem);
+      this.#certNotAfter = new Date(cert.validTo);
+      this.metrics.certExpiry.set(Math.floor(this.#certNotAfter.getTime() / 1000));
+      this.clockSanity.setCertificateNotBefore(new Date(cert.validFrom));
+      this.#checkClock();
+    } catch (err) {
+      this.health.set("enrolment", `certificate unreadable: ${asM2mError(err).message}`);
+      return;
+    }
+    this.health.set("enrolment", undefined);
+  }
+
+  async #startStages(): Promise<void> {
+    if (this.#provider === undefined || this.#keyInfo === undefined) return;
+    for (const stage of this.#stages) {
+      if (!stage.enabled(this.#config)) continue;
+      try {
+        const handle = await stage.start({
+          config: this.#config,
+          log: this.#log.child({ component: stage.name }),
+          clock: this.#clock,
+          env: this.#env,
+          metrics: this.metrics,
+          health: this.health,
+          lifecycle: this.lifecycle,
+          audit: this.#audit,
+          anomalies: this.anomalies,
+          clockSanity: this.clockSanity,
+          api: this.#api,
+          key: { provider: this.#provider, info: this.#keyInfo },
+          enrolment: this.#enrolment,
+          services: this.#services,
+        });
+        this.#handles.push({ stage, handle });
+        this.health.set(`stage.${stage.name}`, undefined);
+      } catch (err) {
+        this.health.set(`stage.${stage.name}`, `failed to start: ${asM2mError(err).message}`);
+        this.#log.error("stage failed to start", { stage: stage.name, error: err });
+      }
+    }
+  }
+
+  status(): AgentStatus {
+    const s = this.lifecycle.state;
+    const stages: Record<string, unknown> = {};
+    for (const { stage, handle } of this.#handles) stages[stage.name] = handle.status?.() ?? "started";
+    return {
+      state: s.name,
+      status: describeState(s),
+      reasons: this.health.reasons,
+      since: this.#since,
+      version: agentVersion(),
+      pid: process.pid,
+      uptimeS: Math.round((this.#clock.monotonicMs() - this.#startedMono) / 1000),
+      ...(this.#keyInfo === undefined || this.#provider === undefined
+        ? {}
+        : {
+            key: {
+              provider: this.#provider.kind,
+              ref: this.#keyInfo.ref,
+              algorithm: this.#keyInfo.algorithm,
+              thumbprint: this.#keyInfo.thumbprint,
+            },
+          }),
+      enrolment:
+        this.#enrolment === undefined
+          ? { enrolled: false }
+          : {
+              enrolled: true,
+              deviceId: this.#enrolment.deviceId,
+              ...(this.#certNotAfter === undefined
+                ? {}
+                : { certificateNotAfter: this.#certNotAfter.toISOString() }),
+            },
+      clock: this.clockSanity.check(),
+      anomalies: this.anomalies.flags(),
+      stages,
+      ...(this.#metricsServer === undefined ? {} : { metrics: this.#metricsServer.address }),
+    };
+  }
+
+  /**
+   * Applies a new config: log level and metrics live, stages through their `reload()`; everything
+   * else is reported as restart-required (logged by key path, never by value).
+   */
+  async reload(next: AgentConfig): Promise<ReloadReport> {
+    const changed = changedKeys(this.#config, next);
+    const applied: string[] = [];
+    const restart: string[] = [];
+    const prev = this.#config;
+    this.#config = next;
+    for (const key of changed) {
+      if (key === "agent.log_level") {
+        this.#deps.setLogLevel?.(next.agent.log_level);
+        applied.push(key);
+      } else if (key.startsWith("metrics.")) {
+        applied.push(key);
+      } else if (!this.#handles.some((h) => h.stage.sections.some((s) => key.startsWith(`${s}.`)))) {
+        restart.push(key);
+      }
+    }
+    if (changed.some((k) => k.startsWith("metrics."))) {
+      await this.#metricsServer?.close();
+      this.#metricsServer = undefined;
+      this.health.set("metrics", undefined);
+      await this.#startMetrics();
+    }
+    for (const { stage, handle } of this.#handles) {
+      if (!changed.some((k) => stage.sections.some((s) => k.startsWith(`${s}.`)))) continue;
+      if (handle.reload === undefined) {
+        restart.push(...changed.filter((k) => stage.sections.some((s) => k.startsWith(`${s}.`))));
+        continue;
+      }
+      try {
+        const r = await handle.reload(next);
+        applied.push(...r.applied);
+        restart.push(...r.restartRequired);
+      } catch (err) {
+        this.#log.error("stage reload failed", { stage: stage.name, error: err });
+      }
+    }
+    void prev;
+    return { applied: applied.sort(), restartRequired: [...new Set(restart)].sort() };
+  }
+
+  /**
+   * Drains stages (reverse order) within `deadlineMs`, then closes the API, metrics, the key
+   * provider and the audit log. Never throws.
+   */
+  async stop(
+    reason: string,
+    deadlineMs = this.#config.agent.drain_timeout_ms,
+  ): Promise<{ drained: boolean }> {
+    if (this.lifecycle.state.name === "stopping" || this.lifecycle.state.name === "stopped")
+      return { drained: true };
+    this.lifecycle.dispatch({ type: "stop", reason });
+    clearTimeout(this.#retryTimer);
+    clearInterval(this.#clockTimer);
+    const controller = new AbortController();
+    const timer = setTimeout(
+      () => controller.abort(new M2mError("ERR_DRAIN_TIMEOUT", "transient", "drain deadline")),
+      deadlineMs,
+    );
+    let drained = true;
+    const stops = [...this.#handles].reverse().map(async ({ stage, handle }) => {
+      try {
+        await handle.stop(controller.signal);
+      } catch (err) {
+        this.#log.warn("stage stop failed", { stage: stage.name, error: err });
+      }
+    });
+    const deadline = new Promise<"deadline">((resolve) =>
+      controller.signal.addEventListener("abort", () => resolve("deadline"), { once: true }),
+    );
+    if ((await Promise.race([Promise.all(stops).then(() => "done" as const), deadline])) === "deadline") {
+      drained = false;
+      this.#log.warn("drain deadline reached; exiting with work still in flight", { deadlineMs });
+    }
+    clearTimeout(timer);
+    await this.#api?.close().catch(() => undefined);
+    await this.#metricsServer?.close().catch(() => undefined);
+    await this.#provider?.close().catch(() => undefined);
+    await this.clockSanity.persist().catch(() => false);
+    await this.#auditLog?.close().catch(() => undefined);
+    this.lifecycle.dispatch({ type: "stopped" });
+    void this.#bringUpDone;
+    return { drained };
+  }
+}
+
+/** Builds and starts the agent. Never throws for runtime faults (they degrade); config errors do. */
+export async function startAgent(config: AgentConfig, deps: AgentDeps): Promise<Agent> {
+  const agent = new Agent(config, deps);
+  await agent.start();
+  return agent;
+}

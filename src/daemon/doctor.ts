@@ -1,0 +1,443 @@
+import { createPublicKey, X509Certificate } from "node:crypto";
+import { stat, statfs } from "node:fs/promises";
+import { connect } from "node:net";
+import { dirname } from "node:path";
+import { type AgentConfig, loadConfig, outboxPath, type SecretRef } from "../config/index.js";
+import { type Clock, systemClock } from "../core/clock.js";
+import { asM2mError, isM2mError } from "../core/errors.js";
+import { silentLogger } from "../core/log.js";
+import type { EnrolmentState } from "../enroll/state.js";
+import type { KeyInfo, KeyProvider } from "../keys/key-provider.js";
+import { ClockSanity } from "./clock-sanity.js";
+import { keyProviderFromConfig } from "./compose.js";
+
+/**
+ * `m2m-agent doctor`: named checks, each ok / warn / fail / skip with a fix hint (after aziot's
+ * `aziotctl check`). Checks never throw; a check that cannot run is reported, not fatal.
+ */
+export type CheckStatus = "ok" | "warn" | "fail" | "skip";
+
+export interface CheckResult {
+  readonly name: string;
+  readonly status: CheckStatus;
+  readonly detail: string;
+  readonly hint?: string;
+}
+
+export interface DoctorOptions {
+  readonly configPath?: string;
+  readonly explicit?: boolean;
+  readonly env?: NodeJS.ProcessEnv;
+  readonly clock?: Clock;
+  /** TCP connect timeout for reachability checks. */
+  readonly connectTimeoutMs?: number;
+  /** Test seam. */
+  readonly keyProvider?: KeyProvider;
+}
+
+const ok = (name: string, detail: string): CheckResult => ({ name, status: "ok", detail });
+const warn = (name: string, detail: string, hint: string): CheckResult => ({
+  name,
+  status: "warn",
+  detail,
+  hint,
+});
+const fail = (name: string, detail: string, hint: string): CheckResult => ({
+  name,
+  status: "fail",
+  detail,
+  hint,
+});
+const skip = (name: string, detail: string): CheckResult => ({ name, status: "skip", detail });
+
+/** TCP connect to host:port within the timeout. */
+export function tcpReachable(
+  host: string,
+  port: number,
+  timeoutMs: number,
+): Promise<{ ok: boolean; detail: string }> {
+  return new Promise((resolve) => {
+    const s = connect({ host, port });
+    const t = setTimeout(() => {
+      s.destroy();
+      resolve({ ok: false, detail: `no answer within ${timeoutMs} ms` });
+    }, timeoutMs);
+    s.once("connect", () => {
+      clearTimeout(t);
+      s.destroy();
+      resolve({ ok: true, detail: "TCP connect ok" });
+    });
+    s.once("error", (err: NodeJS.ErrnoException) => {
+      clearTimeout(t);
+      resolve({ ok: false, detail: err.code ?? err.message });
+    });
+  });
+}
+
+function hostPort(url: string): { host: string; port: number } | undefined {
+  try {
+    const u = new URL(url);
+    const defaults: Record<string, number> = { "https:": 443, "http:": 80, "mqtts:": 8883, "mqtt:": 1883 };
+    const port = u.port === "" ? defaults[u.protocol] : Number(u.port);
+    if (port === undefined) return undefined;
+    return { host: u.hostname.replace(/^\[|\]$/g, ""), port };
+  } catch {
+    return undefined;
+  }
+}
+
+function secretRefs(c: AgentConfig): { key: string; ref: SecretRef }[] {
+  const out: { key: string; ref: SecretRef }[] = [];
+  if (c.keys.provider === "pkcs11" && c.keys.pkcs11.pin !== undefined)
+    out.push({ key: "keys.pkcs11.pin", ref: c.keys.pkcs11.pin });
+  if (c.enroll.bootstrap_token !== undefined)
+    out.push({ key: "enroll.bootstrap_token", ref: c.enroll.bootstrap_token });
+  return out;
+}
+
+async function permissions(c: AgentConfig, env: NodeJS.ProcessEnv): Promise<CheckResult[]> {
+  const results: CheckResult[] = [];
+  const st = await stat(c.agent.state_dir).catch(() => undefined);
+  if (st === undefined) {
+    results.push(
+      warn(
+        "state-dir-permissions",
+        `${c.agent.state_dir} does not exist yet`,
+        "systemd creates it (StateDirectory=m2m-agent, 0700) on first start; outside systemd: install -d -m 0700 " +
+          c.agent.state_dir,
+      ),
+    );
+  } else if ((st.mode & 0o077) !== 0) {
+    results.push(
+      fail(
+        "state-dir-permissions",
+        `${c.agent.state_dir} has mode ${(st.mode & 0o777).toString(8)}`,
+        `chmod 700 ${c.agent.state_dir}`,
+      ),
+    );
+  } else {
+    results.push(ok("state-dir-permissions", `${c.agent.state_dir} mode ${(st.mode & 0o777).toString(8)}`));
+  }
+  const problems: string[] = [];
+  const fine: string[] = [];
+  for (const { key, ref } of secretRefs(c)) {
+    if ("file" in ref) {
+      const s = await stat(ref.file).catch(() => undefined);
+      if (s === undefined) problems.push(`${key}: ${ref.file} missing`);
+      else if ((s.mode & 0o077) !== 0)
+        problems.push(`${key}: ${ref.file} mode ${(s.mode & 0o777).toString(8)}`);
+      else fine.push(`${key}: ${ref.file} ${(s.mode & 0o777).toString(8)}`);
+    } else if ("credential" in ref) {
+      if (env.CREDENTIALS_DIRECTORY === undefined)
+        fine.push(`${key}: systemd credential ${ref.credential} (checked at runtime)`);
+      else fine.push(`${key}: systemd credential ${ref.credential}`);
+    } else {
+      fine.push(`${key}: env ${ref.env}`);
+    }
+  }
+  if (problems.length > 0)
+    results.push(
+      fail(
+        "secret-file-permissions",
+        problems.join("; "),
+        "create secret files 0600 owned by the agent user (or use LoadCredential=)",
+      ),
+    );
+  else if (fine.length === 0)
+    results.push(skip("secret-file-permissions", "no secret references configured"));
+  else results.push(ok("secret-file-permissions", fine.join("; ")));
+  return results;
+}
+
+async function keyChecks(
+  c: AgentConfig,
+  opts: DoctorOptions,
+): Promise<{ results: CheckResult[]; info: KeyInfo | undefined }> {
+  const reachName = c.keys.provider === "tpm" ? "tpm-reachable" : "token-reachable";
+  let provider: KeyProvider;
+  try {
+    provider =
+      opts.keyProvider ??
+      (await keyProviderFromConfig(c, {
+        log: silentLogger,
+        ...(opts.env === undefined ? {} : { env: opts.env }),
+      }));
+  } catch (err) {
+    const e = asM2mError(err);
+    return {
+      results: [
+        fail(reachName, `${e.code}: ${e.message}`, e.hint ?? "check the [keys] section"),
+        skip("key-present", "backend unavailable"),
+      ],
+      info: undefined,
+    };
+  }
+  const results: CheckResult[] = [];
+  let info: KeyInfo | undefined;
+  try {
+    const h = await provider.health();
+    if (h.ok) results.push(ok(reachName, h.detail));
+    else if (
+      h.code === "ERR_TPM_LOCKOUT" ||
+      h.code === "ERR_PKCS11_PIN_LOCKED" ||
+      h.code === "ERR_PIN_LOCKED"
+    )
+      results.push(
+        fail(
+          reachName,
+          `${h.code}: ${h.detail}`,
+          c.keys.provider === "tpm"
+            ? "the TPM is in dictionary-attack lockout: wait for the recovery time or clear it with the lockout auth (tpm2_dictionarylockout -c)"
+            : "the token PIN is locked: reset it with the SO PIN",
+        ),
+      );
+    else if (h.code === "ERR_KEY_NOT_FOUND") results.push(ok(reachName, "backend answers (no key yet)"));
+    else
+      results.push(
+        fail(
+          reachName,
+          `${h.code ?? "?"}: ${h.detail}`,
+          c.keys.provider === "tpm"
+            ? `check the TCTI (${c.keys.tpm.tcti}), /dev/tpmrm0 permissions (group tss) and DeviceAllow=`
+            : "check module path, token label and PIN",
+        ),
+      );
+    try {
+      info = await provider.open();
+      results.push(ok("key-present", `${info.ref} ${info.algorithm} thumbprint ${info.thumbprint}`));
+    } catch (err) {
+      const e = asM2mError(err);
+      results.push(
+        isM2mError(err, "ERR_KEY_NOT_FOUND")
+          ? fail(
+              "key-present",
+              "no device key",
+              c.enroll.enabled
+                ? "start the agent (enrolment creates it) or run `m2m-agent keys init`"
+                : "run `m2m-agent keys init`",
+            )
+          : fail("key-present", `${e.code}: ${e.message}`, e.hint ?? "see the backend check above"),
+      );
+    }
+  } finally {
+    await provider.close().catch(() => undefined);
+  }
+  return { results, info };
+}
+
+function certChecks(
+  enrolment: EnrolmentState | undefined,
+  info: KeyInfo | undefined,
+  c: AgentConfig,
+  clock: Clock,
+): CheckResult[] {
+  if (enrolment === undefined) {
+    const why = c.enroll.enabled ? "not enrolled yet" : "enrolment not enabled";
+    return [skip("key-matches-certificate", why), skip("certificate-expiry", why)];
+  }
+  let cert: X509Certificate;
+  try {
+    cert = new X509Certificate(enrolment.certificatePem);
+  } catch (err) {
+    return [
+      fail(
+        "key-matches-certificate",
+        `certificate unreadable: ${asM2mError(err).message}`,
+        "re-enrol (`m2m-agent enroll --force`)",
+      ),
+      skip("certificate-expiry", "certificate unreadable"),
+    ];
+  }
+  const out: CheckResult[] = [];
+  if (info === undefined) out.push(skip("key-matches-certificate", "device key unavailable"));
+  else {
+    const certSpki = cert.publicKey.export({ format: "der", type: "spki" });
+    const keySpki = createPublicKey(info.spkiPem).export({ format: "der", type: "spki" });
+    // Security: a certificate for another key means the identity would be presented by the wrong key.
+    out.push(
+      certSpki.equals(keySpki)
+        ? ok("key-matches-certificate", `certificate ${cert.serialNumber} is for ${info.thumbprint}`)
+        : fail(
+            "key-matches-certificate",
+            "the enrolled certificate does not match the device key",
+            "the key was replaced: re-enrol (`m2m-agent enroll --force`)",
+          ),
+    );
+  }
+  const now = clock.now().getTime();
+  const nb = new Date(cert.validFrom).getTime();
+  const na = new Date(cert.validTo).getTime();
+  const left = na - now;
+  const days = (left / 86_400_000).toFixed(1);
+  if (left <= 0)
+    out.push(
+      fail(
+        "certificate-expiry",
+        `expired ${cert.validTo}`,
+        "renewal has failed: check registrar/EST reachability, then re-enrol",
+      ),
+    );
+  else if (left < 7 * 86_400_000 || left < 0.2 * (na - nb))
+    out.push(
+      warn(
+        "certificate-expiry",
+        `expires in ${days} days (${new Date(na).toISOString()})`,
+        "renewal should have happened: check the agent's logs and EST reachability",
+      ),
+    );
+  else
+    out.push(ok("certificate-expiry", `valid for ${days} more days (until ${new Date(na).toISOString()})`));
+  return out;
+}
+
+async function reachability(
+  c: AgentConfig,
+  enrolment: EnrolmentState | undefined,
+  timeoutMs: number,
+): Promise<CheckResult[]> {
+  const out: CheckResult[] = [];
+  const registrar = c.enroll.registrar_url ?? enrolment?.registrarUrl;
+  if (registrar === undefined) out.push(skip("registrar-reachable", "no registrar configured"));
+  else {
+    const hp = hostPort(registrar);
+    if (hp === undefined)
+      out.push(fail("registrar-reachable", `cannot parse ${registrar}`, "fix enroll.registrar_url"));
+    else {
+      const r = await tcpReachable(hp.host, hp.port, timeoutMs);
+      out.push(
+        r.ok
+          ? ok("registrar-reachable", `${hp.host}:${hp.port} ${r.detail}`)
+          : fail(
+              "registrar-reachable",
+              `${hp.host}:${hp.port}: ${r.detail}`,
+              "check network, DNS, firewall (IPAddressAllow=) and enroll.registrar_url",
+            ),
+      );
+    }
+  }
+  const brokers = c.relay.mqtt?.urls ?? [];
+  if (brokers.length === 0) out.push(skip("broker-reachable", "no MQTT broker configured"));
+  else {
+    const res = await Promise.all(
+      brokers.map(async (u) => {
+        const hp = hostPort(u);
+        if (hp === undefined) return { u, ok: false, detail: "unparsable URL" };
+        const r = await tcpReachable(hp.host, hp.port, timeoutMs);
+        return { u: `${hp.host}:${hp.port}`, ...r };
+      }),
+    );
+    const bad = res.filter((r) => !r.ok);
+    if (bad.length === 0) out.push(ok("broker-reachable", res.map((r) => `${r.u} ok`).join("; ")));
+    else if (bad.length < res.length)
+      out.push(
+        warn(
+          "broker-reachable",
+          res.map((r) => `${r.u} ${r.ok ? "ok" : r.detail}`).join("; "),
+          "one broker is down; the agent fails over to the others",
+        ),
+      );
+    else
+      out.push(
+        fail(
+          "broker-reachable",
+          bad.map((r) => `${r.u} ${r.detail}`).join("; "),
+          "check broker, network and relay.mqtt.urls; messages wait in the outbox meanwhile",
+        ),
+      );
+  }
+  return out;
+}
+
+async function diskHeadroom(c: AgentConfig): Promise<CheckResult> {
+  const path = outboxPath(c);
+  let dir = dirname(path);
+  // The outbox may not exist yet: measure the nearest existing parent (same filesystem once created).
+  for (let i = 0; i < 20; i++) {
+    if ((await stat(dir).catch(() => undefined)) !== undefined) break;
+    dir = dirname(dir);
+  }
+  try {
+    const fs = await statfs(dir);
+    const free = Number(fs.bavail) * Number(fs.bsize);
+    const need = c.relay.outbox.max_bytes;
+    const mib = (n: number): string => `${(n / 1048576).toFixed(0)} MiB`;
+    if (free < need)
+      return fail(
+        "outbox-disk-headroom",
+        `${mib(free)} free at ${dir}, outbox may grow to ${mib(need)}`,
+        "free disk space or lower relay.outbox.max_bytes",
+      );
+    if (free < 2 * need)
+      return warn(
+        "outbox-disk-headroom",
+        `${mib(free)} free at ${dir}, outbox may grow to ${mib(need)}`,
+        "less than 2x the outbox cap is free",
+      );
+    return ok("outbox-disk-headroom", `${mib(free)} free at ${dir} (outbox cap ${mib(need)})`);
+  } catch (err) {
+    return fail("outbox-disk-headroom", `statfs ${dir}: ${asM2mError(err).message}`, "check the outbox path");
+  }
+}
+
+/** Runs every check. */
+export async function runDoctor(opts: DoctorOptions = {}): Promise<CheckResult[]> {
+  const clock = opts.clock ?? systemClock;
+  const env = opts.env ?? process.env;
+  const timeoutMs = opts.connectTimeoutMs ?? 3_000;
+  let config: AgentConfig;
+  try {
+    const loaded = await loadConfig({
+      ...(opts.configPath === undefined ? {} : { path: opts.configPath }),
+      explicit: opts.explicit ?? false,
+      env,
+    });
+    config = loaded.config;
+  } catch (err) {
+    const e = asM2mError(err);
+    return [fail("config-well-formed", e.message, e.hint ?? "fix the configuration")];
+  }
+  const results: CheckResult[] = [
+    ok("config-well-formed", `provider ${config.keys.provider}, state ${config.agent.state_dir}`),
+  ];
+  results.push(...(await permissions(config, env)));
+  const { results: keyResults, info } = await keyChecks(config, opts);
+  results.push(...keyResults);
+  let enrolment: EnrolmentState | undefined;
+  try {
+    const { readEnrolmentState } = await import("../enroll/state.js");
+    enrolment = await readEnrolmentState(config.agent.state_dir);
+  } catch (err) {
+    const e = asM2mError(err);
+    results.push(fail("enrolment-state", `${e.code}: ${e.message}`, e.hint ?? "re-enrol"));
+  }
+  results.push(...certChecks(enrolment, info, config, clock));
+  results.push(...(await reachability(config, enrolment, timeoutMs)));
+  const cs = new ClockSanity({ clock, stateDir: config.agent.state_dir, log: silentLogger });
+  await cs.load();
+  if (enrolment !== undefined) {
+    try {
+      cs.setCertificateNotBefore(new Date(new X509Certificate(enrolment.certificatePem).validFrom));
+    } catch {
+      // reported by the certificate checks
+    }
+  }
+  const v = cs.check();
+  results.push(
+    v.trusted
+      ? ok("clock-plausible", `${v.now} ≥ ${v.floorSource} floor ${v.floor}`)
+      : fail(
+          "clock-plausible",
+          v.reason ?? "untrusted clock",
+          "enable time sync (timedatectl set-ntp true) or fix the RTC",
+        ),
+  );
+  results.push(await diskHeadroom(config));
+  return results;
+}
+
+/** Worst status of a set of results. */
+export function overall(results: readonly CheckResult[]): CheckStatus {
+  if (results.some((r) => r.status === "fail")) return "fail";
+  if (results.some((r) => r.status === "warn")) return "warn";
+  return "ok";
+}
