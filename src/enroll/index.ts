@@ -10,7 +10,7 @@ import { RegistrarClient } from "./http.js";
 import { enrollPkcs11 } from "./pkcs11.js";
 import { type ProgressFn, step } from "./progress.js";
 import { type EnrolmentState, readEnrolmentState, writeEnrolmentState } from "./state.js";
-import { enrollTpm, type TpmAttestationOps } from "./tpm.js";
+import { type EnrollTpmOps, enrollTpm } from "./tpm.js";
 
 export { RegistrarClient, type RegistrarClientOptions } from "./http.js";
 export { type EnrollPkcs11Input, enrollPkcs11 } from "./pkcs11.js";
@@ -23,7 +23,7 @@ export {
   readEnrolmentState,
   writeEnrolmentState,
 } from "./state.js";
-export { type EnrollTpmInput, enrollTpm, type TpmAttestationOps } from "./tpm.js";
+export { type EnrollTpmInput, type EnrollTpmOps, enrollTpm } from "./tpm.js";
 
 /** What `m2m-agent enroll` needs from the agent config (the daemon maps its `[enroll]` section). */
 export interface EnrollConfig {
@@ -43,7 +43,7 @@ export interface EnrollConfig {
 export interface RunEnrollOptions {
   readonly keyProvider: KeyProvider;
   /** Required for method "tpm". */
-  readonly tpm?: TpmAttestationOps | undefined;
+  readonly tpm?: EnrollTpmOps | undefined;
   /** Re-enrol even when enrolment state exists. */
   readonly force?: boolean;
   readonly onProgress?: ProgressFn;
@@ -118,7 +118,7 @@ export async function runEnroll(config: EnrollConfig, options: RunEnrollOptions)
       const { result, key } =
         config.method === "pkcs11"
           ? await enrollPkcs11({ ...common, bootstrapToken: token as Secret })
-          : await enrollTpm({ ...common, tpm: options.tpm as TpmAttestationOps, group: config.group });
+          : await enrollTpm({ ...common, tpm: options.tpm as EnrollTpmOps, group: config.group });
       return { result, keyRef: key.ref, thumbprint: key.thumbprint };
     };
     // A PKCS#11 retry after a lost response would meet ERR_TOKEN_USED: only failures before the
@@ -147,3 +147,4 @@ export async function runEnroll(config: EnrollConfig, options: RunEnrollOptions)
     await client.close();
   }
 }
+export { tpmEnrollOps } from "./tpm-adapter.js";

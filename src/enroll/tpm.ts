@@ -17,7 +17,7 @@ import { type ProgressFn, step } from "./progress.js";
  * The TPM operations enrolment needs beyond signing (implemented over tpm2-tools in
  * src/keys/tpm/endorsement.ts; a test double can implement them with software keys).
  */
-export interface TpmAttestationOps {
+export interface EnrollTpmOps {
   /** EK public (TPM2B_PUBLIC) and, when the TPM has one, its certificate (DER) and chain. */
   readEndorsement(): Promise<{
     readonly ekPublic: Uint8Array;
@@ -37,7 +37,7 @@ export interface TpmAttestationOps {
 export interface EnrollTpmInput {
   readonly client: RegistrarClient;
   readonly provider: KeyProvider;
-  readonly tpm: TpmAttestationOps;
+  readonly tpm: EnrollTpmOps;
   readonly group?: string | undefined;
   readonly hardwareSerial?: string | undefined;
   readonly requestedAttributes?: Record<string, string> | undefined;

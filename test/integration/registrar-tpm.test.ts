@@ -1,0 +1,269 @@
+import { execFile } from "node:child_process";
+import { createPublicKey, X509Certificate } from "node:crypto";
+import { copyFile, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
+import { ManualClock } from "../../src/core/clock.js";
+import { type EnrollTpmOps, RegistrarClient, runEnroll, tpmEnrollOps } from "../../src/enroll/index.js";
+import { createCsr } from "../../src/keys/csr.js";
+import { FakeKeyProvider } from "../../src/keys/fake/fake-provider.js";
+import type { KeyProvider } from "../../src/keys/key-provider.js";
+import { TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
+import { addEnrolmentGroup } from "../../src/registrar/admin.js";
+import {
+  ENROLL_PATHS,
+  enrolmentResultSchema,
+  tpmBeginResponseSchema,
+  WIRE_VERSION,
+} from "../../src/wire/v1/index.js";
+import { startTestRegistrar, type TestRegistrar } from "./registrar-harness.js";
+
+const run = promisify(execFile);
+const b64 = (b: Uint8Array): string => Buffer.from(b).toString("base64url");
+
+/** Runs begin + activation + certify by hand and returns a valid finish body (to tamper with). */
+async function prepare(client: RegistrarClient, ops: EnrollTpmOps, signer: KeyProvider, group = "gateways") {
+  const e = await ops.readEndorsement();
+  const { akPublic } = await ops.ensureAk();
+  const devicePublic = await ops.devicePublic();
+  const begin = await client.postJson(
+    ENROLL_PATHS.tpmBegin,
+    {
+      v: WIRE_VERSION,
+      ...(e.ekCertDer === undefined ? {} : { ekCertDer: b64(e.ekCertDer) }),
+      ekPublic: b64(e.ekPublic),
+      akPublic: b64(akPublic),
+      devicePublic: b64(devicePublic),
+      hardwareSerial: "GW-1",
+      requestedAttributes: {},
+      group,
+    },
+    tpmBeginResponseSchema,
+  );
+  const secret = await ops.activateCredential(Buffer.from(begin.credentialBlob, "base64url"));
+  const nonce = Buffer.from(begin.nonce, "base64url");
+  const { attest, signature } = await ops.certify(nonce);
+  const info = await signer.open();
+  const csr = await createCsr(signer, info, { commonName: "x" });
+  return {
+    begin,
+    body: {
+      v: WIRE_VERSION,
+      sessionId: begin.sessionId,
+      secret: b64(secret.reveal()),
+      attest: b64(attest),
+      signature: b64(signature),
+      csr: b64(csr),
+    },
+  };
+}
+
+describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)", () => {
+  let tpm: SwtpmHandle;
+  let provider: TpmKeyProvider;
+  let ops: EnrollTpmOps;
+  let work: string;
+  let trustDir: string;
+  const registrars: TestRegistrar[] = [];
+
+  const newRegistrar = async (
+    clock?: ManualClock,
+  ): Promise<{ reg: TestRegistrar; client: RegistrarClient }> => {
+    const reg = await startTestRegistrar(clock === undefined ? {} : { clock });
+    registrars.push(reg);
+    addEnrolmentGroup(reg.store, {
+      name: "gateways",
+      role: "gateway",
+      attributes: { fleet: "eu" },
+      methods: ["tpm"],
+      ekTrustDir: trustDir,
+    });
+    const client = await RegistrarClient.create({ baseUrl: reg.url, caFile: reg.caFile });
+    return { reg, client };
+  };
+
+  beforeAll(async () => {
+    tpm = await startSwtpm();
+    work = await mkdtemp(join(tmpdir(), "m2m-enroll-tpm-"));
+    trustDir = join(work, "ek-trust");
+    await mkdir(trustDir);
+    await copyFile(tpm.rootCaPemPath, join(trustDir, "root.pem"));
+    await copyFile(tpm.intermediateCaPemPath, join(trustDir, "intermediate.pem"));
+    provider = new TpmKeyProvider({ tcti: tpm.tcti });
+    await provider.createOrOpen();
+    ops = tpmEnrollOps(provider);
+  });
+
+  afterAll(async () => {
+    for (const r of registrars) await r.close();
+    await provider?.close();
+    await tpm?.stop();
+    if (work !== undefined) await rm(work, { recursive: true, force: true });
+  });
+
+  it("tamper table at the HTTP level: each change fails with its own code and nothing is persisted", async () => {
+    const { reg, client } = await newRegistrar();
+    const { body } = await prepare(client, ops, provider);
+    const flip = (s: string, at = 10): string => {
+      const b = Buffer.from(s, "base64url");
+      b[at % b.length] = (b[at % b.length] ?? 0) ^ 0x01;
+      return b64(b);
+    };
+    const other = new FakeKeyProvider();
+    await other.createOrOpen();
+    const otherCsr = b64(await createCsr(other, await other.open(), { commonName: "x" }));
+    const cases: [string, Record<string, unknown>, string][] = [
+      ["wrong secret", { ...body, secret: flip(body.secret) }, "ERR_CREDENTIAL_SECRET_MISMATCH"],
+      ["short secret", { ...body, secret: b64(Buffer.from("abc")) }, "ERR_CREDENTIAL_SECRET_MISMATCH"],
+      ["attest byte flipped (signature)", { ...body, attest: flip(body.attest, 40) }, "ERR_ATTEST_SIGNATURE"],
+      ["signature flipped", { ...body, signature: flip(body.signature, 20) }, "ERR_ATTEST_SIGNATURE"],
+      ["CSR for another key", { ...body, csr: otherCsr }, "ERR_CSR_KEY_MISMATCH"],
+      ["CSR garbage", { ...body, csr: b64(Buffer.from("not a csr")) }, "ERR_CSR_INVALID"],
+      ["unknown session", { ...body, sessionId: "0".repeat(32) }, "ERR_SESSION_UNKNOWN"],
+      ["extra field", { ...body, admin: true }, "ERR_SCHEMA"],
+    ];
+    for (const [name, tampered, code] of cases) {
+      const res = await reg.post(ENROLL_PATHS.tpmFinish, JSON.stringify(tampered));
+      expect({ name, status: res.status >= 400 && res.status < 500, json: res.json }).toMatchObject({
+        name,
+        status: true,
+        json: { v: 1, error: { code } },
+      });
+      // Error bodies carry no values from the request or the session.
+      expect(JSON.stringify(res.json)).not.toContain(body.secret);
+      expect(reg.store.listDevices()).toEqual([]);
+    }
+    // Wrong nonce: a certification made with another nonce (real TPM) is refused with its own code.
+    const { body: body2, begin: begin2 } = await prepare(client, ops, provider);
+    const stale = await ops.certify(Buffer.alloc(32, 7));
+    const res = await reg.post(
+      ENROLL_PATHS.tpmFinish,
+      JSON.stringify({ ...body2, attest: b64(stale.attest), signature: b64(stale.signature) }),
+    );
+    expect(res.json).toMatchObject({ error: { code: "ERR_ATTEST_NONCE" } });
+    // A certification from the first session replayed into the second is refused too.
+    const replay = await reg.post(
+      ENROLL_PATHS.tpmFinish,
+      JSON.stringify({ ...body2, attest: body.attest, signature: body.signature }),
+    );
+    expect(replay.json).toMatchObject({ error: { code: "ERR_ATTEST_NONCE" } });
+    expect(reg.store.listDevices()).toEqual([]);
+    // Nothing was persisted by the refusals: the untampered evidence still enrols on its session.
+    const ok = await client.postJson(ENROLL_PATHS.tpmFinish, body, enrolmentResultSchema);
+    expect(ok.method).toBe("tpm");
+    expect(reg.store.listDevices()).toHaveLength(1);
+    // Replaying the successful finish is refused: sessions are single-use.
+    const again = await reg.post(ENROLL_PATHS.tpmFinish, JSON.stringify(body));
+    expect(again).toMatchObject({ status: 409, json: { error: { code: "ERR_SESSION_CONSUMED" } } });
+    expect(begin2.sessionId).not.toBe(body.sessionId);
+    const audit = reg.store.listAudit(100);
+    expect(audit.filter((a) => a.event === "enroll.tpm.finish" && a.outcome === "failure").length).toBe(
+      cases.length + 3,
+    );
+  });
+
+  it("concurrent finishes of one session: exactly one wins", async () => {
+    const { reg, client } = await newRegistrar();
+    const { body } = await prepare(client, ops, provider);
+    const results = await Promise.all(
+      [1, 2, 3].map(() => reg.post(ENROLL_PATHS.tpmFinish, JSON.stringify(body))),
+    );
+    const statuses = results.map((r) => r.status).sort();
+    expect(statuses).toEqual([200, 409, 409]);
+    for (const r of results.filter((x) => x.status === 409)) {
+      expect(r.json).toMatchObject({ error: { code: "ERR_SESSION_CONSUMED" } });
+    }
+    expect(reg.store.listDevices()).toHaveLength(1);
+  });
+
+  it("an expired session is refused and nothing is registered", async () => {
+    const clock = new ManualClock(new Date());
+    const { reg, client } = await newRegistrar(clock);
+    const { body } = await prepare(client, ops, provider);
+    await clock.advance(61_000);
+    const res = await reg.post(ENROLL_PATHS.tpmFinish, JSON.stringify(body));
+    expect(res).toMatchObject({ status: 410, json: { error: { code: "ERR_SESSION_EXPIRED" } } });
+    expect(reg.store.listDevices()).toEqual([]);
+  });
+
+  it("runEnroll succeeds: openssl verifies the certificate and it carries the TPM key; same EK with another key is refused", async () => {
+    const { reg } = await newRegistrar();
+    const stateDir = join(work, "state");
+    const steps: string[] = [];
+    const out = await runEnroll(
+      {
+        registrarUrl: reg.url,
+        registrarCaFile: reg.caFile,
+        method: "tpm",
+        group: "gateways",
+        hardwareSerial: "GW-1",
+        stateDir,
+      },
+      { keyProvider: provider, tpm: ops, onProgress: (p) => p.status === "done" && steps.push(p.step) },
+    );
+    expect(out.status).toBe("enrolled");
+    expect(steps).toEqual([
+      "check-state",
+      "open-key",
+      "read-endorsement",
+      "prepare-ak",
+      "begin",
+      "activate-credential",
+      "certify",
+      "build-csr",
+      "submit",
+      "store-state",
+    ]);
+    expect(out.state).toMatchObject({ method: "tpm", role: "gateway", attributes: { fleet: "eu" } });
+    const certFile = join(work, "tpm-device.pem");
+    await writeFile(certFile, out.state.certificatePem);
+    const { stdout } = await run("openssl", ["verify", "-CAfile", reg.caFile, certFile]);
+    expect(stdout.trim()).toBe(`${certFile}: OK`);
+    const info = await provider.open();
+    expect(
+      new X509Certificate(out.state.certificatePem).publicKey.export({ format: "der", type: "spki" }),
+    ).toEqual(createPublicKey(info.spkiPem).export({ format: "der", type: "spki" }));
+    const device = reg.store.getDevice(out.state.deviceId);
+    expect(device?.ekHash).toMatch(/^[0-9a-f]{64}$/);
+
+    // Re-enrolment of the same hardware (same EK, same key) keeps the device id.
+    const again = await runEnroll(
+      {
+        registrarUrl: reg.url,
+        registrarCaFile: reg.caFile,
+        method: "tpm",
+        group: "gateways",
+        hardwareSerial: "GW-1",
+        stateDir,
+      },
+      { keyProvider: provider, tpm: ops, force: true },
+    );
+    expect(again.state.deviceId).toBe(out.state.deviceId);
+
+    // A second key in the same TPM (same EK) cannot take over or add an identity for that EK.
+    const second = new TpmKeyProvider({ runner: provider.runner, keyHandle: 0x81000004 });
+    await second.createOrOpen();
+    try {
+      await expect(
+        runEnroll(
+          {
+            registrarUrl: reg.url,
+            registrarCaFile: reg.caFile,
+            method: "tpm",
+            group: "gateways",
+            hardwareSerial: "GW-1",
+            stateDir: join(work, "state2"),
+          },
+          { keyProvider: second, tpm: tpmEnrollOps(second) },
+        ),
+      ).rejects.toMatchObject({ code: "ERR_EK_ALREADY_REGISTERED" });
+    } finally {
+      await second.destroy();
+    }
+    expect(reg.store.listDevices()).toHaveLength(1);
+    expect(reg.store.getDevice(out.state.deviceId)?.thumbprint).toBe(info.thumbprint);
+  });
+});
