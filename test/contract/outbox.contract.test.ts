@@ -118,6 +118,16 @@ for (const f of factories) {
       await ob.close();
     });
 
+    it("regression: messages appended after the outbox emptied are still leased (seq never reused)", async () => {
+      const ob = f.create({ dir: await fresh() });
+      const [first] = await ob.append([msg("x", 0)]);
+      await ob.lease("s", 1);
+      await ob.ack("s", [first as string]);
+      await ob.append([msg("a", 1), msg("b", 2)]);
+      expect((await ob.lease("s", 10)).map((m) => text(m.payload))).toEqual(["1", "2"]);
+      await ob.close();
+    });
+
     it("respects lease maxBytes but always returns at least one", async () => {
       const ob = f.create({ dir: await fresh() });
       await ob.append([

@@ -101,7 +101,7 @@ type MetaKey = (typeof META_KEYS)[number];
 
 const SCHEMA = `
 CREATE TABLE IF NOT EXISTS messages(
-  seq INTEGER PRIMARY KEY,
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
   id TEXT NOT NULL,
   channel TEXT NOT NULL,
   payload BLOB NOT NULL,
