@@ -1,0 +1,295 @@
+#!/usr/bin/env node
+import { realpathSync } from "node:fs";
+import { join } from "node:path";
+import { pathToFileURL } from "node:url";
+import { Command, CommanderError, Option } from "commander";
+import { M2mError } from "../core/errors.js";
+import { createLogger } from "../core/log.js";
+import { addEnrolmentGroup, createBootstrapToken } from "../registrar/admin.js";
+import { caPaths, FleetCa, initCa } from "../registrar/ca/index.js";
+import { loadRegistrarConfig, parseDurationSeconds, REGISTRAR_DB_FILE } from "../registrar/config.js";
+import { startRegistrar } from "../registrar/server.js";
+import { type DeviceRecord, SqliteRegistrarStore } from "../registrar/store/index.js";
+import type { EnrolmentMethod } from "../wire/v1/index.js";
+
+/** Where the CLI writes; tests capture it. */
+export interface CliIo {
+  out(text: string): void;
+  err(text: string): void;
+  /** Resolves when `serve` should stop (default: SIGINT/SIGTERM). */
+  stopSignal?: () => Promise<void>;
+}
+
+const defaultIo: CliIo = {
+  out: (t) => process.stdout.write(`${t}\n`),
+  err: (t) => process.stderr.write(`${t}\n`),
+};
+
+interface StoreOpts {
+  config?: string;
+  dataDir?: string;
+}
+
+async function openStore(opts: StoreOpts): Promise<SqliteRegistrarStore> {
+  if (opts.config !== undefined) {
+    const cfg = await loadRegistrarConfig(opts.config);
+    return new SqliteRegistrarStore(join(cfg.dataDir, REGISTRAR_DB_FILE));
+  }
+  if (opts.dataDir !== undefined) return new SqliteRegistrarStore(join(opts.dataDir, REGISTRAR_DB_FILE));
+  throw new M2mError("ERR_USAGE", "permanent", "give --config FILE or --data-dir DIR");
+}
+
+async function withStore<T>(opts: StoreOpts, fn: (s: SqliteRegistrarStore) => T | Promise<T>): Promise<T> {
+  const store = await openStore(opts);
+  try {
+    return await fn(store);
+  } finally {
+    store.close();
+  }
+}
+
+function deviceJson(d: DeviceRecord): Record<string, unknown> {
+  return {
+    deviceId: d.deviceId,
+    status: d.status,
+    method: d.method,
+    group: d.group,
+    role: d.role,
+    attributes: d.attributes,
+    thumbprint: d.thumbprint,
+    ekHash: d.ekHash,
+    hardwareSerial: d.hardwareSerial,
+    certSerial: d.certSerial,
+    certNotAfter: d.certNotAfter.toISOString(),
+    createdAt: d.createdAt.toISOString(),
+    updatedAt: d.updatedAt.toISOString(),
+    revokedAt: d.revokedAt?.toISOString(),
+    evidence: d.evidence,
+  };
+}
+
+function parseAttr(value: string, previous: Record<string, string>): Record<string, string> {
+  const i = value.indexOf("=");
+  if (i <= 0) throw new M2mError("ERR_USAGE", "permanent", "--attr takes key=value");
+  return { ...previous, [value.slice(0, i)]: value.slice(i + 1) };
+}
+
+function collect(value: string, previous: string[]): string[] {
+  return [...previous, ...value.split(",").filter((v) => v.length > 0)];
+}
+
+/**
+ * Builds the `m2m-registrar` program. Every command accepts `--json`; errors print
+ * `{error:{code,message}}` (JSON) or `error CODE: message` and exit with code 2.
+ */
+export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
+  const program = new Command("m2m-registrar")
+    .description("Reference registrar: attests devices (TPM / PKCS#11) and issues device certificates")
+    .option("--json", "machine-readable output")
+    .configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.err(s.trimEnd()) })
+    .exitOverride();
+  const json = (cmd: Command): boolean => cmd.optsWithGlobals<{ json?: boolean }>().json === true;
+  const print = (cmd: Command, value: unknown, text: string): void => {
+    io.out(json(cmd) ? JSON.stringify(value) : text);
+  };
+  const storeOptions = (c: Command): Command =>
+    c
+      .option("--config <file>", "registrar TOML config")
+      .option("--data-dir <dir>", "registrar data directory");
+
+  program
+    .command("serve")
+    .description("run the registrar (HTTPS)")
+    .requiredOption("--config <file>", "registrar TOML config")
+    .action(async (opts: { config: string }, cmd: Command) => {
+      const config = await loadRegistrarConfig(opts.config);
+      const logger = createLogger({ base: { svc: "m2m-registrar" } });
+      const store = new SqliteRegistrarStore(join(config.dataDir, REGISTRAR_DB_FILE));
+      try {
+        const ca = await FleetCa.load(config.caDir);
+        const running = await startRegistrar(config, { store, ca, logger });
+        print(cmd, { url: running.url }, `m2m-registrar listening on ${running.url}`);
+        await (io.stopSignal?.() ??
+          new Promise<void>((resolve) => {
+            process.once("SIGINT", () => resolve());
+            process.once("SIGTERM", () => resolve());
+          }));
+        await running.close();
+      } finally {
+        store.close();
+      }
+    });
+
+  const ca = program.command("ca").description("fleet CA");
+  ca.command("init")
+    .description("create the fleet CA and a registrar TLS certificate")
+    .requiredOption("--dir <dir>", "CA directory (keys are written 0600)")
+    .option("--san <name>", "extra TLS SAN (DNS name or IP), repeatable or comma-separated", collect, [])
+    .option("--force", "replace an existing CA")
+    .action(async (opts: { dir: string; san: string[]; force?: boolean }, cmd: Command) => {
+      const paths = await initCa({ dir: opts.dir, sans: opts.san, force: opts.force === true });
+      print(
+        cmd,
+        paths,
+        [`CA certificate:     ${paths.caCert}`, `registrar TLS cert: ${paths.serverCert}`].join("\n"),
+      );
+    });
+
+  const enrollment = program.command("enrollment").description("enrolment groups and bootstrap tokens");
+  const group = enrollment.command("group").description("enrolment groups");
+  storeOptions(
+    group
+      .command("add <name>")
+      .description("add an enrolment group")
+      .requiredOption("--role <role>", "role given to devices of this group")
+      .option("--attr <k=v>", "attribute given to devices (repeatable)", parseAttr, {})
+      .addOption(new Option("--methods <list>", "allowed methods").default("tpm,pkcs11"))
+      .option("--ek-trust-dir <dir>", "folder of TPM manufacturer CA PEMs")
+      .option("--ek-allow <sha256>", "allowed EK SPKI SHA-256 (repeatable or comma-separated)", collect, []),
+  ).action(
+    async (
+      name: string,
+      opts: StoreOpts & {
+        role: string;
+        attr: Record<string, string>;
+        methods: string;
+        ekTrustDir?: string;
+        ekAllow: string[];
+      },
+      cmd: Command,
+    ) => {
+      const methods = opts.methods.split(",").map((m) => m.trim());
+      for (const m of methods) {
+        if (m !== "tpm" && m !== "pkcs11")
+          throw new M2mError("ERR_USAGE", "permanent", `unknown method ${m}`);
+      }
+      const g = await withStore(opts, (s) =>
+        addEnrolmentGroup(s, {
+          name,
+          role: opts.role,
+          attributes: opts.attr,
+          methods: methods as EnrolmentMethod[],
+          ekTrustDir: opts.ekTrustDir,
+          ekAllow: opts.ekAllow,
+        }),
+      );
+      print(cmd, { ...g, createdAt: g.createdAt.toISOString() }, `group ${g.name} added (role ${g.role})`);
+    },
+  );
+  storeOptions(group.command("list").description("list enrolment groups")).action(
+    async (opts: StoreOpts, cmd: Command) => {
+      const groups = await withStore(opts, (s) => s.listGroups());
+      print(
+        cmd,
+        groups.map((g) => ({ ...g, createdAt: g.createdAt.toISOString() })),
+        groups.map((g) => `${g.name}\trole=${g.role}\tmethods=${g.methods.join(",")}`).join("\n"),
+      );
+    },
+  );
+
+  const token = enrollment.command("token").description("one-time bootstrap tokens");
+  storeOptions(
+    token
+      .command("create")
+      .description("create a one-time bootstrap token (printed once; only its hash is stored)")
+      .requiredOption("--group <group>", "enrolment group the token is bound to")
+      .option("--ttl <duration>", "lifetime, e.g. 24h, 30m, 7d", "24h"),
+  ).action(async (opts: StoreOpts & { group: string; ttl: string }, cmd: Command) => {
+    let ttl: number;
+    try {
+      ttl = parseDurationSeconds(opts.ttl);
+    } catch (err) {
+      throw new M2mError("ERR_USAGE", "permanent", "--ttl must look like 90s, 15m, 24h or 7d", {
+        cause: err,
+      });
+    }
+    const { token: t, record } = await withStore(opts, (s) => createBootstrapToken(s, opts.group, ttl));
+    // The only place the token is ever shown: it is not stored and cannot be recovered later.
+    print(
+      cmd,
+      { token: t.reveal(), group: record.group, expiresAt: record.expiresAt.toISOString() },
+      `${t.reveal()}\n(group ${record.group}, expires ${record.expiresAt.toISOString()}; shown once)`,
+    );
+  });
+
+  const devices = program.command("devices").description("the device registry");
+  storeOptions(devices.command("list").description("list devices")).action(
+    async (opts: StoreOpts, cmd: Command) => {
+      const list = await withStore(opts, (s) => s.listDevices());
+      print(
+        cmd,
+        list.map(deviceJson),
+        list
+          .map((d) => `${d.deviceId}\t${d.status}\t${d.method}\t${d.group}\t${d.role}\t${d.hardwareSerial}`)
+          .join("\n"),
+      );
+    },
+  );
+  storeOptions(devices.command("show <deviceId>").description("show one device")).action(
+    async (deviceId: string, opts: StoreOpts, cmd: Command) => {
+      const d = await withStore(opts, (s) => s.getDevice(deviceId));
+      if (d === undefined) throw new M2mError("ERR_DEVICE_UNKNOWN", "permanent", `no device ${deviceId}`);
+      print(cmd, deviceJson(d), JSON.stringify(deviceJson(d), null, 2));
+    },
+  );
+  storeOptions(devices.command("revoke <deviceId>").description("revoke a device")).action(
+    async (deviceId: string, opts: StoreOpts, cmd: Command) => {
+      const d = await withStore(opts, (s) => s.revokeDevice(deviceId, new Date()));
+      print(cmd, deviceJson(d), `device ${d.deviceId} revoked`);
+    },
+  );
+
+  ca.command("paths")
+    .description("print the file paths of a CA directory")
+    .requiredOption("--dir <dir>", "CA directory")
+    .action((opts: { dir: string }, cmd: Command) => {
+      const p = caPaths(opts.dir);
+      print(cmd, p, `${p.caCert}\n${p.serverCert}`);
+    });
+  return program;
+}
+
+/** Runs the CLI; returns the exit code (0 ok, 2 error). Never calls process.exit. */
+export async function runRegistrarCli(argv: readonly string[], io: CliIo = defaultIo): Promise<number> {
+  const program = buildRegistrarProgram(io);
+  try {
+    await program.parseAsync([...argv], { from: "user" });
+    return 0;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      if (err.code === "commander.helpDisplayed" || err.code === "commander.version") return 0;
+      if (argv.includes("--json")) {
+        io.out(
+          JSON.stringify({ error: { code: "ERR_USAGE", message: err.message.replace(/^error: /, "") } }),
+        );
+      }
+      return 2;
+    }
+    const e =
+      err instanceof M2mError
+        ? err
+        : new M2mError("ERR_INTERNAL", "permanent", err instanceof Error ? err.message : String(err));
+    if (argv.includes("--json")) {
+      io.out(
+        JSON.stringify({ error: { code: e.code, message: e.message, ...(e.hint ? { hint: e.hint } : {}) } }),
+      );
+    } else {
+      io.err(`error ${e.code}: ${e.message}${e.hint ? `\nhint: ${e.hint}` : ""}`);
+    }
+    return 2;
+  }
+}
+
+const invokedDirectly = (() => {
+  const entry = process.argv[1];
+  if (entry === undefined) return false;
+  try {
+    return import.meta.url === pathToFileURL(realpathSync(entry)).href;
+  } catch {
+    return false;
+  }
+})();
+
+if (invokedDirectly) {
+  process.exitCode = await runRegistrarCli(process.argv.slice(2));
+}
