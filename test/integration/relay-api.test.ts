@@ -1,5 +1,4 @@
 import { mkdtemp, rm, stat } from "node:fs/promises";
-import { request } from "node:http";
 import { connect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -9,51 +8,7 @@ import { ApiServer } from "../../src/api/server.js";
 import { sendMessage } from "../../src/cli/agent/send.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { mountMessagesRoute } from "../../src/relay/sources/api/messages-route.js";
-
-export interface Reply {
-  status: number;
-  headers: Record<string, string | string[] | undefined>;
-  json: { ids?: string[]; error?: { code: string; details?: Record<string, unknown> } } & Record<
-    string,
-    unknown
-  >;
-}
-
-export function call(
-  socketPath: string,
-  method: string,
-  path: string,
-  body?: string | Buffer,
-  contentType = "application/json",
-): Promise<Reply> {
-  return new Promise((resolve, reject) => {
-    const req = request(
-      {
-        socketPath,
-        method,
-        path,
-        headers:
-          body === undefined
-            ? {}
-            : { "content-type": contentType, "content-length": Buffer.byteLength(body) },
-      },
-      (res) => {
-        const chunks: Buffer[] = [];
-        res.on("data", (c: Buffer) => chunks.push(c));
-        res.on("end", () => {
-          const text = Buffer.concat(chunks).toString("utf8");
-          resolve({
-            status: res.statusCode ?? 0,
-            headers: res.headers,
-            json: text === "" ? {} : JSON.parse(text),
-          });
-        });
-      },
-    );
-    req.on("error", reject);
-    req.end(body);
-  });
-}
+import { call } from "./relay-helpers.js";
 
 describe("local API: POST /v1/messages on the Unix socket", () => {
   let dir: string;

@@ -55,7 +55,7 @@ export async function until(
 // ---------- HTTPS ingest server, token issuer, token source (HTTPS sink tests) ----------
 
 import { readFile } from "node:fs/promises";
-import type { IncomingMessage, ServerResponse } from "node:http";
+import { request as httpRequest, type IncomingMessage, type ServerResponse } from "node:http";
 import { createServer as createHttpsServer, type Server as HttpsServer } from "node:https";
 import type { AddressInfo } from "node:net";
 import { generateKeyPair, type JWTPayload, jwtVerify, SignJWT } from "jose";
@@ -202,4 +202,51 @@ export class TestTokenSource {
     this.invalidations++;
     this.#cached = undefined;
   }
+}
+
+// ---------- local API client ----------
+
+export interface Reply {
+  status: number;
+  headers: Record<string, string | string[] | undefined>;
+  json: { ids?: string[]; error?: { code: string; details?: Record<string, unknown> } } & Record<
+    string,
+    unknown
+  >;
+}
+
+export function call(
+  socketPath: string,
+  method: string,
+  path: string,
+  body?: string | Buffer,
+  contentType = "application/json",
+): Promise<Reply> {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest(
+      {
+        socketPath,
+        method,
+        path,
+        headers:
+          body === undefined
+            ? {}
+            : { "content-type": contentType, "content-length": Buffer.byteLength(body) },
+      },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on("data", (c: Buffer) => chunks.push(c));
+        res.on("end", () => {
+          const text = Buffer.concat(chunks).toString("utf8");
+          resolve({
+            status: res.statusCode ?? 0,
+            headers: res.headers,
+            json: text === "" ? {} : JSON.parse(text),
+          });
+        });
+      },
+    );
+    req.on("error", reject);
+    req.end(body);
+  });
 }
