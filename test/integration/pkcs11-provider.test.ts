@@ -1,6 +1,7 @@
 import { createPublicKey, verify as nodeVerify, randomBytes } from "node:crypto";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { execa } from "execa";
 import fc from "fast-check";
 import { compactVerify, importJWK } from "jose";
 import pkcs11js from "pkcs11js";
@@ -22,6 +23,7 @@ const ERR_TOKEN = { label: "m2m-errors", pin: "24682468" };
 
 let hsm: SoftHsmHandle;
 let errToken: { tokenLabel: string; pinFile: string };
+let removable: { tokenLabel: string; pinFile: string };
 const providers: Pkcs11KeyProvider[] = [];
 
 function provider(overrides: Partial<Pkcs11KeyProviderConfig> = {}): Pkcs11KeyProvider {
@@ -61,6 +63,7 @@ beforeAll(async () => {
   hsm = await initSoftHsm({ label: "m2m-it" });
   // Every token must exist before the module is first initialised: SoftHSM builds its slot list then.
   errToken = await hsm.addToken(ERR_TOKEN.label, ERR_TOKEN.pin);
+  removable = await hsm.addToken("m2m-removable");
   process.env.SOFTHSM2_CONF = hsm.env.SOFTHSM2_CONF;
 });
 
@@ -339,6 +342,21 @@ describe("Pkcs11KeyProvider error paths", () => {
     expect(flags & pkcs11js.CKF_USER_PIN_LOCKED).toBe(0);
     const good = provider({ tokenLabel: errToken.tokenLabel, pin: { file: errToken.pinFile } });
     expect((await good.createOrOpen()).created).toBe(true);
+  });
+
+  it("token removed while in use: ERR_PKCS11_TOKEN_NOT_FOUND (transient), health says so, nothing crashes", async () => {
+    const r = provider({ tokenLabel: removable.tokenLabel, pin: { file: removable.pinFile } });
+    await r.createOrOpen();
+    await r.sign(new Uint8Array([1]));
+    await execa("softhsm2-util", ["--delete-token", "--token", removable.tokenLabel], {
+      env: hsm.env,
+      timeout: 30_000,
+    });
+    const e = await rejectsWith(r.sign(new Uint8Array([2])), "ERR_PKCS11_TOKEN_NOT_FOUND");
+    expect(e.retry).toBe("transient");
+    expect(e.details.reason).toBe("removed");
+    expect(e.hint).toMatch(/plug it back/);
+    expect(await r.health()).toMatchObject({ ok: false, code: "ERR_PKCS11_TOKEN_NOT_FOUND" });
   });
 
   it("missing module: ERR_PKCS11_MODULE (permanent) with an install hint", async () => {

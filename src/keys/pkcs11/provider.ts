@@ -264,6 +264,7 @@ const CKS_RW_USER_FUNCTIONS = 3;
  *
  * Error codes: ERR_PKCS11_MODULE, ERR_PKCS11_TOKEN_NOT_FOUND, ERR_PKCS11_PIN (fatal, never retried),
  * ERR_PKCS11_SESSION (transient, after one transparent reopen), ERR_PKCS11_SIGN, ERR_PKCS11_KEYGEN,
+ * ERR_PKCS11_CLOSED (queued work when `close()` ran), ERR_PKCS11_CONFIG (constructor),
  * ERR_KEY_NOT_FOUND, ERR_KEY_MISMATCH, ERR_KEY_AMBIGUOUS, ERR_KEY_UNPROTECTED, ERR_KEY_ALG_UNSUPPORTED,
  * ERR_PIN_* (see readPin).
  *
@@ -280,6 +281,7 @@ export class Pkcs11KeyProvider implements KeyProvider {
   #conn: Connection | undefined;
   #connecting: Promise<Connection> | undefined;
   #generation = 0;
+  #everConnected = false;
   #key: OpenKey | undefined;
 
   constructor(config: Pkcs11KeyProviderConfig) {
@@ -362,6 +364,7 @@ export class Pkcs11KeyProvider implements KeyProvider {
       generation: ++this.#generation,
     };
     this.#conn = conn;
+    this.#everConnected = true;
     this.#log.debug("pkcs11 connected", { sessions: sessions.length, generation: conn.generation });
     return conn;
   }
@@ -384,13 +387,22 @@ export class Pkcs11KeyProvider implements KeyProvider {
       labels.push(label);
       if (label === this.#cfg.tokenLabel) return slot;
     }
+    // Seen before and gone now: removed (may come back, transient). Never seen: misconfiguration.
+    const removed = this.#everConnected;
     throw new M2mError(
       "ERR_PKCS11_TOKEN_NOT_FOUND",
-      "permanent",
+      removed ? "transient" : "permanent",
       `no PKCS#11 token labelled "${this.#cfg.tokenLabel}" in ${this.#cfg.modulePath}`,
       {
-        hint: "check keys.pkcs11.tokenLabel (labels found are in details), that the token is plugged in and initialised",
-        details: { modulePath: this.#cfg.modulePath, labelsFound: labels.join(", "), slots: slots.length },
+        hint: removed
+          ? "the token was removed: plug it back in; the agent reconnects on the next operation"
+          : "check keys.pkcs11.tokenLabel (labels found are in details), that the token is plugged in and initialised",
+        details: {
+          modulePath: this.#cfg.modulePath,
+          labelsFound: labels.join(", "),
+          slots: slots.length,
+          reason: removed ? "removed" : "unknown-label",
+        },
       },
     );
   }
