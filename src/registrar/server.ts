@@ -59,7 +59,6 @@ export async function startRegistrar(
 ): Promise<RunningRegistrar> {
   const clock = deps.clock ?? systemClock;
   const logger = deps.logger ?? silentLogger;
-  const audit = new AuditLog(config.auditLog);
   let baseUrl = "";
   const enrolmentDeps = (): EnrolmentDeps => ({ store: deps.store, ca: deps.ca, clock, config, baseUrl });
 
@@ -70,6 +69,7 @@ export async function startRegistrar(
     routes.set(key, r);
   }
   const paths = new Set([...routes.values()].map((r) => r.path));
+  const audit = new AuditLog(config.auditLog);
 
   const handler = (req: IncomingMessage, res: ServerResponse): void => {
     void handle(req, res);
@@ -165,13 +165,18 @@ export async function startRegistrar(
   server.keepAliveTimeout = 5_000;
   server.maxHeadersCount = 64;
 
-  await new Promise<void>((resolve, reject) => {
-    server.once("error", reject);
-    server.listen(config.listen.port, config.listen.host, () => {
-      server.off("error", reject);
-      resolve();
+  try {
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(config.listen.port, config.listen.host, () => {
+        server.off("error", reject);
+        resolve();
+      });
     });
-  });
+  } catch (err) {
+    audit.close();
+    throw err;
+  }
   const port = (server.address() as AddressInfo).port;
   const host = config.listen.host.includes(":") ? `[${config.listen.host}]` : config.listen.host;
   baseUrl = `${config.tls.kind === "https" ? "https" : "http"}://${host}:${port}`;
