@@ -79,7 +79,8 @@ export class TpmReader {
   /** A copy of the next `n` bytes. */
   bytes(n: number, field: string): Uint8Array {
     this.#need(n, field);
-    const out = this.#buf.slice(this.#off, this.#off + n);
+    // Uint8Array.prototype.slice copies even when the input is a Buffer (Buffer#slice would alias it).
+    const out = Uint8Array.prototype.slice.call(this.#buf, this.#off, this.#off + n);
     this.#off += n;
     return out;
   }
@@ -148,7 +149,13 @@ export class TpmWriter {
   }
 
   finish(): Uint8Array {
-    return Buffer.concat(this.#chunks);
+    const out = new Uint8Array(this.#length);
+    let off = 0;
+    for (const c of this.#chunks) {
+      out.set(c, off);
+      off += c.length;
+    }
+    return out;
   }
 }
 

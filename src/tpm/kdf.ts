@@ -15,7 +15,7 @@ function labelBytes(label: string): Uint8Array {
 
 function truncateBits(out: Uint8Array, bits: number): Uint8Array {
   const bytes = Math.ceil(bits / 8);
-  const r = out.slice(0, bytes);
+  const r = Uint8Array.prototype.slice.call(out, 0, bytes);
   const extra = bytes * 8 - bits;
   // Spec: the excess high-order bits of the first octet are cleared.
   if (extra > 0 && r.length > 0) r[0] = (r[0] ?? 0) & (0xff >> extra);

@@ -89,7 +89,7 @@ function secretAndSeed(ek: TpmtPublic, p: ProtectorParams, opts: MakeCredentialO
       },
       seed,
     );
-    return { seed: Uint8Array.from(seed), encryptedSecret: Uint8Array.from(encryptedSecret) };
+    return { seed: new Uint8Array(seed), encryptedSecret: new Uint8Array(encryptedSecret) };
   }
   const curve = curveInfo(ek.parameters.curveId);
   if (curve === undefined) throw unsupported("protector curve is not supported");
@@ -141,7 +141,7 @@ export function makeCredential(
   const encIdentity = Buffer.concat([c.update(tpm2b(credential)), c.final()]);
   const hmacName = hashInfo(p.nameAlg)?.name ?? "sha256";
   const outerHmac = createHmac(hmacName, hmacKey).update(encIdentity).update(objectName).digest();
-  const idObject = Buffer.concat([tpm2b(outerHmac), encIdentity]);
+  const idObject = new Uint8Array(Buffer.concat([tpm2b(outerHmac), encIdentity]));
   const out: CredentialBlob = { idObject, encryptedSecret };
   return { ...out, blob: encodeCredentialBlob(out) };
 }

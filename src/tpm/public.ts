@@ -252,7 +252,13 @@ export function tpmHash(alg: number, ...parts: Uint8Array[]): Uint8Array {
   if (h === undefined) throw malformed("TPMI_ALG_HASH", "hashAlg", `0x${alg.toString(16)} is not supported`);
   const hash = createHash(h.name);
   for (const p of parts) hash.update(p);
-  return hash.digest();
+  return new Uint8Array(hash.digest());
+}
+
+function concatBytes(...parts: Uint8Array[]): Uint8Array {
+  const w = new TpmWriter();
+  for (const p of parts) w.raw(p);
+  return w.finish();
 }
 
 /**
@@ -261,7 +267,7 @@ export function tpmHash(alg: number, ...parts: Uint8Array[]): Uint8Array {
  */
 export function computeName(p: TpmtPublic): Uint8Array {
   const head = Uint8Array.of((p.nameAlg >>> 8) & 0xff, p.nameAlg & 0xff);
-  return Buffer.concat([head, tpmHash(p.nameAlg, encodeTpmtPublic(p))]);
+  return concatBytes(head, tpmHash(p.nameAlg, encodeTpmtPublic(p)));
 }
 
 /**
@@ -271,7 +277,7 @@ export function computeName(p: TpmtPublic): Uint8Array {
  */
 export function computeQualifiedName(parentQualifiedName: Uint8Array, p: TpmtPublic): Uint8Array {
   const head = Uint8Array.of((p.nameAlg >>> 8) & 0xff, p.nameAlg & 0xff);
-  return Buffer.concat([head, tpmHash(p.nameAlg, parentQualifiedName, computeName(p))]);
+  return concatBytes(head, tpmHash(p.nameAlg, parentQualifiedName, computeName(p)));
 }
 
 /** The 4-byte big-endian encoding of a hierarchy handle, as used as a parent QN. */
@@ -343,7 +349,7 @@ export function publicKeyObject(p: TpmtPublic): KeyObject {
 
 /** SubjectPublicKeyInfo (DER) of the key. @throws ERR_TPM_STRUCT_MALFORMED */
 export function toSpki(p: TpmtPublic): Uint8Array {
-  return publicKeyObject(p).export({ type: "spki", format: "der" });
+  return new Uint8Array(publicKeyObject(p).export({ type: "spki", format: "der" }));
 }
 
 /** Fields a caller chooses when wrapping a Node key as a TPMT_PUBLIC (tests, software "TPM" keys). */
@@ -371,7 +377,7 @@ export function publicAreaFromKey(key: KeyObject, opts: PublicAreaOptions): Tpmt
     authPolicy: opts.authPolicy ?? new Uint8Array(0),
   };
   if (jwk.kty === "RSA" && typeof jwk.n === "string" && typeof jwk.e === "string") {
-    const n = Buffer.from(jwk.n, "base64url");
+    const n = new Uint8Array(Buffer.from(jwk.n, "base64url"));
     const e = Buffer.from(jwk.e, "base64url");
     let exponent = 0;
     for (const b of e) exponent = exponent * 256 + b;
@@ -406,7 +412,10 @@ export function publicAreaFromKey(key: KeyObject, opts: PublicAreaOptions): Tpmt
         curveId,
         kdf: opts.kdf ?? NULL_SCHEME,
       },
-      unique: { x: Buffer.from(jwk.x, "base64url"), y: Buffer.from(jwk.y, "base64url") },
+      unique: {
+        x: new Uint8Array(Buffer.from(jwk.x, "base64url")),
+        y: new Uint8Array(Buffer.from(jwk.y, "base64url")),
+      },
     };
   }
   throw malformed("TPMT_PUBLIC", "type", "key is not RSA or EC");
