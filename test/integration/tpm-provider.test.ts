@@ -163,6 +163,22 @@ describe("TpmKeyProvider on swtpm", () => {
     }
   });
 
+  test("two providers with separate queues racing to create the same key end with one key", async () => {
+    // Two TCTI spellings of the same TPM get two queues: the closest in-process stand-in for two agents.
+    const port = tpm.port;
+    const a = new TpmKeyProvider({ tcti: `swtpm:host=127.0.0.1,port=${port}`, keyHandle: 0x8100000d });
+    const b = new TpmKeyProvider({ tcti: `swtpm:port=${port},host=127.0.0.1`, keyHandle: 0x8100000d });
+    try {
+      const [ia, ib] = await Promise.all([a.createOrOpen(), b.createOrOpen()]);
+      expect(ia.thumbprint).toBe(ib.thumbprint);
+      expect([ia.created, ib.created].filter(Boolean).length).toBe(1);
+      await a.destroy();
+    } finally {
+      await a.close();
+      await b.close();
+    }
+  });
+
   test("handles outside the owner range and duplicates are refused at construction", () => {
     expect(() => new TpmKeyProvider({ keyHandle: 0x81010001 })).toThrow(/owner persistent handle/);
     expect(() => new TpmKeyProvider({ keyHandle: "0x81000001" })).toThrow(/must differ/);

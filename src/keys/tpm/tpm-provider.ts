@@ -137,6 +137,7 @@ export class TpmKeyProvider implements KeyProvider {
       const existing = await readPublicOrUndefined(tx, this.keyHandle);
       if (existing !== undefined) return { pub: existing, created: false };
       await this.#ensureSrk(tx);
+      let raced = false;
       await withTransientCleanup(tx, async () => {
         const ctx = tx.path("key.ctx");
         const alg = this.algorithm === "ec-p256" ? "ecc256:ecdsa-sha256" : "rsa2048:null:null";
@@ -157,13 +158,20 @@ export class TpmKeyProvider implements KeyProvider {
           ],
           { op: "create-key", timeoutMs: Math.max(this.#runner.timeoutMs, 60_000) },
         );
-        await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", ctx, this.#keyHex], { op: "persist-key" });
+        try {
+          await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", ctx, this.#keyHex], { op: "persist-key" });
+        } catch (err) {
+          // Another process (through its own queue) may have persisted a key at the handle meanwhile:
+          // then that key wins and is adopted below (after the same checks); any other failure stands.
+          if ((await readPublicOrUndefined(tx, this.keyHandle)) === undefined) throw err;
+          raced = true;
+        }
       });
       const created = await readPublicOrUndefined(tx, this.keyHandle);
       if (created === undefined) {
         throw new M2mError("ERR_KEY_NOT_FOUND", "permanent", "the key vanished right after creation");
       }
-      return { pub: created, created: true };
+      return { pub: created, created: !raced };
     });
     return this.#accept(pub.pub, pub.created);
   }
