@@ -78,7 +78,7 @@ export async function makeTestPki(): Promise<TestPki> {
 }
 
 export async function startHttps(
-  pki: TestPki,
+  pki: Pick<TestPki, "serverCertPem" | "serverKeyPem" | "caPem">,
   handler: (req: IncomingMessage, res: ServerResponse) => void,
   extra: { requestCert?: boolean; ca?: string[] } = {},
 ): Promise<{ server: Server; origin: string; close(): Promise<void> }> {
