@@ -6,7 +6,7 @@ import { execa } from "execa";
 import { type Clock, systemClock } from "../../core/clock.js";
 import { asM2mError, M2mError } from "../../core/errors.js";
 import { type RetryPolicy, withRetry } from "../../core/retry.js";
-import { classifyToolFailure, classifyTpmRc, rcBase, rcHex, TPM_RC } from "./errors.js";
+import { classifyToolFailure, classifyTpmRc, rcBase, rcHex } from "./errors.js";
 
 /**
  * Runs tpm2-tools against one TPM: argv arrays (never a shell), `TPM2TOOLS_TCTI` in the child's
@@ -394,5 +394,3 @@ export async function readLockoutInfo(runner: TpmRunner): Promise<LockoutInfo> {
     throw asM2mError(err, "ERR_TPM_COMMAND");
   }
 }
-
-export { TPM_RC };
