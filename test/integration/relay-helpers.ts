@@ -250,3 +250,19 @@ export function call(
     req.end(body);
   });
 }
+
+// ---------- child processes running TypeScript entry points ----------
+
+/** Bundles a TS entry to an ESM file inside the repo (so node_modules resolve); bare imports stay external. */
+export async function bundleEntry(entry: string, name: string): Promise<string> {
+  const { build } = await import("rolldown");
+  const outDir = new URL("../../node_modules/.cache/m2m-relay/", import.meta.url).pathname;
+  await build({
+    input: entry,
+    platform: "node",
+    external: (id: string) => !id.startsWith(".") && !id.startsWith("/") && !id.startsWith("\0"),
+    output: { dir: outDir, format: "esm", entryFileNames: `${name}.mjs` },
+    logLevel: "silent",
+  });
+  return `${outDir}${name}.mjs`;
+}

@@ -1,0 +1,50 @@
+/**
+ * A relay process for crash tests and the benchmark: outbox + local API + MQTT sink, configured by a
+ * JSON argument. Bundled on the fly (rolldown) because Node 20 cannot run TypeScript.
+ */
+import { Secret } from "../../src/core/secret.js";
+import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
+import { MqttSink } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
+import { startRelayStack } from "../../src/relay/stack.js";
+
+interface ChildConfig {
+  dbPath: string;
+  socketPath: string;
+  brokerUrl: string;
+  caPem: string;
+  certPem: string;
+  keyPem: string;
+  deviceId: string;
+  maxInFlight?: number;
+  synchronous?: "FULL" | "NORMAL";
+}
+
+const cfg = JSON.parse(process.argv[2] ?? "{}") as ChildConfig;
+const outbox = SqliteOutbox.open({
+  path: cfg.dbPath,
+  sinks: ["mqtt"],
+  ttlCheckMs: 0,
+  synchronous: cfg.synchronous ?? "FULL",
+});
+const sink = new MqttSink({
+  urls: [cfg.brokerUrl],
+  caPem: cfg.caPem,
+  auth: { kind: "mtls-file", certPem: cfg.certPem, keyPem: new Secret(cfg.keyPem) },
+  deviceId: cfg.deviceId,
+  maxInFlight: cfg.maxInFlight ?? 64,
+});
+const stack = await startRelayStack({
+  outbox,
+  sinks: [sink],
+  api: { socketPath: cfg.socketPath, maxConcurrentRequests: 256, maxConnections: 512 },
+  retry: { baseMs: 50, factor: 2, capMs: 1000, deadlineMs: 1e12, maxAttempts: 1e12, maxRetryAfterMs: 5000 },
+});
+process.stdout.write("ready\n");
+process.on("SIGTERM", () => {
+  stack.stop().then(() => process.exit(0));
+});
+setInterval(() => {
+  process.stdout.write(
+    `${JSON.stringify({ stats: outbox.stats(), relay: stack.relay.counters, rss: process.memoryUsage().rss })}\n`,
+  );
+}, 1000).unref();
