@@ -174,3 +174,21 @@ export function mountRoutes(routes: readonly Route[]): (req: IncomingMessage, re
     })();
   };
 }
+
+/**
+ * Bundles a TypeScript entry into one ESM file under node_modules/.cache (bare imports stay
+ * external and resolve from the repo's node_modules), so a test can run it as a real child process
+ * and SIGKILL it.
+ */
+export async function bundleForChild(entry: string, name: string): Promise<string> {
+  const { build } = await import("rolldown");
+  const outDir = new URL("../../node_modules/.cache/m2m-credentials/", import.meta.url).pathname;
+  await build({
+    input: entry,
+    platform: "node",
+    external: (id: string) => !id.startsWith(".") && !id.startsWith("/") && !id.startsWith("\0"),
+    output: { dir: outDir, format: "esm", entryFileNames: `${name}.mjs` },
+    logLevel: "silent",
+  });
+  return `${outDir}${name}.mjs`;
+}
