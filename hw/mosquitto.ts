@@ -164,6 +164,8 @@ export async function freePort(): Promise<number> {
 export interface MosquittoOptions {
   /** Add a TLS listener with username/password auth (same ACL pattern). */
   readonly passwordListener?: boolean;
+  /** Keep sessions and queued messages across `stop()`/`start()` (persistent subscribers in outage tests). */
+  readonly persistence?: boolean;
   /** Extra mosquitto.conf lines (global section). */
   readonly extraConfig?: readonly string[];
 }
@@ -225,7 +227,7 @@ export async function startMosquitto(opts: MosquittoOptions = {}): Promise<Mosqu
     // Run as the invoking user: as root mosquitto would switch to `mosquitto`, which cannot read the
     // private (0700) temp dir holding keys and the ACL.
     `user ${userInfo().username}`,
-    "persistence false",
+    ...(opts.persistence === true ? ["persistence true", `persistence_location ${dir}/`] : ["persistence false"]),
     `log_dest file ${join(dir, "mosquitto.log")}`,
     "log_type error",
     "log_type warning",

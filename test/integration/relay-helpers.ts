@@ -10,13 +10,21 @@ export interface Received {
 export async function startSubscriber(
   url: string,
   filter = "devices/#",
+  /** A fixed client id with a persistent session: survives broker restarts (with broker persistence). */
+  persistentId?: string,
 ): Promise<{
   client: MqttClient;
   received: Received[];
   waitFor(pred: (r: Received[]) => boolean, timeoutMs?: number): Promise<void>;
   close(): Promise<void>;
 }> {
-  const client = await mqtt.connectAsync(url, { protocolVersion: 5, reconnectPeriod: 500, clean: true });
+  const client = await mqtt.connectAsync(url, {
+    protocolVersion: 5,
+    reconnectPeriod: 200,
+    ...(persistentId === undefined
+      ? { clean: true }
+      : { clean: false, clientId: persistentId, properties: { sessionExpiryInterval: 600 } }),
+  });
   const received: Received[] = [];
   client.on("message", (topic, payload, packet) => {
     const up = packet.properties?.userProperties?.["m2m-id"];
