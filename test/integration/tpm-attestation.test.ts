@@ -15,6 +15,8 @@ import {
 } from "../../src/keys/tpm/endorsement.js";
 import { TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
 import { ecdsaTpmtToRaw } from "../../src/keys/tpm/tpmt.js";
+import { makeCredential } from "../../src/tpm/make-credential.js";
+import { decodeTpmtPublic } from "../../src/tpm/public.js";
 
 /** Minimal TPMS_ATTEST (certify) reader for the assertions; the registrar uses src/tpm/ codecs. */
 function readAttest(b: Uint8Array) {
@@ -89,7 +91,7 @@ describe("TPM attestation ops (swtpm)", () => {
     expect(rsa?.activationSupported).toBe(true);
     expect(rsa?.created).toBe(false);
     expect(p384?.kind).toBe("ecc-p384");
-    expect(p384?.activationSupported).toBe(false);
+    expect(p384?.activationSupported).toBe(true);
     for (const e of [rsa, p384]) {
       const t = e?.tpm2bPublic ?? new Uint8Array();
       expect(((t[0] ?? 0) << 8) | (t[1] ?? 0)).toBe(t.length - 2);
@@ -163,9 +165,56 @@ describe("TPM attestation ops (swtpm)", () => {
     await expect(ops.activateCredential(blob.subarray(0, 20))).rejects.toSatisfy((e) =>
       isM2mError(e, "ERR_TPM_CREDENTIAL_BLOB"),
     );
-    await expect(ops.activateCredential(blob, 0x81010016)).rejects.toSatisfy((e) =>
-      isM2mError(e, "ERR_TPM_EK_POLICY_UNSUPPORTED"),
-    );
+  });
+
+  test("activateCredential with the high-range P-384 EK (empty auth, no PolicyB session); blob from src/tpm makeCredential", async () => {
+    const p384 = eks.find((e) => e.handle === 0x81010016);
+    const secret = randomBytes(32);
+    const { blob } = makeCredential(decodeTpmtPublic(p384?.tpmtPublic ?? new Uint8Array()), ak.name, secret);
+    const got = await ops.activateCredential(blob, 0x81010016);
+    expect(Buffer.from(got.reveal())).toEqual(secret);
+    // The same blob is bound to the P-384 EK: the RSA EK cannot open it.
+    await expect(ops.activateCredential(blob, 0x81010001)).rejects.toSatisfy((e) => isM2mError(e));
+  });
+
+  test("an EK-like object with an unknown policy and no userWithAuth → ERR_TPM_EK_POLICY_UNSUPPORTED", async () => {
+    const policy = join(work, "policy.bin");
+    await writeFile(policy, randomBytes(32));
+    const ctx = join(work, "odd-ek.ctx");
+    const before = (await tpm.tpm("tpm2_getcap", ["handles-transient"])).stdout;
+    await tpm.tpm("tpm2_createprimary", [
+      "-C",
+      "e",
+      "-g",
+      "sha256",
+      "-G",
+      "ecc256:aes128cfb",
+      "-a",
+      "fixedtpm|fixedparent|sensitivedataorigin|adminwithpolicy|restricted|decrypt",
+      "-L",
+      policy,
+      "-c",
+      ctx,
+    ]);
+    await tpm.tpm("tpm2_evictcontrol", ["-C", "o", "-c", ctx, "0x81010005"]);
+    for (const h of (await tpm.tpm("tpm2_getcap", ["handles-transient"])).stdout.match(/0x[0-9a-fA-F]+/g) ??
+      []) {
+      if (!before.includes(h)) await tpm.tpm("tpm2_flushcontext", [h]);
+    }
+    try {
+      const blob = makeCredential(
+        decodeTpmtPublic(eks[0]?.tpmtPublic ?? new Uint8Array()),
+        ak.name,
+        randomBytes(16),
+      ).blob;
+      await expect(ops.activateCredential(blob, 0x81010005)).rejects.toSatisfy((e) =>
+        isM2mError(e, "ERR_TPM_EK_POLICY_UNSUPPORTED"),
+      );
+      const listed = await ops.readEkPublics();
+      expect(listed.find((e) => e.handle === 0x81010005)?.activationSupported).toBe(false);
+    } finally {
+      await tpm.tpm("tpm2_evictcontrol", ["-C", "o", "-c", "0x81010005"]);
+    }
   });
 
   test("certify with a nonce: TPMS_ATTEST parses, names match, AK signature verifies in Node", async () => {

@@ -22,11 +22,10 @@ import { hex32, listHandles, withTransientCleanup } from "./transient.js";
  * TPM2_Certify of the device key with a verifier nonce (raw command, since tpm2_certify 5.4 has no
  * qualifying-data option).
  *
- * Scope: credential activation works with any EK whose authPolicy is the TCG "PolicyA" (SHA-256
- * PolicySecret(TPM_RH_ENDORSEMENT)): the low-range RSA-2048 and ECC P-256 templates (L-1, L-2).
- * High-range EKs (e.g. swtpm's ECC P-384 at 0x81010016) need PolicyB (PolicySecret + PolicyOR) and
- * are read-only here: their certificates and publics are reported, activation with them fails with
- * ERR_TPM_EK_POLICY_UNSUPPORTED.
+ * EK authorization: low-range EKs (L-1 RSA-2048, L-2 ECC P-256; authPolicy = TCG PolicyA, userWithAuth
+ * clear) are used through a PolicySecret(TPM_RH_ENDORSEMENT) session. High-range EKs (e.g. swtpm's ECC
+ * P-384 at 0x81010016; authPolicy = PolicyB, userWithAuth set) are used with their empty auth value, so
+ * no PolicyOR session is needed. Any other EK fails with ERR_TPM_EK_POLICY_UNSUPPORTED.
  */
 
 export type EkKind = "rsa-2048" | "ecc-p256" | "ecc-p384" | "ecc-p521" | "rsa-3072" | "rsa-4096" | "other";
@@ -152,6 +151,11 @@ function isPolicyA(pub: ParsedPublic): boolean {
   return Buffer.from(pub.authPolicy).toString("hex") === EK_POLICY_A_SHA256;
 }
 
+/** Activation/AK creation can authorize this EK: PolicyA, or userWithAuth with the template's empty auth. */
+function ekUsable(pub: ParsedPublic): boolean {
+  return isPolicyA(pub) || (pub.objectAttributes & ATTR.userWithAuth) !== 0;
+}
+
 export class TpmAttestationOps {
   readonly #runner: TpmRunner;
   readonly akHandle: number;
@@ -207,7 +211,7 @@ export class TpmAttestationOps {
           ...toObjectPublic(RSA_EK_HANDLE, pub),
           kind: kindOf(pub),
           created: true,
-          activationSupported: isPolicyA(pub),
+          activationSupported: ekUsable(pub),
         });
       }
       return eks;
@@ -226,7 +230,7 @@ export class TpmAttestationOps {
         ...toObjectPublic(h, pub),
         kind: kindOf(pub),
         created: false,
-        activationSupported: isPolicyA(pub),
+        activationSupported: ekUsable(pub),
       });
     }
     return out;
@@ -247,17 +251,16 @@ export class TpmAttestationOps {
         if (options.replace !== true) return { ...toObjectPublic(this.akHandle, existing), created: false };
         await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", hex32(this.akHandle)], { op: "evict-ak" });
       }
-      await this.#requirePolicyAEk(tx, ekHandle);
+      const ek = await this.#requireUsableEk(tx, ekHandle);
       await withTransientCleanup(tx, async () => {
         const ctx = tx.path("ak.ctx");
-        await this.#withEkPolicySession(tx, (session) =>
+        await this.#withEkAuth(tx, ek, (ekAuth) =>
           tx.run(
             "tpm2_create",
             [
               "-C",
               hex32(ekHandle),
-              "-P",
-              `session:${session}`,
+              ...ekAuth,
               "-g",
               "sha256",
               // A restricted signing key needs an explicit NULL symmetric, else TPM_RC_SYMMETRIC (0x2D6).
@@ -315,7 +318,7 @@ export class TpmAttestationOps {
     }
   }
 
-  async #requirePolicyAEk(tx: TpmTx, ekHandle: number): Promise<ParsedPublic> {
+  async #requireUsableEk(tx: TpmTx, ekHandle: number): Promise<ParsedPublic> {
     const ek = await readPublicOrUndefined(tx, ekHandle);
     if (ek === undefined) {
       throw new M2mError("ERR_TPM_EK", "permanent", `no endorsement key at ${hex32(ekHandle)}`, {
@@ -331,24 +334,30 @@ export class TpmAttestationOps {
         `the object at ${hex32(ekHandle)} is not an endorsement key`,
       );
     }
-    if (!isPolicyA(ek)) {
+    if (!ekUsable(ek)) {
       throw new M2mError(
         "ERR_TPM_EK_POLICY_UNSUPPORTED",
         "permanent",
-        `the EK at ${hex32(ekHandle)} needs a policy other than PolicyA (high-range EK)`,
-        { hint: "use the RSA-2048 (or low-range ECC P-256) EK for credential activation" },
+        `the EK at ${hex32(ekHandle)} can be authorized neither by PolicyA nor by its (empty) auth value`,
+        { hint: "use the RSA-2048 EK (0x81010001) for credential activation" },
       );
     }
     return ek;
   }
 
-  /** Starts a policy session satisfying PolicyA, runs `fn`, and always flushes the session. */
-  async #withEkPolicySession<T>(tx: TpmTx, fn: (sessionFile: string) => Promise<T>): Promise<T> {
+  /**
+   * Authorizes a USER-role use of the EK. Low-range EKs (userWithAuth clear) need a policy session
+   * satisfying PolicyA (PolicySecret(TPM_RH_ENDORSEMENT)); high-range EKs (PolicyB, userWithAuth set)
+   * accept their empty auth value as a password, so no PolicyB/PolicyOR session is needed.
+   * The session is always flushed.
+   */
+  async #withEkAuth<T>(tx: TpmTx, ek: ParsedPublic, fn: (authArgs: string[]) => Promise<T>): Promise<T> {
+    if (!isPolicyA(ek) && (ek.objectAttributes & ATTR.userWithAuth) !== 0) return fn([]);
     const session = tx.path("ek-session.ctx");
     await tx.run("tpm2_startauthsession", ["--policy-session", "-S", session], { op: "start-session" });
     try {
       await tx.run("tpm2_policysecret", ["-S", session, "-c", "e"], { op: "policysecret" });
-      return await fn(session);
+      return await fn(["-P", `session:${session}`]);
     } finally {
       await tx.run("tpm2_flushcontext", [session], { op: "flush-session" }).catch(() => undefined);
     }
@@ -364,27 +373,16 @@ export class TpmAttestationOps {
   async activateCredential(blob: Uint8Array, ekHandle: number = RSA_EK_HANDLE): Promise<Secret<Uint8Array>> {
     checkBlob(blob);
     return this.#runner.exclusive(async (tx) => {
-      await this.#requirePolicyAEk(tx, ekHandle);
+      const ek = await this.#requireUsableEk(tx, ekHandle);
       const blobFile = tx.path("credential.blob");
       await writeFile(blobFile, blob, { mode: 0o600 });
       const out = tx.path("credential.secret");
       // The secret is written to a 0600 file in the private dir (removed when this block ends); the tool
       // also prints it on stdout, which the runner never logs.
-      await this.#withEkPolicySession(tx, (session) =>
+      await this.#withEkAuth(tx, ek, (ekAuth) =>
         tx.run(
           "tpm2_activatecredential",
-          [
-            "-c",
-            hex32(this.akHandle),
-            "-C",
-            hex32(ekHandle),
-            "-i",
-            blobFile,
-            "-o",
-            out,
-            "-P",
-            `session:${session}`,
-          ],
+          ["-c", hex32(this.akHandle), "-C", hex32(ekHandle), "-i", blobFile, "-o", out, ...ekAuth],
           { op: "activatecredential" },
         ),
       );
