@@ -1,0 +1,241 @@
+import { createPublicKey, sign as cryptoSign, generateKeyPairSync, type KeyObject } from "node:crypto";
+import { copyFile, mkdir, mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { pathToFileURL } from "node:url";
+import { startSwtpm } from "../hw/swtpm.js";
+import { Secret } from "../src/core/secret.js";
+import {
+  type EnrollTpmOps,
+  enrollTpm,
+  RegistrarClient,
+  runEnroll,
+  tpmEnrollOps,
+} from "../src/enroll/index.js";
+import { FakeKeyProvider } from "../src/keys/fake/fake-provider.js";
+import { TpmKeyProvider } from "../src/keys/tpm/tpm-provider.js";
+import { addEnrolmentGroup } from "../src/registrar/admin.js";
+import { caPaths, FleetCa, initCa } from "../src/registrar/ca/index.js";
+import { registrarConfigFrom } from "../src/registrar/config.js";
+import { startRegistrar } from "../src/registrar/server.js";
+import { SqliteRegistrarStore } from "../src/registrar/store/index.js";
+import { akQualifiedNameUnderEk, ekFingerprint } from "../src/registrar/verifier/tpm-verifier.js";
+import { encodeTpmsAttest } from "../src/tpm/attest.js";
+import { TPMA_OBJECT as A, TPM_ALG, TPM_GENERATED_VALUE, TPM_ST } from "../src/tpm/constants.js";
+import { decodeCredentialBlob } from "../src/tpm/credential-blob.js";
+import { activateCredentialWithPrivateKey } from "../src/tpm/make-credential.js";
+import { computeName, encodeTpm2bPublic, publicAreaFromKey, type TpmtPublic } from "../src/tpm/public.js";
+import { encodeTpmtSignature } from "../src/tpm/signature.js";
+
+/**
+ * Enrolment benchmarks.
+ *  1. Full attested enrolment on swtpm end to end (`runEnroll`: key open, EK read, AK, begin over
+ *     HTTPS, credential activation, certify with nonce, CSR signed in the TPM, finish, state write).
+ *     Goal ≤ 1.5 s.
+ *  2. Registrar verification throughput: begin+finish pairs/s over HTTPS with the TPM replaced by
+ *     software keys encoded as TPM structures (prepared in advance), so the figure is the registrar's.
+ */
+
+const EK_ATTRS =
+  A.fixedTPM | A.fixedParent | A.sensitiveDataOrigin | A.adminWithPolicy | A.restricted | A.decrypt;
+const AK_ATTRS =
+  A.fixedTPM | A.fixedParent | A.sensitiveDataOrigin | A.userWithAuth | A.noDA | A.restricted | A.sign;
+const DEV_ATTRS = A.fixedTPM | A.fixedParent | A.sensitiveDataOrigin | A.userWithAuth | A.noDA | A.sign;
+
+/** A software stand-in for the TPM's attestation operations (bench / tests only). */
+export async function softTpmOps(
+  device: FakeKeyProvider,
+): Promise<{ ops: EnrollTpmOps; ekPublic: TpmtPublic }> {
+  const ek = generateKeyPairSync("rsa", { modulusLength: 2048 });
+  const ak = generateKeyPairSync("ec", { namedCurve: "P-256" });
+  const ekPub = publicAreaFromKey(ek.publicKey, {
+    objectAttributes: EK_ATTRS,
+    symmetric: { algorithm: TPM_ALG.AES, keyBits: 128, mode: TPM_ALG.CFB },
+  });
+  const akPub = publicAreaFromKey(ak.publicKey, {
+    objectAttributes: AK_ATTRS,
+    scheme: { scheme: TPM_ALG.ECDSA, hashAlg: TPM_ALG.SHA256 },
+  });
+  const info = await device.createOrOpen();
+  const devPub = publicAreaFromKey(createPublicKey(info.spkiPem), { objectAttributes: DEV_ATTRS });
+  const akName = computeName(akPub);
+  const signer = akQualifiedNameUnderEk(ekPub, akPub);
+  const devName = computeName(devPub);
+  const ekBytes = encodeTpm2bPublic(ekPub);
+  const akBytes = encodeTpm2bPublic(akPub);
+  const devBytes = encodeTpm2bPublic(devPub);
+  const akPriv: KeyObject = ak.privateKey;
+  return {
+    ekPublic: ekPub,
+    ops: {
+      readEndorsement: async () => ({ ekPublic: ekBytes }),
+      ensureAk: async () => ({ akPublic: akBytes }),
+      devicePublic: async () => devBytes,
+      activateCredential: async (blob) =>
+        new Secret(
+          activateCredentialWithPrivateKey(ekPub, ek.privateKey, akName, decodeCredentialBlob(blob)),
+        ),
+      certify: async (nonce) => {
+        const attest = encodeTpmsAttest({
+          magic: TPM_GENERATED_VALUE,
+          type: TPM_ST.ATTEST_CERTIFY,
+          qualifiedSigner: signer,
+          extraData: nonce,
+          clockInfo: { clock: 1n, resetCount: 0, restartCount: 0, safe: 1 },
+          firmwareVersion: 1n,
+          attested: { kind: "certify", name: devName, qualifiedName: devName },
+        });
+        const sig = cryptoSign("sha256", attest, { key: akPriv, dsaEncoding: "ieee-p1363" });
+        const signature = encodeTpmtSignature({
+          sigAlg: TPM_ALG.ECDSA,
+          hashAlg: TPM_ALG.SHA256,
+          r: sig.subarray(0, 32),
+          s: sig.subarray(32),
+        });
+        return { attest, signature };
+      },
+    },
+  };
+}
+
+function stats(ms: number[]): {
+  n: number;
+  p50: number;
+  p95: number;
+  mean: number;
+  min: number;
+  max: number;
+} {
+  const s = [...ms].sort((a, b) => a - b);
+  const at = (p: number) => s[Math.min(s.length - 1, Math.floor(p * s.length))] ?? 0;
+  const r = (v: number) => Math.round(v * 10) / 10;
+  return {
+    n: s.length,
+    p50: r(at(0.5)),
+    p95: r(at(0.95)),
+    mean: r(s.reduce((a, b) => a + b, 0) / s.length),
+    min: r(s[0] ?? 0),
+    max: r(s[s.length - 1] ?? 0),
+  };
+}
+
+async function startBenchRegistrar(dir: string) {
+  const paths = await initCa({ dir: join(dir, "ca") });
+  const config = registrarConfigFrom(
+    {
+      listen: { host: "127.0.0.1", port: 0 },
+      tls: { cert: paths.serverCert, key: paths.serverKey },
+      data_dir: join(dir, "data"),
+      ca_dir: paths.dir,
+    },
+    dir,
+  );
+  const store = new SqliteRegistrarStore(join(config.dataDir, "registrar.db"));
+  const ca = await FleetCa.load(paths.dir);
+  const running = await startRegistrar(config, { store, ca });
+  return { store, running, caFile: caPaths(paths.dir).caCert };
+}
+
+export interface EnrollBenchResult {
+  readonly swtpmFirstMs: number;
+  readonly swtpmRepeatMs: ReturnType<typeof stats>;
+  readonly registrarPairsPerSec: number;
+  readonly registrarPairs: number;
+  readonly concurrency: number;
+  readonly serverBeginMs: ReturnType<typeof stats>;
+  readonly serverFinishMs: ReturnType<typeof stats>;
+}
+
+export async function benchEnroll(options: { repeats?: number; pairs?: number; concurrency?: number } = {}) {
+  const repeats = options.repeats ?? 8;
+  const pairs = options.pairs ?? 300;
+  const concurrency = options.concurrency ?? 8;
+  const dir = await mkdtemp(join(tmpdir(), "m2m-bench-enroll-"));
+  const reg = await startBenchRegistrar(dir);
+  const tpm = await startSwtpm();
+  const provider = new TpmKeyProvider({ tcti: tpm.tcti });
+  try {
+    // ---- 1. swtpm end to end ------------------------------------------------------------------
+    const trust = join(dir, "ek-trust");
+    await mkdir(trust);
+    await copyFile(tpm.rootCaPemPath, join(trust, "root.pem"));
+    await copyFile(tpm.intermediateCaPemPath, join(trust, "intermediate.pem"));
+    addEnrolmentGroup(reg.store, { name: "gw", role: "gateway", methods: ["tpm"], ekTrustDir: trust });
+    await provider.createOrOpen();
+    const ops = tpmEnrollOps(provider);
+    const cfg = {
+      registrarUrl: reg.running.url,
+      registrarCaFile: reg.caFile,
+      method: "tpm" as const,
+      group: "gw",
+      hardwareSerial: "BENCH-1",
+      stateDir: join(dir, "state"),
+    };
+    let t0 = performance.now();
+    await runEnroll(cfg, { keyProvider: provider, tpm: ops, force: true });
+    const swtpmFirstMs = Math.round(performance.now() - t0);
+    const repeat: number[] = [];
+    for (let i = 0; i < repeats; i++) {
+      t0 = performance.now();
+      await runEnroll(cfg, { keyProvider: provider, tpm: ops, force: true });
+      repeat.push(performance.now() - t0);
+    }
+
+    // ---- 2. registrar throughput with software "TPM" evidence ------------------------------------
+    const device = new FakeKeyProvider({ label: "soft" });
+    const soft = await softTpmOps(device);
+    addEnrolmentGroup(reg.store, {
+      name: "soft",
+      role: "gateway",
+      methods: ["tpm"],
+      ekAllow: [ekFingerprint(soft.ekPublic)],
+    });
+    const client = await RegistrarClient.create({ baseUrl: reg.running.url, caFile: reg.caFile });
+    const auditBefore = reg.store.listAudit(1_000_000).length;
+    const once = () =>
+      enrollTpm({ client, provider: device, tpm: soft.ops, group: "soft", hardwareSerial: "SOFT-1" });
+    await once(); // warm-up (first registration; later ones are re-enrolments of the same hardware)
+    let done = 0;
+    t0 = performance.now();
+    await Promise.all(
+      Array.from({ length: concurrency }, async () => {
+        while (done < pairs) {
+          done++;
+          await once();
+        }
+      }),
+    );
+    const elapsed = performance.now() - t0;
+    await client.close();
+    const audit = reg.store.listAudit(1_000_000).slice(auditBefore + 2);
+    const ms = (ev: string) => audit.filter((a) => a.event === ev).map((a) => Number(a.ms));
+    return {
+      swtpmFirstMs,
+      swtpmRepeatMs: stats(repeat),
+      registrarPairsPerSec: Math.round((done / elapsed) * 1000),
+      registrarPairs: done,
+      concurrency,
+      serverBeginMs: stats(ms("enroll.tpm.begin")),
+      serverFinishMs: stats(ms("enroll.tpm.finish")),
+    } satisfies EnrollBenchResult;
+  } finally {
+    await provider.close();
+    await tpm.stop();
+    await reg.running.close();
+    reg.store.close();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+if (import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
+  const r = await benchEnroll();
+  console.log(JSON.stringify(r, null, 2));
+  console.log(
+    `swtpm end-to-end enrolment: first ${r.swtpmFirstMs} ms, repeat p50 ${r.swtpmRepeatMs.p50} ms ` +
+      `(p95 ${r.swtpmRepeatMs.p95} ms; goal ≤ 1500 ms)`,
+  );
+  console.log(
+    `registrar: ${r.registrarPairsPerSec} begin+finish pairs/s over HTTPS (concurrency ${r.concurrency}, ` +
+      `client in the same process); server time begin p50 ${r.serverBeginMs.p50} ms, finish p50 ${r.serverFinishMs.p50} ms`,
+  );
+}
