@@ -14,6 +14,8 @@ import { computeName, decodeTpm2bPublic, decodeTpmtPublic } from "../../src/tpm/
 
 const RSA_EK = "0x81010001";
 const ECC_EK = "0x81010016";
+/** A low-range ECC P-256 EK (template L-2, PolicyA) we create ourselves: swtpm does not provision one. */
+const ECC_P256_EK = "0x81010002";
 const AK_HANDLE = "0x81000010";
 
 let tpm: SwtpmHandle;
@@ -46,7 +48,7 @@ async function activate(ek: string, blob: Uint8Array, tag: string): Promise<Uint
   await writeFile(blobPath, blob);
   const run = (ekAuth: string[]) =>
     t2("tpm2_activatecredential", ["-c", AK_HANDLE, "-C", ek, "-i", blobPath, "-o", outPath, ...ekAuth]);
-  if (ek === RSA_EK) await withEkPolicySession((auth) => run(["-P", auth]));
+  if (ek === RSA_EK || ek === ECC_P256_EK) await withEkPolicySession((auth) => run(["-P", auth]));
   else await run([]);
   return readFile(outPath);
 }
@@ -68,6 +70,7 @@ beforeAll(async () => {
   );
   await t2("tpm2_evictcontrol", ["-C", "o", "-c", "ak.ctx", AK_HANDLE]);
   await t2("tpm2_flushcontext", ["-t"]);
+  await t2("tpm2_createek", ["-c", ECC_P256_EK, "-G", "ecc", "-u", "ek-p256.pub"]);
 }, 120_000);
 
 afterAll(async () => {
@@ -106,13 +109,25 @@ describe("makeCredential → tpm2_activatecredential on swtpm", () => {
   it("ECC P-384 EK (high range, AES-256, sha384): the TPM recovers the secret", async () => {
     const ek = await readTpmt(ECC_EK, "ek-ecc");
     expect(ek.type).toBe(TPM_ALG.ECC);
-    if (ek.type !== TPM_ALG.ECC) return;
+    if (ek.type !== TPM_ALG.ECC) throw new Error("not ECC");
     expect(ek.parameters.curveId).toBe(TPM_ECC_CURVE.NIST_P384);
     expect(ek.parameters.symmetric.keyBits).toBe(256);
     const name = await akName();
     const secret = randomBytes(32);
     const { blob } = makeCredential(ek, name, secret);
     expect(Buffer.from(await activate(ECC_EK, blob, "ecc"))).toEqual(secret);
+  });
+
+  it("ECC P-256 EK (low range L-2, AES-128, sha256, PolicyA): the TPM recovers the secret", async () => {
+    const ek = await readTpmt(ECC_P256_EK, "ek-p256");
+    if (ek.type !== TPM_ALG.ECC) throw new Error("not ECC");
+    expect(ek.parameters.curveId).toBe(TPM_ECC_CURVE.NIST_P256);
+    expect(Buffer.from(ek.authPolicy).toString("hex")).toBe(
+      "837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa",
+    );
+    const secret = randomBytes(32);
+    const { blob } = makeCredential(ek, await akName(), secret);
+    expect(Buffer.from(await activate(ECC_P256_EK, blob, "p256"))).toEqual(secret);
   });
 
   it("a blob made for another AK name fails activation with an integrity error", async () => {
