@@ -11,4 +11,5 @@ export const COMMAND_MODULES: readonly (() => Promise<{ register(program: Comman
   () => import("./status.js"),
   () => import("./doctor.js"),
   () => import("./send.js"),
+  () => import("./token.js"),
 ];
