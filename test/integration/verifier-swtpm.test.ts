@@ -5,6 +5,7 @@ import { execa } from "execa";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
 import { M2mError } from "../../src/core/errors.js";
+import { TpmAttestationOps, TpmRunner } from "../../src/keys/tpm/index.js";
 import {
   beginActivation,
   checkAkPublic,
@@ -240,5 +241,34 @@ describe("registrar verifier on real swtpm evidence", () => {
     expect(codeOf(() => verifyActivationAndCertify({ ...ev, attestBytes, signatureBytes }))).toBe(
       E.ATTEST_NONCE,
     );
+  });
+
+  it("evidence produced by the agent-side TpmAttestationOps (src/keys/tpm) verifies", async () => {
+    const runner = new TpmRunner({ tcti: tpm.tcti, runtimeDir: dir });
+    const ops = new TpmAttestationOps(runner, { akHandle: 0x81000020 });
+    const ak = await ops.createAk({ replace: true });
+    const certs = await ops.readEkCertificates();
+    const rsaCert = certs.find((c) => c.nvIndex === 0x01c00002);
+    if (rsaCert === undefined) throw new Error("no RSA EK certificate");
+    const eks = await ops.readEkPublics();
+    const rsaEk = eks.find((e) => e.handle === RSA_EK);
+    if (rsaEk === undefined) throw new Error("no RSA EK");
+
+    const cert = await verifyEkCertificate(rsaCert.der, [rootPem], [interPem], new Date());
+    const ekPublic = checkEkPublic(rsaEk.tpm2bPublic, cert.publicKey);
+    const ch = beginActivation(ekPublic, checkAkPublic(ak.tpm2bPublic).name);
+    const recovered = await ops.activateCredential(ch.blob, RSA_EK);
+    const { attest, signature } = await ops.certify(DEVICE, ak.handle, ch.nonce);
+    const out = verifyActivationAndCertify({
+      expectedSecret: ch.secret,
+      recoveredSecret: recovered.reveal(),
+      ekPublic,
+      akPublic: ak.tpm2bPublic,
+      nonce: ch.nonce,
+      attestBytes: attest,
+      signatureBytes: signature,
+      devicePublic: await readPublic(DEVICE, "device-ops"),
+    });
+    expect(out.deviceKey.asymmetricKeyType).toBe("ec");
   });
 });

@@ -761,6 +761,9 @@ describe("EK: certificate, public match, allowlist, suitability", () => {
     // The intermediate configured as the anchor also works; DER input too.
     const der = new x509.X509Certificate(goodEkPem).rawData;
     expect((await verifyEkCertificate(new Uint8Array(der), [interPem], [], now)).chainDer).toHaveLength(2);
+    // NV indices larger than the certificate: trailing padding after the DER SEQUENCE is ignored.
+    const padded = Buffer.concat([new Uint8Array(der), new Uint8Array(64).fill(0xff)]);
+    expect((await verifyEkCertificate(padded, [rootPem], [interPem], now)).chainDer).toHaveLength(3);
   });
 
   const certRows: [string, () => Promise<unknown>, string][] = [
@@ -810,6 +813,16 @@ describe("EK: certificate, public match, allowlist, suitability", () => {
       "same cert checked 30 years later",
       () => verifyEkCertificate(goodEkPem, [rootPem], [interPem], new Date(now.getTime() + 30 * 365 * day)),
       E.EK_CERT_EXPIRED,
+    ],
+    [
+      "oversized certificate input",
+      () => verifyEkCertificate(new Uint8Array(20_000), [rootPem], [interPem], now),
+      E.EK_CERT_MALFORMED,
+    ],
+    [
+      "too many intermediates",
+      () => verifyEkCertificate(goodEkPem, [rootPem], Array(9).fill(interPem), now),
+      E.EK_CERT_MALFORMED,
     ],
     [
       "garbage instead of a certificate",

@@ -73,6 +73,10 @@ export const TPM_VERIFY_ERRORS = {
 
 export type TpmVerifyErrorCode = (typeof TPM_VERIFY_ERRORS)[keyof typeof TPM_VERIFY_ERRORS];
 
+/** Caps on certificate input (the HTTP layer caps bodies too; these keep the verifier safe on its own). */
+export const MAX_EK_CERT_BYTES = 16_384;
+export const MAX_INTERMEDIATES = 8;
+
 /** Size of the activation secret and of the certify nonce (bytes). */
 export const ACTIVATION_SECRET_BYTES = 32;
 export const NONCE_BYTES = 32;
@@ -100,9 +104,28 @@ function bytesEqual(a: Uint8Array, b: Uint8Array): boolean {
 
 // ───────────────────────────── EK ─────────────────────────────
 
+/**
+ * The leading DER certificate of `b`: NV indices of some TPMs are larger than the certificate and padded,
+ * so trailing bytes after the outer SEQUENCE are dropped (the SEQUENCE itself is parsed strictly).
+ */
+function leadingDer(b: Uint8Array): Uint8Array {
+  if (b.length < 4 || b[0] !== 0x30) return b;
+  const first = b[1] ?? 0;
+  let len = first;
+  let header = 2;
+  if (first & 0x80) {
+    const n = first & 0x7f;
+    if (n < 1 || n > 3 || b.length < 2 + n) return b;
+    len = 0;
+    for (let i = 0; i < n; i++) len = len * 256 + (b[2 + i] ?? 0);
+    header = 2 + n;
+  }
+  return header + len <= b.length ? b.subarray(0, header + len) : b;
+}
+
 function parseCert(input: Uint8Array | string, what: string): X509Certificate {
   try {
-    return new X509Certificate(typeof input === "string" ? input : Buffer.from(input));
+    return new X509Certificate(typeof input === "string" ? input : Buffer.from(leadingDer(input)));
   } catch (err) {
     throw reject(TPM_VERIFY_ERRORS.EK_CERT_MALFORMED, `${what} is not a valid certificate`, undefined, err);
   }
@@ -130,7 +153,7 @@ export interface VerifiedEkCertificate {
  * certificate of the path to be valid at `now`. Unusual critical extensions of EK certificates (the SAN
  * dirName with TPM manufacturer OIDs 2.23.133.2.1–3, TPM-specific policies) are deliberately not refused.
  *
- * @param cert DER bytes or PEM text of the EK certificate (e.g. from NV 0x01c00002).
+ * @param cert DER bytes (trailing NV padding ignored) or PEM text of the EK certificate (e.g. NV 0x01c00002).
  * @throws ERR_EK_CERT_MALFORMED, ERR_EK_CERT_UNTRUSTED, ERR_EK_CERT_EXPIRED
  */
 export async function verifyEkCertificate(
@@ -139,6 +162,10 @@ export async function verifyEkCertificate(
   intermediatesPem: readonly string[],
   now: Date,
 ): Promise<VerifiedEkCertificate> {
+  // Why: bounded input keeps ASN.1 parsing and path building cheap for whatever a client sends.
+  if (cert.length > MAX_EK_CERT_BYTES || intermediatesPem.length > MAX_INTERMEDIATES) {
+    throw reject(TPM_VERIFY_ERRORS.EK_CERT_MALFORMED, "EK certificate input is too large");
+  }
   const leaf = parseCert(cert, "EK certificate");
   const anchors = trustAnchorsPem.map((p) => parseCert(p, "trust anchor"));
   const intermediates = intermediatesPem.map((p) => parseCert(p, "intermediate certificate"));
