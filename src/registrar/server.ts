@@ -144,6 +144,14 @@ export async function startRegistrar(
     send(res, response);
   };
 
+  // Slow clients cannot hold a request open (slowloris): Node answers 408 itself once a request
+  // exceeds requestTimeout; the check interval bounds how late that happens.
+  const timeouts = {
+    requestTimeout: config.requestTimeoutMs,
+    headersTimeout: Math.min(config.requestTimeoutMs, 10_000),
+    connectionsCheckingInterval: Math.min(1_000, config.requestTimeoutMs),
+    keepAliveTimeout: 5_000,
+  };
   const server: Server =
     config.tls.kind === "https"
       ? createHttpsServer(
@@ -155,15 +163,21 @@ export async function startRegistrar(
             rejectUnauthorized: false,
             ca: deps.ca.chainPem(),
             minVersion: "TLSv1.2",
+            ...timeouts,
           },
           handler,
         )
-      : createHttpServer(handler);
-  // Slow clients cannot hold a request open forever (slowloris); Node answers 408 itself.
-  server.requestTimeout = config.requestTimeoutMs;
-  server.headersTimeout = Math.min(config.requestTimeoutMs, 10_000);
-  server.keepAliveTimeout = 5_000;
+      : createHttpServer(timeouts, handler);
   server.maxHeadersCount = 64;
+  // Housekeeping: expired sessions are useless (finish refuses them); drop them once a minute.
+  const purge = setInterval(() => {
+    try {
+      deps.store.purgeExpiredSessions(clock.now());
+    } catch (err) {
+      logger.warn("session purge failed", { error: err });
+    }
+  }, 60_000);
+  purge.unref();
 
   try {
     await new Promise<void>((resolve, reject) => {
@@ -174,6 +188,7 @@ export async function startRegistrar(
       });
     });
   } catch (err) {
+    clearInterval(purge);
     audit.close();
     throw err;
   }
@@ -187,6 +202,7 @@ export async function startRegistrar(
     port,
     server,
     close: async () => {
+      clearInterval(purge);
       await new Promise<void>((resolve) => {
         server.close(() => resolve());
         server.closeAllConnections();
@@ -250,6 +266,12 @@ function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
       if (done) return;
       done = true;
       reject(new HttpError(400, "ERR_BAD_REQUEST", "request body could not be read", { cause: err }));
+    });
+    // The deadline (or the client) closed the connection mid-body: settle, so nothing waits forever.
+    req.on("close", () => {
+      if (done) return;
+      done = true;
+      reject(new HttpError(408, "ERR_TIMEOUT", "request body incomplete"));
     });
   });
 }

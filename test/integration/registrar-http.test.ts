@@ -185,3 +185,42 @@ describe("registrar HTTP hardening and bootstrap-token races (real HTTPS on 127.
     ).rejects.toThrow(/duplicate route/);
   });
 });
+
+describe("registrar request deadline", () => {
+  it("a client that stops sending mid-body gets 408 and the connection is closed", async () => {
+    const reg = await startTestRegistrar({
+      raw: { limits: { max_body_bytes: 65536, request_timeout_ms: 300 } },
+    });
+    try {
+      const { connect } = await import("node:tls");
+      const { readFile } = await import("node:fs/promises");
+      const ca = await readFile(reg.caFile, "utf8");
+      const received = await new Promise<string>((resolve, reject) => {
+        const sock = connect(
+          { host: "127.0.0.1", port: reg.running.port, ca, servername: "localhost" },
+          () => {
+            sock.write(
+              `POST ${ENROLL_PATHS.pkcs11} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{"v":1,`,
+            );
+          },
+        );
+        let data = "";
+        sock.on("data", (d: Buffer) => {
+          data += d.toString();
+        });
+        sock.on("close", () => resolve(data));
+        sock.on("error", reject);
+      });
+      expect(received).toMatch(/^HTTP\/1\.1 408/);
+      expect(reg.store.listDevices()).toEqual([]);
+      // The abandoned request is settled and audited (nothing keeps waiting for the rest of the body).
+      for (let i = 0; i < 100 && reg.store.listAudit(10).length === 0; i++)
+        await new Promise((r) => setTimeout(r, 20));
+      expect(reg.store.listAudit(10)).toEqual([
+        expect.objectContaining({ event: "enroll.pkcs11", outcome: "failure" }),
+      ]);
+    } finally {
+      await reg.close();
+    }
+  });
+});
