@@ -30,7 +30,10 @@ describe("MQTT sink with token auth: short-lived tokens renewed make-before-brea
     // fetched from the source shortly before the old one expires.
     const secret = randomBytes(16).toString("hex");
     await broker.setPassword("dev-tok", secret);
-    const tokens = new TestTokenSource(async () => ({ token: secret, expiresAt: new Date(Date.now() + 3000) }), 1600);
+    const tokens = new TestTokenSource(
+      async () => ({ token: secret, expiresAt: new Date(Date.now() + 3000) }),
+      1600,
+    );
     const sub = await startSubscriber(broker.plainUrl, "devices/dev-tok/#");
     const outbox = SqliteOutbox.open({ path: join(dir, "t.db"), sinks: ["mqtt"], ttlCheckMs: 0 });
     const sink = new MqttSink({
@@ -46,7 +49,9 @@ describe("MQTT sink with token auth: short-lived tokens renewed make-before-brea
     let n = 0;
     const started = Date.now();
     while (Date.now() - started < 8000) {
-      await outbox.append(Array.from({ length: 10 }, () => ({ channel: "t", payload: enc.encode(JSON.stringify({ n: n++ })) })));
+      await outbox.append(
+        Array.from({ length: 10 }, () => ({ channel: "t", payload: enc.encode(JSON.stringify({ n: n++ })) })),
+      );
       await new Promise((r) => setTimeout(r, 40));
     }
     await until(() => outbox.stats().depth === 0, 20_000, "drain");
@@ -65,7 +70,10 @@ describe("MQTT sink with token auth: short-lived tokens renewed make-before-brea
   }, 60_000);
 
   it("a wrong token is refused by the broker (CONNACK) → retry outcome, after one forced refresh", async () => {
-    const bad = new TestTokenSource(async () => ({ token: "not-the-password", expiresAt: new Date(Date.now() + 60_000) }));
+    const bad = new TestTokenSource(async () => ({
+      token: "not-the-password",
+      expiresAt: new Date(Date.now() + 60_000),
+    }));
     const sink = new MqttSink({
       urls: [broker.passwordUrl ?? ""],
       caPem: broker.ca.caPem,
@@ -73,7 +81,16 @@ describe("MQTT sink with token auth: short-lived tokens renewed make-before-brea
       deviceId: "dev-tok",
     });
     const out = await sink.deliver([
-      { id: "x", seq: 1, channel: "t", payload: enc.encode("1"), contentType: "application/json", ts: 0, ingestedAt: 0, attempt: 1 },
+      {
+        id: "x",
+        seq: 1,
+        channel: "t",
+        payload: enc.encode("1"),
+        contentType: "application/json",
+        ts: 0,
+        ingestedAt: 0,
+        attempt: 1,
+      },
     ]);
     expect(out[0]).toMatchObject({ kind: "retry", code: "ERR_MQTT_AUTH" });
     expect(bad.invalidations).toBe(1);

@@ -3,6 +3,9 @@
  * bundled OpenSSL 3 and Debian's libengine-pkcs11-openssl. Node marks the engine options deprecated
  * (DEP0183): when they go, only this module changes (e.g. to a provider-based key store).
  */
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { createSecureContext, type SecureContext } from "node:tls";
 import { M2mError } from "../../../core/errors.js";
 
@@ -40,14 +43,28 @@ export function createEngineSecureContext(
 ): SecureContext {
   process.env.OPENSSL_ENGINES ??= o.enginesDir ?? DEFAULT_OPENSSL_ENGINES_DIR;
   process.env.PKCS11_MODULE_PATH = o.modulePath;
+  // libp11 uses the pin-source file byte for byte: a trailing newline (what editors and `echo`
+  // write) becomes part of the PIN and costs a failed login (towards the token's lockout). A PIN
+  // file with a line ending is copied, trimmed, into a private 0600 file for the moment of loading.
+  let pinFile = o.pinFile;
+  let scratch: string | undefined;
   try {
+    const raw = readFileSync(o.pinFile);
+    let end = raw.length;
+    while (end > 0 && (raw[end - 1] === 0x0a || raw[end - 1] === 0x0d)) end--;
+    if (end !== raw.length) {
+      scratch = mkdtempSync(join(tmpdir(), "m2m-engine-"));
+      pinFile = join(scratch, "pin");
+      writeFileSync(pinFile, raw.subarray(0, end), { mode: 0o600, flag: "wx" });
+    }
+    raw.fill(0);
     // The engine id, not the .so path: the path works once and then fails every later context
-    // (breaks reconnects) — see hardware notes.
+    // (breaks reconnects) — see hardware notes. The key is loaded now; the context keeps the handle.
     return createSecureContext({
       ca: o.caPem,
       cert: o.certPem,
       privateKeyEngine: "pkcs11",
-      privateKeyIdentifier: engineKeyUri(o),
+      privateKeyIdentifier: engineKeyUri({ ...o, pinFile }),
     });
   } catch (err) {
     throw new M2mError(
@@ -59,5 +76,7 @@ export function createEngineSecureContext(
         hint: "check PKCS11 module path, token/key labels, PIN file, and that libengine-pkcs11-openssl is installed",
       },
     );
+  } finally {
+    if (scratch !== undefined) rmSync(scratch, { recursive: true, force: true });
   }
 }
