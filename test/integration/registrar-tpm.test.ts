@@ -165,6 +165,81 @@ describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)"
     );
   });
 
+  it("begin tamper table: each unfit EK / AK / device key / group fails with its own code; nothing stored", async () => {
+    const { reg } = await newRegistrar();
+    addEnrolmentGroup(reg.store, { name: "p11", role: "x", methods: ["pkcs11"] });
+    const otherTrust = join(work, "other-trust");
+    await mkdir(otherTrust, { recursive: true });
+    const { initCa } = await import("../../src/registrar/ca/index.js");
+    const otherCa = await initCa({ dir: join(work, "other-ca") });
+    await copyFile(otherCa.caCert, join(otherTrust, "ca.pem"));
+    addEnrolmentGroup(reg.store, {
+      name: "wrong-trust",
+      role: "x",
+      methods: ["tpm"],
+      ekTrustDir: otherTrust,
+    });
+    addEnrolmentGroup(reg.store, {
+      name: "allow-other",
+      role: "x",
+      methods: ["tpm"],
+      ekAllow: ["cd".repeat(32)],
+    });
+    const e = await ops.readEndorsement();
+    const { akPublic } = await ops.ensureAk();
+    const devicePublic = await ops.devicePublic();
+    const { TpmAttestationOps } = await import("../../src/keys/tpm/endorsement.js");
+    const p384 = (await new TpmAttestationOps(provider.runner).readEkPublics()).find(
+      (k) => k.kind === "ecc-p384",
+    );
+    const good = {
+      v: WIRE_VERSION,
+      ekCertDer: b64(e.ekCertDer ?? new Uint8Array()),
+      ekPublic: b64(e.ekPublic),
+      akPublic: b64(akPublic),
+      devicePublic: b64(devicePublic),
+      hardwareSerial: "GW-1",
+      group: "gateways",
+    };
+    const cases: [string, Record<string, unknown>, string][] = [
+      ["unknown group", { ...good, group: "nope" }, "ERR_GROUP_UNKNOWN"],
+      ["group without tpm", { ...good, group: "p11" }, "ERR_METHOD_NOT_PERMITTED"],
+      ["EK cert garbage", { ...good, ekCertDer: b64(Buffer.from("garbage")) }, "ERR_EK_CERT_MALFORMED"],
+      ["EK cert from an untrusted CA", { ...good, group: "wrong-trust" }, "ERR_EK_CERT_UNTRUSTED"],
+      ["EK not on the allowlist", { ...good, group: "allow-other" }, "ERR_EK_NOT_ALLOWED"],
+      ["no EK cert", { ...good, ekCertDer: undefined }, "ERR_EK_CERT_UNTRUSTED"],
+      [
+        "EK public of another EK",
+        { ...good, ekPublic: b64(p384?.tpm2bPublic ?? new Uint8Array()) },
+        "ERR_EK_PUBLIC_MISMATCH",
+      ],
+      [
+        "AK is the device key (not restricted)",
+        { ...good, akPublic: b64(devicePublic) },
+        "ERR_AK_ATTRIBUTES",
+      ],
+      [
+        "device key is the AK (restricted)",
+        { ...good, devicePublic: b64(akPublic) },
+        "ERR_DEVICE_KEY_ATTRIBUTES",
+      ],
+      ["AK truncated", { ...good, akPublic: b64(akPublic.subarray(0, 20)) }, "ERR_TPM_STRUCT_MALFORMED"],
+    ];
+    for (const [name, body, code] of cases) {
+      const res = await reg.post(ENROLL_PATHS.tpmBegin, JSON.stringify(body));
+      expect({ name, ok: res.status >= 400 && res.status < 500, json: res.json }).toMatchObject({
+        name,
+        ok: true,
+        json: { v: 1, error: { code } },
+      });
+    }
+    // Sanity: the untampered request is accepted by the same registrar.
+    expect((await reg.post(ENROLL_PATHS.tpmBegin, JSON.stringify(good))).status).toBe(200);
+    expect(reg.store.listDevices()).toEqual([]);
+    const begins = reg.store.listAudit(100).filter((a) => a.event === "enroll.tpm.begin");
+    expect(begins.map((a) => a.code)).toEqual([...cases.map((c) => c[2]), undefined]);
+  });
+
   it("concurrent finishes of one session: exactly one wins", async () => {
     const { reg, client } = await newRegistrar();
     const { body } = await prepare(client, ops, provider);
