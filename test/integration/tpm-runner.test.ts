@@ -1,5 +1,8 @@
 import { existsSync, statSync } from "node:fs";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { createServer, type Server, type Socket } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { freeLoopbackPortPair, type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
 import { isM2mError, type M2mError } from "../../src/core/errors.js";
@@ -102,6 +105,73 @@ describe("TpmRunner against swtpm", () => {
       for (const s of servers) s.close();
       await r.close();
     }
+  });
+});
+
+describe("TpmRunner retry policy (scripted stand-in tool)", () => {
+  let dir: string;
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), "m2m-fake-tpm2-"));
+  });
+  afterAll(async () => {
+    if (dir !== undefined) await rm(dir, { recursive: true, force: true });
+  });
+
+  /** A tool that fails with `rc` the first `failures` times (counted in a file), then succeeds. */
+  async function fakeTool(name: string, rc: string, failures: number): Promise<string> {
+    const path = join(dir, name);
+    const counter = join(dir, `${name}.count`);
+    await writeFile(
+      path,
+      `#!/bin/sh
+n=$(cat ${counter} 2>/dev/null || echo 0)
+echo $((n+1)) > ${counter}
+if [ "$n" -lt ${failures} ]; then
+  echo "ERROR:esys:x() Esys Finish ErrorCode (0x00000${rc})" >&2
+  echo "ERROR: Esys_Sign(0x${rc}) - tpm:warn" >&2
+  exit 1
+fi
+echo ok
+`,
+      { mode: 0o700 },
+    );
+    return path;
+  }
+  const fast = {
+    baseMs: 1,
+    factor: 2,
+    capMs: 5,
+    deadlineMs: 5_000,
+    maxAttempts: 4,
+    maxRetryAfterMs: 5,
+    retryOn: (e: unknown) => isM2mError(e, "ERR_TPM_BUSY"),
+  };
+
+  test("TPM_RC_RETRY (0x922) is retried and then succeeds", async () => {
+    const samples: TpmLatencySample[] = [];
+    const r = new TpmRunner({ tcti: "none", busyRetry: fast, onLatency: (s) => samples.push(s) });
+    const res = await r.run(await fakeTool("busy2", "922", 2), []);
+    expect(res.text.trim()).toBe("ok");
+    expect(samples.map((s) => s.code ?? "ok")).toEqual(["ERR_TPM_BUSY", "ERR_TPM_BUSY", "ok"]);
+    await r.close();
+  });
+
+  test("busy retries are bounded: ERR_TPM_BUSY after maxAttempts", async () => {
+    const samples: TpmLatencySample[] = [];
+    const r = new TpmRunner({ tcti: "none", busyRetry: fast, onLatency: (s) => samples.push(s) });
+    const err = await codeOf(r.run(await fakeTool("busy9", "902", 9), []));
+    expect(err.code).toBe("ERR_TPM_BUSY");
+    expect(samples).toHaveLength(4);
+    await r.close();
+  });
+
+  test("an authorization failure is never retried", async () => {
+    const samples: TpmLatencySample[] = [];
+    const r = new TpmRunner({ tcti: "none", busyRetry: fast, onLatency: (s) => samples.push(s) });
+    const err = await codeOf(r.run(await fakeTool("auth", "98e", 5), []));
+    expect(err.code).toBe("ERR_TPM_AUTH");
+    expect(samples).toHaveLength(1);
+    await r.close();
   });
 });
 
