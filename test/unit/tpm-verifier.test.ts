@@ -821,7 +821,7 @@ describe("EK: certificate, public match, allowlist, suitability", () => {
     ],
     [
       "too many intermediates",
-      () => verifyEkCertificate(goodEkPem, [rootPem], Array(9).fill(interPem), now),
+      () => verifyEkCertificate(goodEkPem, [rootPem], Array(257).fill(interPem), now),
       E.EK_CERT_MALFORMED,
     ],
     [

@@ -75,7 +75,8 @@ export type TpmVerifyErrorCode = (typeof TPM_VERIFY_ERRORS)[keyof typeof TPM_VER
 
 /** Caps on certificate input (the HTTP layer caps bodies too; these keep the verifier safe on its own). */
 export const MAX_EK_CERT_BYTES = 16_384;
-export const MAX_INTERMEDIATES = 8;
+/** Operator trust stores of several manufacturers plus client-sent chains: generous, but bounded. */
+export const MAX_INTERMEDIATES = 256;
 
 /** Size of the activation secret and of the certify nonce (bytes). */
 export const ACTIVATION_SECRET_BYTES = 32;
