@@ -7,7 +7,7 @@ import { isM2mError, type M2mError } from "../../src/core/errors.js";
 import { signCompactJws } from "../../src/keys/jws.js";
 import type { JwsAlgorithm } from "../../src/keys/key-provider.js";
 import { type TpmLatencySample, TpmRunner } from "../../src/keys/tpm/runner.js";
-import { DEVICE_KEY_ATTRIBUTES, TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
+import { DEVICE_KEY_ATTRIBUTES, parseTpmKeyRef, TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
 import { ATTR } from "../../src/keys/tpm/tpmt.js";
 
 async function failure(p: Promise<unknown>): Promise<M2mError> {
@@ -106,6 +106,9 @@ describe("TpmKeyProvider on swtpm", () => {
     const { protectedHeader } = await compactVerify(jws, await importJWK(info.publicJwk, "ES256"));
     expect(protectedHeader.alg).toBe("ES256");
     expect(info.ref).toBe(`tpm:tcti=${tpm.tcti};handle=0x81000002`);
+    expect(parseTpmKeyRef(info.ref)).toEqual({ tcti: tpm.tcti, keyHandle: 0x81000002 });
+    expect(() => parseTpmKeyRef("tpm:tcti=x;handle=0x81010001")).toThrow(/owner persistent handle/);
+    expect(() => parseTpmKeyRef("pkcs11:token=a")).toThrow(/not a TPM key reference/);
   });
 
   test("RSA-2048 key signs RS256 and PS256 that jose verifies; ES256 refused", async () => {

@@ -29,6 +29,7 @@ export {
 export {
   DEVICE_KEY_ATTRIBUTES,
   ownerPersistentHandle,
+  parseTpmKeyRef,
   TpmKeyProvider,
   type TpmKeyProviderConfig,
 } from "./tpm-provider.js";

@@ -389,6 +389,20 @@ export class TpmKeyProvider implements KeyProvider {
   }
 }
 
+/**
+ * Parses a key reference `tpm:tcti=<TCTI>;handle=0x8100xxxx` (as in KeyInfo.ref).
+ * @throws ERR_KEY_CONFIG when malformed or the handle is outside the owner persistent range.
+ */
+export function parseTpmKeyRef(ref: string): { tcti: string; keyHandle: number } {
+  const m = /^tpm:tcti=(.+);handle=(0x[0-9a-fA-F]{8})$/.exec(ref);
+  if (m?.[1] === undefined || m[2] === undefined) {
+    throw new M2mError("ERR_KEY_CONFIG", "permanent", "not a TPM key reference", {
+      hint: "expected tpm:tcti=<TCTI>;handle=0x8100xxxx",
+    });
+  }
+  return { tcti: m[1], keyHandle: ownerPersistentHandle(m[2], "handle") };
+}
+
 /** `tpm2_readpublic -f tpmt`; undefined when the handle is empty. */
 export async function readPublicOrUndefined(tx: TpmTx, handle: number): Promise<ParsedPublic | undefined> {
   const out = tx.path("pub.tpmt");
