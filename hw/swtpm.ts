@@ -292,7 +292,7 @@ class SwtpmInstance implements SwtpmHandle {
         "--flags",
         "not-need-init,startup-clear",
       ],
-      { stdin: "ignore", reject: false, cleanup: true, buffer: { stdout: false, stderr: true } },
+      { stdin: "ignore", stdout: "ignore", reject: false, cleanup: true },
     );
     this.#proc = proc;
     this.#exited = false;
