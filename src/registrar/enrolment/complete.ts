@@ -107,7 +107,8 @@ export function endpointsFor(config: RegistrarConfig, baseUrl: string): Enrolmen
   const base = (config.publicUrl ?? baseUrl).replace(/\/+$/, "");
   return {
     registrar: base,
-    token: config.endpoints.token ?? `${base}/v1/oauth/token`,
+    // Same paths as APP_PATHS in app.ts (the token service, EST) so defaults point at live routes.
+    token: config.endpoints.token ?? `${base}/oauth2/token`,
     est: config.endpoints.est ?? `${base}/.well-known/est`,
     ...(config.endpoints.mqtt === undefined ? {} : { mqtt: config.endpoints.mqtt }),
     ...(config.endpoints.ingest === undefined ? {} : { ingest: config.endpoints.ingest }),
