@@ -7,6 +7,7 @@ import type { Command } from "commander";
  */
 export const COMMAND_MODULES: readonly (() => Promise<{ register(program: Command): void }>)[] = [
   () => import("./keys.js"),
+  () => import("./enroll.js"),
   () => import("./run.js"),
   () => import("./status.js"),
   () => import("./doctor.js"),
