@@ -120,6 +120,8 @@ const refused = (code: string, message: string): M2mError => new M2mError(code, 
 export class SqliteRegistrarStore implements RegistrarStore {
   readonly #db: Database.Database;
   readonly #stmt: ReturnType<SqliteRegistrarStore["prepare"]>;
+  readonly #auditBuffer: string[] = [];
+  #auditTimer: NodeJS.Timeout | undefined;
 
   constructor(path: string) {
     if (path !== ":memory:") {
@@ -216,12 +218,19 @@ export class SqliteRegistrarStore implements RegistrarStore {
   }
 
   createSession(session: NewEnrolmentSession): void {
-    this.#stmt.insertSession.run(
-      session.id,
-      JSON.stringify(session.data),
-      session.createdAt.getTime(),
-      session.expiresAt.getTime(),
-    );
+    // A session lost to a power cut only makes that enrolment retry: skip the WAL fsync here (the
+    // next FULL commit syncs these frames too). Consuming proofs and registering devices stay FULL.
+    this.#db.pragma("synchronous = NORMAL");
+    try {
+      this.#stmt.insertSession.run(
+        session.id,
+        JSON.stringify(session.data),
+        session.createdAt.getTime(),
+        session.expiresAt.getTime(),
+      );
+    } finally {
+      this.#db.pragma("synchronous = FULL");
+    }
   }
 
   getSession(id: string): EnrolmentSession | undefined {
@@ -382,11 +391,31 @@ export class SqliteRegistrarStore implements RegistrarStore {
     return tx.immediate();
   }
 
+  /**
+   * Audit rows are buffered and written in one transaction shortly after (the JSON-lines file is the
+   * primary audit trail): a synchronous fsync per request would stall the event loop for every
+   * enrolment attempt. `listAudit` and `close` flush first.
+   */
   appendAudit(event: AuditEvent): void {
-    this.#stmt.insertAudit.run(JSON.stringify(event));
+    this.#auditBuffer.push(JSON.stringify(event));
+    if (this.#auditTimer === undefined) {
+      this.#auditTimer = setTimeout(() => this.#flushAudit(), 50);
+      this.#auditTimer.unref();
+    }
+  }
+
+  #flushAudit(): void {
+    if (this.#auditTimer !== undefined) clearTimeout(this.#auditTimer);
+    this.#auditTimer = undefined;
+    if (this.#auditBuffer.length === 0 || !this.#db.open) return;
+    const rows = this.#auditBuffer.splice(0);
+    this.#db.transaction(() => {
+      for (const r of rows) this.#stmt.insertAudit.run(r);
+    })();
   }
 
   listAudit(limit: number): AuditEvent[] {
+    this.#flushAudit();
     return this.#stmt.listAudit
       .all(limit)
       .map((r) => JSON.parse(r.event) as AuditEvent)
@@ -394,6 +423,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
   }
 
   close(): void {
+    this.#flushAudit();
     if (this.#db.open) this.#db.close();
   }
 }
