@@ -1,11 +1,11 @@
 #!/usr/bin/env node
 import { Command, CommanderError } from "commander";
 import { agentVersion } from "../daemon/version.js";
-import { COMMAND_MODULES } from "./agent/commands.js";
+import { COMMAND_MODULES, commandName } from "./agent/commands.js";
 import { EXIT } from "./agent/common.js";
 
 /** `m2m-agent`: the device agent's CLI. Subcommands live in src/cli/agent/<cmd>.ts. */
-export async function buildProgram(): Promise<Command> {
+export async function buildProgram(args: readonly string[] = []): Promise<Command> {
   const program = new Command("m2m-agent")
     .description("hardware-backed device identity agent (TPM 2.0 / PKCS#11)")
     .version(agentVersion())
@@ -13,12 +13,16 @@ export async function buildProgram(): Promise<Command> {
     .option("--json", "machine-readable output on stdout")
     .showHelpAfterError()
     .exitOverride();
-  for (const load of COMMAND_MODULES) (await load()).register(program);
+  const name = commandName(args);
+  const only = name === undefined ? undefined : COMMAND_MODULES[name];
+  // Only the invoked command's module is loaded; help and unknown commands load them all.
+  const loaders = only === undefined ? Object.values(COMMAND_MODULES) : [only];
+  for (const load of loaders) (await load()).register(program);
   return program;
 }
 
 async function main(argv: readonly string[]): Promise<void> {
-  const program = await buildProgram();
+  const program = await buildProgram(argv.slice(2));
   try {
     await program.parseAsync([...argv]);
   } catch (err) {

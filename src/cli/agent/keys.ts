@@ -5,8 +5,6 @@ import { auditLogPath } from "../../config/index.js";
 import { systemClock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
 import { createLogger, type Logger } from "../../core/log.js";
-import { keyProviderFromConfig } from "../../daemon/compose.js";
-import { defaultJwsAlg, signCompactJws } from "../../keys/jws.js";
 import type { KeyEvidence, KeyInfo, KeyProvider } from "../../keys/key-provider.js";
 import { withStep } from "../progress.js";
 import {
@@ -84,6 +82,7 @@ export function register(program: Command): void {
         const opts = globalOptions(cmd);
         return withProvider(opts, async (provider) => {
           const info = await provider.open();
+          const { defaultJwsAlg, signCompactJws } = await import("../../keys/jws.js");
           const alg = defaultJwsAlg(info);
           const challenge = randomBytes(32).toString("base64url");
           const t0 = performance.now();
@@ -165,6 +164,8 @@ async function withProvider(
   const { config } = await loadCliConfig(opts);
   // CLI logs only warnings and errors (stderr); results go to stdout.
   const log = createLogger({ level: "warn" });
+  // Loaded on use: registering the command must not pull in backends, jose or the daemon.
+  const { keyProviderFromConfig } = await import("../../daemon/compose.js");
   const provider = await keyProviderFromConfig(config, { log });
   try {
     return await fn(provider, config, log);
