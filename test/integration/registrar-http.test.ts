@@ -224,3 +224,49 @@ describe("registrar request deadline", () => {
     }
   });
 });
+
+describe("registrar under random bodies (fast-check, time-capped)", () => {
+  it("any JSON to any enrolment endpoint: a 4xx with a stable code, never a 5xx, nothing registered", async () => {
+    const fc = await import("fast-check");
+    const reg = await startTestRegistrar();
+    addEnrolmentGroup(reg.store, { name: "sensors", role: "sensor", methods: ["pkcs11"] });
+    const { token } = createBootstrapToken(reg.store, "sensors", 3600);
+    const valid = await pkcs11Body(token.reveal(), "fuzz");
+    const paths = [ENROLL_PATHS.pkcs11, ENROLL_PATHS.tpmBegin, ENROLL_PATHS.tpmFinish];
+    const b64ish = fc.stringMatching(/^[A-Za-z0-9_-]{1,64}$/);
+    const mutatedValid = fc
+      .tuple(
+        fc.constantFrom(...Object.keys(valid), "evidence.local", "evidence"),
+        fc.oneof(fc.jsonValue(), b64ish),
+      )
+      .map(([k, v]) => {
+        const copy: Record<string, unknown> = structuredClone(valid);
+        if (k === "evidence.local") copy.evidence = { ...(copy.evidence as object), local: v };
+        else copy[k] = v;
+        // The one valid token must never be spent by a mutation that keeps everything else valid.
+        if (k !== "bootstrapToken") copy.bootstrapToken = "m2mbt_not-a-real-token-000";
+        return JSON.stringify(copy);
+      });
+    try {
+      await fc.assert(
+        fc.asyncProperty(
+          fc.constantFrom(...paths),
+          fc.oneof(fc.json(), mutatedValid, fc.string({ maxLength: 200 })),
+          async (path, body) => {
+            const res = await reg.post(path, body);
+            expect(res.status).toBeGreaterThanOrEqual(400);
+            expect(res.status).toBeLessThan(500);
+            expect(res.json).toMatchObject({
+              v: 1,
+              error: { code: expect.stringMatching(/^ERR_[A-Z0-9_]+$/) },
+            });
+          },
+        ),
+        { numRuns: 150, interruptAfterTimeLimit: 20_000 },
+      );
+      expect(reg.store.listDevices()).toEqual([]);
+    } finally {
+      await reg.close();
+    }
+  });
+});
