@@ -93,10 +93,13 @@ describe("m2m-agent run (built CLI, SoftHSM, real notify socket)", () => {
 
   it("start → READY=1; status via the local API; SIGHUP → RELOADING=1 then READY=1; SIGTERM → STOPPING=1, exit 0", async () => {
     const from = listener.messages.length;
-    const d = startDaemon(["--config", configPath, "run"], env);
+    // WatchdogSec=2: the agent must ping every second while healthy.
+    const d = startDaemon(["--config", configPath, "run"], { ...env, WATCHDOG_USEC: "2000000" });
     daemons.push(d);
     const ready = await listener.waitFor((m) => m.startsWith("READY=1"), from);
     expect(ready).toBe("READY=1\nSTATUS=running");
+    await listener.waitFor((m) => m === "WATCHDOG=1", from);
+    expect((await d.waitLog((r) => r.msg === "systemd watchdog enabled")).intervalMs).toBe(1000);
 
     // Status from the running daemon over the Unix socket, as `m2m-agent status` does.
     const status = await fetchStatus(join(dir, "api.sock"));
