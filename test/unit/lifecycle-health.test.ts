@@ -77,9 +77,14 @@ describe("instrumentKeyProvider", () => {
     const clock = new ManualClock();
     const watch = new OperationWatch(clock, 1000);
     let release: () => void = () => undefined;
+    const fake = new FakeKeyProvider();
     const stuck: KeyProvider = {
-      ...new FakeKeyProvider(),
       kind: "tpm",
+      createOrOpen: () => fake.createOrOpen(),
+      open: () => fake.open(),
+      evidence: () => fake.evidence(),
+      destroy: () => fake.destroy(),
+      health: () => fake.health(),
       sign: () =>
         new Promise((_, reject) => {
           release = () => reject(new M2mError("ERR_TPM_TIMEOUT", "transient", "timeout"));
