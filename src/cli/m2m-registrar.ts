@@ -6,9 +6,9 @@ import { Command, CommanderError, Option } from "commander";
 import { M2mError } from "../core/errors.js";
 import { createLogger } from "../core/log.js";
 import { addEnrolmentGroup, createBootstrapToken } from "../registrar/admin.js";
+import { startRegistrarApp } from "../registrar/app.js";
 import { caPaths, FleetCa, initCa } from "../registrar/ca/index.js";
 import { loadRegistrarConfig, parseDurationSeconds, REGISTRAR_DB_FILE } from "../registrar/config.js";
-import { startRegistrar } from "../registrar/server.js";
 import { type DeviceRecord, SqliteRegistrarStore } from "../registrar/store/index.js";
 import type { EnrolmentMethod } from "../wire/v1/index.js";
 
@@ -107,8 +107,8 @@ export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
       const store = new SqliteRegistrarStore(join(config.dataDir, REGISTRAR_DB_FILE));
       try {
         const ca = await FleetCa.load(config.caDir);
-        const running = await startRegistrar(config, { store, ca, logger });
-        print(cmd, { url: running.url }, `m2m-registrar listening on ${running.url}`);
+        const running = await startRegistrarApp(config, { store, ca, logger });
+        print(cmd, { url: running.url, issuer: running.issuer }, `m2m-registrar listening on ${running.url}`);
         await (io.stopSignal?.() ??
           new Promise<void>((resolve) => {
             process.once("SIGINT", () => resolve());

@@ -14,6 +14,8 @@ import { HealthBoard, instrumentKeyProvider, OperationWatch } from "./health.js"
 import { describeState, Lifecycle, STATE_NAMES, type State } from "./lifecycle.js";
 import { AgentMetrics, type MetricsServer, startMetricsServer } from "./metrics.js";
 import type { SystemdNotifier } from "./notify.js";
+import { credentialsStage } from "./stages/credentials.js";
+import { relayStage } from "./stages/relay.js";
 import { agentVersion } from "./version.js";
 
 /**
@@ -132,7 +134,7 @@ export interface AgentStage {
  * Stages in start order (stopped in reverse). Enrolment runs before them (see `#bringUp`); the
  * credentials and relay helpers add their stages here.
  */
-export const STAGES: AgentStage[] = [];
+export const STAGES: AgentStage[] = [credentialsStage, relayStage];
 
 export interface AgentDeps {
   readonly log: Logger;
@@ -228,6 +230,7 @@ export class Agent {
   #api: ApiServer | undefined;
   #metricsServer: MetricsServer | undefined;
   #provider: KeyProvider | undefined;
+  #rawProvider: KeyProvider | undefined;
   #keyInfo: KeyInfo | undefined;
   #enrolment: EnrolmentState | undefined;
   #certNotAfter: Date | undefined;
@@ -237,6 +240,7 @@ export class Agent {
 
   constructor(config: AgentConfig, deps: AgentDeps) {
     this.#config = config;
+    this.#services.set("reenrol", () => this.reenrol());
     this.#deps = deps;
     this.#log = deps.log;
     this.#clock = deps.clock ?? systemClock;
@@ -369,6 +373,7 @@ export class Agent {
         const raw =
           this.#deps.keyProvider ??
           (await keyProviderFromConfig(c, { log: this.#log, clock: this.#clock, env: this.#env }));
+        this.#rawProvider = raw;
         this.#provider = instrumentKeyProvider(raw, this.metrics, this.watch, this.#clock);
       }
       // Enrolment creates the key on first start; without enrolment the key is made by `keys init`.
@@ -405,13 +410,63 @@ export class Agent {
       return;
     }
     await this.#loadEnrolment();
-    if (c.enroll.enabled && this.#enrolment === undefined) {
-      // The enrolment flow (src/enroll) plugs in here as the first stage once it exposes one.
-      this.health.set("enrolment", "not enrolled");
-    }
+    if (c.enroll.enabled && this.#enrolment === undefined && !(await this.#enrol(attempt))) return;
     await this.#startStages();
     this.#bringUpDone = true;
     this.health.apply();
+  }
+
+  /**
+   * Enrols with the registrar (src/daemon/stages/enrol.ts). False when it failed: transient failures
+   * retry `#bringUp` in the background, permanent ones leave the agent degraded with the reason.
+   */
+  async #enrol(attempt: number): Promise<boolean> {
+    if (this.#rawProvider === undefined) return false;
+    this.lifecycle.tryDispatch({ type: "enroll" });
+    try {
+      const { enrolFromConfig } = await import("./stages/enrol.js");
+      const out = await enrolFromConfig(this.#config, this.#rawProvider, {
+        log: this.#log,
+        clock: this.#clock,
+        env: this.#env,
+      });
+      await this.#audit.record("enrolled", { deviceId: out.state.deviceId, method: out.state.method });
+      await this.#loadEnrolment();
+      if (this.lifecycle.state.name === "enrolling") this.lifecycle.dispatch({ type: "ready" });
+      return true;
+    } catch (err) {
+      const e = asM2mError(err);
+      this.health.set("enrolment", `enrolment failed: ${e.code}: ${e.message}`);
+      this.lifecycle.tryDispatch({ type: "degrade", reason: this.health.summary ?? e.code });
+      await this.#audit.record("enroll_failed", { code: e.code }).catch(() => undefined);
+      if (e.retry === "transient") {
+        const delay = Math.max(
+          1000,
+          backoffDelay({ ...defaultRetryPolicy, baseMs: 5000, capMs: 300_000 }, attempt),
+        );
+        this.#log.warn("enrolment failed; retrying", { code: e.code, delayMs: delay });
+        this.#retryTimer = setTimeout(() => void this.#bringUp(attempt + 1), delay);
+      } else {
+        this.#log.error("enrolment failed; not retrying", { error: e });
+      }
+      return false;
+    }
+  }
+
+  /** Re-runs enrolment with `force` (TPM re-attestation); published to stages as "reenrol". */
+  async reenrol(): Promise<EnrolmentState> {
+    if (this.#rawProvider === undefined)
+      throw new M2mError("ERR_KEY_NOT_FOUND", "transient", "the device key is not open");
+    const { enrolFromConfig } = await import("./stages/enrol.js");
+    const out = await enrolFromConfig(this.#config, this.#rawProvider, {
+      log: this.#log,
+      clock: this.#clock,
+      env: this.#env,
+      force: true,
+    });
+    await this.#audit.record("enrolled", { deviceId: out.state.deviceId, reattested: true });
+    await this.#loadEnrolment();
+    return out.state;
   }
 
   async #loadEnrolment(): Promise<void> {

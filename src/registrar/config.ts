@@ -68,6 +68,9 @@ const fileSchema = z
       })
       .strict()
       .default({}),
+    /** Token service, EST and ingest settings: parsed by src/registrar/app.ts (`serve`). */
+    oauth: z.record(z.string(), z.unknown()).optional(),
+    ingest: z.record(z.string(), z.unknown()).optional(),
     limits: z
       .object({
         max_body_bytes: z
@@ -104,6 +107,12 @@ export interface RegistrarConfig {
   };
   readonly maxBodyBytes: number;
   readonly requestTimeoutMs: number;
+  /** Raw `[oauth]` / `[ingest]` tables (validated by src/registrar/app.ts) and the file they came from. */
+  readonly sections?: {
+    readonly file: string;
+    readonly oauth?: Readonly<Record<string, unknown>>;
+    readonly ingest?: Readonly<Record<string, unknown>>;
+  };
 }
 
 export const REGISTRAR_DB_FILE = "registrar.db";
@@ -151,6 +160,7 @@ export function registrarConfigFrom(raw: unknown, baseDir: string, file = "<conf
     endpoints: c.endpoints,
     maxBodyBytes: c.limits.max_body_bytes,
     requestTimeoutMs: c.limits.request_timeout_ms,
+    sections: { file, oauth: c.oauth, ingest: c.ingest },
   };
 }
 

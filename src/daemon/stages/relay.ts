@@ -1,0 +1,212 @@
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
+import type { AgentConfig } from "../../config/index.js";
+import { M2mError } from "../../core/errors.js";
+import type { DpopSigner } from "../../credentials/oauth/token-source.js";
+import type { OutboxStats } from "../../relay/outbox/outbox.js";
+import type { RefreshableTokenSource, Sink } from "../../relay/sinks/sink.js";
+import type { RelayStack } from "../../relay/stack.js";
+import type { AgentStage, StageContext, StageHandle } from "../compose.js";
+import { deviceCertPath, registrarCaPem } from "./credentials.js";
+
+/** Default outbox file inside the state directory. */
+export const OUTBOX_FILE = "outbox.db";
+
+function outboxPath(config: AgentConfig): string {
+  return config.relay.outbox.path ?? join(config.agent.state_dir, OUTBOX_FILE);
+}
+
+/** Config templates say `{device_id}` (snake_case like every key); the relay expands `{deviceId}`. */
+function topicTemplate(t: string): string {
+  return t.replaceAll("{device_id}", "{deviceId}");
+}
+
+function pinFileOf(config: AgentConfig, env: NodeJS.ProcessEnv): string | undefined {
+  const pin = config.keys.pkcs11.pin;
+  if (pin === undefined) return undefined;
+  if ("file" in pin) return pin.file;
+  if ("credential" in pin && env.CREDENTIALS_DIRECTORY !== undefined)
+    return join(env.CREDENTIALS_DIRECTORY, pin.credential);
+  return undefined;
+}
+
+async function buildSinks(ctx: StageContext, deviceId: string): Promise<Sink[]> {
+  const { config } = ctx;
+  const sinks: Sink[] = [];
+  const tokens = ctx.services.get("tokenSource") as RefreshableTokenSource | undefined;
+  const dpop = ctx.services.get("dpopSigner") as DpopSigner | undefined;
+  const registrarCa = await registrarCaPem(config, ctx.enrolment);
+  const needTokens = (what: string): RefreshableTokenSource => {
+    if (tokens === undefined)
+      throw new M2mError(
+        "ERR_CONFIG",
+        "permanent",
+        `${what} needs access tokens: the credentials stage is not running`,
+      );
+    return tokens;
+  };
+
+  const h = config.relay.https;
+  if (h !== undefined) {
+    const { HttpsSink } = await import("../../relay/sinks/https/https-sink.js");
+    sinks.push(
+      new HttpsSink({
+        url: h.url,
+        ...(registrarCa === undefined ? {} : { caPem: registrarCa }),
+        tokens: needTokens("relay.https"),
+        ...(dpop === undefined ? {} : { dpop }),
+        deviceId,
+        maxBatch: h.batch_max,
+        clock: ctx.clock,
+        logger: ctx.log,
+      }),
+    );
+  }
+
+  const m = config.relay.mqtt;
+  if (m !== undefined) {
+    const { MqttSink } = await import("../../relay/sinks/mqtt/mqtt-sink.js");
+    const caPem = m.ca_file === undefined ? registrarCa : await readFile(m.ca_file, "utf8");
+    if (caPem === undefined)
+      throw new M2mError("ERR_CONFIG", "permanent", "relay.mqtt.ca_file is required (no fleet CA known yet)");
+    let auth: ConstructorParameters<typeof MqttSink>[0]["auth"];
+    if (m.auth === "mtls-pkcs11") {
+      const p = config.keys.pkcs11;
+      const pinFile = pinFileOf(config, ctx.env);
+      // The key stays in the token; TLS uses it through the OpenSSL engine (file-based PIN only).
+      if (config.keys.provider !== "pkcs11" || p.module === undefined || p.token_label === undefined)
+        throw new M2mError(
+          "ERR_CONFIG",
+          "permanent",
+          'relay.mqtt.auth = "mtls-pkcs11" needs keys.provider = "pkcs11"',
+        );
+      if (pinFile === undefined)
+        throw new M2mError(
+          "ERR_CONFIG",
+          "permanent",
+          'relay.mqtt.auth = "mtls-pkcs11" needs keys.pkcs11.pin = { file = … } or { credential = … }',
+        );
+      auth = {
+        kind: "mtls-engine",
+        certPem: await readFile(deviceCertPath(config), "utf8"),
+        engine: { modulePath: p.module, tokenLabel: p.token_label, keyLabel: p.key_label, pinFile },
+      };
+    } else {
+      auth = { kind: "token", username: deviceId, tokens: needTokens("relay.mqtt token auth") };
+    }
+    sinks.push(
+      new MqttSink({
+        urls: m.urls,
+        caPem,
+        auth,
+        deviceId,
+        topicTemplate: topicTemplate(m.topic_template),
+        maxInFlight: m.inflight,
+        clock: ctx.clock,
+        logger: ctx.log,
+      }),
+    );
+  }
+  return sinks;
+}
+
+/**
+ * The relay: a durable SQLite outbox in the state directory, `POST /v1/messages` on the daemon's
+ * local API, and the configured sinks (MQTT 5 with PKCS#11-engine mTLS or token auth; HTTPS with
+ * DPoP). Status reports outbox depth, drops and per-sink counters; stop drains in-flight deliveries.
+ */
+export const relayStage: AgentStage = {
+  name: "relay",
+  sections: ["relay"],
+  enabled: (config) => config.relay.mqtt !== undefined || config.relay.https !== undefined,
+  async start(ctx: StageContext): Promise<StageHandle> {
+    const { config } = ctx;
+    const deviceId = ctx.enrolment?.deviceId ?? config.credentials.oauth?.client_id;
+    if (deviceId === undefined)
+      throw new M2mError("ERR_NOT_ENROLLED", "permanent", "the relay needs a device identity (not enrolled)");
+    const sinks = await buildSinks(ctx, deviceId);
+    const { SqliteOutbox } = await import("../../relay/outbox/sqlite/sqlite-outbox.js");
+    const o = config.relay.outbox;
+    const outbox = SqliteOutbox.open({
+      path: outboxPath(config),
+      sinks: sinks.map((s) => s.name),
+      limits: {
+        maxBytes: o.max_bytes,
+        maxCount: o.max_count,
+        ttlMs: o.max_age_s * 1000,
+        dropPolicy: o.drop_policy === "refuse" ? "refuse-new" : "drop-oldest",
+      },
+      clock: ctx.clock,
+      logger: ctx.log.child({ component: "outbox" }),
+      onQuarantine: (movedTo) => {
+        ctx.health.set("relay.outbox", `corrupt outbox quarantined to ${movedTo}`);
+        ctx.log.error("outbox quarantined", { movedTo });
+      },
+    });
+    const { startRelayStack } = await import("../../relay/stack.js");
+    const stack: RelayStack = await startRelayStack({
+      outbox,
+      sinks,
+      clock: ctx.clock,
+      logger: ctx.log,
+    });
+    if (ctx.api !== undefined) {
+      const { mountMessagesRoute } = await import("../../relay/sources/api/messages-route.js");
+      mountMessagesRoute(ctx.api, { outbox });
+    } else {
+      ctx.health.set("relay.ingest", "local API unavailable: POST /v1/messages is not served");
+    }
+    if (config.relay.sources.mqtt !== undefined)
+      ctx.health.set("relay.sources.mqtt", "the local MQTT source is not implemented in this build");
+
+    // Metrics: gauges from the outbox, counters advanced by the deltas since the last sample.
+    const seenDrops: Record<string, number> = {};
+    const seenDelivered: Record<string, number> = {};
+    let last: OutboxStats | undefined;
+    const sample = (): void => {
+      try {
+        const s = outbox.stats();
+        last = s;
+        ctx.metrics.outboxDepth.set(s.depth);
+        ctx.metrics.outboxBytes.set(s.bytes);
+        ctx.metrics.outboxOldestAge.set(Math.round(s.oldestAgeMs / 1000));
+        for (const [reason, n] of Object.entries(s.drops)) {
+          const d = n - (seenDrops[reason] ?? 0);
+          if (d > 0) ctx.metrics.outboxDrops.inc({ reason }, d);
+          seenDrops[reason] = n;
+        }
+      } catch {
+        // Closed while sampling (stop): nothing to report.
+      }
+      for (const [sink, c] of Object.entries(stack.relay.counters)) {
+        const d = c.delivered - (seenDelivered[sink] ?? 0);
+        if (d > 0) ctx.metrics.relayed.inc({ sink }, d);
+        seenDelivered[sink] = c.delivered;
+      }
+    };
+    sample();
+    const timer = setInterval(sample, 5_000);
+    timer.unref();
+
+    return {
+      status: () => {
+        sample();
+        return {
+          outbox: last === undefined ? null : { path: outboxPath(config), ...last },
+          sinks: Object.fromEntries(
+            Object.entries(stack.relay.counters).map(([name, c]) => [name, { ...c }]),
+          ),
+        };
+      },
+      async stop(signal: AbortSignal): Promise<void> {
+        clearInterval(timer);
+        // In-flight deliveries settle (acked or nacked) before the outbox closes; the deadline wins.
+        await Promise.race([
+          stack.stop(),
+          new Promise<void>((resolve) => signal.addEventListener("abort", () => resolve(), { once: true })),
+        ]);
+        sample();
+      },
+    };
+  },
+};

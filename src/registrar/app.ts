@@ -1,0 +1,403 @@
+import { appendFileSync, closeSync, fsyncSync, openSync } from "node:fs";
+import { isAbsolute, join } from "node:path";
+import { jwtVerify } from "jose";
+import { z } from "zod";
+import { type Clock, systemClock } from "../core/clock.js";
+import { M2mError } from "../core/errors.js";
+import { type Logger, silentLogger } from "../core/log.js";
+import type { FleetCa } from "./ca/index.js";
+import { parseDurationSeconds, type RegistrarConfig } from "./config.js";
+import { estRoutes } from "./est/est-service.js";
+import { HttpError, type Route, type RouteContext, type RouteResponse } from "./http/router.js";
+import { type IngestedMessage, InMemoryIngestStore, ingestRoutes } from "./ingest/routes.js";
+import {
+  DEFAULT_ASSERTION_POLICY,
+  JWT_BEARER_ASSERTION_TYPE,
+  verifyClientAssertion,
+} from "./oauth/client-assertion.js";
+import { ReplayCache } from "./oauth/replay-cache.js";
+import type { AbacRule } from "./oauth/scope-policy.js";
+import { loadOrCreateSigningKey } from "./oauth/signing-key.js";
+import { oauthRoutes, TokenService } from "./oauth/token-service.js";
+import { type RunningRegistrar, startRegistrar } from "./server.js";
+import type { RegistrarStore } from "./store/index.js";
+
+/**
+ * The registrar as `m2m-registrar serve` runs it: enrolment routes (server.ts) plus the OAuth token
+ * service, EST, the reference ingest endpoint and device self-revocation, all configured from the
+ * registrar TOML (`[oauth]`, `[ingest]`). Enrolment results point devices at these endpoints.
+ */
+
+/** Fixed route paths (the issuer is an origin; paths do not depend on the late-bound port). */
+export const APP_PATHS = {
+  token: "/oauth2/token",
+  jwks: "/jwks",
+  est: "/.well-known/est",
+  ingest: "/v1/ingest",
+  selfRevoke: "/v1/devices/self/revoke",
+} as const;
+
+/** Default scopes when `[oauth.roles]` and `[[oauth.rules]]` are both absent: every role gets these. */
+export const DEFAULT_SCOPES = ["telemetry:write", "est"] as const;
+export const DEFAULT_INGEST_AUDIENCE = "urn:m2m:ingest";
+export const DEFAULT_EST_AUDIENCE = "urn:m2m:est";
+export const INGEST_LOG_FILE = "ingest.ndjson";
+
+const scopeToken = z.string().regex(/^[\x21\x23-\x5B\x5D-\x7E]{1,256}$/, "not a valid scope token");
+
+const oauthSchema = z
+  .object({
+    /** Issuer identifier: an https origin; default `public_url`, else the listening URL. */
+    issuer: z.url().max(2048).optional(),
+    access_token_ttl: z.union([z.string().max(32), z.number()]).default(600),
+    /** Extra `aud` values for resource servers elsewhere (API gateway, broker plugin). */
+    audiences: z.array(z.string().min(1).max(512)).max(16).default([]),
+    require_dpop: z.boolean().default(false),
+    require_dpop_nonce: z.boolean().default(false),
+    /** role → scopes (RBAC). */
+    roles: z.record(z.string(), z.array(scopeToken).max(64)).optional(),
+    /** Attribute rules (ABAC), e.g. `{ scope = "site:{site}:write", require = { type = "gw" } }`. */
+    rules: z
+      .array(
+        z
+          .object({
+            scope: z.string().min(1).max(256),
+            roles: z.array(z.string().min(1)).optional(),
+            require: z.record(z.string(), z.union([z.string(), z.array(z.string())])).optional(),
+          })
+          .strict(),
+      )
+      .max(256)
+      .optional(),
+    est_audience: z.string().min(1).max(512).default(DEFAULT_EST_AUDIENCE),
+  })
+  .strict();
+
+const ingestSchema = z
+  .object({
+    enabled: z.boolean().default(true),
+    audience: z.string().min(1).max(512).default(DEFAULT_INGEST_AUDIENCE),
+    scope: scopeToken.default("telemetry:write"),
+    require_dpop: z.boolean().default(true),
+    /** NDJSON of accepted messages (relative to data_dir); one line per new message id. */
+    log_file: z.string().min(1).max(4096).default(INGEST_LOG_FILE),
+  })
+  .strict();
+
+export interface AppSettings {
+  readonly issuer: string | undefined;
+  readonly accessTokenTtlSec: number;
+  readonly audiences: readonly string[];
+  readonly requireDpop: boolean;
+  readonly requireDpopNonce: boolean;
+  readonly roles: Readonly<Record<string, readonly string[]>>;
+  readonly rules: readonly AbacRule[];
+  readonly estAudience: string;
+  readonly ingest: {
+    readonly enabled: boolean;
+    readonly audience: string;
+    readonly scope: string;
+    readonly requireDpop: boolean;
+    readonly logFile: string;
+  };
+}
+
+function invalid(file: string, section: string, err: z.ZodError): M2mError {
+  const issue = err.issues[0];
+  const key = [section, ...(issue?.path.map(String) ?? [])].join(".");
+  return new M2mError("ERR_CONFIG_INVALID", "permanent", `${file}: invalid value for '${key}'`, {
+    details: { file, key },
+    hint: issue?.message ?? "see docs/registrar.md",
+  });
+}
+
+/**
+ * Validates the `[oauth]` and `[ingest]` tables of the registrar config.
+ * @throws ERR_CONFIG_INVALID naming the file and key (never the value).
+ */
+export function appSettingsFrom(config: RegistrarConfig): AppSettings {
+  const file = config.sections?.file ?? "<config>";
+  const o = oauthSchema.safeParse(config.sections?.oauth ?? {});
+  if (!o.success) throw invalid(file, "oauth", o.error);
+  const i = ingestSchema.safeParse(config.sections?.ingest ?? {});
+  if (!i.success) throw invalid(file, "ingest", i.error);
+  let ttl: number;
+  try {
+    ttl = parseDurationSeconds(o.data.access_token_ttl);
+  } catch (err) {
+    throw new M2mError(
+      "ERR_CONFIG_INVALID",
+      "permanent",
+      `${file}: invalid value for 'oauth.access_token_ttl'`,
+      {
+        cause: err,
+        details: { file, key: "oauth.access_token_ttl" },
+        hint: "a duration like 300, 90s, 10m",
+      },
+    );
+  }
+  if (ttl > 24 * 3600) {
+    throw new M2mError(
+      "ERR_CONFIG_INVALID",
+      "permanent",
+      `${file}: invalid value for 'oauth.access_token_ttl'`,
+      {
+        details: { file, key: "oauth.access_token_ttl" },
+        hint: "access tokens are short-lived: at most 24h",
+      },
+    );
+  }
+  const explicit = o.data.roles !== undefined || o.data.rules !== undefined;
+  const issuer = o.data.issuer ?? config.publicUrl;
+  return {
+    issuer: issuer?.replace(/\/+$/, ""),
+    accessTokenTtlSec: ttl,
+    audiences: o.data.audiences,
+    requireDpop: o.data.require_dpop,
+    requireDpopNonce: o.data.require_dpop_nonce,
+    roles: o.data.roles ?? {},
+    // Without an explicit policy every role gets the defaults (a rule without `roles` matches all roles).
+    rules: explicit ? (o.data.rules ?? []) : DEFAULT_SCOPES.map((scope) => ({ scope })),
+    estAudience: o.data.est_audience,
+    ingest: {
+      enabled: i.data.enabled,
+      audience: i.data.audience,
+      scope: i.data.scope,
+      requireDpop: i.data.require_dpop,
+      logFile: isAbsolute(i.data.log_file) ? i.data.log_file : join(config.dataDir, i.data.log_file),
+    },
+  };
+}
+
+/** Keeps ingested messages in memory (dedup) and appends each new one to an NDJSON file. */
+export class LoggingIngestStore extends InMemoryIngestStore {
+  readonly file: string;
+  readonly #maxKept: number;
+
+  constructor(file: string, maxKept = 100_000) {
+    super();
+    this.file = file;
+    this.#maxKept = maxKept;
+    // 0600: payloads are device data, not for every local user.
+    closeSync(openSync(file, "a", 0o600));
+  }
+
+  override add(m: IngestedMessage): boolean {
+    const fresh = super.add(m);
+    if (!fresh) return false;
+    const fd = openSync(this.file, "a", 0o600);
+    try {
+      appendFileSync(fd, `${JSON.stringify(m)}\n`);
+      // Acknowledged upstream means durable here: the agent deletes its copy after our 2xx.
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    // Bounded memory: the dedup window keeps the newest ids only.
+    if (this.messages.size > this.#maxKept) {
+      const oldest = this.messages.keys().next().value;
+      if (oldest !== undefined) this.messages.delete(oldest);
+    }
+    return true;
+  }
+}
+
+export interface RegistrarAppDeps {
+  readonly store: RegistrarStore;
+  readonly ca: FleetCa;
+  readonly clock?: Clock;
+  readonly logger?: Logger;
+}
+
+export interface RunningRegistrarApp extends RunningRegistrar {
+  /** The issuer identifier (also the base of every endpoint handed to devices). */
+  readonly issuer: string;
+  readonly tokenService: TokenService;
+  readonly ingest: LoggingIngestStore | undefined;
+  readonly settings: AppSettings;
+}
+
+/**
+ * Starts the full registrar: enrolment + token service + EST + ingest + self-revocation.
+ * The signing key is created in `data_dir` on first start (0600) and reused afterwards.
+ * @throws ERR_CONFIG_INVALID, ERR_OAUTH_SIGNING_KEY, listen errors.
+ */
+export async function startRegistrarApp(
+  config: RegistrarConfig,
+  deps: RegistrarAppDeps,
+): Promise<RunningRegistrarApp> {
+  const settings = appSettingsFrom(config);
+  const clock = deps.clock ?? systemClock;
+  const log = deps.logger ?? silentLogger;
+  const signingKey = await loadOrCreateSigningKey(config.dataDir);
+
+  // The issuer may depend on the port the server got (listen.port = 0): bind late.
+  let base = settings.issuer ?? "";
+  const issuer = (): string => base;
+  let service: TokenService | undefined;
+  const svc = (): TokenService => {
+    if (service === undefined) throw new HttpError(503, "ERR_NOT_READY", "service starting");
+    return service;
+  };
+  const audiences = [
+    ...new Set([
+      ...(settings.ingest.enabled ? [settings.ingest.audience] : []),
+      settings.estAudience,
+      ...settings.audiences,
+    ]),
+  ];
+  const makeService = (iss: string): TokenService =>
+    new TokenService(
+      {
+        issuer: iss,
+        tokenEndpoint: `${iss}${APP_PATHS.token}`,
+        jwksUri: `${iss}${APP_PATHS.jwks}`,
+        audiences,
+        accessTokenTtlSec: settings.accessTokenTtlSec,
+        scopes: { roles: settings.roles, rules: settings.rules },
+        requireDpop: settings.requireDpop,
+        requireDpopNonce: settings.requireDpopNonce,
+      },
+      { directory: deps.store, signingKey, clock, log: log.child({ component: "oauth" }) },
+    );
+
+  // Route shapes come from a placeholder service; each delegates to the real one at request time.
+  const oauthShapes = oauthRoutes({ tokenService: makeService("https://issuer.invalid") });
+  const oauth: Route[] = oauthShapes.map((shape) => ({
+    ...shape,
+    handle: (ctx: RouteContext) => {
+      const real = oauthRoutes({ tokenService: svc() }).find(
+        (r) => r.method === shape.method && r.path === shape.path,
+      );
+      if (real === undefined) throw new HttpError(404, "ERR_NOT_FOUND", "not found");
+      return real.handle(ctx);
+    },
+  }));
+
+  const est = estRoutes({
+    directory: deps.store,
+    ca: deps.ca,
+    clock,
+    certLifetimeSeconds: config.certLifetimeSeconds,
+    publicUrl: issuer,
+    accessTokens: { verifyAccessToken: (t, check) => svc().verifyAccessToken(t, check) },
+    tokenAudience: settings.estAudience,
+    log: log.child({ component: "est" }),
+  });
+
+  let ingestStore: LoggingIngestStore | undefined;
+  let ingest: Route[] = [];
+  if (settings.ingest.enabled) {
+    ingestStore = new LoggingIngestStore(settings.ingest.logFile);
+    ingest = ingestRoutes({
+      // Signature, issuer, type and expiry; audience, scope and DPoP binding are checked by the route.
+      verifyAccessToken: async (t) =>
+        (
+          await jwtVerify(t, signingKey.publicKey, {
+            issuer: issuer(),
+            typ: "at+jwt",
+            algorithms: ["ES256"],
+            clockTolerance: 30,
+            currentDate: clock.now(),
+          })
+        ).payload,
+      audience: settings.ingest.audience,
+      scope: settings.ingest.scope,
+      requireDpop: settings.ingest.requireDpop,
+      publicUrl: () => `${issuer()}${APP_PATHS.ingest}`,
+      store: ingestStore,
+      clock,
+    }).routes;
+  }
+
+  const revoke = selfRevokeRoute({
+    store: deps.store,
+    clock,
+    audiences: () => [`${issuer()}${APP_PATHS.selfRevoke}`, issuer()],
+    log,
+  });
+
+  // Devices are told where everything is; operator overrides in [endpoints] win.
+  const endpoints: { token?: string; est?: string; mqtt?: string; ingest?: string } = {
+    ...config.endpoints,
+  };
+  const appConfig: RegistrarConfig = { ...config, endpoints };
+  const running = await startRegistrar(appConfig, {
+    store: deps.store,
+    ca: deps.ca,
+    clock,
+    logger: log,
+    extraRoutes: [...oauth, ...est, ...ingest, revoke],
+  });
+  if (base === "") base = (config.publicUrl ?? running.url).replace(/\/+$/, "");
+  service = makeService(base);
+  endpoints.token ??= service.tokenEndpoint;
+  if (settings.ingest.enabled) endpoints.ingest ??= `${base}${APP_PATHS.ingest}`;
+  // endpointsFor() uses `publicUrl ?? baseUrl` for `registrar`; keep the issuer consistent with it.
+  log.info("registrar services mounted", {
+    issuer: base,
+    tokenEndpoint: endpoints.token,
+    est: endpoints.est,
+    ingest: endpoints.ingest,
+  });
+  return {
+    ...running,
+    issuer: base,
+    tokenService: service,
+    ingest: ingestStore,
+    settings,
+  };
+}
+
+/**
+ * `POST /v1/devices/self/revoke`: a device decommissions itself. Authenticated like the token
+ * endpoint, with a private_key_jwt assertion (RFC 7523) signed by the device key whose `aud` is this
+ * URL; afterwards the device gets no tokens, no EST certificates and cannot enrol again.
+ */
+export function selfRevokeRoute(deps: {
+  readonly store: RegistrarStore;
+  readonly clock: Clock;
+  readonly audiences: () => readonly string[];
+  readonly log: Logger;
+}): Route {
+  const replay = new ReplayCache();
+  return {
+    method: "POST",
+    path: APP_PATHS.selfRevoke,
+    contentTypes: ["application/x-www-form-urlencoded"],
+    maxBodyBytes: 16_384,
+    audit: "device.self_revoke",
+    handle: async (ctx: RouteContext): Promise<RouteResponse> => {
+      const form = new URLSearchParams(ctx.rawBody.toString("utf8"));
+      for (const name of ["client_assertion", "client_assertion_type", "client_id"]) {
+        // Security: repeated parameters are ambiguous; refuse instead of picking one.
+        if (form.getAll(name).length > 1) throw new HttpError(400, "ERR_BAD_REQUEST", "bad request");
+      }
+      const assertion = form.get("client_assertion");
+      if (form.get("client_assertion_type") !== JWT_BEARER_ASSERTION_TYPE || assertion === null)
+        throw new HttpError(401, "ERR_UNAUTHENTICATED", "device authentication required");
+      let deviceId: string;
+      try {
+        // Security: only the device itself (its registered key) may revoke itself; replays are refused.
+        const device = await verifyClientAssertion(assertion, form.get("client_id") ?? undefined, {
+          directory: deps.store,
+          replay,
+          clock: deps.clock,
+          policy: { ...DEFAULT_ASSERTION_POLICY, maxLifetimeSec: 120, audiences: deps.audiences() },
+        });
+        deviceId = device.deviceId;
+      } catch (err) {
+        const code = err instanceof M2mError ? err.code : "ERR_INTERNAL";
+        deps.log.info("self-revocation refused", { code });
+        throw new HttpError(401, "ERR_UNAUTHENTICATED", "device authentication failed", { cause: err });
+      }
+      ctx.auditFields({ deviceId });
+      const d = deps.store.revokeDevice(deviceId, deps.clock.now());
+      deps.log.info("device revoked itself (decommission)", { deviceId });
+      return {
+        status: 200,
+        json: { v: 1, deviceId: d.deviceId, status: d.status, revokedAt: d.revokedAt?.toISOString() },
+      };
+    },
+  };
+}
