@@ -1,7 +1,7 @@
 import { resolveSecret, type SecretRef } from "../config/index.js";
 import type { Clock } from "../core/clock.js";
 import { systemClock } from "../core/clock.js";
-import { M2mError } from "../core/errors.js";
+import { isM2mError, M2mError } from "../core/errors.js";
 import { defaultRetryPolicy, type RetryPolicy, withRetry } from "../core/retry.js";
 import type { Secret } from "../core/secret.js";
 import type { KeyProvider } from "../keys/key-provider.js";
@@ -65,8 +65,8 @@ export interface EnrollOutcome {
 /**
  * `m2m-agent enroll`: enrols the device key with the registrar (TPM attestation or PKCS#11 +
  * bootstrap token) and stores the enrolment state atomically. Idempotent: an enrolled device does
- * nothing unless `force`.
- * @throws ERR_ENROLL_CONFIG, ERR_SECRET_UNAVAILABLE, the registrar's codes, ERR_KEY_* / ERR_TPM_*.
+ * nothing unless `force` (after checking that the stored state is for the key held now).
+ * @throws ERR_ENROLL_STALE (state for another key; use force), ERR_ENROLL_CONFIG, ERR_SECRET_UNAVAILABLE, the registrar's codes, ERR_KEY_* / ERR_TPM_*.
  */
 export async function runEnroll(config: EnrollConfig, options: RunEnrollOptions): Promise<EnrollOutcome> {
   const clock = options.clock ?? systemClock;
@@ -76,8 +76,25 @@ export async function runEnroll(config: EnrollConfig, options: RunEnrollOptions)
     () => readEnrolmentState(config.stateDir),
     (s) => (s === undefined ? "not enrolled" : `enrolled as ${s.deviceId}`),
   );
-  if (existing !== undefined && options.force !== true)
+  if (existing !== undefined && options.force !== true) {
+    // The state is only "ours" if it describes the key we hold now (a replaced or wiped key makes the
+    // stored certificate useless): refuse to report a stale enrolment as done.
+    const info = await options.keyProvider.open().catch((err: unknown) => {
+      if (isM2mError(err, "ERR_KEY_NOT_FOUND")) return undefined;
+      throw err;
+    });
+    if (info === undefined || info.thumbprint !== existing.keyThumbprint) {
+      throw new M2mError(
+        "ERR_ENROLL_STALE",
+        "permanent",
+        "the enrolment state belongs to another device key",
+        {
+          hint: "run `m2m-agent enroll --force` to enrol the current key",
+        },
+      );
+    }
     return { status: "already-enrolled", state: existing };
+  }
 
   let token: Secret | undefined;
   if (config.method === "pkcs11") {

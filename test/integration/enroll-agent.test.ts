@@ -86,6 +86,12 @@ describe("agent-side enrolment (runEnroll) against a real registrar", () => {
     const unreachable: EnrollConfig = { ...cfg, registrarUrl: "https://127.0.0.1:1" };
     const again = await runEnroll(unreachable, { keyProvider: device, tpm: soft.ops });
     expect(again).toEqual({ status: "already-enrolled", state: out.state });
+    // State written for another key (key wiped and regenerated) is reported, not taken as done.
+    await expect(
+      runEnroll(unreachable, { keyProvider: new FakeKeyProvider({ label: "other" }), tpm: soft.ops }),
+    ).rejects.toMatchObject({
+      code: "ERR_ENROLL_STALE",
+    });
     // With force, the unreachable registrar is a transient failure (retried, then reported).
     await expect(
       runEnroll(unreachable, {
