@@ -168,6 +168,11 @@ export interface MosquittoOptions {
   readonly persistence?: boolean;
   /** Extra mosquitto.conf lines (global section). */
   readonly extraConfig?: readonly string[];
+  /**
+   * CA file (PEM) that client certificates on the mTLS listener must chain to, e.g. the fleet CA of a
+   * registrar that issues the device certificates. Default: the broker's own test CA (`ca`).
+   */
+  readonly clientCaFile?: string;
 }
 
 export interface Mosquitto {
@@ -234,7 +239,7 @@ export async function startMosquitto(opts: MosquittoOptions = {}): Promise<Mosqu
     "log_type notice",
     ...(opts.extraConfig ?? []),
     `listener ${mtlsPort} 127.0.0.1`,
-    `cafile ${ca.caCertPath}`,
+    `cafile ${opts.clientCaFile ?? ca.caCertPath}`,
     `certfile ${server.certPath}`,
     `keyfile ${server.keyPath}`,
     "require_certificate true",
