@@ -98,3 +98,21 @@ describe("registrar config", () => {
     );
   });
 });
+
+describe("schema error paths", () => {
+  it("name schema fields but never echo request-chosen keys", async () => {
+    const { parseJsonBody } = await import("../../src/registrar/http/router.js");
+    const field = (body: unknown): string | undefined => {
+      try {
+        parseJsonBody(Buffer.from(JSON.stringify(body)), tpmBeginRequestSchema);
+      } catch (err) {
+        return (err as { field?: string }).field;
+      }
+      return undefined;
+    };
+    expect(field({ ...beginOk, akPublic: 5 })).toBe("akPublic");
+    expect(field({ ...beginOk, ekChainDer: ["AA", "!!"] })).toBe("ekChainDer.1");
+    expect(field({ ...beginOk, requestedAttributes: { "evil<script>": 5 } })).toBe("requestedAttributes.*");
+    expect(field({ ...beginOk, "secret-key-name": 1 })).toBe("");
+  });
+});

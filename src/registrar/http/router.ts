@@ -162,7 +162,7 @@ export function parseJsonBody<S extends z.ZodType>(raw: Buffer, schema: S): z.in
   if (!result.success) {
     const issue = result.error.issues[0];
     // Only the path of the failing field goes back, never the value (it may be a secret).
-    const field = issue === undefined ? "" : issue.path.map(String).join(".");
+    const field = issue === undefined ? "" : staticPath(schema, issue.path);
     throw new HttpError(400, "ERR_SCHEMA", messageFor("ERR_SCHEMA"), { field });
   }
   return result.data;
@@ -173,4 +173,48 @@ export function peerCertificateOf(req: IncomingMessage): Buffer | undefined {
   if (typeof sock.getPeerCertificate !== "function") return undefined;
   const cert = sock.getPeerCertificate(false);
   return cert !== null && typeof cert === "object" && Buffer.isBuffer(cert.raw) ? cert.raw : undefined;
+}
+
+interface ZodDefLike {
+  readonly type?: string;
+  readonly shape?: Record<string, unknown>;
+  readonly innerType?: unknown;
+  readonly element?: unknown;
+  readonly in?: unknown;
+}
+
+function defOf(schema: unknown): ZodDefLike | undefined {
+  return (schema as { _zod?: { def?: ZodDefLike } } | undefined)?._zod?.def;
+}
+
+/**
+ * The failing field's path, but only as far as it is made of names from the schema itself: keys of
+ * records (e.g. attribute names) are request data and are not echoed back.
+ */
+export function staticPath(schema: unknown, path: readonly PropertyKey[]): string {
+  const out: string[] = [];
+  let node: unknown = schema;
+  for (const seg of path) {
+    let def = defOf(node);
+    while (
+      def !== undefined &&
+      def.shape === undefined &&
+      def.element === undefined &&
+      (def.innerType ?? def.in) !== undefined
+    ) {
+      node = def.innerType ?? def.in;
+      def = defOf(node);
+    }
+    if (def?.shape !== undefined && typeof seg === "string" && Object.hasOwn(def.shape, seg)) {
+      out.push(seg);
+      node = def.shape[seg];
+    } else if (def?.element !== undefined && typeof seg === "number") {
+      out.push(String(seg));
+      node = def.element;
+    } else {
+      out.push("*");
+      break;
+    }
+  }
+  return out.join(".");
 }
