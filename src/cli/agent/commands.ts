@@ -16,6 +16,7 @@ export const COMMAND_MODULES: Readonly<Record<string, () => Promise<CommandModul
   doctor: () => import("./doctor.js"),
   send: () => import("./send.js"),
   token: () => import("./token.js"),
+  decommission: () => import("./decommission.js"),
 };
 
 /** Global options that take a value (their value is not the command name). */

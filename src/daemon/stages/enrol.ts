@@ -1,6 +1,5 @@
 import type { AgentConfig } from "../../config/index.js";
 import type { Clock } from "../../core/clock.js";
-import { M2mError } from "../../core/errors.js";
 import type { Logger } from "../../core/log.js";
 import type { EnrolmentState } from "../../enroll/state.js";
 import type { KeyProvider } from "../../keys/key-provider.js";
@@ -25,45 +24,15 @@ export async function enrolFromConfig(
   provider: KeyProvider,
   deps: EnrolDeps,
 ): Promise<{ status: "enrolled" | "already-enrolled"; state: EnrolmentState }> {
-  const e = config.enroll;
-  if (e.registrar_url === undefined)
-    throw new M2mError("ERR_ENROLL_CONFIG", "permanent", "enroll.registrar_url is not set");
-  const method = e.method ?? config.keys.provider;
-  const { runEnroll, tpmEnrollOps } = await import("../../enroll/index.js");
-  let tpm: Parameters<typeof runEnroll>[1]["tpm"];
-  if (method === "tpm") {
-    const { TpmKeyProvider } = await import("../../keys/tpm/tpm-provider.js");
-    if (!(provider instanceof TpmKeyProvider)) {
-      throw new M2mError(
-        "ERR_ENROLL_CONFIG",
-        "permanent",
-        'enroll.method = "tpm" needs keys.provider = "tpm"',
-      );
-    }
-    tpm = tpmEnrollOps(provider);
-  }
+  const { enrollFromConfig } = await import("../../enroll/from-config.js");
   const log = deps.log.child({ component: "enrol" });
-  const outcome = await runEnroll(
-    {
-      registrarUrl: e.registrar_url,
-      registrarCaFile: e.registrar_ca_file,
-      method,
-      bootstrapToken: e.bootstrap_token,
-      hardwareSerial: e.hardware_serial,
-      group: e.group,
-      requestedAttributes: e.requested_attributes,
-      stateDir: config.agent.state_dir,
-    },
-    {
-      keyProvider: provider,
-      tpm,
-      force: deps.force === true,
-      clock: deps.clock,
-      env: deps.env,
-      ...(deps.signal === undefined ? {} : { signal: deps.signal }),
-      onProgress: (p) => log.info("enrolment step", { step: p.step, status: p.status, detail: p.detail }),
-    },
-  );
+  const outcome = await enrollFromConfig(config, provider, {
+    force: deps.force === true,
+    clock: deps.clock,
+    env: deps.env,
+    ...(deps.signal === undefined ? {} : { signal: deps.signal }),
+    onProgress: (p) => log.info("enrolment step", { step: p.step, status: p.status, detail: p.detail }),
+  });
   if (outcome.status === "enrolled")
     log.info("device enrolled", {
       deviceId: outcome.state.deviceId,
