@@ -236,7 +236,6 @@ export class Agent {
   #certNotAfter: Date | undefined;
   #retryTimer: NodeJS.Timeout | undefined;
   #clockTimer: NodeJS.Timeout | undefined;
-  #bringUpDone = false;
 
   constructor(config: AgentConfig, deps: AgentDeps) {
     this.#config = config;
@@ -412,7 +411,6 @@ export class Agent {
     await this.#loadEnrolment();
     if (c.enroll.enabled && this.#enrolment === undefined && !(await this.#enrol(attempt))) return;
     await this.#startStages();
-    this.#bringUpDone = true;
     this.health.apply();
   }
 
@@ -574,7 +572,6 @@ export class Agent {
     const changed = changedKeys(this.#config, next);
     const applied: string[] = [];
     const restart: string[] = [];
-    const prev = this.#config;
     this.#config = next;
     for (const key of changed) {
       if (key === "agent.log_level") {
@@ -606,7 +603,6 @@ export class Agent {
         this.#log.error("stage reload failed", { stage: stage.name, error: err });
       }
     }
-    void prev;
     return { applied: applied.sort(), restartRequired: [...new Set(restart)].sort() };
   }
 
@@ -650,7 +646,6 @@ export class Agent {
     await this.clockSanity.persist().catch(() => false);
     await this.#auditLog?.close().catch(() => undefined);
     this.lifecycle.dispatch({ type: "stopped" });
-    void this.#bringUpDone;
     return { drained };
   }
 }
