@@ -9,6 +9,7 @@ import {
   KEY_HEADER_MEMBERS,
   publicKeyOf,
   splitCompact,
+  verificationKeyOf,
 } from "./jws-util.js";
 import type { ReplayCache } from "./replay-cache.js";
 
@@ -65,7 +66,9 @@ export async function verifyClientAssertion(
     throw refusal("ERR_ASSERTION_ALG", "invalid_client", "assertion alg does not fit the registered key");
   }
   try {
-    await compactVerify(assertion, key, { algorithms: [header.alg] });
+    await compactVerify(assertion, await verificationKeyOf(device.publicJwk, header.alg), {
+      algorithms: [header.alg],
+    });
   } catch (err) {
     throw refusal("ERR_ASSERTION_SIGNATURE", "invalid_client", "assertion signature invalid", err);
   }

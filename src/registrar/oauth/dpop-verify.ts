@@ -2,7 +2,15 @@ import { createHmac, randomBytes } from "node:crypto";
 import { base64url, calculateJwkThumbprint, compactVerify, type JWK } from "jose";
 import type { Clock } from "../../core/clock.js";
 import { refusal } from "./errors.js";
-import { algFitsKey, isAllowedAlg, isObject, publicKeyOf, sha256b64u, splitCompact } from "./jws-util.js";
+import {
+  algFitsKey,
+  isAllowedAlg,
+  isObject,
+  publicKeyOf,
+  sha256b64u,
+  splitCompact,
+  verificationKeyOf,
+} from "./jws-util.js";
 import type { ReplayCache } from "./replay-cache.js";
 
 export interface DpopCheck {
@@ -90,7 +98,7 @@ export async function verifyDpopProof(
   if (!algFitsKey(header.alg, key))
     throw refusal("ERR_DPOP_ALG", "invalid_dpop_proof", "alg does not fit jwk");
   try {
-    await compactVerify(proof, key, { algorithms: [header.alg] });
+    await compactVerify(proof, await verificationKeyOf(jwk as JWK, header.alg), { algorithms: [header.alg] });
   } catch (err) {
     throw refusal("ERR_DPOP_SIGNATURE", "invalid_dpop_proof", "proof signature invalid", err);
   }

@@ -1,5 +1,5 @@
-import { createHash, createPublicKey, type KeyObject } from "node:crypto";
-import { base64url, type JWK, type ProtectedHeaderParameters } from "jose";
+import { createHash, createPublicKey, type KeyObject, type webcrypto } from "node:crypto";
+import { base64url, importJWK, type JWK, type ProtectedHeaderParameters } from "jose";
 import { refusal } from "./errors.js";
 
 /** The only JWS algorithms accepted anywhere on the token path (no `none`, no HMAC). */
@@ -63,4 +63,27 @@ export function algFitsKey(alg: AllowedAlg, key: KeyObject): boolean {
 
 export function sha256b64u(data: string): string {
   return base64url.encode(createHash("sha256").update(data).digest());
+}
+
+const cryptoKeyCache = new Map<string, Promise<webcrypto.CryptoKey | Uint8Array>>();
+
+/**
+ * The WebCrypto key jose verifies with, imported once per (key, alg): jose converts a KeyObject on
+ * every call otherwise, which costs as much as the verification itself.
+ */
+export function verificationKeyOf(jwk: JWK, alg: AllowedAlg): Promise<webcrypto.CryptoKey | Uint8Array> {
+  const id = `${alg}|${jwk.kty}|${jwk.crv ?? ""}|${jwk.x ?? ""}|${jwk.y ?? ""}|${jwk.n ?? ""}|${jwk.e ?? ""}`;
+  let key = cryptoKeyCache.get(id);
+  if (key === undefined) {
+    const bare: JWK =
+      jwk.kty === "EC"
+        ? { kty: "EC", crv: jwk.crv, x: jwk.x, y: jwk.y }
+        : { kty: jwk.kty, n: jwk.n, e: jwk.e };
+    key = importJWK(bare, alg);
+    // Do not keep a failed import around.
+    key.catch(() => cryptoKeyCache.delete(id));
+    if (cryptoKeyCache.size > 10_000) cryptoKeyCache.clear();
+    cryptoKeyCache.set(id, key);
+  }
+  return key;
 }

@@ -1,6 +1,5 @@
 import { randomUUID } from "node:crypto";
 import type { IncomingMessage } from "node:http";
-import { SignJWT } from "jose";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
 import { type Logger, silentLogger } from "../../core/log.js";
@@ -18,7 +17,7 @@ import { GENERIC_DESCRIPTION, type OAuthErrorValue, oauthErrorOf, refusal } from
 import { ALLOWED_ALGS } from "./jws-util.js";
 import { ReplayCache } from "./replay-cache.js";
 import { ScopePolicy, type ScopePolicyConfig } from "./scope-policy.js";
-import type { TokenSigningKey } from "./signing-key.js";
+import { signJwt, type TokenSigningKey } from "./signing-key.js";
 
 export interface TokenServiceConfig {
   /** Issuer identifier (https URL, no trailing slash), e.g. `https://registrar.example:8443`. */
@@ -167,15 +166,19 @@ export class TokenService {
       scope: granted.join(" "),
       ...(jkt === undefined ? {} : { cnf: { jkt } }),
     };
-    const jwt = await new SignJWT(claims)
-      .setProtectedHeader({ alg: "ES256", typ: "at+jwt", kid: this.#deps.signingKey.kid })
-      .setIssuer(this.issuer)
-      .setSubject(device.deviceId)
-      .setAudience(aud ?? this.issuer)
-      .setIssuedAt(now)
-      .setExpirationTime(now + ttl)
-      .setJti(randomUUID())
-      .sign(this.#deps.signingKey.privateKey);
+    const jwt = signJwt(
+      this.#deps.signingKey,
+      { typ: "at+jwt" },
+      {
+        iss: this.issuer,
+        sub: device.deviceId,
+        aud: aud ?? this.issuer,
+        iat: now,
+        exp: now + ttl,
+        jti: randomUUID(),
+        ...claims,
+      },
+    );
     return {
       body: {
         access_token: jwt,
@@ -216,7 +219,7 @@ export class TokenService {
         form: new URLSearchParams(ctx.rawBody.toString("utf8")),
         ...(dpopHeader === undefined ? {} : { dpop: dpopHeader }),
       });
-      this.#log.info("token issued", {
+      this.#log.debug("token issued", {
         deviceId: device.deviceId,
         scope: body.scope,
         tokenType: body.token_type,
