@@ -1,4 +1,5 @@
 import { randomBytes } from "node:crypto";
+import { resolve } from "node:path";
 import { type Clock, systemClock } from "../core/clock.js";
 import { M2mError } from "../core/errors.js";
 import { Secret } from "../core/secret.js";
@@ -45,7 +46,8 @@ export function addEnrolmentGroup(
     role: input.role,
     attributes: attributes.data,
     methods: [...new Set(input.methods)],
-    ekTrustDir: input.ekTrustDir,
+    // Stored absolute: the server may run with another working directory than the operator's shell.
+    ekTrustDir: input.ekTrustDir === undefined ? undefined : resolve(input.ekTrustDir),
     ekAllow,
     createdAt: clock.now(),
   });
