@@ -341,4 +341,40 @@ describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)"
     expect(reg.store.listDevices()).toHaveLength(1);
     expect(reg.store.getDevice(out.state.deviceId)?.thumbprint).toBe(info.thumbprint);
   });
+
+  it("an RSA-2048 device key in the TPM enrols too (RS256 CSR signed inside the TPM)", async () => {
+    const { reg } = await newRegistrar();
+    const rsaKey = new TpmKeyProvider({
+      runner: provider.runner,
+      keyHandle: 0x81000005,
+      algorithm: "rsa-2048",
+    });
+    await rsaKey.createOrOpen();
+    try {
+      const out = await runEnroll(
+        {
+          registrarUrl: reg.url,
+          registrarCaFile: reg.caFile,
+          method: "tpm",
+          group: "gateways",
+          stateDir: join(work, "state-rsa"),
+        },
+        { keyProvider: rsaKey, tpm: tpmEnrollOps(rsaKey) },
+      );
+      const certFile = join(work, "tpm-rsa.pem");
+      await writeFile(certFile, out.state.certificatePem);
+      const { stdout } = await run("openssl", ["verify", "-CAfile", reg.caFile, certFile]);
+      expect(stdout.trim()).toBe(`${certFile}: OK`);
+      const info = await rsaKey.open();
+      expect(info.algorithm).toBe("rsa-2048");
+      expect(new X509Certificate(out.state.certificatePem).publicKey.export({ format: "jwk" })).toMatchObject(
+        {
+          kty: "RSA",
+          n: info.publicJwk.n,
+        },
+      );
+    } finally {
+      await rsaKey.destroy();
+    }
+  });
 });
