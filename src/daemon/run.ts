@@ -7,6 +7,9 @@ import { describeState } from "./lifecycle.js";
 import { SystemdNotifier, WatchdogHeartbeat } from "./notify.js";
 import { agentVersion } from "./version.js";
 
+/** sysexits.h EX_SOFTWARE: internal error. */
+export const EXIT_SOFTWARE = 70;
+
 export interface RunDaemonOptions {
   readonly configPath?: string;
   /** The path came from --config (a missing file is an error). */
@@ -45,32 +48,66 @@ export async function runDaemon(options: RunDaemonOptions = {}): Promise<number>
     configKeys: configKeys(loaded.config),
   });
   const notifier = new SystemdNotifier({ env, log });
-  const agent = await startAgent(loaded.config, {
-    log,
-    env,
-    notifier,
-    setLogLevel: (level) => log.setLevel(level),
-    ...(options.stages === undefined ? {} : { stages: options.stages }),
-  });
-  const heartbeat = new WatchdogHeartbeat(notifier, () => agent.healthy(), log);
+  // A programming error must leave a coded line in the journal, then exit non-zero so that
+  // Restart=on-failure brings a clean process back (continuing after one is unsafe).
+  const fatal =
+    (kind: string) =>
+    (err: unknown): void => {
+      log.error(`fatal ${kind}; exiting`, { error: asM2mError(err, "ERR_INTERNAL") });
+      process.exit(EXIT_SOFTWARE);
+    };
+  process.once("uncaughtException", fatal("uncaught exception"));
+  process.once("unhandledRejection", fatal("unhandled rejection"));
+
+  // Handlers go in before the (possibly slow: TPM, enrolment) start, so that a SIGHUP from
+  // `systemctl reload` cannot kill a starting agent and a SIGTERM is honoured once start returns.
+  let agent: Agent | undefined;
+  let earlyStop: NodeJS.Signals | undefined;
+  let onSignal: (signal: NodeJS.Signals) => void = (signal) => {
+    if (signal === "SIGHUP") log.warn("SIGHUP during start ignored (reload once running)");
+    else earlyStop ??= signal;
+  };
+  const dispatch = (signal: NodeJS.Signals): void => onSignal(signal);
+  process.on("SIGHUP", dispatch);
+  process.on("SIGTERM", dispatch);
+  process.on("SIGINT", dispatch);
+  const detach = (): void => {
+    process.off("SIGHUP", dispatch);
+    process.off("SIGTERM", dispatch);
+    process.off("SIGINT", dispatch);
+  };
+  try {
+    agent = await startAgent(loaded.config, {
+      log,
+      env,
+      notifier,
+      setLogLevel: (level) => log.setLevel(level),
+      ...(options.stages === undefined ? {} : { stages: options.stages }),
+    });
+  } catch (err) {
+    detach();
+    throw err;
+  }
+  const running = agent;
+  const heartbeat = new WatchdogHeartbeat(notifier, () => running.healthy(), log);
   const wdInterval = heartbeat.start();
   if (wdInterval !== undefined) log.info("systemd watchdog enabled", { intervalMs: wdInterval });
-  await notifier.ready(describeState(agent.lifecycle.state));
-  options.onStarted?.(agent);
+  await notifier.ready(describeState(running.lifecycle.state));
+  options.onStarted?.(running);
 
   return await new Promise<number>((resolve) => {
     let reloading: Promise<void> | undefined;
     let stopping = false;
 
     const reload = async (): Promise<void> => {
-      if (!agent.lifecycle.tryDispatch({ type: "reload" })) {
-        log.warn("SIGHUP ignored in this state", { state: agent.lifecycle.state.name });
+      if (!running.lifecycle.tryDispatch({ type: "reload" })) {
+        log.warn("SIGHUP ignored in this state", { state: running.lifecycle.state.name });
         return;
       }
       await notifier.reloading("reloading configuration");
       try {
         const next = await loadConfig(loadOpts);
-        const report = await agent.reload(next.config);
+        const report = await running.reload(next.config);
         log.info("configuration reloaded", { applied: report.applied });
         if (report.restartRequired.length > 0)
           log.warn("restart required for changed keys", { restartRequired: report.restartRequired });
@@ -78,18 +115,12 @@ export async function runDaemon(options: RunDaemonOptions = {}): Promise<number>
         // A broken edit must not take a running agent down: keep the running configuration.
         log.error("reload failed; keeping the running configuration", { error: asM2mError(err) });
       }
-      agent.lifecycle.dispatch({ type: "reloaded" });
-      agent.health.apply();
-      await notifier.ready(describeState(agent.lifecycle.state));
+      running.lifecycle.dispatch({ type: "reloaded" });
+      running.health.apply();
+      await notifier.ready(describeState(running.lifecycle.state));
     };
 
-    const onHup = (): void => {
-      if (stopping) return;
-      reloading = (reloading ?? Promise.resolve()).then(reload).finally(() => {
-        reloading = undefined;
-      });
-    };
-    const onTerm = (signal: NodeJS.Signals): void => {
+    const stop = (signal: NodeJS.Signals): void => {
       if (stopping) {
         log.warn("second stop signal while draining; still draining", { signal });
         return;
@@ -97,19 +128,23 @@ export async function runDaemon(options: RunDaemonOptions = {}): Promise<number>
       stopping = true;
       void (async () => {
         await reloading?.catch(() => undefined);
-        log.info("stopping", { signal, drainTimeoutMs: agent.config.agent.drain_timeout_ms });
+        log.info("stopping", { signal, drainTimeoutMs: running.config.agent.drain_timeout_ms });
         await notifier.stopping(`stopping: ${signal}`);
         heartbeat.stop();
-        const { drained } = await agent.stop(signal);
-        process.off("SIGHUP", onHup);
-        process.off("SIGTERM", onTerm);
-        process.off("SIGINT", onTerm);
+        const { drained } = await running.stop(signal);
+        detach();
         log.info("stopped", { drained });
         resolve(0);
       })();
     };
-    process.on("SIGHUP", onHup);
-    process.on("SIGTERM", onTerm);
-    process.on("SIGINT", onTerm);
+
+    onSignal = (signal) => {
+      if (signal !== "SIGHUP") return stop(signal);
+      if (stopping) return;
+      reloading = (reloading ?? Promise.resolve()).then(reload).finally(() => {
+        reloading = undefined;
+      });
+    };
+    if (earlyStop !== undefined) stop(earlyStop);
   });
 }
