@@ -1,11 +1,12 @@
 /**
- * A relay process for crash tests and the benchmark: outbox + local API + MQTT sink, configured by a
- * JSON argument. Bundled on the fly (rolldown) because Node 20 cannot run TypeScript.
+ * A relay process (outbox + local API + MQTT sink) configured by a JSON argument. Used by the crash
+ * test (bundled on the fly with rolldown: Node 20 cannot run TypeScript) and by bench/relay.ts
+ * (compiled by `npm run build`). Prints one JSON stats line per second on stdout.
  */
-import { Secret } from "../../src/core/secret.js";
-import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
-import { MqttSink } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
-import { startRelayStack } from "../../src/relay/stack.js";
+import { Secret } from "../src/core/secret.js";
+import { SqliteOutbox } from "../src/relay/outbox/sqlite/sqlite-outbox.js";
+import { MqttSink } from "../src/relay/sinks/mqtt/mqtt-sink.js";
+import { startRelayStack } from "../src/relay/stack.js";
 
 interface ChildConfig {
   dbPath: string;

@@ -115,7 +115,11 @@ export class Relay {
       for (const m of batch) if (!reported.has(m.id)) retry.push({ id: m.id, code: "ERR_SINK_NO_OUTCOME" });
       if (ok.length > 0) {
         c.delivered += ok.length;
-        await outbox.ack(sink.name, ok);
+        // Not awaited: the outbox forgets the leases at once (so the window frees now); the commit
+        // follows in the next group. A lost ack only means a redelivery (same id).
+        outbox
+          .ack(sink.name, ok)
+          .catch((err: unknown) => this.#log.warn("ack commit failed", { err: asM2mError(err) }));
         if (this.#clock.monotonicMs() - lastFailureAt >= (this.#o.stableAfterMs ?? 30_000))
           c.backoffLevel = 0;
       }

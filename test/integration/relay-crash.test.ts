@@ -20,7 +20,10 @@ describe("relay crash safety (SIGKILL at random moments)", () => {
   beforeAll(async () => {
     broker = await startMosquitto();
     dir = await mkdtemp(join(tmpdir(), "m2m-crash-"));
-    childJs = await bundleEntry(new URL("./relay-child-entry.ts", import.meta.url).pathname, "relay-child");
+    childJs = await bundleEntry(
+      new URL("../../bench/relay-child.ts", import.meta.url).pathname,
+      "relay-child",
+    );
   });
   afterAll(async () => {
     child?.kill("SIGKILL");

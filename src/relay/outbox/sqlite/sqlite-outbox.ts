@@ -154,6 +154,8 @@ export class SqliteOutbox implements Outbox {
   #queue: Op[] = [];
   #flushScheduled = false;
   #closed = false;
+  readonly #synchronous: "FULL" | "NORMAL";
+  #currentSync: "FULL" | "NORMAL";
   #ttlTimer: NodeJS.Timeout | undefined;
   readonly #stmts: {
     insert: Database.Statement;
@@ -163,6 +165,7 @@ export class SqliteOutbox implements Outbox {
     byId: Database.Statement;
     clearBit: Database.Statement;
     deleteIfDone: Database.Statement;
+    deleteIfOnly: Database.Statement;
     dropOldest: Database.Statement;
     headAges: Database.Statement;
     deleteUpTo: Database.Statement;
@@ -176,6 +179,8 @@ export class SqliteOutbox implements Outbox {
     this.#log = options.logger ?? silentLogger;
     this.#limits = { ...defaultOutboxLimits, ...(options.limits ?? {}) };
     this.#refuseRetryAfterMs = options.refuseRetryAfterMs ?? 1000;
+    this.#synchronous = options.synchronous ?? "FULL";
+    this.#currentSync = this.#synchronous;
     this.sinks = [...options.sinks];
     if (this.sinks.length === 0 || this.sinks.length > 30) {
       throw new M2mError("ERR_OUTBOX_CONFIG", "permanent", "an outbox needs 1 to 30 sinks");
@@ -200,6 +205,7 @@ export class SqliteOutbox implements Outbox {
       ),
       clearBit: db.prepare("UPDATE messages SET pending = pending & ? WHERE id = ?"),
       deleteIfDone: db.prepare("DELETE FROM messages WHERE id = ? AND pending = 0 RETURNING size"),
+      deleteIfOnly: db.prepare("DELETE FROM messages WHERE id = ? AND pending = ? RETURNING size"),
       dropOldest: db.prepare(
         "DELETE FROM messages WHERE seq IN (SELECT seq FROM messages ORDER BY seq LIMIT ?) RETURNING id, size",
       ),
@@ -385,6 +391,14 @@ export class SqliteOutbox implements Outbox {
       return;
     }
     const metaBefore = { ...this.#meta };
+    // Only appends need fsync-on-commit (they answer producers). Acks, dead-letters and TTL drops
+    // committed without an fsync are at worst replayed after a power cut (a duplicate delivery,
+    // which at-least-once allows); the next appending commit fsyncs the WAL up to and including them.
+    const wanted = ops.some((o) => o.kind === "append") ? this.#synchronous : "NORMAL";
+    if (wanted !== this.#currentSync) {
+      this.#db.pragma(`synchronous = ${wanted}`);
+      this.#currentSync = wanted;
+    }
     const results: (() => void)[] = [];
     const dropped: string[] = [];
     const tx = this.#db.transaction(() => {
@@ -398,6 +412,13 @@ export class SqliteOutbox implements Outbox {
           }
           case "ack":
             for (const id of op.ids) {
+              // Single-sink fast path: the last sink to ack deletes in one statement.
+              const gone = this.#stmts.deleteIfOnly.get(id, op.sink.bit) as { size: number } | undefined;
+              if (gone !== undefined) {
+                this.#meta.count -= 1;
+                this.#meta.bytes -= gone.size;
+                continue;
+              }
               this.#stmts.clearBit.run(~op.sink.bit, id);
               this.#deleteIfDone(id);
             }
@@ -562,13 +583,16 @@ export class SqliteOutbox implements Outbox {
     const now = this.#clock.monotonicMs();
     let from = s.highWater + 1;
     for (const d of s.deferred.values()) from = Math.min(from, d.seq);
-    for (const seq of s.leased.values()) from = Math.min(from, seq);
+    // Leased rows are never rescanned: each ends acked, nacked (→ deferred) or dropped.
     const out: OutboxMessage[] = [];
     const blocked = new Set<string>();
     let bytes = 0;
     const maxBytes = options.maxBytes ?? Number.POSITIVE_INFINITY;
+    // Usually nothing is skipped (leased rows lie below `from`), so the first page is just what is
+    // wanted; deferred/blocked channels make later pages bigger.
+    let pageSize = Math.min(SCAN_PAGE, max + s.deferred.size);
     for (let page = 0; page < MAX_SCAN_PAGES && out.length < max; page++) {
-      const rows = this.#stmts.scan.all(from, s.bit, SCAN_PAGE) as MessageRow[];
+      const rows = this.#stmts.scan.all(from, s.bit, pageSize) as MessageRow[];
       for (const row of rows) {
         from = row.seq + 1;
         if (s.leased.has(row.id)) continue;
@@ -601,7 +625,8 @@ export class SqliteOutbox implements Outbox {
         });
         if (out.length >= max) break;
       }
-      if (rows.length < SCAN_PAGE) break;
+      if (rows.length < pageSize) break;
+      pageSize = SCAN_PAGE;
     }
     return out;
   }

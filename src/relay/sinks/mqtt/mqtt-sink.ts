@@ -116,7 +116,9 @@ export class MqttSink implements Sink {
     this.#o = options;
     this.name = options.name ?? "mqtt";
     this.maxInFlight = options.maxInFlight ?? 100;
-    this.maxBatch = options.maxBatch ?? this.maxInFlight;
+    // Several smaller batches in flight make the window slide (a batch frees its slots only when all
+    // of its PUBACKs are in); one window-sized batch would be stop-and-wait.
+    this.maxBatch = options.maxBatch ?? Math.max(1, Math.ceil(this.maxInFlight / 4));
     this.#clock = options.clock ?? systemClock;
     this.#log = (options.logger ?? silentLogger).child({ sink: this.name });
     this.#template = options.topicTemplate ?? "devices/{deviceId}/{channel}";
