@@ -186,6 +186,7 @@ export const credentialsStage: AgentStage = {
         // Permanent (revoked device, refused client): say so in health; never retried in a loop.
         ctx.health.set("credentials.token", `${e.code}: ${e.message}`);
         ctx.metrics.authFailures.inc({ channel: "oauth" });
+        ctx.anomalies.authFailure("oauth");
         void ctx.audit.record("auth_failure", { kind: "token", code: e.code }).catch(() => undefined);
       }
       return e;
