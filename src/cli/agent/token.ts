@@ -128,17 +128,13 @@ async function direct(
   config: Awaited<ReturnType<typeof loadCliConfig>>["config"],
   o: TokenOptions,
 ): Promise<TokenResponseBody> {
-  const oauth = config.credentials.oauth;
-  if (oauth === undefined) {
-    throw new M2mError("ERR_CONFIG", "permanent", "credentials.oauth is not configured", {
-      hint: 'add [credentials.oauth] issuer = "https://…" to the agent config',
-    });
-  }
   const { keyProviderFromConfig } = await import("../../daemon/compose.js");
   const { readEnrolmentState } = await import("../../enroll/state.js");
+  const { oauthTarget } = await import("../../daemon/stages/credentials.js");
   const state = await readEnrolmentState(config.agent.state_dir);
-  const clientId = oauth.client_id ?? state?.deviceId;
-  if (clientId === undefined) {
+  // Same resolution as the daemon: [credentials.oauth] if set, else the enrolment's token endpoint.
+  const target = await oauthTarget(config, state);
+  if (target === undefined) {
     throw new M2mError("ERR_NOT_ENROLLED", "permanent", "no client_id: the device is not enrolled", {
       hint: "run `m2m-agent enroll` or set credentials.oauth.client_id",
     });
@@ -146,15 +142,13 @@ async function direct(
   const keys = await keyProviderFromConfig(config, { log: silentLogger });
   const client = new OAuthClient(
     {
-      clientId,
-      issuer: oauth.issuer,
-      ...(oauth.token_endpoint === undefined ? {} : { tokenEndpoint: oauth.token_endpoint }),
-      scope: oauth.scopes.join(" "),
-      dpop: o.dpop === true || oauth.dpop,
+      clientId: target.clientId,
+      ...(target.issuer === undefined ? {} : { issuer: target.issuer }),
+      ...(target.tokenEndpoint === undefined ? {} : { tokenEndpoint: target.tokenEndpoint }),
+      scope: target.scope,
+      dpop: o.dpop === true || target.dpop,
       // The fleet CA anchors the registrar's TLS; another authorization server uses the system store.
-      ...(state !== undefined && sameOrigin(state.registrarUrl, oauth.issuer)
-        ? { caPem: state.caChainPem.join("\n") }
-        : {}),
+      ...(target.caPem === undefined ? {} : { caPem: target.caPem }),
     },
     { keys, clock: systemClock },
   );
@@ -176,13 +170,5 @@ async function direct(
   } finally {
     await client.close();
     await keys.close();
-  }
-}
-
-function sameOrigin(a: string, b: string): boolean {
-  try {
-    return new URL(a).origin === new URL(b).origin;
-  } catch {
-    return false;
   }
 }

@@ -1,0 +1,406 @@
+import { randomBytes } from "node:crypto";
+import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import mqtt from "mqtt";
+import { Agent, fetch } from "undici";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
+import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
+import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
+import { signCompactJws } from "../../src/keys/jws.js";
+import { TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
+import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
+import {
+  AGENT_CLI,
+  ensureBuilt,
+  eventually,
+  jwtClaims,
+  REGISTRAR_CLI,
+  type RegistrarProcess,
+  runNode,
+  startRegistrarProcess,
+} from "./e2e-kit.js";
+
+/**
+ * The whole story through the BUILT programs, as an operator runs them: `m2m-registrar ca init`,
+ * `enrollment group add`, `serve`; `m2m-agent run` on a swtpm enrols with TPM attestation, gets a
+ * DPoP-bound token and relays what `m2m-agent send` hands it to the registrar's ingest endpoint;
+ * SIGHUP reloads, SIGTERM exits 0, a restart keeps the identity; `decommission --yes` revokes it and
+ * the registrar refuses the device from then on. A SoftHSM device enrols with a bootstrap token
+ * through `m2m-agent enroll` and relays over MQTT with mTLS (key inside the token) to mosquitto.
+ */
+interface AgentStatusJson {
+  readonly state: string;
+  readonly enrolment: unknown;
+  readonly stages: Record<string, unknown>;
+}
+
+describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosquitto)", () => {
+  let work: string;
+  let tpm: SwtpmHandle;
+  let hsm: SoftHsmHandle;
+  let broker: Mosquitto;
+  let registrar: RegistrarProcess;
+  let env: NodeJS.ProcessEnv;
+  let caCert: string;
+  let regConfig: string;
+  let agentConfig: string;
+  let ingestLog: string;
+  const daemons: Daemon[] = [];
+
+  const reg = (args: readonly string[], input?: string) =>
+    runNode(REGISTRAR_CLI, ["--json", ...args, "--config", regConfig], env, input);
+  const agent = (config: string, args: readonly string[], input?: string) =>
+    runNode(AGENT_CLI, ["--config", config, ...args], env, input);
+  const run = (config: string): Daemon => {
+    const d = startDaemon(["--config", config, "run"], env);
+    daemons.push(d);
+    return d;
+  };
+  const statusOf = async (config: string): Promise<AgentStatusJson> => {
+    const r = await agent(config, ["--json", "status"]);
+    if (r.code !== 0) throw new Error(`status exit ${r.code}: ${r.stderr}`);
+    return JSON.parse(r.stdout) as AgentStatusJson;
+  };
+  const ingested = async (): Promise<{ id: string; deviceId: string; topic: string; payload: unknown }[]> => {
+    const text = await readFile(ingestLog, "utf8").catch(() => "");
+    return text
+      .split("\n")
+      .filter((l) => l !== "")
+      .map((l) => JSON.parse(l) as { id: string; deviceId: string; topic: string; payload: unknown });
+  };
+
+  const agentToml = (o: { logLevel: string; registrarUrl: string }): string =>
+    [
+      "[agent]",
+      `state_dir = "${join(work, "agent-tpm")}"`,
+      `runtime_dir = "${join(work, "run-tpm")}"`,
+      `log_level = "${o.logLevel}"`,
+      "drain_timeout_ms = 5000",
+      "[keys]",
+      'provider = "tpm"',
+      "[keys.tpm]",
+      `tcti = "${tpm.tcti}"`,
+      "[enroll]",
+      "enabled = true",
+      `registrar_url = "${o.registrarUrl}"`,
+      `registrar_ca_file = "${caCert}"`,
+      'method = "tpm"',
+      'group = "gateways"',
+      'hardware_serial = "GW-E2E-1"',
+      "[relay.https]",
+      `url = "${o.registrarUrl}/v1/ingest"`,
+      "batch_ms = 50",
+      "[api]",
+      `socket = "${join(work, "tpm-api.sock")}"`,
+      "mode = 0o600",
+      "",
+    ].join("\n");
+
+  beforeAll(async () => {
+    ensureBuilt();
+    work = await mkdtemp(join(tmpdir(), "m2m-e2e-"));
+    tpm = await startSwtpm();
+    hsm = await initSoftHsm({ label: "e2e-sensor" });
+    env = { ...process.env, SOFTHSM2_CONF: hsm.env.SOFTHSM2_CONF };
+    delete env.NOTIFY_SOCKET;
+
+    // The registrar trusts this TPM maker's EK CA (swtpm's local CA: root + intermediate).
+    const ekTrust = join(work, "ek-trust");
+    await mkdir(ekTrust);
+    await copyFile(tpm.rootCaPemPath, join(ekTrust, "root.pem"));
+    await copyFile(tpm.intermediateCaPemPath, join(ekTrust, "intermediate.pem"));
+
+    const caDir = join(work, "ca");
+    const init = await runNode(REGISTRAR_CLI, ["--json", "ca", "init", "--dir", caDir], env);
+    expect(init.code, init.stderr).toBe(0);
+    const paths = JSON.parse(init.stdout) as { caCert: string; serverCert: string; serverKey: string };
+    caCert = paths.caCert;
+    regConfig = join(work, "registrar.toml");
+    ingestLog = join(work, "registrar-data", "ingest.ndjson");
+    await writeFile(
+      regConfig,
+      [
+        `data_dir = "${join(work, "registrar-data")}"`,
+        `ca_dir = "${caDir}"`,
+        'cert_lifetime = "1h"',
+        "[listen]",
+        'host = "127.0.0.1"',
+        "port = 0",
+        "[tls]",
+        `cert = "${paths.serverCert}"`,
+        `key = "${paths.serverKey}"`,
+        "[oauth]",
+        'access_token_ttl = "5m"',
+        "[oauth.roles]",
+        'gateway = ["telemetry:write", "est"]',
+        'sensor = ["telemetry:write", "est"]',
+        "[[oauth.rules]]",
+        'scope = "site:{site}:read"',
+        'require = { site = "lab" }',
+        "",
+      ].join("\n"),
+    );
+    const g1 = await reg(
+      ["enrollment", "group", "add", "gateways", "--role", "gateway", "--attr", "site=lab"].concat([
+        "--methods",
+        "tpm",
+        "--ek-trust-dir",
+        ekTrust,
+      ]),
+    );
+    expect(g1.code, g1.stderr + g1.stdout).toBe(0);
+    const g2 = await reg([
+      "enrollment",
+      "group",
+      "add",
+      "sensors",
+      "--role",
+      "sensor",
+      "--methods",
+      "pkcs11",
+    ]);
+    expect(g2.code, g2.stderr + g2.stdout).toBe(0);
+    registrar = await startRegistrarProcess(regConfig, env);
+    agentConfig = join(work, "agent-tpm.toml");
+    await writeFile(agentConfig, agentToml({ logLevel: "info", registrarUrl: registrar.url }), {
+      mode: 0o600,
+    });
+  }, 300_000);
+
+  afterAll(async () => {
+    for (const d of daemons) d.kill();
+    await Promise.all(daemons.map((d) => d.exited));
+    await registrar?.stop();
+    await broker?.cleanup();
+    await tpm?.stop();
+    await hsm?.cleanup();
+    if (work !== undefined) await rm(work, { recursive: true, force: true });
+  });
+
+  let deviceId = "";
+
+  it("TPM gateway: `run` enrols with attestation, holds a DPoP-bound token, relays `send` to the registrar", async () => {
+    const d = run(agentConfig);
+    const enrolled = await d.waitLog((r) => r.msg === "device enrolled", 60_000);
+    deviceId = String(enrolled.deviceId);
+    expect(enrolled.method).toBe("tpm");
+    await d.waitLog((r) => r.msg === "access token obtained", 30_000);
+
+    const st = await eventually(async () => {
+      const s = await statusOf(agentConfig);
+      const cred = s.stages.credentials as { token: unknown } | undefined;
+      return s.state === "running" && cred?.token !== null && cred !== undefined ? s : undefined;
+    });
+    expect(st.enrolment).toMatchObject({ enrolled: true, deviceId });
+    const cred = st.stages.credentials as Record<string, unknown>;
+    expect(cred.estAuth).toBe("token");
+    expect(cred.certificate).toMatchObject({ serial: expect.any(String) });
+
+    // `m2m-agent token` asks the running daemon; the token is RFC 9068, DPoP-bound, least privilege.
+    const tok = await agent(agentConfig, ["--json", "token"]);
+    expect(tok.code, tok.stderr).toBe(0);
+    const body = JSON.parse(tok.stdout) as { access_token: string; token_type: string; scope: string };
+    expect(body.token_type).toBe("DPoP");
+    const claims = jwtClaims(body.access_token);
+    expect(claims.sub).toBe(deviceId);
+    expect(claims.iss).toBe(registrar.issuer);
+    expect((claims.cnf as { jkt?: string }).jkt).toMatch(/^[A-Za-z0-9_-]{43}$/);
+    // RBAC (role gateway) + ABAC (attribute site=lab from the enrolment group).
+    expect(String(claims.scope).split(" ").sort()).toEqual(["est", "site:lab:read", "telemetry:write"]);
+
+    const ids: string[] = [];
+    for (const c of [21, 22]) {
+      const s = await agent(agentConfig, ["send", "--topic", "temp", JSON.stringify({ c })]);
+      expect(s.code, s.stderr).toBe(0);
+      ids.push(s.stdout.trim());
+    }
+    const viaStdin = await agent(agentConfig, ["send", "--topic", "humidity", "-"], '{"rh":40}');
+    expect(viaStdin.code, viaStdin.stderr).toBe(0);
+    ids.push(viaStdin.stdout.trim());
+    const got = await eventually(async () => {
+      const rows = await ingested();
+      return ids.every((id) => rows.some((r) => r.id === id)) ? rows : undefined;
+    });
+    const byId = new Map(got.map((r) => [r.id, r]));
+    expect(byId.get(ids[0] ?? "")).toMatchObject({
+      deviceId,
+      topic: `devices/${deviceId}/temp`,
+      payload: { c: 21 },
+    });
+    expect(byId.get(ids[2] ?? "")).toMatchObject({
+      topic: `devices/${deviceId}/humidity`,
+      payload: { rh: 40 },
+    });
+
+    const devices = await reg(["devices", "list"]);
+    const list = JSON.parse(devices.stdout) as { deviceId: string; status: string; method: string }[];
+    expect(list).toEqual([expect.objectContaining({ deviceId, status: "active", method: "tpm" })]);
+  }, 180_000);
+
+  it("SIGHUP reloads, SIGTERM exits 0, a restart keeps the identity without re-enrolling", async () => {
+    const d = daemons[daemons.length - 1] as Daemon;
+    await writeFile(agentConfig, agentToml({ logLevel: "debug", registrarUrl: registrar.url }));
+    d.child.kill("SIGHUP");
+    const reloaded = await d.waitLog((r) => r.msg === "configuration reloaded");
+    expect(reloaded.applied).toContain("agent.log_level");
+    expect((await statusOf(agentConfig)).state).toBe("running");
+    d.child.kill("SIGTERM");
+    expect(await d.exited).toBe(0);
+
+    const again = run(agentConfig);
+    await again.waitLog((r) => r.msg === "access token obtained", 30_000);
+    const st = await eventually(async () => {
+      const s = await statusOf(agentConfig);
+      return s.state === "running" ? s : undefined;
+    });
+    expect(st.enrolment).toMatchObject({ enrolled: true, deviceId });
+    expect(again.stderr()).not.toContain('"device enrolled"');
+    const s = await agent(agentConfig, ["send", "--topic", "temp", '{"c":23}']);
+    expect(s.code, s.stderr).toBe(0);
+    const id = s.stdout.trim();
+    await eventually(async () => ((await ingested()).some((r) => r.id === id) ? true : undefined));
+    const list = JSON.parse((await reg(["devices", "list"])).stdout) as unknown[];
+    expect(list).toHaveLength(1);
+    again.child.kill("SIGTERM");
+    expect(await again.exited).toBe(0);
+  }, 180_000);
+
+  it("decommission --yes revokes the device: its token requests get invalid_client, its TPM cannot re-enrol", async () => {
+    // A client assertion signed by the device key before it is destroyed (what a clone would replay).
+    const provider = new TpmKeyProvider({ tcti: tpm.tcti });
+    const info = await provider.open();
+    const tokenEndpoint = `${registrar.issuer}/oauth2/token`;
+    const now = Math.floor(Date.now() / 1000);
+    const assertion = await signCompactJws(
+      provider,
+      info,
+      { typ: "JWT" },
+      {
+        iss: deviceId,
+        sub: deviceId,
+        aud: tokenEndpoint,
+        jti: randomBytes(16).toString("hex"),
+        iat: now,
+        exp: now + 120,
+      },
+    );
+    await provider.close();
+
+    const unconfirmed = await agent(agentConfig, ["--json", "decommission"]);
+    expect(unconfirmed.code).not.toBe(0);
+    expect(unconfirmed.stdout).toContain("ERR_CONFIRMATION_REQUIRED");
+
+    const dec = await agent(agentConfig, ["--json", "decommission", "--yes"]);
+    expect(dec.code, dec.stderr + dec.stdout).toBe(0);
+    expect(JSON.parse(dec.stdout)).toMatchObject({ decommissioned: true, deviceId, registrarTold: true });
+
+    const shown = JSON.parse((await reg(["devices", "show", deviceId])).stdout) as { status: string };
+    expect(shown.status).toBe("revoked");
+
+    const dispatcher = new Agent({ connect: { ca: await readFile(caCert, "utf8") } });
+    const res = await fetch(tokenEndpoint, {
+      method: "POST",
+      headers: { "content-type": "application/x-www-form-urlencoded" },
+      body: new URLSearchParams({
+        grant_type: "client_credentials",
+        client_id: deviceId,
+        client_assertion_type: "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        client_assertion: assertion,
+      }).toString(),
+      dispatcher,
+    });
+    expect(res.status).toBe(401);
+    expect(((await res.json()) as { error: string }).error).toBe("invalid_client");
+    await dispatcher.close();
+
+    // The key is gone from the TPM and the state is wiped.
+    await expect(tpm.tpm("tpm2_readpublic", ["-c", "0x81000002"])).rejects.toThrow();
+    await expect(readFile(join(work, "agent-tpm", "enrolment.json"))).rejects.toThrow();
+
+    // Same TPM (same EK), new key: the registrar refuses a revoked device's comeback.
+    const back = await agent(agentConfig, ["--json", "enroll"]);
+    expect(back.code).not.toBe(0);
+    const refused = (JSON.parse(back.stdout) as { error: { code: string } }).error.code;
+    expect(["ERR_DEVICE_REVOKED", "ERR_EK_ALREADY_REGISTERED"]).toContain(refused);
+    const list = JSON.parse((await reg(["devices", "list"])).stdout) as { status: string }[];
+    expect(list.map((d) => d.status)).toEqual(["revoked"]);
+  }, 180_000);
+
+  it("PKCS#11 sensor: `enroll` with a one-time bootstrap token, then `run` relays over MQTT mTLS with the token-held key", async () => {
+    const tokenOut = await reg(["enrollment", "token", "create", "--group", "sensors", "--ttl", "10m"]);
+    expect(tokenOut.code, tokenOut.stderr).toBe(0);
+    const bootstrap = join(work, "bootstrap-token");
+    await writeFile(bootstrap, (JSON.parse(tokenOut.stdout) as { token: string }).token, { mode: 0o600 });
+
+    broker = await startMosquitto({ clientCaFile: caCert });
+    const config = join(work, "agent-hsm.toml");
+    await writeFile(
+      config,
+      [
+        "[agent]",
+        `state_dir = "${join(work, "agent-hsm")}"`,
+        `runtime_dir = "${join(work, "run-hsm")}"`,
+        "[keys]",
+        'provider = "pkcs11"',
+        "[keys.pkcs11]",
+        `module = "${hsm.modulePath}"`,
+        `token_label = "${hsm.tokenLabel}"`,
+        `pin = { file = "${hsm.pinFile}" }`,
+        "[enroll]",
+        "enabled = true",
+        `registrar_url = "${registrar.url}"`,
+        `registrar_ca_file = "${caCert}"`,
+        'method = "pkcs11"',
+        `bootstrap_token = { file = "${bootstrap}" }`,
+        'hardware_serial = "SENSOR-E2E-1"',
+        "[relay.mqtt]",
+        `urls = ["${broker.mtlsUrl}"]`,
+        'auth = "mtls-pkcs11"',
+        `ca_file = "${broker.ca.caCertPath}"`,
+        "[api]",
+        `socket = "${join(work, "hsm-api.sock")}"`,
+        "",
+      ].join("\n"),
+      { mode: 0o600 },
+    );
+    const enrolled = await agent(config, ["--json", "enroll"]);
+    expect(enrolled.code, enrolled.stderr + enrolled.stdout).toBe(0);
+    const out = JSON.parse(enrolled.stdout) as {
+      status: string;
+      deviceId: string;
+      method: string;
+      role: string;
+    };
+    expect(out).toMatchObject({ status: "enrolled", method: "pkcs11", role: "sensor" });
+    // Idempotent: a second run sends nothing (the one-time token would be refused anyway).
+    const again = await agent(config, ["--json", "enroll"]);
+    expect(JSON.parse(again.stdout)).toMatchObject({ status: "already-enrolled", deviceId: out.deviceId });
+
+    const direct = await agent(config, ["--json", "token", "--direct"]);
+    expect(direct.code, direct.stderr + direct.stdout).toBe(0);
+    const claims = jwtClaims((JSON.parse(direct.stdout) as { access_token: string }).access_token);
+    expect(claims.sub).toBe(out.deviceId);
+    expect(String(claims.scope).split(" ").sort()).toEqual(["est", "telemetry:write"]);
+
+    const sub = await mqtt.connectAsync(broker.plainUrl, { protocolVersion: 5 });
+    const seen: { topic: string; payload: string }[] = [];
+    sub.on("message", (topic, payload) => seen.push({ topic, payload: payload.toString() }));
+    await sub.subscribeAsync("devices/#", { qos: 1 });
+    try {
+      const d = run(config);
+      await d.waitLog((r) => r.msg === "lifecycle transition" && r.to === "running", 60_000);
+      const s = await agent(config, ["send", "--topic", "vibration", '{"g":0.3}']);
+      expect(s.code, s.stderr).toBe(0);
+      const msg = await eventually(async () =>
+        seen.find((m) => m.topic === `devices/${out.deviceId}/vibration`),
+      );
+      expect(JSON.parse(msg.payload)).toEqual({ g: 0.3 });
+      d.child.kill("SIGTERM");
+      expect(await d.exited).toBe(0);
+    } finally {
+      await sub.endAsync();
+    }
+  }, 180_000);
+});
