@@ -81,11 +81,21 @@ const factories: SinkFactory[] = [
       const issuer = await createTokenIssuer();
       const dpop = await createSoftwareDpop();
       let publicUrl = "";
-      const ingest = ingestRoutes({ verifyAccessToken: (t) => issuer.verify(t), audience: "https://c", publicUrl: () => publicUrl });
+      const ingest = ingestRoutes({
+        verifyAccessToken: (t) => issuer.verify(t),
+        audience: "https://c",
+        publicUrl: () => publicUrl,
+      });
       const host = await startRouteHost(ca, ingest.routes);
       publicUrl = host.url;
       const tokens = new TestTokenSource(async () => ({
-        token: await issuer.issue({ sub: "dev-c", scope: "telemetry:write", aud: "https://c", jkt: dpop.jkt, ttlSec: 300 }),
+        token: await issuer.issue({
+          sub: "dev-c",
+          scope: "telemetry:write",
+          aud: "https://c",
+          jkt: dpop.jkt,
+          ttlSec: 300,
+        }),
         expiresAt: new Date(Date.now() + 300_000),
       }));
       const make = (url: string, channelIsTopic = false): HttpsSink =>
