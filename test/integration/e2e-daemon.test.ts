@@ -5,7 +5,7 @@ import { join } from "node:path";
 import mqtt from "mqtt";
 import { Agent, fetch } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
+import { freePort, type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
 import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
 import { signCompactJws } from "../../src/keys/jws.js";
@@ -47,6 +47,7 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
   let regConfig: string;
   let agentConfig: string;
   let ingestLog: string;
+  let metricsPort = 0;
   const daemons: Daemon[] = [];
 
   const reg = (args: readonly string[], input?: string) =>
@@ -60,7 +61,8 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
   };
   const statusOf = async (config: string): Promise<AgentStatusJson> => {
     const r = await agent(config, ["--json", "status"]);
-    if (r.code !== 0) throw new Error(`status exit ${r.code}: ${r.stderr}`);
+    // Exit 3 = reachable but not healthy (degraded): the JSON is still the status.
+    if (r.code !== 0 && r.code !== 3) throw new Error(`status exit ${r.code}: ${r.stderr}`);
     return JSON.parse(r.stdout) as AgentStatusJson;
   };
   const ingested = async (): Promise<{ id: string; deviceId: string; topic: string; payload: unknown }[]> => {
@@ -95,6 +97,9 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
       "[api]",
       `socket = "${join(work, "tpm-api.sock")}"`,
       "mode = 0o600",
+      "[metrics]",
+      "enabled = true",
+      `listen = "127.0.0.1:${metricsPort}"`,
       "",
     ].join("\n");
 
@@ -117,6 +122,7 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
     expect(init.code, init.stderr).toBe(0);
     const paths = JSON.parse(init.stdout) as { caCert: string; serverCert: string; serverKey: string };
     caCert = paths.caCert;
+    metricsPort = await freePort();
     regConfig = join(work, "registrar.toml");
     ingestLog = join(work, "registrar-data", "ingest.ndjson");
     await writeFile(
@@ -124,7 +130,8 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
       [
         `data_dir = "${join(work, "registrar-data")}"`,
         `ca_dir = "${caDir}"`,
-        'cert_lifetime = "1h"',
+        // Short-lived device certificates: the daemon renews them over EST while the test runs.
+        'cert_lifetime = "60s"',
         "[listen]",
         'host = "127.0.0.1"',
         "port = 0",
@@ -233,6 +240,27 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
       topic: `devices/${deviceId}/humidity`,
       payload: { rh: 40 },
     });
+
+    // The certificate (60 s) is renewed over EST with an `est`-scoped DPoP token (TPM keys do no TLS).
+    const first = (cred.certificate as { serial: string }).serial;
+    const renewed = await d.waitLog((r) => r.msg === "device certificate renewed", 60_000);
+    expect(renewed.serial).not.toBe(first);
+    const after = await eventually(async () => {
+      const c = (await statusOf(agentConfig)).stages.credentials as { certificate: { serial: string } };
+      return c.certificate.serial === renewed.serial ? c : undefined;
+    });
+    expect(after.certificate.serial).toBe(renewed.serial);
+
+    // Prometheus: token and certificate expiry, messages relayed per sink.
+    const metrics = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();
+    const value = (name: string): number => {
+      const line = metrics.split("\n").find((l) => l.startsWith(name));
+      return Number(line?.split(" ").pop());
+    };
+    const nowS = Date.now() / 1000;
+    expect(value("m2m_agent_token_expiry_timestamp_seconds")).toBeGreaterThan(nowS);
+    expect(value("m2m_agent_certificate_expiry_timestamp_seconds")).toBeGreaterThan(nowS);
+    expect(value('m2m_agent_relayed_total{sink="https"}')).toBeGreaterThanOrEqual(3);
 
     const devices = await reg(["devices", "list"]);
     const list = JSON.parse(devices.stdout) as { deviceId: string; status: string; method: string }[];
@@ -397,6 +425,19 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
         seen.find((m) => m.topic === `devices/${out.deviceId}/vibration`),
       );
       expect(JSON.parse(msg.payload)).toEqual({ g: 0.3 });
+
+      // Revoked by the operator while running: the next token request is refused for good and
+      // health says why (the agent keeps serving what it can: degraded, not dead).
+      const revoke = await reg(["devices", "revoke", out.deviceId]);
+      expect(revoke.code, revoke.stderr).toBe(0);
+      const refused = await agent(config, ["--json", "token", "--scope", "est"]);
+      expect(refused.code).not.toBe(0);
+      expect(refused.stdout).toContain("ERR_OAUTH_CLIENT_REVOKED");
+      const st = await statusOf(config);
+      expect(st.state).toBe("degraded");
+      expect((st as unknown as { reasons: Record<string, string> }).reasons["credentials.token"]).toContain(
+        "ERR_OAUTH_CLIENT_REVOKED",
+      );
       d.child.kill("SIGTERM");
       expect(await d.exited).toBe(0);
     } finally {
