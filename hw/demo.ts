@@ -21,6 +21,7 @@ import {
   REQUIRED_FILES,
   REQUIRED_TOOLS,
   spawnLogged,
+  stillRunning,
   type Ui,
 } from "./demo-kit.js";
 import { freePort, type Mosquitto, startMosquitto } from "./mosquitto.js";
@@ -93,6 +94,7 @@ interface Device {
   certNotAfter?: string;
   tokenExpiresAt?: string;
   tokenScope?: string;
+  tokenLifetimeS?: number;
   dpop?: boolean;
   enrolled: boolean;
   attested: boolean;
@@ -115,6 +117,7 @@ interface Summary {
     certNotAfter?: string;
     tokenExpiresAt?: string;
     tokenScope?: string;
+    tokenLifetimeS?: number;
     dpop?: boolean;
     sent: number;
     acked: number;
@@ -125,6 +128,8 @@ interface Summary {
   messages: { sent: number; acked: number; delivered: number; lost: number; duplicates: number };
   outage: { durationMs: number; maxBacklog: number; drainMs: number | undefined; survived: boolean };
   pids: ProcInfo[];
+  /** Started processes still alive after cleanup (must be empty). */
+  leftover: ProcInfo[];
 }
 
 /** TPMA_OBJECT bits that matter for a device key (hardware-notes: attribute bits). */
@@ -141,6 +146,17 @@ function tpmAttrs(bits: number | undefined): string {
     .filter(([b]) => (bits & b) !== 0)
     .map(([, n]) => n)
     .join("|");
+}
+
+/** Anything still running under the demo (a stuck tool run) is ended by pid, never by name. */
+function killStragglers(): void {
+  for (const p of descendants()) {
+    try {
+      process.kill(p.pid, "SIGKILL");
+    } catch {
+      // already gone
+    }
+  }
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -187,6 +203,12 @@ class Demo {
   attestation: Summary["attestation"] = { verified: false };
   outage: Summary["outage"] = { durationMs: 0, maxBacklog: 0, drainMs: undefined, survived: false };
   #cleanup: Promise<void> | undefined;
+  /** Set once cleanup began: nothing new may be started after that (Ctrl-C during a step). */
+  closing = false;
+
+  guard(): void {
+    if (this.closing) throw new Error("interrupted");
+  }
   env: NodeJS.ProcessEnv = {};
 
   constructor(o: Options) {
@@ -246,6 +268,7 @@ class Demo {
     process.env.TMPDIR = wd;
     this.env = { PATH: process.env.PATH, HOME: wd, TMPDIR: wd, LANG: "C.UTF-8" };
     ui.info(`work directory ${wd}${this.o.keep ? " (kept: --keep)" : ""}`);
+    this.guard();
     this.swtpm = await startSwtpm();
     ui.ok(`swtpm TPM 2.0 on ${this.swtpm.tcti} (EK certificates from its own manufacturer CA)`);
     const trust = join(wd, "ek-trust");
@@ -253,6 +276,7 @@ class Demo {
     await writeFile(join(trust, "swtpm-root.pem"), this.swtpm.caCertPems[0] ?? "");
     await writeFile(join(trust, "swtpm-intermediate.pem"), this.swtpm.caCertPems[1] ?? "");
     const pin = randomBytes(6).toString("hex");
+    this.guard();
     this.hsm = await initSoftHsm({ label: "m2m-demo-gw2", pin, soPin: randomBytes(8).toString("hex") });
     ui.ok(`SoftHSM2 token "${this.hsm.tokenLabel}" (user PIN in a 0600 file, never on screen)`);
     this.snapshotProcs();
@@ -379,6 +403,7 @@ class Demo {
     const urlSeen = new Promise<string>((r) => {
       onUrl = r;
     });
+    this.guard();
     const child = spawnLogged({
       name: "registrar",
       file: process.execPath,
@@ -485,6 +510,7 @@ class Demo {
   async startBroker(): Promise<void> {
     const { ui } = this;
     ui.section("Local MQTT broker (mosquitto)");
+    this.guard();
     this.broker = await startMosquitto({ persistence: true, clientCaFile: this.registrarCa });
     ui.ok(`mosquitto: mTLS on ${this.broker.mtlsUrl} (client certificates must chain to the fleet CA,`);
     ui.info("  username = certificate CN = device id; ACL `pattern readwrite devices/%u/#`)");
@@ -594,6 +620,7 @@ class Demo {
       NOTIFY_SOCKET: d.notify.path,
       ...(d.kind === "pkcs11" ? (this.hsm as SoftHsmHandle).env : {}),
     };
+    this.guard();
     d.agent = spawnLogged({
       name: d.name,
       file: process.execPath,
@@ -665,7 +692,8 @@ class Demo {
       };
       if (d.kind === "tpm") {
         // Only a registered TPM device with an EK hash went through credential activation + certify.
-        await sleep(300); // let the audit tail catch up
+        // The registrar audits before it answers; give the audit tail a moment to read that line.
+        for (let i = 0; i < 30 && !this.auditAttested.has(d.deviceId); i++) await sleep(100);
         const verified =
           rec.method === "tpm" &&
           rec.status === "active" &&
@@ -725,6 +753,7 @@ class Demo {
     }
     d.tokenExpiresAt = t.expiresAt;
     d.tokenScope = t.scope;
+    d.tokenLifetimeS = Math.round((Date.parse(t.expiresAt) - Date.now()) / 1000);
     d.dpop = t.type.toLowerCase() === "dpop";
     this.ui.ok(
       `access token (private_key_jwt signed in the ${d.kind === "tpm" ? "TPM" : "token"}): ${t.type}${d.dpop ? "-bound" : ""}, scopes "${t.scope}", lifetime ${fmtDuration(Date.parse(t.expiresAt) - Date.now())}`,
@@ -880,6 +909,32 @@ class Demo {
     }
   }
 
+  /** What an operator would type: `m2m-agent status --json --config …` against the running daemon. */
+  async showCliStatus(d: Device | undefined): Promise<void> {
+    if (d === undefined) return;
+    const r = await execa(process.execPath, [AGENT_CLI, "status", "--json", "--config", d.config], {
+      env: this.env,
+      extendEnv: false,
+      timeout: 20_000,
+      killSignal: "SIGKILL",
+      stdin: "ignore",
+      reject: false,
+    });
+    try {
+      const st = JSON.parse(String(r.stdout)) as AgentStatus;
+      const ob = this.outbox(st);
+      const reasons = Object.entries(st.reasons)
+        .map(([k, v]) => `${k}: ${v}`)
+        .join("; ");
+      this.ui.event(
+        "status",
+        `m2m-agent status --json (${d.name}): state ${st.state}, outbox depth ${ob?.depth ?? "?"}${reasons === "" ? "" : `, ${reasons}`}`,
+      );
+    } catch {
+      this.ui.warn(`m2m-agent status (${d.name}) gave no JSON (exit ${r.exitCode})`);
+    }
+  }
+
   // ── 7. outage ──
   async outagePhase(devices: readonly Device[]): Promise<void> {
     const { ui } = this;
@@ -898,6 +953,7 @@ class Demo {
     ui.warn(
       `upstream down: ${withMqtt ? "broker stopped" : ""}${withMqtt && withHttps ? ", " : ""}${withHttps ? "registrar stopped" : ""}`,
     );
+    ui.info("readings keep coming: each is acknowledged once it is in the agent's on-disk outbox");
     while (Date.now() - t0 < outageMs) {
       await Promise.all(devices.map((d) => this.sendReading(d)));
       const parts: string[] = [];
@@ -906,13 +962,15 @@ class Demo {
         if (depth !== undefined) this.outage.maxBacklog = Math.max(this.outage.maxBacklog, depth);
         parts.push(`${d.name} outbox ${depth ?? "?"}`);
       }
-      ui.event("outage", `${parts.join(" · ")}  (m2m-agent status: acknowledged, kept on disk)`);
+      ui.event("outage", parts.join(" · "));
       await sleep(this.o.quick ? 400 : 1_000);
     }
+    await this.showCliStatus(devices[devices.length - 1]);
     const during = devices.reduce((a, d) => a + d.acked.length - (before.get(d.name) ?? 0), 0);
     this.outage.durationMs = Date.now() - t0;
     ui.info(`${during} readings acknowledged while upstream was down`);
     const tUp = Date.now();
+    this.guard();
     if (withMqtt) await broker.start();
     if (withHttps) await this.serveRegistrar();
     ui.ok(`upstream back after ${(this.outage.durationMs / 1000).toFixed(1)} s: draining the backlog`);
@@ -966,6 +1024,7 @@ class Demo {
         ...(d.certNotAfter === undefined ? {} : { certNotAfter: d.certNotAfter }),
         ...(d.tokenExpiresAt === undefined ? {} : { tokenExpiresAt: d.tokenExpiresAt }),
         ...(d.tokenScope === undefined ? {} : { tokenScope: d.tokenScope }),
+        ...(d.tokenLifetimeS === undefined ? {} : { tokenLifetimeS: d.tokenLifetimeS }),
         ...(d.dpop === undefined ? {} : { dpop: d.dpop }),
         sent: d.sent,
         acked: d.acked.length,
@@ -1001,6 +1060,7 @@ class Demo {
       messages,
       outage: this.outage,
       pids: [...this.procs.values()],
+      leftover: [],
     };
   }
 
@@ -1020,12 +1080,17 @@ class Demo {
         `${d.name}`,
         `${d.method.toUpperCase()} → ${d.sink.toUpperCase()}  device ${d.deviceId ?? "-"}`,
       ]);
-      rows.push(["  certificate", d.certNotAfter === undefined ? "-" : `notAfter ${d.certNotAfter}`]);
+      rows.push([
+        "  certificate",
+        d.certNotAfter === undefined
+          ? "-"
+          : `notAfter ${d.certNotAfter} (${fmtDuration(Date.parse(d.certNotAfter) - Date.now())} left)`,
+      ]);
       rows.push([
         "  token",
         d.tokenExpiresAt === undefined
           ? "-"
-          : `${d.dpop === true ? "DPoP-bound" : "bearer"}, scopes "${d.tokenScope ?? ""}", expires ${d.tokenExpiresAt}`,
+          : `${d.dpop === true ? "DPoP-bound" : "bearer"}, scopes "${d.tokenScope ?? ""}", lifetime ${fmtDuration((d.tokenLifetimeS ?? 0) * 1000)} (expires ${d.tokenExpiresAt})`,
       ]);
       rows.push([
         "  messages",
@@ -1040,7 +1105,12 @@ class Demo {
       "outage",
       `${(s.outage.durationMs / 1000).toFixed(1)} s, backlog up to ${s.outage.maxBacklog}, drained in ${s.outage.drainMs === undefined ? "-" : `${(s.outage.drainMs / 1000).toFixed(1)} s`}: ${s.outage.survived ? "survived" : "NOT survived"}`,
     ]);
-    rows.push(["processes", `${s.pids.length} started (all stopped on exit)`]);
+    rows.push([
+      "processes",
+      s.leftover.length === 0
+        ? `${s.pids.length} started, all stopped (checked by pid)`
+        : `${s.leftover.length} of ${s.pids.length} STILL RUNNING: ${s.leftover.map((p) => p.pid).join(", ")}`,
+    ]);
     if (s.workdir !== undefined) rows.push(["work dir", `${s.workdir} (configs, logs, databases)`]);
     ui.table(rows);
     for (const n of s.notAvailable) ui.warn(`not available in this build: ${n}`);
@@ -1050,6 +1120,7 @@ class Demo {
 
   // ── cleanup ──
   cleanup(): Promise<void> {
+    this.closing = true;
     this.#cleanup ??= this.#doCleanup();
     return this.#cleanup;
   }
@@ -1073,14 +1144,7 @@ class Demo {
     // tpm2_shutdown before the stop keeps the DA counter from growing.
     await step("swtpm", async () => this.swtpm?.stop());
     await step("softhsm", async () => this.hsm?.cleanup());
-    // Anything still running under us (a stuck tool run) is ended by pid, never by name.
-    for (const p of descendants()) {
-      try {
-        process.kill(p.pid, "SIGKILL");
-      } catch {
-        // already gone
-      }
-    }
+    killStragglers();
     if (this.workdir !== undefined && !this.o.keep)
       await step("work dir", () => rm(this.workdir as string, { recursive: true, force: true }));
   }
@@ -1144,7 +1208,11 @@ export async function main(argv: readonly string[]): Promise<number> {
     if (interrupted) return;
     interrupted = true;
     demo.ui.warn(`${sig}: stopping everything the demo started…`);
-    void demo.cleanup().finally(() => process.exit(130));
+    void demo.cleanup().finally(() => {
+      // Synchronous from here to exit: a step still running in main cannot start anything new.
+      killStragglers();
+      process.exit(130);
+    });
   };
   process.on("SIGINT", onSignal);
   process.on("SIGTERM", onSignal);
@@ -1160,6 +1228,11 @@ export async function main(argv: readonly string[]): Promise<number> {
   if (summary === undefined) return 1;
   // Processes are all stopped now: the summary's pid list is final.
   summary.pids = [...demo.procs.values()];
+  summary.leftover = summary.pids.filter(stillRunning);
+  if (summary.leftover.length > 0) {
+    summary.ok = false;
+    summary.failures.push(`${summary.leftover.length} started processes still running`);
+  }
   demo.printSummary(summary);
   if (opts.summaryJson !== undefined)
     await writeFile(opts.summaryJson, `${JSON.stringify(summary, null, 2)}\n`);

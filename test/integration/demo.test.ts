@@ -32,6 +32,7 @@ interface Summary {
   messages: { sent: number; acked: number; delivered: number; lost: number; duplicates: number };
   outage: { durationMs: number; maxBacklog: number; drainMs?: number; survived: boolean };
   pids: ProcInfo[];
+  leftover: ProcInfo[];
 }
 
 function runDemo(
@@ -114,6 +115,7 @@ describe("the one-command demo (dist/hw/demo.js)", () => {
     for (const name of ["swtpm socket", "mosquitto -c", "m2m-registrar.js serve", "m2m-agent.js run"])
       expect(cmds).toContain(name);
     expect(s.pids.filter((p) => p.cmd.includes("m2m-agent.js run"))).toHaveLength(2);
+    expect(s.leftover).toEqual([]);
     expect(s.pids.filter(stillRunning)).toEqual([]);
 
     // The work dir (keys, tokens, PIN files, databases) is gone without --keep.
