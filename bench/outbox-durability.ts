@@ -11,13 +11,14 @@ import { crc32 } from "node:zlib";
 import { SqliteOutbox } from "../src/relay/outbox/sqlite/sqlite-outbox.js";
 
 const PAYLOAD = new Uint8Array(200).fill(65);
-const DURATION_MS = 2500;
+const DURATION_MS = 2000;
 
-async function sqlite(sync: "FULL" | "NORMAL", group: number, dir: string): Promise<number> {
+async function sqlite(sync: "FULL" | "NORMAL" | "FULL-inline", group: number, dir: string): Promise<number> {
   const ob = SqliteOutbox.open({
     path: join(dir, `o-${sync}-${group}.db`),
     sinks: ["s"],
-    synchronous: sync,
+    synchronous: sync === "NORMAL" ? "NORMAL" : "FULL",
+    fsyncMode: sync === "FULL-inline" ? "inline" : "async-wal",
     ttlCheckMs: 0,
   });
   let n = 0;
@@ -60,12 +61,14 @@ const dir = await mkdtemp(join(tmpdir(), "m2m-outbox-bench-"));
 try {
   for (const group of [1, 100]) {
     const full = await sqlite("FULL", group, dir);
+    const inline = await sqlite("FULL-inline", group, dir);
     const normal = await sqlite("NORMAL", group, dir);
     const log = crcLog(group, dir);
     console.log(
       JSON.stringify({
         group,
-        sqliteFull: Math.round(full),
+        sqliteFullAsyncWal: Math.round(full),
+        sqliteFullInline: Math.round(inline),
         sqliteNormal: Math.round(normal),
         crcLogFdatasync: Math.round(log),
       }),

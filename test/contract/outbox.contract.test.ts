@@ -28,12 +28,25 @@ const text = (p: Uint8Array): string => new TextDecoder().decode(p);
 
 const factories: OutboxFactory[] = [
   {
-    name: "sqlite (synchronous=FULL)",
+    name: "sqlite (synchronous=FULL via async WAL fdatasync, default)",
     durable: true,
     create: ({ dir, sinks, limits, clock }) =>
       SqliteOutbox.open({
         path: join(dir, "outbox.db"),
         sinks: sinks ?? ["s"],
+        ...(limits === undefined ? {} : { limits }),
+        ...(clock === undefined ? {} : { clock }),
+        ttlCheckMs: 0,
+      }),
+  },
+  {
+    name: "sqlite (synchronous=FULL, inline fsync)",
+    durable: true,
+    create: ({ dir, sinks, limits, clock }) =>
+      SqliteOutbox.open({
+        path: join(dir, "outbox.db"),
+        sinks: sinks ?? ["s"],
+        fsyncMode: "inline",
         ...(limits === undefined ? {} : { limits }),
         ...(clock === undefined ? {} : { clock }),
         ttlCheckMs: 0,

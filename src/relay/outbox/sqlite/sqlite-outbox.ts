@@ -1,4 +1,5 @@
-import { existsSync, renameSync } from "node:fs";
+import { closeSync, existsSync, fdatasync, fsyncSync, openSync, renameSync } from "node:fs";
+import { dirname } from "node:path";
 import Database from "better-sqlite3";
 import { type Clock, systemClock } from "../../../core/clock.js";
 import { M2mError } from "../../../core/errors.js";
@@ -27,6 +28,12 @@ export interface SqliteOutboxOptions {
    * `NORMAL` only survives a process crash (measured in docs/outbox.md; kept for the benchmark).
    */
   readonly synchronous?: "FULL" | "NORMAL";
+  /**
+   * How FULL is achieved. `async-wal` (default): commit with SQLite's NORMAL (no fsync on the event
+   * loop), then fdatasync the WAL file in libuv's thread pool and answer the appenders of every commit
+   * it covered; `inline`: SQLite's own synchronous=FULL (fsync inside the commit, blocking the loop).
+   */
+  readonly fsyncMode?: "async-wal" | "inline";
   readonly clock?: Clock;
   readonly logger?: Logger;
   /** How often the TTL is applied (ms); 0 disables the timer (call `expire()` yourself). */
@@ -156,6 +163,13 @@ export class SqliteOutbox implements Outbox {
   #closed = false;
   readonly #synchronous: "FULL" | "NORMAL";
   #currentSync: "FULL" | "NORMAL";
+  readonly #asyncWal: boolean;
+  readonly #walPath: string;
+  #walFd: number | undefined;
+  /** Appenders whose commit happened but is not yet covered by a WAL fdatasync. */
+  #awaitingSync: (() => void)[] = [];
+  #syncFailures: ((e: unknown) => void)[] = [];
+  #syncing = false;
   #ttlTimer: NodeJS.Timeout | undefined;
   readonly #stmts: {
     insert: Database.Statement;
@@ -180,7 +194,12 @@ export class SqliteOutbox implements Outbox {
     this.#limits = { ...defaultOutboxLimits, ...(options.limits ?? {}) };
     this.#refuseRetryAfterMs = options.refuseRetryAfterMs ?? 1000;
     this.#synchronous = options.synchronous ?? "FULL";
-    this.#currentSync = this.#synchronous;
+    this.#asyncWal = this.#synchronous === "FULL" && (options.fsyncMode ?? "async-wal") === "async-wal";
+    this.#walPath = `${options.path}-wal`;
+    this.#walFd = undefined;
+    // With async-wal the connection itself never fsyncs on commit; durability comes from #syncWal.
+    this.#currentSync = this.#asyncWal ? "NORMAL" : this.#synchronous;
+    db.pragma(`synchronous = ${this.#currentSync}`);
     this.sinks = [...options.sinks];
     if (this.sinks.length === 0 || this.sinks.length > 30) {
       throw new M2mError("ERR_OUTBOX_CONFIG", "permanent", "an outbox needs 1 to 30 sinks");
@@ -394,7 +413,7 @@ export class SqliteOutbox implements Outbox {
     // Only appends need fsync-on-commit (they answer producers). Acks, dead-letters and TTL drops
     // committed without an fsync are at worst replayed after a power cut (a duplicate delivery,
     // which at-least-once allows); the next appending commit fsyncs the WAL up to and including them.
-    const wanted = ops.some((o) => o.kind === "append") ? this.#synchronous : "NORMAL";
+    const wanted = ops.some((o) => o.kind === "append") && !this.#asyncWal ? this.#synchronous : "NORMAL";
     if (wanted !== this.#currentSync) {
       this.#db.pragma(`synchronous = ${wanted}`);
       this.#currentSync = wanted;
@@ -407,7 +426,13 @@ export class SqliteOutbox implements Outbox {
           case "append": {
             const r = this.#applyAppend(op.batch, dropped);
             if (r instanceof M2mError) results.push(() => op.reject(r));
-            else results.push(() => op.resolve(r));
+            else if (this.#asyncWal) {
+              // Answered only once an fdatasync of the WAL that started after this commit completes.
+              results.push(() => {
+                this.#awaitingSync.push(() => op.resolve(r));
+                this.#syncFailures.push(op.reject);
+              });
+            } else results.push(() => op.resolve(r));
             break;
           }
           case "ack":
@@ -467,7 +492,51 @@ export class SqliteOutbox implements Outbox {
     }
     this.#forget(dropped);
     for (const r of results) r();
+    if (this.#awaitingSync.length > 0) this.#syncWal();
     if (ops.some((o) => o.kind === "append")) this.#wake();
+  }
+
+  /**
+   * fdatasync of the WAL off the event loop. Everything committed before the call is durable when it
+   * completes (same guarantee as SQLite's synchronous=FULL in WAL mode, which fsyncs the WAL at
+   * commit). Commits made meanwhile wait for the next round: natural group commit.
+   */
+  #syncWal(): void {
+    if (this.#syncing) return;
+    const covered = this.#awaitingSync;
+    const failures = this.#syncFailures;
+    this.#awaitingSync = [];
+    this.#syncFailures = [];
+    this.#syncing = true;
+    const done = (err: NodeJS.ErrnoException | null): void => {
+      this.#syncing = false;
+      if (err !== null) {
+        const e = new M2mError("ERR_OUTBOX_IO", "transient", "the outbox could not sync its journal", {
+          cause: err,
+          hint: "check the disk and the state directory",
+        });
+        this.#log.error("outbox WAL fdatasync failed", { err: e });
+        for (const f of failures) f(e);
+      } else {
+        for (const c of covered) c();
+      }
+      if (this.#awaitingSync.length > 0) this.#syncWal();
+    };
+    try {
+      if (this.#walFd === undefined) {
+        this.#walFd = openSync(this.#walPath, "r+");
+        // The WAL's directory entry must be durable too (first use only).
+        const dfd = openSync(dirname(this.#walPath), "r");
+        try {
+          fsyncSync(dfd);
+        } finally {
+          closeSync(dfd);
+        }
+      }
+      fdatasync(this.#walFd, done);
+    } catch (err) {
+      done(err as NodeJS.ErrnoException);
+    }
   }
 
   #deleteIfDone(id: string): void {
@@ -727,6 +796,10 @@ export class SqliteOutbox implements Outbox {
   async close(): Promise<void> {
     if (this.#closed) return;
     if (this.#queue.length > 0) this.#flush();
+    // Let pending journal syncs finish so every accepted append is answered.
+    while (this.#syncing || this.#awaitingSync.length > 0) await new Promise((r) => setImmediate(r));
+    if (this.#walFd !== undefined) closeSync(this.#walFd);
+    this.#walFd = undefined;
     this.#closed = true;
     if (this.#ttlTimer !== undefined) clearInterval(this.#ttlTimer);
     this.#wake();
