@@ -3,7 +3,7 @@ import { join } from "node:path";
 import type { AgentConfig } from "../../config/index.js";
 import { M2mError } from "../../core/errors.js";
 import type { DpopSigner } from "../../credentials/oauth/token-source.js";
-import type { OutboxStats } from "../../relay/outbox/outbox.js";
+import type { NewMessage, Outbox, OutboxStats } from "../../relay/outbox/outbox.js";
 import type { RefreshableTokenSource, Sink } from "../../relay/sinks/sink.js";
 import type { RelayStack } from "../../relay/stack.js";
 import type { AgentStage, StageContext, StageHandle } from "../compose.js";
@@ -152,7 +152,26 @@ export const relayStage: AgentStage = {
     });
     if (ctx.api !== undefined) {
       const { mountMessagesRoute } = await import("../../relay/sources/api/messages-route.js");
-      mountMessagesRoute(ctx.api, { outbox });
+      // Accepted messages also feed the per-channel rate-change detector (anomaly flags in status).
+      const observed: Pick<Outbox, "append"> = {
+        append: async (batch: readonly NewMessage[]) => {
+          const ids = await outbox.append(batch);
+          const perChannel = new Map<string, number>();
+          for (const m of batch) perChannel.set(m.channel, (perChannel.get(m.channel) ?? 0) + 1);
+          for (const [channel, n] of perChannel) ctx.anomalies.observe(channel, n);
+          return ids;
+        },
+      };
+      mountMessagesRoute(ctx.api, {
+        outbox: new Proxy(outbox, {
+          get: (t, p) => {
+            if (p === "append") return observed.append;
+            const v: unknown = Reflect.get(t, p, t);
+            // Bound to the real outbox: its private fields do not exist on the proxy.
+            return typeof v === "function" ? (v as (...a: unknown[]) => unknown).bind(t) : v;
+          },
+        }),
+      });
     } else {
       ctx.health.set("relay.ingest", "local API unavailable: POST /v1/messages is not served");
     }
