@@ -758,7 +758,6 @@ class Demo {
     this.ui.ok(
       `access token (private_key_jwt signed in the ${d.kind === "tpm" ? "TPM" : "token"}): ${t.type}${d.dpop ? "-bound" : ""}, scopes "${t.scope}", lifetime ${fmtDuration(Date.parse(t.expiresAt) - Date.now())}`,
     );
-    void cred;
   }
 
   /** Agent JSON log lines → the few events worth showing. */
@@ -991,9 +990,13 @@ class Demo {
       const line = parts.join(" · ");
       // Show changes, and a heartbeat every 3 s while a sink waits out its (jittered) backoff.
       if (line !== lastLine || Date.now() - lastShown > 3_000) {
+        const waiting = line === lastLine;
         lastLine = line;
         lastShown = Date.now();
-        this.ui.event("drain", line);
+        this.ui.event(
+          "drain",
+          `${line}${waiting ? "  (sink waits out its jittered reconnect backoff)" : ""}`,
+        );
       }
       await sleep(200);
     }
@@ -1114,6 +1117,14 @@ class Demo {
     if (s.workdir !== undefined) rows.push(["work dir", `${s.workdir} (configs, logs, databases)`]);
     ui.table(rows);
     for (const n of s.notAvailable) ui.warn(`not available in this build: ${n}`);
+    if (s.workdir !== undefined) {
+      ui.info(
+        `logs: ${join(s.workdir, "*.log")}; registrar audit: ${join(s.workdir, "registrar", "data", "audit.log")}`,
+      );
+      ui.info(
+        `try: node ${REGISTRAR_CLI} devices list --config ${join(s.workdir, "registrar", "registrar.toml")}`,
+      );
+    }
     if (s.ok) ui.ok(ui.c.bold("demo succeeded"));
     else ui.fail(`demo FAILED${s.failures.length > 0 ? `: ${s.failures.join("; ")}` : ""}`);
   }
