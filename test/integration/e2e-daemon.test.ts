@@ -1,4 +1,4 @@
-import { randomBytes } from "node:crypto";
+import { randomBytes, X509Certificate } from "node:crypto";
 import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -293,6 +293,31 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
     expect(list).toHaveLength(1);
     again.child.kill("SIGTERM");
     expect(await again.exited).toBe(0);
+  }, 180_000);
+
+  it("a certificate that expired while the agent was stopped is recovered by TPM re-attestation", async () => {
+    // Let the (60 s) certificate on disk expire while nothing runs.
+    const certFile = join(work, "agent-tpm", "device-cert.pem");
+    const notAfter = new Date(new X509Certificate(await readFile(certFile, "utf8")).validTo).getTime();
+    await new Promise((r) => setTimeout(r, Math.max(0, notAfter - Date.now() + 1500)));
+
+    const d = run(agentConfig);
+    await d.waitLog((r) => r.msg === "device certificate expired or missing: re-attesting", 60_000);
+    const again = await d.waitLog((r) => r.msg === "device enrolled", 60_000);
+    // Same TPM, same key: the registrar re-issues to the same device (no new identity).
+    expect(again.deviceId).toBe(deviceId);
+    // The renewer then takes the fresh certificate (written atomically after the enrolment).
+    await eventually(async () => {
+      const cert = new X509Certificate(await readFile(certFile, "utf8"));
+      return new Date(cert.validTo).getTime() > Date.now() ? cert : undefined;
+    });
+    const st = await eventually(async () => {
+      const s = await statusOf(agentConfig);
+      return s.state === "running" ? s : undefined;
+    });
+    expect(st.enrolment).toMatchObject({ deviceId });
+    d.child.kill("SIGTERM");
+    expect(await d.exited).toBe(0);
   }, 180_000);
 
   it("decommission --yes revokes the device: its token requests get invalid_client, its TPM cannot re-enrol", async () => {
