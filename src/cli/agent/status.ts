@@ -27,13 +27,18 @@ export function fetchStatus(socketPath: string, timeoutMs = 5_000): Promise<Agen
       });
     });
     req.on("timeout", () => req.destroy(new Error("timeout")));
-    req.on("error", (err) =>
+    req.on("error", (err: NodeJS.ErrnoException) =>
       reject(
-        new M2mError("ERR_AGENT_NOT_RUNNING", "transient", `cannot reach the agent at ${socketPath}`, {
-          cause: err,
-          hint: "is it running? `systemctl status m2m-agent`; is api.socket the same in this config?",
-          details: { errno: String((err as NodeJS.ErrnoException).code ?? "") },
-        }),
+        err.code === "EACCES"
+          ? new M2mError("ERR_AGENT_ACCESS", "permanent", `permission denied on ${socketPath}`, {
+              cause: err,
+              hint: "run as the agent user, root, or a member of the group set in api.group",
+            })
+          : new M2mError("ERR_AGENT_NOT_RUNNING", "transient", `cannot reach the agent at ${socketPath}`, {
+              cause: err,
+              hint: "is it running? `systemctl status m2m-agent`; is api.socket the same in this config?",
+              details: { errno: String(err.code ?? "") },
+            }),
       ),
     );
     req.end();
