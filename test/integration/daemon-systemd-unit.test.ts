@@ -46,7 +46,7 @@ describe("service/m2m-agent.service", () => {
     expect(copy.exitCode).toBe(0);
   });
 
-  it("systemd-analyze security --offline=true rates it OK, and docs/operations.md states the figure", async () => {
+  it("systemd-analyze security --offline=true rates it OK, and README + docs/operations.md state the figure", async () => {
     const r = await run("systemd-analyze", ["security", "--offline=true", "--no-pager", await unitCopy()]);
     expect(r.exitCode).toBe(0);
     const m = /Overall exposure level for m2m-agent\.service: (\d+\.\d) (\w+)/.exec(r.stdout);
@@ -56,6 +56,7 @@ describe("service/m2m-agent.service", () => {
     expect(exposure).toBeLessThanOrEqual(2.0);
     const docs = await readFile(join(REPO, "docs", "operations.md"), "utf8");
     expect(docs).toContain(`exposure level ${m?.[1]}`);
+    expect(await readFile(join(REPO, "README.md"), "utf8")).toContain(`exposure level ${m?.[1]} OK`);
     // The TPM stays reachable and W^X stays off for V8.
     expect(r.stdout).toMatch(/DeviceAllow=.*\/dev\/tpmrm0:rw/);
   });
