@@ -412,6 +412,10 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
         `urls = ["${broker.mtlsUrl}"]`,
         'auth = "mtls-pkcs11"',
         `ca_file = "${broker.ca.caCertPath}"`,
+        // Sensors already publishing to a local broker (here the same mosquitto, plain listener).
+        "[relay.sources.mqtt]",
+        `url = "${broker.plainUrl}"`,
+        'topics = ["sensors/#"]',
         "[api]",
         `socket = "${join(work, "hsm-api.sock")}"`,
         "",
@@ -450,6 +454,18 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
         seen.find((m) => m.topic === `devices/${out.deviceId}/vibration`),
       );
       expect(JSON.parse(msg.payload)).toEqual({ g: 0.3 });
+
+      // A sensor publishes on the local broker; the agent relays it under its own identity.
+      const sensor = await mqtt.connectAsync(broker.plainUrl, { protocolVersion: 5 });
+      await sensor.publishAsync("sensors/pressure", '{"hpa":1013}', {
+        qos: 1,
+        properties: { contentType: "application/json" },
+      });
+      await sensor.endAsync();
+      const relayed = await eventually(async () =>
+        seen.find((m) => m.topic === `devices/${out.deviceId}/sensors/pressure`),
+      );
+      expect(JSON.parse(relayed.payload)).toEqual({ hpa: 1013 });
 
       // Revoked by the operator while running: the next token request is refused for good and
       // health says why (the agent keeps serving what it can: degraded, not dead).

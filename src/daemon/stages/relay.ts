@@ -1,10 +1,12 @@
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentConfig } from "../../config/index.js";
-import { M2mError } from "../../core/errors.js";
+import { asM2mError, M2mError } from "../../core/errors.js";
+import { backoffDelay, defaultRetryPolicy } from "../../core/retry.js";
 import type { DpopSigner } from "../../credentials/oauth/token-source.js";
 import type { NewMessage, Outbox, OutboxStats } from "../../relay/outbox/outbox.js";
 import type { RefreshableTokenSource, Sink } from "../../relay/sinks/sink.js";
+import type { MqttSource } from "../../relay/sources/mqtt/mqtt-source.js";
 import type { RelayStack } from "../../relay/stack.js";
 import type { AgentStage, StageContext, StageHandle } from "../compose.js";
 import { deviceCertPath, registrarCaPem } from "./credentials.js";
@@ -175,8 +177,41 @@ export const relayStage: AgentStage = {
     } else {
       ctx.health.set("relay.ingest", "local API unavailable: POST /v1/messages is not served");
     }
-    if (config.relay.sources.mqtt !== undefined)
-      ctx.health.set("relay.sources.mqtt", "the local MQTT source is not implemented in this build");
+    // Local MQTT source: sensors already publishing to a broker on the gateway.
+    const sourceAbort = new AbortController();
+    let source: MqttSource | undefined;
+    const src = config.relay.sources.mqtt;
+    if (src !== undefined) {
+      const { MqttSource } = await import("../../relay/sources/mqtt/mqtt-source.js");
+      const s = new MqttSource({
+        url: src.url,
+        topics: src.topics,
+        outbox,
+        // A stable id per device: the broker keeps our session and redelivers what we never PUBACKed.
+        clientId: `m2m-agent-${deviceId}`.slice(0, 64),
+        clock: ctx.clock,
+        logger: ctx.log,
+      });
+      source = s;
+      // The first connect may fail (local broker not up yet): retry with backoff until stopped.
+      void (async () => {
+        for (let attempt = 1; !sourceAbort.signal.aborted; attempt++) {
+          try {
+            await s.start();
+            ctx.health.set("relay.sources.mqtt", undefined);
+            return;
+          } catch (err) {
+            ctx.health.set("relay.sources.mqtt", `local broker unreachable: ${asM2mError(err).code}`);
+            const delay = backoffDelay({ ...defaultRetryPolicy, baseMs: 1000, capMs: 30_000 }, attempt);
+            try {
+              await ctx.clock.sleep(delay, sourceAbort.signal);
+            } catch {
+              return;
+            }
+          }
+        }
+      })();
+    }
 
     // Metrics: gauges from the outbox, counters advanced by the deltas since the last sample.
     const seenDrops: Record<string, number> = {};
@@ -215,10 +250,14 @@ export const relayStage: AgentStage = {
           sinks: Object.fromEntries(
             Object.entries(stack.relay.counters).map(([name, c]) => [name, { ...c }]),
           ),
+          ...(source === undefined ? {} : { sources: { mqtt: { ...source.counters } } }),
         };
       },
       async stop(signal: AbortSignal): Promise<void> {
         clearInterval(timer);
+        // Stop taking new local messages first; what the broker did not get a PUBACK for is redelivered.
+        sourceAbort.abort();
+        await source?.stop().catch(() => undefined);
         // In-flight deliveries settle (acked or nacked) before the outbox closes; the deadline wins.
         await Promise.race([
           stack.stop(),
