@@ -1,4 +1,5 @@
 import "reflect-metadata";
+import type { SecureContext } from "node:tls";
 import * as x509 from "@peculiar/x509";
 import { Agent, fetch as undiciFetch } from "undici";
 import type { Clock } from "../../core/clock.js";
@@ -14,6 +15,12 @@ export type EstAuth =
       readonly key?: string;
       readonly privateKeyEngine?: string;
       readonly privateKeyIdentifier?: string;
+      /**
+       * Builds the whole TLS context (client cert, engine key, trust anchors) for the current
+       * certificate, e.g. `createEngineSecureContext` of relay/sinks/mqtt/engine-tls.ts. Wins over
+       * `key` / `privateKeyEngine` / `privateKeyIdentifier` and `caPem`.
+       */
+      readonly secureContext?: (certPem: string) => SecureContext;
     }
   | {
       /** An access token with scope `est` (DPoP-bound when a signer is given). Works for TPM keys. */
@@ -67,7 +74,9 @@ export class EstClient {
     let connect: Record<string, unknown> = { ca: this.#config.caPem };
     const auth = this.#auth;
     if (method === "POST") {
-      if (auth.kind === "mtls") {
+      if (auth.kind === "mtls" && auth.secureContext !== undefined) {
+        connect = { secureContext: auth.secureContext(await auth.certPem()) };
+      } else if (auth.kind === "mtls") {
         connect = {
           ...connect,
           cert: await auth.certPem(),

@@ -389,6 +389,14 @@ export class OAuthClient implements TokenSource {
       } catch (err) {
         lastErr = err;
         if (err instanceof M2mError) throw err;
+        // A document that fails validation (wrong issuer, bad JSON, not https) will fail the same
+        // way next time: a misconfiguration or an impostor, not an outage.
+        if (err instanceof oauth.OperationProcessingError) {
+          throw new M2mError("ERR_OAUTH_DISCOVERY", "permanent", "authorization server metadata refused", {
+            cause: err,
+            hint: "check oauth.issuer: the metadata must name exactly this issuer",
+          });
+        }
       }
     }
     throw new M2mError("ERR_OAUTH_DISCOVERY", "transient", "authorization server metadata unavailable", {
