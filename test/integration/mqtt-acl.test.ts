@@ -101,3 +101,45 @@ describe("MQTT sink against mosquitto (mTLS, use_identity_as_username, ACL devic
     ).toThrow(expect.objectContaining({ code: "ERR_MQTT_CONFIG" }));
   });
 });
+
+describe("MQTT sink failover across broker URLs", () => {
+  it("skips a dead broker URL, delivers through the next, and prefers the good one afterwards", async () => {
+    const broker = await startMosquitto({ persistence: true });
+    try {
+      const { freePort } = await import("../../hw/mosquitto.js");
+      const dead = `mqtts://127.0.0.1:${await freePort()}`;
+      const { certPem, keyPem } = await broker.ca.issueClient("dev-fo");
+      const sub = await startSubscriber(broker.plainUrl, "devices/dev-fo/#", "fo-observer");
+      const sink = new MqttSink({
+        urls: [dead, broker.mtlsUrl],
+        caPem: broker.ca.caPem,
+        auth: { kind: "mtls-file", certPem, keyPem: new Secret(keyPem ?? "") },
+        deviceId: "dev-fo",
+        connectTimeoutMs: 2000,
+      });
+      const m = (id: string) => ({
+        id,
+        seq: 1,
+        channel: "fo",
+        payload: enc.encode("1"),
+        contentType: "application/json",
+        ts: 0,
+        ingestedAt: 0,
+        attempt: 1,
+      });
+      expect((await sink.deliver([m("00000000-0000-7000-8000-000000000001")]))[0]?.kind).toBe("ok");
+      expect(sink.counters.connectFailures).toBe(1);
+      // A broker restart: the sink reconnects to the URL that worked last, without trying the dead one first.
+      await broker.stop();
+      await until(() => !sink.connected, 10_000, "disconnect noticed");
+      await broker.start();
+      expect((await sink.deliver([m("00000000-0000-7000-8000-000000000002")]))[0]?.kind).toBe("ok");
+      expect(sink.counters.connectFailures).toBe(1);
+      await sub.waitFor((r) => r.length >= 2);
+      await sink.close();
+      await sub.close();
+    } finally {
+      await broker.cleanup();
+    }
+  });
+});
