@@ -192,6 +192,14 @@ async function keyChecks(
         ),
       );
     else if (h.code === "ERR_KEY_NOT_FOUND") results.push(ok(reachName, "backend answers (no key yet)"));
+    else if (h.code === "ERR_PKCS11_PIN")
+      results.push(
+        fail(
+          reachName,
+          `${h.code}: ${h.detail}`,
+          "the PIN is wrong or locked: verify it manually (pkcs11-tool --login --test) or unblock it with the SO PIN; the agent never retries a PIN",
+        ),
+      );
     else
       results.push(
         fail(
@@ -202,6 +210,8 @@ async function keyChecks(
             : "check module path, token label and PIN",
         ),
       );
+    const lockout = await tpmLockout(provider);
+    if (lockout !== undefined) results.push(lockout);
     try {
       info = await provider.open();
       results.push(ok("key-present", `${info.ref} ${info.algorithm} thumbprint ${info.thumbprint}`));
@@ -223,6 +233,31 @@ async function keyChecks(
     await provider.close().catch(() => undefined);
   }
   return { results, info };
+}
+
+/**
+ * DA lockout state of a TPM (the device key is noDA, but enrolment's EK/AK operations and anything
+ * DA-protected fail until recovery). Undefined for other backends or when unreadable.
+ */
+async function tpmLockout(provider: KeyProvider): Promise<CheckResult | undefined> {
+  if (provider.kind !== "tpm") return undefined;
+  const { TpmKeyProvider } = await import("../keys/tpm/tpm-provider.js");
+  if (!(provider instanceof TpmKeyProvider)) return undefined;
+  try {
+    const { readLockoutInfo } = await import("../keys/tpm/runner.js");
+    const l = await readLockoutInfo(provider.runner);
+    const counter = `DA counter ${l.lockoutCounter ?? "?"}/${l.maxAuthFail ?? "?"}`;
+    if (l.inLockout === true)
+      return warn(
+        "tpm-lockout",
+        `TPM in dictionary-attack lockout (${counter}, recovery ${l.lockoutRecoverySeconds ?? "?"} s); the device key is noDA and unaffected`,
+        "find what is failing authorization (tpm2 tools with a wrong password, power cuts during DA-protected use); wait for recovery or clear with the lockout auth: tpm2_dictionarylockout -c",
+      );
+    return ok("tpm-lockout", `not in lockout (${counter})`);
+  } catch (err) {
+    const e = asM2mError(err);
+    return warn("tpm-lockout", `cannot read the DA state: ${e.code}`, "check TPM access (see tpm-reachable)");
+  }
 }
 
 function certChecks(

@@ -92,4 +92,69 @@ describe("m2m-agent run on the TPM provider (swtpm)", () => {
     expect(status.key?.thumbprint).toBe(thumbprint);
     await stop(d);
   });
+
+  it("doctor reports DA lockout as a warning with a fix hint (the noDA device key keeps working)", async () => {
+    const doctor = async () => {
+      const r = await runCli(["--config", config, "--json", "doctor"], { PATH: process.env.PATH, HOME: dir });
+      const out = JSON.parse(r.stdout) as {
+        overall: string;
+        checks: { name: string; status: string; detail: string; hint?: string }[];
+      };
+      return {
+        code: r.code,
+        overall: out.overall,
+        check: (n: string) => out.checks.find((c) => c.name === n),
+      };
+    };
+    const before = await doctor();
+    expect(before.check("tpm-reachable")?.status).toBe("ok");
+    expect(before.check("tpm-lockout")).toMatchObject({
+      status: "ok",
+      detail: expect.stringMatching(/^not in lockout \(DA counter 0\/3\)/),
+    });
+
+    // A DA-protected object with a password, and three wrong attempts: swtpm's MAX_AUTH_FAIL is 3.
+    // (Persisted: a transient context file goes stale between tool runs on a TCTI without a resource manager.)
+    await tpm.tpm("tpm2_createprimary", [
+      "-C",
+      "o",
+      "-g",
+      "sha256",
+      "-G",
+      "ecc",
+      "-c",
+      join(tpm.dir, "da.ctx"),
+      "-p",
+      "right",
+    ]);
+    await tpm.tpm("tpm2_evictcontrol", ["-C", "o", "-c", join(tpm.dir, "da.ctx"), "0x81000020"]);
+    for (let i = 0; i < 3; i++) {
+      await expect(
+        tpm.tpm("tpm2_create", [
+          "-C",
+          "0x81000020",
+          "-P",
+          "wrong",
+          "-G",
+          "ecc",
+          "-u",
+          join(tpm.dir, "k.pub"),
+          "-r",
+          join(tpm.dir, "k.priv"),
+        ]),
+      ).rejects.toMatchObject({ stderr: expect.stringContaining("0x98E") });
+    }
+    const locked = await doctor();
+    expect(locked.check("tpm-lockout")).toMatchObject({
+      status: "warn",
+      hint: expect.stringContaining("tpm2_dictionarylockout -c"),
+    });
+    expect(locked.check("tpm-lockout")?.detail).toMatch(
+      /^TPM in dictionary-attack lockout \(DA counter 3\/3/,
+    );
+    expect(locked.check("key-present")?.status).toBe("ok");
+    expect(locked.overall).toBe("warn");
+    expect(locked.code).toBe(0);
+    await tpm.resetDictionaryLockout();
+  });
 });
