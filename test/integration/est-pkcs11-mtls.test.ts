@@ -1,0 +1,121 @@
+import "reflect-metadata";
+import { createPublicKey } from "node:crypto";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { X509Certificate } from "@peculiar/x509";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
+import { systemClock } from "../../src/core/clock.js";
+import { EstClient } from "../../src/credentials/est/est-client.js";
+import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
+import { createCsr } from "../../src/keys/csr.js";
+import { Pkcs11KeyProvider } from "../../src/keys/pkcs11/index.js";
+import { caPaths, FleetCa, initCa, verifyCsr } from "../../src/registrar/ca/fleet-ca.js";
+import { estRoutes } from "../../src/registrar/est/est-service.js";
+import { InMemoryDeviceDirectory } from "../../src/registrar/oauth/directory.js";
+import { createEngineSecureContext } from "../../src/relay/sinks/mqtt/engine-tls.js";
+import { mountRoutes, startHttps } from "./oauth-fixtures.js";
+
+/**
+ * EST re-enrolment authenticated by TLS client auth whose private key never leaves the token:
+ * SoftHSM key → OpenSSL pkcs11 engine → Node TLS; the CSR is signed by the same key via pkcs11js.
+ */
+describe("EST simplereenroll over mTLS with a PKCS#11 (SoftHSM) key", () => {
+  let hsm: SoftHsmHandle;
+  let dir: string;
+  let close: () => Promise<void>;
+  let origin: string;
+  let ca: FleetCa;
+  let keys: Pkcs11KeyProvider;
+  const directory = new InMemoryDeviceDirectory();
+
+  beforeAll(async () => {
+    hsm = await initSoftHsm({ label: "m2m-est" });
+    process.env.SOFTHSM2_CONF = hsm.env.SOFTHSM2_CONF;
+    dir = await mkdtemp(join(tmpdir(), "m2m-est-p11-"));
+    await initCa({ dir: join(dir, "ca") });
+    ca = await FleetCa.load(join(dir, "ca"));
+    const paths = caPaths(join(dir, "ca"));
+    const srv = await startHttps(
+      {
+        serverCertPem: await readFile(paths.serverCert, "utf8"),
+        serverKeyPem: await readFile(paths.serverKey, "utf8"),
+        caPem: ca.certificatePem,
+      },
+      mountRoutes(
+        estRoutes({
+          directory,
+          ca,
+          clock: systemClock,
+          certLifetimeSeconds: 3600,
+          publicUrl: "https://unused",
+        }),
+      ),
+      { requestCert: true, ca: ca.chainPem() },
+    );
+    origin = srv.origin;
+    close = srv.close;
+    keys = new Pkcs11KeyProvider({
+      modulePath: hsm.modulePath,
+      tokenLabel: hsm.tokenLabel,
+      keyLabel: "m2m-device",
+      pin: { file: hsm.pinFile },
+    });
+  });
+  afterAll(async () => {
+    await keys?.close();
+    await close?.();
+    await hsm?.cleanup();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it("renews the certificate; the new one carries the token key and chains to the fleet CA", async () => {
+    const info = await keys.createOrOpen();
+    directory.put({
+      deviceId: "p11-1",
+      status: "active",
+      role: "gw",
+      attributes: {},
+      publicJwk: info.publicJwk,
+      group: "g",
+    });
+    const v = await verifyCsr(await createCsr(keys, info, { commonName: "p11-1" }));
+    const first = await ca.issueDeviceCertificate(v, {
+      deviceId: "p11-1",
+      expectedSpkiDer: v.spkiDer,
+      lifetimeSeconds: 3600,
+    });
+    const certFile = join(dir, "device.pem");
+    await writeFile(certFile, first.pem);
+    const est = new EstClient(
+      { baseUrl: origin, caPem: ca.certificatePem },
+      {
+        kind: "mtls",
+        certPem: () => readFile(certFile, "utf8"),
+        secureContext: (certPem) =>
+          createEngineSecureContext({
+            modulePath: hsm.modulePath,
+            tokenLabel: hsm.tokenLabel,
+            keyLabel: "m2m-device",
+            pinFile: hsm.pinFile,
+            certPem,
+            caPem: ca.certificatePem,
+          }),
+      },
+      systemClock,
+    );
+    const renewer = new CertificateRenewer(
+      { deviceId: "p11-1", certFile, caPem: ca.certificatePem },
+      { keys, est, clock: systemClock },
+    );
+    await renewer.renew();
+    await renewer.renew(); // the renewed certificate authenticates the next renewal
+    const now = new X509Certificate(await readFile(certFile, "utf8"));
+    expect(now.serialNumber).not.toBe(new X509Certificate(first.pem).serialNumber);
+    expect(createPublicKey(now.publicKey.toString("pem")).export({ format: "der", type: "spki" })).toEqual(
+      createPublicKey(info.spkiPem).export({ format: "der", type: "spki" }),
+    );
+    await renewer.verifyCurrent();
+  });
+});
