@@ -77,6 +77,44 @@ describe("MQTT sink: mTLS with the device key in a PKCS#11 token (OpenSSL engine
     await hsm?.cleanup();
   });
 
+  // First in the file on purpose: after a successful login libp11 keeps the token logged in for the
+  // whole process, and a wrong PIN would then go unnoticed.
+  it("a wrong PIN is tried once: later deliveries fail fast without another login (no token lockout)", async () => {
+    const { writeFile } = await import("node:fs/promises");
+    const wrongPin = join(hsm.dir, "wrong.pin");
+    await writeFile(wrongPin, "9999", { mode: 0o600 });
+    const sink = new MqttSink({
+      urls: [broker.mtlsUrl],
+      caPem: broker.ca.caPem,
+      auth: {
+        kind: "mtls-engine",
+        certPem,
+        engine: {
+          modulePath: hsm.modulePath,
+          tokenLabel: hsm.tokenLabel,
+          keyLabel: "device",
+          pinFile: wrongPin,
+        },
+      },
+      deviceId: "dev-hsm",
+    });
+    const one = {
+      id: newMessageId(),
+      seq: 1,
+      channel: "engine",
+      payload: enc.encode("1"),
+      contentType: "application/json",
+      ts: 0,
+      ingestedAt: 0,
+      attempt: 1,
+    };
+    for (let i = 0; i < 3; i++) {
+      expect((await sink.deliver([one]))[0]).toMatchObject({ kind: "retry", code: "ERR_TLS_ENGINE_KEY" });
+    }
+    expect(sink.counters.engineLoads).toBe(1);
+    await sink.close();
+  });
+
   it("connects with the token-held key and delivers to its own topics (twice: a reconnect builds a new context)", async () => {
     const sub = await startSubscriber(broker.plainUrl, "devices/dev-hsm/#");
     const sink = new MqttSink({

@@ -213,7 +213,8 @@ export class HttpsSink implements Sink {
     let auth: Record<string, string>;
     try {
       const t = await this.#o.tokens.getToken();
-      if (this.#o.dpop !== undefined) {
+      // A DPoP-bound token needs a proof; a plain Bearer token (server did not bind it) goes as Bearer.
+      if (this.#o.dpop !== undefined && t.tokenType !== "Bearer") {
         auth = {
           authorization: `DPoP ${t.token.reveal()}`,
           dpop: await this.#o.dpop.proof("POST", url.toString(), t.token),

@@ -15,7 +15,12 @@ export type MqttAuth =
   /** mTLS, device key in a PEM (tests, or a gateway without a token). */
   | { readonly kind: "mtls-file"; readonly certPem: string; readonly keyPem: Secret }
   /** mTLS, device key inside the PKCS#11 token through the OpenSSL engine. */
-  | { readonly kind: "mtls-engine"; readonly certPem: string; readonly engine: EngineKeyOptions }
+  | {
+      readonly kind: "mtls-engine";
+      /** A function is read at every connect: a certificate renewed over EST is picked up. */
+      readonly certPem: string | (() => string);
+      readonly engine: EngineKeyOptions;
+    }
   /** username = device id, password = access token (renewed make-before-break before expiry). */
   | { readonly kind: "token"; readonly username: string; readonly tokens: RefreshableTokenSource };
 
@@ -100,9 +105,19 @@ export class MqttSink implements Sink {
   #urlIndex = 0;
   #renewTimer: AbortController | undefined;
   #engineContext: SecureContext | undefined;
+  #engineCert: string | undefined;
+  #engineError: M2mError | undefined;
+  #engineErrorCert: string | undefined;
   #closed = false;
   /** Counters for metrics. */
-  readonly counters = { connects: 0, connectFailures: 0, published: 0, deadLettered: 0, renewals: 0 };
+  readonly counters = {
+    connects: 0,
+    connectFailures: 0,
+    published: 0,
+    deadLettered: 0,
+    renewals: 0,
+    engineLoads: 0,
+  };
 
   constructor(options: MqttSinkOptions) {
     if (options.urls.length === 0)
@@ -232,11 +247,22 @@ export class MqttSink implements Sink {
         opts.key = o.auth.keyPem.reveal();
         break;
       case "mtls-engine": {
-        this.#engineContext ??= createEngineSecureContext({
-          ...o.auth.engine,
-          certPem: o.auth.certPem,
-          caPem: o.caPem,
-        });
+        const certPem = typeof o.auth.certPem === "function" ? o.auth.certPem() : o.auth.certPem;
+        // A failed engine load (wrong PIN, missing key) is never retried with the same inputs: each
+        // attempt is a login, and repeated failed logins lock the token.
+        if (this.#engineError !== undefined && this.#engineErrorCert === certPem) throw this.#engineError;
+        if (this.#engineContext === undefined || this.#engineCert !== certPem) {
+          this.counters.engineLoads++;
+          try {
+            this.#engineContext = createEngineSecureContext({ ...o.auth.engine, certPem, caPem: o.caPem });
+          } catch (err) {
+            this.#engineError = asM2mError(err, "ERR_TLS_ENGINE_KEY");
+            this.#engineErrorCert = certPem;
+            throw this.#engineError;
+          }
+          this.#engineError = undefined;
+          this.#engineCert = certPem;
+        }
         // mqtt.js passes unknown options through to tls.connect, which accepts a SecureContext.
         (opts as IClientOptions & { secureContext?: SecureContext }).secureContext = this.#engineContext;
         break;
