@@ -232,7 +232,9 @@ export async function startMosquitto(opts: MosquittoOptions = {}): Promise<Mosqu
     // Run as the invoking user: as root mosquitto would switch to `mosquitto`, which cannot read the
     // private (0700) temp dir holding keys and the ACL.
     `user ${userInfo().username}`,
-    ...(opts.persistence === true ? ["persistence true", `persistence_location ${dir}/`] : ["persistence false"]),
+    ...(opts.persistence === true
+      ? ["persistence true", `persistence_location ${dir}/`]
+      : ["persistence false"]),
     `log_dest file ${join(dir, "mosquitto.log")}`,
     "log_type error",
     "log_type warning",

@@ -3,15 +3,22 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
-import { Secret } from "../../src/core/secret.js";
 import type { RetryPolicy } from "../../src/core/retry.js";
+import { Secret } from "../../src/core/secret.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { Relay } from "../../src/relay/relay.js";
 import { MqttSink } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
 import { type Received, startSubscriber, until } from "./relay-helpers.js";
 
 const enc = new TextEncoder();
-const fast: RetryPolicy = { baseMs: 50, factor: 2, capMs: 400, deadlineMs: 1e12, maxAttempts: 1e12, maxRetryAfterMs: 2000 };
+const fast: RetryPolicy = {
+  baseMs: 50,
+  factor: 2,
+  capMs: 400,
+  deadlineMs: 1e12,
+  maxAttempts: 1e12,
+  maxRetryAfterMs: 2000,
+};
 
 /** Per channel, the sequence of `n` in order of first arrival (duplicates after a reconnect dropped). */
 function firstArrivals(received: readonly Received[]): Map<string, number[]> {
@@ -56,7 +63,12 @@ describe("relay through a broker outage (mosquitto stopped and restarted)", () =
 
   it("backlog builds within limits while the broker is down, then drains completely, in order per channel", async () => {
     const sub = await startSubscriber(broker.plainUrl, "devices/dev-out/#", "observer-outage");
-    const outbox = SqliteOutbox.open({ path: join(dir, "a.db"), sinks: ["mqtt"], ttlCheckMs: 0, limits: { maxCount: 10_000 } });
+    const outbox = SqliteOutbox.open({
+      path: join(dir, "a.db"),
+      sinks: ["mqtt"],
+      ttlCheckMs: 0,
+      limits: { maxCount: 10_000 },
+    });
     const sink = sinkFor();
     const relay = new Relay({ outbox, sinks: [sink], retry: fast, stableAfterMs: 60_000 });
     relay.start();
@@ -100,20 +112,32 @@ describe("relay through a broker outage (mosquitto stopped and restarted)", () =
 
   it("count limit reached during an outage: oldest dropped and counted; the newest drain when the broker is back", async () => {
     const sub = await startSubscriber(broker.plainUrl, "devices/dev-out/lim", "observer-limit");
-    const outbox = SqliteOutbox.open({ path: join(dir, "b.db"), sinks: ["mqtt"], ttlCheckMs: 0, limits: { maxCount: 100 } });
+    const outbox = SqliteOutbox.open({
+      path: join(dir, "b.db"),
+      sinks: ["mqtt"],
+      ttlCheckMs: 0,
+      limits: { maxCount: 100 },
+    });
     await broker.stop();
     const sink = sinkFor();
     const relay = new Relay({ outbox, sinks: [sink], retry: fast });
     relay.start();
     for (let i = 0; i < 150; i += 10) {
-      await outbox.append(Array.from({ length: 10 }, (_, j) => ({ channel: "lim", payload: enc.encode(JSON.stringify({ n: i + j })) })));
+      await outbox.append(
+        Array.from({ length: 10 }, (_, j) => ({
+          channel: "lim",
+          payload: enc.encode(JSON.stringify({ n: i + j })),
+        })),
+      );
     }
     expect(outbox.stats().depth).toBe(100);
     expect(outbox.stats().drops.max_count).toBe(50);
     await broker.start();
     await until(() => outbox.stats().depth === 0, 30_000, "drain after limit");
     await sub.waitFor((r) => new Set(r.map((x) => x.id)).size >= 100);
-    const got = [...new Set(sub.received.map((r) => (JSON.parse(r.payload) as { n: number }).n))].sort((a, b) => a - b);
+    const got = [...new Set(sub.received.map((r) => (JSON.parse(r.payload) as { n: number }).n))].sort(
+      (a, b) => a - b,
+    );
     expect(got).toEqual(Array.from({ length: 100 }, (_, i) => i + 50));
     await relay.stop();
     await sink.close();
