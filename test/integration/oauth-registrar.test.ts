@@ -1,4 +1,4 @@
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -214,6 +214,25 @@ describe("agent OAuth client against the registrar token service (https on 127.0
     expect((err as { retry: string }).retry).toBe("permanent");
     expect(rig.requests - before).toBe(1); // not retried
     expect(c.health()).toMatchObject({ ok: false, code: "ERR_OAUTH_CLIENT_REVOKED" });
+    await c.close();
+  });
+
+  it("keeps tokens on disk only when configured: 0600 file, reused by a restarted client without a request", async () => {
+    const { keys } = await device(rig.directory, "dev-f", "sensor-gateway", {});
+    const cacheFile = join(dataDir, "agent", "tokens.json");
+    const before = rig.requests;
+    const a = client(rig, pki, keys, { clientId: "dev-f", scope: "telemetry:write", cacheFile });
+    const t1 = await a.getToken();
+    await a.close();
+    expect((await stat(cacheFile)).mode & 0o777).toBe(0o600);
+    const b = client(rig, pki, keys, { clientId: "dev-f", scope: "telemetry:write", cacheFile });
+    expect((await b.getToken()).token.reveal()).toBe(t1.token.reveal());
+    expect(rig.requests - before).toBe(1);
+    await b.close();
+    // Without cacheFile nothing is written anywhere near it.
+    const c = client(rig, pki, keys, { clientId: "dev-f", scope: "status:read" });
+    await c.getToken();
+    expect(JSON.parse(await readFile(cacheFile, "utf8"))).not.toHaveProperty("status:read");
     await c.close();
   });
 
