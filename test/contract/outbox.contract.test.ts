@@ -4,6 +4,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ManualClock } from "../../src/core/clock.js";
 import { isM2mError } from "../../src/core/errors.js";
+import { MemoryOutbox } from "../../src/relay/outbox/memory/memory-outbox.js";
 import type { NewMessage, Outbox, OutboxLimits } from "../../src/relay/outbox/outbox.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 
@@ -27,6 +28,16 @@ const msg = (channel: string, n: number | string): NewMessage => ({
 const text = (p: Uint8Array): string => new TextDecoder().decode(p);
 
 const factories: OutboxFactory[] = [
+  {
+    name: "memory",
+    durable: false,
+    create: ({ sinks, limits, clock }) =>
+      new MemoryOutbox({
+        sinks: sinks ?? ["s"],
+        ...(limits === undefined ? {} : { limits }),
+        ...(clock === undefined ? {} : { clock }),
+      }),
+  },
   {
     name: "sqlite (synchronous=FULL via async WAL fdatasync, default)",
     durable: true,
