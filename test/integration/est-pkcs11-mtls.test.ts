@@ -8,6 +8,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
 import { systemClock } from "../../src/core/clock.js";
 import { EstClient } from "../../src/credentials/est/est-client.js";
+import { AlternatingKeyRotation } from "../../src/credentials/est/key-rotation.js";
 import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
 import { createCsr } from "../../src/keys/csr.js";
 import { Pkcs11KeyProvider } from "../../src/keys/pkcs11/index.js";
@@ -21,8 +22,17 @@ import { mountRoutes, startHttps } from "./oauth-fixtures.js";
  * EST re-enrolment authenticated by TLS client auth whose private key never leaves the token:
  * SoftHSM key → OpenSSL pkcs11 engine → Node TLS; the CSR is signed by the same key via pkcs11js.
  */
+// One SoftHSM for the file: the module reads SOFTHSM2_CONF once per process (first C_Initialize).
+let hsm: SoftHsmHandle;
+beforeAll(async () => {
+  hsm = await initSoftHsm({ label: "m2m-est" });
+  process.env.SOFTHSM2_CONF = hsm.env.SOFTHSM2_CONF;
+});
+afterAll(async () => {
+  await hsm?.cleanup();
+});
+
 describe("EST simplereenroll over mTLS with a PKCS#11 (SoftHSM) key", () => {
-  let hsm: SoftHsmHandle;
   let dir: string;
   let close: () => Promise<void>;
   let origin: string;
@@ -31,8 +41,6 @@ describe("EST simplereenroll over mTLS with a PKCS#11 (SoftHSM) key", () => {
   const directory = new InMemoryDeviceDirectory();
 
   beforeAll(async () => {
-    hsm = await initSoftHsm({ label: "m2m-est" });
-    process.env.SOFTHSM2_CONF = hsm.env.SOFTHSM2_CONF;
     dir = await mkdtemp(join(tmpdir(), "m2m-est-p11-"));
     await initCa({ dir: join(dir, "ca") });
     ca = await FleetCa.load(join(dir, "ca"));
@@ -66,7 +74,6 @@ describe("EST simplereenroll over mTLS with a PKCS#11 (SoftHSM) key", () => {
   afterAll(async () => {
     await keys?.close();
     await close?.();
-    await hsm?.cleanup();
     await rm(dir, { recursive: true, force: true });
   });
 
@@ -117,5 +124,125 @@ describe("EST simplereenroll over mTLS with a PKCS#11 (SoftHSM) key", () => {
       createPublicKey(info.spkiPem).export({ format: "der", type: "spki" }),
     );
     await renewer.verifyCurrent();
+  });
+});
+
+describe("EST key rotation for a PKCS#11 device, re-authenticated by its CURRENT certificate (mTLS)", () => {
+  let dir: string;
+  let close: () => Promise<void>;
+  let origin: string;
+  let ca: FleetCa;
+  const directory = new InMemoryDeviceDirectory();
+  const rotatedTo: string[] = [];
+
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), "m2m-est-rot-"));
+    await initCa({ dir: join(dir, "ca") });
+    ca = await FleetCa.load(join(dir, "ca"));
+    const paths = caPaths(join(dir, "ca"));
+    const srv = await startHttps(
+      {
+        serverCertPem: await readFile(paths.serverCert, "utf8"),
+        serverKeyPem: await readFile(paths.serverKey, "utf8"),
+        caPem: ca.certificatePem,
+      },
+      mountRoutes(
+        estRoutes({
+          directory,
+          ca,
+          clock: systemClock,
+          certLifetimeSeconds: 3600,
+          publicUrl: "https://unused",
+          allowKeyRotation: () => true,
+          onKeyRotated: async (deviceId, publicJwk) => {
+            const d = directory.getDevice(deviceId);
+            if (d !== undefined) directory.put({ ...d, publicJwk });
+            rotatedTo.push(String(publicJwk.x));
+          },
+        }),
+      ),
+      { requestCert: true, ca: ca.chainPem() },
+    );
+    origin = srv.origin;
+    close = srv.close;
+  });
+  afterAll(async () => {
+    await close?.();
+    await rm(dir, { recursive: true, force: true });
+  });
+
+  it("rotates twice: new token key certified, registry updated, old key destroyed after the cert is in place", async () => {
+    const make = (label: string) =>
+      new Pkcs11KeyProvider({
+        modulePath: hsm.modulePath,
+        tokenLabel: hsm.tokenLabel,
+        keyLabel: label,
+        pin: { file: hsm.pinFile },
+      });
+    const rotation = new AlternatingKeyRotation({
+      names: ["m2m-rot-a", "m2m-rot-b"],
+      stateFile: join(dir, "rotation.json"),
+      make,
+    });
+    const keys = await rotation.current();
+    const info = await keys.createOrOpen();
+    directory.put({
+      deviceId: "rot-1",
+      status: "active",
+      role: "gw",
+      attributes: {},
+      publicJwk: info.publicJwk,
+      group: "g",
+    });
+    const v = await verifyCsr(await createCsr(keys, info, { commonName: "rot-1" }));
+    const certFile = join(dir, "device.pem");
+    await writeFile(
+      certFile,
+      (
+        await ca.issueDeviceCertificate(v, {
+          deviceId: "rot-1",
+          expectedSpkiDer: v.spkiDer,
+          lifetimeSeconds: 3600,
+        })
+      ).pem,
+    );
+    const est = new EstClient(
+      { baseUrl: origin, caPem: ca.certificatePem },
+      {
+        kind: "mtls",
+        certPem: () => readFile(certFile, "utf8"),
+        // The CURRENT key authenticates: its label comes from the rotation state.
+        secureContext: async (certPem) =>
+          createEngineSecureContext({
+            modulePath: hsm.modulePath,
+            tokenLabel: hsm.tokenLabel,
+            keyLabel: await rotation.currentName(),
+            pinFile: hsm.pinFile,
+            certPem,
+            caPem: ca.certificatePem,
+          }),
+      },
+      systemClock,
+    );
+    const renewer = new CertificateRenewer(
+      { deviceId: "rot-1", certFile, caPem: ca.certificatePem, rotateKey: true },
+      { keys, est, clock: systemClock, rotation },
+    );
+    await renewer.renew();
+    expect(await rotation.currentName()).toBe("m2m-rot-b");
+    const b = await renewer.keys.open();
+    expect(b.thumbprint).not.toBe(info.thumbprint);
+    await expect(make("m2m-rot-a").open()).rejects.toMatchObject({ code: "ERR_KEY_NOT_FOUND" });
+    await renewer.verifyCurrent();
+    expect(directory.getDevice("rot-1")?.publicJwk.x).toBe(b.publicJwk.x);
+
+    // Second rotation: authenticated by the rotated certificate and key (label b), back to a fresh "a".
+    await renewer.renew();
+    expect(await rotation.currentName()).toBe("m2m-rot-a");
+    const a2 = await renewer.keys.open();
+    expect(a2.thumbprint).not.toBe(info.thumbprint);
+    await expect(make("m2m-rot-b").open()).rejects.toMatchObject({ code: "ERR_KEY_NOT_FOUND" });
+    await renewer.verifyCurrent();
+    expect(rotatedTo).toHaveLength(2);
   });
 });

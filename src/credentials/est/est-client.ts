@@ -20,7 +20,7 @@ export type EstAuth =
        * certificate, e.g. `createEngineSecureContext` of relay/sinks/mqtt/engine-tls.ts. Wins over
        * `key` / `privateKeyEngine` / `privateKeyIdentifier` and `caPem`.
        */
-      readonly secureContext?: (certPem: string) => SecureContext;
+      readonly secureContext?: (certPem: string) => SecureContext | Promise<SecureContext>;
     }
   | {
       /** An access token with scope `est` (DPoP-bound when a signer is given). Works for TPM keys. */
@@ -75,7 +75,7 @@ export class EstClient {
     const auth = this.#auth;
     if (method === "POST") {
       if (auth.kind === "mtls" && auth.secureContext !== undefined) {
-        connect = { secureContext: auth.secureContext(await auth.certPem()) };
+        connect = { secureContext: await auth.secureContext(await auth.certPem()) };
       } else if (auth.kind === "mtls") {
         connect = {
           ...connect,
