@@ -467,6 +467,35 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
       );
       expect(JSON.parse(relayed.payload)).toEqual({ hpa: 1013 });
 
+      // EST renewal over mTLS: the client certificate's key is used inside the token (engine).
+      const renewed = await d.waitLog((r) => r.msg === "device certificate renewed", 60_000);
+      const cred = await eventually(async () => {
+        const c = (await statusOf(config)).stages.credentials as {
+          estAuth: string;
+          certificate: { serial: string } | null;
+        };
+        return c.certificate?.serial === renewed.serial ? c : undefined;
+      });
+      expect(cred.estAuth).toBe("mtls");
+      // The broker restarts; the MQTT sink reconnects with the renewed certificate from disk.
+      await broker.stop();
+      await broker.start();
+      const sub2 = await mqtt.connectAsync(broker.plainUrl, { protocolVersion: 5 });
+      const seen2: string[] = [];
+      sub2.on("message", (topic) => seen2.push(topic));
+      await sub2.subscribeAsync("devices/#", { qos: 1 });
+      try {
+        const s2 = await agent(config, ["send", "--topic", "after-renewal", '{"ok":true}']);
+        expect(s2.code, s2.stderr).toBe(0);
+        await eventually(
+          async () => (seen2.includes(`devices/${out.deviceId}/after-renewal`) ? true : undefined),
+          60_000,
+          "delivery after broker restart",
+        );
+      } finally {
+        await sub2.endAsync();
+      }
+
       // Revoked by the operator while running: the next token request is refused for good and
       // health says why (the agent keeps serving what it can: degraded, not dead).
       const revoke = await reg(["devices", "revoke", out.deviceId]);

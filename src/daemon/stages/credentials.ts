@@ -113,6 +113,16 @@ export async function seedCertificate(path: string, enrolment: EnrolmentState): 
   if (stale) await writeFileAtomic(path, `${enrolment.certificatePem.trim()}\n`, 0o600);
 }
 
+/** The PKCS#11 PIN as a file the OpenSSL engine can read (`pin-source=file:`), when there is one. */
+export function pinFileOf(config: AgentConfig, env: NodeJS.ProcessEnv): string | undefined {
+  const pin = config.keys.pkcs11.pin;
+  if (pin === undefined) return undefined;
+  if ("file" in pin) return pin.file;
+  if ("credential" in pin && env.CREDENTIALS_DIRECTORY !== undefined)
+    return join(env.CREDENTIALS_DIRECTORY, pin.credential);
+  return undefined;
+}
+
 /** Sleeps on the injected clock; false when aborted. */
 async function pause(ctx: StageContext, ms: number, signal: AbortSignal): Promise<boolean> {
   try {
@@ -253,16 +263,25 @@ export const credentialsStage: AgentStage = {
       const caPem = (await registrarCaPem(config, enrolment)) ?? enrolment.caChainPem.join("\n");
       const { EstClient } = await import("../../credentials/est/est-client.js");
       const { CertificateRenewer } = await import("../../credentials/est/renewer.js");
-      // An `est`-scoped (DPoP-bound) token authenticates renewals for every key type. TLS client
-      // auth with the PKCS#11 engine key is not used here: EstAuth cannot take the engine-built
-      // SecureContext (engine-tls.ts, which also sanitises the PIN file), and TPM keys cannot do TLS.
-      const auth: ConstructorParameters<typeof EstClient>[1] = {
-        kind: "token",
-        tokens,
-        ...(dpop === undefined ? {} : { dpop }),
-        scope: "est",
-      };
-      estAuth = "token";
+      const p = config.keys.pkcs11;
+      const pinFile = ctx.key.provider.kind === "pkcs11" ? pinFileOf(config, ctx.env) : undefined;
+      let auth: ConstructorParameters<typeof EstClient>[1];
+      if (pinFile !== undefined && p.module !== undefined && p.token_label !== undefined) {
+        // TLS client auth with the current certificate; the key is used inside the token through
+        // the OpenSSL engine (engine-tls.ts, the one module that knows about engines).
+        const { createEngineSecureContext } = await import("../../relay/sinks/mqtt/engine-tls.js");
+        const engine = { modulePath: p.module, tokenLabel: p.token_label, keyLabel: p.key_label, pinFile };
+        auth = {
+          kind: "mtls",
+          certPem: () => readFile(certFile, "utf8"),
+          secureContext: (certPem) => createEngineSecureContext({ ...engine, certPem, caPem }),
+        };
+        estAuth = "mtls";
+      } else {
+        // TPM keys cannot do TLS in Node: an `est`-scoped (DPoP-bound) token authenticates instead.
+        auth = { kind: "token", tokens, ...(dpop === undefined ? {} : { dpop }), scope: "est" };
+        estAuth = "token";
+      }
       const est = new EstClient({ baseUrl: estBaseUrl(config, enrolment), caPem }, auth, ctx.clock);
       const reenrol = ctx.services.get("reenrol") as (() => Promise<EnrolmentState>) | undefined;
       if (config.credentials.est?.rotate_key === true)

@@ -1,3 +1,4 @@
+import { readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentConfig } from "../../config/index.js";
@@ -9,7 +10,7 @@ import type { RefreshableTokenSource, Sink } from "../../relay/sinks/sink.js";
 import type { MqttSource } from "../../relay/sources/mqtt/mqtt-source.js";
 import type { RelayStack } from "../../relay/stack.js";
 import type { AgentStage, StageContext, StageHandle } from "../compose.js";
-import { deviceCertPath, registrarCaPem } from "./credentials.js";
+import { deviceCertPath, pinFileOf, registrarCaPem } from "./credentials.js";
 
 /** Default outbox file inside the state directory. */
 export const OUTBOX_FILE = "outbox.db";
@@ -21,15 +22,6 @@ function outboxPath(config: AgentConfig): string {
 /** Config templates say `{device_id}` (snake_case like every key); the relay expands `{deviceId}`. */
 function topicTemplate(t: string): string {
   return t.replaceAll("{device_id}", "{deviceId}");
-}
-
-function pinFileOf(config: AgentConfig, env: NodeJS.ProcessEnv): string | undefined {
-  const pin = config.keys.pkcs11.pin;
-  if (pin === undefined) return undefined;
-  if ("file" in pin) return pin.file;
-  if ("credential" in pin && env.CREDENTIALS_DIRECTORY !== undefined)
-    return join(env.CREDENTIALS_DIRECTORY, pin.credential);
-  return undefined;
 }
 
 async function buildSinks(ctx: StageContext, deviceId: string): Promise<Sink[]> {
@@ -88,9 +80,12 @@ async function buildSinks(ctx: StageContext, deviceId: string): Promise<Sink[]> 
           "permanent",
           'relay.mqtt.auth = "mtls-pkcs11" needs keys.pkcs11.pin = { file = … } or { credential = … }',
         );
+      const certFile = deviceCertPath(config);
+      await readFile(certFile, "utf8"); // fail at start (ERR_*) rather than at the first connect
       auth = {
         kind: "mtls-engine",
-        certPem: await readFile(deviceCertPath(config), "utf8"),
+        // Read at each connect: the credentials stage renews this file over EST.
+        certPem: () => readFileSync(certFile, "utf8"),
         engine: { modulePath: p.module, tokenLabel: p.token_label, keyLabel: p.key_label, pinFile },
       };
     } else {
