@@ -513,5 +513,19 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
     } finally {
       await sub.endAsync();
     }
+
+    // Already revoked: the registrar refuses to be told again, so decommission stops (key kept)…
+    const refusedDec = await agent(config, ["--json", "decommission", "--yes"]);
+    expect(refusedDec.code).not.toBe(0);
+    expect(refusedDec.stdout).toContain("ERR_DECOMMISSION_REFUSED");
+    expect((await agent(config, ["--json", "keys", "show"])).code).toBe(0);
+    // … unless the operator says the registrar side is handled: the token's key is destroyed.
+    const offline = await agent(config, ["--json", "decommission", "--yes", "--offline"]);
+    expect(offline.code, offline.stderr + offline.stdout).toBe(0);
+    expect(JSON.parse(offline.stdout)).toMatchObject({ decommissioned: true, registrarTold: false });
+    const gone = await agent(config, ["--json", "keys", "show"]);
+    expect(gone.code).not.toBe(0);
+    expect(gone.stdout).toContain("ERR_KEY_NOT_FOUND");
+    await expect(readFile(join(work, "agent-hsm", "enrolment.json"))).rejects.toThrow();
   }, 180_000);
 });
