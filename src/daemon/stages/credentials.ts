@@ -3,7 +3,7 @@ import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentConfig } from "../../config/index.js";
 import { writeFileAtomic } from "../../core/atomic-file.js";
-import { asM2mError, M2mError } from "../../core/errors.js";
+import { asM2mError, type M2mError } from "../../core/errors.js";
 import type { CertificateRenewer, CertificateStatus } from "../../credentials/est/renewer.js";
 import type { OAuthClient } from "../../credentials/oauth/client.js";
 import type { AccessToken, DpopSigner, TokenSource } from "../../credentials/oauth/token-source.js";
@@ -156,19 +156,19 @@ interface TokenView {
 export const credentialsStage: AgentStage = {
   name: "credentials",
   sections: ["credentials"],
-  enabled: (config) => config.credentials.oauth !== undefined || config.enroll.enabled,
+  // Always on: a device enrolled with `m2m-agent enroll` (and [enroll] disabled) still needs tokens.
+  enabled: () => true,
   async start(ctx: StageContext): Promise<StageHandle> {
     const { config, enrolment } = ctx;
     const target = await oauthTarget(config, enrolment);
     if (target === undefined) {
-      throw new M2mError(
-        "ERR_NOT_ENROLLED",
-        "permanent",
-        "no OAuth client identity: the device is not enrolled",
-        {
-          hint: "enable [enroll] or set credentials.oauth.client_id",
-        },
-      );
+      // A key-only agent (no enrolment, no [credentials.oauth]) has no client identity: idle.
+      const configured = config.credentials.oauth !== undefined || config.enroll.enabled;
+      if (configured) ctx.health.set("credentials", "no OAuth client identity: the device is not enrolled");
+      return {
+        status: () => ({ active: false, reason: "not enrolled and no credentials.oauth.client_id" }),
+        stop: async () => undefined,
+      };
     }
     const { OAuthClient } = await import("../../credentials/oauth/client.js");
     const client: OAuthClient = new OAuthClient(
