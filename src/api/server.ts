@@ -160,13 +160,29 @@ export class ApiServer {
     return this.#inFlight;
   }
 
+  /**
+   * Counters for metrics and status: requests answered, and refusals by stable code (oversized,
+   * malformed, slow, floods: the threat model wants abuse bounded, refused AND counted).
+   */
+  readonly counters: { requests: number; refused: Record<string, number> } = { requests: 0, refused: {} };
+
+  #send(res: ServerResponse, r: ApiResponse): void {
+    this.counters.requests++;
+    if (r.status >= 400) {
+      const code = (r.json as { error?: { code?: unknown } } | undefined)?.error?.code;
+      const key = typeof code === "string" ? code : `HTTP_${r.status}`;
+      this.counters.refused[key] = (this.counters.refused[key] ?? 0) + 1;
+    }
+    send(res, r);
+  }
+
   async #handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const url = new URL(req.url ?? "/", "http://agent");
     const route = this.#routes.get(`${req.method ?? ""} ${url.pathname}`);
     if (route === undefined) {
       const pathKnown = [...this.#routes.keys()].some((k) => k.endsWith(` ${url.pathname}`));
       req.resume();
-      return send(
+      return this.#send(
         res,
         errorResponse(
           new M2mError(
@@ -180,7 +196,7 @@ export class ApiServer {
     const maxConcurrent = this.#opts.maxConcurrentRequests ?? 32;
     if (this.#inFlight >= maxConcurrent) {
       req.resume();
-      return send(res, {
+      return this.#send(res, {
         ...errorResponse(new M2mError("ERR_API_BUSY", "transient", "too many concurrent requests")),
         headers: { "retry-after": "1" },
       });
@@ -203,7 +219,7 @@ export class ApiServer {
         if (statusForError(e) >= 500) this.#log.warn("api request failed", { path: url.pathname, err: e });
         response = errorResponse(e);
       }
-      send(res, response);
+      this.#send(res, response);
     } finally {
       this.#inFlight--;
     }

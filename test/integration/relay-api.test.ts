@@ -161,6 +161,10 @@ describe("local API: POST /v1/messages on the Unix socket", () => {
     expect(
       (await call(sock, "POST", "/v1/messages", "a=b", "application/x-www-form-urlencoded")).status,
     ).toBe(415);
+    // Refusals are counted by code.
+    expect(api.counters.refused.ERR_API_BODY_TOO_LARGE).toBe(1);
+    expect(api.counters.refused.ERR_API_PAYLOAD_TOO_LARGE).toBe(1);
+    expect(api.counters.refused.ERR_API_UNSUPPORTED_MEDIA_TYPE).toBe(1);
   });
 
   it("unknown path → 404, wrong method → 405; other features' routes mount on the same server", async () => {
@@ -183,6 +187,7 @@ describe("local API: POST /v1/messages on the Unix socket", () => {
     for (let i = 0; i < 200 && api.inFlight < 3; i++) await new Promise((r) => setTimeout(r, 10));
     const r = await call(sock, "GET", "/v1/status");
     expect([r.status, r.json.error?.code, r.headers["retry-after"]]).toEqual([503, "ERR_API_BUSY", "1"]);
+    expect(api.counters.refused.ERR_API_BUSY).toBe(1);
     for (const rel of releases.splice(0)) rel();
     const done = await Promise.all(blocked);
     expect(done.every((d) => d.status === 204)).toBe(true);
