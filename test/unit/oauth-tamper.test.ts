@@ -308,3 +308,62 @@ describe("token endpoint maps refusals to RFC 6749 errors and never grants more 
     expect(await calculateJwkThumbprint(device.jwk)).toBeTypeOf("string");
   });
 });
+
+describe("replay cache cannot be filled by unauthenticated requests", () => {
+  it("a flood of valid self-signed DPoP proofs with bad client auth leaves room for real clients", async () => {
+    const clock = new ManualClock(new Date("2026-03-01T12:00:00Z"));
+    const now = clock.nowSeconds();
+    const directory = new InMemoryDeviceDirectory();
+    directory.put({
+      deviceId: "dev-1",
+      status: "active",
+      role: "gw",
+      attributes: {},
+      publicJwk: device.jwk,
+      group: "g",
+    });
+    const { privateKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
+    const signingKey = await signingKeyFromPem(
+      privateKey.export({ format: "pem", type: "pkcs8" }).toString(),
+    );
+    const svc = new TokenService(
+      { issuer: ISSUER, audiences: ["api"], scopes: { roles: { gw: ["t:w"] } }, replayCacheEntries: 4 },
+      { directory, signingKey, clock },
+    );
+    const proof = (key: typeof attacker) =>
+      jws(
+        { typ: "dpop+jwt", alg: "ES256", jwk: key.jwk },
+        { jti: `p-${Math.random()}`, htm: "POST", htu: TOKEN_URL, iat: now },
+        key.privateKey,
+      );
+    const form = (assertion: string) =>
+      new URLSearchParams({
+        grant_type: "client_credentials",
+        client_assertion_type: "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        client_assertion: assertion,
+      });
+    for (let i = 0; i < 10; i++) {
+      const bad = jws(
+        { alg: "ES256" },
+        {
+          iss: "dev-1",
+          sub: "dev-1",
+          aud: TOKEN_URL,
+          jti: `x-${i}-${Math.random()}`,
+          iat: now,
+          exp: now + 30,
+        },
+        attacker.privateKey,
+      );
+      const err = await svc.token({ form: form(bad), dpop: proof(attacker) }).catch((e: unknown) => e);
+      expect(err).toMatchObject({ code: "ERR_ASSERTION_SIGNATURE" });
+    }
+    const good = jws(
+      { alg: "ES256" },
+      { iss: "dev-1", sub: "dev-1", aud: TOKEN_URL, jti: `g-${Math.random()}`, iat: now, exp: now + 30 },
+      device.privateKey,
+    );
+    const ok = await svc.token({ form: form(good), dpop: proof(device) });
+    expect(ok.body.token_type).toBe("DPoP");
+  });
+});

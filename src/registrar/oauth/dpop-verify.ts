@@ -72,8 +72,17 @@ export function htuOf(url: string | URL): string {
 export async function verifyDpopProof(
   proof: string,
   check: DpopCheck,
-  deps: { replay: ReplayCache; clock: Clock; policy?: DpopPolicy },
-): Promise<{ jkt: string; jwk: JWK }> {
+  deps: {
+    replay: ReplayCache;
+    clock: Clock;
+    policy?: DpopPolicy;
+    /**
+     * Do not record the jti yet: the caller calls `recordReplay()` once the request is otherwise
+     * authenticated, so unauthenticated floods of self-signed proofs cannot fill the replay cache.
+     */
+    deferReplay?: boolean;
+  },
+): Promise<{ jkt: string; jwk: JWK; recordReplay: () => void }> {
   const policy = deps.policy ?? DEFAULT_DPOP_POLICY;
   const { header, payload } = splitCompact(proof, "ERR_DPOP");
   // Security: the typ keeps other JWTs (assertions, access tokens) from passing as proofs.
@@ -139,9 +148,21 @@ export async function verifyDpopProof(
     }
   }
   const jkt = await calculateJwkThumbprint(jwk as JWK, "sha256");
-  // Security: each proof is single-use within its acceptance window.
-  if (!deps.replay.checkAndRecord(`p|${jkt}|${jti}`, iat + policy.maxAgeSec + policy.skewSec, now)) {
+  const recordReplay = (): void => {
+    // Security: each proof is single-use within its acceptance window.
+    if (
+      !deps.replay.checkAndRecord(
+        `p|${jkt}|${jti}`,
+        iat + policy.maxAgeSec + policy.skewSec,
+        deps.clock.nowSeconds(),
+      )
+    ) {
+      throw refusal("ERR_DPOP_REPLAY", "invalid_dpop_proof", "proof already used");
+    }
+  };
+  if (deps.deferReplay !== true) recordReplay();
+  else if (deps.replay.has(`p|${jkt}|${jti}`, now)) {
     throw refusal("ERR_DPOP_REPLAY", "invalid_dpop_proof", "proof already used");
   }
-  return { jkt, jwk: jwk as JWK };
+  return { jkt, jwk: jwk as JWK, recordReplay };
 }

@@ -35,6 +35,12 @@ export class ReplayCache {
     return true;
   }
 
+  /** Whether `key` is recorded and still live (a read-only pre-check; record with checkAndRecord). */
+  has(key: string, nowSec: number): boolean {
+    const exp = this.#seen.get(key);
+    return exp !== undefined && exp >= nowSec;
+  }
+
   sweep(nowSec: number): void {
     for (const [k, exp] of this.#seen) if (exp < nowSec) this.#seen.delete(k);
   }

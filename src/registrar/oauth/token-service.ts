@@ -36,6 +36,8 @@ export interface TokenServiceConfig {
   /** Require a server nonce in DPoP proofs (RFC 9449 §8). */
   readonly requireDpopNonce?: boolean;
   readonly assertion?: Partial<Omit<AssertionPolicy, "audiences">>;
+  /** Capacity of the assertion / DPoP jti replay cache (fails closed when full of live entries). */
+  readonly replayCacheEntries?: number;
 }
 
 export interface TokenServiceDeps {
@@ -70,7 +72,7 @@ export class TokenService {
   readonly #config: TokenServiceConfig;
   readonly #deps: TokenServiceDeps;
   readonly #log: Logger;
-  readonly #replay = new ReplayCache();
+  readonly #replay: ReplayCache;
   readonly #resourceReplay = new ReplayCache();
   readonly #policy: ScopePolicy;
   readonly #assertionPolicy: AssertionPolicy;
@@ -84,6 +86,7 @@ export class TokenService {
     this.tokenEndpoint = config.tokenEndpoint ?? `${this.issuer}/oauth2/token`;
     this.jwksUri = config.jwksUri ?? `${this.issuer}/jwks`;
     this.#policy = new ScopePolicy(config.scopes);
+    this.#replay = new ReplayCache(config.replayCacheEntries ?? 100_000);
     this.#assertionPolicy = {
       ...DEFAULT_ASSERTION_POLICY,
       ...(config.assertion ?? {}),
@@ -134,18 +137,20 @@ export class TokenService {
       );
     }
     const clock = this.#deps.clock;
-    let jkt: string | undefined;
+    // The proof is checked first (a bad proof is refused before any assertion is consumed), but its
+    // jti is recorded only after the client authenticated: an anonymous flood of self-signed proofs
+    // must not be able to fill the replay cache.
+    let proof: Awaited<ReturnType<typeof verifyDpopProof>> | undefined;
     if (req.dpop !== undefined) {
-      const proof = await verifyDpopProof(
+      proof = await verifyDpopProof(
         req.dpop,
         {
           method: "POST",
           url: this.tokenEndpoint,
           ...(this.#config.requireDpopNonce === true ? { nonces: this.nonces } : {}),
         },
-        { replay: this.#replay, clock },
+        { replay: this.#replay, clock, deferReplay: true },
       );
-      jkt = proof.jkt;
     } else if (this.#config.requireDpop === true) {
       throw refusal("ERR_DPOP_REQUIRED", "invalid_dpop_proof", "a DPoP proof is required");
     }
@@ -155,6 +160,8 @@ export class TokenService {
       clock,
       policy: this.#assertionPolicy,
     });
+    proof?.recordReplay();
+    const jkt = proof?.jkt;
     const granted = this.#policy.grant(form.get("scope") ?? undefined, device.role, device.attributes);
     if (granted === undefined)
       throw refusal("ERR_TOKEN_SCOPE", "invalid_scope", "no requested scope is allowed");
