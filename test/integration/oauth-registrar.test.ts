@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
+import { chmod, mkdtemp, readFile, rm, stat } from "node:fs/promises";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -234,6 +234,16 @@ describe("agent OAuth client against the registrar token service (https on 127.0
     await c.getToken();
     expect(JSON.parse(await readFile(cacheFile, "utf8"))).not.toHaveProperty("status:read");
     await c.close();
+  });
+
+  it("persists the registrar signing key 0600 (same kid after reload) and refuses a group-readable one", async () => {
+    const file = join(dataDir, "oauth-signing-key.pem");
+    expect((await stat(file)).mode & 0o777).toBe(0o600);
+    const again = await loadOrCreateSigningKey(dataDir);
+    expect(again.kid).toBe(rig.svc.jwks().keys[0] && (rig.svc.jwks().keys[0] as { kid: string }).kid);
+    await chmod(file, 0o640);
+    await expect(loadOrCreateSigningKey(dataDir)).rejects.toMatchObject({ code: "ERR_OAUTH_SIGNING_KEY" });
+    await chmod(file, 0o600);
   });
 
   it("retries a 503 after the server's Retry-After (manual clock)", async () => {
