@@ -44,6 +44,11 @@ export interface SqliteOutboxOptions {
   readonly refuseRetryAfterMs?: number;
   /** Called when a corrupt file was renamed aside at open. */
   readonly onQuarantine?: (movedTo: string) => void;
+  /**
+   * TTL drops are skipped while this says the wall clock cannot be trusted (e.g. an RTC reset at
+   * boot, before NTP): a clock jumping years ahead must not expire the whole backlog. Default: trusted.
+   */
+  readonly clockTrusted?: () => boolean;
 }
 
 interface MessageRow {
@@ -176,6 +181,7 @@ export class SqliteOutbox implements Outbox {
   readonly #log: Logger;
   readonly #limits: OutboxLimits;
   readonly #refuseRetryAfterMs: number;
+  readonly #clockTrusted: () => boolean;
   readonly #state = new Map<string, SinkState>();
   readonly #allBits: number;
   #meta: Record<MetaKey, number>;
@@ -216,6 +222,7 @@ export class SqliteOutbox implements Outbox {
     this.#log = options.logger ?? silentLogger;
     this.#limits = { ...defaultOutboxLimits, ...(options.limits ?? {}) };
     this.#refuseRetryAfterMs = options.refuseRetryAfterMs ?? 1000;
+    this.#clockTrusted = options.clockTrusted ?? (() => true);
     this.#synchronous = options.synchronous ?? "FULL";
     this.#asyncWal = this.#synchronous === "FULL" && (options.fsyncMode ?? "async-wal") === "async-wal";
     this.#walPath = `${options.path}-wal`;
@@ -658,6 +665,11 @@ export class SqliteOutbox implements Outbox {
 
   #applyTtl(dropped: string[]): number {
     if (this.#limits.ttlMs <= 0) return 0;
+    // Age is wall-clock time: with an untrusted clock, keep everything (bounded by bytes/count anyway).
+    if (!this.#clockTrusted()) {
+      this.#log.warn("outbox TTL skipped: wall clock not trusted", { code: "ERR_CLOCK_UNTRUSTED" });
+      return 0;
+    }
     const cutoff = this.#clock.now().getTime() - this.#limits.ttlMs;
     let total = 0;
     for (;;) {
