@@ -282,6 +282,8 @@ export async function startRegistrarApp(
     publicUrl: issuer,
     accessTokens: { verifyAccessToken: (t, check) => svc().verifyAccessToken(t, check) },
     tokenAudience: settings.estAudience,
+    // The registry shows the certificate a device holds now, not the one from its enrolment.
+    onIssued: (deviceId, cert) => deps.store.recordCertificate(deviceId, cert, clock.now()),
     log: log.child({ component: "est" }),
   });
 

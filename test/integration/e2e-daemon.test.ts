@@ -250,6 +250,10 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
       return c.certificate.serial === renewed.serial ? c : undefined;
     });
     expect(after.certificate.serial).toBe(renewed.serial);
+    // The registry records the certificate the device holds now.
+    const norm = (x: unknown): string => String(x).toLowerCase().replace(/^0+/, "");
+    const shownNow = JSON.parse((await reg(["devices", "show", deviceId])).stdout) as { certSerial: string };
+    expect(norm(shownNow.certSerial)).toBe(norm(renewed.serial));
 
     // Prometheus: token and certificate expiry, messages relayed per sink.
     const metrics = await (await fetch(`http://127.0.0.1:${metricsPort}/metrics`)).text();

@@ -22,6 +22,10 @@ const WATCHED = [
   "src/registrar/app.ts",
   "src/registrar/server.ts",
   "src/registrar/config.ts",
+  "src/registrar/store/sqlite-store.ts",
+  "src/credentials/est/est-client.ts",
+  "src/relay/sinks/mqtt/mqtt-sink.ts",
+  "src/cli/agent/token.ts",
 ];
 
 /**

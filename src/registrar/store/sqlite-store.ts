@@ -172,6 +172,9 @@ export class SqliteRegistrarStore implements RegistrarStore {
         `UPDATE devices SET group_name = ?, role = ?, attributes = ?, evidence = ?, cert_serial = ?,
           cert_not_after = ?, updated_at = ? WHERE device_id = ? AND status = 'active'`,
       ),
+      recordCert: db.prepare(
+        "UPDATE devices SET cert_serial = ?, cert_not_after = ?, updated_at = ? WHERE device_id = ? AND status = 'active'",
+      ),
       revokeDevice: db.prepare(
         "UPDATE devices SET status = 'revoked', revoked_at = ?, updated_at = ? WHERE device_id = ? AND status = 'active'",
       ),
@@ -379,6 +382,10 @@ export class SqliteRegistrarStore implements RegistrarStore {
     const d = this.getDevice(deviceId);
     if (d === undefined) throw new M2mError("ERR_INTERNAL", "permanent", "device vanished in transaction");
     return d;
+  }
+
+  recordCertificate(deviceId: string, cert: { serial: string; notAfter: Date }, at: Date): void {
+    this.#stmt.recordCert.run(cert.serial, cert.notAfter.getTime(), at.getTime(), deviceId);
   }
 
   revokeDevice(deviceId: string, at: Date): DeviceRecord {

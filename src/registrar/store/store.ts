@@ -44,6 +44,8 @@ export interface RegistrarStore {
   planEnrolment(input: PlanEnrolment): { deviceId: string; existing: boolean };
   /** @throws ERR_DEVICE_UNKNOWN. Idempotent for an already revoked device. */
   revokeDevice(deviceId: string, at: Date): DeviceRecord;
+  /** Records a certificate issued outside enrolment (EST renewal) for an active device. */
+  recordCertificate(deviceId: string, cert: { serial: string; notAfter: Date }, at: Date): void;
 
   // --- audit ---------------------------------------------------------------------------------------
   appendAudit(event: AuditEvent): void;
