@@ -81,6 +81,52 @@ export class Relay {
     await Promise.all(this.#pumps);
   }
 
+  async #linger(
+    sink: Sink,
+    first: OutboxMessage[],
+    want: number,
+    lingerMs: number,
+    aborted: Promise<void>,
+  ): Promise<OutboxMessage[]> {
+    const { outbox } = this.#o;
+    const batch = [...first];
+    const deadline = this.#clock.monotonicMs() + lingerMs;
+    let bytes = batch.reduce((a, m) => a + m.payload.byteLength, 0);
+    const maxBytes = sink.maxBatchBytes ?? Number.POSITIVE_INFINITY;
+    while (batch.length < want && bytes < maxBytes) {
+      const left = deadline - this.#clock.monotonicMs();
+      if (left <= 0) break;
+      const ctl = new AbortController();
+      await Promise.race([
+        outbox.waitForWork(sink.name, ctl.signal),
+        this.#clock.sleep(left, ctl.signal).catch(() => undefined),
+        aborted,
+      ]);
+      ctl.abort();
+      if (this.#abort.signal.aborted) break;
+      const more = await outbox.lease(sink.name, want - batch.length, {
+        maxBytes: Math.max(1, maxBytes - bytes),
+      });
+      // lease returns at least one message even above maxBytes: keep the batch within its cap.
+      let full = false;
+      for (const [i, m] of more.entries()) {
+        if (bytes + m.payload.byteLength > maxBytes) {
+          // Hand back this one and everything after it (keeps per-channel order).
+          await outbox.nack(
+            sink.name,
+            more.slice(i).map((x) => x.id),
+          );
+          full = true;
+          break;
+        }
+        bytes += m.payload.byteLength;
+        batch.push(m);
+      }
+      if (full) break;
+    }
+    return batch;
+  }
+
   async #pump(sink: Sink): Promise<void> {
     const { outbox } = this.#o;
     const c = this.counters[sink.name] as SinkCounters;
@@ -166,6 +212,12 @@ export class Relay {
             Math.min(room, sink.maxBatch),
             sink.maxBatchBytes === undefined ? {} : { maxBytes: sink.maxBatchBytes },
           );
+          // Time-bounded batching: a partial batch waits up to `lingerMs` for more messages.
+          const want = Math.min(room, sink.maxBatch);
+          const linger = sink.lingerMs ?? 0;
+          if (batch.length > 0 && batch.length < want && linger > 0) {
+            batch = await this.#linger(sink, batch, want, linger, aborted);
+          }
         } catch (err) {
           if (signal.aborted) break;
           this.#log.error("outbox lease failed", { err: asM2mError(err) });

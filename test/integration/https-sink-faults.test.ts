@@ -318,6 +318,25 @@ describe("HTTPS sink against a local HTTPS ingest server with fault injection", 
     await s.close();
   });
 
+  it("time-bounded batching: messages trickling in within lingerMs go out in one POST", async () => {
+    mode = "ok";
+    const outbox = SqliteOutbox.open({ path: join(dir, "linger.db"), sinks: ["https"], ttlCheckMs: 0 });
+    // A generous linger and a batch of exactly 3: the batch leaves as soon as the third arrives.
+    const s = sink({ lingerMs: 5000, maxBatch: 3 });
+    const relay = new Relay({ outbox, sinks: [s] });
+    relay.start();
+    const ids: string[] = [];
+    for (let i = 0; i < 3; i++) {
+      ids.push(...(await outbox.append([{ channel: "linger", payload: enc.encode(String(i)) }])));
+    }
+    await until(() => outbox.stats().depth === 0, 10_000, "drain");
+    expect(s.counters.requests).toBe(1);
+    for (const id of ids) expect(ingest.store.messages.has(id)).toBe(true);
+    await relay.stop();
+    await s.close();
+    await outbox.close();
+  });
+
   it("refuses a non-https URL", () => {
     expect(() => sink({ url: "http://127.0.0.1:1/v1/ingest" })).toThrow(
       expect.objectContaining({ code: "ERR_HTTPS_SINK_CONFIG" }),

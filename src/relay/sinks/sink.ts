@@ -21,6 +21,8 @@ export interface Sink {
   readonly maxInFlight: number;
   /** Most payload bytes handed to one `deliver` call (optional). */
   readonly maxBatchBytes?: number;
+  /** A partial batch waits at most this long (ms) for more messages before it is sent (optional). */
+  readonly lingerMs?: number;
   /**
    * Delivers a batch; resolves with exactly one outcome per message (same order). Never rejects for
    * a per-message problem; connection-level failures come back as `retry` outcomes with a code.

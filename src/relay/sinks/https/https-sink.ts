@@ -26,6 +26,8 @@ export interface HttpsSinkOptions {
   readonly maxBatch?: number;
   /** Payload bytes per POST. Default 512 KiB. */
   readonly maxBatchBytes?: number;
+  /** A partial batch waits at most this long for more messages (time-bounded batching). Default 0. */
+  readonly lingerMs?: number;
   /** Concurrent POSTs. Default 1 (keeps per-channel order). */
   readonly concurrency?: number;
   readonly gzip?: boolean;
@@ -70,6 +72,7 @@ export class HttpsSink implements Sink {
   readonly maxBatch: number;
   readonly maxInFlight: number;
   readonly maxBatchBytes: number;
+  readonly lingerMs: number;
   readonly #o: HttpsSinkOptions;
   readonly #url: URL;
   readonly #dispatcher: Dispatcher;
@@ -88,6 +91,7 @@ export class HttpsSink implements Sink {
     this.name = options.name ?? "https";
     this.maxBatch = Math.min(500, options.maxBatch ?? 100);
     this.maxBatchBytes = options.maxBatchBytes ?? 512 * 1024;
+    this.lingerMs = options.lingerMs ?? 0;
     this.maxInFlight = this.maxBatch * (options.concurrency ?? 1);
     this.#clock = options.clock ?? systemClock;
     this.#log = (options.logger ?? silentLogger).child({ sink: this.name });
