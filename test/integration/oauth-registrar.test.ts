@@ -202,6 +202,24 @@ describe("agent OAuth client against the registrar token service (https on 127.0
     await c.close();
   });
 
+  it("an RSA-2048 device key works too (RS256 assertion and DPoP proof)", async () => {
+    const keys = new FakeKeyProvider({ label: "rsa-dev", algorithm: "rsa-2048" });
+    const info = await keys.createOrOpen();
+    rig.directory.put({
+      deviceId: "dev-rsa",
+      status: "active",
+      role: "sensor-gateway",
+      attributes: {},
+      publicJwk: info.publicJwk,
+      group: "g1",
+    });
+    const c = client(rig, pki, keys, { clientId: "dev-rsa", scope: "telemetry:write", dpop: true });
+    const t = await c.getToken();
+    expect(t.tokenType).toBe("DPoP");
+    expect((decodeJwt(t.token.reveal()).cnf as { jkt: string }).jkt).toBe(info.thumbprint);
+    await c.close();
+  });
+
   it("refuses a revoked device with a permanent ERR_OAUTH_CLIENT_REVOKED surfaced in health()", async () => {
     const { keys } = await device(rig.directory, "dev-d", "sensor-gateway", {});
     const c = client(rig, pki, keys, { clientId: "dev-d", scope: "telemetry:write" });
