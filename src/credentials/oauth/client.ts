@@ -303,6 +303,12 @@ export class OAuthClient implements TokenSource {
     const elapsedMs = (lifetimeSec - remainingSec) * 1000;
     const refreshInMs = Math.max(0, lifeMs * fraction + (random() * 2 - 1) * jitter * lifeMs - elapsedMs);
     const mono = this.#deps.clock.monotonicMs();
+    // Bounded: scope sets come from local callers too; the oldest entry goes first.
+    this.#cache.delete(key);
+    if (this.#cache.size >= 64) {
+      const oldest = this.#cache.keys().next().value;
+      if (oldest !== undefined) this.#cache.delete(oldest);
+    }
     this.#cache.set(key, {
       token,
       refreshAtMono: mono + Math.min(refreshInMs, remainingSec * 1000 - 5000),
