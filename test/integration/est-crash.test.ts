@@ -1,6 +1,6 @@
 import "reflect-metadata";
 import { createPublicKey } from "node:crypto";
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import * as x509 from "@peculiar/x509";
@@ -8,6 +8,9 @@ import { execa } from "execa";
 import type { JWK } from "jose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { systemClock } from "../../src/core/clock.js";
+import type { EstClient } from "../../src/credentials/est/est-client.js";
+import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
+import { FakeKeyProvider } from "../../src/keys/fake/fake-provider.js";
 import { caPaths, FleetCa, initCa, verifyCsr } from "../../src/registrar/ca/fleet-ca.js";
 import { estRoutes } from "../../src/registrar/est/est-service.js";
 import { InMemoryDeviceDirectory } from "../../src/registrar/oauth/directory.js";
@@ -130,5 +133,13 @@ describe("EST renewal survives SIGKILL at any instant", () => {
     }
     expect(renewals).toBeGreaterThanOrEqual(6);
     expect(serials.size).toBeGreaterThan(1);
+    // A torn temp file from a kill between write and rename is swept by the next renewer start.
+    await writeFile(join(dir, ".dev.pem.deadbeef0000.tmp"), "-----BEGIN CERT");
+    const renewer = new CertificateRenewer(
+      { deviceId: "crash-1", certFile: join(dir, "dev.pem"), caPem: ca.certificatePem },
+      { keys: new FakeKeyProvider(), est: {} as EstClient, clock: systemClock },
+    );
+    expect(await renewer.renewIfDue()).toBe("not-due");
+    expect((await readdir(dir)).filter((n) => n.endsWith(".tmp"))).toEqual([]);
   });
 });

@@ -1,6 +1,7 @@
 import "reflect-metadata";
 import { createPublicKey } from "node:crypto";
-import { readFile } from "node:fs/promises";
+import { readdir, readFile, unlink } from "node:fs/promises";
+import { basename, dirname, join } from "node:path";
 import * as x509 from "@peculiar/x509";
 import { writeFileAtomic } from "../../core/atomic-file.js";
 import type { Clock } from "../../core/clock.js";
@@ -78,6 +79,7 @@ export class CertificateRenewer {
   readonly #jitter = new Map<string, number>();
   #health: CredentialHealth = { ok: true, detail: "not checked yet" };
   #keys: KeyProvider;
+  #tempsSwept = false;
 
   constructor(config: CertificateRenewerConfig, deps: CertificateRenewerDeps) {
     this.#config = config;
@@ -143,6 +145,7 @@ export class CertificateRenewer {
 
   /** Renews when due; re-attests when expired and a reattest hook exists. */
   async renewIfDue(): Promise<RenewOutcome> {
+    await this.#sweepTemps();
     await this.recoverRotation();
     const now = this.#deps.clock.now();
     let st: CertificateStatus | undefined;
@@ -168,8 +171,21 @@ export class CertificateRenewer {
     return "renewed";
   }
 
+  /** Removes temp files a crash left between write and rename (writeFileAtomic's `.name.*.tmp`). */
+  async #sweepTemps(): Promise<void> {
+    if (this.#tempsSwept) return;
+    this.#tempsSwept = true;
+    const dir = dirname(this.#config.certFile);
+    const prefix = `.${basename(this.#config.certFile)}.`;
+    const names = await readdir(dir).catch(() => [] as string[]);
+    for (const n of names) {
+      if (n.startsWith(prefix) && n.endsWith(".tmp")) await unlink(join(dir, n)).catch(() => undefined);
+    }
+  }
+
   /** Renews now (with retry). */
   async renew(): Promise<void> {
+    await this.#sweepTemps();
     const policy = this.#config.retry ?? { ...defaultRetryPolicy, deadlineMs: 600_000, maxAttempts: 10 };
     try {
       await withRetry(policy, () => this.#renewOnce(), {
