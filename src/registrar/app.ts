@@ -1,3 +1,4 @@
+import { createPublicKey, type JsonWebKey } from "node:crypto";
 import { appendFileSync, closeSync, fsyncSync, openSync } from "node:fs";
 import { isAbsolute, join } from "node:path";
 import { jwtVerify } from "jose";
@@ -7,6 +8,7 @@ import { M2mError } from "../core/errors.js";
 import { type Logger, silentLogger } from "../core/log.js";
 import type { FleetCa } from "./ca/index.js";
 import { parseDurationSeconds, type RegistrarConfig } from "./config.js";
+import { keyIdentity } from "./enrolment/complete.js";
 import { estRoutes } from "./est/est-service.js";
 import { HttpError, type Route, type RouteContext, type RouteResponse } from "./http/router.js";
 import { type IngestedMessage, InMemoryIngestStore, ingestRoutes } from "./ingest/routes.js";
@@ -19,6 +21,7 @@ import { ReplayCache } from "./oauth/replay-cache.js";
 import type { AbacRule } from "./oauth/scope-policy.js";
 import { loadOrCreateSigningKey } from "./oauth/signing-key.js";
 import { oauthRoutes, TokenService } from "./oauth/token-service.js";
+import { rotationPolicyFrom, tpmRotationRoutes } from "./rotation/index.js";
 import { type RunningRegistrar, startRegistrar } from "./server.js";
 import type { RegistrarStore } from "./store/index.js";
 
@@ -227,6 +230,7 @@ export async function startRegistrarApp(
   deps: RegistrarAppDeps,
 ): Promise<RunningRegistrarApp> {
   const settings = appSettingsFrom(config);
+  const rotation = rotationPolicyFrom(config.sections?.rotation, config.sections?.file);
   const clock = deps.clock ?? systemClock;
   const log = deps.logger ?? silentLogger;
   const signingKey = await loadOrCreateSigningKey(config.dataDir);
@@ -284,7 +288,42 @@ export async function startRegistrarApp(
     tokenAudience: settings.estAudience,
     // The registry shows the certificate a device holds now, not the one from its enrolment.
     onIssued: (deviceId, cert) => deps.store.recordCertificate(deviceId, cert, clock.now()),
+    // PKCS#11 key rotation over simplereenroll (CSR signed by the new key, request by the current
+    // one); TPM devices rotate only through /v1/rotate/tpm/* (AK certification).
+    allowKeyRotation: (device) => {
+      const d = deps.store.getDevice(device.deviceId);
+      return d !== undefined && d.method !== "tpm" && rotation.modeFor(d) === "allow";
+    },
+    onKeyRotated: async (deviceId, jwk, cert) => {
+      const d = deps.store.getDevice(deviceId);
+      if (d === undefined) throw new M2mError("ERR_DEVICE_UNKNOWN", "permanent", "no such device");
+      const id = await keyIdentity(
+        createPublicKey({ key: jwk as JsonWebKey, format: "jwk" }).export({ format: "der", type: "spki" }),
+      );
+      deps.store.replaceDeviceKey({
+        deviceId,
+        previousThumbprint: d.thumbprint,
+        publicJwk: id.jwk,
+        thumbprint: id.thumbprint,
+        evidence:
+          d.evidence === undefined ? undefined : { ...d.evidence, rotatedAt: clock.now().toISOString() },
+        certSerial: cert.serial,
+        certNotAfter: cert.notAfter,
+        at: clock.now(),
+      });
+    },
     log: log.child({ component: "est" }),
+  });
+  const rotate = tpmRotationRoutes({
+    store: deps.store,
+    ca: deps.ca,
+    clock,
+    policy: rotation,
+    certLifetimeSeconds: config.certLifetimeSeconds,
+    publicUrl: issuer,
+    accessTokens: { verifyAccessToken: (t, check) => svc().verifyAccessToken(t, check) },
+    tokenAudience: settings.estAudience,
+    log: log.child({ component: "rotation" }),
   });
 
   let ingestStore: LoggingIngestStore | undefined;
@@ -329,7 +368,7 @@ export async function startRegistrarApp(
     ca: deps.ca,
     clock,
     logger: log,
-    extraRoutes: [...oauth, ...est, ...ingest, revoke],
+    extraRoutes: [...oauth, ...est, ...rotate, ...ingest, revoke],
   });
   if (base === "") base = (config.publicUrl ?? running.url).replace(/\/+$/, "");
   service = makeService(base);

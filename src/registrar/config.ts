@@ -71,6 +71,8 @@ const fileSchema = z
     /** Token service, EST and ingest settings: parsed by src/registrar/app.ts (`serve`). */
     oauth: z.record(z.string(), z.unknown()).optional(),
     ingest: z.record(z.string(), z.unknown()).optional(),
+    /** Key rotation policy (validated by registrar/rotation/policy.ts). */
+    rotation: z.record(z.string(), z.unknown()).optional(),
     limits: z
       .object({
         max_body_bytes: z
@@ -112,6 +114,7 @@ export interface RegistrarConfig {
     readonly file: string;
     readonly oauth?: Readonly<Record<string, unknown>>;
     readonly ingest?: Readonly<Record<string, unknown>>;
+    readonly rotation?: Readonly<Record<string, unknown>>;
   };
 }
 
@@ -160,7 +163,7 @@ export function registrarConfigFrom(raw: unknown, baseDir: string, file = "<conf
     endpoints: c.endpoints,
     maxBodyBytes: c.limits.max_body_bytes,
     requestTimeoutMs: c.limits.request_timeout_ms,
-    sections: { file, oauth: c.oauth, ingest: c.ingest },
+    sections: { file, oauth: c.oauth, ingest: c.ingest, rotation: c.rotation },
   };
 }
 

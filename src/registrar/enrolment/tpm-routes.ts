@@ -176,6 +176,10 @@ export function tpmRoutes(deps: () => EnrolmentDeps): Route[] {
         hardwareSerial: s.hardwareSerial,
         evidence: {
           akName: Buffer.from(verified.akName).toString("hex"),
+          // Kept so key rotation can verify a later TPM2_Certify by this AK (registrar/rotation/).
+          akPublic: s.akPublic,
+          ekPublic: s.ekPublic,
+          devicePublic: s.devicePublic,
           deviceName: Buffer.from(verified.deviceName).toString("hex"),
           objectAttributes: verified.devicePublic.objectAttributes,
           requestedAttributes: s.requestedAttributes,

@@ -15,6 +15,7 @@ import type {
   NewEnrolmentSession,
   PlanEnrolment,
   RegistrarStore,
+  ReplaceDeviceKey,
   SessionData,
 } from "./store.js";
 
@@ -174,6 +175,10 @@ export class SqliteRegistrarStore implements RegistrarStore {
       ),
       recordCert: db.prepare(
         "UPDATE devices SET cert_serial = ?, cert_not_after = ?, updated_at = ? WHERE device_id = ? AND status = 'active'",
+      ),
+      replaceKey: db.prepare(
+        `UPDATE devices SET public_jwk = ?, thumbprint = ?, evidence = ?, cert_serial = ?, cert_not_after = ?,
+          updated_at = ? WHERE device_id = ? AND thumbprint = ? AND status = 'active'`,
       ),
       revokeDevice: db.prepare(
         "UPDATE devices SET status = 'revoked', revoked_at = ?, updated_at = ? WHERE device_id = ? AND status = 'active'",
@@ -386,6 +391,36 @@ export class SqliteRegistrarStore implements RegistrarStore {
 
   recordCertificate(deviceId: string, cert: { serial: string; notAfter: Date }, at: Date): void {
     this.#stmt.recordCert.run(cert.serial, cert.notAfter.getTime(), at.getTime(), deviceId);
+  }
+
+  replaceDeviceKey(input: ReplaceDeviceKey): DeviceRecord {
+    const tx = this.#db.transaction((): DeviceRecord => {
+      const d = this.getDevice(input.deviceId);
+      if (d === undefined) throw refused("ERR_DEVICE_UNKNOWN", `no device ${input.deviceId}`);
+      // Security: a revoked identity gets no new key.
+      if (d.status !== "active") throw refused("ERR_DEVICE_REVOKED", "the device is revoked");
+      // Security: the rotation was authorised by the key the device had then; if it changed meanwhile
+      // (a concurrent rotation), this one must not overwrite it.
+      if (d.thumbprint !== input.previousThumbprint)
+        throw refused("ERR_ROTATION_CONFLICT", "the device key changed during the rotation");
+      const other = this.#stmt.byThumb.get(input.thumbprint);
+      // Security: a key registered to any device (this one included) is never accepted as "new".
+      if (other !== undefined)
+        throw refused("ERR_KEY_ALREADY_REGISTERED", "this device key is already registered");
+      const changed = this.#stmt.replaceKey.run(
+        JSON.stringify(input.publicJwk),
+        input.thumbprint,
+        input.evidence === undefined ? null : JSON.stringify(input.evidence),
+        input.certSerial,
+        input.certNotAfter.getTime(),
+        input.at.getTime(),
+        input.deviceId,
+        input.previousThumbprint,
+      ).changes;
+      if (changed !== 1) throw refused("ERR_ROTATION_CONFLICT", "the device key changed during the rotation");
+      return this.#mustGet(input.deviceId);
+    });
+    return tx.immediate();
   }
 
   revokeDevice(deviceId: string, at: Date): DeviceRecord {

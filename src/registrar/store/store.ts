@@ -46,6 +46,14 @@ export interface RegistrarStore {
   revokeDevice(deviceId: string, at: Date): DeviceRecord;
   /** Records a certificate issued outside enrolment (EST renewal) for an active device. */
   recordCertificate(deviceId: string, cert: { serial: string; notAfter: Date }, at: Date): void;
+  /**
+   * Key rotation: replaces an active device's key (JWK, thumbprint, evidence) and records the
+   * certificate issued for the new key, in one transaction, only if the device still has the key
+   * `previousThumbprint` (a concurrent rotation loses). Call only after the request proved both the
+   * current key and the new one.
+   * @throws ERR_DEVICE_UNKNOWN, ERR_DEVICE_REVOKED, ERR_ROTATION_CONFLICT, ERR_KEY_ALREADY_REGISTERED
+   */
+  replaceDeviceKey(input: ReplaceDeviceKey): DeviceRecord;
 
   // --- audit ---------------------------------------------------------------------------------------
   appendAudit(event: AuditEvent): void;
@@ -155,6 +163,18 @@ export interface CommitResult {
   readonly device: DeviceRecord;
   /** True when an existing device (same hardware) was re-issued a certificate. */
   readonly reenrolled: boolean;
+}
+
+export interface ReplaceDeviceKey {
+  readonly deviceId: string;
+  readonly previousThumbprint: string;
+  readonly publicJwk: Record<string, string>;
+  readonly thumbprint: string;
+  /** Replaces the evidence (TPM: the new key's TPM2B_PUBLIC and Name; AK/EK kept by the caller). */
+  readonly evidence: Record<string, unknown> | undefined;
+  readonly certSerial: string;
+  readonly certNotAfter: Date;
+  readonly at: Date;
 }
 
 export interface AuditEvent {
