@@ -18,6 +18,27 @@ export interface RelayOptions {
   readonly clock?: Clock;
   readonly logger?: Logger;
   readonly random?: () => number;
+  /**
+   * While a sink with a `probe` is paused in backoff, it is probed this often (default 1000 ms). A
+   * probe that sees the upstream come back (down, then up, within one pause) ends the pause at once,
+   * so a backlog starts draining within about this interval of the broker returning. The backoff
+   * level is untouched: a flapping upstream still gets the full jittered delays.
+   */
+  readonly probeIntervalMs?: number;
+  /**
+   * A sink that has delivered nothing successfully for this long while it had work (every attempt
+   * failed or it sat in backoff) is reported by `unhealthy()`. Default 10 000 ms.
+   */
+  readonly unhealthyAfterMs?: number;
+}
+
+/** A sink that cannot deliver (see `Relay.unhealthy`). */
+export interface SinkTrouble {
+  readonly sink: string;
+  /** Code of the most recent failure (e.g. `ERR_MQTT_CONNECT`). */
+  readonly code: string;
+  /** How long (ms) since the first failure without a success after it. */
+  readonly forMs: number;
 }
 
 export interface SinkCounters {
@@ -29,6 +50,10 @@ export interface SinkCounters {
   /** Consecutive-failure level driving the backoff. */
   backoffLevel: number;
   lastError: string | undefined;
+  /** Monotonic ms of the first failure not followed by a success (undefined: delivering fine). */
+  failingSince: number | undefined;
+  /** Pauses ended early because a probe saw the upstream return. */
+  probeWakeups: number;
 }
 
 const relayPolicy: RetryPolicy = { ...defaultRetryPolicy, baseMs: 100, capMs: 30_000 };
@@ -61,6 +86,8 @@ export class Relay {
         inFlight: 0,
         backoffLevel: 0,
         lastError: undefined,
+        failingSince: undefined,
+        probeWakeups: 0,
       };
     }
   }
@@ -72,6 +99,58 @@ export class Relay {
           if (!this.#abort.signal.aborted) this.#log.error("relay pump stopped", { sink: sink.name, err });
         }),
       );
+    }
+  }
+
+  /**
+   * Sinks that have not delivered for longer than `unhealthyAfterMs` (every attempt failed or backed
+   * off), with the last error code: the daemon turns these into a degraded state with a reason.
+   */
+  unhealthy(): SinkTrouble[] {
+    const limit = this.#o.unhealthyAfterMs ?? 10_000;
+    const now = this.#clock.monotonicMs();
+    const out: SinkTrouble[] = [];
+    for (const [sink, c] of Object.entries(this.counters)) {
+      if (c.failingSince === undefined || now - c.failingSince < limit) continue;
+      out.push({ sink, code: c.lastError ?? "ERR_SINK_DELIVER", forMs: now - c.failingSince });
+    }
+    return out;
+  }
+
+  /**
+   * Sleeps until `until()` (monotonic) but probes the sink meanwhile; returns early when a probe saw
+   * the upstream down and a later one sees it up. A first probe that already succeeds (the upstream
+   * answers TCP but refused us for another reason) never shortens the pause: no hammering.
+   */
+  async #pauseWithProbe(sink: Sink, until: () => number, c: SinkCounters): Promise<void> {
+    const signal = this.#abort.signal;
+    const every = this.#o.probeIntervalMs ?? 1000;
+    const probe = sink.probe;
+    let sawDown = false;
+    for (;;) {
+      const left = until() - this.#clock.monotonicMs();
+      if (left <= 0 || signal.aborted) return;
+      if (probe === undefined || left <= every) {
+        await this.#clock.sleep(left, signal).catch(() => undefined);
+        continue;
+      }
+      const up = await probe.call(sink).catch(() => false);
+      if (signal.aborted) return;
+      if (!up) sawDown = true;
+      else if (sawDown) {
+        c.probeWakeups++;
+        this.#log.info("upstream reachable again; retrying now", { sink: sink.name });
+        return;
+      } else {
+        // Reachable from the start: the failure was not about reachability; wait the full backoff.
+        await this.#clock
+          .sleep(Math.max(0, until() - this.#clock.monotonicMs()), signal)
+          .catch(() => undefined);
+        return;
+      }
+      await this.#clock
+        .sleep(Math.min(every, Math.max(0, until() - this.#clock.monotonicMs())), signal)
+        .catch(() => undefined);
     }
   }
 
@@ -161,6 +240,7 @@ export class Relay {
       for (const m of batch) if (!reported.has(m.id)) retry.push({ id: m.id, code: "ERR_SINK_NO_OUTCOME" });
       if (ok.length > 0) {
         c.delivered += ok.length;
+        c.failingSince = undefined;
         // Not awaited: the outbox forgets the leases at once (so the window frees now); the commit
         // follows in the next group. A lost ack only means a redelivery (same id).
         outbox
@@ -174,6 +254,7 @@ export class Relay {
         c.failures++;
         c.backoffLevel++;
         lastFailureAt = this.#clock.monotonicMs();
+        if (ok.length === 0) c.failingSince ??= lastFailureAt;
         const first = retry[0];
         c.lastError = first?.code;
         const hinted = Math.max(0, ...retry.map((r) => r.delayMs ?? 0));
@@ -199,7 +280,16 @@ export class Relay {
       const now = this.#clock.monotonicMs();
       if (now < pausedUntil) {
         // Let in-flight deliveries finish during the pause; their failures may extend it.
-        await this.#clock.sleep(pausedUntil - now, signal).catch(() => undefined);
+        await this.#pauseWithProbe(sink, () => pausedUntil, c);
+        // A probe may have ended the pause early: the deferred messages are due now too.
+        if (this.#clock.monotonicMs() < pausedUntil) {
+          pausedUntil = 0;
+          try {
+            outbox.retryNow(sink.name);
+          } catch {
+            // Closed while stopping: the loop ends on the abort.
+          }
+        }
         continue;
       }
       const room = sink.maxInFlight - c.inFlight;

@@ -16,6 +16,9 @@ export interface RelayStackOptions {
   /** Or mount on an API server someone else owns (the daemon's). */
   readonly mountOn?: ApiServer;
   readonly retry?: RetryPolicy;
+  /** See `RelayOptions.unhealthyAfterMs` / `probeIntervalMs`. */
+  readonly unhealthyAfterMs?: number;
+  readonly probeIntervalMs?: number;
   readonly clock?: Clock;
   readonly logger?: Logger;
 }
@@ -35,6 +38,8 @@ export async function startRelayStack(o: RelayStackOptions): Promise<RelayStack>
     outbox: o.outbox,
     sinks: o.sinks,
     ...(o.retry === undefined ? {} : { retry: o.retry }),
+    ...(o.unhealthyAfterMs === undefined ? {} : { unhealthyAfterMs: o.unhealthyAfterMs }),
+    ...(o.probeIntervalMs === undefined ? {} : { probeIntervalMs: o.probeIntervalMs }),
     ...(o.clock === undefined ? {} : { clock: o.clock }),
     ...(o.logger === undefined ? {} : { logger: o.logger }),
   });

@@ -15,6 +15,17 @@ import { deviceCertPath, pinFileOf, registrarCaPem } from "./credentials.js";
 /** Default outbox file inside the state directory. */
 export const OUTBOX_FILE = "outbox.db";
 
+/**
+ * A sink that delivered nothing for this long (ms) while it had work degrades the daemon. Override
+ * with `M2M_RELAY_UNHEALTHY_AFTER_MS` in the service environment (tests use a short one).
+ */
+export const SINK_UNHEALTHY_AFTER_MS = 10_000;
+
+function unhealthyAfterMs(env: NodeJS.ProcessEnv | Readonly<Record<string, string | undefined>>): number {
+  const v = Number(env.M2M_RELAY_UNHEALTHY_AFTER_MS);
+  return Number.isFinite(v) && v > 0 ? v : SINK_UNHEALTHY_AFTER_MS;
+}
+
 function outboxPath(config: AgentConfig): string {
   return config.relay.outbox.path ?? join(config.agent.state_dir, OUTBOX_FILE);
 }
@@ -141,12 +152,30 @@ export const relayStage: AgentStage = {
       },
     });
     const { startRelayStack } = await import("../../relay/stack.js");
+    const unhealthyAfter = unhealthyAfterMs(ctx.env);
     const stack: RelayStack = await startRelayStack({
       outbox,
       sinks,
+      unhealthyAfterMs: unhealthyAfter,
       clock: ctx.clock,
       logger: ctx.log,
     });
+    // A sink that cannot deliver degrades the daemon with a reason naming it; delivery clears it.
+    const sinkHealth = (): void => {
+      const trouble = new Map(stack.relay.unhealthy().map((t) => [t.sink, t]));
+      for (const s of sinks) {
+        const t = trouble.get(s.name);
+        ctx.health.set(
+          `relay.sink.${s.name}`,
+          t === undefined
+            ? undefined
+            : // Stable text (no running duration): the board re-applies only when the reason changes.
+              `sink ${s.name} cannot deliver (${t.code}) for over ${Math.round(unhealthyAfter / 1000)} s`,
+        );
+      }
+    };
+    const healthTimer = setInterval(sinkHealth, 1000);
+    healthTimer.unref();
     if (ctx.api !== undefined) {
       const { mountMessagesRoute } = await import("../../relay/sources/api/messages-route.js");
       // Accepted messages also feed the per-channel rate-change detector (anomaly flags in status).
@@ -250,6 +279,7 @@ export const relayStage: AgentStage = {
       },
       async stop(signal: AbortSignal): Promise<void> {
         clearInterval(timer);
+        clearInterval(healthTimer);
         // Stop taking new local messages first; what the broker did not get a PUBACK for is redelivered.
         sourceAbort.abort();
         await source?.stop().catch(() => undefined);

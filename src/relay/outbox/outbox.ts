@@ -108,6 +108,12 @@ export interface Outbox {
   /** Releases leases so the messages are leased again, not before `delayMs` (monotonic) has passed. */
   nack(sink: string, ids: readonly string[], delayMs?: number): Promise<void>;
 
+  /**
+   * Makes every message of `sink` deferred by `nack` due now (the upstream came back before the
+   * backoff ran out). Order is unchanged: deferral never reorders a channel.
+   */
+  retryNow(sink: string): void;
+
   /** Moves one message out of `sink`'s queue into the dead-letter table with a reason. */
   deadLetter(sink: string, id: string, reason: string): Promise<void>;
 

@@ -28,6 +28,11 @@ export interface Sink {
    * a per-message problem; connection-level failures come back as `retry` outcomes with a code.
    */
   deliver(batch: readonly OutboxMessage[]): Promise<DeliveryOutcome[]>;
+  /**
+   * Optional cheap reachability check (e.g. a TCP connect, no TLS, no login) used while the relay
+   * backs off: resolves true when the upstream accepts connections again. Never rejects.
+   */
+  probe?(): Promise<boolean>;
   close(): Promise<void>;
 }
 

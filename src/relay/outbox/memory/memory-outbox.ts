@@ -188,6 +188,14 @@ export class MemoryOutbox implements Outbox {
     this.#wake(sink);
   }
 
+  retryNow(sink: string): void {
+    this.#check();
+    const s = this.#sink(sink);
+    const now = this.#clock.monotonicMs();
+    for (const [id, due] of s.deferred) if (due > now) s.deferred.set(id, now);
+    this.#wake(sink);
+  }
+
   async deadLetter(sink: string, id: string, reason: string): Promise<void> {
     this.#check();
     const s = this.#sink(sink);

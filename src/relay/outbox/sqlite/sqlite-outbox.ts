@@ -775,6 +775,14 @@ export class SqliteOutbox implements Outbox {
     this.#wake(sink);
   }
 
+  retryNow(sink: string): void {
+    this.#checkOpen();
+    const s = this.#sink(sink);
+    const now = this.#clock.monotonicMs();
+    for (const d of s.deferred.values()) if (d.dueAt > now) d.dueAt = now;
+    this.#wake(sink);
+  }
+
   async deadLetters(limit = 100): Promise<DeadLetter[]> {
     this.#checkOpen();
     const rows = this.#stmts.deadList.all(limit) as {

@@ -1,4 +1,5 @@
 import { randomBytes } from "node:crypto";
+import { connect as netConnect } from "node:net";
 import type { SecureContext } from "node:tls";
 import mqtt, { type IClientOptions, type MqttClient } from "mqtt";
 import { type Clock, systemClock } from "../../../core/clock.js";
@@ -190,6 +191,39 @@ export class MqttSink implements Sink {
         (err) => settle(err ?? undefined),
       );
     });
+  }
+
+  /**
+   * TCP reachability of any broker URL (no TLS handshake, no login: cheap for both sides). The relay
+   * calls it during backoff to notice a broker that came back before the backoff ran out.
+   */
+  async probe(): Promise<boolean> {
+    if (this.connected) return true;
+    const timeoutMs = Math.min(this.#o.connectTimeoutMs ?? 10_000, 2000);
+    const one = (u: string): Promise<boolean> =>
+      new Promise<boolean>((resolve) => {
+        let url: URL;
+        try {
+          url = new URL(u);
+        } catch {
+          resolve(false);
+          return;
+        }
+        const host = url.hostname.replace(/^\[|\]$/g, "");
+        const sock = netConnect({ host, port: Number(url.port || 8883) });
+        const done = (ok: boolean): void => {
+          clearTimeout(timer);
+          sock.removeAllListeners();
+          sock.on("error", () => undefined);
+          sock.destroy();
+          resolve(ok);
+        };
+        const timer = setTimeout(() => done(false), timeoutMs);
+        sock.once("connect", () => done(true));
+        sock.once("error", () => done(false));
+      });
+    const results = await Promise.all(this.#o.urls.map(one));
+    return results.some((r) => r);
   }
 
   async #ensureConnected(): Promise<Conn> {
