@@ -5,6 +5,14 @@ import { backoffDelay, defaultRetryPolicy, type RetryPolicy } from "../core/retr
 import type { Outbox, OutboxMessage } from "./outbox/outbox.js";
 import type { DeliveryOutcome, Sink } from "./sinks/sink.js";
 
+/** Resolves when `signal` aborts; the listener is removed (and the promise freed) once `until` aborts. */
+function abortedOr(signal: AbortSignal, until: AbortSignal): Promise<void> {
+  return new Promise<void>((resolve) => {
+    if (signal.aborted) resolve();
+    else signal.addEventListener("abort", () => resolve(), { once: true, signal: until });
+  });
+}
+
 export interface RelayOptions {
   readonly outbox: Outbox;
   readonly sinks: readonly Sink[];
@@ -55,6 +63,9 @@ export interface SinkCounters {
   /** Pauses ended early because a probe saw the upstream return. */
   probeWakeups: number;
 }
+
+/** Reason for aborting internal waits: a shared value, so no DOMException is built per wait (hot loop). */
+const WAIT_DONE = Object.freeze({ reason: "wait done" });
 
 const relayPolicy: RetryPolicy = { ...defaultRetryPolicy, baseMs: 100, capMs: 30_000 };
 
@@ -165,7 +176,7 @@ export class Relay {
     first: OutboxMessage[],
     want: number,
     lingerMs: number,
-    aborted: Promise<void>,
+    aborted: (until: AbortSignal) => Promise<void>,
   ): Promise<OutboxMessage[]> {
     const { outbox } = this.#o;
     const batch = [...first];
@@ -179,9 +190,9 @@ export class Relay {
       await Promise.race([
         outbox.waitForWork(sink.name, ctl.signal),
         this.#clock.sleep(left, ctl.signal).catch(() => undefined),
-        aborted,
+        aborted(ctl.signal),
       ]);
-      ctl.abort();
+      ctl.abort(WAIT_DONE);
       if (this.#abort.signal.aborted) break;
       const more = await outbox.lease(sink.name, want - batch.length, {
         maxBytes: Math.max(1, maxBytes - bytes),
@@ -221,7 +232,9 @@ export class Relay {
       wake = undefined;
       w?.();
     };
-    const aborted = new Promise<void>((r) => signal.addEventListener("abort", () => r(), { once: true }));
+    // One promise per wait, released with its race: racing a single long-lived promise instead adds
+    // a reaction to it at every wait, kept until stop (daemon-soak: +2.7 MiB/min heap at 1.5k msg/s).
+    const aborted = (until: AbortSignal): Promise<void> => abortedOr(signal, until);
 
     const handle = async (batch: readonly OutboxMessage[], outcomes: DeliveryOutcome[]): Promise<void> => {
       const ok: string[] = [];
@@ -325,10 +338,10 @@ export class Relay {
           new Promise<void>((r) => {
             wake = r;
           }),
-          aborted,
+          aborted(ctl.signal),
         ]);
         wake = undefined;
-        ctl.abort();
+        ctl.abort(WAIT_DONE);
         continue;
       }
       c.inFlight += batch.length;
