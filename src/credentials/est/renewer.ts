@@ -53,6 +53,14 @@ export interface CertificateRenewerDeps {
    * enrolment flow, which writes a fresh certificate. Injected by the composition root.
    */
   readonly reattest?: () => Promise<void>;
+  /**
+   * Gets the certificate for a NEW key during a rotation (TPM: `TpmRotationClient.issue`, which adds
+   * the AK certification); default `est.simplereenroll(csr)` (PKCS#11: CSR signed by the new key,
+   * request authenticated by the current one).
+   */
+  readonly issueWithNewKey?: (next: KeyProvider, csrDer: Uint8Array) => Promise<x509.X509Certificate[]>;
+  /** Called once a rotation committed (new cert on disk, old key destroyed): switch signers here. */
+  readonly onRotated?: (next: KeyProvider, certPem: string) => Promise<void> | void;
   /** Test seam for crash injection; default writeFileAtomic (temp + fsync + rename + fsync dir). */
   readonly writeFile?: (path: string, data: string) => Promise<void>;
 }
@@ -139,6 +147,7 @@ export class CertificateRenewer {
     }
     await rotation.commit(next);
     this.#keys = next;
+    await this.#deps.onRotated?.(next, cert.toString("pem"));
     this.#log.warn("completed an interrupted key rotation", {});
     return true;
   }
@@ -233,10 +242,14 @@ export class CertificateRenewer {
     const rotating = this.#config.rotateKey === true && this.#deps.rotation !== undefined;
     const next = rotating ? await this.#deps.rotation?.prepare() : undefined;
     const keys = next ?? this.#keys;
+    let written = false;
     try {
       const info = await keys.open();
       const csr = await createCsr(keys, info, { commonName: this.#config.deviceId });
-      const certs = await this.#deps.est.simplereenroll(csr);
+      const certs =
+        next !== undefined && this.#deps.issueWithNewKey !== undefined
+          ? await this.#deps.issueWithNewKey(next, csr)
+          : await this.#deps.est.simplereenroll(csr);
       const leaf = this.#verifyIssued(certs, info);
       await this.#verifyChain(leaf);
       const pem = leaf.toString("pem");
@@ -245,10 +258,12 @@ export class CertificateRenewer {
         this.#config.certFile,
         `${pem}\n`,
       );
+      written = true;
       if (next !== undefined) {
         // Only now, with the new certificate in place, may the old key go.
         await this.#deps.rotation?.commit(next);
         this.#keys = next;
+        await this.#deps.onRotated?.(next, pem);
       }
       this.#log.info("device certificate renewed", {
         serial: leaf.serialNumber,
@@ -256,7 +271,12 @@ export class CertificateRenewer {
         rotated: next !== undefined,
       });
     } catch (err) {
-      if (next !== undefined) await this.#deps.rotation?.abort(next).catch(() => undefined);
+      // The new key is dropped only on a definitive refusal before its certificate was written.
+      // After the write, recoverRotation() finishes the commit; after a transient failure (lost
+      // answer: the registrar may already hold the new key) the pending key is kept and reused.
+      const definitive = err instanceof M2mError && err.retry !== "transient";
+      if (next !== undefined && !written && definitive)
+        await this.#deps.rotation?.abort(next).catch(() => undefined);
       throw err;
     }
   }
