@@ -392,7 +392,8 @@ async function benchHttps(
         const id = newMessageId();
         return `{"id":"${id}","topic":"devices/dev-bench/h","channel":"h","ts":${Date.now()},"content_type":"application/json","payload":${JSON.stringify({ n: b * BATCH + i, v: PAYLOAD })}}`;
       });
-      const body = await gzip(Buffer.from(`{"messages":[${items.join(",")}]}`));
+      // Same encoding work as the sink (gzip level 1, its default).
+      const body = await gzip(Buffer.from(`{"messages":[${items.join(",")}]}`), { level: 1 });
       const res = await request(url, {
         method: "POST",
         dispatcher: agent,

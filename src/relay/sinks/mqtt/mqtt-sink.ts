@@ -101,6 +101,7 @@ export class MqttSink implements Sink {
   readonly #clock: Clock;
   readonly #log: Logger;
   readonly #template: string;
+  readonly #topics = new Map<string, string>();
   #conn: Conn | undefined;
   #connecting: Promise<Conn> | undefined;
   #urlIndex = 0;
@@ -141,7 +142,14 @@ export class MqttSink implements Sink {
   }
 
   topicFor(channel: string): string {
-    return expandTopic(this.#template, { deviceId: this.#o.deviceId, channel });
+    let t = this.#topics.get(channel);
+    if (t === undefined) {
+      t = expandTopic(this.#template, { deviceId: this.#o.deviceId, channel });
+      // Bounded: channels are few in practice; a producer inventing many only costs re-expansion.
+      if (this.#topics.size >= 4096) this.#topics.clear();
+      this.#topics.set(channel, t);
+    }
+    return t;
   }
 
   /** True while a connection is up (health). */
