@@ -46,6 +46,11 @@ export class AlternatingKeyRotation implements KeyRotation {
     return (await this.#read()).current;
   }
 
+  /** True when a rotation was begun (new key created or about to be) and not yet committed/aborted. */
+  async hasPending(): Promise<boolean> {
+    return (await this.#read()).pending !== undefined;
+  }
+
   /** The provider for the current key. */
   async current(): Promise<KeyProvider> {
     return this.#make(await this.currentName());

@@ -39,6 +39,8 @@ export interface KeyRotation {
   commit(next: KeyProvider): Promise<void>;
   /** Destroys an unused next key after a failed renewal. */
   abort(next: KeyProvider): Promise<void>;
+  /** Whether a rotation is under way (a pending key may exist). Enables `issueForPendingKey`. */
+  hasPending?(): Promise<boolean>;
 }
 
 export interface CertificateRenewerDeps {
@@ -59,6 +61,13 @@ export interface CertificateRenewerDeps {
    * request authenticated by the current one).
    */
   readonly issueWithNewKey?: (next: KeyProvider, csrDer: Uint8Array) => Promise<x509.X509Certificate[]>;
+  /**
+   * Recovery of a rotation whose answer was lost (crash or cut connection after the registrar had
+   * switched the registry to the new key): asks for a certificate authenticated BY the pending key
+   * (e.g. EST simplereenroll with an `est` token whose assertion and DPoP proof the pending key
+   * signs). A definitive refusal means the registry still has the old key: the rotation restarts.
+   */
+  readonly issueForPendingKey?: (next: KeyProvider, csrDer: Uint8Array) => Promise<x509.X509Certificate[]>;
   /** Called once a rotation committed (new cert on disk, old key destroyed): switch signers here. */
   readonly onRotated?: (next: KeyProvider, certPem: string) => Promise<void> | void;
   /** Test seam for crash injection; default writeFileAtomic (temp + fsync + rename + fsync dir). */
@@ -139,7 +148,8 @@ export class CertificateRenewer {
     if (cert === undefined) return false;
     const certSpki = spkiDer(cert.publicKey.toString("pem"));
     const current = await this.#keys.open().catch(() => undefined);
-    if (current !== undefined && spkiDer(current.spkiPem).equals(certSpki)) return false;
+    if (current !== undefined && spkiDer(current.spkiPem).equals(certSpki))
+      return this.#recoverLostAnswer(rotation);
     const next = await rotation.prepare();
     if (!spkiDer((await next.open()).spkiPem).equals(certSpki)) {
       await rotation.abort(next);
@@ -149,6 +159,38 @@ export class CertificateRenewer {
     this.#keys = next;
     await this.#deps.onRotated?.(next, cert.toString("pem"));
     this.#log.warn("completed an interrupted key rotation", {});
+    return true;
+  }
+
+  /**
+   * A rotation is pending and the certificate on disk is still the old one: the registrar may have
+   * switched to the pending key without us hearing back. Probe with the pending key.
+   */
+  async #recoverLostAnswer(rotation: KeyRotation): Promise<boolean> {
+    const probe = this.#deps.issueForPendingKey;
+    if (probe === undefined || rotation.hasPending === undefined || !(await rotation.hasPending()))
+      return false;
+    const next = await rotation.prepare();
+    const info = await next.open();
+    let certs: x509.X509Certificate[];
+    try {
+      certs = await probe(next, await createCsr(next, info, { commonName: this.#config.deviceId }));
+    } catch (err) {
+      // Refused: the registry still names the old key; the pending key is reused by the next rotation.
+      if (err instanceof M2mError && err.retry !== "transient") return false;
+      throw err;
+    }
+    const leaf = this.#verifyIssued(certs, info);
+    await this.#verifyChain(leaf);
+    const pem = leaf.toString("pem");
+    await (this.#deps.writeFile ?? ((p, d) => writeFileAtomic(p, d, 0o600)))(
+      this.#config.certFile,
+      `${pem}\n`,
+    );
+    await rotation.commit(next);
+    this.#keys = next;
+    await this.#deps.onRotated?.(next, pem);
+    this.#log.warn("recovered a key rotation whose answer was lost", { serial: leaf.serialNumber });
     return true;
   }
 
@@ -239,6 +281,8 @@ export class CertificateRenewer {
   }
 
   async #renewOnce(): Promise<void> {
+    // A rotation left pending (earlier attempt, crash) may already be done at the registrar.
+    if (await this.recoverRotation()) return;
     const rotating = this.#config.rotateKey === true && this.#deps.rotation !== undefined;
     const next = rotating ? await this.#deps.rotation?.prepare() : undefined;
     const keys = next ?? this.#keys;

@@ -1,0 +1,239 @@
+import "reflect-metadata";
+import { createPublicKey } from "node:crypto";
+import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { X509Certificate } from "@peculiar/x509";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { freeLoopbackPort, type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
+import { writeFileAtomic } from "../../src/core/atomic-file.js";
+import { ManualClock } from "../../src/core/clock.js";
+import { EstClient } from "../../src/credentials/est/est-client.js";
+import type { AlternatingKeyRotation } from "../../src/credentials/est/key-rotation.js";
+import { CertificateRenewer, type KeyRotation } from "../../src/credentials/est/renewer.js";
+import { TpmRotationClient, tpmKeyRotation } from "../../src/credentials/est/tpm-rotation.js";
+import { OAuthClient } from "../../src/credentials/oauth/client.js";
+import { runEnroll, tpmEnrollOps } from "../../src/enroll/index.js";
+import type { KeyProvider } from "../../src/keys/key-provider.js";
+import { TpmAttestationOps } from "../../src/keys/tpm/endorsement.js";
+import { TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
+import { addEnrolmentGroup } from "../../src/registrar/admin.js";
+import { type RunningRegistrarApp, startRegistrarApp } from "../../src/registrar/app.js";
+import { caPaths, FleetCa, initCa } from "../../src/registrar/ca/index.js";
+import { registrarConfigFrom } from "../../src/registrar/config.js";
+import { SqliteRegistrarStore } from "../../src/registrar/store/index.js";
+
+class Crash extends Error {}
+
+/**
+ * A TPM key rotation interrupted at each step (the process "dies": a plain error, no cleanup, and
+ * the next attempt is a fresh renewer on the same TPM and files) always leaves a working identity:
+ * old key + old certificate, or new key + new certificate, matching what the registry holds.
+ */
+describe("TPM key rotation: a crash between steps recovers", () => {
+  let tpm: SwtpmHandle;
+  let dir: string;
+  let clock: ManualClock;
+  let store: SqliteRegistrarStore;
+  let app: RunningRegistrarApp;
+  let base: TpmKeyProvider;
+  let ops: TpmAttestationOps;
+  let caPem: string;
+  let deviceId: string;
+  const certFile = (): string => join(dir, "device.pem");
+  const stateFile = (): string => join(dir, "key-rotation.json");
+
+  beforeAll(async () => {
+    tpm = await startSwtpm();
+    clock = new ManualClock(new Date(Date.now() + 1000));
+    dir = await mkdtemp(join(tmpdir(), "m2m-rot-crash-"));
+    const trustDir = join(dir, "ek-trust");
+    await mkdir(trustDir);
+    await copyFile(tpm.rootCaPemPath, join(trustDir, "root.pem"));
+    await copyFile(tpm.intermediateCaPemPath, join(trustDir, "intermediate.pem"));
+    const paths = await initCa({ dir: join(dir, "ca"), clock });
+    caPem = await readFile(caPaths(paths.dir).caCert, "utf8");
+    const config = registrarConfigFrom(
+      {
+        listen: { host: "127.0.0.1", port: await freeLoopbackPort() },
+        tls: { cert: paths.serverCert, key: paths.serverKey },
+        data_dir: join(dir, "data"),
+        ca_dir: paths.dir,
+        cert_lifetime: "1h",
+      },
+      dir,
+    );
+    store = new SqliteRegistrarStore(join(config.dataDir, "registrar.db"));
+    app = await startRegistrarApp(config, { store, ca: await FleetCa.load(paths.dir, clock), clock });
+    addEnrolmentGroup(
+      store,
+      { name: "gw", role: "gateway", attributes: {}, methods: ["tpm"], ekTrustDir: trustDir },
+      clock,
+    );
+    base = new TpmKeyProvider({ tcti: tpm.tcti, timeoutMs: 20_000 });
+    await base.createOrOpen();
+    ops = new TpmAttestationOps(base.runner, { akHandle: base.akHandle });
+    const enrolled = await runEnroll(
+      {
+        registrarUrl: app.url,
+        registrarCaFile: caPaths(paths.dir).caCert,
+        method: "tpm",
+        group: "gw",
+        hardwareSerial: "GW-CRASH",
+        stateDir: join(dir, "agent-state"),
+      },
+      { keyProvider: base, tpm: tpmEnrollOps(base, ops), clock },
+    );
+    deviceId = enrolled.state.deviceId;
+    await writeFile(certFile(), enrolled.state.certificatePem);
+  }, 60_000);
+
+  afterAll(async () => {
+    await base?.close();
+    await app?.close();
+    store?.close();
+    await tpm?.stop();
+    if (dir !== undefined) await rm(dir, { recursive: true, force: true });
+  });
+
+  /** One "process": an OAuth client on the current key, the rotation client, a renewer. */
+  async function boot(faults: {
+    beforeCall?: boolean;
+    beforeWrite?: boolean;
+    beforeCommit?: boolean;
+  }): Promise<{ renewer: CertificateRenewer; rotation: AlternatingKeyRotation; close: () => Promise<void> }> {
+    const rotation = tpmKeyRotation(base, stateFile());
+    const keys = await rotation.current();
+    const clients: OAuthClient[] = [];
+    const clientFor = async (k: KeyProvider) => {
+      const c = new OAuthClient(
+        { clientId: deviceId, issuer: app.issuer, caPem, dpop: true },
+        { keys: k, clock },
+      );
+      clients.push(c);
+      const dpop = await c.dpopSigner();
+      if (dpop === undefined) throw new Error("no DPoP signer");
+      return { c, dpop };
+    };
+    const cur = await clientFor(keys);
+    const rotationClient = new TpmRotationClient(
+      { baseUrl: app.issuer, caPem },
+      { tokens: cur.c, dpop: cur.dpop, certify: (h, nonce) => ops.certify(h, base.akHandle, nonce) },
+    );
+    const est = new EstClient(
+      { baseUrl: app.issuer, caPem },
+      { kind: "token", tokens: cur.c, dpop: cur.dpop },
+      clock,
+    );
+    const faulty: KeyRotation = {
+      prepare: () => rotation.prepare(),
+      abort: (next) => rotation.abort(next),
+      hasPending: () => rotation.hasPending(),
+      commit: async (next) => {
+        if (faults.beforeCommit === true) throw new Crash("killed before commit");
+        return rotation.commit(next);
+      },
+    };
+    const renewer = new CertificateRenewer(
+      {
+        deviceId,
+        certFile: certFile(),
+        caPem,
+        rotateKey: true,
+        jitterFraction: 0,
+        retry: { baseMs: 1, factor: 1, capMs: 1, deadlineMs: 1000, maxAttempts: 1, maxRetryAfterMs: 1 },
+      },
+      {
+        keys,
+        est,
+        clock,
+        rotation: faulty,
+        issueWithNewKey: async (next, csr) => {
+          if (faults.beforeCall === true) throw new Crash("killed before the registrar call");
+          return rotationClient.issue(next, csr);
+        },
+        issueForPendingKey: async (next, csr) => {
+          const p = await clientFor(next);
+          return new EstClient(
+            { baseUrl: app.issuer, caPem },
+            { kind: "token", tokens: p.c, dpop: p.dpop },
+            clock,
+          ).simplereenroll(csr);
+        },
+        writeFile: async (path, data) => {
+          if (faults.beforeWrite === true) throw new Crash("killed before the certificate write");
+          await writeFileAtomic(path, data, 0o600);
+        },
+      },
+    );
+    return {
+      renewer,
+      rotation,
+      close: async () => {
+        for (const c of clients) await c.close();
+      },
+    };
+  }
+
+  /** The identity on disk works: cert ↔ current key ↔ registry, and the key gets a token. */
+  async function expectWorkingIdentity(rotation: AlternatingKeyRotation): Promise<string> {
+    const keys = await rotation.current();
+    const info = await keys.open();
+    const cert = new X509Certificate(await readFile(certFile(), "utf8"));
+    expect(Buffer.from(cert.publicKey.rawData)).toEqual(
+      createPublicKey(info.spkiPem).export({ format: "der", type: "spki" }),
+    );
+    expect(store.getDevice(deviceId)?.thumbprint).toBe(info.thumbprint);
+    const c = new OAuthClient({ clientId: deviceId, issuer: app.issuer, caPem, dpop: true }, { keys, clock });
+    await expect(c.getToken()).resolves.toMatchObject({ tokenType: "DPoP" });
+    await c.close();
+    return info.thumbprint;
+  }
+
+  it("killed before the registrar call: old identity works; the next run rotates", async () => {
+    const before = await expectWorkingIdentity(tpmKeyRotation(base, stateFile()));
+    const p1 = await boot({ beforeCall: true });
+    await expect(p1.renewer.renew()).rejects.toMatchObject({ cause: expect.any(Crash) });
+    await p1.close();
+    expect(await p1.rotation.hasPending()).toBe(true);
+    expect(await expectWorkingIdentity(p1.rotation)).toBe(before);
+    const p2 = await boot({});
+    await p2.renewer.renew();
+    await p2.close();
+    expect(await p2.rotation.hasPending()).toBe(false);
+    expect(await expectWorkingIdentity(p2.rotation)).not.toBe(before);
+  }, 60_000);
+
+  it("killed after the registrar switched keys, before the certificate write: recovered with the pending key", async () => {
+    const before = await expectWorkingIdentity(tpmKeyRotation(base, stateFile()));
+    const p1 = await boot({ beforeWrite: true });
+    await expect(p1.renewer.renew()).rejects.toMatchObject({ cause: expect.any(Crash) });
+    await p1.close();
+    // The registrar holds the new key; the device still has the old certificate and a pending key.
+    expect(store.getDevice(deviceId)?.thumbprint).not.toBe(before);
+    expect(await p1.rotation.hasPending()).toBe(true);
+    const p2 = await boot({});
+    expect(await p2.renewer.recoverRotation()).toBe(true);
+    await p2.close();
+    expect(await p2.rotation.hasPending()).toBe(false);
+    expect(await expectWorkingIdentity(p2.rotation)).not.toBe(before);
+  }, 60_000);
+
+  it("killed after the certificate write, before the old key is destroyed: the commit is finished", async () => {
+    const before = await expectWorkingIdentity(tpmKeyRotation(base, stateFile()));
+    const oldHandle = (await tpmKeyRotation(base, stateFile()).current()) as TpmKeyProvider;
+    const p1 = await boot({ beforeCommit: true });
+    await expect(p1.renewer.renew()).rejects.toMatchObject({ cause: expect.any(Crash) });
+    await p1.close();
+    expect(await p1.rotation.hasPending()).toBe(true);
+    // The old key still exists (not destroyed before the commit).
+    await expect(oldHandle.open()).resolves.toMatchObject({ thumbprint: before });
+    const p2 = await boot({});
+    expect(await p2.renewer.recoverRotation()).toBe(true);
+    await p2.close();
+    expect(await expectWorkingIdentity(p2.rotation)).not.toBe(before);
+    await expect(
+      new TpmKeyProvider({ runner: base.runner, keyHandle: oldHandle.keyHandle }).open(),
+    ).rejects.toMatchObject({ code: "ERR_KEY_NOT_FOUND" });
+  }, 60_000);
+});
