@@ -107,6 +107,8 @@ type Op =
 const INSERT_CHUNK = 50;
 /** Seqs per batched ack statement. */
 const ACK_CHUNK = 500;
+/** Longest an ack waits to share a commit with other acks (an append flushes them at once). */
+const ACK_COALESCE_MS = 4;
 const WAIT_DONE = Object.freeze({ reason: "wait done" });
 
 const META_KEYS = [
@@ -196,6 +198,8 @@ export class SqliteOutbox implements Outbox {
   #meta: Record<MetaKey, number>;
   #queue: Op[] = [];
   #flushScheduled = false;
+  /** A short timer collecting acks into one commit (no append waiting): see ACK_COALESCE_MS. */
+  #ackTimer: NodeJS.Timeout | undefined;
   #closed = false;
   readonly #synchronous: "FULL" | "NORMAL";
   #currentSync: "FULL" | "NORMAL";
@@ -421,7 +425,18 @@ export class SqliteOutbox implements Outbox {
 
   #enqueue(op: Op): void {
     this.#queue.push(op);
+    if (op.kind === "ack" && !this.#flushScheduled) {
+      // Acks need no fsync and nobody waits on them: gather a few milliseconds' worth into one commit
+      // (fewer transactions and WAL frames while the delivery side runs at full speed).
+      this.#ackTimer ??= setTimeout(() => {
+        this.#ackTimer = undefined;
+        if (!this.#flushScheduled) this.#flush();
+      }, ACK_COALESCE_MS);
+      return;
+    }
     if (!this.#flushScheduled) {
+      if (this.#ackTimer !== undefined) clearTimeout(this.#ackTimer);
+      this.#ackTimer = undefined;
       this.#flushScheduled = true;
       // setImmediate: every append issued in this tick (e.g. by several HTTP requests parsed in the
       // same I/O phase) joins the same transaction and fsync.
@@ -930,6 +945,8 @@ export class SqliteOutbox implements Outbox {
 
   async close(): Promise<void> {
     if (this.#closed) return;
+    if (this.#ackTimer !== undefined) clearTimeout(this.#ackTimer);
+    this.#ackTimer = undefined;
     if (this.#queue.length > 0) this.#flush();
     // Let pending journal syncs finish so every accepted append is answered.
     while (this.#syncing || this.#awaitingSync.length > 0) await new Promise((r) => setImmediate(r));

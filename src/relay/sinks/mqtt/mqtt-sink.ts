@@ -158,6 +158,7 @@ export class MqttSink implements Sink {
   }
 
   async deliver(batch: readonly OutboxMessage[]): Promise<DeliveryOutcome[]> {
+    if (batch.length === 0) return [];
     let conn: Conn;
     try {
       conn = await this.#ensureConnected();
@@ -165,40 +166,51 @@ export class MqttSink implements Sink {
       const e = asM2mError(err);
       return batch.map((m) => ({ id: m.id, kind: "retry", code: e.code }));
     }
-    return Promise.all(batch.map((m) => this.#publish(conn, m)));
+    // One promise per batch (not per message): the publishes go out in one tick (one corked write)
+    // and each PUBACK fills its slot.
+    return new Promise<DeliveryOutcome[]>((resolve) => {
+      const out = new Array<DeliveryOutcome>(batch.length);
+      let left = batch.length;
+      const fill = (i: number, o: DeliveryOutcome): void => {
+        out[i] = o;
+        if (--left === 0) resolve(out);
+      };
+      for (let i = 0; i < batch.length; i++) this.#publish(conn, batch[i] as OutboxMessage, i, fill);
+    });
   }
 
-  #publish(conn: Conn, m: OutboxMessage): Promise<DeliveryOutcome> {
-    return new Promise<DeliveryOutcome>((resolve) => {
-      let settled = false;
-      const settle = (err: Error | undefined): void => {
-        if (settled) return;
-        settled = true;
-        conn.pending.delete(settle);
-        if (err === undefined) {
-          this.counters.published++;
-          resolve({ id: m.id, kind: "ok" });
-        } else {
-          const o = classifyPublishError(m.id, err);
-          if (o.kind === "dead-letter") this.counters.deadLettered++;
-          resolve(o);
-        }
-      };
-      if (conn.closed) return settle(new Error("connection closed"));
-      conn.pending.add(settle);
-      conn.client.publish(
-        this.topicFor(m.channel),
-        Buffer.from(m.payload.buffer, m.payload.byteOffset, m.payload.byteLength),
-        {
-          qos: 1,
-          properties: {
-            contentType: m.contentType,
-            userProperties: { "m2m-id": m.id, "m2m-ts": String(m.ts) },
-          },
+  #publish(conn: Conn, m: OutboxMessage, i: number, fill: (i: number, o: DeliveryOutcome) => void): void {
+    let settled = false;
+    const settle = (err: Error | undefined): void => {
+      if (settled) return;
+      settled = true;
+      conn.pending.delete(settle);
+      if (err === undefined) {
+        this.counters.published++;
+        fill(i, { id: m.id, kind: "ok" });
+      } else {
+        const o = classifyPublishError(m.id, err);
+        if (o.kind === "dead-letter") this.counters.deadLettered++;
+        fill(i, o);
+      }
+    };
+    if (conn.closed) {
+      settle(new Error("connection closed"));
+      return;
+    }
+    conn.pending.add(settle);
+    conn.client.publish(
+      this.topicFor(m.channel),
+      Buffer.from(m.payload.buffer, m.payload.byteOffset, m.payload.byteLength),
+      {
+        qos: 1,
+        properties: {
+          contentType: m.contentType,
+          userProperties: { "m2m-id": m.id, "m2m-ts": String(m.ts) },
         },
-        (err) => settle(err ?? undefined),
-      );
-    });
+      },
+      (err) => settle(err ?? undefined),
+    );
   }
 
   /**
