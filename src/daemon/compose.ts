@@ -1,5 +1,6 @@
 import { X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
+import { join } from "node:path";
 import type { ApiServer } from "../api/server.js";
 import { type AgentConfig, auditLogPath, configKeys } from "../config/index.js";
 import { type Clock, systemClock } from "../core/clock.js";
@@ -45,10 +46,19 @@ export async function keyProviderFromConfig(
   switch (k.provider) {
     case "tpm": {
       const { TpmKeyProvider } = await import("../keys/tpm/tpm-provider.js");
+      // With key rotation on, the current key is the one the rotation state names (key_handle or
+      // its alternate, see docs/credentials.md), so a restart after a rotation keeps the new key.
+      const keyHandle =
+        config.credentials.est?.rotate_key === true
+          ? await (await import("../credentials/est/tpm-rotation.js")).currentTpmKeyHandle(
+              join(config.agent.state_dir, "key-rotation.json"),
+              { keyHandle: k.tpm.key_handle, srkHandle: k.tpm.srk_handle, akHandle: k.tpm.ak_handle },
+            )
+          : k.tpm.key_handle;
       return new TpmKeyProvider({
         tcti: k.tpm.tcti,
         srkHandle: k.tpm.srk_handle,
-        keyHandle: k.tpm.key_handle,
+        keyHandle,
         akHandle: k.tpm.ak_handle,
         algorithm: k.tpm.algorithm,
         timeoutMs: k.tpm.timeout_ms,
@@ -66,10 +76,18 @@ export async function keyProviderFromConfig(
         );
       }
       const { Pkcs11KeyProvider } = await import("../keys/pkcs11/index.js");
+      // Key rotation alternates key_label and key_label-alt; the rotation state names the current one.
+      const keyLabel =
+        config.credentials.est?.rotate_key === true
+          ? await (await import("../credentials/est/key-rotation.js")).currentRotationName(
+              join(config.agent.state_dir, "key-rotation.json"),
+              [p.key_label, `${p.key_label}-alt`],
+            )
+          : p.key_label;
       return new Pkcs11KeyProvider({
         modulePath: p.module,
         tokenLabel: p.token_label,
-        keyLabel: p.key_label,
+        keyLabel,
         ...(p.key_id === undefined ? {} : { keyId: p.key_id }),
         algorithm: p.algorithm,
         pin: p.pin,

@@ -5,6 +5,31 @@ import { M2mError } from "../../core/errors.js";
 import type { KeyProvider } from "../../keys/key-provider.js";
 import type { KeyRotation } from "./renewer.js";
 
+/** Rotation state file name inside the agent's state_dir (which of the two keys is current). */
+export const KEY_ROTATION_STATE_FILE = "key-rotation.json";
+
+/** The two PKCS#11 labels the daemon alternates between: `key_label` and `key_label-alt`. */
+export function pkcs11RotationLabels(label: string): [string, string] {
+  return [label, `${label}-alt`];
+}
+
+/**
+ * Which of `names` is current per the state file (the first when there is none).
+ * @throws ERR_KEY_ROTATION_STATE when the file is invalid or names another key.
+ */
+export async function currentRotationName(
+  stateFile: string,
+  names: readonly [string, string],
+): Promise<string> {
+  return new AlternatingKeyRotation({
+    names,
+    stateFile,
+    make: () => {
+      throw new M2mError("ERR_INTERNAL", "permanent", "not used");
+    },
+  }).currentName();
+}
+
 const stateSchema = z.strictObject({
   v: z.literal(1),
   current: z.string().min(1),

@@ -1,13 +1,15 @@
 import { X509Certificate } from "node:crypto";
-import { readFile } from "node:fs/promises";
+import { readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentConfig } from "../../config/index.js";
 import { writeFileAtomic } from "../../core/atomic-file.js";
 import { asM2mError, type M2mError } from "../../core/errors.js";
+import type { DaemonRotation } from "../../credentials/est/daemon-rotation.js";
 import type { CertificateRenewer, CertificateStatus } from "../../credentials/est/renewer.js";
 import type { OAuthClient } from "../../credentials/oauth/client.js";
 import type { AccessToken, DpopSigner, TokenSource } from "../../credentials/oauth/token-source.js";
-import type { EnrolmentState } from "../../enroll/state.js";
+import { type EnrolmentState, writeEnrolmentState } from "../../enroll/state.js";
+import type { KeyProvider } from "../../keys/key-provider.js";
 import type { AgentStage, StageContext, StageHandle } from "../compose.js";
 
 /** The device certificate the renewer keeps current (seeded from the enrolment state). */
@@ -106,9 +108,12 @@ export async function seedCertificate(path: string, enrolment: EnrolmentState): 
   } catch {
     current = undefined;
   }
+  // A NEWER certificate for another key is a key rotation whose enrolment-state update a crash cut
+  // off: it wins (its key is the current one; the enrolment's key may already be destroyed).
+  const newer = current !== undefined && new Date(current.validFrom) > new Date(fromState.validFrom);
   const stale =
     current === undefined ||
-    !current.publicKey.equals(fromState.publicKey) ||
+    (!newer && !current.publicKey.equals(fromState.publicKey)) ||
     new Date(current.validFrom) < new Date(fromState.validFrom);
   if (stale) await writeFileAtomic(path, `${enrolment.certificatePem.trim()}\n`, 0o600);
 }
@@ -171,20 +176,33 @@ export const credentialsStage: AgentStage = {
       };
     }
     const { OAuthClient } = await import("../../credentials/oauth/client.js");
-    const client: OAuthClient = new OAuthClient(
-      {
-        clientId: target.clientId,
-        ...(target.issuer === undefined ? {} : { issuer: target.issuer }),
-        ...(target.tokenEndpoint === undefined ? {} : { tokenEndpoint: target.tokenEndpoint }),
-        scope: target.scope,
-        dpop: target.dpop,
-        refreshFraction: target.refreshFraction,
-        ...(target.cacheFile === undefined ? {} : { cacheFile: target.cacheFile }),
-        ...(target.caPem === undefined ? {} : { caPem: target.caPem }),
-      },
-      { keys: ctx.key.provider, clock: ctx.clock, log: ctx.log.child({ component: "oauth" }) },
-    );
-    const dpop: DpopSigner | undefined = await client.dpopSigner();
+    const makeClient = (keys: KeyProvider): OAuthClient =>
+      new OAuthClient(
+        {
+          clientId: target.clientId,
+          ...(target.issuer === undefined ? {} : { issuer: target.issuer }),
+          ...(target.tokenEndpoint === undefined ? {} : { tokenEndpoint: target.tokenEndpoint }),
+          scope: target.scope,
+          dpop: target.dpop,
+          refreshFraction: target.refreshFraction,
+          ...(target.cacheFile === undefined ? {} : { cacheFile: target.cacheFile }),
+          ...(target.caPem === undefined ? {} : { caPem: target.caPem }),
+        },
+        { keys, clock: ctx.clock, log: ctx.log.child({ component: "oauth" }) },
+      );
+    // After a key rotation the client is rebuilt on the new key; `tokens` and `dpop` forward to it.
+    let client: OAuthClient = makeClient(ctx.key.provider);
+    let currentDpop: DpopSigner | undefined = await client.dpopSigner();
+    const dpop: DpopSigner | undefined =
+      currentDpop === undefined
+        ? undefined
+        : {
+            proof: (method, url, token) => {
+              if (currentDpop === undefined) throw new Error("unreachable: DPoP was on at start");
+              return currentDpop.proof(method, url, token);
+            },
+            rememberNonce: (url, nonce) => currentDpop?.rememberNonce(url, nonce),
+          };
     let lastToken: TokenView | undefined;
     let tokenHealth: { ok: boolean; code?: string; detail: string } = client.health();
 
@@ -256,6 +274,7 @@ export const credentialsStage: AgentStage = {
     let certStatus: CertificateStatus | undefined;
     let certHealth: { ok: boolean; code?: string; detail: string } | undefined;
     let estAuth: "mtls" | "token" | undefined;
+    let rotating: DaemonRotation | undefined;
     let certLoop: Promise<void> = Promise.resolve();
     if (enrolment !== undefined) {
       const certFile = deviceCertPath(config);
@@ -266,15 +285,39 @@ export const credentialsStage: AgentStage = {
       const p = config.keys.pkcs11;
       const pinFile = ctx.key.provider.kind === "pkcs11" ? pinFileOf(config, ctx.env) : undefined;
       let auth: ConstructorParameters<typeof EstClient>[1];
+      const baseUrl = estBaseUrl(config, enrolment);
+      if (config.credentials.est?.rotate_key === true) {
+        const { daemonKeyRotation } = await import("../../credentials/est/daemon-rotation.js");
+        rotating = await daemonKeyRotation({
+          config,
+          baseUrl,
+          caPem,
+          clock: ctx.clock,
+          tokens,
+          dpop,
+          tokenClientFor: async (keys) => {
+            const c = makeClient(keys);
+            return { tokens: c, dpop: await c.dpopSigner(), close: () => c.close() };
+          },
+        });
+      }
+      const rot = rotating;
       if (pinFile !== undefined && p.module !== undefined && p.token_label !== undefined) {
         // TLS client auth with the current certificate; the key is used inside the token through
         // the OpenSSL engine (engine-tls.ts, the one module that knows about engines).
         const { createEngineSecureContext } = await import("../../relay/sinks/mqtt/engine-tls.js");
-        const engine = { modulePath: p.module, tokenLabel: p.token_label, keyLabel: p.key_label, pinFile };
+        const engine = { modulePath: p.module, tokenLabel: p.token_label, pinFile };
         auth = {
           kind: "mtls",
           certPem: () => readFile(certFile, "utf8"),
-          secureContext: (certPem) => createEngineSecureContext({ ...engine, certPem, caPem }),
+          // With rotation, the CURRENT label (from the rotation state) authenticates the handshake.
+          secureContext: async (certPem) =>
+            createEngineSecureContext({
+              ...engine,
+              keyLabel: (await rot?.currentLabel?.()) ?? p.key_label,
+              certPem,
+              caPem,
+            }),
         };
         estAuth = "mtls";
       } else {
@@ -282,19 +325,50 @@ export const credentialsStage: AgentStage = {
         auth = { kind: "token", tokens, ...(dpop === undefined ? {} : { dpop }), scope: "est" };
         estAuth = "token";
       }
-      const est = new EstClient({ baseUrl: estBaseUrl(config, enrolment), caPem }, auth, ctx.clock);
+      const est = new EstClient({ baseUrl, caPem }, auth, ctx.clock);
       const reenrol = ctx.services.get("reenrol") as (() => Promise<EnrolmentState>) | undefined;
-      if (config.credentials.est?.rotate_key === true)
-        ctx.health.set("credentials.rotation", "est.rotate_key is set but no key rotation backend is wired");
+      const enrolled = enrolment;
       renewer = new CertificateRenewer(
         {
           deviceId: enrolment.deviceId,
           certFile,
           caPem: enrolment.caChainPem.join("\n"),
           renewFraction: config.credentials.est?.renew_fraction ?? 2 / 3,
+          ...(rot === undefined ? {} : { rotateKey: true }),
         },
         {
           keys: ctx.key.provider,
+          ...(rot === undefined
+            ? {}
+            : {
+                rotation: rot.rotation,
+                ...(rot.issueWithNewKey === undefined ? {} : { issueWithNewKey: rot.issueWithNewKey }),
+                issueForPendingKey: rot.issueForPendingKey,
+                // The new certificate is in place and the old key destroyed: sign with the new key
+                // from now on (tokens, DPoP, EST), record it in the enrolment state, drop old tokens.
+                onRotated: async (next: KeyProvider, certPem: string) => {
+                  const info = await next.open();
+                  const old = client;
+                  old.invalidate();
+                  if (target.cacheFile !== undefined) await rm(target.cacheFile, { force: true });
+                  client = makeClient(next);
+                  currentDpop = await client.dpopSigner();
+                  ctx.services.set("oauthClient", client);
+                  await old.close().catch(() => undefined);
+                  await writeEnrolmentState(config.agent.state_dir, {
+                    ...enrolled,
+                    certificatePem: certPem,
+                    keyRef: info.ref,
+                    keyThumbprint: info.thumbprint,
+                  });
+                  await ctx.audit.record("rotated", {
+                    kind: "key",
+                    ref: info.ref,
+                    thumbprint: info.thumbprint,
+                  });
+                  ctx.log.info("device key rotated", { ref: info.ref });
+                },
+              }),
           est,
           clock: ctx.clock,
           log: ctx.log.child({ component: "est" }),
@@ -369,6 +443,7 @@ export const credentialsStage: AgentStage = {
         controller.abort();
         await Promise.allSettled([tokenLoop, certLoop]);
         await client.close();
+        await rotating?.close();
       },
     };
   },
