@@ -196,6 +196,8 @@ export class SqliteOutbox implements Outbox {
   readonly #state = new Map<string, SinkState>();
   readonly #allBits: number;
   #meta: Record<MetaKey, number>;
+  /** The values last committed to `meta`: a commit rewrites only the counters that changed. */
+  #metaWritten: Partial<Record<MetaKey, number>> = {};
   #queue: Op[] = [];
   #flushScheduled = false;
   /** A short timer collecting acks into one commit (no append waiting): see ACK_COALESCE_MS. */
@@ -312,6 +314,7 @@ export class SqliteOutbox implements Outbox {
     };
     this.#allBits = this.#registerSinks();
     this.#writeMeta();
+    this.#metaWritten = { ...this.#meta };
     const ttlCheckMs = options.ttlCheckMs ?? 60_000;
     if (ttlCheckMs > 0 && this.#limits.ttlMs > 0) {
       this.#ttlTimer = setInterval(() => {
@@ -410,7 +413,9 @@ export class SqliteOutbox implements Outbox {
   }
 
   #writeMeta(): void {
-    for (const k of META_KEYS) this.#stmts.setMeta.run(k, this.#meta[k]);
+    for (const k of META_KEYS) {
+      if (this.#metaWritten[k] !== this.#meta[k]) this.#stmts.setMeta.run(k, this.#meta[k]);
+    }
   }
 
   #sink(name: string): SinkState {
@@ -598,6 +603,7 @@ export class SqliteOutbox implements Outbox {
       for (const op of ops) op.reject(e);
       return;
     }
+    this.#metaWritten = { ...this.#meta };
     this.#forget(dropped);
     for (const r of results) r();
     if (this.#awaitingSync.length > 0) this.#syncWal();
