@@ -1,4 +1,5 @@
 import "reflect-metadata";
+import { spawn } from "node:child_process";
 import { createPublicKey } from "node:crypto";
 import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
@@ -6,11 +7,10 @@ import { join } from "node:path";
 import { X509Certificate } from "@peculiar/x509";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { freeLoopbackPort, type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
-import { writeFileAtomic } from "../../src/core/atomic-file.js";
 import { ManualClock } from "../../src/core/clock.js";
 import { EstClient } from "../../src/credentials/est/est-client.js";
 import type { AlternatingKeyRotation } from "../../src/credentials/est/key-rotation.js";
-import { CertificateRenewer, type KeyRotation } from "../../src/credentials/est/renewer.js";
+import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
 import { TpmRotationClient, tpmKeyRotation } from "../../src/credentials/est/tpm-rotation.js";
 import { OAuthClient } from "../../src/credentials/oauth/client.js";
 import { runEnroll, tpmEnrollOps } from "../../src/enroll/index.js";
@@ -22,13 +22,13 @@ import { type RunningRegistrarApp, startRegistrarApp } from "../../src/registrar
 import { caPaths, FleetCa, initCa } from "../../src/registrar/ca/index.js";
 import { registrarConfigFrom } from "../../src/registrar/config.js";
 import { SqliteRegistrarStore } from "../../src/registrar/store/index.js";
-
-class Crash extends Error {}
+import { bundleForChild } from "./oauth-fixtures.js";
 
 /**
- * A TPM key rotation interrupted at each step (the process "dies": a plain error, no cleanup, and
- * the next attempt is a fresh renewer on the same TPM and files) always leaves a working identity:
- * old key + old certificate, or new key + new certificate, matching what the registry holds.
+ * A TPM key rotation SIGKILLed at each step (a child process stops dead right before the registrar
+ * call / the certificate write / the commit and is killed there; the next "process" is a fresh
+ * renewer on the same TPM and files) always leaves a working identity: old key + old certificate,
+ * or new key + new certificate, matching what the registry holds.
  */
 describe("TPM key rotation: a crash between steps recovers", () => {
   let tpm: SwtpmHandle;
@@ -39,6 +39,8 @@ describe("TPM key rotation: a crash between steps recovers", () => {
   let base: TpmKeyProvider;
   let ops: TpmAttestationOps;
   let caPem: string;
+  let caFile: string;
+  let childJs: string;
   let deviceId: string;
   const certFile = (): string => join(dir, "device.pem");
   const stateFile = (): string => join(dir, "key-rotation.json");
@@ -52,7 +54,12 @@ describe("TPM key rotation: a crash between steps recovers", () => {
     await copyFile(tpm.rootCaPemPath, join(trustDir, "root.pem"));
     await copyFile(tpm.intermediateCaPemPath, join(trustDir, "intermediate.pem"));
     const paths = await initCa({ dir: join(dir, "ca"), clock });
-    caPem = await readFile(caPaths(paths.dir).caCert, "utf8");
+    caFile = caPaths(paths.dir).caCert;
+    caPem = await readFile(caFile, "utf8");
+    childJs = await bundleForChild(
+      new URL("./rotation-kill-child.ts", import.meta.url).pathname,
+      "rotation-kill-child",
+    );
     const config = registrarConfigFrom(
       {
         listen: { host: "127.0.0.1", port: await freeLoopbackPort() },
@@ -96,12 +103,54 @@ describe("TPM key rotation: a crash between steps recovers", () => {
     if (dir !== undefined) await rm(dir, { recursive: true, force: true });
   });
 
+  /** Runs the rotation in a child and SIGKILLs it at `step`. */
+  async function killedAt(step: "before-call" | "before-write" | "before-commit"): Promise<void> {
+    const child = spawn(
+      process.execPath,
+      [
+        childJs,
+        JSON.stringify({
+          tcti: tpm.tcti,
+          issuer: app.issuer,
+          caFile,
+          deviceId,
+          certFile: certFile(),
+          stateFile: stateFile(),
+          step,
+        }),
+      ],
+      { stdio: ["ignore", "pipe", "pipe"] },
+    );
+    let out = "";
+    let err = "";
+    child.stderr?.on("data", (c: Buffer) => {
+      err += c.toString();
+    });
+    const exited = new Promise<void>((r) => child.on("exit", () => r()));
+    await new Promise<void>((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error(`child never reached ${step}: ${out} ${err}`)), 30_000);
+      child.stdout?.on("data", (c: Buffer) => {
+        out += c.toString();
+        if (out.includes(`at ${step}`)) {
+          clearTimeout(t);
+          resolve();
+        }
+      });
+      child.on("exit", () => {
+        clearTimeout(t);
+        reject(new Error(`child exited before ${step}: ${out} ${err}`));
+      });
+    });
+    child.kill("SIGKILL");
+    await exited;
+  }
+
   /** One "process": an OAuth client on the current key, the rotation client, a renewer. */
-  async function boot(faults: {
-    beforeCall?: boolean;
-    beforeWrite?: boolean;
-    beforeCommit?: boolean;
-  }): Promise<{ renewer: CertificateRenewer; rotation: AlternatingKeyRotation; close: () => Promise<void> }> {
+  async function boot(): Promise<{
+    renewer: CertificateRenewer;
+    rotation: AlternatingKeyRotation;
+    close: () => Promise<void>;
+  }> {
     const rotation = tpmKeyRotation(base, stateFile());
     const keys = await rotation.current();
     const clients: OAuthClient[] = [];
@@ -125,15 +174,6 @@ describe("TPM key rotation: a crash between steps recovers", () => {
       { kind: "token", tokens: cur.c, dpop: cur.dpop },
       clock,
     );
-    const faulty: KeyRotation = {
-      prepare: () => rotation.prepare(),
-      abort: (next) => rotation.abort(next),
-      hasPending: () => rotation.hasPending(),
-      commit: async (next) => {
-        if (faults.beforeCommit === true) throw new Crash("killed before commit");
-        return rotation.commit(next);
-      },
-    };
     const renewer = new CertificateRenewer(
       {
         deviceId,
@@ -147,11 +187,8 @@ describe("TPM key rotation: a crash between steps recovers", () => {
         keys,
         est,
         clock,
-        rotation: faulty,
-        issueWithNewKey: async (next, csr) => {
-          if (faults.beforeCall === true) throw new Crash("killed before the registrar call");
-          return rotationClient.issue(next, csr);
-        },
+        rotation,
+        issueWithNewKey: (next, csr) => rotationClient.issue(next, csr),
         issueForPendingKey: async (next, csr) => {
           const p = await clientFor(next);
           return new EstClient(
@@ -159,10 +196,6 @@ describe("TPM key rotation: a crash between steps recovers", () => {
             { kind: "token", tokens: p.c, dpop: p.dpop },
             clock,
           ).simplereenroll(csr);
-        },
-        writeFile: async (path, data) => {
-          if (faults.beforeWrite === true) throw new Crash("killed before the certificate write");
-          await writeFileAtomic(path, data, 0o600);
         },
       },
     );
@@ -192,12 +225,11 @@ describe("TPM key rotation: a crash between steps recovers", () => {
 
   it("killed before the registrar call: old identity works; the next run rotates", async () => {
     const before = await expectWorkingIdentity(tpmKeyRotation(base, stateFile()));
-    const p1 = await boot({ beforeCall: true });
-    await expect(p1.renewer.renew()).rejects.toMatchObject({ cause: expect.any(Crash) });
-    await p1.close();
+    await killedAt("before-call");
+    const p1 = { rotation: tpmKeyRotation(base, stateFile()) };
     expect(await p1.rotation.hasPending()).toBe(true);
     expect(await expectWorkingIdentity(p1.rotation)).toBe(before);
-    const p2 = await boot({});
+    const p2 = await boot();
     await p2.renewer.renew();
     await p2.close();
     expect(await p2.rotation.hasPending()).toBe(false);
@@ -206,13 +238,12 @@ describe("TPM key rotation: a crash between steps recovers", () => {
 
   it("killed after the registrar switched keys, before the certificate write: recovered with the pending key", async () => {
     const before = await expectWorkingIdentity(tpmKeyRotation(base, stateFile()));
-    const p1 = await boot({ beforeWrite: true });
-    await expect(p1.renewer.renew()).rejects.toMatchObject({ cause: expect.any(Crash) });
-    await p1.close();
+    await killedAt("before-write");
+    const p1 = { rotation: tpmKeyRotation(base, stateFile()) };
     // The registrar holds the new key; the device still has the old certificate and a pending key.
     expect(store.getDevice(deviceId)?.thumbprint).not.toBe(before);
     expect(await p1.rotation.hasPending()).toBe(true);
-    const p2 = await boot({});
+    const p2 = await boot();
     expect(await p2.renewer.recoverRotation()).toBe(true);
     await p2.close();
     expect(await p2.rotation.hasPending()).toBe(false);
@@ -222,13 +253,12 @@ describe("TPM key rotation: a crash between steps recovers", () => {
   it("killed after the certificate write, before the old key is destroyed: the commit is finished", async () => {
     const before = await expectWorkingIdentity(tpmKeyRotation(base, stateFile()));
     const oldHandle = (await tpmKeyRotation(base, stateFile()).current()) as TpmKeyProvider;
-    const p1 = await boot({ beforeCommit: true });
-    await expect(p1.renewer.renew()).rejects.toMatchObject({ cause: expect.any(Crash) });
-    await p1.close();
+    await killedAt("before-commit");
+    const p1 = { rotation: tpmKeyRotation(base, stateFile()) };
     expect(await p1.rotation.hasPending()).toBe(true);
     // The old key still exists (not destroyed before the commit).
     await expect(oldHandle.open()).resolves.toMatchObject({ thumbprint: before });
-    const p2 = await boot({});
+    const p2 = await boot();
     expect(await p2.renewer.recoverRotation()).toBe(true);
     await p2.close();
     expect(await expectWorkingIdentity(p2.rotation)).not.toBe(before);
