@@ -39,9 +39,9 @@ import {
  *    The leak this test found (one PromiseReaction per relay wait) measured +1.7 to +2.7 MiB/min.
  *    0.5 MiB/min = ~6 bytes retained per message at 1.5k msg/s.
  *  - post-GC VmRSS rises ~3.5 MiB over the first ~2 minutes (glibc arenas warming up, heap flat)
- *    then stays flat (113 -> 117 MiB over 300 s: 0.52 MiB/min overall); a 90 s window measures up
- *    to 2.1 MiB/min, hence 3 MiB/min (= ~35 bytes per message).
- *  - VmRSS peaks at 142–152 MiB in the first seconds (startup), ~120–130 MiB under load: 192 MiB.
+ *    then stays flat (113 -> 117 MiB over 300 s: 0.52 MiB/min overall); a 90 s window measures
+ *    2.0–2.3 MiB/min, hence 4 MiB/min (= ~47 bytes per message).
+ *  - VmRSS (with the forced GCs) peaks at 142–177 MiB, ~120–130 MiB most of the time: 224 MiB.
  * Not a timing test: throughput is not asserted (open loop; a tick is skipped when saturated).
  * To find what is retained when a bound fails, diff two `HeapProfiler.takeHeapSnapshot`s by
  * constructor (that is how the relay leak was found).
@@ -49,8 +49,8 @@ import {
 const SOAK_S = Number(process.env.M2M_SOAK_SECONDS ?? 90);
 const WARMUP_S = 20;
 const HEAP_SLOPE_BOUND = 0.5;
-const RSS_SLOPE_BOUND = 3;
-const RSS_CEILING_MIB = 192;
+const RSS_SLOPE_BOUND = 4;
+const RSS_CEILING_MIB = 224;
 const BATCH = 75;
 const TICK_MS = 50;
 const MAX_IN_FLIGHT = 8;
