@@ -110,6 +110,26 @@ describe("HTTPS sink pipelining (next batch encoded during the POST; POSTs in or
     await s.close();
   });
 
+  it("regression: POSTs go in call order even when a later, smaller batch finishes encoding first", async () => {
+    const s = sink();
+    failNext = 1;
+    posts = 0;
+    // A is slow to gzip (big, incompressible-ish payloads), B is tiny: B's encoding finishes first.
+    const a = msgs(300, 1000).map((m, i) => ({
+      ...m,
+      payload: enc.encode(
+        JSON.stringify({ n: i, r: Buffer.from(newMessageId().repeat(40)).toString("base64") }),
+      ),
+    }));
+    const b = msgs(1, 2000);
+    const [ra, rb] = await Promise.all([s.deliver(a), s.deliver(b)]);
+    // A went first and failed; B was handed back untried instead of overtaking it.
+    expect(ra.map((o) => o.kind)).toEqual(Array(300).fill("retry"));
+    expect(rb[0]).toMatchObject({ kind: "retry", code: "ERR_HTTPS_PREDECESSOR_FAILED" });
+    expect(posts).toBe(1);
+    await s.close();
+  });
+
   it("through the relay with 5xx faults: everything arrives, first arrivals in append order", async () => {
     const outbox = SqliteOutbox.open({ path: join(dir, "pipe.db"), sinks: ["https"], ttlCheckMs: 0 });
     const s = sink();

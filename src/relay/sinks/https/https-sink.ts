@@ -136,35 +136,44 @@ export class HttpsSink implements Sink {
     return `{"messages":[${items.join(",")}]}`;
   }
 
-  async deliver(batch: readonly OutboxMessage[]): Promise<DeliveryOutcome[]> {
-    if (batch.length === 0) return [];
-    const retryAll = (code: string, delayMs?: number): DeliveryOutcome[] =>
-      batch.map((m) => ({ id: m.id, kind: "retry", code, ...(delayMs === undefined ? {} : { delayMs }) }));
-
-    let payload: Buffer;
+  /** JSON + gzip of a batch; undefined (logged) when it cannot be encoded. Never rejects. */
+  async #encode(batch: readonly OutboxMessage[]): Promise<Buffer | undefined> {
     try {
       const json = Buffer.from(this.#body(batch), "utf8");
-      payload = this.#o.gzip === false ? json : await gzip(json, { level: this.#o.gzipLevel ?? 1 });
+      return this.#o.gzip === false ? json : await gzip(json, { level: this.#o.gzipLevel ?? 1 });
     } catch (err) {
       this.#log.error("cannot encode batch", { err: asM2mError(err) });
-      return retryAll("ERR_HTTPS_ENCODE");
+      return undefined;
     }
-    const ids = batch.map((m) => m.id).join(",");
-    if ((this.#o.concurrency ?? 1) > 1) return this.#send(batch, payload, ids);
+  }
 
-    // Ordered: one POST at a time, in the order deliver() was called (the relay leases in seq order).
+  async deliver(batch: readonly OutboxMessage[]): Promise<DeliveryOutcome[]> {
+    if (batch.length === 0) return [];
+    const retryAll = (code: string): DeliveryOutcome[] =>
+      batch.map((m) => ({ id: m.id, kind: "retry", code }));
+    const ordered = (this.#o.concurrency ?? 1) === 1;
+    // Taken synchronously at the call, before any await: POSTs go in call order (= lease order)
+    // whatever order the encodings finish in, and a failure seen later is a failure ahead of us.
     const epoch = this.#failEpoch;
     const prev = this.#chain;
     let release: () => void = () => undefined;
-    this.#chain = new Promise<void>((r) => {
-      release = r;
-    });
+    if (ordered) {
+      this.#chain = new Promise<void>((r) => {
+        release = r;
+      });
+    }
     try {
-      await prev;
+      // Encoding starts now: it overlaps the POST still in flight ahead of this batch.
+      const encoding = this.#encode(batch);
+      if (ordered) await prev;
+      const payload = await encoding;
       // The batch before this one failed and will be retried: sending this one now would overtake it.
-      if (epoch !== this.#failEpoch) return retryAll("ERR_HTTPS_PREDECESSOR_FAILED");
-      const out = await this.#send(batch, payload, ids);
-      if (out.some((o) => o.kind === "retry")) this.#failEpoch++;
+      if (ordered && epoch !== this.#failEpoch) return retryAll("ERR_HTTPS_PREDECESSOR_FAILED");
+      const out =
+        payload === undefined
+          ? retryAll("ERR_HTTPS_ENCODE")
+          : await this.#send(batch, payload, batch.map((m) => m.id).join(","));
+      if (ordered && out.some((o) => o.kind === "retry")) this.#failEpoch++;
       return out;
     } finally {
       release();
