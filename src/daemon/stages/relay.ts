@@ -97,7 +97,19 @@ async function buildSinks(ctx: StageContext, deviceId: string): Promise<Sink[]> 
         kind: "mtls-engine",
         // Read at each connect: the credentials stage renews this file over EST.
         certPem: () => readFileSync(certFile, "utf8"),
-        engine: { modulePath: p.module, tokenLabel: p.token_label, keyLabel: p.key_label, pinFile },
+        engine: {
+          modulePath: p.module,
+          tokenLabel: p.token_label,
+          // With key rotation the current label is key_label or key_label-alt (rotation state).
+          keyLabel:
+            config.credentials.est?.rotate_key === true
+              ? await (await import("../../credentials/est/key-rotation.js")).currentRotationName(
+                  join(config.agent.state_dir, "key-rotation.json"),
+                  [p.key_label, `${p.key_label}-alt`],
+                )
+              : p.key_label,
+          pinFile,
+        },
       };
     } else {
       auth = { kind: "token", username: deviceId, tokens: needTokens("relay.mqtt token auth") };
