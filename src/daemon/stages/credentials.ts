@@ -275,6 +275,7 @@ export const credentialsStage: AgentStage = {
     let certHealth: { ok: boolean; code?: string; detail: string } | undefined;
     let estAuth: "mtls" | "token" | undefined;
     let rotating: DaemonRotation | undefined;
+    let rotatedTo: KeyProvider | undefined;
     let certLoop: Promise<void> = Promise.resolve();
     if (enrolment !== undefined) {
       const certFile = deviceCertPath(config);
@@ -347,6 +348,7 @@ export const credentialsStage: AgentStage = {
                 // The new certificate is in place and the old key destroyed: sign with the new key
                 // from now on (tokens, DPoP, EST), record it in the enrolment state, drop old tokens.
                 onRotated: async (next: KeyProvider, certPem: string) => {
+                  rotatedTo = next;
                   const info = await next.open();
                   const old = client;
                   old.invalidate();
@@ -376,7 +378,21 @@ export const credentialsStage: AgentStage = {
             ? {
                 // Expired while offline: re-attest with EK/AK, then take the fresh certificate.
                 reattest: async () => {
-                  const state = await reenrol();
+                  // After an in-process rotation the daemon's own provider holds the destroyed key:
+                  // re-attest with the rotated one (a restart re-opens it from the rotation state).
+                  const state =
+                    rotatedTo === undefined
+                      ? await reenrol()
+                      : (
+                          await (
+                            await import("./enrol.js")
+                          ).enrolFromConfig(config, rotatedTo, {
+                            log: ctx.log,
+                            clock: ctx.clock,
+                            env: ctx.env,
+                            force: true,
+                          })
+                        ).state;
                   await writeFileAtomic(certFile, `${state.certificatePem.trim()}\n`, 0o600);
                 },
               }
