@@ -1,5 +1,6 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import type { IncomingMessage, ServerResponse } from "node:http";
+import { type AddressInfo, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -127,6 +128,29 @@ describe("HTTPS sink pipelining (next batch encoded during the POST; POSTs in or
     expect(ra.map((o) => o.kind)).toEqual(Array(300).fill("retry"));
     expect(rb[0]).toMatchObject({ kind: "retry", code: "ERR_HTTPS_PREDECESSOR_FAILED" });
     expect(posts).toBe(1);
+    await s.close();
+  });
+
+  it("probe: true while the ingest host accepts TCP, false for a closed port (no request sent)", async () => {
+    const s = sink();
+    posts = 0;
+    expect(await s.probe()).toBe(true);
+    expect(posts).toBe(0);
+    // A port that was open a moment ago and is closed now.
+    const spare = createServer();
+    await new Promise<void>((r) => spare.listen(0, "127.0.0.1", () => r()));
+    const port = (spare.address() as AddressInfo).port;
+    await new Promise<void>((r) => spare.close(() => r()));
+    const closed = new HttpsSink({
+      url: `https://127.0.0.1:${port}/v1/ingest`,
+      caPem: ca.caPem,
+      tokens: new TestTokenSource(async () => {
+        throw new Error("never asked");
+      }),
+      deviceId: "device-a",
+    });
+    expect(await closed.probe()).toBe(false);
+    await closed.close();
     await s.close();
   });
 

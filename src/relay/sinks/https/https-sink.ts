@@ -7,6 +7,7 @@ import { type Logger, silentLogger } from "../../../core/log.js";
 import { expandTopic } from "../../channel.js";
 import type { OutboxMessage } from "../../outbox/outbox.js";
 import { isJsonContentType } from "../../sources/api/parse.js";
+import { urlReachable } from "../probe.js";
 import type { DeliveryOutcome, DpopSigner, RefreshableTokenSource, Sink } from "../sink.js";
 
 const gzip = promisify(gzipCb);
@@ -297,6 +298,14 @@ export class HttpsSink implements Sink {
     if (typeof nonce === "string") this.#o.dpop?.rememberNonce(url.toString(), nonce);
     const body = await readCapped(res.body, this.#o.maxResponseBytes ?? 64 * 1024);
     return { status: res.statusCode, headers: res.headers, body };
+  }
+
+  /**
+   * TCP reachability of the ingest host (no TLS, no request): lets the relay notice the server coming
+   * back during a long backoff. A server that answers 429/503 is reachable, so its Retry-After holds.
+   */
+  probe(): Promise<boolean> {
+    return urlReachable(this.#url.toString(), 443, Math.min(this.#o.headersTimeoutMs ?? 15_000, 2000));
   }
 
   async close(): Promise<void> {

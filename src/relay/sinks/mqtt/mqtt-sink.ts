@@ -1,5 +1,4 @@
 import { randomBytes } from "node:crypto";
-import { connect as netConnect } from "node:net";
 import type { SecureContext } from "node:tls";
 import mqtt, { type IClientOptions, type MqttClient } from "mqtt";
 import { type Clock, systemClock } from "../../../core/clock.js";
@@ -8,6 +7,7 @@ import { type Logger, silentLogger } from "../../../core/log.js";
 import type { Secret } from "../../../core/secret.js";
 import { expandTopic } from "../../channel.js";
 import type { OutboxMessage } from "../../outbox/outbox.js";
+import { urlReachable } from "../probe.js";
 import type { DeliveryOutcome, RefreshableTokenSource, Sink } from "../sink.js";
 import { createEngineSecureContext, type EngineKeyOptions } from "./engine-tls.js";
 
@@ -220,29 +220,7 @@ export class MqttSink implements Sink {
   async probe(): Promise<boolean> {
     if (this.connected) return true;
     const timeoutMs = Math.min(this.#o.connectTimeoutMs ?? 10_000, 2000);
-    const one = (u: string): Promise<boolean> =>
-      new Promise<boolean>((resolve) => {
-        let url: URL;
-        try {
-          url = new URL(u);
-        } catch {
-          resolve(false);
-          return;
-        }
-        const host = url.hostname.replace(/^\[|\]$/g, "");
-        const sock = netConnect({ host, port: Number(url.port || 8883) });
-        const done = (ok: boolean): void => {
-          clearTimeout(timer);
-          sock.removeAllListeners();
-          sock.on("error", () => undefined);
-          sock.destroy();
-          resolve(ok);
-        };
-        const timer = setTimeout(() => done(false), timeoutMs);
-        sock.once("connect", () => done(true));
-        sock.once("error", () => done(false));
-      });
-    const results = await Promise.all(this.#o.urls.map(one));
+    const results = await Promise.all(this.#o.urls.map((u) => urlReachable(u, 8883, timeoutMs)));
     return results.some((r) => r);
   }
 
