@@ -6,11 +6,11 @@ import { createServer } from "node:https";
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { connect as tlsConnect } from "node:tls";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
 import { exportJWK, generateKeyPair, type JWK, SignJWT } from "jose";
 import Provider from "oidc-provider";
-import { Agent, fetch } from "undici";
 import { initSoftHsm } from "../hw/softhsm.js";
 import { freeLoopbackPort, startSwtpm } from "../hw/swtpm.js";
 import { systemClock } from "../src/core/clock.js";
@@ -41,8 +41,9 @@ import { SqliteRegistrarStore } from "../src/registrar/store/index.js";
 const ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
 interface ServeInfo {
+  /** The token endpoint. */
+  readonly url: string;
   readonly issuer: string;
-  readonly opTokenUrl: string;
   readonly caPem: string;
 }
 type ChildMsg = { kind: "ready"; info: ServeInfo } | { kind: "cpu"; micros: number } | { kind: "ok" };
@@ -68,92 +69,93 @@ function median(xs: readonly number[]): number {
 
 // ---------------------------------------------------------------- server child
 
-async function serve(dir: string, deviceJwk: JWK): Promise<void> {
+type Which = "registrar" | "op";
+
+/** One server per child process (same TLS certificate, same Node flags), so CPU is per server. */
+async function serve(which: Which, dir: string, deviceJwk: JWK): Promise<void> {
   const paths = caPaths(join(dir, "ca"));
-  await initCa({ dir: paths.dir });
   const caPem = await readFile(paths.caCert, "utf8");
-  const port = await freeLoopbackPort();
-  const issuer = `https://127.0.0.1:${port}`;
-  const directory = new InMemoryDeviceDirectory();
-  directory.put({
-    deviceId: "bench-1",
-    status: "active",
-    role: "gw",
-    attributes: {},
-    publicJwk: deviceJwk,
-    group: "g",
-  });
-  const tokenService = new TokenService(
-    { issuer, audiences: ["https://api.example"], scopes: { roles: { gw: ["telemetry:write", "est"] } } },
-    { directory, signingKey: await loadOrCreateSigningKey(join(dir, "data")), clock: systemClock },
-  );
-  const config = registrarConfigFrom(
-    {
-      listen: { host: "127.0.0.1", port },
-      tls: { cert: paths.serverCert, key: paths.serverKey },
-      data_dir: join(dir, "data"),
-      ca_dir: paths.dir,
-    },
-    dir,
-  );
-  const store = new SqliteRegistrarStore(join(config.dataDir, "registrar.db"));
-  const running = await startRegistrar(config, {
-    store,
-    ca: await FleetCa.load(paths.dir),
-    extraRoutes: oauthRoutes({ tokenService }),
-  });
-
-  let handler: ((req: IncomingMessage, res: ServerResponse) => void) | undefined;
-  const tls = { cert: await readFile(paths.serverCert), key: await readFile(paths.serverKey) };
-  const opServer = createServer(tls, (req, res) => handler?.(req, res));
-  await new Promise<void>((r) => opServer.listen(0, "127.0.0.1", r));
-  const opIssuer = `https://127.0.0.1:${(opServer.address() as AddressInfo).port}`;
-  const { privateKey: asKey } = await generateKeyPair("ES256", { extractable: true });
-  const provider = new Provider(opIssuer, {
-    clients: [
-      {
-        client_id: "bench-1",
-        token_endpoint_auth_method: "private_key_jwt",
-        token_endpoint_auth_signing_alg: "ES256",
-        id_token_signed_response_alg: "ES256",
-        jwks: { keys: [deviceJwk] },
-        grant_types: ["client_credentials"],
-        response_types: [],
-        redirect_uris: [],
-        scope: "telemetry:write",
-      },
-    ],
-    jwks: { keys: [{ ...(await exportJWK(asKey)), alg: "ES256", use: "sig", kid: "as" }] },
-    scopes: ["telemetry:write"],
-    features: { clientCredentials: { enabled: true }, devInteractions: { enabled: false } },
-  });
-  const cb = provider.callback();
-  handler = (req, res) => void cb(req, res);
-
   const send = (m: ChildMsg) => process.send?.(m);
+  let close: () => Promise<void>;
+  let register: (deviceId: string, jwk: JWK) => void = () => {};
+  let info: ServeInfo;
+  if (which === "registrar") {
+    const port = await freeLoopbackPort();
+    const issuer = `https://127.0.0.1:${port}`;
+    const directory = new InMemoryDeviceDirectory();
+    register = (deviceId, jwk) =>
+      directory.put({ deviceId, status: "active", role: "gw", attributes: {}, publicJwk: jwk, group: "g" });
+    register("bench-1", deviceJwk);
+    const tokenService = new TokenService(
+      { issuer, audiences: ["https://api.example"], scopes: { roles: { gw: ["telemetry:write", "est"] } } },
+      { directory, signingKey: await loadOrCreateSigningKey(join(dir, "data")), clock: systemClock },
+    );
+    const config = registrarConfigFrom(
+      {
+        listen: { host: "127.0.0.1", port },
+        tls: { cert: paths.serverCert, key: paths.serverKey },
+        data_dir: join(dir, "data"),
+        ca_dir: paths.dir,
+      },
+      dir,
+    );
+    const store = new SqliteRegistrarStore(join(config.dataDir, "registrar.db"));
+    const running = await startRegistrar(config, {
+      store,
+      ca: await FleetCa.load(paths.dir),
+      extraRoutes: oauthRoutes({ tokenService }),
+    });
+    close = async () => {
+      await running.close();
+      store.close();
+    };
+    info = { url: `${issuer}/oauth2/token`, issuer, caPem };
+  } else {
+    let handler: ((req: IncomingMessage, res: ServerResponse) => void) | undefined;
+    const tls = { cert: await readFile(paths.serverCert), key: await readFile(paths.serverKey) };
+    const opServer = createServer(tls, (req, res) => handler?.(req, res));
+    await new Promise<void>((r) => opServer.listen(0, "127.0.0.1", r));
+    const opIssuer = `https://127.0.0.1:${(opServer.address() as AddressInfo).port}`;
+    const { privateKey: asKey } = await generateKeyPair("ES256", { extractable: true });
+    const provider = new Provider(opIssuer, {
+      clients: [
+        {
+          client_id: "bench-1",
+          token_endpoint_auth_method: "private_key_jwt",
+          token_endpoint_auth_signing_alg: "ES256",
+          id_token_signed_response_alg: "ES256",
+          jwks: { keys: [deviceJwk] },
+          grant_types: ["client_credentials"],
+          response_types: [],
+          redirect_uris: [],
+          scope: "telemetry:write",
+        },
+      ],
+      jwks: { keys: [{ ...(await exportJWK(asKey)), alg: "ES256", use: "sig", kid: "as" }] },
+      scopes: ["telemetry:write"],
+      features: { clientCredentials: { enabled: true }, devInteractions: { enabled: false } },
+    });
+    const cb = provider.callback();
+    handler = (req, res) => void cb(req, res);
+    close = async () => {
+      opServer.closeAllConnections();
+      opServer.close();
+    };
+    info = { url: `${opIssuer}/token`, issuer: opIssuer, caPem };
+  }
   process.on("message", async (m: ParentMsg) => {
     if (m.kind === "cpu") {
       const u = process.cpuUsage();
       send({ kind: "cpu", micros: u.user + u.system });
     } else if (m.kind === "register") {
-      directory.put({
-        deviceId: m.deviceId,
-        status: "active",
-        role: "gw",
-        attributes: {},
-        publicJwk: m.jwk,
-        group: "g",
-      });
+      register(m.deviceId, m.jwk);
       send({ kind: "ok" });
     } else {
-      opServer.closeAllConnections();
-      opServer.close();
-      await running.close();
-      store.close();
+      await close();
       process.exit(0);
     }
   });
-  send({ kind: "ready", info: { issuer, opTokenUrl: `${opIssuer}/token`, caPem } });
+  send({ kind: "ready", info });
 }
 
 // ---------------------------------------------------------------- load generation
@@ -166,42 +168,109 @@ interface HammerJob {
 }
 type HammerResult = { ok: number; failed: number };
 
+/**
+ * One keep-alive HTTP/1.1-over-TLS connection that sends pre-built requests one at a time and parses
+ * just enough of each response (status, Content-Length or chunked end) to count a token. A minimal
+ * client (wrk-style) on purpose: undici's fetch/request cost about as much CPU per request as the
+ * server under test, so on a 2-core machine the client was the bottleneck.
+ */
+async function connectionLoop(
+  url: URL,
+  caPem: string,
+  take: () => string | undefined,
+  onResult: (ok: boolean) => void,
+): Promise<void> {
+  const socket = tlsConnect({
+    host: url.hostname,
+    port: Number(url.port),
+    ca: caPem,
+    // The server asks for a client certificate (EST mTLS routes); we send none.
+  });
+  socket.setNoDelay(true);
+  await new Promise<void>((resolve, reject) => {
+    socket.once("secureConnect", resolve);
+    socket.once("error", reject);
+  });
+  const head = `POST ${url.pathname} HTTP/1.1\r\nhost: ${url.host}\r\ncontent-type: application/x-www-form-urlencoded\r\ncontent-length: `;
+  let buf = "";
+  let waiting: ((response: string) => void) | undefined;
+  // Returns the complete response in `buf` or undefined when more bytes are needed.
+  const complete = (): string | undefined => {
+    const end = buf.indexOf("\r\n\r\n");
+    if (end < 0) return undefined;
+    const headers = buf.slice(0, end).toLowerCase();
+    const m = /\r\ncontent-length: *(\d+)/.exec(headers);
+    let total: number;
+    if (m?.[1] !== undefined) total = end + 4 + Number(m[1]);
+    else {
+      const z = buf.indexOf("\r\n0\r\n\r\n", end);
+      if (z < 0) return undefined;
+      total = z + 7;
+    }
+    if (buf.length < total) return undefined;
+    const response = buf.slice(0, total);
+    buf = buf.slice(total);
+    return response;
+  };
+  socket.setEncoding("latin1");
+  socket.on("data", (chunk: string) => {
+    buf += chunk;
+    const r = complete();
+    if (r !== undefined && waiting !== undefined) {
+      const w = waiting;
+      waiting = undefined;
+      w(r);
+    }
+  });
+  const closed = new Promise<string>((resolve) => socket.once("close", () => resolve("")));
+  try {
+    for (;;) {
+      const body = take();
+      if (body === undefined) return;
+      const response = new Promise<string>((resolve) => {
+        waiting = resolve;
+      });
+      socket.write(`${head}${body.length}\r\n\r\n${body}`);
+      const r = await Promise.race([response, closed]);
+      onResult(r.startsWith("HTTP/1.1 200 ") && r.includes('"access_token"'));
+      if (r === "") return;
+    }
+  } finally {
+    socket.destroy();
+  }
+}
+
 async function hammerHere(job: HammerJob): Promise<HammerResult> {
-  const dispatcher = new Agent({ connect: { ca: job.caPem }, connections: job.concurrency, pipelining: 1 });
+  const url = new URL(job.url);
+  const bodies = job.assertions.map((a) =>
+    new URLSearchParams({
+      grant_type: "client_credentials",
+      client_id: "bench-1",
+      client_assertion_type: ASSERTION_TYPE,
+      client_assertion: a,
+      scope: "telemetry:write",
+    }).toString(),
+  );
   let next = 0;
   let ok = 0;
   let failed = 0;
-  const loop = async () => {
-    for (;;) {
-      const a = job.assertions[next++];
-      if (a === undefined) return;
-      const body = new URLSearchParams({
-        grant_type: "client_credentials",
-        client_id: "bench-1",
-        client_assertion_type: ASSERTION_TYPE,
-        client_assertion: a,
-        scope: "telemetry:write",
-      });
-      const r = await fetch(job.url, {
-        method: "POST",
-        body,
-        headers: { "content-type": "application/x-www-form-urlencoded" },
-        dispatcher,
-      });
-      const j = (await r.json()) as { access_token?: string };
-      if (r.status === 200 && typeof j.access_token === "string") ok++;
-      else failed++;
-    }
+  const take = () => bodies[next++];
+  const onResult = (good: boolean) => {
+    if (good) ok++;
+    else failed++;
   };
-  await Promise.all(Array.from({ length: job.concurrency }, loop));
-  await dispatcher.close();
-  return { ok, failed };
+  await Promise.all(
+    Array.from({ length: job.concurrency }, () => connectionLoop(url, job.caPem, take, onResult)),
+  );
+  return { ok, failed: failed + Math.max(0, bodies.length - ok - failed) };
 }
 
-/** Splits the load over worker threads so the client is not the bottleneck. */
+/**
+ * Splits the load over worker threads of this (load-generator) process; returns wall time and the
+ * load generator's own CPU time so a report can show the client was not the limiter.
+ */
 async function hammer(url: string, caPem: string, assertions: string[], concurrency: number, workers = 2) {
   const per = Math.ceil(assertions.length / workers);
-  const t0 = performance.now();
   const parts = await Promise.all(
     Array.from({ length: workers }, (_, i) => {
       const job: HammerJob = {
@@ -210,16 +279,38 @@ async function hammer(url: string, caPem: string, assertions: string[], concurre
         assertions: assertions.slice(i * per, (i + 1) * per),
         concurrency: Math.ceil(concurrency / workers),
       };
-      return new Promise<HammerResult>((resolve, reject) => {
-        const w = new Worker(new URL(import.meta.url), { workerData: { kind: "hammer", job } });
-        w.once("message", (m: HammerResult) => resolve(m));
+      return new Promise<Worker>((resolve, reject) => {
+        const w = new Worker(new URL(import.meta.url), { workerData: { kind: "hammer" } });
+        // Started and loaded before the clock runs: module loading is not load generation.
+        w.once("message", () => resolve(w));
         w.once("error", reject);
-      });
+      }).then((w) => ({ w, job }));
     }),
   );
+  const cpu0 = process.cpuUsage();
+  const t0 = performance.now();
+  const results = await Promise.all(
+    parts.map(
+      ({ w, job }) =>
+        new Promise<HammerResult>((resolve, reject) => {
+          w.once("message", (m: HammerResult) => {
+            resolve(m);
+            void w.terminate();
+          });
+          w.once("error", reject);
+          w.postMessage(job);
+        }),
+    ),
+  );
   const ms = performance.now() - t0;
-  const ok = parts.reduce((a, p) => a + p.ok, 0);
-  return { ok, failed: parts.reduce((a, p) => a + p.failed, 0), ms };
+  const cpu = process.cpuUsage(cpu0);
+  const ok = results.reduce((a, p) => a + p.ok, 0);
+  return {
+    ok,
+    failed: results.reduce((a, p) => a + p.failed, 0),
+    ms,
+    clientCpuMicros: cpu.user + cpu.system,
+  };
 }
 
 async function presign(
@@ -250,8 +341,8 @@ class ServerChild {
   readonly #child: ChildProcess;
   #waiters: ((m: ChildMsg) => void)[] = [];
 
-  constructor(dir: string, jwk: JWK) {
-    this.#child = fork(fileURLToPath(import.meta.url), ["serve", dir, JSON.stringify(jwk)], {
+  constructor(which: Which, dir: string, jwk: JWK) {
+    this.#child = fork(fileURLToPath(import.meta.url), ["serve", which, dir, JSON.stringify(jwk)], {
       stdio: "inherit",
       execArgv:
         process.env.BENCH_OAUTH_PROFILE_DIR === undefined
@@ -281,11 +372,18 @@ class ServerChild {
   }
 }
 
+export interface RoundFigures {
+  readonly tokensPerSec: number[];
+  readonly cpuMsPerToken: number[];
+  readonly clientCpuMsPerToken: number[];
+}
+
 export interface OauthBenchResult {
   readonly requests: number;
   readonly concurrency: number;
-  readonly registrar: { tokensPerSec: number[]; cpuMsPerToken: number[] };
-  readonly oidcProvider: { tokensPerSec: number[]; cpuMsPerToken: number[] };
+  /** Per round: throughput, server CPU per token, load-generator CPU per token. */
+  readonly registrar: RoundFigures;
+  readonly oidcProvider: RoundFigures;
   /** Ratios of the per-round medians (registrar / oidc-provider; CPU: oidc-provider / registrar). */
   readonly throughputRatio: number;
   readonly cpuCostRatio: number;
@@ -303,40 +401,58 @@ export async function benchOauth(
 ): Promise<OauthBenchResult> {
   const requests = options.requests ?? 3000;
   const concurrency = options.concurrency ?? 32;
-  const rounds = options.rounds ?? 5;
+  const rounds = options.rounds ?? Number(process.env.BENCH_OAUTH_ROUNDS ?? 6);
   const latencyRuns = options.latencyRuns ?? 30;
   const dir = await mkdtemp(join(tmpdir(), "m2m-bench-oauth-"));
   const { privateKey, publicKey } = await generateKeyPair("ES256", { extractable: true });
   const publicJwk = { ...(await exportJWK(publicKey)), alg: "ES256" } as JWK;
-  const child = new ServerChild(dir, publicJwk);
+  await initCa({ dir: caPaths(join(dir, "ca")).dir });
+  const child = new ServerChild("registrar", dir, publicJwk);
+  const opChild = new ServerChild("op", dir, publicJwk);
   try {
-    const ready = await child.next();
-    if (ready.kind !== "ready") throw new Error("server child did not start");
-    const { issuer, opTokenUrl, caPem } = ready.info;
-    const ourUrl = `${issuer}/oauth2/token`;
-    const run = async (url: string, aud: string) => {
-      const assertions = await presign(requests, privateKey, aud);
-      const c0 = await child.cpuMicros();
+    const [ready, opReady] = await Promise.all([child.next(), opChild.next()]);
+    if (ready.kind !== "ready" || opReady.kind !== "ready") throw new Error("server child did not start");
+    const { issuer, caPem } = ready.info;
+    const ourUrl = ready.info.url;
+    const opTokenUrl = opReady.info.url;
+    const run = async (server: ServerChild, url: string) => {
+      const assertions = await presign(requests, privateKey, url);
+      const c0 = await server.cpuMicros();
       const r = await hammer(url, caPem, assertions, concurrency);
-      const c1 = await child.cpuMicros();
+      const c1 = await server.cpuMicros();
       if (r.failed > 0) throw new Error(`${r.failed} token requests failed at ${url}`);
       return {
         perSec: Math.round((r.ok / r.ms) * 1000),
         cpuMs: Math.round(((c1 - c0) / 1000 / r.ok) * 1000) / 1000,
+        clientCpuMs: Math.round((r.clientCpuMicros / 1000 / r.ok) * 1000) / 1000,
       };
     };
-    // Warm-up (JIT, connections), then alternate the two servers.
-    await hammer(ourUrl, caPem, await presign(400, privateKey, ourUrl), concurrency);
-    await hammer(opTokenUrl, caPem, await presign(400, privateKey, opTokenUrl), concurrency);
-    const ours = { tokensPerSec: [] as number[], cpuMsPerToken: [] as number[] };
-    const theirs = { tokensPerSec: [] as number[], cpuMsPerToken: [] as number[] };
+    // Warm-up (JIT, connections), then alternate the two servers, starting with each in turn.
+    await hammer(ourUrl, caPem, await presign(1500, privateKey, ourUrl), concurrency);
+    await hammer(opTokenUrl, caPem, await presign(1500, privateKey, opTokenUrl), concurrency);
+    const ours = {
+      tokensPerSec: [] as number[],
+      cpuMsPerToken: [] as number[],
+      clientCpuMsPerToken: [] as number[],
+    };
+    const theirs = {
+      tokensPerSec: [] as number[],
+      cpuMsPerToken: [] as number[],
+      clientCpuMsPerToken: [] as number[],
+    };
+    const record = (to: typeof ours, x: Awaited<ReturnType<typeof run>>) => {
+      to.tokensPerSec.push(x.perSec);
+      to.cpuMsPerToken.push(x.cpuMs);
+      to.clientCpuMsPerToken.push(x.clientCpuMs);
+    };
     for (let i = 0; i < rounds; i++) {
-      const a = await run(ourUrl, ourUrl);
-      const b = await run(opTokenUrl, opTokenUrl);
-      ours.tokensPerSec.push(a.perSec);
-      ours.cpuMsPerToken.push(a.cpuMs);
-      theirs.tokensPerSec.push(b.perSec);
-      theirs.cpuMsPerToken.push(b.cpuMs);
+      if (i % 2 === 0) {
+        record(ours, await run(child, ourUrl));
+        record(theirs, await run(opChild, opTokenUrl));
+      } else {
+        record(theirs, await run(opChild, opTokenUrl));
+        record(ours, await run(child, ourUrl));
+      }
     }
     const latency: Record<string, ReturnType<typeof stats>> = {};
     if (options.skipLatency !== true) {
@@ -393,21 +509,29 @@ export async function benchOauth(
     };
   } finally {
     child.stop();
+    opChild.stop();
     await rm(dir, { recursive: true, force: true });
   }
 }
 
 if (!isMainThread && (workerData as { kind?: string } | null)?.kind === "hammer") {
-  parentPort?.postMessage(await hammerHere((workerData as { job: HammerJob }).job));
+  parentPort?.once("message", async (job: HammerJob) => parentPort?.postMessage(await hammerHere(job)));
+  parentPort?.postMessage("ready");
 } else if (isMainThread && process.argv[2] === "serve" && process.send !== undefined) {
-  await serve(process.argv[3] ?? "", JSON.parse(process.argv[4] ?? "{}") as JWK);
+  await serve(
+    process.argv[3] === "op" ? "op" : "registrar",
+    process.argv[4] ?? "",
+    JSON.parse(process.argv[5] ?? "{}") as JWK,
+  );
 } else if (isMainThread && import.meta.url === pathToFileURL(process.argv[1] ?? "").href) {
+  const line = (f: RoundFigures) =>
+    `${f.tokensPerSec.join(" / ")} tokens/s (median ${Math.round(median(f.tokensPerSec))}), server CPU ${f.cpuMsPerToken.join(" / ")} ms/token (median ${median(f.cpuMsPerToken).toFixed(3)}), load generator CPU median ${median(f.clientCpuMsPerToken).toFixed(3)} ms/token`;
   const r = await benchOauth({ skipLatency: process.env.BENCH_OAUTH_SKIP_LATENCY === "1" });
   console.log(JSON.stringify(r, null, 2));
   console.log(
     `token endpoint (client_credentials + private_key_jwt, pre-signed, ${r.concurrency} in flight, ${r.requests}/round):\n` +
-      `  registrar      ${r.registrar.tokensPerSec.join(" / ")} tokens/s, server CPU ${r.registrar.cpuMsPerToken.join(" / ")} ms/token\n` +
-      `  oidc-provider  ${r.oidcProvider.tokensPerSec.join(" / ")} tokens/s, server CPU ${r.oidcProvider.cpuMsPerToken.join(" / ")} ms/token\n` +
+      `  registrar      ${line(r.registrar)}\n` +
+      `  oidc-provider  ${line(r.oidcProvider)}\n` +
       `  → medians: throughput ${r.throughputRatio}×, CPU cost per token ${r.cpuCostRatio}× in the registrar's favour (goal ≥ 1.5×)`,
   );
   for (const [k, v] of Object.entries(r.agentLatencyMs)) {

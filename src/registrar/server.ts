@@ -219,15 +219,17 @@ function send(res: ServerResponse, response: RouteResponse): void {
     "x-content-type-options": "nosniff",
     ...(response.headers ?? {}),
   };
-  let payload: Buffer;
+  // Strings stay strings: Node then sends head + body in one write (one TLS record, one syscall)
+  // instead of a writev of two chunks, measurably cheaper on the token endpoint's hot path.
+  let payload: string | Buffer;
   if ("json" in response) {
-    payload = Buffer.from(JSON.stringify(response.json));
+    payload = JSON.stringify(response.json);
     headers["content-type"] = "application/json";
   } else {
-    payload = Buffer.isBuffer(response.body) ? response.body : Buffer.from(response.body);
+    payload = response.body;
     headers["content-type"] = response.contentType;
   }
-  headers["content-length"] = String(payload.length);
+  headers["content-length"] = String(Buffer.byteLength(payload));
   // After a refused oversized body the rest of the stream is unread: do not reuse the connection.
   if (response.status === 413) headers.connection = "close";
   res.writeHead(response.status, headers);

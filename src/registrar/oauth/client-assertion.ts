@@ -1,4 +1,3 @@
-import { compactVerify } from "jose";
 import type { Clock } from "../../core/clock.js";
 import type { DeviceDirectory, DirectoryDevice } from "./directory.js";
 import { refusal } from "./errors.js";
@@ -9,7 +8,7 @@ import {
   KEY_HEADER_MEMBERS,
   publicKeyOf,
   splitCompact,
-  verificationKeyOf,
+  verifyCompactSignature,
 } from "./jws-util.js";
 import type { ReplayCache } from "./replay-cache.js";
 
@@ -66,9 +65,9 @@ export async function verifyClientAssertion(
     throw refusal("ERR_ASSERTION_ALG", "invalid_client", "assertion alg does not fit the registered key");
   }
   try {
-    await compactVerify(assertion, await verificationKeyOf(device.publicJwk, header.alg), {
-      algorithms: [header.alg],
-    });
+    // Security: only a signature by the registered key (cached KeyObject, keyed by its public
+    // members, so a re-registered key is a new entry) authenticates the client.
+    verifyCompactSignature(assertion, header, header.alg, key);
   } catch (err) {
     throw refusal("ERR_ASSERTION_SIGNATURE", "invalid_client", "assertion signature invalid", err);
   }

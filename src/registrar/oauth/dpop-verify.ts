@@ -1,5 +1,5 @@
 import { createHmac, randomBytes } from "node:crypto";
-import { base64url, calculateJwkThumbprint, compactVerify, type JWK } from "jose";
+import { base64url, calculateJwkThumbprint, type JWK } from "jose";
 import type { Clock } from "../../core/clock.js";
 import { refusal } from "./errors.js";
 import {
@@ -9,7 +9,7 @@ import {
   publicKeyOf,
   sha256b64u,
   splitCompact,
-  verificationKeyOf,
+  verifyCompactSignature,
 } from "./jws-util.js";
 import type { ReplayCache } from "./replay-cache.js";
 
@@ -107,7 +107,7 @@ export async function verifyDpopProof(
   if (!algFitsKey(header.alg, key))
     throw refusal("ERR_DPOP_ALG", "invalid_dpop_proof", "alg does not fit jwk");
   try {
-    await compactVerify(proof, await verificationKeyOf(jwk as JWK, header.alg), { algorithms: [header.alg] });
+    verifyCompactSignature(proof, header, header.alg, key);
   } catch (err) {
     throw refusal("ERR_DPOP_SIGNATURE", "invalid_dpop_proof", "proof signature invalid", err);
   }

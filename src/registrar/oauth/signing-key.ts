@@ -1,7 +1,7 @@
 import { createPrivateKey, createPublicKey, generateKeyPairSync, type KeyObject, sign } from "node:crypto";
 import { readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
-import { base64url, calculateJwkThumbprint, type JWK } from "jose";
+import { calculateJwkThumbprint, type JWK } from "jose";
 import { writeFileAtomic } from "../../core/atomic-file.js";
 import { M2mError } from "../../core/errors.js";
 
@@ -69,14 +69,18 @@ export async function signingKeyFromPem(pem: string): Promise<TokenSigningKey> {
 /**
  * Signs a JWT with the registrar key (ES256). Done with node:crypto rather than jose's SignJWT:
  * jose signs through WebCrypto, ~4× slower per signature, and this is the token endpoint's hot path.
- * Verification (the security-critical side) stays with jose.
+ * The KeyObject is parsed once at load (`signingKeyFromPem`) and reused for every token.
  */
 export function signJwt(
   key: TokenSigningKey,
   header: Record<string, unknown>,
   claims: Record<string, unknown>,
 ): string {
-  const input = `${base64url.encode(JSON.stringify({ ...header, alg: "ES256", kid: key.kid }))}.${base64url.encode(JSON.stringify(claims))}`;
-  const sig = sign("sha256", Buffer.from(input), { key: key.privateKey, dsaEncoding: "ieee-p1363" });
-  return `${input}.${base64url.encode(sig)}`;
+  const b64u = (v: unknown) => Buffer.from(JSON.stringify(v), "utf8").toString("base64url");
+  const input = `${b64u({ ...header, alg: "ES256", kid: key.kid })}.${b64u(claims)}`;
+  const sig = sign("sha256", Buffer.from(input, "latin1"), {
+    key: key.privateKey,
+    dsaEncoding: "ieee-p1363",
+  });
+  return `${input}.${sig.toString("base64url")}`;
 }
