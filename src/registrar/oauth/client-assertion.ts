@@ -67,7 +67,7 @@ export async function verifyClientAssertion(
   try {
     // Security: only a signature by the registered key (cached KeyObject, keyed by its public
     // members, so a re-registered key is a new entry) authenticates the client.
-    verifyCompactSignature(assertion, header, header.alg, key);
+    await verifyCompactSignature(assertion, header, header.alg, key);
   } catch (err) {
     throw refusal("ERR_ASSERTION_SIGNATURE", "invalid_client", "assertion signature invalid", err);
   }

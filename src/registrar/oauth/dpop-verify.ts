@@ -107,7 +107,7 @@ export async function verifyDpopProof(
   if (!algFitsKey(header.alg, key))
     throw refusal("ERR_DPOP_ALG", "invalid_dpop_proof", "alg does not fit jwk");
   try {
-    verifyCompactSignature(proof, header, header.alg, key);
+    await verifyCompactSignature(proof, header, header.alg, key);
   } catch (err) {
     throw refusal("ERR_DPOP_SIGNATURE", "invalid_dpop_proof", "proof signature invalid", err);
   }

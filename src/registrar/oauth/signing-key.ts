@@ -84,3 +84,25 @@ export function signJwt(
   });
   return `${input}.${sig.toString("base64url")}`;
 }
+
+/**
+ * `signJwt` with the signature computed in libuv's thread pool (node:crypto's callback form), so the
+ * token endpoint's event loop keeps serving other requests meanwhile. Same output format.
+ */
+export async function signJwtInPool(
+  key: TokenSigningKey,
+  header: Record<string, unknown>,
+  claims: Record<string, unknown>,
+): Promise<string> {
+  const b64u = (v: unknown) => Buffer.from(JSON.stringify(v), "utf8").toString("base64url");
+  const input = `${b64u({ ...header, alg: "ES256", kid: key.kid })}.${b64u(claims)}`;
+  const sig = await new Promise<Buffer>((resolve, reject) =>
+    sign(
+      "sha256",
+      Buffer.from(input, "latin1"),
+      { key: key.privateKey, dsaEncoding: "ieee-p1363" },
+      (err, out) => (err === null ? resolve(out) : reject(err)),
+    ),
+  );
+  return `${input}.${sig.toString("base64url")}`;
+}

@@ -17,7 +17,7 @@ import { GENERIC_DESCRIPTION, type OAuthErrorValue, oauthErrorOf, refusal } from
 import { ALLOWED_ALGS } from "./jws-util.js";
 import { ReplayCache } from "./replay-cache.js";
 import { ScopePolicy, type ScopePolicyConfig } from "./scope-policy.js";
-import { signJwt, type TokenSigningKey } from "./signing-key.js";
+import { signJwtInPool, type TokenSigningKey } from "./signing-key.js";
 
 export interface TokenServiceConfig {
   /** Issuer identifier (https URL, no trailing slash), e.g. `https://registrar.example:8443`. */
@@ -173,7 +173,7 @@ export class TokenService {
       scope: granted.join(" "),
       ...(jkt === undefined ? {} : { cnf: { jkt } }),
     };
-    const jwt = signJwt(
+    const jwt = await signJwtInPool(
       this.#deps.signingKey,
       { typ: "at+jwt" },
       {
