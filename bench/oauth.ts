@@ -1,6 +1,6 @@
 import { type ChildProcess, fork } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { createServer } from "node:https";
 import type { AddressInfo } from "node:net";
@@ -9,6 +9,7 @@ import { join } from "node:path";
 import { connect as tlsConnect } from "node:tls";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { isMainThread, parentPort, Worker, workerData } from "node:worker_threads";
+import Database from "better-sqlite3";
 import { exportJWK, generateKeyPair, type JWK, SignJWT } from "jose";
 import Provider from "oidc-provider";
 import { initSoftHsm } from "../hw/softhsm.js";
@@ -20,7 +21,6 @@ import { Pkcs11KeyProvider } from "../src/keys/pkcs11/index.js";
 import { TpmKeyProvider } from "../src/keys/tpm/tpm-provider.js";
 import { caPaths, FleetCa, initCa } from "../src/registrar/ca/index.js";
 import { registrarConfigFrom } from "../src/registrar/config.js";
-import { InMemoryDeviceDirectory } from "../src/registrar/oauth/directory.js";
 import { loadOrCreateSigningKey } from "../src/registrar/oauth/signing-key.js";
 import { oauthRoutes, TokenService } from "../src/registrar/oauth/token-service.js";
 import { startRegistrar } from "../src/registrar/server.js";
@@ -82,13 +82,43 @@ async function serve(which: Which, dir: string, deviceJwk: JWK): Promise<void> {
   if (which === "registrar") {
     const port = await freeLoopbackPort();
     const issuer = `https://127.0.0.1:${port}`;
-    const directory = new InMemoryDeviceDirectory();
-    register = (deviceId, jwk) =>
-      directory.put({ deviceId, status: "active", role: "gw", attributes: {}, publicJwk: jwk, group: "g" });
+    await mkdir(join(dir, "data"), { recursive: true });
+    const dbPath = join(dir, "data", "registrar.db");
+    const store = new SqliteRegistrarStore(dbPath);
+    // Devices go straight into the devices table (enrolment is not what is measured), with an
+    // evidence blob the size of a TPM enrolment's (EK certificate, AK and key publics).
+    const raw = new Database(dbPath);
+    const insert = raw.prepare(
+      `INSERT INTO devices (device_id, method, status, group_name, role, attributes, public_jwk, thumbprint,
+         ek_hash, hardware_serial, evidence, cert_serial, cert_not_after, created_at, updated_at)
+       VALUES (?, 'tpm', 'active', 'g', 'gw', '{}', ?, ?, NULL, ?, ?, ?, ?, ?, ?)`,
+    );
+    register = (deviceId, jwk) => {
+      const now = Date.now();
+      const evidence = {
+        ekCertificate: randomBytes(1100).toString("base64"),
+        akPublic: randomBytes(280).toString("base64"),
+        keyPublic: randomBytes(90).toString("base64"),
+        keyName: randomBytes(34).toString("hex"),
+      };
+      insert.run(
+        deviceId,
+        JSON.stringify(jwk),
+        randomBytes(32).toString("base64url"),
+        deviceId,
+        JSON.stringify(evidence),
+        randomBytes(8).toString("hex"),
+        now + 86_400_000,
+        now,
+        now,
+      );
+    };
     register("bench-1", deviceJwk);
     const tokenService = new TokenService(
       { issuer, audiences: ["https://api.example"], scopes: { roles: { gw: ["telemetry:write", "est"] } } },
-      { directory, signingKey: await loadOrCreateSigningKey(join(dir, "data")), clock: systemClock },
+      // The production directory: the registrar's SQLite store, one indexed read per token request
+      // (so a revocation takes effect on the next request), as src/registrar/app.ts wires it.
+      { directory: store, signingKey: await loadOrCreateSigningKey(join(dir, "data")), clock: systemClock },
     );
     const config = registrarConfigFrom(
       {
@@ -99,7 +129,6 @@ async function serve(which: Which, dir: string, deviceJwk: JWK): Promise<void> {
       },
       dir,
     );
-    const store = new SqliteRegistrarStore(join(config.dataDir, "registrar.db"));
     const running = await startRegistrar(config, {
       store,
       ca: await FleetCa.load(paths.dir),
@@ -107,6 +136,7 @@ async function serve(which: Which, dir: string, deviceJwk: JWK): Promise<void> {
     });
     close = async () => {
       await running.close();
+      raw.close();
       store.close();
     };
     info = { url: `${issuer}/oauth2/token`, issuer, caPem };
