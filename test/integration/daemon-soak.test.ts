@@ -124,7 +124,26 @@ async function connectInspector(url: string): Promise<{
   };
 }
 
-function postBatch(
+/**
+ * One POST. A keep-alive socket the server closed just as we reused it fails with ECONNRESET before
+ * the request reached the server (Node's documented `req.reusedSocket` race): nothing was acked, so
+ * sending again on a fresh socket is what any at-least-once client does. Any other error fails.
+ */
+async function postBatch(
+  agent: HttpAgent,
+  socketPath: string,
+  body: string,
+): Promise<{ status: number; text: string }> {
+  try {
+    return await postOnce(agent, socketPath, body);
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException & { reusedSocket?: boolean };
+    if (e.code === "ECONNRESET" && e.reusedSocket === true) return postOnce(agent, socketPath, body);
+    throw err;
+  }
+}
+
+function postOnce(
   agent: HttpAgent,
   socketPath: string,
   body: string,
@@ -149,7 +168,7 @@ function postBatch(
       },
     );
     req.on("timeout", () => req.destroy(new Error("request timeout")));
-    req.on("error", reject);
+    req.on("error", (err: Error) => reject(Object.assign(err, { reusedSocket: req.reusedSocket })));
     req.end(body);
   });
 }
