@@ -22,6 +22,7 @@ export const KEY_HEADER_MEMBERS = ["jwk", "jku", "x5c", "x5u", "x5t", "x5t#S256"
 
 /** Strict unpadded base64url (RFC 7515 §2): Buffer's decoder alone would skip stray characters. */
 const B64U = /^[A-Za-z0-9_-]*$/;
+const SIGNING_INPUT = /^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$/;
 
 function isB64u(part: string): boolean {
   return part.length % 4 !== 1 && B64U.test(part);
@@ -67,10 +68,13 @@ export async function verifyCompactSignature(
   // Security: never verify with anything but the allowlisted algorithm on a key of its own type.
   if (header.alg !== alg || !algFitsKey(alg, key)) throw new Error("alg does not fit the key");
   const dot = jws.lastIndexOf(".");
+  const signingInput = jws.slice(0, dot);
   const sigPart = jws.slice(dot + 1);
+  // Security: exactly header.payload.signature in strict base64url, whatever the caller checked.
+  if (!SIGNING_INPUT.test(signingInput)) throw new Error("JWS is not compact base64url");
   if (sigPart === "" || !isB64u(sigPart)) throw new Error("signature is not base64url");
   const sig = Buffer.from(sigPart, "base64url");
-  const data = Buffer.from(jws.slice(0, dot), "latin1");
+  const data = Buffer.from(signingInput, "latin1");
   let opts: VerifyKeyObjectInput;
   if (alg === "ES256") {
     // Security: JWS ES256 signatures are exactly r‖s (64 bytes); DER or other lengths are refused.
