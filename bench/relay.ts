@@ -193,6 +193,8 @@ async function main(): Promise<void> {
     const child = spawn(
       process.execPath,
       [
+        // RELAY_BENCH_NODE_ARGS="--max-semi-space-size=32 …" passes V8/Node flags to the relay process.
+        ...(process.env.RELAY_BENCH_NODE_ARGS ?? "").split(" ").filter((x) => x !== ""),
         // RELAY_BENCH_PROF=DIR writes a CPU profile of the relay process (for looking at hot spots).
         ...(process.env.RELAY_BENCH_PROF === undefined
           ? []
