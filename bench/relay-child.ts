@@ -3,6 +3,7 @@
  * test (bundled on the fly with rolldown: Node 20 cannot run TypeScript) and by bench/relay.ts
  * (compiled by `npm run build`). Prints one JSON stats line per second on stdout.
  */
+import { monitorEventLoopDelay } from "node:perf_hooks";
 import { Secret } from "../src/core/secret.js";
 import { SqliteOutbox } from "../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { MqttSink } from "../src/relay/sinks/mqtt/mqtt-sink.js";
@@ -44,8 +45,13 @@ process.stdout.write("ready\n");
 process.on("SIGTERM", () => {
   stack.stop().then(() => process.exit(0));
 });
+// Event-loop delay per second: how long ready work (a request, a PUBACK, an fsync completion) waited.
+const lag = monitorEventLoopDelay({ resolution: 1 });
+lag.enable();
 setInterval(() => {
+  const loopDelayP99Ms = lag.percentile(99) / 1e6;
+  lag.reset();
   process.stdout.write(
-    `${JSON.stringify({ stats: outbox.stats(), relay: stack.relay.counters, rss: process.memoryUsage().rss })}\n`,
+    `${JSON.stringify({ stats: outbox.stats(), relay: stack.relay.counters, rss: process.memoryUsage().rss, loopDelayP99Ms })}\n`,
   );
 }, 1000).unref();
