@@ -1,11 +1,12 @@
 import { createHmac, randomBytes } from "node:crypto";
-import { base64url, calculateJwkThumbprint, type JWK } from "jose";
+import { base64url, type JWK } from "jose";
 import type { Clock } from "../../core/clock.js";
 import { refusal } from "./errors.js";
 import {
   algFitsKey,
   isAllowedAlg,
   isObject,
+  jwkThumbprint,
   publicKeyOf,
   sha256b64u,
   splitCompact,
@@ -147,7 +148,7 @@ export async function verifyDpopProof(
       throw refusal("ERR_DPOP_NONCE", "use_dpop_nonce", "proof nonce missing or stale");
     }
   }
-  const jkt = await calculateJwkThumbprint(jwk as JWK, "sha256");
+  const jkt = jwkThumbprint(jwk as JWK);
   const recordReplay = (): void => {
     // Security: each proof is single-use within its acceptance window.
     if (

@@ -125,3 +125,23 @@ export function algFitsKey(alg: AllowedAlg, key: KeyObject): boolean {
 export function sha256b64u(data: string): string {
   return createHash("sha256").update(data).digest("base64url");
 }
+
+/**
+ * RFC 7638 SHA-256 JWK thumbprint (EC / RSA public members, lexicographic order), computed with
+ * node:crypto synchronously: jose's calculateJwkThumbprint goes through WebCrypto's async digest.
+ * @throws Error when a required member is missing or not a string.
+ */
+export function jwkThumbprint(jwk: JWK): string {
+  const str = (v: unknown): string => {
+    if (typeof v !== "string" || v === "") throw new Error("JWK member missing");
+    return v;
+  };
+  const canonical =
+    jwk.kty === "EC"
+      ? JSON.stringify({ crv: str(jwk.crv), kty: "EC", x: str(jwk.x), y: str(jwk.y) })
+      : jwk.kty === "RSA"
+        ? JSON.stringify({ e: str(jwk.e), kty: "RSA", n: str(jwk.n) })
+        : undefined;
+  if (canonical === undefined) throw new Error("unsupported JWK kty");
+  return createHash("sha256").update(canonical, "utf8").digest("base64url");
+}
