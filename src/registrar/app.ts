@@ -267,12 +267,13 @@ export async function startRegistrarApp(
 
   // Route shapes come from a placeholder service; each delegates to the real one at request time.
   const oauthShapes = oauthRoutes({ tokenService: makeService("https://issuer.invalid") });
+  // Built once, on the first request after the service exists (the issuer is bound after listen).
+  let realRoutes: Route[] | undefined;
   const oauth: Route[] = oauthShapes.map((shape) => ({
     ...shape,
     handle: (ctx: RouteContext) => {
-      const real = oauthRoutes({ tokenService: svc() }).find(
-        (r) => r.method === shape.method && r.path === shape.path,
-      );
+      realRoutes ??= oauthRoutes({ tokenService: svc() });
+      const real = realRoutes.find((r) => r.method === shape.method && r.path === shape.path);
       if (real === undefined) throw new HttpError(404, "ERR_NOT_FOUND", "not found");
       return real.handle(ctx);
     },
