@@ -62,6 +62,8 @@ async function buildSinks(ctx: StageContext, deviceId: string): Promise<Sink[]> 
         ...(dpop === undefined ? {} : { dpop }),
         deviceId,
         maxBatch: h.batch_max,
+        // Time-bounded batching: a partial batch waits at most batch_ms for more messages.
+        lingerMs: h.batch_ms,
         clock: ctx.clock,
         logger: ctx.log,
       }),
@@ -157,6 +159,8 @@ export const relayStage: AgentStage = {
         dropPolicy: o.drop_policy === "refuse" ? "refuse-new" : "drop-oldest",
       },
       clock: ctx.clock,
+      // TTL drops are decisions on wall time: none while the clock is below its floor (wrong RTC at boot).
+      clockTrusted: () => ctx.clockSanity.check().trusted,
       logger: ctx.log.child({ component: "outbox" }),
       onQuarantine: (movedTo) => {
         ctx.health.set("relay.outbox", `corrupt outbox quarantined to ${movedTo}`);
