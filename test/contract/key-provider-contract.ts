@@ -33,6 +33,7 @@ function verifyEs256(info: KeyInfo, data: Uint8Array, sig: Uint8Array): boolean 
 export function describeKeyProviderContract(
   name: string,
   setup: () => Promise<KeyProviderContractTarget>,
+  options: { readonly propertyTimeoutMs?: number } = {},
 ): void {
   describe(`KeyProvider contract: ${name}`, () => {
     let target: KeyProviderContractTarget;
@@ -123,15 +124,20 @@ export function describeKeyProviderContract(
       });
     });
 
-    it("property: every ES256 signature of a random message verifies", async () => {
-      await fc.assert(
-        fc.asyncProperty(fc.uint8Array({ minLength: 0, maxLength: 512 }), async (msg) => {
-          const sig = await provider.sign(msg, "ES256");
-          return sig.length === 64 && verifyEs256(info, msg, sig);
-        }),
-        { numRuns: target.propertyRuns },
-      );
-    });
+    it(
+      "property: every ES256 signature of a random message verifies",
+      async () => {
+        await fc.assert(
+          fc.asyncProperty(fc.uint8Array({ minLength: 0, maxLength: 512 }), async (msg) => {
+            const sig = await provider.sign(msg, "ES256");
+            return sig.length === 64 && verifyEs256(info, msg, sig);
+          }),
+          { numRuns: target.propertyRuns },
+        );
+      },
+      // Slow backends (a TPM signs in ~15 ms) need more than the default for thousands of signatures.
+      options.propertyTimeoutMs ?? 60_000,
+    );
 
     it("reports healthy while the key exists", async () => {
       const h = await provider.health();
