@@ -2,7 +2,8 @@ import { request } from "node:http";
 import type { Command } from "commander";
 import { M2mError } from "../../core/errors.js";
 import type { AgentStatus } from "../../daemon/compose.js";
-import { action, EXIT, globalOptions, loadCliConfig, output } from "./common.js";
+import type { Progress } from "../progress.js";
+import { action, EXIT, globalOptions, loadCliConfig, output, progressFor, usageError } from "./common.js";
 
 /** GET /v1/status from the running daemon over the local API socket. */
 export function fetchStatus(socketPath: string, timeoutMs = 5_000): Promise<AgentStatus> {
@@ -64,15 +65,73 @@ export function humanStatus(s: AgentStatus): string {
   return lines.join("\n");
 }
 
+/** Outbox depth from a status answer (undefined when the relay is not configured). */
+export function outboxDepth(status: AgentStatus): number | undefined {
+  const relay = status.stages.relay as { outbox?: { depth?: unknown } | null } | undefined;
+  const depth = relay?.outbox?.depth;
+  return typeof depth === "number" ? depth : undefined;
+}
+
+/**
+ * Follows the backlog drain (after an outage, before maintenance): polls the daemon's status and shows
+ * the outbox depth and drain rate until it reaches zero.
+ * @throws ERR_DRAIN_TIMEOUT when messages are still queued after `timeoutMs`; ERR_AGENT_* when unreachable.
+ */
+export async function waitForDrain(
+  socketPath: string,
+  options: { progress: Progress; intervalMs?: number; timeoutMs: number },
+): Promise<AgentStatus> {
+  const interval = options.intervalMs ?? 500;
+  const started = performance.now();
+  let last: { depth: number; at: number } | undefined;
+  for (;;) {
+    const status = await fetchStatus(socketPath);
+    const depth = outboxDepth(status);
+    if (depth === undefined) {
+      throw new M2mError("ERR_NO_RELAY", "permanent", "the agent has no relay outbox to drain", {
+        hint: "configure [relay.mqtt] or [relay.https] in the agent config",
+      });
+    }
+    const now = performance.now();
+    if (depth === 0) {
+      options.progress.done("backlog drained: outbox empty");
+      return status;
+    }
+    const rate =
+      last === undefined || now <= last.at ? undefined : ((last.depth - depth) * 1000) / (now - last.at);
+    options.progress.step(
+      `backlog: ${depth} message(s) queued${rate === undefined ? "" : ` (draining at ${Math.max(0, Math.round(rate))} msg/s)`}`,
+    );
+    last = { depth, at: now };
+    if (now - started > options.timeoutMs) {
+      options.progress.fail(`backlog: ${depth} message(s) still queued`);
+      throw new M2mError("ERR_DRAIN_TIMEOUT", "transient", `${depth} message(s) still queued`, {
+        hint: "check `m2m-agent status` for the sinks' errors (broker or ingest unreachable?)",
+        details: { depth },
+      });
+    }
+    await new Promise((r) => setTimeout(r, interval));
+  }
+}
+
 /** `m2m-agent status [--json]`: exit 0 when running, 3 when reachable but not running, 1 when unreachable. */
 export function register(program: Command): void {
   program
     .command("status")
     .description("show the running agent's state (from the local API socket)")
+    .option("--wait-drain", "follow the outbox backlog until it is delivered (progress on stderr)")
+    .option("--timeout <seconds>", "with --wait-drain: give up after this many seconds", "600")
     .action(
       action(async (cmd) => {
         const opts = globalOptions(cmd);
         const { config } = await loadCliConfig(opts);
+        const local = cmd.opts<{ waitDrain?: boolean; timeout: string }>();
+        if (local.waitDrain === true) {
+          const seconds = Number(local.timeout);
+          if (!Number.isFinite(seconds) || seconds <= 0)
+            throw usageError("--timeout takes a positive number of seconds");
+          await waitForDrain(config.api.socket, { progress: progressFor(opts), timeoutMs: seconds * 1000 });
+        }
         const status = await fetchStatus(config.api.socket);
         output(opts, status, () => humanStatus(status));
         return status.state === "running" ? EXIT.ok : EXIT.unhealthy;
