@@ -7,17 +7,25 @@ import { isM2mError } from "../../src/core/errors.js";
 import { MemoryOutbox } from "../../src/relay/outbox/memory/memory-outbox.js";
 import type { NewMessage, Outbox, OutboxLimits } from "../../src/relay/outbox/outbox.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
+import { WorkerOutbox } from "../../src/relay/outbox/worker/worker-outbox.js";
+import { outboxWorkerUrl } from "./outbox-worker-bundle.js";
 
 /** What every Outbox implementation must do. `reopen` is for durable implementations only. */
 interface OutboxFactory {
   readonly name: string;
   readonly durable: boolean;
+  /**
+   * Whether the implementation takes an injected clock. WorkerOutbox does not (its worker uses the
+   * system clock), so the cases driven by a ManualClock are not part of its suite; the worker runs
+   * SqliteOutbox unchanged, whose own runs below cover them.
+   */
+  readonly manualClock: boolean;
   create(opts: {
     dir: string;
     sinks?: string[];
     limits?: Partial<OutboxLimits>;
     clock?: ManualClock;
-  }): Outbox;
+  }): Outbox | Promise<Outbox>;
 }
 
 const enc = new TextEncoder();
@@ -31,6 +39,7 @@ const factories: OutboxFactory[] = [
   {
     name: "memory",
     durable: false,
+    manualClock: true,
     create: ({ sinks, limits, clock }) =>
       new MemoryOutbox({
         sinks: sinks ?? ["s"],
@@ -41,6 +50,7 @@ const factories: OutboxFactory[] = [
   {
     name: "sqlite (synchronous=FULL via async WAL fdatasync, default)",
     durable: true,
+    manualClock: true,
     create: ({ dir, sinks, limits, clock }) =>
       SqliteOutbox.open({
         path: join(dir, "outbox.db"),
@@ -53,6 +63,7 @@ const factories: OutboxFactory[] = [
   {
     name: "sqlite (synchronous=FULL, inline fsync)",
     durable: true,
+    manualClock: true,
     create: ({ dir, sinks, limits, clock }) =>
       SqliteOutbox.open({
         path: join(dir, "outbox.db"),
@@ -66,6 +77,7 @@ const factories: OutboxFactory[] = [
   {
     name: "sqlite (synchronous=NORMAL)",
     durable: true,
+    manualClock: true,
     create: ({ dir, sinks, limits, clock }) =>
       SqliteOutbox.open({
         path: join(dir, "outbox.db"),
@@ -74,6 +86,19 @@ const factories: OutboxFactory[] = [
         ...(limits === undefined ? {} : { limits }),
         ...(clock === undefined ? {} : { clock }),
         ttlCheckMs: 0,
+      }),
+  },
+  {
+    name: "worker (SqliteOutbox in a worker thread, default fsync mode)",
+    durable: true,
+    manualClock: false,
+    create: async ({ dir, sinks, limits }) =>
+      WorkerOutbox.open({
+        path: join(dir, "outbox.db"),
+        sinks: sinks ?? ["s"],
+        ...(limits === undefined ? {} : { limits }),
+        ttlCheckMs: 0,
+        workerUrl: await outboxWorkerUrl(),
       }),
   },
 ];
@@ -91,7 +116,7 @@ for (const f of factories) {
     });
 
     it("appends and returns time-ordered UUIDv7 ids in order", async () => {
-      const ob = f.create({ dir: await fresh() });
+      const ob = await f.create({ dir: await fresh() });
       const ids = await ob.append([msg("a", 1), msg("a", 2), msg("b", 3)]);
       expect(ids).toHaveLength(3);
       for (const id of ids)
@@ -102,7 +127,7 @@ for (const f of factories) {
     });
 
     it("group-commits concurrent appends and keeps every id distinct", async () => {
-      const ob = f.create({ dir: await fresh() });
+      const ob = await f.create({ dir: await fresh() });
       const all = await Promise.all(Array.from({ length: 50 }, (_, i) => ob.append([msg("c", i)])));
       const ids = all.flat();
       expect(new Set(ids).size).toBe(50);
@@ -112,7 +137,7 @@ for (const f of factories) {
     });
 
     it("leases oldest first, does not hand out a leased message twice, ack deletes", async () => {
-      const ob = f.create({ dir: await fresh() });
+      const ob = await f.create({ dir: await fresh() });
       const ids = await ob.append([msg("a", 1), msg("a", 2), msg("a", 3)]);
       const first = await ob.lease("s", 2);
       expect(first.map((m) => m.id)).toEqual(ids.slice(0, 2));
@@ -125,25 +150,28 @@ for (const f of factories) {
       await ob.close();
     });
 
-    it("nack makes a message leasable again and blocks its channel until due (FIFO per channel)", async () => {
-      const clock = new ManualClock();
-      const ob = f.create({ dir: await fresh(), clock });
-      const ids = await ob.append([msg("a", 1), msg("b", 1), msg("a", 2)]);
-      const l1 = await ob.lease("s", 1);
-      expect(l1[0]?.id).toBe(ids[0]);
-      await ob.nack("s", [ids[0] as string], 1000);
-      // a/1 is deferred: a/2 must not overtake it; b/1 flows.
-      const l2 = await ob.lease("s", 10);
-      expect(l2.map((m) => m.id)).toEqual([ids[1]]);
-      await clock.advance(1000);
-      const l3 = await ob.lease("s", 10);
-      expect(l3.map((m) => m.id)).toEqual([ids[0], ids[2]]);
-      expect(l3[0]?.attempt).toBe(2);
-      await ob.close();
-    });
+    // Needs an injected clock (see OutboxFactory.manualClock): not part of the worker's suite.
+    if (f.manualClock) {
+      it("nack makes a message leasable again and blocks its channel until due (FIFO per channel)", async () => {
+        const clock = new ManualClock();
+        const ob = await f.create({ dir: await fresh(), clock });
+        const ids = await ob.append([msg("a", 1), msg("b", 1), msg("a", 2)]);
+        const l1 = await ob.lease("s", 1);
+        expect(l1[0]?.id).toBe(ids[0]);
+        await ob.nack("s", [ids[0] as string], 1000);
+        // a/1 is deferred: a/2 must not overtake it; b/1 flows.
+        const l2 = await ob.lease("s", 10);
+        expect(l2.map((m) => m.id)).toEqual([ids[1]]);
+        await clock.advance(1000);
+        const l3 = await ob.lease("s", 10);
+        expect(l3.map((m) => m.id)).toEqual([ids[0], ids[2]]);
+        expect(l3[0]?.attempt).toBe(2);
+        await ob.close();
+      });
+    }
 
     it("regression: messages appended after the outbox emptied are still leased (seq never reused)", async () => {
-      const ob = f.create({ dir: await fresh() });
+      const ob = await f.create({ dir: await fresh() });
       const [first] = await ob.append([msg("x", 0)]);
       await ob.lease("s", 1);
       await ob.ack("s", [first as string]);
@@ -153,7 +181,7 @@ for (const f of factories) {
     });
 
     it("respects lease maxBytes but always returns at least one", async () => {
-      const ob = f.create({ dir: await fresh() });
+      const ob = await f.create({ dir: await fresh() });
       await ob.append([
         { channel: "a", payload: new Uint8Array(100) },
         { channel: "a", payload: new Uint8Array(100) },
@@ -163,7 +191,7 @@ for (const f of factories) {
     });
 
     it("dead-letters one message with its reason; the rest of the channel flows", async () => {
-      const ob = f.create({ dir: await fresh() });
+      const ob = await f.create({ dir: await fresh() });
       const ids = await ob.append([msg("a", 1), msg("a", 2)]);
       await ob.lease("s", 1);
       await ob.deadLetter("s", ids[0] as string, "mqtt_0x87_not_authorized");
@@ -184,7 +212,7 @@ for (const f of factories) {
     });
 
     it("keeps a message until every sink has acked it", async () => {
-      const ob = f.create({ dir: await fresh(), sinks: ["mqtt", "https"] });
+      const ob = await f.create({ dir: await fresh(), sinks: ["mqtt", "https"] });
       const [id] = await ob.append([msg("a", 1)]);
       await ob.lease("mqtt", 1);
       await ob.ack("mqtt", [id as string]);
@@ -198,7 +226,7 @@ for (const f of factories) {
     });
 
     it("drop-oldest by count: keeps the newest, counts the drops", async () => {
-      const ob = f.create({ dir: await fresh(), limits: { maxCount: 3 } });
+      const ob = await f.create({ dir: await fresh(), limits: { maxCount: 3 } });
       for (let i = 0; i < 5; i++) await ob.append([msg("a", i)]);
       const l = await ob.lease("s", 10);
       expect(l.map((m) => text(m.payload))).toEqual(["2", "3", "4"]);
@@ -207,7 +235,7 @@ for (const f of factories) {
     });
 
     it("drop-oldest by bytes", async () => {
-      const ob = f.create({ dir: await fresh(), limits: { maxBytes: 250 } });
+      const ob = await f.create({ dir: await fresh(), limits: { maxBytes: 250 } });
       for (let i = 0; i < 4; i++) await ob.append([{ channel: "a", payload: new Uint8Array(100).fill(i) }]);
       const l = await ob.lease("s", 10);
       expect(l.map((m) => m.payload[0])).toEqual([2, 3]);
@@ -217,7 +245,7 @@ for (const f of factories) {
     });
 
     it("refuse-new: ERR_OUTBOX_FULL (transient, retryAfterMs), counted, old data kept", async () => {
-      const ob = f.create({ dir: await fresh(), limits: { maxCount: 2, dropPolicy: "refuse-new" } });
+      const ob = await f.create({ dir: await fresh(), limits: { maxCount: 2, dropPolicy: "refuse-new" } });
       await ob.append([msg("a", 1), msg("a", 2)]);
       const err = await ob.append([msg("a", 3)]).catch((e: unknown) => e);
       expect(isM2mError(err, "ERR_OUTBOX_FULL")).toBe(true);
@@ -229,28 +257,31 @@ for (const f of factories) {
     });
 
     it("a message larger than the byte limit is refused permanently", async () => {
-      const ob = f.create({ dir: await fresh(), limits: { maxBytes: 10 } });
+      const ob = await f.create({ dir: await fresh(), limits: { maxBytes: 10 } });
       const err = await ob.append([{ channel: "a", payload: new Uint8Array(11) }]).catch((e: unknown) => e);
       expect(isM2mError(err, "ERR_OUTBOX_MESSAGE_TOO_LARGE")).toBe(true);
       await ob.close();
     });
 
-    it("TTL drops expired messages (oldest first) and counts them", async () => {
-      const clock = new ManualClock();
-      const ob = f.create({ dir: await fresh(), clock, limits: { ttlMs: 10_000 } });
-      await ob.append([msg("a", "old")]);
-      await clock.advance(6000);
-      await ob.append([msg("a", "new")]);
-      await clock.advance(6000);
-      expect(ob.stats().oldestAgeMs).toBe(12_000);
-      expect(await ob.expire()).toBe(1);
-      expect(ob.stats().drops.ttl).toBe(1);
-      expect((await ob.lease("s", 10)).map((m) => text(m.payload))).toEqual(['"new"']);
-      await ob.close();
-    });
+    // Needs an injected clock (see OutboxFactory.manualClock): not part of the worker's suite.
+    if (f.manualClock) {
+      it("TTL drops expired messages (oldest first) and counts them", async () => {
+        const clock = new ManualClock();
+        const ob = await f.create({ dir: await fresh(), clock, limits: { ttlMs: 10_000 } });
+        await ob.append([msg("a", "old")]);
+        await clock.advance(6000);
+        await ob.append([msg("a", "new")]);
+        await clock.advance(6000);
+        expect(ob.stats().oldestAgeMs).toBe(12_000);
+        expect(await ob.expire()).toBe(1);
+        expect(ob.stats().drops.ttl).toBe(1);
+        expect((await ob.lease("s", 10)).map((m) => text(m.payload))).toEqual(['"new"']);
+        await ob.close();
+      });
+    }
 
     it("waitForWork resolves on append", async () => {
-      const ob = f.create({ dir: await fresh() });
+      const ob = await f.create({ dir: await fresh() });
       const w = ob.waitForWork("s");
       await ob.append([msg("a", 1)]);
       await w;
@@ -259,7 +290,7 @@ for (const f of factories) {
     });
 
     it("unknown sink → ERR_OUTBOX_SINK_UNKNOWN; closed → ERR_OUTBOX_CLOSED", async () => {
-      const ob = f.create({ dir: await fresh() });
+      const ob = await f.create({ dir: await fresh() });
       await expect(ob.lease("nope", 1)).rejects.toMatchObject({ code: "ERR_OUTBOX_SINK_UNKNOWN" });
       await ob.close();
       expect(() => ob.append([msg("a", 1)])).toThrow(expect.objectContaining({ code: "ERR_OUTBOX_CLOSED" }));
@@ -268,12 +299,12 @@ for (const f of factories) {
     if (f.durable) {
       it("survives reopen: unacked messages come back with the same ids, acked ones do not", async () => {
         const dir = await fresh();
-        const ob = f.create({ dir });
+        const ob = await f.create({ dir });
         const ids = await ob.append([msg("a", 1), msg("a", 2), msg("b", 3)]);
         await ob.lease("s", 3);
         await ob.ack("s", [ids[0] as string]);
         await ob.close();
-        const again = f.create({ dir });
+        const again = await f.create({ dir });
         expect(again.stats().depth).toBe(2);
         expect((await again.lease("s", 10)).map((m) => m.id)).toEqual(ids.slice(1));
         await again.close();
@@ -281,11 +312,11 @@ for (const f of factories) {
 
       it("counters persist across reopen", async () => {
         const dir = await fresh();
-        const ob = f.create({ dir, limits: { maxCount: 1 } });
+        const ob = await f.create({ dir, limits: { maxCount: 1 } });
         await ob.append([msg("a", 1)]);
         await ob.append([msg("a", 2)]);
         await ob.close();
-        const again = f.create({ dir, limits: { maxCount: 1 } });
+        const again = await f.create({ dir, limits: { maxCount: 1 } });
         expect(again.stats().drops.max_count).toBe(1);
         expect(again.stats().appended).toBe(2);
         await again.close();

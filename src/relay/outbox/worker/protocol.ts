@@ -1,0 +1,95 @@
+/**
+ * Messages between `WorkerOutbox` (main thread) and `outbox-worker.ts` (the worker running the
+ * SqliteOutbox). Internal to this folder: the shapes may change with the code on both sides, which
+ * always ship together (one build).
+ */
+
+import type { RetryClass } from "../../../core/errors.js";
+import type { LogLevel } from "../../../core/log.js";
+import type { SqliteOutboxOptions } from "../sqlite/sqlite-outbox.js";
+
+/** What `workerData` carries: the structured-clone-able part of the SqliteOutbox options. */
+export interface WorkerInit {
+  readonly options: Pick<
+    SqliteOutboxOptions,
+    "path" | "sinks" | "limits" | "synchronous" | "fsyncMode" | "ttlCheckMs" | "refuseRetryAfterMs"
+  >;
+  /** The main side's first `clockTrusted()` answer. */
+  readonly clockTrusted: boolean;
+  /** How often (ms) the worker pushes a stats snapshot when it changed (TTL drops by its timer). */
+  readonly statsPushMs: number;
+}
+
+export type RequestOp =
+  | "append"
+  | "lease"
+  | "ack"
+  | "nack"
+  | "deadLetter"
+  | "deadLetters"
+  | "expire"
+  | "waitForWork"
+  | "close"
+  | "debug";
+
+/** Main → worker. `retryNow`, `cancel` and `clock` get no reply. */
+export type ToWorker =
+  | {
+      readonly id: number;
+      readonly op: RequestOp;
+      readonly args: readonly unknown[];
+      readonly trusted?: boolean;
+    }
+  | { readonly id: 0; readonly op: "retryNow"; readonly args: readonly [string] }
+  /** Abort the worker's wait for request `id` (the main side already resolved it). */
+  | { readonly id: number; readonly op: "cancel"; readonly args: readonly [] }
+  | { readonly id: 0; readonly op: "clock"; readonly args: readonly [boolean] };
+
+export interface WireError {
+  readonly code: string;
+  readonly retry: RetryClass;
+  readonly message: string;
+  readonly details?: Readonly<Record<string, string | number | boolean>>;
+  readonly hint?: string;
+}
+
+/**
+ * Stats as a flat number array (cheap to clone, no nested objects per reply):
+ * depth, bytes, oldest ingest time (wall ms, 0 when empty), drops max_bytes, max_count, ttl,
+ * refused, deadLetters, appended, quarantined, then `leased` per sink in `sinks` order.
+ */
+export type WireStats = number[];
+export const STATS_FIXED = 10;
+
+/** Worker → main. */
+export type FromWorker =
+  | {
+      readonly k: "r";
+      readonly id: number;
+      readonly ok: true;
+      readonly value: unknown;
+      readonly stats: WireStats;
+    }
+  | {
+      readonly k: "r";
+      readonly id: number;
+      readonly ok: false;
+      readonly error: WireError;
+      readonly stats: WireStats;
+    }
+  | { readonly k: "s"; readonly stats: WireStats }
+  | {
+      readonly k: "l";
+      readonly level: LogLevel;
+      readonly msg: string;
+      readonly fields: Record<string, unknown>;
+    }
+  | { readonly k: "q"; readonly movedTo: string }
+  | { readonly k: "o"; readonly ok: true; readonly stats: WireStats }
+  | { readonly k: "o"; readonly ok: false; readonly error: WireError };
+
+/** Answer of the `debug` request (tests and diagnostics). */
+export interface WorkerDebug {
+  /** waitForWork requests the worker is still waiting on. */
+  readonly waits: number;
+}
