@@ -160,6 +160,8 @@ function main(): void {
           waits.clear();
         });
       case "debug":
+        // `exit` simulates a crash of the worker (tests); anything else reports counters.
+        if (a[0] === "exit") process.exit(70);
         return { waits: waits.size };
       case "waitForWork":
         // Handled in the message listener (it needs the request id for cancellation).

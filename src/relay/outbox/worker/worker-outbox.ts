@@ -416,13 +416,16 @@ export class WorkerOutbox implements Outbox {
     }
   }
 
-  /** Test/diagnostic hook: the worker's count of waits in progress. */
-  debug(): Promise<WorkerDebug> {
-    return this.#request("debug", []);
+  /**
+   * Test/diagnostic hook. `counters`: the worker's count of waits in progress (a leak check).
+   * `exit`: the worker exits at once, as a crash would (requests behind it are never answered).
+   */
+  debug(what: "counters" | "exit" = "counters"): Promise<WorkerDebug> {
+    return this.#request("debug", [what]);
   }
 
-  /** Test hook: kills the worker as a crash would (pending calls reject ERR_OUTBOX_IO). */
-  async terminateWorkerForTest(): Promise<void> {
-    await this.#worker.terminate();
+  /** Main-side requests awaiting an answer (a leak check for tests). */
+  get pendingRequests(): number {
+    return this.#pending.size;
   }
 }
