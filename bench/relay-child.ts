@@ -5,7 +5,9 @@
  */
 import { monitorEventLoopDelay } from "node:perf_hooks";
 import { Secret } from "../src/core/secret.js";
+import type { Outbox } from "../src/relay/outbox/outbox.js";
 import { SqliteOutbox } from "../src/relay/outbox/sqlite/sqlite-outbox.js";
+import { WorkerOutbox } from "../src/relay/outbox/worker/worker-outbox.js";
 import { MqttSink } from "../src/relay/sinks/mqtt/mqtt-sink.js";
 import { startRelayStack } from "../src/relay/stack.js";
 
@@ -19,15 +21,29 @@ interface ChildConfig {
   deviceId: string;
   maxInFlight?: number;
   synchronous?: "FULL" | "NORMAL";
+  /** Bundled worker entry (the crash test runs this file bundled from TypeScript); default: the build's. */
+  outboxWorkerUrl?: string;
 }
 
 const cfg = JSON.parse(process.argv[2] ?? "{}") as ChildConfig;
-const outbox = SqliteOutbox.open({
+// RELAY_BENCH_OUTBOX=worker (default): SQLite in a worker thread; =main: in this event loop.
+const outboxThread = process.env.RELAY_BENCH_OUTBOX ?? "worker";
+if (outboxThread !== "worker" && outboxThread !== "main") {
+  throw new Error(`RELAY_BENCH_OUTBOX must be worker or main, not ${outboxThread}`);
+}
+const outboxOptions = {
   path: cfg.dbPath,
   sinks: ["mqtt"],
   ttlCheckMs: 0,
   synchronous: cfg.synchronous ?? "FULL",
-});
+} as const;
+const outbox: Outbox =
+  outboxThread === "worker"
+    ? await WorkerOutbox.open({
+        ...outboxOptions,
+        ...(cfg.outboxWorkerUrl === undefined ? {} : { workerUrl: new URL(cfg.outboxWorkerUrl) }),
+      })
+    : SqliteOutbox.open(outboxOptions);
 const sink = new MqttSink({
   urls: [cfg.brokerUrl],
   caPem: cfg.caPem,

@@ -214,6 +214,11 @@ const outboxSection = z.strictObject({
     .min(1)
     .default(7 * 24 * 3600),
   drop_policy: z.enum(["oldest", "refuse"]).default("oldest"),
+  /**
+   * Where the outbox's SQLite work runs: `worker` (a worker thread, so the main event loop only
+   * serves sockets) or `main` (in the daemon's event loop). Measured in docs/outbox.md.
+   */
+  thread: z.enum(["worker", "main"]).default("worker"),
 });
 
 const mqttSinkSection = z.strictObject({

@@ -18,6 +18,8 @@ const WATCHED = [
   "src/daemon/compose.ts",
   "src/daemon/stages/credentials.ts",
   "src/daemon/stages/relay.ts",
+  "src/relay/outbox/worker/worker-outbox.ts",
+  "src/relay/outbox/worker/outbox-worker.ts",
   "src/daemon/stages/enrol.ts",
   "src/registrar/app.ts",
   "src/registrar/server.ts",

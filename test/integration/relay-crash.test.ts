@@ -1,6 +1,7 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { pathToFileURL } from "node:url";
 import { execa, type ResultPromise } from "execa";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
@@ -15,6 +16,7 @@ describe("relay crash safety (SIGKILL at random moments)", () => {
   let broker: Mosquitto;
   let dir: string;
   let childJs: string;
+  let outboxWorkerJs: string;
   let child: ResultPromise | undefined;
 
   beforeAll(async () => {
@@ -23,6 +25,11 @@ describe("relay crash safety (SIGKILL at random moments)", () => {
     childJs = await bundleEntry(
       new URL("../../bench/relay-child.ts", import.meta.url).pathname,
       "relay-child",
+    );
+    // The child's outbox runs in a worker thread (the default): it needs the bundled worker entry.
+    outboxWorkerJs = await bundleEntry(
+      new URL("../../src/relay/outbox/worker/outbox-worker.ts", import.meta.url).pathname,
+      "outbox-worker",
     );
   });
   afterAll(async () => {
@@ -42,6 +49,7 @@ describe("relay crash safety (SIGKILL at random moments)", () => {
       certPem,
       keyPem,
       deviceId: "dev-crash",
+      outboxWorkerUrl: pathToFileURL(outboxWorkerJs).href,
     });
     const sub = await startSubscriber(broker.plainUrl, "devices/dev-crash/#");
     const acked = new Map<number, string>();

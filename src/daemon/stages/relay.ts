@@ -2,6 +2,7 @@ import { readFileSync } from "node:fs";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentConfig } from "../../config/index.js";
+import { systemClock } from "../../core/clock.js";
 import { asM2mError, M2mError } from "../../core/errors.js";
 import { backoffDelay, defaultRetryPolicy } from "../../core/retry.js";
 import type { DpopSigner } from "../../credentials/oauth/token-source.js";
@@ -133,9 +134,9 @@ async function buildSinks(ctx: StageContext, deviceId: string): Promise<Sink[]> 
 }
 
 /**
- * The relay: a durable SQLite outbox in the state directory, `POST /v1/messages` on the daemon's
- * local API, and the configured sinks (MQTT 5 with PKCS#11-engine mTLS or token auth; HTTPS with
- * DPoP). Status reports outbox depth, drops and per-sink counters; stop drains in-flight deliveries.
+ * The relay: a durable SQLite outbox in the state directory (in a worker thread unless
+ * `relay.outbox.thread = "main"`), `POST /v1/messages` on the daemon's local API, and the configured
+ * sinks (MQTT 5 with PKCS#11-engine mTLS or token auth; HTTPS with DPoP). Status reports outbox depth, drops and per-sink counters; stop drains in-flight deliveries.
  */
 export const relayStage: AgentStage = {
   name: "relay",
@@ -147,26 +148,37 @@ export const relayStage: AgentStage = {
     if (deviceId === undefined)
       throw new M2mError("ERR_NOT_ENROLLED", "permanent", "the relay needs a device identity (not enrolled)");
     const sinks = await buildSinks(ctx, deviceId);
-    const { SqliteOutbox } = await import("../../relay/outbox/sqlite/sqlite-outbox.js");
     const o = config.relay.outbox;
-    const outbox = SqliteOutbox.open({
+    const outboxOptions = {
       path: outboxPath(config),
       sinks: sinks.map((s) => s.name),
       limits: {
         maxBytes: o.max_bytes,
         maxCount: o.max_count,
         ttlMs: o.max_age_s * 1000,
-        dropPolicy: o.drop_policy === "refuse" ? "refuse-new" : "drop-oldest",
+        dropPolicy: o.drop_policy === "refuse" ? ("refuse-new" as const) : ("drop-oldest" as const),
       },
-      clock: ctx.clock,
       // TTL drops are decisions on wall time: none while the clock is below its floor (wrong RTC at boot).
       clockTrusted: () => ctx.clockSanity.check().trusted,
       logger: ctx.log.child({ component: "outbox" }),
-      onQuarantine: (movedTo) => {
+      onQuarantine: (movedTo: string) => {
         ctx.health.set("relay.outbox", `corrupt outbox quarantined to ${movedTo}`);
         ctx.log.error("outbox quarantined", { movedTo });
       },
-    });
+    };
+    let outbox: Outbox;
+    // The worker's SqliteOutbox runs on the system clock (a clock object cannot cross threads): with an
+    // injected clock (tests use ManualClock) the outbox stays in this thread so TTL follows that clock.
+    if (o.thread === "worker" && ctx.clock === systemClock) {
+      const { WorkerOutbox } = await import("../../relay/outbox/worker/worker-outbox.js");
+      outbox = await WorkerOutbox.open({
+        ...outboxOptions,
+        onCrash: (err) => ctx.health.set("relay.outbox", `outbox worker stopped (${err.code})`),
+      });
+    } else {
+      const { SqliteOutbox } = await import("../../relay/outbox/sqlite/sqlite-outbox.js");
+      outbox = SqliteOutbox.open({ ...outboxOptions, clock: ctx.clock });
+    }
     const { startRelayStack } = await import("../../relay/stack.js");
     const unhealthyAfter = unhealthyAfterMs(ctx.env);
     const stack: RelayStack = await startRelayStack({
