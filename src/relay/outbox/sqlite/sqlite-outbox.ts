@@ -110,6 +110,24 @@ const ACK_CHUNK = 500;
 /** Longest an ack waits to share a commit with other acks (an append flushes them at once). */
 const ACK_COALESCE_MS = 4;
 const WAIT_DONE = Object.freeze({ reason: "wait done" });
+/** Bounds of the in-memory tail (see `#tail`): beyond them leases read SQLite, as after a restart. */
+const TAIL_MAX_ROWS = 16_384;
+const TAIL_MAX_BYTES = 8 * 1024 * 1024;
+
+/**
+ * A committed row kept in memory for leasing. `pending` mirrors the row's sink bits for the cases a
+ * lease can meet (drops and acks of never-leased ids clear them); 0 = gone.
+ */
+interface TailRow {
+  readonly seq: number;
+  readonly id: string;
+  readonly channel: string;
+  readonly payload: Buffer;
+  readonly contentType: string;
+  readonly ts: number;
+  readonly ingestedAt: number;
+  pending: number;
+}
 
 const META_KEYS = [
   "count",
@@ -216,6 +234,19 @@ export class SqliteOutbox implements Outbox {
   readonly #insertByRows = new Map<number, Database.Statement>();
   #checkpointing = false;
   #ttlTimer: NodeJS.Timeout | undefined;
+  /**
+   * The newest committed rows, in seq order (`#tailHead` is the first live index). Every row with
+   * seq >= `#tailStart` that this process committed is here, so a sink that has leased everything
+   * below (`highWater + 1 >= #tailStart`) and has nothing deferred leases from memory instead of a
+   * SELECT: that query was ≈ 13 % of the relay's CPU at full rate. Rows from before a restart, and
+   * rows evicted by the bounds, are read from SQLite as before.
+   */
+  #tail: TailRow[] = [];
+  #tailHead = 0;
+  #tailStart = Number.POSITIVE_INFINITY;
+  #tailBytes = 0;
+  /** Rows inserted by the running transaction: join `#tail` only once it committed. */
+  #tailPending: TailRow[] = [];
   readonly #stmts: {
     insert: Database.Statement;
     ackDeleteOnly: Database.Statement;
@@ -463,7 +494,10 @@ export class SqliteOutbox implements Outbox {
     for (const id of ids) {
       const seq = s.leased.get(id) ?? s.deferred.get(id)?.seq;
       if (seq === undefined) unknown.push(id);
-      else seqs.push(seq);
+      else {
+        seqs.push(seq);
+        this.#tailClearSeq(seq, s.bit);
+      }
       s.leased.delete(id);
       s.attempts.delete(id);
       s.deferred.delete(id);
@@ -476,6 +510,8 @@ export class SqliteOutbox implements Outbox {
   deadLetter(sink: string, id: string, reason: string): Promise<void> {
     this.#checkOpen();
     const s = this.#sink(sink);
+    const seq = s.leased.get(id) ?? s.deferred.get(id)?.seq;
+    if (seq !== undefined) this.#tailClearSeq(seq, s.bit);
     s.leased.delete(id);
     s.attempts.delete(id);
     s.deferred.delete(id);
@@ -549,6 +585,7 @@ export class SqliteOutbox implements Outbox {
                 this.#meta.bytes -= g.size;
               }
             }
+            if (op.ids.length > 0) this.#tailClear(new Set(op.ids), op.sink.bit);
             for (const id of op.ids) {
               // Single-sink fast path: the last sink to ack deletes in one statement.
               const gone = this.#stmts.deleteIfOnly.get(id, op.sink.bit) as { size: number } | undefined;
@@ -595,6 +632,7 @@ export class SqliteOutbox implements Outbox {
       tx();
     } catch (err) {
       this.#meta = metaBefore;
+      this.#tailPending = [];
       const e = new M2mError("ERR_OUTBOX_IO", "transient", "the outbox could not commit", {
         cause: err,
         hint: "check free disk space and that the state directory is writable",
@@ -604,6 +642,7 @@ export class SqliteOutbox implements Outbox {
       return;
     }
     this.#metaWritten = { ...this.#meta };
+    this.#joinTail();
     this.#forget(dropped);
     for (const r of results) r();
     if (this.#awaitingSync.length > 0) this.#syncWal();
@@ -728,7 +767,23 @@ export class SqliteOutbox implements Outbox {
         params[k + 6] = m.payload.byteLength;
         params[k + 7] = this.#allBits;
       }
-      this.#insertRows(n).run(params);
+      const info = this.#insertRows(n).run(params);
+      // AUTOINCREMENT: the rows of one statement get consecutive seqs ending at lastInsertRowid.
+      const first = Number(info.lastInsertRowid) - n + 1;
+      for (let j = 0; j < n; j++) {
+        const k = j * 8;
+        this.#tailPending.push({
+          seq: first + j,
+          id: params[k] as string,
+          channel: params[k + 1] as string,
+          // A private copy: the caller's buffer (often a view of a request body) may be reused.
+          payload: Buffer.from(params[k + 2] as Buffer),
+          contentType: params[k + 3] as string,
+          ts: params[k + 4] as number,
+          ingestedAt: now,
+          pending: this.#allBits,
+        });
+      }
     }
     this.#meta.count += batch.length;
     this.#meta.bytes += bytes;
@@ -783,6 +838,7 @@ export class SqliteOutbox implements Outbox {
   /** Dropped messages leave every sink's in-memory lease/defer state. */
   #forget(ids: readonly string[]): void {
     if (ids.length === 0) return;
+    this.#tailClear(new Set(ids), 0);
     for (const s of this.#state.values()) {
       for (const id of ids) {
         s.leased.delete(id);
@@ -792,15 +848,130 @@ export class SqliteOutbox implements Outbox {
     }
   }
 
+  #joinTail(): void {
+    const rows = this.#tailPending;
+    if (rows.length === 0) return;
+    this.#tailPending = [];
+    const first = rows[0] as TailRow;
+    const lastSeq =
+      this.#tail.length > this.#tailHead ? (this.#tail[this.#tail.length - 1] as TailRow).seq : -1;
+    if (lastSeq >= 0 && first.seq !== lastSeq + 1) {
+      // Not contiguous (never expected with AUTOINCREMENT): start over rather than hide a row.
+      this.#tail = [];
+      this.#tailHead = 0;
+      this.#tailBytes = 0;
+      this.#tailStart = first.seq;
+    } else if (lastSeq < 0) {
+      this.#tail = [];
+      this.#tailHead = 0;
+      this.#tailBytes = 0;
+      this.#tailStart = first.seq;
+    }
+    for (const r of rows) {
+      this.#tail.push(r);
+      this.#tailBytes += r.payload.byteLength;
+    }
+    this.#trimTail();
+  }
+
+  /** Drops tail rows every sink has leased, then enforces the bounds (evicted rows stay in SQLite). */
+  #trimTail(): void {
+    let low = Number.POSITIVE_INFINITY;
+    for (const st of this.#state.values()) low = Math.min(low, st.highWater);
+    const tail = this.#tail;
+    let h = this.#tailHead;
+    while (h < tail.length) {
+      const r = tail[h] as TailRow;
+      if (r.seq > low && tail.length - h <= TAIL_MAX_ROWS && this.#tailBytes <= TAIL_MAX_BYTES) break;
+      this.#tailBytes -= r.payload.byteLength;
+      h++;
+    }
+    if (h >= tail.length) {
+      this.#tail = [];
+      this.#tailHead = 0;
+      this.#tailBytes = 0;
+      // Empty tail: only rows committed from now on are in memory.
+      this.#tailStart = tail.length > 0 ? (tail[tail.length - 1] as TailRow).seq + 1 : this.#tailStart;
+      return;
+    }
+    this.#tailStart = (tail[h] as TailRow).seq;
+    if (h > 4096 && h * 2 > tail.length) {
+      this.#tail = tail.slice(h);
+      h = 0;
+    }
+    this.#tailHead = h;
+  }
+
+  /**
+   * The sink is done with this row (ack / dead letter). Needed because a row leased while a channel
+   * was blocked can lie above the sink's frontier, where a tail lease would otherwise see it again.
+   */
+  #tailClearSeq(seq: number, bit: number): void {
+    if (seq < this.#tailStart) return;
+    const r = this.#tail[this.#tailHead + (seq - this.#tailStart)];
+    if (r !== undefined && r.seq === seq) r.pending &= ~bit;
+  }
+
+  /** Clears `bits` (0 = every bit: the row is gone) of tail rows whose id is in `ids`. */
+  #tailClear(ids: ReadonlySet<string>, bits: number): void {
+    const tail = this.#tail;
+    for (let i = this.#tailHead; i < tail.length; i++) {
+      const r = tail[i] as TailRow;
+      if (ids.has(r.id)) r.pending = bits === 0 ? 0 : r.pending & ~bits;
+    }
+  }
+
+  /**
+   * The common case: nothing deferred and everything below the tail already leased, so the next
+   * rows in seq order are exactly what the SELECT would return (no channel can be blocked).
+   */
+  #leaseTail(s: SinkState, max: number, options: LeaseOptions): OutboxMessage[] {
+    const out: OutboxMessage[] = [];
+    const maxBytes = options.maxBytes ?? Number.POSITIVE_INFINITY;
+    const tail = this.#tail;
+    let i = this.#tailHead + Math.max(0, s.highWater + 1 - this.#tailStart);
+    let bytes = 0;
+    for (; i < tail.length && out.length < max; i++) {
+      const r = tail[i] as TailRow;
+      if ((r.pending & s.bit) === 0 || s.leased.has(r.id)) {
+        // Gone for this sink, or leased by an earlier scan above a since-unblocked channel.
+        s.highWater = r.seq;
+        continue;
+      }
+      const size = r.payload.byteLength;
+      if (out.length > 0 && bytes + size > maxBytes) break;
+      bytes += size;
+      const attempt = (s.attempts.get(r.id) ?? 0) + 1;
+      s.attempts.set(r.id, attempt);
+      s.leased.set(r.id, r.seq);
+      s.highWater = r.seq;
+      out.push({
+        id: r.id,
+        seq: r.seq,
+        channel: r.channel,
+        payload: r.payload,
+        contentType: r.contentType,
+        ts: r.ts,
+        ingestedAt: r.ingestedAt,
+        attempt,
+      });
+    }
+    if (out.length > 0) this.#trimTail();
+    return out;
+  }
+
   async lease(sink: string, max: number, options: LeaseOptions = {}): Promise<OutboxMessage[]> {
     this.#checkOpen();
     const s = this.#sink(sink);
     const now = this.#clock.monotonicMs();
+    if (s.deferred.size === 0 && s.highWater + 1 >= this.#tailStart) return this.#leaseTail(s, max, options);
     let from = s.highWater + 1;
     for (const d of s.deferred.values()) from = Math.min(from, d.seq);
     // Leased rows are never rescanned: each ends acked, nacked (→ deferred) or dropped.
     const out: OutboxMessage[] = [];
     const blocked = new Set<string>();
+    /** False once a row was skipped for a blocked channel: `highWater` then stops advancing. */
+    let contiguous = true;
     let bytes = 0;
     const maxBytes = options.maxBytes ?? Number.POSITIVE_INFINITY;
     // Usually nothing is skipped (leased rows lie below `from`), so the first page is just what is
@@ -813,7 +984,12 @@ export class SqliteOutbox implements Outbox {
         if (s.leased.has(row.id)) continue;
         const d = s.deferred.get(row.id);
         // Per-channel FIFO: nothing of a channel passes its earliest deferred message.
-        if (blocked.has(row.channel)) continue;
+        if (blocked.has(row.channel)) {
+          // Skipped, not leased and not deferred: the frontier must stay below it or it is never
+          // leased once the deferral ends (a later scan starts at highWater + 1).
+          if (d === undefined) contiguous = false;
+          continue;
+        }
         if (d !== undefined && d.dueAt > now) {
           blocked.add(row.channel);
           continue;
@@ -826,7 +1002,7 @@ export class SqliteOutbox implements Outbox {
         const attempt = (s.attempts.get(row.id) ?? 0) + 1;
         s.attempts.set(row.id, attempt);
         s.leased.set(row.id, row.seq);
-        s.highWater = Math.max(s.highWater, row.seq);
+        if (contiguous) s.highWater = Math.max(s.highWater, row.seq);
         bytes += row.size;
         out.push({
           id: row.id,
