@@ -10,8 +10,9 @@
  */
 import { spawn } from "node:child_process";
 import { randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
-import { request as httpRequest } from "node:http";
+import { Agent as HttpAgent, request as httpRequest } from "node:http";
 import { createServer as createHttpsServer } from "node:https";
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
@@ -42,6 +43,19 @@ const BATCH = 100;
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
+/**
+ * Producers keep their connections open (8 sockets, like a sensor hub posting continuously); a new
+ * connection per POST is what `m2m-agent send` does, but it is not how a high-rate producer works.
+ */
+const producerAgent = new HttpAgent({ keepAlive: true, maxSockets: 8 });
+
+/** CPU seconds (user + system, all threads) a process has used so far, from /proc. */
+function procCpuSeconds(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(f[11]) + Number(f[12])) / 100;
+}
+
 function post(socketPath: string, body: string): Promise<number> {
   return new Promise((resolve, reject) => {
     const req = httpRequest(
@@ -50,7 +64,7 @@ function post(socketPath: string, body: string): Promise<number> {
         path: "/v1/messages",
         method: "POST",
         headers: { "content-type": "application/json", "content-length": Buffer.byteLength(body) },
-        agent: false,
+        agent: producerAgent,
       },
       (res) => {
         res.resume();
@@ -158,6 +172,7 @@ async function main(): Promise<void> {
       rejectUnauthorized: true,
     });
     const rawStart = performance.now();
+    const rawCpu0 = process.cpuUsage();
     await new Promise<void>((resolve, reject) => {
       let sent = 0;
       let inflight = 0;
@@ -186,6 +201,7 @@ async function main(): Promise<void> {
     });
     await waitCount("devices/dev-bench/raw", N, 60_000);
     const rawRate = N / ((performance.now() - rawStart) / 1000);
+    const rawCpu = process.cpuUsage(rawCpu0);
     await raw.endAsync();
 
     // ---- 1b. full path through a relay child process --------------------------------------------
@@ -249,6 +265,9 @@ async function main(): Promise<void> {
     const rssBeforeLoad = rss.length;
 
     const fullStart = performance.now();
+    const pid = child.pid ?? 0;
+    const relayCpu0 = procCpuSeconds(pid);
+    const benchCpu0 = process.cpuUsage();
     let nextN = 0;
     await Promise.all(
       Array.from({ length: 8 }, async () => {
@@ -263,6 +282,8 @@ async function main(): Promise<void> {
     const ingestDone = performance.now();
     await waitCount("devices/dev-bench/full", N, 60_000);
     const fullRate = N / ((performance.now() - fullStart) / 1000);
+    const relayCpuUs = ((procCpuSeconds(pid) - relayCpu0) * 1e6) / N;
+    const benchCpu = process.cpuUsage(benchCpu0);
     const ingestRate = N / ((ingestDone - fullStart) / 1000);
     results.mqtt = {
       messages: N,
@@ -272,6 +293,12 @@ async function main(): Promise<void> {
       fullPathMsgPerS: Math.round(fullRate),
       ratio: Number((fullRate / rawRate).toFixed(2)),
       ingestOnlyMsgPerS: Math.round(ingestRate),
+      // CPU per message (user + system, every thread): where the difference between the paths goes.
+      cpuUsPerMsg: {
+        rawPublisherAndSubscriber: Math.round((rawCpu.user + rawCpu.system) / N),
+        fullPathRelayProcess: Math.round(relayCpuUs),
+        fullPathProducerAndSubscriber: Math.round((benchCpu.user + benchCpu.system) / N),
+      },
     };
 
     // ---- 2. ack latency at 10k msg/s offered (the relay delivering at the same time) ---------------
@@ -319,6 +346,7 @@ async function main(): Promise<void> {
     // ---- 4. HTTPS: sink path vs raw undici POSTs -------------------------------------------------
     results.https = await benchHttps(broker.ca, dir);
   } finally {
+    producerAgent.destroy();
     await sub.endAsync(true).catch(() => undefined);
     await broker.cleanup();
     await rm(dir, { recursive: true, force: true });
