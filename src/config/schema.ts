@@ -237,6 +237,11 @@ const httpsSinkSection = z.strictObject({
 });
 
 const relaySection = z.strictObject({
+  /**
+   * A sink that delivered nothing for this long while it had work puts the agent in `degraded`
+   * (status names the sink and its last error code); its next delivery clears it.
+   */
+  unhealthy_after_s: z.number().min(0.1).max(86_400).default(10),
   outbox: outboxSection.prefault({}),
   mqtt: mqttSinkSection.optional(),
   https: httpsSinkSection.optional(),

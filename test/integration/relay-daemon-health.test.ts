@@ -115,6 +115,8 @@ describe("daemon: a sink that cannot deliver degrades the agent; delivery resumi
         'method = "pkcs11"',
         `bootstrap_token = { file = "${bootstrap}" }`,
         'hardware_serial = "HEALTH-1"',
+        "[relay]",
+        "unhealthy_after_s = 1.5",
         "[relay.mqtt]",
         `urls = ["${broker.mtlsUrl}"]`,
         'auth = "mtls-pkcs11"',
@@ -141,7 +143,7 @@ describe("daemon: a sink that cannot deliver degrades the agent; delivery resumi
   });
 
   it("broker down with work waiting → degraded (relay.sink.mqtt, ERR_ code) → broker back → running, outbox drained", async () => {
-    const d = startDaemon(["--config", agentConfig, "run"], { ...env, M2M_RELAY_UNHEALTHY_AFTER_MS: "1500" });
+    const d = startDaemon(["--config", agentConfig, "run"], env);
     daemon = d;
     await d.waitLog((r) => r.msg === "lifecycle transition" && r.to === "running", 60_000);
     const body = (n: number): string =>

@@ -17,14 +17,16 @@ import { deviceCertPath, pinFileOf, registrarCaPem } from "./credentials.js";
 export const OUTBOX_FILE = "outbox.db";
 
 /**
- * A sink that delivered nothing for this long (ms) while it had work degrades the daemon. Override
- * with `M2M_RELAY_UNHEALTHY_AFTER_MS` in the service environment (tests use a short one).
+ * How long (ms) a sink may deliver nothing while it has work before the daemon is degraded:
+ * `relay.unhealthy_after_s` (default 10 s). `M2M_RELAY_UNHEALTHY_AFTER_MS` in the environment still
+ * overrides it (kept for existing service drop-ins).
  */
-export const SINK_UNHEALTHY_AFTER_MS = 10_000;
-
-function unhealthyAfterMs(env: NodeJS.ProcessEnv | Readonly<Record<string, string | undefined>>): number {
+function unhealthyAfterMs(
+  config: AgentConfig,
+  env: NodeJS.ProcessEnv | Readonly<Record<string, string | undefined>>,
+): number {
   const v = Number(env.M2M_RELAY_UNHEALTHY_AFTER_MS);
-  return Number.isFinite(v) && v > 0 ? v : SINK_UNHEALTHY_AFTER_MS;
+  return Number.isFinite(v) && v > 0 ? v : Math.round(config.relay.unhealthy_after_s * 1000);
 }
 
 function outboxPath(config: AgentConfig): string {
@@ -180,7 +182,7 @@ export const relayStage: AgentStage = {
       outbox = SqliteOutbox.open({ ...outboxOptions, clock: ctx.clock });
     }
     const { startRelayStack } = await import("../../relay/stack.js");
-    const unhealthyAfter = unhealthyAfterMs(ctx.env);
+    const unhealthyAfter = unhealthyAfterMs(config, ctx.env);
     const stack: RelayStack = await startRelayStack({
       outbox,
       sinks,
