@@ -162,6 +162,12 @@ async function main(): Promise<void> {
   };
 
   try {
+    // RELAY_BENCH_ONLY=https runs only phase 4 (for profiling it: node --cpu-prof …).
+    if (process.env.RELAY_BENCH_ONLY === "https") {
+      results.https = await benchHttps(broker.ca, dir);
+      console.log(JSON.stringify(results, null, 2));
+      return;
+    }
     // ---- 1a. raw mqtt.js publisher --------------------------------------------------------------
     const raw = await mqtt.connectAsync(broker.mtlsUrl, {
       protocolVersion: 5,
