@@ -7,7 +7,15 @@ import { M2mError } from "../../../core/errors.js";
 import type { LogFields, Logger, LogLevel } from "../../../core/log.js";
 import type { LeaseOptions, NewMessage, OutboxMessage, OutboxStats } from "../outbox.js";
 import { SqliteOutbox } from "../sqlite/sqlite-outbox.js";
-import type { FromWorker, RequestOp, ToWorker, WireError, WireStats, WorkerInit } from "./protocol.js";
+import type {
+  FromWorker,
+  RequestOp,
+  ToWorker,
+  WireError,
+  WireStats,
+  WorkerBatch,
+  WorkerInit,
+} from "./protocol.js";
 
 /** Aborts a wait the main side gave up on (a shared reason: no DOMException per idle pump turn). */
 const CANCELLED = Object.freeze({ reason: "wait cancelled" });
@@ -96,7 +104,28 @@ function main(): void {
   const port = parentPort;
   if (port === null) throw new Error("outbox-worker.js runs only as a worker thread");
   const init = workerData as WorkerInit;
-  const post = (m: FromWorker): void => port.postMessage(m);
+  // Everything produced in one turn leaves in one post (see WorkerBatch), stats taken at that point.
+  let out: FromWorker[] = [];
+  let flushScheduled = false;
+  let statsDue = false;
+  let snapshot: () => WireStats | undefined = () => undefined;
+  const flush = (): void => {
+    flushScheduled = false;
+    const m = out;
+    out = [];
+    const s = statsDue ? snapshot() : undefined;
+    statsDue = false;
+    const batch: WorkerBatch = s === undefined ? { m } : { m, s };
+    port.postMessage(batch);
+  };
+  const post = (m: FromWorker | undefined, withStats = false): void => {
+    if (m !== undefined) out.push(m);
+    if (withStats) statsDue = true;
+    if (!flushScheduled) {
+      flushScheduled = true;
+      setImmediate(flush);
+    }
+  };
   let trusted = init.clockTrusted;
   let outbox: SqliteOutbox;
   try {
@@ -111,50 +140,48 @@ function main(): void {
     post({ k: "o", ok: false, error: toWire(err) });
     return;
   }
-  const sinks = outbox.sinks;
-  let lastStats = wireStats(outbox.stats(), sinks);
-  const snapshot = (): WireStats => {
-    lastStats = wireStats(outbox.stats(), sinks);
+  const ob = outbox;
+  const sinks = ob.sinks;
+  let lastStats: WireStats = [];
+  snapshot = () => {
+    lastStats = wireStats(ob.stats(), sinks);
     return lastStats;
   };
-  post({ k: "o", ok: true, stats: lastStats });
+  post({ k: "o", ok: true }, true);
 
   // Drops by the TTL timer change stats without any request: push them when they changed.
   const statsTimer = setInterval(() => {
     const prev = lastStats;
-    const now = snapshot();
-    if (!sameStats(prev, now)) post({ k: "s", stats: now });
+    if (!sameStats(prev, wireStats(ob.stats(), sinks))) post(undefined, true);
   }, init.statsPushMs);
 
   /** waitForWork requests in progress, by request id. */
   const waits = new Map<number, AbortController>();
 
-  const reply = (id: number, value: unknown): void =>
-    post({ k: "r", id, ok: true, value, stats: snapshot() });
-  const fail = (id: number, err: unknown): void =>
-    post({ k: "r", id, ok: false, error: toWire(err), stats: snapshot() });
+  const reply = (id: number, value: unknown): void => post({ k: "r", id, ok: true, value }, true);
+  const fail = (id: number, err: unknown): void => post({ k: "r", id, ok: false, error: toWire(err) }, true);
 
   const call = (op: RequestOp, a: readonly unknown[]): Promise<unknown> | unknown => {
     switch (op) {
       case "append":
-        return outbox.append(a[0] as readonly NewMessage[]);
+        return ob.append(a[0] as readonly NewMessage[]);
       case "lease":
-        return outbox.lease(a[0] as string, a[1] as number, a[2] as LeaseOptions | undefined).then((ms) => {
+        return ob.lease(a[0] as string, a[1] as number, a[2] as LeaseOptions | undefined).then((ms) => {
           for (const m of ms) (m as { payload: Uint8Array }).payload = ownBytes((m as OutboxMessage).payload);
           return ms;
         });
       case "ack":
-        return outbox.ack(a[0] as string, a[1] as readonly string[]);
+        return ob.ack(a[0] as string, a[1] as readonly string[]);
       case "nack":
-        return outbox.nack(a[0] as string, a[1] as readonly string[], a[2] as number | undefined);
+        return ob.nack(a[0] as string, a[1] as readonly string[], a[2] as number | undefined);
       case "deadLetter":
-        return outbox.deadLetter(a[0] as string, a[1] as string, a[2] as string);
+        return ob.deadLetter(a[0] as string, a[1] as string, a[2] as string);
       case "deadLetters":
-        return outbox.deadLetters(a[0] as number | undefined);
+        return ob.deadLetters(a[0] as number | undefined);
       case "expire":
-        return outbox.expire();
+        return ob.expire();
       case "close":
-        return outbox.close().then(() => {
+        return ob.close().then(() => {
           clearInterval(statsTimer);
           for (const ac of waits.values()) ac.abort(CANCELLED);
           waits.clear();
@@ -173,14 +200,14 @@ function main(): void {
     }
   };
 
-  port.on("message", (m: ToWorker) => {
+  const handle = (m: ToWorker): void => {
     switch (m.op) {
       case "clock":
         trusted = m.args[0];
         return;
       case "retryNow":
         try {
-          outbox.retryNow(m.args[0]);
+          ob.retryNow(m.args[0]);
         } catch (err) {
           // Fire-and-forget: closed or unknown sink was already checked on the main side.
           post({ k: "l", level: "debug", msg: "outbox retryNow failed", fields: plainFields({ err }) });
@@ -200,7 +227,7 @@ function main(): void {
         waits.set(id, ac);
         let w: Promise<void>;
         try {
-          w = outbox.waitForWork(m.args[0] as string, ac.signal);
+          w = ob.waitForWork(m.args[0] as string, ac.signal);
         } catch (err) {
           waits.delete(id);
           fail(id, err);
@@ -236,6 +263,10 @@ function main(): void {
         else reply(id, r);
       }
     }
+  };
+  // In order, synchronously: appends arriving in one batch share one group commit.
+  port.on("message", (batch: readonly ToWorker[]) => {
+    for (const m of batch) handle(m);
   });
 }
 

@@ -61,23 +61,10 @@ export interface WireError {
 export type WireStats = number[];
 export const STATS_FIXED = 10;
 
-/** Worker → main. */
+/** Worker → main, inside a {@link WorkerBatch}. */
 export type FromWorker =
-  | {
-      readonly k: "r";
-      readonly id: number;
-      readonly ok: true;
-      readonly value: unknown;
-      readonly stats: WireStats;
-    }
-  | {
-      readonly k: "r";
-      readonly id: number;
-      readonly ok: false;
-      readonly error: WireError;
-      readonly stats: WireStats;
-    }
-  | { readonly k: "s"; readonly stats: WireStats }
+  | { readonly k: "r"; readonly id: number; readonly ok: true; readonly value: unknown }
+  | { readonly k: "r"; readonly id: number; readonly ok: false; readonly error: WireError }
   | {
       readonly k: "l";
       readonly level: LogLevel;
@@ -85,8 +72,20 @@ export type FromWorker =
       readonly fields: Record<string, unknown>;
     }
   | { readonly k: "q"; readonly movedTo: string }
-  | { readonly k: "o"; readonly ok: true; readonly stats: WireStats }
+  | { readonly k: "o"; readonly ok: true }
   | { readonly k: "o"; readonly ok: false; readonly error: WireError };
+
+/**
+ * What each side posts: everything it produced in one event-loop turn, in order. One postMessage per
+ * turn instead of one per call: each post wakes the other thread, and on a busy 2-core machine those
+ * wake-ups (not the copying) dominated the cost (≈ 30–40 µs per post measured in the relay).
+ * Main → worker is a plain `ToWorker[]`.
+ */
+export interface WorkerBatch {
+  readonly m: readonly FromWorker[];
+  /** Stats taken when the batch was posted (after every reply in it); absent when nothing changed. */
+  readonly s?: WireStats;
+}
 
 /** Answer of the `debug` request (tests and diagnostics). */
 export interface WorkerDebug {
