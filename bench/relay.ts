@@ -32,6 +32,7 @@ import { HttpError } from "../src/registrar/http/router.js";
 import { ingestRoutes } from "../src/registrar/ingest/routes.js";
 import { newMessageId } from "../src/relay/ids.js";
 import { SqliteOutbox } from "../src/relay/outbox/sqlite/sqlite-outbox.js";
+import { WorkerOutbox } from "../src/relay/outbox/worker/worker-outbox.js";
 import { Relay } from "../src/relay/relay.js";
 import { HttpsSink } from "../src/relay/sinks/https/https-sink.js";
 
@@ -465,7 +466,12 @@ async function benchHttps(
 
     // Sink path: producer appends into a fsync'ing outbox while the relay drains it through HttpsSink.
     const before = ingest.store.messages.size;
-    const outbox = SqliteOutbox.open({ path: join(dir, "https.db"), sinks: ["https"], ttlCheckMs: 0 });
+    // The daemon's default (relay.outbox.thread = worker) unless RELAY_BENCH_OUTBOX=main.
+    const outboxOptions = { path: join(dir, "https.db"), sinks: ["https"], ttlCheckMs: 0 };
+    const outbox =
+      process.env.RELAY_BENCH_OUTBOX === "main"
+        ? SqliteOutbox.open(outboxOptions)
+        : await WorkerOutbox.open(outboxOptions);
     const sink = new HttpsSink({
       url,
       caPem: ca.caPem,
