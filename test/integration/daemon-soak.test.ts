@@ -1,5 +1,5 @@
 import { readFileSync } from "node:fs";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, rm } from "node:fs/promises";
 import { Agent as HttpAgent, request } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -11,13 +11,16 @@ import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
 import { fetchStatus } from "../../src/cli/agent/status.js";
 import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
 import {
-  AGENT_CLI,
+  cliEnv,
+  createBootstrapToken,
+  enrollAgent,
   ensureBuilt,
   eventually,
-  REGISTRAR_CLI,
+  mqttSinkToml,
   type RegistrarProcess,
-  runNode,
+  setupRegistrar,
   startRegistrarProcess,
+  writeAgentToml,
 } from "./e2e-kit.js";
 
 /**
@@ -215,82 +218,39 @@ describe("daemon memory soak (built CLI, SoftHSM, registrar, mosquitto mTLS)", (
     ensureBuilt();
     work = await mkdtemp(join(tmpdir(), "m2m-soak-"));
     hsm = await initSoftHsm({ label: "soak-sensor" });
-    env = { ...process.env, SOFTHSM2_CONF: hsm.env.SOFTHSM2_CONF };
-    delete env.NOTIFY_SOCKET;
+    env = cliEnv({ SOFTHSM2_CONF: hsm.env.SOFTHSM2_CONF });
 
-    const caDir = join(work, "ca");
-    const init = await runNode(REGISTRAR_CLI, ["--json", "ca", "init", "--dir", caDir], env);
-    expect(init.code, init.stderr).toBe(0);
-    const paths = JSON.parse(init.stdout) as { caCert: string; serverCert: string; serverKey: string };
-    const regConfig = join(work, "registrar.toml");
-    await writeFile(
-      regConfig,
-      [
-        `data_dir = "${join(work, "registrar-data")}"`,
-        `ca_dir = "${caDir}"`,
-        "[listen]",
-        'host = "127.0.0.1"',
-        "port = 0",
-        "[tls]",
-        `cert = "${paths.serverCert}"`,
-        `key = "${paths.serverKey}"`,
-        "[oauth.roles]",
-        'sensor = ["telemetry:write", "est"]',
-        "",
-      ].join("\n"),
-    );
-    const reg = (args: readonly string[]) =>
-      runNode(REGISTRAR_CLI, ["--json", ...args, "--config", regConfig], env);
-    const g = await reg(["enrollment", "group", "add", "sensors", "--role", "sensor", "--methods", "pkcs11"]);
-    expect(g.code, g.stderr + g.stdout).toBe(0);
-    const tok = await reg(["enrollment", "token", "create", "--group", "sensors", "--ttl", "10m"]);
-    expect(tok.code, tok.stderr).toBe(0);
-    const bootstrap = join(work, "bootstrap-token");
-    await writeFile(bootstrap, (JSON.parse(tok.stdout) as { token: string }).token, { mode: 0o600 });
-    registrar = await startRegistrarProcess(regConfig, env);
+    const setup = await setupRegistrar({
+      work,
+      env,
+      extraConfig: ["[oauth.roles]", 'sensor = ["telemetry:write", "est"]'],
+      groups: [{ name: "sensors", role: "sensor", methods: "pkcs11" }],
+    });
+    const bootstrap = await createBootstrapToken(setup, "sensors");
+    registrar = await startRegistrarProcess(setup.regConfig, env);
 
     // Unbounded queues for the observing subscriber: mosquitto's default (1000) would drop under load.
     broker = await startMosquitto({
-      clientCaFile: paths.caCert,
+      clientCaFile: setup.caCert,
       extraConfig: ["max_queued_messages 0", "max_inflight_messages 0"],
     });
     socketPath = join(work, "api.sock");
     agentConfig = join(work, "agent.toml");
-    await writeFile(
-      agentConfig,
-      [
-        "[agent]",
-        `state_dir = "${join(work, "state")}"`,
-        `runtime_dir = "${join(work, "run")}"`,
-        'log_level = "info"',
-        "drain_timeout_ms = 5000",
-        "[keys]",
-        'provider = "pkcs11"',
-        "[keys.pkcs11]",
-        `module = "${hsm.modulePath}"`,
-        `token_label = "${hsm.tokenLabel}"`,
-        `pin = { file = "${hsm.pinFile}" }`,
-        "[enroll]",
-        "enabled = true",
-        `registrar_url = "${registrar.url}"`,
-        `registrar_ca_file = "${paths.caCert}"`,
-        'method = "pkcs11"',
-        `bootstrap_token = { file = "${bootstrap}" }`,
-        'hardware_serial = "SOAK-1"',
-        "[relay.mqtt]",
-        `urls = ["${broker.mtlsUrl}"]`,
-        'auth = "mtls-pkcs11"',
-        `ca_file = "${broker.ca.caCertPath}"`,
-        "inflight = 64",
-        "[api]",
-        `socket = "${socketPath}"`,
-        "mode = 0o600",
-        "",
-      ].join("\n"),
-      { mode: 0o600 },
-    );
-    const enrolled = await runNode(AGENT_CLI, ["--config", agentConfig, "--json", "enroll"], env);
-    expect(enrolled.code, enrolled.stderr + enrolled.stdout).toBe(0);
+    await writeAgentToml(agentConfig, {
+      stateDir: join(work, "state"),
+      runtimeDir: join(work, "run"),
+      agent: ['log_level = "info"', "drain_timeout_ms = 5000"],
+      keys: { hsm },
+      enroll: {
+        registrarUrl: registrar.url,
+        caFile: setup.caCert,
+        bootstrapToken: bootstrap,
+        hardwareSerial: "SOAK-1",
+      },
+      sections: mqttSinkToml(broker, 64),
+      api: { socket: socketPath, mode0600: true },
+    });
+    const enrolled = await enrollAgent(agentConfig, env);
     deviceId = (JSON.parse(enrolled.stdout) as { deviceId: string }).deviceId;
   }, 180_000);
 

@@ -13,13 +13,20 @@ import { TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
 import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
 import {
   AGENT_CLI,
+  agentToml,
+  cliEnv,
+  createBootstrapToken,
+  enrollAgent,
   ensureBuilt,
   eventually,
   jwtClaims,
-  REGISTRAR_CLI,
+  mqttSinkToml,
   type RegistrarProcess,
+  type RegistrarSetup,
   runNode,
+  setupRegistrar,
   startRegistrarProcess,
+  writeAgentToml,
 } from "./e2e-kit.js";
 
 /**
@@ -43,15 +50,14 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
   let broker: Mosquitto;
   let registrar: RegistrarProcess;
   let env: NodeJS.ProcessEnv;
+  let setup: RegistrarSetup;
   let caCert: string;
-  let regConfig: string;
   let agentConfig: string;
   let ingestLog: string;
   let metricsPort = 0;
   const daemons: Daemon[] = [];
 
-  const reg = (args: readonly string[], input?: string) =>
-    runNode(REGISTRAR_CLI, ["--json", ...args, "--config", regConfig], env, input);
+  const reg = (args: readonly string[]) => setup.reg(args);
   const agent = (config: string, args: readonly string[], input?: string) =>
     runNode(AGENT_CLI, ["--config", config, ...args], env, input);
   const run = (config: string): Daemon => {
@@ -73,43 +79,29 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
       .map((l) => JSON.parse(l) as { id: string; deviceId: string; topic: string; payload: unknown });
   };
 
-  const agentToml = (o: { logLevel: string; registrarUrl: string }): string =>
-    [
-      "[agent]",
-      `state_dir = "${join(work, "agent-tpm")}"`,
-      `runtime_dir = "${join(work, "run-tpm")}"`,
-      `log_level = "${o.logLevel}"`,
-      "drain_timeout_ms = 5000",
-      "[keys]",
-      'provider = "tpm"',
-      "[keys.tpm]",
-      `tcti = "${tpm.tcti}"`,
-      "[enroll]",
-      "enabled = true",
-      `registrar_url = "${o.registrarUrl}"`,
-      `registrar_ca_file = "${caCert}"`,
-      'method = "tpm"',
-      'group = "gateways"',
-      'hardware_serial = "GW-E2E-1"',
-      "[relay.https]",
-      `url = "${o.registrarUrl}/v1/ingest"`,
-      "batch_ms = 50",
-      "[api]",
-      `socket = "${join(work, "tpm-api.sock")}"`,
-      "mode = 0o600",
-      "[metrics]",
-      "enabled = true",
-      `listen = "127.0.0.1:${metricsPort}"`,
-      "",
-    ].join("\n");
+  const tpmAgentToml = (o: { logLevel: string; registrarUrl: string }): string =>
+    agentToml({
+      stateDir: join(work, "agent-tpm"),
+      runtimeDir: join(work, "run-tpm"),
+      agent: [`log_level = "${o.logLevel}"`, "drain_timeout_ms = 5000"],
+      keys: { tcti: tpm.tcti },
+      enroll: {
+        registrarUrl: o.registrarUrl,
+        caFile: caCert,
+        group: "gateways",
+        hardwareSerial: "GW-E2E-1",
+      },
+      sections: ["[relay.https]", `url = "${o.registrarUrl}/v1/ingest"`, "batch_ms = 50"],
+      api: { socket: join(work, "tpm-api.sock"), mode0600: true },
+      tail: ["[metrics]", "enabled = true", `listen = "127.0.0.1:${metricsPort}"`],
+    });
 
   beforeAll(async () => {
     ensureBuilt();
     work = await mkdtemp(join(tmpdir(), "m2m-e2e-"));
     tpm = await startSwtpm();
     hsm = await initSoftHsm({ label: "e2e-sensor" });
-    env = { ...process.env, SOFTHSM2_CONF: hsm.env.SOFTHSM2_CONF };
-    delete env.NOTIFY_SOCKET;
+    env = cliEnv({ SOFTHSM2_CONF: hsm.env.SOFTHSM2_CONF });
 
     // The registrar trusts this TPM maker's EK CA (swtpm's local CA: root + intermediate).
     const ekTrust = join(work, "ek-trust");
@@ -117,27 +109,14 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
     await copyFile(tpm.rootCaPemPath, join(ekTrust, "root.pem"));
     await copyFile(tpm.intermediateCaPemPath, join(ekTrust, "intermediate.pem"));
 
-    const caDir = join(work, "ca");
-    const init = await runNode(REGISTRAR_CLI, ["--json", "ca", "init", "--dir", caDir], env);
-    expect(init.code, init.stderr).toBe(0);
-    const paths = JSON.parse(init.stdout) as { caCert: string; serverCert: string; serverKey: string };
-    caCert = paths.caCert;
     metricsPort = await freePort();
-    regConfig = join(work, "registrar.toml");
     ingestLog = join(work, "registrar-data", "ingest.ndjson");
-    await writeFile(
-      regConfig,
-      [
-        `data_dir = "${join(work, "registrar-data")}"`,
-        `ca_dir = "${caDir}"`,
-        // Short-lived device certificates: the daemon renews them over EST while the test runs.
-        'cert_lifetime = "60s"',
-        "[listen]",
-        'host = "127.0.0.1"',
-        "port = 0",
-        "[tls]",
-        `cert = "${paths.serverCert}"`,
-        `key = "${paths.serverKey}"`,
+    setup = await setupRegistrar({
+      work,
+      env,
+      // Short-lived device certificates: the daemon renews them over EST while the test runs.
+      topLevel: ['cert_lifetime = "60s"'],
+      extraConfig: [
         "[oauth]",
         'access_token_ttl = "5m"',
         "[oauth.roles]",
@@ -146,32 +125,16 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
         "[[oauth.rules]]",
         'scope = "site:{site}:read"',
         'require = { site = "lab" }',
-        "",
-      ].join("\n"),
-    );
-    const g1 = await reg(
-      ["enrollment", "group", "add", "gateways", "--role", "gateway", "--attr", "site=lab"].concat([
-        "--methods",
-        "tpm",
-        "--ek-trust-dir",
-        ekTrust,
-      ]),
-    );
-    expect(g1.code, g1.stderr + g1.stdout).toBe(0);
-    const g2 = await reg([
-      "enrollment",
-      "group",
-      "add",
-      "sensors",
-      "--role",
-      "sensor",
-      "--methods",
-      "pkcs11",
-    ]);
-    expect(g2.code, g2.stderr + g2.stdout).toBe(0);
-    registrar = await startRegistrarProcess(regConfig, env);
+      ],
+      groups: [
+        { name: "gateways", role: "gateway", attr: "site=lab", methods: "tpm", ekTrustDir: ekTrust },
+        { name: "sensors", role: "sensor", methods: "pkcs11" },
+      ],
+    });
+    caCert = setup.caCert;
+    registrar = await startRegistrarProcess(setup.regConfig, env);
     agentConfig = join(work, "agent-tpm.toml");
-    await writeFile(agentConfig, agentToml({ logLevel: "info", registrarUrl: registrar.url }), {
+    await writeFile(agentConfig, tpmAgentToml({ logLevel: "info", registrarUrl: registrar.url }), {
       mode: 0o600,
     });
   }, 300_000);
@@ -273,7 +236,7 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
 
   it("SIGHUP reloads, SIGTERM exits 0, a restart keeps the identity without re-enrolling", async () => {
     const d = daemons[daemons.length - 1] as Daemon;
-    await writeFile(agentConfig, agentToml({ logLevel: "debug", registrarUrl: registrar.url }));
+    await writeFile(agentConfig, tpmAgentToml({ logLevel: "debug", registrarUrl: registrar.url }));
     d.child.kill("SIGHUP");
     const reloaded = await d.waitLog((r) => r.msg === "configuration reloaded");
     expect(reloaded.applied).toContain("agent.log_level");
@@ -386,48 +349,30 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
   }, 180_000);
 
   it("PKCS#11 sensor: `enroll` with a one-time bootstrap token, then `run` relays over MQTT mTLS with the token-held key", async () => {
-    const tokenOut = await reg(["enrollment", "token", "create", "--group", "sensors", "--ttl", "10m"]);
-    expect(tokenOut.code, tokenOut.stderr).toBe(0);
-    const bootstrap = join(work, "bootstrap-token");
-    await writeFile(bootstrap, (JSON.parse(tokenOut.stdout) as { token: string }).token, { mode: 0o600 });
+    const bootstrap = await createBootstrapToken(setup, "sensors");
 
     broker = await startMosquitto({ clientCaFile: caCert });
     const config = join(work, "agent-hsm.toml");
-    await writeFile(
-      config,
-      [
-        "[agent]",
-        `state_dir = "${join(work, "agent-hsm")}"`,
-        `runtime_dir = "${join(work, "run-hsm")}"`,
-        "[keys]",
-        'provider = "pkcs11"',
-        "[keys.pkcs11]",
-        `module = "${hsm.modulePath}"`,
-        `token_label = "${hsm.tokenLabel}"`,
-        `pin = { file = "${hsm.pinFile}" }`,
-        "[enroll]",
-        "enabled = true",
-        `registrar_url = "${registrar.url}"`,
-        `registrar_ca_file = "${caCert}"`,
-        'method = "pkcs11"',
-        `bootstrap_token = { file = "${bootstrap}" }`,
-        'hardware_serial = "SENSOR-E2E-1"',
-        "[relay.mqtt]",
-        `urls = ["${broker.mtlsUrl}"]`,
-        'auth = "mtls-pkcs11"',
-        `ca_file = "${broker.ca.caCertPath}"`,
+    await writeAgentToml(config, {
+      stateDir: join(work, "agent-hsm"),
+      runtimeDir: join(work, "run-hsm"),
+      keys: { hsm },
+      enroll: {
+        registrarUrl: registrar.url,
+        caFile: caCert,
+        bootstrapToken: bootstrap,
+        hardwareSerial: "SENSOR-E2E-1",
+      },
+      sections: [
+        ...mqttSinkToml(broker),
         // Sensors already publishing to a local broker (here the same mosquitto, plain listener).
         "[relay.sources.mqtt]",
         `url = "${broker.plainUrl}"`,
         'topics = ["sensors/#"]',
-        "[api]",
-        `socket = "${join(work, "hsm-api.sock")}"`,
-        "",
-      ].join("\n"),
-      { mode: 0o600 },
-    );
-    const enrolled = await agent(config, ["--json", "enroll"]);
-    expect(enrolled.code, enrolled.stderr + enrolled.stdout).toBe(0);
+      ],
+      api: { socket: join(work, "hsm-api.sock") },
+    });
+    const enrolled = await enrollAgent(config, env);
     const out = JSON.parse(enrolled.stdout) as {
       status: string;
       deviceId: string;

@@ -1,6 +1,10 @@
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import { existsSync, statSync } from "node:fs";
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { expect } from "vitest";
+import type { Mosquitto } from "../../hw/mosquitto.js";
+import type { SoftHsmHandle } from "../../hw/softhsm.js";
 import { REPO } from "./daemon-cli-kit.js";
 
 /**
@@ -161,4 +165,184 @@ export async function eventually<T>(
 export function jwtClaims(jwt: string): Record<string, unknown> {
   const part = jwt.split(".")[1] ?? "";
   return JSON.parse(Buffer.from(part, "base64url").toString("utf8")) as Record<string, unknown>;
+}
+
+// ---------- daemon-level setup: registrar CA, config, groups, bootstrap tokens, agent.toml ----------
+
+/** The environment for the built CLIs: `extra` on top of ours, without systemd's NOTIFY_SOCKET. */
+export function cliEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+  const env = { ...process.env, ...extra };
+  // A NOTIFY_SOCKET inherited from a systemd-run test runner would make the daemon notify it.
+  delete env.NOTIFY_SOCKET;
+  return env;
+}
+
+/** An enrolment group, as `m2m-registrar enrollment group add` takes it. */
+export interface EnrollmentGroup {
+  readonly name: string;
+  readonly role: string;
+  /** `--methods`, e.g. "pkcs11" or "tpm". */
+  readonly methods: string;
+  /** `--attr k=v`. */
+  readonly attr?: string;
+  /** `--ek-trust-dir` (TPM groups). */
+  readonly ekTrustDir?: string;
+}
+
+export interface RegistrarSetup {
+  readonly work: string;
+  readonly env: NodeJS.ProcessEnv;
+  /** The fleet CA certificate `ca init` made (agents' `registrar_ca_file`, brokers' client CA). */
+  readonly caCert: string;
+  readonly regConfig: string;
+  /** `m2m-registrar --json ARGS --config registrar.toml`. */
+  reg(args: readonly string[], input?: string): Promise<Run>;
+}
+
+/**
+ * `m2m-registrar ca init` in WORK/ca, WORK/registrar.toml (loopback, port 0, the CA's server
+ * certificate) and `enrollment group add` for each group; the registrar is not started, so a test
+ * can still create tokens first (`startRegistrarProcess(setup.regConfig, env)`).
+ */
+export async function setupRegistrar(o: {
+  readonly work: string;
+  readonly env: NodeJS.ProcessEnv;
+  /** Top-level keys, written before [listen] (e.g. `cert_lifetime = "60s"`). */
+  readonly topLevel?: readonly string[];
+  /** Tables written after [tls] (e.g. [oauth.roles], [rotation]). */
+  readonly extraConfig?: readonly string[];
+  readonly groups: readonly EnrollmentGroup[];
+}): Promise<RegistrarSetup> {
+  const caDir = join(o.work, "ca");
+  const init = await runNode(REGISTRAR_CLI, ["--json", "ca", "init", "--dir", caDir], o.env);
+  expect(init.code, init.stderr).toBe(0);
+  const paths = JSON.parse(init.stdout) as { caCert: string; serverCert: string; serverKey: string };
+  const regConfig = join(o.work, "registrar.toml");
+  await writeFile(
+    regConfig,
+    [
+      `data_dir = "${join(o.work, "registrar-data")}"`,
+      `ca_dir = "${caDir}"`,
+      ...(o.topLevel ?? []),
+      "[listen]",
+      'host = "127.0.0.1"',
+      "port = 0",
+      "[tls]",
+      `cert = "${paths.serverCert}"`,
+      `key = "${paths.serverKey}"`,
+      ...(o.extraConfig ?? []),
+      "",
+    ].join("\n"),
+  );
+  const reg = (args: readonly string[], input?: string): Promise<Run> =>
+    runNode(REGISTRAR_CLI, ["--json", ...args, "--config", regConfig], o.env, input);
+  for (const g of o.groups) {
+    const added = await reg([
+      "enrollment",
+      "group",
+      "add",
+      g.name,
+      "--role",
+      g.role,
+      ...(g.attr === undefined ? [] : ["--attr", g.attr]),
+      "--methods",
+      g.methods,
+      ...(g.ekTrustDir === undefined ? [] : ["--ek-trust-dir", g.ekTrustDir]),
+    ]);
+    expect(added.code, added.stderr + added.stdout).toBe(0);
+  }
+  return { work: o.work, env: o.env, caCert: paths.caCert, regConfig, reg };
+}
+
+/** `enrollment token create --group GROUP --ttl 10m`, written to WORK/bootstrap-token (0600); returns the path. */
+export async function createBootstrapToken(registrar: RegistrarSetup, group: string): Promise<string> {
+  const tok = await registrar.reg(["enrollment", "token", "create", "--group", group, "--ttl", "10m"]);
+  expect(tok.code, tok.stderr).toBe(0);
+  const file = join(registrar.work, "bootstrap-token");
+  await writeFile(file, (JSON.parse(tok.stdout) as { token: string }).token, { mode: 0o600 });
+  return file;
+}
+
+export interface AgentTomlOptions {
+  readonly stateDir: string;
+  readonly runtimeDir: string;
+  /** Further [agent] keys, e.g. `log_level = "info"`. */
+  readonly agent?: readonly string[];
+  /** A SoftHSM token (`provider = "pkcs11"`) or a TPM's TCTI (`provider = "tpm"`). */
+  readonly keys:
+    | { readonly hsm: Pick<SoftHsmHandle, "modulePath" | "tokenLabel" | "pinFile"> }
+    | { readonly tcti: string };
+  readonly enroll: {
+    readonly registrarUrl: string;
+    readonly caFile: string;
+    readonly hardwareSerial: string;
+    readonly group?: string;
+    readonly bootstrapToken?: string;
+  };
+  /** Tables between [enroll] and [api] ([relay…], [credentials.est]); see `mqttSinkToml`. */
+  readonly sections?: readonly string[];
+  readonly api: { readonly socket: string; readonly mode0600?: boolean };
+  /** Tables after [api] (e.g. [metrics]). */
+  readonly tail?: readonly string[];
+}
+
+/** An agent.toml that enrols at the registrar with the key provider's method. */
+export function agentToml(o: AgentTomlOptions): string {
+  const method = "hsm" in o.keys ? "pkcs11" : "tpm";
+  const keys =
+    "hsm" in o.keys
+      ? [
+          "[keys.pkcs11]",
+          `module = "${o.keys.hsm.modulePath}"`,
+          `token_label = "${o.keys.hsm.tokenLabel}"`,
+          `pin = { file = "${o.keys.hsm.pinFile}" }`,
+        ]
+      : ["[keys.tpm]", `tcti = "${o.keys.tcti}"`];
+  const e = o.enroll;
+  return [
+    "[agent]",
+    `state_dir = "${o.stateDir}"`,
+    `runtime_dir = "${o.runtimeDir}"`,
+    ...(o.agent ?? []),
+    "[keys]",
+    `provider = "${method}"`,
+    ...keys,
+    "[enroll]",
+    "enabled = true",
+    `registrar_url = "${e.registrarUrl}"`,
+    `registrar_ca_file = "${e.caFile}"`,
+    `method = "${method}"`,
+    ...(e.group === undefined ? [] : [`group = "${e.group}"`]),
+    ...(e.bootstrapToken === undefined ? [] : [`bootstrap_token = { file = "${e.bootstrapToken}" }`]),
+    `hardware_serial = "${e.hardwareSerial}"`,
+    ...(o.sections ?? []),
+    "[api]",
+    `socket = "${o.api.socket}"`,
+    ...(o.api.mode0600 === true ? ["mode = 0o600"] : []),
+    ...(o.tail ?? []),
+    "",
+  ].join("\n");
+}
+
+/** Writes `agentToml(o)` to `path` (0600: it names the PIN file and the bootstrap token). */
+export function writeAgentToml(path: string, o: AgentTomlOptions): Promise<void> {
+  return writeFile(path, agentToml(o), { mode: 0o600 });
+}
+
+/** [relay.mqtt] to the broker's mTLS listener with the device key inside the token (engine). */
+export function mqttSinkToml(broker: Pick<Mosquitto, "mtlsUrl" | "ca">, inflight?: number): string[] {
+  return [
+    "[relay.mqtt]",
+    `urls = ["${broker.mtlsUrl}"]`,
+    'auth = "mtls-pkcs11"',
+    `ca_file = "${broker.ca.caCertPath}"`,
+    ...(inflight === undefined ? [] : [`inflight = ${inflight}`]),
+  ];
+}
+
+/** `m2m-agent --config FILE --json enroll`, which must succeed. */
+export async function enrollAgent(config: string, env: NodeJS.ProcessEnv): Promise<Run> {
+  const enrolled = await runNode(AGENT_CLI, ["--config", config, "--json", "enroll"], env);
+  expect(enrolled.code, enrolled.stderr + enrolled.stdout).toBe(0);
+  return enrolled;
 }

@@ -259,6 +259,28 @@ export function call(
   });
 }
 
+/** `POST /v1/messages` on the local API socket; resolves with the status (10 s timeout). */
+export function postMessages(socketPath: string, body: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest(
+      {
+        socketPath,
+        path: "/v1/messages",
+        method: "POST",
+        headers: { "content-type": "application/json", "content-length": Buffer.byteLength(body) },
+        timeout: 10_000,
+      },
+      (res) => {
+        res.resume();
+        res.on("end", () => resolve(res.statusCode ?? 0));
+      },
+    );
+    req.on("timeout", () => req.destroy(new Error("request timeout")));
+    req.on("error", reject);
+    req.end(body);
+  });
+}
+
 // ---------- child processes running TypeScript entry points ----------
 
 /** Bundles a TS entry to an ESM file inside the repo (so node_modules resolve); bare imports stay external. */

@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -6,12 +6,17 @@ import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
 import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
 import {
   AGENT_CLI,
+  cliEnv,
+  createBootstrapToken,
+  enrollAgent,
   ensureBuilt,
   jwtClaims,
-  REGISTRAR_CLI,
   type RegistrarProcess,
+  type RegistrarSetup,
   runNode,
+  setupRegistrar,
   startRegistrarProcess,
+  writeAgentToml,
 } from "./e2e-kit.js";
 
 /**
@@ -25,59 +30,23 @@ describe("daemon PKCS#11 key rotation (built CLIs, SoftHSM)", () => {
   let hsm: SoftHsmHandle;
   let registrar: RegistrarProcess;
   let env: NodeJS.ProcessEnv;
-  let regConfig: string;
-  let caCert: string;
+  let setup: RegistrarSetup;
   const daemons: Daemon[] = [];
 
   beforeAll(async () => {
     ensureBuilt();
     work = await mkdtemp(join(tmpdir(), "m2m-rot-daemon-p11-"));
     hsm = await initSoftHsm({ label: "rot-daemon" });
-    env = { ...process.env, SOFTHSM2_CONF: hsm.env.SOFTHSM2_CONF };
-    delete env.NOTIFY_SOCKET;
-    const caDir = join(work, "ca");
-    const init = await runNode(REGISTRAR_CLI, ["--json", "ca", "init", "--dir", caDir], env);
-    expect(init.code, init.stderr).toBe(0);
-    const paths = JSON.parse(init.stdout) as { caCert: string; serverCert: string; serverKey: string };
-    caCert = paths.caCert;
-    regConfig = join(work, "registrar.toml");
-    await writeFile(
-      regConfig,
-      [
-        `data_dir = "${join(work, "registrar-data")}"`,
-        `ca_dir = "${caDir}"`,
-        // Certificates start 60 s back; renewal (and rotation) at half of 160 s ± 5 %: 12–28 s.
-        'cert_lifetime = "100s"',
-        "[listen]",
-        'host = "127.0.0.1"',
-        "port = 0",
-        "[tls]",
-        `cert = "${paths.serverCert}"`,
-        `key = "${paths.serverKey}"`,
-        "[rotation]",
-        'pkcs11 = "allow"',
-        "",
-      ].join("\n"),
-    );
-    const g = await runNode(
-      REGISTRAR_CLI,
-      [
-        "--json",
-        "enrollment",
-        "group",
-        "add",
-        "sensors",
-        "--role",
-        "sensor",
-        "--methods",
-        "pkcs11",
-        "--config",
-        regConfig,
-      ],
+    env = cliEnv({ SOFTHSM2_CONF: hsm.env.SOFTHSM2_CONF });
+    setup = await setupRegistrar({
+      work,
       env,
-    );
-    expect(g.code, g.stderr + g.stdout).toBe(0);
-    registrar = await startRegistrarProcess(regConfig, env);
+      // Certificates start 60 s back; renewal (and rotation) at half of 160 s ± 5 %: 12–28 s.
+      topLevel: ['cert_lifetime = "100s"'],
+      extraConfig: ["[rotation]", 'pkcs11 = "allow"'],
+      groups: [{ name: "sensors", role: "sensor", methods: "pkcs11" }],
+    });
+    registrar = await startRegistrarProcess(setup.regConfig, env);
   }, 300_000);
 
   afterAll(async () => {
@@ -89,57 +58,23 @@ describe("daemon PKCS#11 key rotation (built CLIs, SoftHSM)", () => {
   });
 
   it("rotates over EST mTLS (engine, current label), key_label ↔ key_label-alt, tokens follow", async () => {
-    const tokenOut = await runNode(
-      REGISTRAR_CLI,
-      [
-        "--json",
-        "enrollment",
-        "token",
-        "create",
-        "--group",
-        "sensors",
-        "--ttl",
-        "10m",
-        "--config",
-        regConfig,
-      ],
-      env,
-    );
-    expect(tokenOut.code, tokenOut.stderr).toBe(0);
-    const bootstrap = join(work, "bootstrap-token");
-    await writeFile(bootstrap, (JSON.parse(tokenOut.stdout) as { token: string }).token, { mode: 0o600 });
+    const bootstrap = await createBootstrapToken(setup, "sensors");
     const hsmState = join(work, "agent-hsm");
     const config = join(work, "agent-hsm.toml");
-    await writeFile(
-      config,
-      [
-        "[agent]",
-        `state_dir = "${hsmState}"`,
-        `runtime_dir = "${join(work, "run-hsm")}"`,
-        "[keys]",
-        'provider = "pkcs11"',
-        "[keys.pkcs11]",
-        `module = "${hsm.modulePath}"`,
-        `token_label = "${hsm.tokenLabel}"`,
-        `pin = { file = "${hsm.pinFile}" }`,
-        "[enroll]",
-        "enabled = true",
-        `registrar_url = "${registrar.url}"`,
-        `registrar_ca_file = "${caCert}"`,
-        'method = "pkcs11"',
-        `bootstrap_token = { file = "${bootstrap}" }`,
-        'hardware_serial = "SENSOR-ROT-1"',
-        "[credentials.est]",
-        "rotate_key = true",
-        "renew_fraction = 0.5",
-        "[api]",
-        `socket = "${join(work, "hsm-api.sock")}"`,
-        "",
-      ].join("\n"),
-      { mode: 0o600 },
-    );
-    const enrolled = await runNode(AGENT_CLI, ["--config", config, "--json", "enroll"], env);
-    expect(enrolled.code, enrolled.stderr + enrolled.stdout).toBe(0);
+    await writeAgentToml(config, {
+      stateDir: hsmState,
+      runtimeDir: join(work, "run-hsm"),
+      keys: { hsm },
+      enroll: {
+        registrarUrl: registrar.url,
+        caFile: setup.caCert,
+        bootstrapToken: bootstrap,
+        hardwareSerial: "SENSOR-ROT-1",
+      },
+      sections: ["[credentials.est]", "rotate_key = true", "renew_fraction = 0.5"],
+      api: { socket: join(work, "hsm-api.sock") },
+    });
+    await enrollAgent(config, env);
     const state = async () =>
       JSON.parse(await readFile(join(hsmState, "enrolment.json"), "utf8")) as {
         keyRef: string;

@@ -1,5 +1,5 @@
 import { X509Certificate } from "node:crypto";
-import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { copyFile, mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -7,13 +7,15 @@ import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
 import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
 import {
   AGENT_CLI,
+  cliEnv,
   ensureBuilt,
   eventually,
   jwtClaims,
-  REGISTRAR_CLI,
   type RegistrarProcess,
   runNode,
+  setupRegistrar,
   startRegistrarProcess,
+  writeAgentToml,
 } from "./e2e-kit.js";
 
 /**
@@ -28,7 +30,6 @@ describe("daemon TPM key rotation (built CLIs, swtpm)", () => {
   let registrar: RegistrarProcess;
   let env: NodeJS.ProcessEnv;
   let agentConfig: string;
-  let regConfig: string;
   const daemons: Daemon[] = [];
   const stateDir = (): string => join(work, "agent");
 
@@ -50,85 +51,36 @@ describe("daemon TPM key rotation (built CLIs, swtpm)", () => {
     ensureBuilt();
     work = await mkdtemp(join(tmpdir(), "m2m-rot-daemon-"));
     tpm = await startSwtpm();
-    env = { ...process.env };
-    delete env.NOTIFY_SOCKET;
+    env = cliEnv();
     const ekTrust = join(work, "ek-trust");
     await mkdir(ekTrust);
     await copyFile(tpm.rootCaPemPath, join(ekTrust, "root.pem"));
     await copyFile(tpm.intermediateCaPemPath, join(ekTrust, "intermediate.pem"));
-    const caDir = join(work, "ca");
-    const init = await runNode(REGISTRAR_CLI, ["--json", "ca", "init", "--dir", caDir], env);
-    expect(init.code, init.stderr).toBe(0);
-    const paths = JSON.parse(init.stdout) as { caCert: string; serverCert: string; serverKey: string };
-    regConfig = join(work, "registrar.toml");
-    await writeFile(
-      regConfig,
-      [
-        `data_dir = "${join(work, "registrar-data")}"`,
-        `ca_dir = "${caDir}"`,
-        // Certificates start 60 s back (clock skew); at half of 160 s ± 5 %: renewal, and with it
-        // rotation, 12–28 s after each issue (so a restart right after a rotation is not due yet).
-        'cert_lifetime = "100s"',
-        "[listen]",
-        'host = "127.0.0.1"',
-        "port = 0",
-        "[tls]",
-        `cert = "${paths.serverCert}"`,
-        `key = "${paths.serverKey}"`,
-        "[rotation]",
-        'tpm = "tpm-certify"',
-        "",
-      ].join("\n"),
-    );
-    const g = await runNode(
-      REGISTRAR_CLI,
-      [
-        "--json",
-        "enrollment",
-        "group",
-        "add",
-        "gateways",
-        "--role",
-        "gateway",
-        "--methods",
-        "tpm",
-        "--ek-trust-dir",
-        ekTrust,
-        "--config",
-        regConfig,
-      ],
+    const setup = await setupRegistrar({
+      work,
       env,
-    );
-    expect(g.code, g.stderr + g.stdout).toBe(0);
-    registrar = await startRegistrarProcess(regConfig, env);
+      // Certificates start 60 s back (clock skew); at half of 160 s ± 5 %: renewal, and with it
+      // rotation, 12–28 s after each issue (so a restart right after a rotation is not due yet).
+      topLevel: ['cert_lifetime = "100s"'],
+      extraConfig: ["[rotation]", 'tpm = "tpm-certify"'],
+      groups: [{ name: "gateways", role: "gateway", methods: "tpm", ekTrustDir: ekTrust }],
+    });
+    registrar = await startRegistrarProcess(setup.regConfig, env);
     agentConfig = join(work, "agent.toml");
-    await writeFile(
-      agentConfig,
-      [
-        "[agent]",
-        `state_dir = "${stateDir()}"`,
-        `runtime_dir = "${join(work, "run")}"`,
-        'log_level = "info"',
-        "[keys]",
-        'provider = "tpm"',
-        "[keys.tpm]",
-        `tcti = "${tpm.tcti}"`,
-        "[enroll]",
-        "enabled = true",
-        `registrar_url = "${registrar.url}"`,
-        `registrar_ca_file = "${paths.caCert}"`,
-        'method = "tpm"',
-        'group = "gateways"',
-        'hardware_serial = "GW-ROT-D"',
-        "[credentials.est]",
-        "rotate_key = true",
-        "renew_fraction = 0.5",
-        "[api]",
-        `socket = "${join(work, "api.sock")}"`,
-        "",
-      ].join("\n"),
-      { mode: 0o600 },
-    );
+    await writeAgentToml(agentConfig, {
+      stateDir: stateDir(),
+      runtimeDir: join(work, "run"),
+      agent: ['log_level = "info"'],
+      keys: { tcti: tpm.tcti },
+      enroll: {
+        registrarUrl: registrar.url,
+        caFile: setup.caCert,
+        group: "gateways",
+        hardwareSerial: "GW-ROT-D",
+      },
+      sections: ["[credentials.est]", "rotate_key = true", "renew_fraction = 0.5"],
+      api: { socket: join(work, "api.sock") },
+    });
   }, 300_000);
 
   afterAll(async () => {
