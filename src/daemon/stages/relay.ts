@@ -171,7 +171,8 @@ export const relayStage: AgentStage = {
     let outbox: Outbox;
     // The worker's SqliteOutbox runs on the system clock (a clock object cannot cross threads): with an
     // injected clock (tests use ManualClock) the outbox stays in this thread so TTL follows that clock.
-    if (o.thread === "worker" && ctx.clock === systemClock) {
+    const thread = o.thread === "worker" && ctx.clock === systemClock ? "worker" : "main";
+    if (thread === "worker") {
       const { WorkerOutbox } = await import("../../relay/outbox/worker/worker-outbox.js");
       outbox = await WorkerOutbox.open({
         ...outboxOptions,
@@ -181,6 +182,7 @@ export const relayStage: AgentStage = {
       const { SqliteOutbox } = await import("../../relay/outbox/sqlite/sqlite-outbox.js");
       outbox = SqliteOutbox.open({ ...outboxOptions, clock: ctx.clock });
     }
+    ctx.log.info("outbox open", { thread, depth: outbox.stats().depth });
     const { startRelayStack } = await import("../../relay/stack.js");
     const unhealthyAfter = unhealthyAfterMs(config, ctx.env);
     const stack: RelayStack = await startRelayStack({
