@@ -133,6 +133,7 @@ export class WorkerOutbox implements Outbox {
   #stats: WireStats;
   #closed = false;
   #closing: Promise<void> | undefined;
+  #terminating = false;
   #dead: M2mError | undefined;
   #clockTimer: NodeJS.Timeout | undefined;
 
@@ -305,7 +306,7 @@ export class WorkerOutbox implements Outbox {
     if (this.#dead !== undefined) return;
     const err = new M2mError("ERR_OUTBOX_IO", "transient", "the outbox worker stopped", {
       cause,
-      hint: "the agent restarts the relay; check the log for the worker's error",
+      hint: "the relay cannot store or deliver until the agent restarts; the log has the worker's error",
     });
     this.#dead = err;
     this.#out = [];
@@ -313,8 +314,8 @@ export class WorkerOutbox implements Outbox {
     this.#lazyTimer = undefined;
     if (this.#clockTimer !== undefined) clearInterval(this.#clockTimer);
     this.#clockTimer = undefined;
-    // After close() the worker's exit is expected.
-    if (this.#closed) {
+    // After close() has closed the store, the worker's exit is expected.
+    if (this.#terminating) {
       this.#rejectAll(closedError());
       return;
     }
@@ -455,6 +456,7 @@ export class WorkerOutbox implements Outbox {
     } finally {
       // Waits the worker's close woke were answered already; anything left ends here.
       this.#rejectAll(closedError());
+      this.#terminating = true;
       if (!wasDead) await this.#worker.terminate();
     }
   }
