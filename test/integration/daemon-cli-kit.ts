@@ -31,29 +31,47 @@ export interface CliResult {
   readonly stderr: string;
 }
 
+/**
+ * Runs `node SCRIPT ARGS` to completion (no TTY). stdin: `input` and then EOF through a pipe, or
+ * /dev/null when `input` is undefined. A child still running after `timeoutMs` gets `killSignal`.
+ */
+export function runScript(
+  script: string,
+  args: readonly string[],
+  env: NodeJS.ProcessEnv,
+  o: { readonly input?: string; readonly timeoutMs: number; readonly killSignal?: NodeJS.Signals },
+): Promise<CliResult> {
+  return new Promise((res, rej) => {
+    const child = spawn(process.execPath, [script, ...args], {
+      env,
+      stdio: [o.input === undefined ? "ignore" : "pipe", "pipe", "pipe"],
+    });
+    let stdout = "";
+    let stderr = "";
+    // Typed nullable (stdin is chosen at run time); stdout and stderr are always pipes.
+    child.stdout?.on("data", (c: Buffer) => {
+      stdout += c.toString();
+    });
+    child.stderr?.on("data", (c: Buffer) => {
+      stderr += c.toString();
+    });
+    const t = setTimeout(() => child.kill(o.killSignal ?? "SIGKILL"), o.timeoutMs);
+    child.on("error", rej);
+    child.on("close", (code) => {
+      clearTimeout(t);
+      res({ code, stdout, stderr });
+    });
+    child.stdin?.end(o.input);
+  });
+}
+
 /** Runs the CLI to completion (stdin closed: no TTY). */
 export function runCli(
   args: readonly string[],
   env: NodeJS.ProcessEnv,
   timeoutMs = 60_000,
 ): Promise<CliResult> {
-  return new Promise((res, rej) => {
-    const child = spawn(process.execPath, [CLI, ...args], { env, stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (c: Buffer) => {
-      stdout += c.toString();
-    });
-    child.stderr.on("data", (c: Buffer) => {
-      stderr += c.toString();
-    });
-    const t = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
-    child.on("error", rej);
-    child.on("close", (code) => {
-      clearTimeout(t);
-      res({ code, stdout, stderr });
-    });
-  });
+  return runScript(CLI, args, env, { timeoutMs });
 }
 
 export interface Daemon {

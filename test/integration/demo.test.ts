@@ -1,10 +1,10 @@
-import { spawn } from "node:child_process";
 import { existsSync, statSync } from "node:fs";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join, resolve } from "node:path";
+import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type ProcInfo, stillRunning } from "../../hw/demo-kit.js";
+import { type CliResult, REPO, runScript } from "./daemon-cli-kit.js";
 
 /**
  * README command one, as a user runs it: the BUILT demo (`node dist/hw/demo.js --quick`) with real
@@ -13,7 +13,6 @@ import { type ProcInfo, stillRunning } from "../../hw/demo-kit.js";
  * process it started running.
  */
 
-const REPO = resolve(import.meta.dirname, "..", "..");
 const DEMO = join(REPO, "dist", "hw", "demo.js");
 
 interface Summary {
@@ -35,29 +34,9 @@ interface Summary {
   leftover: ProcInfo[];
 }
 
-function runDemo(
-  args: readonly string[],
-  env: NodeJS.ProcessEnv,
-  timeoutMs: number,
-): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((res, rej) => {
-    const child = spawn(process.execPath, [DEMO, ...args], { env, stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (c: Buffer) => {
-      stdout += c.toString();
-    });
-    child.stderr.on("data", (c: Buffer) => {
-      stderr += c.toString();
-    });
-    // SIGTERM first: the demo's own handler then stops everything it started.
-    const t = setTimeout(() => child.kill("SIGTERM"), timeoutMs);
-    child.on("error", rej);
-    child.on("close", (code) => {
-      clearTimeout(t);
-      res({ code, stdout, stderr });
-    });
-  });
+function runDemo(args: readonly string[], env: NodeJS.ProcessEnv, timeoutMs: number): Promise<CliResult> {
+  // SIGTERM first: the demo's own handler then stops everything it started.
+  return runScript(DEMO, args, env, { timeoutMs, killSignal: "SIGTERM" });
 }
 
 let dir: string;

@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { expect } from "vitest";
 import type { Mosquitto } from "../../hw/mosquitto.js";
 import type { SoftHsmHandle } from "../../hw/softhsm.js";
-import { REPO } from "./daemon-cli-kit.js";
+import { type CliResult, REPO, runScript } from "./daemon-cli-kit.js";
 
 /**
  * Helpers for the end-to-end tests that drive both BUILT programs (`m2m-registrar`, `m2m-agent`)
@@ -59,13 +59,9 @@ export function ensureBuilt(): void {
   if (still !== undefined) throw new Error(`build did not refresh the output of ${still}`);
 }
 
-export interface Run {
-  readonly code: number | null;
-  readonly stdout: string;
-  readonly stderr: string;
-}
+export type Run = CliResult;
 
-/** Runs a built CLI to completion (no TTY; stdin from `input` when given). */
+/** Runs a built CLI to completion (no TTY; stdin from `input` when given, else an empty pipe). */
 export function runNode(
   cli: string,
   args: readonly string[],
@@ -73,24 +69,7 @@ export function runNode(
   input?: string,
   timeoutMs = 90_000,
 ): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [cli, ...args], { env, stdio: ["pipe", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    child.stdout.on("data", (c: Buffer) => {
-      stdout += c.toString();
-    });
-    child.stderr.on("data", (c: Buffer) => {
-      stderr += c.toString();
-    });
-    const t = setTimeout(() => child.kill("SIGKILL"), timeoutMs);
-    child.on("error", reject);
-    child.on("close", (code) => {
-      clearTimeout(t);
-      resolve({ code, stdout, stderr });
-    });
-    child.stdin.end(input ?? "");
-  });
+  return runScript(cli, args, env, { input: input ?? "", timeoutMs });
 }
 
 /** A running `m2m-registrar serve` child. */
