@@ -22,51 +22,56 @@ describe("MQTT sink: mTLS with the device key in a PKCS#11 token (OpenSSL engine
   let hsm: SoftHsmHandle;
   let certPem: string;
 
+  /** A sink on the mTLS listener with the token's "device" key through the engine. */
+  const engineSink = (pinFile = hsm.pinFile): MqttSink =>
+    new MqttSink({
+      urls: [broker.mtlsUrl],
+      caPem: broker.ca.caPem,
+      auth: {
+        kind: "mtls-engine",
+        certPem,
+        engine: { modulePath: hsm.modulePath, tokenLabel: hsm.tokenLabel, keyLabel: "device", pinFile },
+      },
+      deviceId: "dev-hsm",
+    });
+  const message = (seq: number, json: string) => ({
+    id: newMessageId(),
+    seq,
+    channel: "engine",
+    payload: enc.encode(json),
+    contentType: "application/json",
+    ts: 0,
+    ingestedAt: 0,
+    attempt: 1,
+  });
+
   beforeAll(async () => {
     broker = await startMosquitto();
     hsm = await initSoftHsm({ label: "m2m-relay" });
     // SoftHSM reads its config when the engine first loads the module in this process.
     process.env.SOFTHSM2_CONF = hsm.env.SOFTHSM2_CONF;
     const env = { ...hsm.env };
+    const tool = (args: readonly string[]) =>
+      execa("pkcs11-tool", ["--module", hsm.modulePath, "--token-label", hsm.tokenLabel, ...args], {
+        env,
+        timeout: 30_000,
+        stdin: "ignore",
+      });
     // Test-only: pkcs11-tool takes the throwaway PIN of a throwaway token on argv.
-    await execa(
-      "pkcs11-tool",
-      [
-        "--module",
-        hsm.modulePath,
-        "--token-label",
-        hsm.tokenLabel,
-        "--login",
-        "--pin",
-        hsm.pin.reveal(),
-        "--keypairgen",
-        "--key-type",
-        "EC:prime256v1",
-        "--label",
-        "device",
-        "--id",
-        "01",
-      ],
-      { env, timeout: 30_000, stdin: "ignore" },
-    );
+    await tool([
+      "--login",
+      "--pin",
+      hsm.pin.reveal(),
+      "--keypairgen",
+      "--key-type",
+      "EC:prime256v1",
+      "--label",
+      "device",
+      "--id",
+      "01",
+    ]);
     const pubDer = join(hsm.dir, "pub.der");
-    await execa(
-      "pkcs11-tool",
-      [
-        "--module",
-        hsm.modulePath,
-        "--token-label",
-        hsm.tokenLabel,
-        "--read-object",
-        "--type",
-        "pubkey",
-        "--label",
-        "device",
-        "-o",
-        pubDer,
-      ],
-      { env, timeout: 30_000, stdin: "ignore" },
-    );
+    await tool(["--read-object", "--type", "pubkey", "--label", "device", "-o", pubDer]);
     const publicKeyPem = createPublicKey({ key: await readFile(pubDer), format: "der", type: "spki" })
       .export({ format: "pem", type: "spki" })
       .toString();
@@ -83,31 +88,8 @@ describe("MQTT sink: mTLS with the device key in a PKCS#11 token (OpenSSL engine
     const { writeFile } = await import("node:fs/promises");
     const wrongPin = join(hsm.dir, "wrong.pin");
     await writeFile(wrongPin, "9999", { mode: 0o600 });
-    const sink = new MqttSink({
-      urls: [broker.mtlsUrl],
-      caPem: broker.ca.caPem,
-      auth: {
-        kind: "mtls-engine",
-        certPem,
-        engine: {
-          modulePath: hsm.modulePath,
-          tokenLabel: hsm.tokenLabel,
-          keyLabel: "device",
-          pinFile: wrongPin,
-        },
-      },
-      deviceId: "dev-hsm",
-    });
-    const one = {
-      id: newMessageId(),
-      seq: 1,
-      channel: "engine",
-      payload: enc.encode("1"),
-      contentType: "application/json",
-      ts: 0,
-      ingestedAt: 0,
-      attempt: 1,
-    };
+    const sink = engineSink(wrongPin);
+    const one = message(1, "1");
     for (let i = 0; i < 3; i++) {
       expect((await sink.deliver([one]))[0]).toMatchObject({ kind: "retry", code: "ERR_TLS_ENGINE_KEY" });
     }
@@ -117,31 +99,8 @@ describe("MQTT sink: mTLS with the device key in a PKCS#11 token (OpenSSL engine
 
   it("connects with the token-held key and delivers to its own topics (twice: a reconnect builds a new context)", async () => {
     const sub = await startSubscriber(broker.plainUrl, "devices/dev-hsm/#");
-    const sink = new MqttSink({
-      urls: [broker.mtlsUrl],
-      caPem: broker.ca.caPem,
-      auth: {
-        kind: "mtls-engine",
-        certPem,
-        engine: {
-          modulePath: hsm.modulePath,
-          tokenLabel: hsm.tokenLabel,
-          keyLabel: "device",
-          pinFile: hsm.pinFile,
-        },
-      },
-      deviceId: "dev-hsm",
-    });
-    const batch = Array.from({ length: 5 }, (_, i) => ({
-      id: newMessageId(),
-      seq: i + 1,
-      channel: "engine",
-      payload: enc.encode(JSON.stringify({ i })),
-      contentType: "application/json",
-      ts: 0,
-      ingestedAt: 0,
-      attempt: 1,
-    }));
+    const sink = engineSink();
+    const batch = Array.from({ length: 5 }, (_, i) => message(i + 1, JSON.stringify({ i })));
     const out = await sink.deliver(batch);
     expect(out.map((o) => o.kind)).toEqual(["ok", "ok", "ok", "ok", "ok"]);
     await sub.waitFor((r) => r.length >= 5);
@@ -149,21 +108,7 @@ describe("MQTT sink: mTLS with the device key in a PKCS#11 token (OpenSSL engine
     expect(sub.received[0]?.topic).toBe("devices/dev-hsm/engine");
     await sink.close();
     // A second sink (a reconnect after restart) works too: the engine is referenced by id, not path.
-    const again = new MqttSink({
-      urls: [broker.mtlsUrl],
-      caPem: broker.ca.caPem,
-      auth: {
-        kind: "mtls-engine",
-        certPem,
-        engine: {
-          modulePath: hsm.modulePath,
-          tokenLabel: hsm.tokenLabel,
-          keyLabel: "device",
-          pinFile: hsm.pinFile,
-        },
-      },
-      deviceId: "dev-hsm",
-    });
+    const again = engineSink();
     expect((await again.deliver(batch.slice(0, 1)))[0]?.kind).toBe("ok");
     await again.close();
     await sub.close();
