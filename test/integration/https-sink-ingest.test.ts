@@ -45,6 +45,13 @@ describe("reference ingest endpoint: tamper table", () => {
     if (ca !== undefined) await rm(ca.dir, { recursive: true, force: true });
   });
 
+  /** A token for dev-t bound to the device key: valid unless a field is overridden. */
+  const deviceToken = (
+    over: { scope?: string; aud?: string; ttlSec?: number } = {},
+    by = issuer,
+  ): Promise<string> =>
+    by.issue({ sub: "dev-t", scope: "telemetry:write", aud: AUD, jkt: device.jkt, ttlSec: 60, ...over });
+
   const body = (topic = "devices/dev-t/temp"): string =>
     JSON.stringify({
       messages: [
@@ -71,16 +78,7 @@ describe("reference ingest endpoint: tamper table", () => {
   const send = async (
     v: Variant = {},
   ): Promise<{ status: number; code: string | undefined; json: Record<string, unknown> }> => {
-    const token =
-      v.token === undefined
-        ? await issuer.issue({
-            sub: "dev-t",
-            scope: "telemetry:write",
-            aud: AUD,
-            jkt: device.jkt,
-            ttlSec: 60,
-          })
-        : v.token;
+    const token = v.token === undefined ? await deviceToken() : v.token;
     const proof =
       v.proof === undefined && token !== null ? await device.signer.proof("POST", host.url, token) : v.proof;
     const headers: Record<string, string> = { "content-type": "application/json" };
@@ -107,13 +105,7 @@ describe("reference ingest endpoint: tamper table", () => {
     [
       "token signed by another issuer key",
       async () => ({
-        token: await otherIssuer.issue({
-          sub: "dev-t",
-          scope: "telemetry:write",
-          aud: AUD,
-          jkt: device.jkt,
-          ttlSec: 60,
-        }),
+        token: await deviceToken({}, otherIssuer),
       }),
       401,
       "ERR_ACCESS_TOKEN_INVALID",
@@ -121,13 +113,7 @@ describe("reference ingest endpoint: tamper table", () => {
     [
       "token for another audience",
       async () => ({
-        token: await issuer.issue({
-          sub: "dev-t",
-          scope: "telemetry:write",
-          aud: "https://other",
-          jkt: device.jkt,
-          ttlSec: 60,
-        }),
+        token: await deviceToken({ aud: "https://other" }),
       }),
       401,
       "ERR_INGEST_AUDIENCE",
@@ -135,13 +121,7 @@ describe("reference ingest endpoint: tamper table", () => {
     [
       "expired token",
       async () => ({
-        token: await issuer.issue({
-          sub: "dev-t",
-          scope: "telemetry:write",
-          aud: AUD,
-          jkt: device.jkt,
-          ttlSec: -120,
-        }),
+        token: await deviceToken({ ttlSec: -120 }),
       }),
       401,
       "ERR_ACCESS_TOKEN_INVALID",
@@ -149,13 +129,7 @@ describe("reference ingest endpoint: tamper table", () => {
     [
       "token without telemetry:write",
       async () => ({
-        token: await issuer.issue({
-          sub: "dev-t",
-          scope: "telemetry:read",
-          aud: AUD,
-          jkt: device.jkt,
-          ttlSec: 60,
-        }),
+        token: await deviceToken({ scope: "telemetry:read" }),
       }),
       403,
       "ERR_INGEST_SCOPE",
@@ -180,13 +154,7 @@ describe("reference ingest endpoint: tamper table", () => {
     [
       "proof by another key (stolen token)",
       async () => {
-        const token = await issuer.issue({
-          sub: "dev-t",
-          scope: "telemetry:write",
-          aud: AUD,
-          jkt: device.jkt,
-          ttlSec: 60,
-        });
+        const token = await deviceToken();
         return { token, proof: await thief.signer.proof("POST", host.url, token) };
       },
       401,
@@ -195,13 +163,7 @@ describe("reference ingest endpoint: tamper table", () => {
     [
       "proof for another URL",
       async () => {
-        const token = await issuer.issue({
-          sub: "dev-t",
-          scope: "telemetry:write",
-          aud: AUD,
-          jkt: device.jkt,
-          ttlSec: 60,
-        });
+        const token = await deviceToken();
         return { token, proof: await device.signer.proof("POST", `${host.origin}/v1/other`, token) };
       },
       401,
@@ -210,13 +172,7 @@ describe("reference ingest endpoint: tamper table", () => {
     [
       "proof for another method",
       async () => {
-        const token = await issuer.issue({
-          sub: "dev-t",
-          scope: "telemetry:write",
-          aud: AUD,
-          jkt: device.jkt,
-          ttlSec: 60,
-        });
+        const token = await deviceToken();
         return { token, proof: await device.signer.proof("GET", host.url, token) };
       },
       401,
@@ -225,13 +181,7 @@ describe("reference ingest endpoint: tamper table", () => {
     [
       "proof made for another access token (ath)",
       async () => {
-        const token = await issuer.issue({
-          sub: "dev-t",
-          scope: "telemetry:write",
-          aud: AUD,
-          jkt: device.jkt,
-          ttlSec: 60,
-        });
+        const token = await deviceToken();
         return { token, proof: await device.signer.proof("POST", host.url, "some-other-token") };
       },
       401,
@@ -257,13 +207,7 @@ describe("reference ingest endpoint: tamper table", () => {
   });
 
   it("a replayed proof is refused", async () => {
-    const token = await issuer.issue({
-      sub: "dev-t",
-      scope: "telemetry:write",
-      aud: AUD,
-      jkt: device.jkt,
-      ttlSec: 60,
-    });
+    const token = await deviceToken();
     const proof = await device.signer.proof("POST", host.url, token);
     expect((await send({ token, proof })).status).toBe(200);
     const again = await send({ token, proof });
