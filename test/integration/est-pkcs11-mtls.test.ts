@@ -11,9 +11,10 @@ import { EstClient } from "../../src/credentials/est/est-client.js";
 import { AlternatingKeyRotation } from "../../src/credentials/est/key-rotation.js";
 import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
 import { createCsr } from "../../src/keys/csr.js";
+import type { KeyInfo, KeyProvider } from "../../src/keys/key-provider.js";
 import { Pkcs11KeyProvider } from "../../src/keys/pkcs11/index.js";
 import { caPaths, FleetCa, initCa, verifyCsr } from "../../src/registrar/ca/fleet-ca.js";
-import { estRoutes } from "../../src/registrar/est/est-service.js";
+import { type EstDeps, estRoutes } from "../../src/registrar/est/est-service.js";
 import { InMemoryDeviceDirectory } from "../../src/registrar/oauth/directory.js";
 import { createEngineSecureContext } from "../../src/relay/sinks/mqtt/engine-tls.js";
 import { mountRoutes, startHttps } from "./oauth-fixtures.js";
@@ -32,6 +33,98 @@ afterAll(async () => {
   await hsm?.cleanup();
 });
 
+/** The SoftHSM key labelled `keyLabel`. */
+function tokenKey(keyLabel: string): Pkcs11KeyProvider {
+  return new Pkcs11KeyProvider({
+    modulePath: hsm.modulePath,
+    tokenLabel: hsm.tokenLabel,
+    keyLabel,
+    pin: { file: hsm.pinFile },
+  });
+}
+
+/** A fleet CA in a fresh temp dir and its EST routes on HTTPS, asking for client certificates. */
+async function startEstServer(
+  prefix: string,
+  directory: InMemoryDeviceDirectory,
+  extra: Partial<Pick<EstDeps, "allowKeyRotation" | "onKeyRotated">> = {},
+): Promise<{ dir: string; ca: FleetCa; origin: string; close(): Promise<void> }> {
+  const dir = await mkdtemp(join(tmpdir(), prefix));
+  await initCa({ dir: join(dir, "ca") });
+  const ca = await FleetCa.load(join(dir, "ca"));
+  const paths = caPaths(join(dir, "ca"));
+  const srv = await startHttps(
+    {
+      serverCertPem: await readFile(paths.serverCert, "utf8"),
+      serverKeyPem: await readFile(paths.serverKey, "utf8"),
+      caPem: ca.certificatePem,
+    },
+    mountRoutes(
+      estRoutes({
+        directory,
+        ca,
+        clock: systemClock,
+        certLifetimeSeconds: 3600,
+        publicUrl: "https://unused",
+        ...extra,
+      }),
+    ),
+    { requestCert: true, ca: ca.chainPem() },
+  );
+  return { dir, ca, origin: srv.origin, close: srv.close };
+}
+
+/** Registers the device with the token key and writes a first certificate for it to `certFile`. */
+async function enrolDevice(
+  o: { directory: InMemoryDeviceDirectory; ca: FleetCa; certFile: string },
+  deviceId: string,
+  keys: KeyProvider,
+  info: KeyInfo,
+): Promise<string> {
+  o.directory.put({
+    deviceId,
+    status: "active",
+    role: "gw",
+    attributes: {},
+    publicJwk: info.publicJwk,
+    group: "g",
+  });
+  const v = await verifyCsr(await createCsr(keys, info, { commonName: deviceId }));
+  const { pem } = await o.ca.issueDeviceCertificate(v, {
+    deviceId,
+    expectedSpkiDer: v.spkiDer,
+    lifetimeSeconds: 3600,
+  });
+  await writeFile(o.certFile, pem);
+  return pem;
+}
+
+/** An EST client authenticated over mTLS by the certificate in `certFile` and the token key `keyLabel()`. */
+function mtlsEstClient(
+  origin: string,
+  ca: FleetCa,
+  certFile: string,
+  keyLabel: () => string | Promise<string>,
+): EstClient {
+  return new EstClient(
+    { baseUrl: origin, caPem: ca.certificatePem },
+    {
+      kind: "mtls",
+      certPem: () => readFile(certFile, "utf8"),
+      secureContext: async (certPem) =>
+        createEngineSecureContext({
+          modulePath: hsm.modulePath,
+          tokenLabel: hsm.tokenLabel,
+          keyLabel: await keyLabel(),
+          pinFile: hsm.pinFile,
+          certPem,
+          caPem: ca.certificatePem,
+        }),
+    },
+    systemClock,
+  );
+}
+
 describe("EST simplereenroll over mTLS with a PKCS#11 (SoftHSM) key", () => {
   let dir: string;
   let close: () => Promise<void>;
@@ -41,35 +134,8 @@ describe("EST simplereenroll over mTLS with a PKCS#11 (SoftHSM) key", () => {
   const directory = new InMemoryDeviceDirectory();
 
   beforeAll(async () => {
-    dir = await mkdtemp(join(tmpdir(), "m2m-est-p11-"));
-    await initCa({ dir: join(dir, "ca") });
-    ca = await FleetCa.load(join(dir, "ca"));
-    const paths = caPaths(join(dir, "ca"));
-    const srv = await startHttps(
-      {
-        serverCertPem: await readFile(paths.serverCert, "utf8"),
-        serverKeyPem: await readFile(paths.serverKey, "utf8"),
-        caPem: ca.certificatePem,
-      },
-      mountRoutes(
-        estRoutes({
-          directory,
-          ca,
-          clock: systemClock,
-          certLifetimeSeconds: 3600,
-          publicUrl: "https://unused",
-        }),
-      ),
-      { requestCert: true, ca: ca.chainPem() },
-    );
-    origin = srv.origin;
-    close = srv.close;
-    keys = new Pkcs11KeyProvider({
-      modulePath: hsm.modulePath,
-      tokenLabel: hsm.tokenLabel,
-      keyLabel: "m2m-device",
-      pin: { file: hsm.pinFile },
-    });
+    ({ dir, ca, origin, close } = await startEstServer("m2m-est-p11-", directory));
+    keys = tokenKey("m2m-device");
   });
   afterAll(async () => {
     await keys?.close();
@@ -79,39 +145,10 @@ describe("EST simplereenroll over mTLS with a PKCS#11 (SoftHSM) key", () => {
 
   it("renews the certificate; the new one carries the token key and chains to the fleet CA", async () => {
     const info = await keys.createOrOpen();
-    directory.put({
-      deviceId: "p11-1",
-      status: "active",
-      role: "gw",
-      attributes: {},
-      publicJwk: info.publicJwk,
-      group: "g",
-    });
-    const v = await verifyCsr(await createCsr(keys, info, { commonName: "p11-1" }));
-    const first = await ca.issueDeviceCertificate(v, {
-      deviceId: "p11-1",
-      expectedSpkiDer: v.spkiDer,
-      lifetimeSeconds: 3600,
-    });
     const certFile = join(dir, "device.pem");
-    await writeFile(certFile, first.pem);
-    const est = new EstClient(
-      { baseUrl: origin, caPem: ca.certificatePem },
-      {
-        kind: "mtls",
-        certPem: () => readFile(certFile, "utf8"),
-        secureContext: (certPem) =>
-          createEngineSecureContext({
-            modulePath: hsm.modulePath,
-            tokenLabel: hsm.tokenLabel,
-            keyLabel: "m2m-device",
-            pinFile: hsm.pinFile,
-            certPem,
-            caPem: ca.certificatePem,
-          }),
-      },
-      systemClock,
-    );
+    const firstPem = await enrolDevice({ directory, ca, certFile }, "p11-1", keys, info);
+    // No rotation here: the one token key authenticates every renewal.
+    const est = mtlsEstClient(origin, ca, certFile, () => "m2m-device");
     const renewer = new CertificateRenewer(
       { deviceId: "p11-1", certFile, caPem: ca.certificatePem },
       { keys, est, clock: systemClock },
@@ -119,7 +156,7 @@ describe("EST simplereenroll over mTLS with a PKCS#11 (SoftHSM) key", () => {
     await renewer.renew();
     await renewer.renew(); // the renewed certificate authenticates the next renewal
     const now = new X509Certificate(await readFile(certFile, "utf8"));
-    expect(now.serialNumber).not.toBe(new X509Certificate(first.pem).serialNumber);
+    expect(now.serialNumber).not.toBe(new X509Certificate(firstPem).serialNumber);
     expect(createPublicKey(now.publicKey.toString("pem")).export({ format: "der", type: "spki" })).toEqual(
       createPublicKey(info.spkiPem).export({ format: "der", type: "spki" }),
     );
@@ -136,35 +173,14 @@ describe("EST key rotation for a PKCS#11 device, re-authenticated by its CURRENT
   const rotatedTo: string[] = [];
 
   beforeAll(async () => {
-    dir = await mkdtemp(join(tmpdir(), "m2m-est-rot-"));
-    await initCa({ dir: join(dir, "ca") });
-    ca = await FleetCa.load(join(dir, "ca"));
-    const paths = caPaths(join(dir, "ca"));
-    const srv = await startHttps(
-      {
-        serverCertPem: await readFile(paths.serverCert, "utf8"),
-        serverKeyPem: await readFile(paths.serverKey, "utf8"),
-        caPem: ca.certificatePem,
+    ({ dir, ca, origin, close } = await startEstServer("m2m-est-rot-", directory, {
+      allowKeyRotation: () => true,
+      onKeyRotated: async (deviceId, publicJwk) => {
+        const d = directory.getDevice(deviceId);
+        if (d !== undefined) directory.put({ ...d, publicJwk });
+        rotatedTo.push(String(publicJwk.x));
       },
-      mountRoutes(
-        estRoutes({
-          directory,
-          ca,
-          clock: systemClock,
-          certLifetimeSeconds: 3600,
-          publicUrl: "https://unused",
-          allowKeyRotation: () => true,
-          onKeyRotated: async (deviceId, publicJwk) => {
-            const d = directory.getDevice(deviceId);
-            if (d !== undefined) directory.put({ ...d, publicJwk });
-            rotatedTo.push(String(publicJwk.x));
-          },
-        }),
-      ),
-      { requestCert: true, ca: ca.chainPem() },
-    );
-    origin = srv.origin;
-    close = srv.close;
+    }));
   });
   afterAll(async () => {
     await close?.();
@@ -172,13 +188,7 @@ describe("EST key rotation for a PKCS#11 device, re-authenticated by its CURRENT
   });
 
   it("rotates twice: new token key certified, registry updated, old key destroyed after the cert is in place", async () => {
-    const make = (label: string) =>
-      new Pkcs11KeyProvider({
-        modulePath: hsm.modulePath,
-        tokenLabel: hsm.tokenLabel,
-        keyLabel: label,
-        pin: { file: hsm.pinFile },
-      });
+    const make = tokenKey;
     const rotation = new AlternatingKeyRotation({
       names: ["m2m-rot-a", "m2m-rot-b"],
       stateFile: join(dir, "rotation.json"),
@@ -186,44 +196,10 @@ describe("EST key rotation for a PKCS#11 device, re-authenticated by its CURRENT
     });
     const keys = await rotation.current();
     const info = await keys.createOrOpen();
-    directory.put({
-      deviceId: "rot-1",
-      status: "active",
-      role: "gw",
-      attributes: {},
-      publicJwk: info.publicJwk,
-      group: "g",
-    });
-    const v = await verifyCsr(await createCsr(keys, info, { commonName: "rot-1" }));
     const certFile = join(dir, "device.pem");
-    await writeFile(
-      certFile,
-      (
-        await ca.issueDeviceCertificate(v, {
-          deviceId: "rot-1",
-          expectedSpkiDer: v.spkiDer,
-          lifetimeSeconds: 3600,
-        })
-      ).pem,
-    );
-    const est = new EstClient(
-      { baseUrl: origin, caPem: ca.certificatePem },
-      {
-        kind: "mtls",
-        certPem: () => readFile(certFile, "utf8"),
-        // The CURRENT key authenticates: its label comes from the rotation state.
-        secureContext: async (certPem) =>
-          createEngineSecureContext({
-            modulePath: hsm.modulePath,
-            tokenLabel: hsm.tokenLabel,
-            keyLabel: await rotation.currentName(),
-            pinFile: hsm.pinFile,
-            certPem,
-            caPem: ca.certificatePem,
-          }),
-      },
-      systemClock,
-    );
+    await enrolDevice({ directory, ca, certFile }, "rot-1", keys, info);
+    // The CURRENT key authenticates: its label comes from the rotation state.
+    const est = mtlsEstClient(origin, ca, certFile, () => rotation.currentName());
     const renewer = new CertificateRenewer(
       { deviceId: "rot-1", certFile, caPem: ca.certificatePem, rotateKey: true },
       { keys, est, clock: systemClock, rotation },
