@@ -67,13 +67,38 @@ import { request as httpRequest, type IncomingMessage, type ServerResponse } fro
 import { createServer as createHttpsServer, type Server as HttpsServer } from "node:https";
 import type { AddressInfo } from "node:net";
 import { generateKeyPair, type JWTPayload, jwtVerify, SignJWT } from "jose";
-import type { TestCa } from "../../hw/mosquitto.js";
+import type { Mosquitto, TestCa } from "../../hw/mosquitto.js";
 import { systemClock } from "../../src/core/clock.js";
 import { Secret } from "../../src/core/secret.js";
 import { HardwareDpopSigner } from "../../src/credentials/oauth/dpop.js";
 import type { AccessToken } from "../../src/credentials/oauth/token-source.js";
 import { FakeKeyProvider } from "../../src/keys/fake/fake-provider.js";
 import { HttpError, type Route, type RouteResponse } from "../../src/registrar/http/router.js";
+import { MqttSink } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
+
+/**
+ * A client certificate for `deviceId` from the broker's test CA, key in a file; `sink(url)` makes an
+ * mTLS MQTT sink with it (50 in flight, 2 s connect timeout) to `url`, the broker's mTLS listener
+ * unless told otherwise.
+ */
+export async function fileKeyDevice(
+  broker: Pick<Mosquitto, "ca" | "mtlsUrl">,
+  deviceId: string,
+): Promise<{ sink(url?: string): MqttSink }> {
+  const c = await broker.ca.issueClient(deviceId);
+  const keyPem = c.keyPem ?? "";
+  return {
+    sink: (url = broker.mtlsUrl) =>
+      new MqttSink({
+        urls: [url],
+        caPem: broker.ca.caPem,
+        auth: { kind: "mtls-file", certPem: c.certPem, keyPem: new Secret(keyPem) },
+        deviceId,
+        maxInFlight: 50,
+        connectTimeoutMs: 2000,
+      }),
+  };
+}
 
 /** Minimal host for registrar `Route`s on HTTPS (the full registrar needs a store and a fleet CA). */
 export async function startRouteHost(

@@ -4,11 +4,9 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
 import type { RetryPolicy } from "../../src/core/retry.js";
-import { Secret } from "../../src/core/secret.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { Relay } from "../../src/relay/relay.js";
-import { MqttSink } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
-import { type Received, startSubscriber, until } from "./relay-helpers.js";
+import { fileKeyDevice, type Received, startSubscriber, until } from "./relay-helpers.js";
 
 const enc = new TextEncoder();
 const fast: RetryPolicy = {
@@ -37,29 +35,16 @@ function firstArrivals(received: readonly Received[]): Map<string, number[]> {
 describe("relay through a broker outage (mosquitto stopped and restarted)", () => {
   let broker: Mosquitto;
   let dir: string;
-  let certPem: string;
-  let keyPem: string;
+  let device: Awaited<ReturnType<typeof fileKeyDevice>>;
   beforeAll(async () => {
     broker = await startMosquitto({ persistence: true });
     dir = await mkdtemp(join(tmpdir(), "m2m-outage-"));
-    const c = await broker.ca.issueClient("dev-out");
-    certPem = c.certPem;
-    keyPem = c.keyPem ?? "";
+    device = await fileKeyDevice(broker, "dev-out");
   });
   afterAll(async () => {
     await broker?.cleanup();
     await rm(dir, { recursive: true, force: true });
   });
-
-  const sinkFor = (): MqttSink =>
-    new MqttSink({
-      urls: [broker.mtlsUrl],
-      caPem: broker.ca.caPem,
-      auth: { kind: "mtls-file", certPem, keyPem: new Secret(keyPem) },
-      deviceId: "dev-out",
-      maxInFlight: 50,
-      connectTimeoutMs: 2000,
-    });
 
   it("backlog builds within limits while the broker is down, then drains completely, in order per channel", async () => {
     const sub = await startSubscriber(broker.plainUrl, "devices/dev-out/#", "observer-outage");
@@ -69,7 +54,7 @@ describe("relay through a broker outage (mosquitto stopped and restarted)", () =
       ttlCheckMs: 0,
       limits: { maxCount: 10_000 },
     });
-    const sink = sinkFor();
+    const sink = device.sink();
     const relay = new Relay({ outbox, sinks: [sink], retry: fast, stableAfterMs: 60_000 });
     relay.start();
     const channels = ["a", "b", "c"];
@@ -119,7 +104,7 @@ describe("relay through a broker outage (mosquitto stopped and restarted)", () =
       limits: { maxCount: 100 },
     });
     await broker.stop();
-    const sink = sinkFor();
+    const sink = device.sink();
     const relay = new Relay({ outbox, sinks: [sink], retry: fast });
     relay.start();
     for (let i = 0; i < 150; i += 10) {

@@ -5,11 +5,9 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
 import type { RetryPolicy } from "../../src/core/retry.js";
-import { Secret } from "../../src/core/secret.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { Relay } from "../../src/relay/relay.js";
-import { MqttSink } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
-import { startSubscriber, until } from "./relay-helpers.js";
+import { fileKeyDevice, startSubscriber, until } from "./relay-helpers.js";
 
 const enc = new TextEncoder();
 /** A backoff so long that only the probe can explain a prompt drain (jitter pinned near the cap). */
@@ -25,34 +23,21 @@ const slow: RetryPolicy = {
 describe("relay: reconnect probe after an outage, and sink health", () => {
   let broker: Mosquitto;
   let dir: string;
-  let certPem: string;
-  let keyPem: string;
+  let device: Awaited<ReturnType<typeof fileKeyDevice>>;
   beforeAll(async () => {
     broker = await startMosquitto({ persistence: true });
     dir = await mkdtemp(join(tmpdir(), "m2m-reconnect-"));
-    const c = await broker.ca.issueClient("dev-rc");
-    certPem = c.certPem;
-    keyPem = c.keyPem ?? "";
+    device = await fileKeyDevice(broker, "dev-rc");
   });
   afterAll(async () => {
     await broker?.cleanup();
     await rm(dir, { recursive: true, force: true });
   });
 
-  const sinkFor = (url: string): MqttSink =>
-    new MqttSink({
-      urls: [url],
-      caPem: broker.ca.caPem,
-      auth: { kind: "mtls-file", certPem, keyPem: new Secret(keyPem) },
-      deviceId: "dev-rc",
-      maxInFlight: 50,
-      connectTimeoutMs: 2000,
-    });
-
   it("broker down (sink reported unhealthy with the error code) → back → the backlog drains without waiting out a 60 s backoff; health clears", async () => {
     const sub = await startSubscriber(broker.plainUrl, "devices/dev-rc/#", "observer-rc");
     const outbox = SqliteOutbox.open({ path: join(dir, "a.db"), sinks: ["mqtt"], ttlCheckMs: 0 });
-    const sink = sinkFor(broker.mtlsUrl);
+    const sink = device.sink(broker.mtlsUrl);
     const relay = new Relay({
       outbox,
       sinks: [sink],
@@ -101,7 +86,7 @@ describe("relay: reconnect probe after an outage, and sink health", () => {
     await new Promise<void>((r) => rude.listen(0, "127.0.0.1", () => r()));
     const port = (rude.address() as { port: number }).port;
     const outbox = SqliteOutbox.open({ path: join(dir, "b.db"), sinks: ["mqtt"], ttlCheckMs: 0 });
-    const sink = sinkFor(`mqtts://127.0.0.1:${port}`);
+    const sink = device.sink(`mqtts://127.0.0.1:${port}`);
     const relay = new Relay({
       outbox,
       sinks: [sink],
