@@ -26,8 +26,8 @@ interface ChildConfig {
 }
 
 const cfg = JSON.parse(process.argv[2] ?? "{}") as ChildConfig;
-// RELAY_BENCH_OUTBOX=worker (default): SQLite in a worker thread; =main: in this event loop.
-const outboxThread = process.env.RELAY_BENCH_OUTBOX ?? "worker";
+// RELAY_BENCH_OUTBOX=main (default, as the daemon): SQLite in this event loop; =worker: in a worker thread.
+const outboxThread = process.env.RELAY_BENCH_OUTBOX ?? "main";
 if (outboxThread !== "worker" && outboxThread !== "main") {
   throw new Error(`RELAY_BENCH_OUTBOX must be worker or main, not ${outboxThread}`);
 }

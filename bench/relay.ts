@@ -466,12 +466,12 @@ async function benchHttps(
 
     // Sink path: producer appends into a fsync'ing outbox while the relay drains it through HttpsSink.
     const before = ingest.store.messages.size;
-    // The daemon's default (relay.outbox.thread = worker) unless RELAY_BENCH_OUTBOX=main.
+    // The daemon's default (relay.outbox.thread = main) unless RELAY_BENCH_OUTBOX=worker.
     const outboxOptions = { path: join(dir, "https.db"), sinks: ["https"], ttlCheckMs: 0 };
     const outbox =
-      process.env.RELAY_BENCH_OUTBOX === "main"
-        ? SqliteOutbox.open(outboxOptions)
-        : await WorkerOutbox.open(outboxOptions);
+      process.env.RELAY_BENCH_OUTBOX === "worker"
+        ? await WorkerOutbox.open(outboxOptions)
+        : SqliteOutbox.open(outboxOptions);
     const sink = new HttpsSink({
       url,
       caPem: ca.caPem,

@@ -215,10 +215,11 @@ const outboxSection = z.strictObject({
     .default(7 * 24 * 3600),
   drop_policy: z.enum(["oldest", "refuse"]).default("oldest"),
   /**
-   * Where the outbox's SQLite work runs: `worker` (a worker thread, so the main event loop only
-   * serves sockets) or `main` (in the daemon's event loop). Measured in docs/outbox.md.
+   * Where the outbox's SQLite work runs: `main` (the daemon's event loop: least CPU and memory,
+   * best throughput on a 2-core gateway) or `worker` (a worker thread, so the event loop only serves
+   * sockets: lower ingest-ack latency when a core is idle). Measured in docs/outbox.md.
    */
-  thread: z.enum(["worker", "main"]).default("worker"),
+  thread: z.enum(["main", "worker"]).default("main"),
 });
 
 const mqttSinkSection = z.strictObject({

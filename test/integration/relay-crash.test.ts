@@ -57,8 +57,14 @@ describe("relay crash safety (SIGKILL at random moments)", () => {
 
     // Wrapped in an object: an execa ResultPromise is a thenable, returning it from an async function
     // would wait for the process to exit.
-    const startChild = async (): Promise<{ p: ResultPromise }> => {
-      const p = execa(process.execPath, [childJs, cfg], { reject: false, stdin: "ignore", timeout: 120_000 });
+    // Kills alternate between the two outbox placements (same database file): in-thread and worker.
+    const startChild = async (thread: "main" | "worker"): Promise<{ p: ResultPromise }> => {
+      const p = execa(process.execPath, [childJs, cfg], {
+        reject: false,
+        stdin: "ignore",
+        timeout: 120_000,
+        env: { RELAY_BENCH_OUTBOX: thread },
+      });
       child = p;
       // Ready when the socket answers.
       for (let i = 0; i < 500; i++) {
@@ -96,7 +102,7 @@ describe("relay crash safety (SIGKILL at random moments)", () => {
     };
 
     for (let kill = 0; kill < 8; kill++) {
-      const { p } = await startChild();
+      const { p } = await startChild(kill % 2 === 0 ? "main" : "worker");
       let dead = false;
       const producing = produce(() => dead);
       await new Promise((r) => setTimeout(r, 150 + Math.floor(Math.random() * 450)));
@@ -106,7 +112,7 @@ describe("relay crash safety (SIGKILL at random moments)", () => {
       await producing;
     }
     // Last run: no kill; everything acknowledged must drain.
-    const { p: last } = await startChild();
+    const { p: last } = await startChild("main");
     expect(acked.size).toBeGreaterThan(100);
     await sub.waitFor(() => {
       const got = new Set(sub.received.map((r) => (JSON.parse(r.payload) as { n: number }).n));
