@@ -213,7 +213,8 @@ async function main(): Promise<void> {
 
     // ---- 1b. full path through a relay child process --------------------------------------------
     const socketPath = join(dir, "api.sock");
-    const childJs = new URL("./relay-child.js", import.meta.url).pathname;
+    // RELAY_BENCH_CHILD=/path/to/relay-child.js runs another build's relay (old vs new, same harness).
+    const childJs = process.env.RELAY_BENCH_CHILD ?? new URL("./relay-child.js", import.meta.url).pathname;
     const child = spawn(
       process.execPath,
       [
