@@ -441,6 +441,7 @@ async function benchHttps(
     // Raw: the same batch bodies (same JSON shape, gzip'd), one at a time, with token + fresh proof.
     const agent = new Agent({ connect: { ca: ca.caPem }, connections: 1 });
     const rawStart = performance.now();
+    const rawCpu0 = process.cpuUsage();
     for (let b = 0; b < HN / BATCH; b++) {
       const items = Array.from({ length: BATCH }, (_, i) => {
         const id = newMessageId();
@@ -463,6 +464,7 @@ async function benchHttps(
       if (res.statusCode !== 200) throw new Error(`raw POST ${res.statusCode}`);
     }
     const rawRate = HN / ((performance.now() - rawStart) / 1000);
+    const rawCpu = process.cpuUsage(rawCpu0);
     await agent.close();
 
     // Sink path: producer appends into a fsync'ing outbox while the relay drains it through HttpsSink.
@@ -485,6 +487,7 @@ async function benchHttps(
     relay.start();
     const enc = new TextEncoder();
     const start = performance.now();
+    const sinkCpu0 = process.cpuUsage();
     // Four producers appending batches of 100 (as several local programs would): a single serial
     // producer waits one fdatasync per batch and would measure the disk, not the sink path.
     let nextB = 0;
@@ -507,6 +510,7 @@ async function benchHttps(
       await sleep(2);
     }
     const sinkRate = HN / ((performance.now() - start) / 1000);
+    const sinkCpu = process.cpuUsage(sinkCpu0);
     await relay.stop();
     await sink.close();
     await outbox.close();
@@ -518,6 +522,11 @@ async function benchHttps(
       producerOnlyMsgPerS: Math.round(HN / ((producedAt - start) / 1000)),
       ratio: Number((sinkRate / rawRate).toFixed(2)),
       requests: sink.counters.requests,
+      // One process holds client, server (and for the sink path producers + outbox): CPU per message.
+      cpuUsPerMsg: {
+        raw: Math.round((rawCpu.user + rawCpu.system) / HN),
+        sinkPath: Math.round((sinkCpu.user + sinkCpu.system) / HN),
+      },
     };
   } finally {
     server.closeAllConnections();
