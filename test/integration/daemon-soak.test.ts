@@ -1,5 +1,5 @@
 import { readFileSync } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { Agent as HttpAgent, request } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -109,6 +109,8 @@ function slope(points: readonly { x: number; y: number }[]): number {
 /** A minimal Chrome DevTools Protocol client over the inspector WebSocket. */
 async function connectInspector(url: string): Promise<{
   call(method: string, params?: Record<string, unknown>): Promise<unknown>;
+  /** Protocol events (no id), e.g. NodeWorker.attachedToWorker. */
+  on(method: string, handler: (params: Record<string, unknown>) => void): void;
   close(): void;
 }> {
   const ws = new WebSocket(url);
@@ -118,8 +120,16 @@ async function connectInspector(url: string): Promise<{
   });
   let seq = 0;
   const waiting = new Map<number, { resolve(v: unknown): void; reject(e: Error): void }>();
+  const handlers = new Map<string, (params: Record<string, unknown>) => void>();
   ws.addEventListener("message", (ev) => {
-    const msg = JSON.parse(String(ev.data)) as { id?: number; result?: unknown; error?: { message: string } };
+    const msg = JSON.parse(String(ev.data)) as {
+      id?: number;
+      method?: string;
+      params?: Record<string, unknown>;
+      result?: unknown;
+      error?: { message: string };
+    };
+    if (msg.id === undefined && msg.method !== undefined) handlers.get(msg.method)?.(msg.params ?? {});
     const w = msg.id === undefined ? undefined : waiting.get(msg.id);
     if (w === undefined || msg.id === undefined) return;
     waiting.delete(msg.id);
@@ -146,6 +156,9 @@ async function connectInspector(url: string): Promise<{
         });
         ws.send(JSON.stringify({ id, method, params }));
       });
+    },
+    on(method, handler) {
+      handlers.set(method, handler);
     },
     close() {
       ws.close();
@@ -264,9 +277,11 @@ describe("daemon memory soak (built CLI, SoftHSM, registrar, mosquitto mTLS)", (
     if (work !== undefined) await rm(work, { recursive: true, force: true });
   });
 
-  it(
-    `~1.5k msg/s for ${SOAK_S} s: after ${WARMUP_S} s, post-GC heap slope < ${HEAP_SLOPE_BOUND} MiB/min and RSS slope < ${RSS_SLOPE_BOUND} MiB/min, RSS < ${RSS_CEILING_MIB} MiB; every acked id delivered, outbox drained`,
-    async () => {
+  // Both outbox placements: in the event loop (default) and in a worker thread (whose heap the test
+  // collects too, through the inspector's NodeWorker domain: otherwise its sawtooth reads as growth).
+  it.each(["main", "worker"] as const)(
+    `outbox thread %s: ~1.5k msg/s for ${SOAK_S} s: after ${WARMUP_S} s, post-GC heap slope < ${HEAP_SLOPE_BOUND} MiB/min and RSS slope < ${RSS_SLOPE_BOUND} MiB/min, RSS < ${RSS_CEILING_MIB} MiB; every acked id delivered, outbox drained`,
+    async (thread) => {
       const delivered = new Set<string>();
       const client = await mqtt.connectAsync(broker.plainUrl, { protocolVersion: 5, reconnectPeriod: 200 });
       sub = client;
@@ -278,7 +293,15 @@ describe("daemon memory soak (built CLI, SoftHSM, registrar, mosquitto mTLS)", (
 
       // The inspector (loopback, ephemeral port) lets the test force full GCs: the RSS right after a
       // full GC is the retained memory, free of V8's sawtooth (measured: ±60 MiB over ~40 s here).
-      const d = startDaemon(["--config", agentConfig, "run"], {
+      const config = join(work, `agent-${thread}.toml`);
+      await writeFile(
+        config,
+        `${await readFile(agentConfig, "utf8")}\n[relay.outbox]\nthread = "${thread}"\n`,
+        {
+          mode: 0o600,
+        },
+      );
+      const d = startDaemon(["--config", config, "run"], {
         ...env,
         NODE_OPTIONS: "--inspect=127.0.0.1:0",
       });
@@ -289,6 +312,37 @@ describe("daemon memory soak (built CLI, SoftHSM, registrar, mosquitto mTLS)", (
       const wsUrl = /Debugger listening on (ws:\/\/\S+)/.exec(d.stderr())?.[1];
       if (wsUrl === undefined) throw new Error(`no inspector URL on stderr:\n${d.stderr()}`);
       const inspector = await connectInspector(wsUrl);
+      // Worker threads (the outbox worker, SQLite's checkpointer): attach to collect their heaps too.
+      const workers = new Set<string>();
+      let workerSeq = 0;
+      const workerWaiting = new Map<number, (result: unknown) => void>();
+      inspector.on("NodeWorker.attachedToWorker", (p) => workers.add(String(p.sessionId)));
+      inspector.on("NodeWorker.detachedFromWorker", (p) => workers.delete(String(p.sessionId)));
+      inspector.on("NodeWorker.receivedMessageFromWorker", (p) => {
+        const m = JSON.parse(String(p.message)) as { id?: number; result?: unknown };
+        if (m.id !== undefined) workerWaiting.get(m.id)?.(m.result);
+      });
+      await inspector.call("NodeWorker.enable", { waitForDebuggerOnStart: false });
+      const inWorker = (sessionId: string, method: string, params: Record<string, unknown> = {}) =>
+        new Promise<unknown>((resolve, reject) => {
+          const id = ++workerSeq;
+          const t = setTimeout(() => {
+            workerWaiting.delete(id);
+            reject(new Error(`worker ${method} timed out`));
+          }, 30_000);
+          workerWaiting.set(id, (r) => {
+            clearTimeout(t);
+            workerWaiting.delete(id);
+            resolve(r);
+          });
+          void inspector
+            .call("NodeWorker.sendMessageToWorker", {
+              sessionId,
+              message: JSON.stringify({ id, method, params }),
+            })
+            .catch(reject);
+        });
+      const heapUsedOf = (r: unknown): number => Number((r as { result: { value: number } }).result.value);
 
       const samples: { t: number; kib: number }[] = [];
       const postGc: { t: number; kib: number; anon: number; file: number; heapUsed: number }[] = [];
@@ -303,14 +357,28 @@ describe("daemon memory soak (built CLI, SoftHSM, registrar, mosquitto mTLS)", (
         gcBusy = true;
         void (async () => {
           const heapAfterGc = async (): Promise<number> => {
-            await inspector.call("HeapProfiler.collectGarbage");
-            return Number(
-              (
-                (await inspector.call("Runtime.evaluate", {
+            // Every thread's heap: a worker's garbage is as much RSS as the main thread's.
+            let workersHeap = 0;
+            for (const w of [...workers]) {
+              await inWorker(w, "HeapProfiler.collectGarbage");
+              workersHeap += heapUsedOf(
+                await inWorker(w, "Runtime.evaluate", {
                   expression: "process.memoryUsage().heapUsed",
                   returnByValue: true,
-                })) as { result: { value: number } }
-              ).result.value,
+                }),
+              );
+            }
+            await inspector.call("HeapProfiler.collectGarbage");
+            return (
+              workersHeap +
+              Number(
+                (
+                  (await inspector.call("Runtime.evaluate", {
+                    expression: "process.memoryUsage().heapUsed",
+                    returnByValue: true,
+                  })) as { result: { value: number } }
+                ).result.value,
+              )
             );
           };
           // Two full GCs 300 ms apart: the lower heapUsed is the retained floor (the other carries
@@ -410,7 +478,7 @@ describe("daemon memory soak (built CLI, SoftHSM, registrar, mosquitto mTLS)", (
       const maxMiB = mib(Math.max(...samples.map((s) => s.kib)));
       // The figures a reader needs when the bound is revisited.
       console.log(
-        `soak: ${SOAK_S} s, offered ${offered}, acked ${acked.size} (${(acked.size / SOAK_S).toFixed(0)} msg/s), ` +
+        `soak (outbox thread ${thread}, ${workers.size} worker threads collected): ${SOAK_S} s, offered ${offered}, acked ${acked.size} (${(acked.size / SOAK_S).toFixed(0)} msg/s), ` +
           `skipped ticks ${skipped}, delivered ${delivered.size}; max RSS ${maxMiB.toFixed(1)} MiB; ` +
           `slopes after ${WARMUP_S} s (MiB/min): post-GC RSS ${gcSlope.toFixed(2)} (${gcAfter.length} pts), ` +
           `post-GC heapUsed ${heapSlope.toFixed(2)} (Theil–Sen; least squares ${heapSlopeLsq.toFixed(2)}), 1 s RSS ${rawSlope.toFixed(2)} (${after.length} pts)\n` +
@@ -437,6 +505,11 @@ describe("daemon memory soak (built CLI, SoftHSM, registrar, mosquitto mTLS)", (
       expect(gcSlope).toBeLessThan(RSS_SLOPE_BOUND);
       expect(maxMiB).toBeLessThan(RSS_CEILING_MIB);
       expect(d.child.exitCode).toBeNull();
+      d.kill();
+      await d.exited;
+      daemon = undefined;
+      await sub?.endAsync(true);
+      sub = undefined;
     },
     (SOAK_S + 240) * 1000,
   );
