@@ -111,8 +111,8 @@ const ACK_CHUNK = 500;
 const ACK_COALESCE_MS = 4;
 const WAIT_DONE = Object.freeze({ reason: "wait done" });
 /** Bounds of the in-memory tail (see `#tail`): beyond them leases read SQLite, as after a restart. */
-const TAIL_MAX_ROWS = 16_384;
-const TAIL_MAX_BYTES = 8 * 1024 * 1024;
+const TAIL_MAX_ROWS = 4096;
+const TAIL_MAX_BYTES = 2 * 1024 * 1024;
 
 /**
  * A committed row kept in memory for leasing. `pending` mirrors the row's sink bits for the cases a
