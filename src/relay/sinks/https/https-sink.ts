@@ -96,6 +96,7 @@ export class HttpsSink implements Sink {
   #chain: Promise<void> = Promise.resolve();
   /** Bumped when an ordered POST fails: batches queued behind it are handed back, not sent. */
   #failEpoch = 0;
+  readonly #channelParts = new Map<string, string>();
 
   constructor(options: HttpsSinkOptions) {
     const url = new URL(options.url);
@@ -125,16 +126,28 @@ export class HttpsSink implements Sink {
   }
 
   #body(batch: readonly OutboxMessage[]): string {
-    const template = this.#o.topicTemplate ?? "devices/{deviceId}/{channel}";
     const items = batch.map((m) => {
-      const topic = expandTopic(template, { deviceId: this.#o.deviceId, channel: m.channel });
-      const head = `{"id":${JSON.stringify(m.id)},"topic":${JSON.stringify(topic)},"channel":${JSON.stringify(m.channel)},"ts":${m.ts},"content_type":${JSON.stringify(m.contentType)}`;
+      const head = `{"id":${JSON.stringify(m.id)},${this.#channelPart(m.channel)},"ts":${m.ts},"content_type":${JSON.stringify(m.contentType)}`;
+      // A view, not a copy: the payload is only read here.
+      const bytes = Buffer.from(m.payload.buffer, m.payload.byteOffset, m.payload.byteLength);
       // JSON payloads were validated at ingest and are embedded as is; anything else goes base64.
-      if (isJsonContentType(m.contentType))
-        return `${head},"payload":${Buffer.from(m.payload).toString("utf8")}}`;
-      return `${head},"payload_b64":${JSON.stringify(Buffer.from(m.payload).toString("base64"))}}`;
+      if (isJsonContentType(m.contentType)) return `${head},"payload":${bytes.toString("utf8")}}`;
+      return `${head},"payload_b64":"${bytes.toString("base64")}"}`;
     });
     return `{"messages":[${items.join(",")}]}`;
+  }
+
+  /** `"topic":…,"channel":…` per channel, cached (channels are few; bounded like the MQTT sink's). */
+  #channelPart(channel: string): string {
+    let part = this.#channelParts.get(channel);
+    if (part === undefined) {
+      const template = this.#o.topicTemplate ?? "devices/{deviceId}/{channel}";
+      const topic = expandTopic(template, { deviceId: this.#o.deviceId, channel });
+      part = `"topic":${JSON.stringify(topic)},"channel":${JSON.stringify(channel)}`;
+      if (this.#channelParts.size >= 4096) this.#channelParts.clear();
+      this.#channelParts.set(channel, part);
+    }
+    return part;
   }
 
   /** JSON + gzip of a batch; undefined (logged) when it cannot be encoded. Never rejects. */
