@@ -180,6 +180,8 @@ async function main(): Promise<void> {
     });
     const rawStart = performance.now();
     const rawCpu0 = process.cpuUsage();
+    const brokerPid = broker.pid ?? 0;
+    const rawBroker0 = procCpuSeconds(brokerPid);
     await new Promise<void>((resolve, reject) => {
       let sent = 0;
       let inflight = 0;
@@ -209,6 +211,7 @@ async function main(): Promise<void> {
     await waitCount("devices/dev-bench/raw", N, 60_000);
     const rawRate = N / ((performance.now() - rawStart) / 1000);
     const rawCpu = process.cpuUsage(rawCpu0);
+    const rawBrokerUs = ((procCpuSeconds(brokerPid) - rawBroker0) * 1e6) / N;
     await raw.endAsync();
 
     // ---- 1b. full path through a relay child process --------------------------------------------
@@ -276,6 +279,7 @@ async function main(): Promise<void> {
     const pid = child.pid ?? 0;
     const relayCpu0 = procCpuSeconds(pid);
     const benchCpu0 = process.cpuUsage();
+    const fullBroker0 = procCpuSeconds(brokerPid);
     let nextN = 0;
     await Promise.all(
       Array.from({ length: 8 }, async () => {
@@ -292,6 +296,7 @@ async function main(): Promise<void> {
     const fullRate = N / ((performance.now() - fullStart) / 1000);
     const relayCpuUs = ((procCpuSeconds(pid) - relayCpu0) * 1e6) / N;
     const benchCpu = process.cpuUsage(benchCpu0);
+    const fullBrokerUs = ((procCpuSeconds(brokerPid) - fullBroker0) * 1e6) / N;
     const ingestRate = N / ((ingestDone - fullStart) / 1000);
     results.mqtt = {
       messages: N,
@@ -304,8 +309,10 @@ async function main(): Promise<void> {
       // CPU per message (user + system, every thread): where the difference between the paths goes.
       cpuUsPerMsg: {
         rawPublisherAndSubscriber: Math.round((rawCpu.user + rawCpu.system) / N),
+        rawBroker: Math.round(rawBrokerUs),
         fullPathRelayProcess: Math.round(relayCpuUs),
         fullPathProducerAndSubscriber: Math.round((benchCpu.user + benchCpu.system) / N),
+        fullPathBroker: Math.round(fullBrokerUs),
       },
     };
 

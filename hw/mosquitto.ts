@@ -190,6 +190,8 @@ export interface Mosquitto {
   /** Starts the broker again on the same ports (after `stop`). */
   start(): Promise<void>;
   readonly running: boolean;
+  /** The broker's process id while it runs (benchmarks read its CPU time from /proc). */
+  readonly pid: number | undefined;
   /** Stops the broker and removes the temp dir. */
   cleanup(): Promise<void>;
 }
@@ -302,6 +304,9 @@ export async function startMosquitto(opts: MosquittoOptions = {}): Promise<Mosqu
     dir,
     get running() {
       return proc !== undefined;
+    },
+    get pid() {
+      return proc?.pid;
     },
     async setPassword(user, password) {
       await execa("mosquitto_passwd", ["-b", pwFile, user, password], { timeout: 10_000, stdin: "ignore" });
