@@ -57,7 +57,7 @@ function procCpuSeconds(pid: number): number {
   return (Number(f[11]) + Number(f[12])) / 100;
 }
 
-function post(socketPath: string, body: string): Promise<number> {
+function post(socketPath: string, body: string, agent: HttpAgent | false = producerAgent): Promise<number> {
   return new Promise((resolve, reject) => {
     const req = httpRequest(
       {
@@ -65,7 +65,7 @@ function post(socketPath: string, body: string): Promise<number> {
         path: "/v1/messages",
         method: "POST",
         headers: { "content-type": "application/json", "content-length": Buffer.byteLength(body) },
-        agent: producerAgent,
+        agent,
       },
       (res) => {
         res.resume();
@@ -88,6 +88,7 @@ async function offeredLoad(
   socketPath: string,
   channel: string,
   ms: number,
+  agent: HttpAgent | false = producerAgent,
 ): Promise<{ accepted: number; summary: Record<string, number> }> {
   const lat: number[] = [];
   const intervalMs = (BATCH / 10_000) * 1000;
@@ -100,7 +101,7 @@ async function offeredLoad(
     if (wait > 0) await sleep(wait);
     const sentAt = performance.now();
     pending.push(
-      post(socketPath, batchBody(channel, k * BATCH)).then(
+      post(socketPath, batchBody(channel, k * BATCH), agent).then(
         (s) => {
           if (s === 200) lat.push(performance.now() - sentAt);
           else errors++;
@@ -333,6 +334,10 @@ async function main(): Promise<void> {
       relayLoopDelayP99MaxMs: Number(Math.max(0, ...lagDuring).toFixed(1)),
       benchProcessLoopDelayP99Ms: Number((benchLag.percentile(99) / 1e6).toFixed(1)),
     };
+    // The same load from a producer that opens a new connection per POST (like `m2m-agent send`).
+    const latFresh = await offeredLoad(socketPath, "lat-fresh", 3000, false);
+    await waitCount("devices/dev-bench/lat-fresh", latFresh.accepted, 60_000);
+    results.ingestLatencyNewConnectionPerPost = latFresh.summary;
 
     // ---- 3. backlog drain after an outage --------------------------------------------------------
     // The backlog is produced at 10k msg/s offered while the broker is down: that also measures the
