@@ -280,12 +280,34 @@ for (const f of factories) {
       });
     }
 
-    it("waitForWork resolves on append", async () => {
+    it("waitForWork resolves on append, and stays pending while there is nothing new", async () => {
       const ob = await f.create({ dir: await fresh() });
-      const w = ob.waitForWork("s");
+      expect(await ob.lease("s", 1)).toEqual([]);
+      let woke = false;
+      const w = ob.waitForWork("s").then(() => {
+        woke = true;
+      });
+      await new Promise((r) => setTimeout(r, 50));
+      expect(woke).toBe(false);
       await ob.append([msg("a", 1)]);
       await w;
       expect(await ob.lease("s", 1)).toHaveLength(1);
+      await ob.close();
+    });
+
+    it("a wait that starts after an append it did not see returns at once (no lost wake-up)", async () => {
+      // The relay leases (nothing), then waits. If an append commits in between (the outbox in a
+      // worker thread answers the lease, then handles an append, then the wait), the wait must not
+      // sleep through it: with no further traffic those messages would never be delivered.
+      const ob = await f.create({ dir: await fresh() });
+      expect(await ob.lease("s", 10)).toEqual([]);
+      await ob.append([msg("a", 1)]);
+      const r = await Promise.race([
+        ob.waitForWork("s").then(() => "woke"),
+        new Promise((res) => setTimeout(() => res("slept"), 1000)),
+      ]);
+      expect(r).toBe("woke");
+      expect(await ob.lease("s", 10)).toHaveLength(1);
       await ob.close();
     });
 

@@ -30,6 +30,8 @@ interface SinkState {
   readonly deferred: Map<string, number>;
   readonly attempts: Map<string, number>;
   readonly waiters: Set<() => void>;
+  /** Work may have arrived since the last lease began: a wait starting now returns at once. */
+  pendingWake: boolean;
 }
 
 /**
@@ -56,7 +58,13 @@ export class MemoryOutbox implements Outbox {
     this.#clock = options.clock ?? systemClock;
     this.#limits = { ...defaultOutboxLimits, ...(options.limits ?? {}) };
     for (const s of this.sinks) {
-      this.#state.set(s, { leased: new Set(), deferred: new Map(), attempts: new Map(), waiters: new Set() });
+      this.#state.set(s, {
+        leased: new Set(),
+        deferred: new Map(),
+        attempts: new Map(),
+        waiters: new Set(),
+        pendingWake: true,
+      });
     }
   }
 
@@ -141,6 +149,7 @@ export class MemoryOutbox implements Outbox {
   async lease(sink: string, max: number, options: LeaseOptions = {}): Promise<OutboxMessage[]> {
     this.#check();
     const s = this.#sink(sink);
+    s.pendingWake = false;
     const now = this.#clock.monotonicMs();
     const out: OutboxMessage[] = [];
     const blocked = new Set<string>();
@@ -239,6 +248,7 @@ export class MemoryOutbox implements Outbox {
   #wake(sink?: string): void {
     for (const [name, s] of this.#state) {
       if (sink !== undefined && name !== sink) continue;
+      s.pendingWake = true;
       const ws = [...s.waiters];
       s.waiters.clear();
       for (const w of ws) w();
@@ -247,7 +257,7 @@ export class MemoryOutbox implements Outbox {
 
   waitForWork(sink: string, signal?: AbortSignal): Promise<void> {
     const s = this.#sink(sink);
-    if (this.#closed || signal?.aborted) return Promise.resolve();
+    if (this.#closed || signal?.aborted || s.pendingWake) return Promise.resolve();
     return new Promise<void>((resolve) => {
       const timer = new AbortController();
       const done = (): void => {

@@ -73,6 +73,12 @@ interface SinkState {
   /** Highest seq ever handed out to this sink in this process. */
   highWater: number;
   readonly waiters: Set<() => void>;
+  /**
+   * Work may have arrived since this sink's last lease began (append, nack, retryNow). A wait that
+   * starts after such a wake-up must not sleep through it: with the outbox in a worker thread an
+   * append can commit between the lease's answer and the next waitForWork.
+   */
+  pendingWake: boolean;
 }
 
 type Op =
@@ -423,6 +429,7 @@ export class SqliteOutbox implements Outbox {
           attempts: new Map(),
           highWater: 0,
           waiters: new Set(),
+          pendingWake: true,
         });
       }
       // A sink removed from the configuration no longer holds messages back (rare; one scan).
@@ -963,6 +970,7 @@ export class SqliteOutbox implements Outbox {
   async lease(sink: string, max: number, options: LeaseOptions = {}): Promise<OutboxMessage[]> {
     this.#checkOpen();
     const s = this.#sink(sink);
+    s.pendingWake = false;
     const now = this.#clock.monotonicMs();
     if (s.deferred.size === 0 && s.highWater + 1 >= this.#tailStart) return this.#leaseTail(s, max, options);
     let from = s.highWater + 1;
@@ -1072,6 +1080,7 @@ export class SqliteOutbox implements Outbox {
   #wake(sink?: string): void {
     for (const [name, s] of this.#state) {
       if (sink !== undefined && name !== sink) continue;
+      s.pendingWake = true;
       const ws = [...s.waiters];
       s.waiters.clear();
       for (const w of ws) w();
@@ -1080,7 +1089,7 @@ export class SqliteOutbox implements Outbox {
 
   waitForWork(sink: string, signal?: AbortSignal): Promise<void> {
     const s = this.#sink(sink);
-    if (this.#closed || signal?.aborted) return Promise.resolve();
+    if (this.#closed || signal?.aborted || s.pendingWake) return Promise.resolve();
     return new Promise<void>((resolve) => {
       let timerAbort: AbortController | undefined;
       const done = (): void => {
