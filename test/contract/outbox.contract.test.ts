@@ -6,7 +6,7 @@ import { ManualClock } from "../../src/core/clock.js";
 import { isM2mError } from "../../src/core/errors.js";
 import { MemoryOutbox } from "../../src/relay/outbox/memory/memory-outbox.js";
 import type { NewMessage, Outbox, OutboxLimits } from "../../src/relay/outbox/outbox.js";
-import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
+import { SqliteOutbox, type SqliteOutboxOptions } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { WorkerOutbox } from "../../src/relay/outbox/worker/worker-outbox.js";
 import { outboxWorkerUrl } from "./outbox-worker-bundle.js";
 
@@ -35,6 +35,27 @@ const msg = (channel: string, n: number | string): NewMessage => ({
 });
 const text = (p: Uint8Array): string => new TextDecoder().decode(p);
 
+/** The SQLite outbox in one of its durability modes (the contract must hold in each). */
+function sqliteFactory(
+  name: string,
+  mode: Pick<SqliteOutboxOptions, "fsyncMode" | "synchronous">,
+): OutboxFactory {
+  return {
+    name,
+    durable: true,
+    manualClock: true,
+    create: ({ dir, sinks, limits, clock }) =>
+      SqliteOutbox.open({
+        path: join(dir, "outbox.db"),
+        sinks: sinks ?? ["s"],
+        ...mode,
+        ...(limits === undefined ? {} : { limits }),
+        ...(clock === undefined ? {} : { clock }),
+        ttlCheckMs: 0,
+      }),
+  };
+}
+
 const factories: OutboxFactory[] = [
   {
     name: "memory",
@@ -47,47 +68,9 @@ const factories: OutboxFactory[] = [
         ...(clock === undefined ? {} : { clock }),
       }),
   },
-  {
-    name: "sqlite (synchronous=FULL via async WAL fdatasync, default)",
-    durable: true,
-    manualClock: true,
-    create: ({ dir, sinks, limits, clock }) =>
-      SqliteOutbox.open({
-        path: join(dir, "outbox.db"),
-        sinks: sinks ?? ["s"],
-        ...(limits === undefined ? {} : { limits }),
-        ...(clock === undefined ? {} : { clock }),
-        ttlCheckMs: 0,
-      }),
-  },
-  {
-    name: "sqlite (synchronous=FULL, inline fsync)",
-    durable: true,
-    manualClock: true,
-    create: ({ dir, sinks, limits, clock }) =>
-      SqliteOutbox.open({
-        path: join(dir, "outbox.db"),
-        sinks: sinks ?? ["s"],
-        fsyncMode: "inline",
-        ...(limits === undefined ? {} : { limits }),
-        ...(clock === undefined ? {} : { clock }),
-        ttlCheckMs: 0,
-      }),
-  },
-  {
-    name: "sqlite (synchronous=NORMAL)",
-    durable: true,
-    manualClock: true,
-    create: ({ dir, sinks, limits, clock }) =>
-      SqliteOutbox.open({
-        path: join(dir, "outbox.db"),
-        sinks: sinks ?? ["s"],
-        synchronous: "NORMAL",
-        ...(limits === undefined ? {} : { limits }),
-        ...(clock === undefined ? {} : { clock }),
-        ttlCheckMs: 0,
-      }),
-  },
+  sqliteFactory("sqlite (synchronous=FULL via async WAL fdatasync, default)", {}),
+  sqliteFactory("sqlite (synchronous=FULL, inline fsync)", { fsyncMode: "inline" }),
+  sqliteFactory("sqlite (synchronous=NORMAL)", { synchronous: "NORMAL" }),
   {
     name: "worker (SqliteOutbox in a worker thread, default fsync mode)",
     durable: true,
