@@ -12,6 +12,7 @@ import {
   type OutboxMessage,
   type OutboxStats,
 } from "../outbox.js";
+import { newWakeState, type WakeState, waitForWake, wake } from "../wake.js";
 
 interface Row {
   readonly seq: number;
@@ -25,13 +26,10 @@ interface Row {
   readonly pending: Set<string>;
 }
 
-interface SinkState {
+interface SinkState extends WakeState {
   readonly leased: Set<string>;
   readonly deferred: Map<string, number>;
   readonly attempts: Map<string, number>;
-  readonly waiters: Set<() => void>;
-  /** Work may have arrived since the last lease began: a wait starting now returns at once. */
-  pendingWake: boolean;
 }
 
 /**
@@ -62,8 +60,7 @@ export class MemoryOutbox implements Outbox {
         leased: new Set(),
         deferred: new Map(),
         attempts: new Map(),
-        waiters: new Set(),
-        pendingWake: true,
+        ...newWakeState(),
       });
     }
   }
@@ -246,33 +243,13 @@ export class MemoryOutbox implements Outbox {
   }
 
   #wake(sink?: string): void {
-    for (const [name, s] of this.#state) {
-      if (sink !== undefined && name !== sink) continue;
-      s.pendingWake = true;
-      const ws = [...s.waiters];
-      s.waiters.clear();
-      for (const w of ws) w();
-    }
+    for (const [name, s] of this.#state) if (sink === undefined || name === sink) wake(s);
   }
 
   waitForWork(sink: string, signal?: AbortSignal): Promise<void> {
     const s = this.#sink(sink);
-    if (this.#closed || signal?.aborted || s.pendingWake) return Promise.resolve();
-    return new Promise<void>((resolve) => {
-      const timer = new AbortController();
-      const done = (): void => {
-        s.waiters.delete(done);
-        timer.abort();
-        signal?.removeEventListener("abort", done);
-        resolve();
-      };
-      s.waiters.add(done);
-      signal?.addEventListener("abort", done, { once: true });
-      const next = Math.min(...s.deferred.values());
-      if (Number.isFinite(next)) {
-        this.#clock.sleep(next - this.#clock.monotonicMs(), timer.signal).then(done, () => undefined);
-      }
-    });
+    if (this.#closed) return Promise.resolve();
+    return waitForWake(s, this.#clock, Math.min(...s.deferred.values()), signal);
   }
 
   stats(): OutboxStats {

@@ -18,6 +18,7 @@ import {
   type OutboxMessage,
   type OutboxStats,
 } from "../outbox.js";
+import { newWakeState, type WakeState, waitForWake, wake } from "../wake.js";
 
 export interface SqliteOutboxOptions {
   /** Database file path (e.g. `/var/lib/m2m-agent/outbox.db`). */
@@ -63,22 +64,15 @@ interface MessageRow {
   pending: number;
 }
 
-interface SinkState {
+interface SinkState extends WakeState {
   readonly bit: number;
   /** id → seq of messages handed out and not yet acked/nacked. */
   readonly leased: Map<string, number>;
   /** id → when it may be leased again (monotonic ms) and its seq/channel (FIFO blocking). */
   readonly deferred: Map<string, { seq: number; channel: string; dueAt: number }>;
   readonly attempts: Map<string, number>;
-  /** Highest seq ever handed out to this sink in this process. */
+  /** Frontier: every row with seq <= highWater is leased, acked, deferred or gone for this sink. */
   highWater: number;
-  readonly waiters: Set<() => void>;
-  /**
-   * Work may have arrived since this sink's last lease began (append, nack, retryNow). A wait that
-   * starts after such a wake-up must not sleep through it: with the outbox in a worker thread an
-   * append can commit between the lease's answer and the next waitForWork.
-   */
-  pendingWake: boolean;
 }
 
 type Op =
@@ -115,7 +109,6 @@ const INSERT_CHUNK = 50;
 const ACK_CHUNK = 500;
 /** Longest an ack waits to share a commit with other acks (an append flushes them at once). */
 const ACK_COALESCE_MS = 4;
-const WAIT_DONE = Object.freeze({ reason: "wait done" });
 /** Bounds of the in-memory tail (see `#tail`): beyond them leases read SQLite, as after a restart. */
 const TAIL_MAX_ROWS = 4096;
 const TAIL_MAX_BYTES = 2 * 1024 * 1024;
@@ -428,8 +421,7 @@ export class SqliteOutbox implements Outbox {
           deferred: new Map(),
           attempts: new Map(),
           highWater: 0,
-          waiters: new Set(),
-          pendingWake: true,
+          ...newWakeState(),
         });
       }
       // A sink removed from the configuration no longer holds messages back (rare; one scan).
@@ -1078,36 +1070,15 @@ export class SqliteOutbox implements Outbox {
   }
 
   #wake(sink?: string): void {
-    for (const [name, s] of this.#state) {
-      if (sink !== undefined && name !== sink) continue;
-      s.pendingWake = true;
-      const ws = [...s.waiters];
-      s.waiters.clear();
-      for (const w of ws) w();
-    }
+    for (const [name, s] of this.#state) if (sink === undefined || name === sink) wake(s);
   }
 
   waitForWork(sink: string, signal?: AbortSignal): Promise<void> {
     const s = this.#sink(sink);
-    if (this.#closed || signal?.aborted || s.pendingWake) return Promise.resolve();
-    return new Promise<void>((resolve) => {
-      let timerAbort: AbortController | undefined;
-      const done = (): void => {
-        s.waiters.delete(done);
-        // A shared reason: no DOMException built per wait (this runs for every idle pump turn).
-        timerAbort?.abort(WAIT_DONE);
-        signal?.removeEventListener("abort", done);
-        resolve();
-      };
-      s.waiters.add(done);
-      signal?.addEventListener("abort", done, { once: true });
-      let nextDue = Number.POSITIVE_INFINITY;
-      for (const d of s.deferred.values()) nextDue = Math.min(nextDue, d.dueAt);
-      if (Number.isFinite(nextDue)) {
-        timerAbort = new AbortController();
-        this.#clock.sleep(nextDue - this.#clock.monotonicMs(), timerAbort.signal).then(done, () => undefined);
-      }
-    });
+    if (this.#closed) return Promise.resolve();
+    let nextDue = Number.POSITIVE_INFINITY;
+    for (const d of s.deferred.values()) nextDue = Math.min(nextDue, d.dueAt);
+    return waitForWake(s, this.#clock, nextDue, signal);
   }
 
   stats(): OutboxStats {
