@@ -1,4 +1,5 @@
 import type { JWK } from "jose";
+import type { ErrorCode } from "../core/error-codes.js";
 
 /** JWS algorithms a device key can produce. ES256 is required of every provider. */
 export type JwsAlgorithm = "ES256" | "RS256" | "PS256";
@@ -50,7 +51,7 @@ export type KeyEvidence =
 export interface KeyHealth {
   readonly ok: boolean;
   /** Stable code of the failure when not ok (same codes as thrown errors). */
-  readonly code?: string;
+  readonly code?: ErrorCode;
   readonly detail: string;
 }
 

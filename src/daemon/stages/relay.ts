@@ -3,7 +3,7 @@ import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentConfig } from "../../config/index.js";
 import { systemClock } from "../../core/clock.js";
-import { asM2mError, M2mError } from "../../core/errors.js";
+import { M2mError } from "../../core/errors.js";
 import { backoffDelay, defaultRetryPolicy } from "../../core/retry.js";
 import type { DpopSigner } from "../../credentials/oauth/token-source.js";
 import type { NewMessage, Outbox, OutboxStats } from "../../relay/outbox/outbox.js";
@@ -11,6 +11,7 @@ import type { RefreshableTokenSource, Sink } from "../../relay/sinks/sink.js";
 import type { MqttSource } from "../../relay/sources/mqtt/mqtt-source.js";
 import type { RelayStack } from "../../relay/stack.js";
 import type { AgentStage, StageContext, StageHandle } from "../compose.js";
+import { healthReasonOf } from "../health.js";
 import { deviceCertPath, pinFileOf, registrarCaPem } from "./credentials.js";
 
 /** Default outbox file inside the state directory. */
@@ -164,7 +165,7 @@ export const relayStage: AgentStage = {
       clockTrusted: () => ctx.clockSanity.check().trusted,
       logger: ctx.log.child({ component: "outbox" }),
       onQuarantine: (movedTo: string) => {
-        ctx.health.set("relay.outbox", `corrupt outbox quarantined to ${movedTo}`);
+        ctx.health.set("relay.outbox", `ERR_OUTBOX_CORRUPT: corrupt outbox quarantined to ${movedTo}`);
         ctx.log.error("outbox quarantined", { movedTo });
       },
     };
@@ -176,7 +177,7 @@ export const relayStage: AgentStage = {
       const { WorkerOutbox } = await import("../../relay/outbox/worker/worker-outbox.js");
       outbox = await WorkerOutbox.open({
         ...outboxOptions,
-        onCrash: (err) => ctx.health.set("relay.outbox", `outbox worker stopped (${err.code})`),
+        onCrash: (err) => ctx.health.set("relay.outbox", `${err.code}: outbox worker stopped`),
       });
     } else {
       const { SqliteOutbox } = await import("../../relay/outbox/sqlite/sqlite-outbox.js");
@@ -202,7 +203,7 @@ export const relayStage: AgentStage = {
           t === undefined
             ? undefined
             : // Stable text (no running duration): the board re-applies only when the reason changes.
-              `sink ${s.name} cannot deliver (${t.code}) for over ${Math.round(unhealthyAfter / 1000)} s`,
+              `${t.code}: sink ${s.name} cannot deliver for over ${Math.round(unhealthyAfter / 1000)} s`,
         );
       }
     };
@@ -231,7 +232,10 @@ export const relayStage: AgentStage = {
         }),
       });
     } else {
-      ctx.health.set("relay.ingest", "local API unavailable: POST /v1/messages is not served");
+      ctx.health.set(
+        "relay.ingest",
+        "ERR_API_UNAVAILABLE: local API unavailable: POST /v1/messages is not served",
+      );
     }
     // Local MQTT source: sensors already publishing to a broker on the gateway.
     const sourceAbort = new AbortController();
@@ -257,7 +261,10 @@ export const relayStage: AgentStage = {
             ctx.health.set("relay.sources.mqtt", undefined);
             return;
           } catch (err) {
-            ctx.health.set("relay.sources.mqtt", `local broker unreachable: ${asM2mError(err).code}`);
+            ctx.health.set(
+              "relay.sources.mqtt",
+              healthReasonOf(err, "local broker unreachable: ", "ERR_MQTT_SOURCE"),
+            );
             const delay = backoffDelay({ ...defaultRetryPolicy, baseMs: 1000, capMs: 30_000 }, attempt);
             try {
               await ctx.clock.sleep(delay, sourceAbort.signal);

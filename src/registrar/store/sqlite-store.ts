@@ -1,7 +1,7 @@
 import { closeSync, constants, mkdirSync, openSync } from "node:fs";
 import { dirname } from "node:path";
 import Database from "better-sqlite3";
-import { M2mError } from "../../core/errors.js";
+import { type ErrorCode, M2mError } from "../../core/errors.js";
 import type { Attributes, EnrolmentMethod } from "../../wire/v1/index.js";
 import type {
   AuditEvent,
@@ -111,7 +111,7 @@ interface DeviceRow {
   revoked_at: number | null;
 }
 
-const refused = (code: string, message: string): M2mError => new M2mError(code, "permanent", message);
+const refused = (code: ErrorCode, message: string): M2mError => new M2mError(code, "permanent", message);
 
 /**
  * SQLite registry (better-sqlite3 12): WAL journal, prepared statements, every decision in a
