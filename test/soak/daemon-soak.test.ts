@@ -9,7 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
 import { fetchStatus } from "../../src/cli/agent/status.js";
-import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
+import { type Daemon, startDaemon } from "../integration/daemon-cli-kit.js";
 import {
   cliEnv,
   createBootstrapToken,
@@ -21,7 +21,7 @@ import {
   setupRegistrar,
   startRegistrarProcess,
   writeAgentToml,
-} from "./e2e-kit.js";
+} from "../integration/e2e-kit.js";
 
 /**
  * Memory soak of the BUILT daemon under steady load: `m2m-agent run` (SoftHSM key, enrolled at the
