@@ -1,4 +1,3 @@
-import { createPublicKey, X509Certificate } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentConfig } from "../../config/index.js";
@@ -8,9 +7,8 @@ import { backoffDelay, defaultRetryPolicy } from "../../core/retry.js";
 import { deviceCertPath } from "../../credentials/est/device-cert.js";
 import type { DpopSigner } from "../../credentials/oauth/token-source.js";
 import { registrarCaPem } from "../../credentials/registrar-ca.js";
-import type { DeviceKeyOwner } from "../../keys/device-key.js";
 import type { NewMessage, Outbox, OutboxStats } from "../../relay/outbox/outbox.js";
-import type { MtlsIdentity } from "../../relay/sinks/mqtt/mqtt-sink.js";
+import { currentIdentity } from "../../relay/sinks/mqtt/device-identity.js";
 import type { RefreshableTokenSource, Sink } from "../../relay/sinks/sink.js";
 import type { MqttSource } from "../../relay/sources/mqtt/mqtt-source.js";
 import type { RelayStack } from "../../relay/stack.js";
@@ -39,28 +37,6 @@ function outboxPath(config: AgentConfig): string {
 /** Config templates say `{device_id}` (snake_case like every key); the relay expands `{deviceId}`. */
 function topicTemplate(t: string): string {
   return t.replaceAll("{device_id}", "{deviceId}");
-}
-
-/**
- * The owner's CURRENT key with the certificate on disk, read at every MQTT connect. A certificate
- * issued for another key is refused (transient: a rotation is between "certificate written" and
- * "key switched" and settles within moments) rather than paired with the wrong key.
- */
-async function currentIdentity(keys: DeviceKeyOwner, certFile: string): Promise<MtlsIdentity> {
-  const key = keys.current;
-  const tls = key.tlsClient;
-  if (tls === undefined)
-    throw new M2mError("ERR_TLS_KEY_UNAVAILABLE", "permanent", "the device key cannot do TLS");
-  const [certPem, info] = await Promise.all([readFile(certFile, "utf8"), keys.info()]);
-  // Security: the broker would see a certificate whose key did not sign the handshake (it fails), or
-  // worse a destroyed key paired with a new certificate; only a matching pair is ever used.
-  if (!new X509Certificate(certPem).publicKey.equals(createPublicKey(info.spkiPem)))
-    throw new M2mError(
-      "ERR_TLS_CERT_KEY_MISMATCH",
-      "transient",
-      "the device certificate is not for the current key yet",
-    );
-  return { certPem, key: tls, keyId: info.thumbprint };
 }
 
 async function buildSinks(
