@@ -70,6 +70,7 @@ export function redactStoreUrl(url: string): string {
 }
 
 function pgCode(err: unknown): string | undefined {
+  if (typeof err !== "object" || err === null) return undefined;
   const c = (err as { code?: unknown }).code;
   return typeof c === "string" && /^[0-9A-Z]{5}$/.test(c) ? c : undefined;
 }
