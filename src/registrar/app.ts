@@ -1,5 +1,6 @@
 import { createPublicKey, type JsonWebKey, randomBytes } from "node:crypto";
 import { appendFileSync, closeSync, fsyncSync, openSync } from "node:fs";
+import { mkdir } from "node:fs/promises";
 import { isAbsolute, join } from "node:path";
 import { jwtVerify } from "jose";
 import { z } from "zod";
@@ -273,6 +274,8 @@ export async function startRegistrarApp(
   const rotation = rotationPolicyFrom(config.sections?.rotation, config.sections?.file);
   const clock = deps.clock ?? systemClock;
   const log = deps.logger ?? silentLogger;
+  // With a database server nothing else creates data_dir (audit log, ingest log, default signing key).
+  await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
   const keySet = await loadSigningKeySet(config);
   const signingKey = keySet.signing;
   // Everything a request depends on is in the store (shared by replicas): jti replay records, the
