@@ -77,7 +77,9 @@ export type JsonStyle =
   | "validUtf8"
   | "loneSurrogateEscape"
   | "trailingGarbage"
-  | "array";
+  | "array"
+  | "hugeNumber"
+  | "numberRespelt";
 export const BAD_UTF8 = [
   [0xff],
   [0x80],
@@ -185,6 +187,20 @@ export function spell(obj: Readonly<Record<string, unknown>>, style: JsonStyle, 
       return utf8(`${text}${[" x", "\u0000", "}", "[]"][arg % 4]}`);
     case "array":
       return utf8(`[${text}]`);
+    case "hugeNumber": {
+      // A JSON number beyond a double parses to Infinity (JSON.stringify cannot write one).
+      const nums = [...text.matchAll(/:(-?\d+(?:\.\d+)?)(?=[,}])/g)];
+      const m = nums[arg % Math.max(1, nums.length)];
+      if (m?.index === undefined) return utf8(text);
+      return utf8(
+        `${text.slice(0, m.index)}:${arg % 2 === 0 ? "1e400" : "-1e400"}${text.slice(m.index + m[0].length)}`,
+      );
+    }
+    case "numberRespelt":
+      // Same values, other spellings: 1772366400 as 1772366400.0, 1.7723664e9, 17723664000E-1.
+      return utf8(
+        text.replace(/:(\d+)(?=[,}])/g, (_m, n: string) => `:${[`${n}.0`, `${n}e0`, `${n}0E-1`][arg % 3]}`),
+      );
   }
 }
 
@@ -339,6 +355,9 @@ const styleArb: fc.Arbitrary<JsonStyle> = mostly<JsonStyle>(
   "loneSurrogateEscape",
   "trailingGarbage",
   "array",
+  "hugeNumber",
+  "hugeNumber",
+  "numberRespelt",
 );
 const b64Arb = fc.oneof(
   { weight: 12, arbitrary: fc.constant(null) },
