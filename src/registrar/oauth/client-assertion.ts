@@ -7,6 +7,7 @@ import {
   isAllowedAlg,
   KEY_HEADER_MEMBERS,
   publicKeyOf,
+  refuseExtensions,
   splitCompact,
   verifyCompactSignature,
 } from "./jws-util.js";
@@ -46,6 +47,7 @@ export async function verifyClientAssertion(
   if (KEY_HEADER_MEMBERS.some((m) => m in header)) {
     throw refusal("ERR_ASSERTION_HEADER_KEY", "invalid_client", "assertion header carries a key");
   }
+  refuseExtensions(header, "ERR_ASSERTION", "invalid_client");
   // Security: a DPoP proof or an access token must not be accepted as a client assertion.
   if (typeof header.typ === "string" && /^(dpop\+jwt|at\+jwt|application\/at\+jwt)$/i.test(header.typ)) {
     throw refusal("ERR_ASSERTION_TYP", "invalid_client", "wrong JWT type for a client assertion");
