@@ -21,6 +21,7 @@ import { ReplayCache } from "./oauth/replay-cache.js";
 import type { AbacRule } from "./oauth/scope-policy.js";
 import { loadOrCreateSigningKey } from "./oauth/signing-key.js";
 import { oauthRoutes, TokenService } from "./oauth/token-service.js";
+import { CrlPublisher, crlRoute, RevocationHook } from "./revocation/index.js";
 import { rotationPolicyFrom, tpmRotationRoutes } from "./rotation/index.js";
 import { type RunningRegistrar, startRegistrar } from "./server.js";
 import type { RegistrarStore } from "./store/index.js";
@@ -218,6 +219,8 @@ export interface RunningRegistrarApp extends RunningRegistrar {
   readonly tokenService: TokenService;
   readonly ingest: LoggingIngestStore | undefined;
   readonly settings: AppSettings;
+  /** The fleet CA's CRL (`GET /v1/crl`, `revocation.crl_file`) and the revocation hook. */
+  readonly crl: CrlPublisher;
 }
 
 /**
@@ -333,16 +336,21 @@ export async function startRegistrarApp(
     ingestStore = new LoggingIngestStore(settings.ingest.logFile);
     ingest = ingestRoutes({
       // Signature, issuer, type and expiry; audience, scope and DPoP binding are checked by the route.
-      verifyAccessToken: async (t) =>
-        (
-          await jwtVerify(t, signingKey.publicKey, {
-            issuer: issuer(),
-            typ: "at+jwt",
-            algorithms: ["ES256"],
-            clockTolerance: 30,
-            currentDate: clock.now(),
-          })
-        ).payload,
+      verifyAccessToken: async (t) => {
+        const { payload } = await jwtVerify(t, signingKey.publicKey, {
+          issuer: issuer(),
+          typ: "at+jwt",
+          algorithms: ["ES256"],
+          clockTolerance: 30,
+          currentDate: clock.now(),
+        });
+        const device = typeof payload.sub === "string" ? await deps.store.getDevice(payload.sub) : undefined;
+        // Security: this resource server shares the registry, so a revoked device's unexpired token
+        // stops working here at once (elsewhere it lasts until `exp`: docs/revocation.md).
+        if (device?.status !== "active")
+          throw new M2mError("ERR_DEVICE_REVOKED", "permanent", "the token's device is not active");
+        return payload;
+      },
       audience: settings.ingest.audience,
       scope: settings.ingest.scope,
       requireDpop: settings.ingest.requireDpop,
@@ -352,11 +360,34 @@ export async function startRegistrarApp(
     }).routes;
   }
 
+  const rv = config.revocation;
+  const hook =
+    rv.hook === undefined
+      ? undefined
+      : new RevocationHook(
+          { command: rv.hook, timeoutMs: rv.hookTimeoutSeconds * 1000 },
+          { clock, log: log.child({ component: "revocation-hook" }) },
+        );
+  const crl = new CrlPublisher({
+    store: deps.store,
+    ca: deps.ca,
+    clock,
+    log: log.child({ component: "crl" }),
+    file: rv.crlFile,
+    validitySeconds: rv.crlValiditySeconds,
+    refreshSeconds: rv.crlRefreshSeconds,
+    checkIntervalMs: rv.checkIntervalMs,
+    hook,
+  });
+  // Before listening: the CRL file exists (a broker's crlfile) before any device is served.
+  await crl.start();
+
   const revoke = selfRevokeRoute({
     store: deps.store,
     clock,
     audiences: () => [`${issuer()}${APP_PATHS.selfRevoke}`, issuer()],
     log,
+    onRevoked: () => crl.trigger(),
   });
 
   // Devices are told where everything is; operator overrides in [endpoints] win.
@@ -364,13 +395,19 @@ export async function startRegistrarApp(
     ...config.endpoints,
   };
   const appConfig: RegistrarConfig = { ...config, endpoints };
-  const running = await startRegistrar(appConfig, {
-    store: deps.store,
-    ca: deps.ca,
-    clock,
-    logger: log,
-    extraRoutes: [...oauth, ...est, ...rotate, ...ingest, revoke],
-  });
+  let running: RunningRegistrar;
+  try {
+    running = await startRegistrar(appConfig, {
+      store: deps.store,
+      ca: deps.ca,
+      clock,
+      logger: log,
+      extraRoutes: [...oauth, ...est, ...rotate, ...ingest, revoke, crlRoute(crl)],
+    });
+  } catch (err) {
+    await crl.close();
+    throw err;
+  }
   if (base === "") base = (config.publicUrl ?? running.url).replace(/\/+$/, "");
   service = makeService(base);
   endpoints.token ??= service.tokenEndpoint;
@@ -384,10 +421,15 @@ export async function startRegistrarApp(
   });
   return {
     ...running,
+    close: async () => {
+      await crl.close();
+      await running.close();
+    },
     issuer: base,
     tokenService: service,
     ingest: ingestStore,
     settings,
+    crl,
   };
 }
 
@@ -401,6 +443,8 @@ export function selfRevokeRoute(deps: {
   readonly clock: Clock;
   readonly audiences: () => readonly string[];
   readonly log: Logger;
+  /** Called after a revocation is committed (the CRL publisher re-checks at once). */
+  readonly onRevoked?: () => Promise<void>;
 }): Route {
   const replay = new ReplayCache();
   return {
@@ -436,6 +480,7 @@ export function selfRevokeRoute(deps: {
       ctx.auditFields({ deviceId });
       const d = deps.store.revokeDevice(deviceId, deps.clock.now());
       deps.log.info("device revoked itself (decommission)", { deviceId });
+      await deps.onRevoked?.();
       return {
         status: 200,
         json: { v: 1, deviceId: d.deviceId, status: d.status, revokedAt: d.revokedAt?.toISOString() },

@@ -16,6 +16,7 @@ import type {
   PlanEnrolment,
   RegistrarStore,
   ReplaceDeviceKey,
+  RevokedCertificate,
   SessionData,
 } from "./store.js";
 
@@ -62,6 +63,18 @@ CREATE TABLE IF NOT EXISTS devices (
   updated_at INTEGER NOT NULL,
   revoked_at INTEGER
 );
+-- Every certificate the fleet CA issued to a device (enrolment, EST renewal, rotation): the CRL lists
+-- those of revoked devices until they expire. Filled from devices.cert_serial for older databases.
+CREATE TABLE IF NOT EXISTS certificates (
+  serial TEXT PRIMARY KEY,
+  device_id TEXT NOT NULL,
+  not_after INTEGER NOT NULL,
+  issued_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS certificates_device ON certificates(device_id);
+CREATE INDEX IF NOT EXISTS devices_status ON devices(status);
+INSERT OR IGNORE INTO certificates (serial, device_id, not_after, issued_at)
+  SELECT cert_serial, device_id, cert_not_after, updated_at FROM devices;
 CREATE TABLE IF NOT EXISTS audit (
   id INTEGER PRIMARY KEY AUTOINCREMENT,
   event TEXT NOT NULL
@@ -182,6 +195,17 @@ export class SqliteRegistrarStore implements RegistrarStore {
       ),
       revokeDevice: db.prepare(
         "UPDATE devices SET status = 'revoked', revoked_at = ?, updated_at = ? WHERE device_id = ? AND status = 'active'",
+      ),
+      insertCert: db.prepare(
+        "INSERT OR IGNORE INTO certificates (serial, device_id, not_after, issued_at) VALUES (?,?,?,?)",
+      ),
+      revokedCerts: db.prepare<
+        [number],
+        { serial: string; device_id: string; not_after: number; revoked_at: number }
+      >(
+        `SELECT c.serial, c.device_id, c.not_after, d.revoked_at FROM devices d
+           JOIN certificates c ON c.device_id = d.device_id
+          WHERE d.status = 'revoked' AND c.not_after > ? ORDER BY c.serial`,
       ),
       insertAudit: db.prepare("INSERT INTO audit (event) VALUES (?)"),
       listAudit: db.prepare<[number], { event: string }>("SELECT event FROM audit ORDER BY id DESC LIMIT ?"),
@@ -332,6 +356,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
           now,
           existing.deviceId,
         );
+        this.#stmt.insertCert.run(input.certSerial, existing.deviceId, input.certNotAfter.getTime(), now);
         return { device: this.#mustGet(existing.deviceId), reenrolled: true };
       }
       if (this.#stmt.getDevice.get(input.deviceId) !== undefined) {
@@ -353,6 +378,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
         now,
         now,
       );
+      this.#stmt.insertCert.run(input.certSerial, input.deviceId, input.certNotAfter.getTime(), now);
       return { device: this.#mustGet(input.deviceId), reenrolled: false };
     });
     return tx.immediate();
@@ -390,7 +416,22 @@ export class SqliteRegistrarStore implements RegistrarStore {
   }
 
   recordCertificate(deviceId: string, cert: { serial: string; notAfter: Date }, at: Date): void {
-    this.#stmt.recordCert.run(cert.serial, cert.notAfter.getTime(), at.getTime(), deviceId);
+    this.#db
+      .transaction(() => {
+        this.#stmt.recordCert.run(cert.serial, cert.notAfter.getTime(), at.getTime(), deviceId);
+        // Why: kept even when the device was revoked meanwhile, so the certificate reaches the CRL.
+        this.#stmt.insertCert.run(cert.serial, deviceId, cert.notAfter.getTime(), at.getTime());
+      })
+      .immediate();
+  }
+
+  async listRevokedCertificates(now: Date): Promise<RevokedCertificate[]> {
+    return this.#stmt.revokedCerts.all(now.getTime()).map((r) => ({
+      serial: r.serial,
+      deviceId: r.device_id,
+      notAfter: new Date(r.not_after),
+      revokedAt: new Date(r.revoked_at),
+    }));
   }
 
   replaceDeviceKey(input: ReplaceDeviceKey): DeviceRecord {
@@ -418,6 +459,12 @@ export class SqliteRegistrarStore implements RegistrarStore {
         input.previousThumbprint,
       ).changes;
       if (changed !== 1) throw refused("ERR_ROTATION_CONFLICT", "the device key changed during the rotation");
+      this.#stmt.insertCert.run(
+        input.certSerial,
+        input.deviceId,
+        input.certNotAfter.getTime(),
+        input.at.getTime(),
+      );
       return this.#mustGet(input.deviceId);
     });
     return tx.immediate();
