@@ -235,7 +235,8 @@ function derInteger(n: bigint): Uint8Array {
 /** Reads the cRLNumber of a CRL (PEM or DER); undefined when it has none or cannot be parsed. */
 export function crlNumberOf(crl: string | Uint8Array): bigint | undefined {
   try {
-    const parsed = new x509.X509Crl(typeof crl === "string" ? crl : Buffer.from(crl));
+    const der = typeof crl === "string" ? pemBody(crl, "X509 CRL") : Buffer.from(crl);
+    const parsed = new x509.X509Crl(der);
     const ext = parsed.extensions.find((e) => e.type === CRL_NUMBER_OID);
     if (ext === undefined) return undefined;
     const v = Buffer.from(ext.value);
@@ -356,9 +357,14 @@ export class FleetCa {
       ],
       entries: input.entries.map((e) => ({ serialNumber: e.serial, revocationDate: e.revokedAt })),
     });
+    const der = Buffer.from(crl.rawData);
     return {
-      der: Buffer.from(crl.rawData),
-      pem: crl.toString("pem"),
+      der,
+      // RFC 7468 label: OpenSSL (and so mosquitto) reads "X509 CRL" only, not @peculiar's "CRL".
+      pem: `-----BEGIN X509 CRL-----\n${der
+        .toString("base64")
+        .replace(/(.{64})/g, "$1\n")
+        .trimEnd()}\n-----END X509 CRL-----\n`,
       crlNumber: input.crlNumber,
       thisUpdate: input.thisUpdate,
       nextUpdate: input.nextUpdate,
