@@ -95,29 +95,33 @@ export class RevocationHook {
       env: hookEnvironment(event),
       // Why: the registrar's own environment may hold secrets (database URL, credentials paths).
       extendEnv: false,
-      timeout: this.#config.timeoutMs,
-      killSignal: "SIGKILL",
       // Own process group, so a timeout kills everything the hook started.
       detached: true,
       stdin: "ignore",
       reject: false,
       maxBuffer: 64 * 1024,
     });
-    const res = await child;
-    if (res.timedOut && child.pid !== undefined) {
+    let timedOut = false;
+    // Our own timer, not execa's `timeout`: that kills only the direct child, and a grandchild
+    // holding stdout open would keep the run (and every later one) waiting.
+    const timer = setTimeout(() => {
+      timedOut = true;
+      if (child.pid === undefined) return;
       try {
         process.kill(-child.pid, "SIGKILL");
       } catch {
         // The group is already gone.
       }
-    }
+    }, this.#config.timeoutMs);
+    const res = await child;
+    clearTimeout(timer);
     const durationMs = Math.round(this.#clock.monotonicMs() - started);
-    const ok = !res.failed && res.exitCode === 0;
+    const ok = !timedOut && !res.failed && res.exitCode === 0;
     const fields = {
       event: event.kind,
       deviceId: event.kind === "revoked" ? event.deviceId : undefined,
       exitCode: res.exitCode,
-      timedOut: res.timedOut,
+      timedOut,
       durationMs,
     };
     if (ok) this.#log.info("revocation hook ran", fields);
@@ -126,6 +130,6 @@ export class RevocationHook {
       const stderr = typeof res.stderr === "string" ? res.stderr.slice(-500) : "";
       this.#log.warn("revocation hook failed", { ...fields, stderr });
     }
-    return { ok, exitCode: res.exitCode, timedOut: res.timedOut, durationMs };
+    return { ok, exitCode: res.exitCode, timedOut, durationMs };
   }
 }
