@@ -44,6 +44,8 @@ export const APP_PATHS = {
 /** Default scopes when `[oauth.roles]` and `[[oauth.rules]]` are both absent: every role gets these. */
 export const DEFAULT_SCOPES = ["telemetry:write", "est"] as const;
 export const DEFAULT_INGEST_AUDIENCE = "urn:m2m:ingest";
+/** Default `oauth.access_token_ttl`. */
+export const DEFAULT_ACCESS_TOKEN_TTL_SECONDS = 300;
 export const DEFAULT_EST_AUDIENCE = "urn:m2m:est";
 export const INGEST_LOG_FILE = "ingest.ndjson";
 
@@ -53,7 +55,10 @@ const oauthSchema = z
   .object({
     /** Issuer identifier: an https origin; default `public_url`, else the listening URL. */
     issuer: z.url().max(2048).optional(),
-    access_token_ttl: z.union([z.string().max(32), z.number()]).default(600),
+    // 5 min: how long a revoked device's token still works at a resource server that does not look
+    // the device up (docs/revocation.md); the agent refreshes before expiry, so it costs one token
+    // request per device per ~4 min.
+    access_token_ttl: z.union([z.string().max(32), z.number()]).default(DEFAULT_ACCESS_TOKEN_TTL_SECONDS),
     /** Extra `aud` values for resource servers elsewhere (API gateway, broker plugin). */
     audiences: z.array(z.string().min(1).max(512)).max(16).default([]),
     require_dpop: z.boolean().default(false),
