@@ -3,9 +3,10 @@ import { realpathSync } from "node:fs";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { Command, CommanderError, Option } from "commander";
+import { systemClock } from "../core/clock.js";
 import { M2mError } from "../core/errors.js";
 import { createLogger } from "../core/log.js";
-import { addEnrolmentGroup, createBootstrapToken } from "../registrar/admin.js";
+import { addEnrolmentGroup, createBootstrapToken, revokeDevice } from "../registrar/admin.js";
 import { startRegistrarApp } from "../registrar/app.js";
 import { caPaths, FleetCa, initCa } from "../registrar/ca/index.js";
 import { loadRegistrarConfig, parseDurationSeconds, REGISTRAR_DB_FILE } from "../registrar/config.js";
@@ -22,6 +23,7 @@ import {
   type RegistrarStore,
   SqliteRegistrarStore,
 } from "../registrar/store/index.js";
+import { CrlPublisher } from "../registrar/revocation/index.js";
 import type { EnrolmentMethod } from "../wire/v1/index.js";
 
 /** Where the CLI writes; tests capture it. */
@@ -119,7 +121,7 @@ export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
       // Migrates first when [store] auto_migrate (default) says so; otherwise refuses an old schema.
       const store = await openRegistrarStore(config);
       try {
-        const ca = await FleetCa.load(config.caDir);
+        const ca = await FleetCa.load(config.caDir, systemClock, { crlUrls: config.revocation.crlUrls });
         const running = await startRegistrarApp(config, { store, ca, logger });
         print(cmd, { url: running.url, issuer: running.issuer }, `m2m-registrar listening on ${running.url}`);
         await (io.stopSignal?.() ??
@@ -283,12 +285,58 @@ export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
       print(cmd, deviceJson(d), JSON.stringify(deviceJson(d), null, 2));
     },
   );
-  storeOptions(devices.command("revoke <deviceId>").description("revoke a device")).action(
-    async (deviceId: string, opts: StoreOpts, cmd: Command) => {
-      const d = await withStore(opts, (s) => s.revokeDevice(deviceId, new Date()));
-      print(cmd, deviceJson(d), `device ${d.deviceId} revoked`);
-    },
-  );
+  storeOptions(
+    devices
+      .command("revoke <deviceId>")
+      .description(
+        "revoke a device: no more tokens or certificates; the running registrar puts its certificates on the CRL and runs the revocation hook",
+      ),
+  ).action(async (deviceId: string, opts: StoreOpts, cmd: Command) => {
+    const d = await withStore(opts, (s) => revokeDevice(s, deviceId));
+    print(
+      cmd,
+      deviceJson(d),
+      `device ${d.deviceId} revoked; the running registrar publishes the CRL and runs the revocation hook within revocation.check_interval_ms`,
+    );
+  });
+
+  program
+    .command("crl")
+    .description(
+      "sign the fleet CA's CRL now and write it to revocation.crl_file (e.g. before a broker's first start)",
+    )
+    .requiredOption("--config <file>", "registrar TOML config")
+    .option("--out <file>", "write here instead of revocation.crl_file")
+    .action(async (opts: { config: string; out?: string }, cmd: Command) => {
+      const config = await loadRegistrarConfig(opts.config);
+      const ca = await FleetCa.load(config.caDir);
+      const file = opts.out ?? config.revocation.crlFile;
+      const published = await withStore({ config: opts.config }, async (store) => {
+        const p = new CrlPublisher({
+          store,
+          ca,
+          clock: systemClock,
+          file,
+          validitySeconds: config.revocation.crlValiditySeconds,
+          refreshSeconds: config.revocation.crlRefreshSeconds,
+          checkIntervalMs: config.revocation.checkIntervalMs,
+        });
+        const c = await p.start();
+        await p.close();
+        return c;
+      });
+      print(
+        cmd,
+        {
+          file,
+          crlNumber: published.crlNumber.toString(),
+          entries: published.entries,
+          thisUpdate: published.thisUpdate.toISOString(),
+          nextUpdate: published.nextUpdate.toISOString(),
+        },
+        `CRL ${published.crlNumber} with ${published.entries} entries written to ${file} (next update ${published.nextUpdate.toISOString()})`,
+      );
+    });
 
   ca.command("paths")
     .description("print the file paths of a CA directory")

@@ -5,7 +5,7 @@ import { M2mError } from "../core/errors.js";
 import { Secret } from "../core/secret.js";
 import { attributesSchema, type EnrolmentMethod } from "../wire/v1/index.js";
 import { hashBootstrapToken } from "./enrolment/pkcs11-route.js";
-import type { BootstrapTokenRecord, EnrolmentGroup, RegistrarStore } from "./store/index.js";
+import type { BootstrapTokenRecord, DeviceRecord, EnrolmentGroup, RegistrarStore } from "./store/index.js";
 
 /**
  * Operator actions shared by the `m2m-registrar` CLI, tests and demos. The store enforces
@@ -80,4 +80,24 @@ export async function createBootstrapToken(
     token: new Secret(value),
     record: { hash, group, expiresAt, createdAt: now, usedAt: undefined, usedBy: undefined },
   };
+}
+
+/**
+ * Revokes a device (operator action). From the commit on, the device gets no token, no certificate
+ * and cannot enrol again; the running registrar lists its unexpired certificates on the CRL and runs
+ * the revocation hook within `revocation.check_interval_ms` (docs/revocation.md).
+ * Idempotent for an already revoked device.
+ * @throws ERR_DEVICE_UNKNOWN
+ */
+export async function revokeDevice(
+  store: RegistrarStore,
+  deviceId: string,
+  clock: Clock = systemClock,
+): Promise<DeviceRecord> {
+  if (!NAME.test(deviceId)) {
+    throw new M2mError("ERR_DEVICE_UNKNOWN", "permanent", "no such device", {
+      hint: "device ids look like dev-<hex>: see `m2m-registrar devices list`",
+    });
+  }
+  return store.revokeDevice(deviceId, clock.now());
 }

@@ -23,6 +23,7 @@ import { type ReplayGuard, StoreReplayGuard } from "./oauth/replay-cache.js";
 import type { AbacRule } from "./oauth/scope-policy.js";
 import { loadSigningKeySet } from "./oauth/signing-key.js";
 import { oauthRoutes, publishedKeyResolver, TokenService } from "./oauth/token-service.js";
+import { CrlPublisher, crlRoute, RevocationHook } from "./revocation/index.js";
 import { rotationPolicyFrom, tpmRotationRoutes } from "./rotation/index.js";
 import { type RunningRegistrar, startRegistrar } from "./server.js";
 import type { RegistrarStore } from "./store/index.js";
@@ -45,6 +46,8 @@ export const APP_PATHS = {
 /** Default scopes when `[oauth.roles]` and `[[oauth.rules]]` are both absent: every role gets these. */
 export const DEFAULT_SCOPES = ["telemetry:write", "est"] as const;
 export const DEFAULT_INGEST_AUDIENCE = "urn:m2m:ingest";
+/** Default `oauth.access_token_ttl`. */
+export const DEFAULT_ACCESS_TOKEN_TTL_SECONDS = 300;
 export const DEFAULT_EST_AUDIENCE = "urn:m2m:est";
 export const INGEST_LOG_FILE = "ingest.ndjson";
 /**
@@ -59,7 +62,10 @@ const oauthSchema = z
   .object({
     /** Issuer identifier: an https origin; default `public_url`, else the listening URL. */
     issuer: z.url().max(2048).optional(),
-    access_token_ttl: z.union([z.string().max(32), z.number()]).default(600),
+    // 5 min: how long a revoked device's token still works at a resource server that does not look
+    // the device up (docs/revocation.md); the agent refreshes before expiry, so it costs one token
+    // request per device per ~4 min.
+    access_token_ttl: z.union([z.string().max(32), z.number()]).default(DEFAULT_ACCESS_TOKEN_TTL_SECONDS),
     /** Extra `aud` values for resource servers elsewhere (API gateway, broker plugin). */
     audiences: z.array(z.string().min(1).max(512)).max(16).default([]),
     require_dpop: z.boolean().default(false),
@@ -259,6 +265,8 @@ export interface RunningRegistrarApp extends RunningRegistrar {
   readonly tokenService: TokenService;
   readonly ingest: LoggingIngestStore | undefined;
   readonly settings: AppSettings;
+  /** The fleet CA's CRL (`GET /v1/crl`, `revocation.crl_file`) and the revocation hook. */
+  readonly crl: CrlPublisher;
 }
 
 /**
@@ -395,16 +403,21 @@ export async function startRegistrarApp(
     ingestStore = new LoggingIngestStore(settings.ingest.logFile, 100_000, deps.store);
     ingest = ingestRoutes({
       // Signature, issuer, type and expiry; audience, scope and DPoP binding are checked by the route.
-      verifyAccessToken: async (t) =>
-        (
-          await jwtVerify(t, publishedKeyResolver(keySet.published), {
-            issuer: issuer(),
-            typ: "at+jwt",
-            algorithms: ["ES256"],
-            clockTolerance: 30,
-            currentDate: clock.now(),
-          })
-        ).payload,
+      verifyAccessToken: async (t) => {
+        const { payload } = await jwtVerify(t, publishedKeyResolver(keySet.published), {
+          issuer: issuer(),
+          typ: "at+jwt",
+          algorithms: ["ES256"],
+          clockTolerance: 30,
+          currentDate: clock.now(),
+        });
+        const device = typeof payload.sub === "string" ? await deps.store.getDevice(payload.sub) : undefined;
+        // Security: this resource server shares the registry, so a revoked device's unexpired token
+        // stops working here at once (elsewhere it lasts until `exp`: docs/revocation.md).
+        if (device?.status !== "active")
+          throw new M2mError("ERR_DEVICE_REVOKED", "permanent", "the token's device is not active");
+        return payload;
+      },
       audience: settings.ingest.audience,
       scope: settings.ingest.scope,
       requireDpop: settings.ingest.requireDpop,
@@ -415,12 +428,35 @@ export async function startRegistrarApp(
     }).routes;
   }
 
+  const rv = config.revocation;
+  const hook =
+    rv.hook === undefined
+      ? undefined
+      : new RevocationHook(
+          { command: rv.hook, timeoutMs: rv.hookTimeoutSeconds * 1000 },
+          { clock, log: log.child({ component: "revocation-hook" }) },
+        );
+  const crl = new CrlPublisher({
+    store: deps.store,
+    ca: deps.ca,
+    clock,
+    log: log.child({ component: "crl" }),
+    file: rv.crlFile,
+    validitySeconds: rv.crlValiditySeconds,
+    refreshSeconds: rv.crlRefreshSeconds,
+    checkIntervalMs: rv.checkIntervalMs,
+    hook,
+  });
+  // Before listening: the CRL file exists (a broker's crlfile) before any device is served.
+  await crl.start();
+
   const revoke = selfRevokeRoute({
     store: deps.store,
     replay: new StoreReplayGuard(deps.store, "revoke|"),
     clock,
     audiences: () => [`${issuer()}${APP_PATHS.selfRevoke}`, issuer()],
     log,
+    onRevoked: () => crl.trigger(),
   });
 
   // Devices are told where everything is; operator overrides in [endpoints] win.
@@ -428,13 +464,19 @@ export async function startRegistrarApp(
     ...config.endpoints,
   };
   const appConfig: RegistrarConfig = { ...config, endpoints };
-  const running = await startRegistrar(appConfig, {
-    store: deps.store,
-    ca: deps.ca,
-    clock,
-    logger: log,
-    extraRoutes: [...oauth, ...est, ...rotate, ...ingest, revoke],
-  });
+  let running: RunningRegistrar;
+  try {
+    running = await startRegistrar(appConfig, {
+      store: deps.store,
+      ca: deps.ca,
+      clock,
+      logger: log,
+      extraRoutes: [...oauth, ...est, ...rotate, ...ingest, revoke, crlRoute(crl)],
+    });
+  } catch (err) {
+    await crl.close();
+    throw err;
+  }
   if (base === "") base = (config.publicUrl ?? running.url).replace(/\/+$/, "");
   service = makeService(base);
   endpoints.token ??= service.tokenEndpoint;
@@ -450,12 +492,14 @@ export async function startRegistrarApp(
     ...running,
     close: async () => {
       directory.close();
+      await crl.close();
       await running.close();
     },
     issuer: base,
     tokenService: service,
     ingest: ingestStore,
     settings,
+    crl,
   };
 }
 
@@ -471,6 +515,8 @@ export function selfRevokeRoute(deps: {
   readonly clock: Clock;
   readonly audiences: () => readonly string[];
   readonly log: Logger;
+  /** Called after a revocation is committed (the CRL publisher re-checks at once). */
+  readonly onRevoked?: () => Promise<void>;
 }): Route {
   const replay = deps.replay;
   return {
@@ -506,6 +552,7 @@ export function selfRevokeRoute(deps: {
       ctx.auditFields({ deviceId });
       const d = await deps.store.revokeDevice(deviceId, deps.clock.now());
       deps.log.info("device revoked itself (decommission)", { deviceId });
+      await deps.onRevoked?.();
       return {
         status: 200,
         json: { v: 1, deviceId: d.deviceId, status: d.status, revokedAt: d.revokedAt?.toISOString() },

@@ -5,6 +5,11 @@ import { z } from "zod";
 import { M2mError } from "../core/errors.js";
 import { Secret } from "../core/secret.js";
 
+/** Default device certificate lifetime (`cert_lifetime`). */
+export const DEFAULT_CERT_LIFETIME_SECONDS = 86_400;
+/** Default CRL file name inside data_dir (`revocation.crl_file`). */
+export const CRL_FILE = "crl.pem";
+
 /** Parses `90s`, `15m`, `24h`, `7d` (or a bare number of seconds) into seconds. */
 export function parseDurationSeconds(text: string | number): number {
   if (typeof text === "number") {
@@ -51,7 +56,9 @@ const fileSchema = z
     ca_dir: z.string().max(4096).optional(),
     public_url: z.url().max(2048).optional(),
     session_ttl: duration.default(120),
-    cert_lifetime: duration.default(7 * 86_400),
+    // 24 h: bounds how long a revoked device's certificate works at a relying party that does not
+    // consume the CRL (see docs/revocation.md); the agent renews at 2/3 of the lifetime.
+    cert_lifetime: duration.default(DEFAULT_CERT_LIFETIME_SECONDS),
     audit_log: z.string().max(4096).optional(),
     trust: z
       .object({
@@ -69,6 +76,32 @@ const fileSchema = z
       })
       .strict()
       .default({}),
+    /** The fleet CA's CRL and the revocation hook (docs/revocation.md). */
+    revocation: z
+      .object({
+        /** PEM CRL written atomically on every change (relative to data_dir). */
+        crl_file: z.string().min(1).max(4096).default(CRL_FILE),
+        /** nextUpdate - thisUpdate. */
+        crl_validity: duration.default(7 * 86_400),
+        /** A CRL older than this is signed again even when nothing changed. */
+        crl_refresh: duration.default(86_400),
+        /** How often the store is polled for revocations made elsewhere (CLI, other replicas). */
+        check_interval_ms: z.number().int().min(100).max(600_000).default(1_000),
+        /** CRL distribution point URLs written into issued device certificates (optional). */
+        crl_urls: z.array(z.url().max(2048)).max(4).default([]),
+        /** argv of a command run on every revocation and CRL update (never through a shell). */
+        hook: z.array(z.string().min(1).max(4096)).min(1).max(64).optional(),
+        hook_timeout: duration.default(10),
+      })
+      .strict()
+      .default({
+        crl_file: CRL_FILE,
+        crl_validity: 7 * 86_400,
+        crl_refresh: 86_400,
+        check_interval_ms: 1_000,
+        crl_urls: [],
+        hook_timeout: 10,
+      }),
     /** Token service, EST and ingest settings: parsed by src/registrar/app.ts (`serve`). */
     oauth: z.record(z.string(), z.unknown()).optional(),
     ingest: z.record(z.string(), z.unknown()).optional(),
@@ -135,6 +168,7 @@ export interface RegistrarConfig {
   readonly store: StoreConfig;
   /** Token signing key files (absolute); undefined signingKey = data_dir/oauth-signing-key.pem. */
   readonly keys: { readonly signingKey: string | undefined; readonly publishedKeys: readonly string[] };
+  readonly revocation: RevocationConfig;
   /** Raw `[oauth]` / `[ingest]` tables (validated by src/registrar/app.ts) and the file they came from. */
   readonly sections?: {
     readonly file: string;
@@ -219,6 +253,18 @@ function storeConfigFrom(
   };
 }
 
+/** `[revocation]`: the CRL and the revocation hook (docs/revocation.md). Paths absolute. */
+export interface RevocationConfig {
+  readonly crlFile: string;
+  readonly crlValiditySeconds: number;
+  readonly crlRefreshSeconds: number;
+  readonly checkIntervalMs: number;
+  readonly crlUrls: readonly string[];
+  /** argv (file first) of the revocation hook; undefined when none is configured. */
+  readonly hook: readonly string[] | undefined;
+  readonly hookTimeoutSeconds: number;
+}
+
 /**
  * Builds a RegistrarConfig from the parsed TOML object. Relative paths resolve against `baseDir`.
  * @throws ERR_CONFIG_INVALID naming the key (never the value).
@@ -241,6 +287,25 @@ export function registrarConfigFrom(
   const c = r.data;
   const abs = (p: string, key = "path"): string => resolveConfigPath(p, baseDir, env, file, key);
   const dataDir = abs(c.data_dir);
+  const rv = c.revocation;
+  if (rv.crl_refresh >= rv.crl_validity) {
+    throw new M2mError(
+      "ERR_CONFIG_INVALID",
+      "permanent",
+      `${file}: invalid value for 'revocation.crl_refresh'`,
+      {
+        details: { file, key: "revocation.crl_refresh" },
+        hint: "crl_refresh must be shorter than crl_validity, or relying parties see an expired CRL",
+      },
+    );
+  }
+  const hook = rv.hook;
+  if (hook !== undefined && !isAbsolute(hook[0] ?? "")) {
+    throw new M2mError("ERR_CONFIG_INVALID", "permanent", `${file}: invalid value for 'revocation.hook'`, {
+      details: { file, key: "revocation.hook" },
+      hint: "the hook's first element must be an absolute path to an executable (it is run without a shell)",
+    });
+  }
   let tls: RegistrarConfig["tls"];
   if (c.tls.insecure_http) {
     tls = { kind: "insecure-http" };
@@ -271,6 +336,16 @@ export function registrarConfigFrom(
     keys: {
       signingKey: c.keys.signing_key === undefined ? undefined : abs(c.keys.signing_key, "keys.signing_key"),
       publishedKeys: c.keys.published_keys.map((k) => abs(k, "keys.published_keys")),
+    },
+    revocation: {
+      // Relative to data_dir, like the database (not to the config file's folder).
+      crlFile: isAbsolute(rv.crl_file) ? rv.crl_file : join(dataDir, rv.crl_file),
+      crlValiditySeconds: rv.crl_validity,
+      crlRefreshSeconds: rv.crl_refresh,
+      checkIntervalMs: rv.check_interval_ms,
+      crlUrls: rv.crl_urls,
+      hook,
+      hookTimeoutSeconds: rv.hook_timeout,
     },
     sections: { file, oauth: c.oauth, ingest: c.ingest, rotation: c.rotation },
   };

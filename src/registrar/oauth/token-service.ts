@@ -28,7 +28,7 @@ export interface TokenServiceConfig {
   readonly jwksUri?: string;
   /** `aud` of issued access tokens (the resource servers). */
   readonly audiences: readonly string[];
-  /** Access-token lifetime, seconds (default 600). */
+  /** Access-token lifetime, seconds (default 300, as `oauth.access_token_ttl`). */
   readonly accessTokenTtlSec?: number;
   readonly scopes: ScopePolicyConfig;
   /** Refuse token requests without a DPoP proof. */
@@ -180,7 +180,7 @@ export class TokenService {
     const granted = this.#policy.grant(form.get("scope") ?? undefined, device.role, device.attributes);
     if (granted === undefined)
       throw refusal("ERR_TOKEN_SCOPE", "invalid_scope", "no requested scope is allowed");
-    const ttl = this.#config.accessTokenTtlSec ?? 600;
+    const ttl = this.#config.accessTokenTtlSec ?? 300;
     const now = clock.nowSeconds();
     const aud = this.#config.audiences.length === 1 ? this.#config.audiences[0] : [...this.#config.audiences];
     const claims: Record<string, unknown> = {

@@ -92,6 +92,29 @@ CREATE INDEX rotation_sessions_device ON rotation_sessions (device_id);
 CREATE TABLE shared_secrets (name TEXT PRIMARY KEY, value BYTEA NOT NULL, created_at BIGINT NOT NULL);
 `,
   },
+  {
+    version: 3,
+    name: "revocation: every certificate issued to a device, for the CRL",
+    // Filled from devices.cert_serial for databases that predate this table.
+    sqlite: `
+CREATE TABLE certificates (
+  serial TEXT PRIMARY KEY, device_id TEXT NOT NULL, not_after INTEGER NOT NULL, issued_at INTEGER NOT NULL
+);
+CREATE INDEX certificates_device ON certificates (device_id);
+CREATE INDEX IF NOT EXISTS devices_status ON devices (status);
+INSERT OR IGNORE INTO certificates (serial, device_id, not_after, issued_at)
+  SELECT cert_serial, device_id, cert_not_after, updated_at FROM devices;
+`,
+    postgres: `
+CREATE TABLE certificates (
+  serial TEXT PRIMARY KEY, device_id TEXT NOT NULL, not_after BIGINT NOT NULL, issued_at BIGINT NOT NULL
+);
+CREATE INDEX certificates_device ON certificates (device_id);
+CREATE INDEX devices_status ON devices (status);
+INSERT INTO certificates (serial, device_id, not_after, issued_at)
+  SELECT cert_serial, device_id, cert_not_after, updated_at FROM devices ON CONFLICT (serial) DO NOTHING;
+`,
+  },
 ];
 
 /** The schema version this build of the registrar expects. */

@@ -27,6 +27,7 @@ import type {
   NewEnrolmentSession,
   PlanEnrolment,
   RegistrarStore,
+  RevokedCertificate,
   ReplaceDeviceKey,
   RotationSessionRecord,
 } from "./store.js";
@@ -98,6 +99,9 @@ function storeError(err: unknown): M2mError {
  * the same typed error the SQLite store gives, so concurrent replicas resolve in the database.
  * Device changes are announced with NOTIFY (channel `m2m_device`) in the same transaction.
  */
+const INSERT_CERT =
+  "INSERT INTO certificates (serial, device_id, not_after, issued_at) VALUES ($1, $2, $3, $4) ON CONFLICT (serial) DO NOTHING";
+
 export class PgRegistrarStore implements RegistrarStore {
   readonly #pool: pg.Pool;
   readonly #config: pg.ClientConfig;
@@ -368,6 +372,7 @@ export class PgRegistrarStore implements RegistrarStore {
           const row = r.rows[0];
           // Security: revoked between the match and the update (cannot happen under FOR UPDATE; belt and braces).
           if (row === undefined) throw refused("ERR_DEVICE_REVOKED", "the device is revoked");
+          await c.query(INSERT_CERT, [input.certSerial, existing.deviceId, input.certNotAfter.getTime(), now]);
           await c.query("SELECT pg_notify($1, $2)", [DEVICE_CHANNEL, existing.deviceId]);
           return { device: deviceOf(row), reenrolled: true };
         }
@@ -396,6 +401,7 @@ export class PgRegistrarStore implements RegistrarStore {
         const row = r.rows[0];
         if (row === undefined)
           throw new M2mError("ERR_INTERNAL", "permanent", "device insert returned nothing");
+        await c.query(INSERT_CERT, [input.certSerial, input.deviceId, input.certNotAfter.getTime(), now]);
         return { device: deviceOf(row), reenrolled: false };
       });
     } catch (err) {
@@ -424,10 +430,29 @@ export class PgRegistrarStore implements RegistrarStore {
     cert: { serial: string; notAfter: Date },
     at: Date,
   ): Promise<void> {
-    await this.#q(
-      "UPDATE devices SET cert_serial = $1, cert_not_after = $2, updated_at = $3 WHERE device_id = $4 AND status = 'active'",
-      [cert.serial, cert.notAfter.getTime(), at.getTime(), deviceId],
+    await this.#tx(async (c) => {
+      await c.query(
+        "UPDATE devices SET cert_serial = $1, cert_not_after = $2, updated_at = $3 WHERE device_id = $4 AND status = 'active'",
+        [cert.serial, cert.notAfter.getTime(), at.getTime(), deviceId],
+      );
+      // Why: kept even when the device was revoked meanwhile, so the certificate reaches the CRL.
+      await c.query(INSERT_CERT, [cert.serial, deviceId, cert.notAfter.getTime(), at.getTime()]);
+    });
+  }
+
+  async listRevokedCertificates(now: Date): Promise<RevokedCertificate[]> {
+    const r = await this.#q<{ serial: string; device_id: string; not_after: string; revoked_at: string }>(
+      `SELECT c.serial, c.device_id, c.not_after, d.revoked_at FROM devices d
+         JOIN certificates c ON c.device_id = d.device_id
+        WHERE d.status = 'revoked' AND c.not_after > $1 ORDER BY c.serial`,
+      [now.getTime()],
     );
+    return r.rows.map((x) => ({
+      serial: x.serial,
+      deviceId: x.device_id,
+      notAfter: new Date(Number(x.not_after)),
+      revokedAt: new Date(Number(x.revoked_at)),
+    }));
   }
 
   async replaceDeviceKey(input: ReplaceDeviceKey): Promise<DeviceRecord> {
@@ -463,6 +488,12 @@ export class PgRegistrarStore implements RegistrarStore {
         const row = r.rows[0];
         if (row === undefined)
           throw refused("ERR_ROTATION_CONFLICT", "the device key changed during the rotation");
+        await c.query(INSERT_CERT, [
+          input.certSerial,
+          input.deviceId,
+          input.certNotAfter.getTime(),
+          input.at.getTime(),
+        ]);
         await c.query("SELECT pg_notify($1, $2)", [DEVICE_CHANNEL, input.deviceId]);
         return deviceOf(row);
       });

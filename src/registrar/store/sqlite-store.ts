@@ -28,6 +28,7 @@ import type {
   PlanEnrolment,
   RegistrarStore,
   ReplaceDeviceKey,
+  RevokedCertificate,
   RotationSessionRecord,
 } from "./store.js";
 
@@ -161,6 +162,17 @@ export class SqliteRegistrarStore implements RegistrarStore {
         "INSERT INTO shared_secrets (name, value, created_at) VALUES (?,?,?) ON CONFLICT (name) DO NOTHING",
       ),
       getSecret: db.prepare<[string], { value: Buffer }>("SELECT value FROM shared_secrets WHERE name = ?"),
+      insertCert: db.prepare(
+        "INSERT OR IGNORE INTO certificates (serial, device_id, not_after, issued_at) VALUES (?,?,?,?)",
+      ),
+      revokedCerts: db.prepare<
+        [number],
+        { serial: string; device_id: string; not_after: number; revoked_at: number }
+      >(
+        `SELECT c.serial, c.device_id, c.not_after, d.revoked_at FROM devices d
+           JOIN certificates c ON c.device_id = d.device_id
+          WHERE d.status = 'revoked' AND c.not_after > ? ORDER BY c.serial`,
+      ),
       insertAudit: db.prepare("INSERT INTO audit (event) VALUES (?)"),
       listAudit: db.prepare<[number], { event: string }>("SELECT event FROM audit ORDER BY id DESC LIMIT ?"),
     };
@@ -388,6 +400,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
           now,
           existing.deviceId,
         );
+        this.#stmt.insertCert.run(input.certSerial, existing.deviceId, input.certNotAfter.getTime(), now);
         return { device: this.#mustGet(existing.deviceId), reenrolled: true };
       }
       if (this.#stmt.getDevice.get(input.deviceId) !== undefined) {
@@ -409,6 +422,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
         now,
         now,
       );
+      this.#stmt.insertCert.run(input.certSerial, input.deviceId, input.certNotAfter.getTime(), now);
       return { device: this.#mustGet(input.deviceId), reenrolled: false };
     });
     const result = tx.immediate();
@@ -456,7 +470,22 @@ export class SqliteRegistrarStore implements RegistrarStore {
     cert: { serial: string; notAfter: Date },
     at: Date,
   ): Promise<void> {
-    this.#stmt.recordCert.run(cert.serial, cert.notAfter.getTime(), at.getTime(), deviceId);
+    this.#db
+      .transaction(() => {
+        this.#stmt.recordCert.run(cert.serial, cert.notAfter.getTime(), at.getTime(), deviceId);
+        // Why: kept even when the device was revoked meanwhile, so the certificate reaches the CRL.
+        this.#stmt.insertCert.run(cert.serial, deviceId, cert.notAfter.getTime(), at.getTime());
+      })
+      .immediate();
+  }
+
+  async listRevokedCertificates(now: Date): Promise<RevokedCertificate[]> {
+    return this.#stmt.revokedCerts.all(now.getTime()).map((r) => ({
+      serial: r.serial,
+      deviceId: r.device_id,
+      notAfter: new Date(r.not_after),
+      revokedAt: new Date(r.revoked_at),
+    }));
   }
 
   async replaceDeviceKey(input: ReplaceDeviceKey): Promise<DeviceRecord> {
@@ -484,6 +513,12 @@ export class SqliteRegistrarStore implements RegistrarStore {
         input.previousThumbprint,
       ).changes;
       if (changed !== 1) throw refused("ERR_ROTATION_CONFLICT", "the device key changed during the rotation");
+      this.#stmt.insertCert.run(
+        input.certSerial,
+        input.deviceId,
+        input.certNotAfter.getTime(),
+        input.at.getTime(),
+      );
       return this.#mustGet(input.deviceId);
     });
     const d = tx.immediate();

@@ -48,8 +48,17 @@ export interface RegistrarStore {
   planEnrolment(input: PlanEnrolment): Promise<{ deviceId: string; existing: boolean }>;
   /** @throws ERR_DEVICE_UNKNOWN. Idempotent for an already revoked device. */
   revokeDevice(deviceId: string, at: Date): Promise<DeviceRecord>;
-  /** Records a certificate issued outside enrolment (EST renewal) for an active device. */
+  /**
+   * Records a certificate issued outside enrolment (EST renewal). The device record shows it only
+   * while the device is active; the serial is kept in the issued-certificate list in every case, so
+   * a certificate issued in a race with a revocation still reaches the CRL.
+   */
   recordCertificate(deviceId: string, cert: { serial: string; notAfter: Date }, at: Date): Promise<void>;
+  /**
+   * Every certificate issued to a revoked device that has not expired at `now` (enrolment, EST
+   * renewals and rotations alike): the entries of the fleet CA's CRL. Ordered by serial.
+   */
+  listRevokedCertificates(now: Date): Promise<RevokedCertificate[]>;
   /**
    * Key rotation: replaces an active device's key (JWK, thumbprint, evidence) and records the
    * certificate issued for the new key, in one transaction, only if the device still has the key
@@ -225,6 +234,15 @@ export interface ReplaceDeviceKey {
   readonly certSerial: string;
   readonly certNotAfter: Date;
   readonly at: Date;
+}
+
+/** One CRL entry: a certificate issued to a revoked device, not yet expired. */
+export interface RevokedCertificate {
+  /** Hex serial, as issued (`randomSerial`). */
+  readonly serial: string;
+  readonly deviceId: string;
+  readonly notAfter: Date;
+  readonly revokedAt: Date;
 }
 
 export interface AuditEvent {
