@@ -5,6 +5,8 @@ import { defineConfig } from "vitest/config";
 export default defineConfig({
   test: {
     include: ["test/**/*.test.ts"],
+    // The system tier boots a Debian root under systemd: `npm run test:system` (.ci/run calls it).
+    exclude: ["test/system/**", "node_modules/**"],
     testTimeout: 60_000,
     hookTimeout: 120_000,
     // swtpm has no resource manager and the machine has 2 cores: hardware-touching files run one at a time.

@@ -31,6 +31,13 @@ npm run build --silent
 APP=$WORK/app
 mkdir -p "$APP"
 cp package.json package-lock.json "$APP/"
+# Compiling the addons takes minutes on a small machine: the pruned tree is cached, keyed by the
+# lockfile, the prune rules (bump prune1 when they change), the Node version and the architecture (M2M_DEB_CACHE=off disables it).
+CACHE_DIR=${M2M_DEB_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/m2m-agent-deb}
+KEY=$(sha256sum <package-lock.json | cut -c1-16)-prune1-node$(node -p process.version)-$ARCH
+if [ "$CACHE_DIR" != off ] && [ -s "$CACHE_DIR/node_modules-$KEY.tar" ]; then
+	tar -C "$APP" -xf "$CACHE_DIR/node_modules-$KEY.tar"
+else
 (cd "$APP" && npm ci --omit=dev --no-audit --no-fund --loglevel=error)
 # Keep only what runs: addon build trees shrink to their .node files; typings, maps, docs and
 # sources of the addons go.
@@ -45,6 +52,12 @@ find "$APP/node_modules" \( -name '*.d.ts' -o -name '*.d.mts' -o -name '*.d.cts'
 	-o -iname 'README*' -o -iname 'CHANGELOG*' -o -iname 'HISTORY*' -o -name '*.markdown' \
 	-o -name '.github' -o -name '*.tsbuildinfo' \) -prune -exec rm -rf {} +
 rm -rf "$APP/node_modules/.bin" "$APP/node_modules/.package-lock.json"
+	if [ "$CACHE_DIR" != off ]; then
+		mkdir -p "$CACHE_DIR"
+		tar -C "$APP" -cf "$CACHE_DIR/node_modules-$KEY.tar.tmp" node_modules
+		mv "$CACHE_DIR/node_modules-$KEY.tar.tmp" "$CACHE_DIR/node_modules-$KEY.tar"
+	fi
+fi
 # Compiled code: src only (no tests, benchmarks or the hw test kit), without source maps.
 mkdir -p "$APP/dist"
 cp -a dist/src "$APP/dist/src"

@@ -46,7 +46,9 @@ describe("service/m2m-agent.service", () => {
     // Once for ExecStartPre (config check), once for ExecStart.
     expect(shipped.stderr.trim()).toBe(
       [1, 2]
-        .map(() => "m2m-agent.service: Command /usr/bin/m2m-agent is not executable: No such file or directory")
+        .map(
+          () => "m2m-agent.service: Command /usr/bin/m2m-agent is not executable: No such file or directory",
+        )
         .join("\n"),
     );
     const copy = await run("systemd-analyze", ["verify", "--man=no", await unitCopy()]);
