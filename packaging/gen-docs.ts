@@ -33,7 +33,8 @@ function esc(text: string): string {
 }
 
 function optionLine(o: Option): string {
-  const def = o.defaultValue === undefined || o.defaultValue === false ? "" : ` (default: ${String(o.defaultValue)})`;
+  const def =
+    o.defaultValue === undefined || o.defaultValue === false ? "" : ` (default: ${String(o.defaultValue)})`;
   return `.TP\n.B ${esc(o.flags)}\n${esc(`${o.description}${def}`)}\n`;
 }
 
@@ -50,7 +51,9 @@ function visible(cmd: Command): Command[] {
 function commandSections(cmd: Command): string {
   let out = "";
   for (const sub of visible(cmd)) {
-    const args = sub.registeredArguments.map((a) => (a.required ? `<${a.name()}>` : `[${a.name()}]`)).join(" ");
+    const args = sub.registeredArguments
+      .map((a) => (a.required ? `<${a.name()}>` : `[${a.name()}]`))
+      .join(" ");
     const hasSubs = visible(sub).length > 0;
     out += `.SS ${esc(`${fullName(sub).split(" ").slice(1).join(" ")}${args ? ` ${args}` : ""}${hasSubs ? " <command>" : ""}`)}\n`;
     out += `${esc(sub.description())}\n`;
@@ -95,9 +98,7 @@ export function commandManPage(program: Command, extra: ManExtra): string {
 
 // ── bash completion ─────────────────────────────────────────────────────────
 function flagWords(o: Option): string[] {
-  return o.flags
-    .split(/[ ,|]+/)
-    .filter((w) => w.startsWith("-"));
+  return o.flags.split(/[ ,|]+/).filter((w) => w.startsWith("-"));
 }
 
 /** A completion function keyed by the command path (words that are subcommands). */
@@ -108,7 +109,8 @@ export function bashCompletion(program: Command): string {
   const walk = (cmd: Command, path: string[]): void => {
     const words = [...visible(cmd).map((c) => c.name()), ...cmd.options.flatMap(flagWords), "--help"];
     if (cmd === program) words.push("--version");
-    for (const o of cmd.options) if (o.required || o.optional) for (const w of flagWords(o)) valueFlags.add(w);
+    for (const o of cmd.options)
+      if (o.required || o.optional) for (const w of flagWords(o)) valueFlags.add(w);
     cases.push(`    "${path.join(" ")}") words="${words.join(" ")}" ;;`);
     for (const sub of visible(cmd)) walk(sub, [...path, sub.name()]);
   };
@@ -173,7 +175,8 @@ export interface KeyDoc {
 }
 
 function typeText(s: z.ZodType): string {
-  if (s === secretRefSchema) return 'secret reference: { file = "/path" } | { credential = "NAME" } | { env = "VAR" }';
+  if (s === secretRefSchema)
+    return 'secret reference: { file = "/path" } | { credential = "NAME" } | { env = "VAR" }';
   const d = defOf(s);
   switch (d.type) {
     case "default":
@@ -183,7 +186,9 @@ function typeText(s: z.ZodType): string {
     case "pipe":
       return typeText(d.in as z.ZodType);
     case "enum":
-      return `one of ${Object.values(d.entries ?? {}).map((v) => `"${v}"`).join(", ")}`;
+      return `one of ${Object.values(d.entries ?? {})
+        .map((v) => `"${v}"`)
+        .join(", ")}`;
     case "literal":
       return (d.values ?? []).map((v) => JSON.stringify(v)).join(" | ");
     case "union":
@@ -195,8 +200,12 @@ function typeText(s: z.ZodType): string {
     case "number": {
       const n = s as unknown as { minValue: number | null; maxValue: number | null; isInt: boolean };
       const range = [
-        n.minValue !== null && Number.isFinite(n.minValue) && n.minValue > Number.MIN_SAFE_INTEGER ? `\u2265 ${n.minValue}` : "",
-        n.maxValue !== null && Number.isFinite(n.maxValue) && n.maxValue < Number.MAX_SAFE_INTEGER ? `\u2264 ${n.maxValue}` : "",
+        n.minValue !== null && Number.isFinite(n.minValue) && n.minValue > Number.MIN_SAFE_INTEGER
+          ? `\u2265 ${n.minValue}`
+          : "",
+        n.maxValue !== null && Number.isFinite(n.maxValue) && n.maxValue < Number.MAX_SAFE_INTEGER
+          ? `\u2264 ${n.maxValue}`
+          : "",
       ].filter(Boolean);
       return `${n.isInt ? "integer" : "number"}${range.length ? ` (${range.join(", ")})` : ""}`;
     }
@@ -297,7 +306,7 @@ export function configManPage(keys: readonly KeyDoc[], descriptions: Map<string,
     "Check a configuration with \\fBm2m\\-agent config check\\fR (the unit runs it before every start:",
     "an invalid file, or one still naming the shipped example.com placeholders, leaves the service",
     "stopped with the reason in the journal) and \\fBm2m\\-agent doctor\\fR; apply it with",
-    "\\fBsystemctl reload m2m\\-agent\\fR (settings that cannot change live are logged as \"restart required\").",
+    '\\fBsystemctl reload m2m\\-agent\\fR (settings that cannot change live are logged as "restart required").',
     ".SH KEYS",
     body,
     ".SH SEE ALSO",
@@ -308,8 +317,14 @@ export function configManPage(keys: readonly KeyDoc[], descriptions: Map<string,
 }
 
 const AGENT_FILES: [string, string][] = [
-  ["/etc/m2m-agent/agent.toml", "configuration (conffile), see agent.toml(5); drop-ins in /etc/m2m-agent/agent.d/"],
-  ["/etc/m2m-agent/pin", "PKCS#11 user PIN, passed to the service as the systemd credential pkcs11-pin (0600 root)"],
+  [
+    "/etc/m2m-agent/agent.toml",
+    "configuration (conffile), see agent.toml(5); drop-ins in /etc/m2m-agent/agent.d/",
+  ],
+  [
+    "/etc/m2m-agent/pin",
+    "PKCS#11 user PIN, passed to the service as the systemd credential pkcs11-pin (0600 root)",
+  ],
   ["/etc/m2m-agent/bootstrap-token", "one-time enrolment token, credential bootstrap-token (0600 root)"],
   ["/var/lib/m2m-agent", "state: enrolment (device identity), outbox, audit log; kept on remove, see PURGE"],
   ["/run/m2m-agent/api.sock", "local API (status, send)"],

@@ -35,12 +35,24 @@ function devModes(): Map<string, string> {
 /** Every sysctl a sysctl.d file in the container root names (what systemd-sysctl would write). */
 export function sysctlKeys(root: string): string[] {
   const keys = new Set<string>();
+  for (const line of existsSync(join(root, "etc/sysctl.conf"))
+    ? readFileSync(join(root, "etc/sysctl.conf"), "utf8").split("\n")
+    : []) {
+    const m = /^\s*-?([a-z0-9_.*/-]+)\s*=/.exec(line);
+    if (m?.[1] !== undefined && !m[1].includes("*")) keys.add(m[1]);
+  }
   for (const dir of ["usr/lib/sysctl.d", "lib/sysctl.d", "etc/sysctl.d"]) {
     const d = join(root, dir);
     if (!existsSync(d)) continue;
     for (const f of readdirSync(d)) {
       if (!f.endsWith(".conf")) continue;
-      for (const line of readFileSync(join(d, f), "utf8").split("\n")) {
+      let text: string;
+      try {
+        text = readFileSync(join(d, f), "utf8");
+      } catch {
+        continue; // e.g. 99-sysctl.conf → /etc/sysctl.conf, an absolute link read below inside the root
+      }
+      for (const line of text.split("\n")) {
         const m = /^\s*-?([a-z0-9_.*/-]+)\s*=/.exec(line);
         if (m?.[1] !== undefined && !m[1].includes("*")) keys.add(m[1]);
       }
