@@ -1,7 +1,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { createWriteStream, existsSync, readdirSync, readFileSync, rmdirSync, writeFileSync } from "node:fs";
-import { mkdir, readdir, rm } from "node:fs/promises";
+import { mkdir, mkdtemp, readdir, rename, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { execa } from "execa";
 
@@ -91,12 +91,23 @@ export async function nodejsDeb(): Promise<string> {
     (f) => f.startsWith(`nodejs_${version.replace(/^\d+:/, "")}`) && f.endsWith(".deb"),
   );
   if (hit !== undefined) return join(cacheDir, hit);
-  // dpkg-repack writes into the current directory: run it there.
-  const r = await execa("dpkg-repack", ["nodejs"], { cwd: cacheDir, reject: false, all: true });
-  if (r.exitCode !== 0) throw new Error(`dpkg-repack nodejs: ${String(r.all).slice(-2000)}`);
-  const made = readdirSync(cacheDir).find((f) => f.startsWith("nodejs_") && f.endsWith(".deb"));
-  if (made === undefined) throw new Error("dpkg-repack produced no nodejs .deb");
-  return join(cacheDir, made);
+  // dpkg-repack writes into the current directory: a scratch one, moved into the cache only when
+  // complete (an interrupted run must not leave a truncated .deb that the next run would reuse).
+  const scratch = await mkdtemp(join(cacheDir, "repack-"));
+  try {
+    const r = await execa("dpkg-repack", ["--deb-option=-Zgzip", "--deb-option=-z1", "nodejs"], {
+      cwd: scratch,
+      reject: false,
+      all: true,
+    });
+    if (r.exitCode !== 0) throw new Error(`dpkg-repack nodejs: ${String(r.all).slice(-2000)}`);
+    const made = readdirSync(scratch).find((f) => f.startsWith("nodejs_") && f.endsWith(".deb"));
+    if (made === undefined) throw new Error("dpkg-repack produced no nodejs .deb");
+    await rename(join(scratch, made), join(cacheDir, made));
+    return join(cacheDir, made);
+  } finally {
+    await rm(scratch, { recursive: true, force: true });
+  }
 }
 
 export interface Container {
