@@ -38,6 +38,17 @@ export interface KeyProviderDeps {
  * Builds the configured KeyProvider (dynamic import: only the chosen backend is loaded).
  * @throws ERR_CONFIG for an unsupported provider; backend constructors throw ERR_KEY_CONFIG.
  */
+/**
+ * The TPM key blob dir (see keys.tpm.key_blob_dir): configured, or the default under state_dir when
+ * MQTT uses mTLS with the TPM key (tpm2-pkcs11 needs the blobs of the key it exposes).
+ */
+export function tpmKeyBlobDirOf(config: AgentConfig): { keyBlobDir?: string } {
+  const dir =
+    config.keys.tpm.key_blob_dir ??
+    (config.relay.mqtt?.auth === "mtls-tpm" ? join(config.agent.state_dir, "tpm-key-blobs") : undefined);
+  return dir === undefined ? {} : { keyBlobDir: dir };
+}
+
 export async function keyProviderFromConfig(
   config: AgentConfig,
   deps: KeyProviderDeps,
@@ -63,6 +74,7 @@ export async function keyProviderFromConfig(
         algorithm: k.tpm.algorithm,
         timeoutMs: k.tpm.timeout_ms,
         ...(deps.clock === undefined ? {} : { clock: deps.clock }),
+        ...tpmKeyBlobDirOf(config),
       });
     }
     case "pkcs11": {

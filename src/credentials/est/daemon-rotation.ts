@@ -75,6 +75,7 @@ export async function daemonKeyRotation(input: DaemonRotationInput): Promise<Dae
       algorithm: k.tpm.algorithm,
       timeoutMs: k.tpm.timeout_ms,
       clock: input.clock,
+      ...(await import("../../daemon/compose.js")).tpmKeyBlobDirOf(config),
     });
     if (input.dpop === undefined)
       throw new M2mError("ERR_CONFIG", "permanent", "TPM key rotation needs DPoP (credentials.oauth.dpop)");

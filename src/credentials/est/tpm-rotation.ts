@@ -191,6 +191,8 @@ export function tpmKeyRotation(
         akHandle: runnerSource.akHandle,
         keyHandle: name,
         algorithm: runnerSource.algorithm,
+        // A rotated-in key keeps its blobs like the first one (TLS through tpm2-pkcs11 needs them).
+        ...(runnerSource.keyBlobDir === undefined ? {} : { keyBlobDir: runnerSource.keyBlobDir }),
       }),
   });
 }

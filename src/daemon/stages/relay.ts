@@ -7,6 +7,7 @@ import { asM2mError, M2mError } from "../../core/errors.js";
 import { backoffDelay, defaultRetryPolicy } from "../../core/retry.js";
 import type { DpopSigner } from "../../credentials/oauth/token-source.js";
 import type { NewMessage, Outbox, OutboxStats } from "../../relay/outbox/outbox.js";
+import type { EngineKeyOptions } from "../../relay/sinks/mqtt/engine-tls.js";
 import type { RefreshableTokenSource, Sink } from "../../relay/sinks/sink.js";
 import type { MqttSource } from "../../relay/sources/mqtt/mqtt-source.js";
 import type { RelayStack } from "../../relay/stack.js";
@@ -116,6 +117,8 @@ async function buildSinks(ctx: StageContext, deviceId: string): Promise<Sink[]> 
           pinFile,
         },
       };
+    } else if (m.auth === "mtls-tpm") {
+      auth = await tpmMtlsAuth(config, deviceCertPath(config));
     } else {
       auth = { kind: "token", username: deviceId, tokens: needTokens("relay.mqtt token auth") };
     }
@@ -133,6 +136,54 @@ async function buildSinks(ctx: StageContext, deviceId: string): Promise<Sink[]> 
     );
   }
   return sinks;
+}
+
+/**
+ * MQTT mTLS with the attested TPM device key (keys/tpm/tls.ts): the current key (the rotation state
+ * names it when rotation is on) is linked into the tpm2-pkcs11 token if it is not yet, and the engine
+ * uses it from there. Needs a resource-manager TCTI and keys.tpm.tls_pin_file.
+ * @throws ERR_CONFIG, ERR_KEY_CONFIG, ERR_KEY_TLS_PROVISION
+ */
+async function tpmMtlsAuth(
+  config: AgentConfig,
+  certFile: string,
+): Promise<{ kind: "mtls-engine"; certPem: () => string; engine: EngineKeyOptions }> {
+  const t = config.keys.tpm;
+  if (config.keys.provider !== "tpm" || t.tls_pin_file === undefined)
+    throw new M2mError(
+      "ERR_CONFIG",
+      "permanent",
+      'relay.mqtt.auth = "mtls-tpm" needs keys.provider = "tpm" and keys.tpm.tls_pin_file',
+    );
+  const { TpmTlsKeys } = await import("../../keys/tpm/tls.js");
+  const { tpmKeyBlobDirOf } = await import("../compose.js");
+  const { ownerPersistentHandle } = await import("../../keys/tpm/tpm-provider.js");
+  const keyHandle =
+    config.credentials.est?.rotate_key === true
+      ? await (await import("../../credentials/est/tpm-rotation.js")).currentTpmKeyHandle(
+          join(config.agent.state_dir, "key-rotation.json"),
+          { keyHandle: t.key_handle, srkHandle: t.srk_handle, akHandle: t.ak_handle },
+        )
+      : ownerPersistentHandle(t.key_handle, "keys.tpm.key_handle");
+  const tls = new TpmTlsKeys({
+    storeDir: t.tls_store_dir ?? join(config.agent.state_dir, "tpm2-pkcs11"),
+    tcti: t.tcti,
+    srkHandle: ownerPersistentHandle(t.srk_handle, "keys.tpm.srk_handle"),
+    userPinFile: t.tls_pin_file,
+  });
+  if (!(await tls.isLinked(keyHandle))) {
+    const dir = tpmKeyBlobDirOf(config).keyBlobDir ?? join(config.agent.state_dir, "tpm-key-blobs");
+    const { hex32 } = await import("../../keys/tpm/transient.js");
+    const base = join(dir, `key-${hex32(keyHandle)}`);
+    await tls.link(keyHandle, { pub: `${base}.pub`, priv: `${base}.priv` });
+  }
+  await readFile(certFile, "utf8"); // fail at start (ERR_*) rather than at the first connect
+  return {
+    kind: "mtls-engine",
+    // Read at each connect: the credentials stage renews this file over EST.
+    certPem: () => readFileSync(certFile, "utf8"),
+    engine: tls.engineOptions(keyHandle),
+  };
 }
 
 /**

@@ -1,5 +1,5 @@
 import { createHash, type KeyObject, constants as nc, verify as nodeVerify } from "node:crypto";
-import { mkdir, readFile } from "node:fs/promises";
+import { mkdir, readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { writeFileAtomic } from "../../core/atomic-file.js";
 import type { Clock } from "../../core/clock.js";
@@ -141,6 +141,11 @@ export class TpmKeyProvider implements KeyProvider {
    * Paths of the key's TPM2B_PUBLIC / TPM2B_PRIVATE kept at creation (see `keyBlobDir`), or undefined
    * when no blob dir is configured. The files may be absent (key created without a blob dir).
    */
+  /** The configured key blob dir (see TpmKeyProviderConfig.keyBlobDir). */
+  get keyBlobDir(): string | undefined {
+    return this.#keyBlobDir;
+  }
+
   get keyBlobPaths(): { pub: string; priv: string } | undefined {
     if (this.#keyBlobDir === undefined) return undefined;
     const base = join(this.#keyBlobDir, `key-${this.#keyHex}`);
@@ -380,6 +385,14 @@ export class TpmKeyProvider implements KeyProvider {
       this.#checkDeviceKey(pub);
       await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", this.#keyHex], { op: "evict-key" });
     });
+    // Security: evicting the persistent object is not enough while its SRK-wrapped private blob exists:
+    // TPM2_Load under the same SRK would bring the key back. The kept blobs go with it (a tpm2-pkcs11
+    // store holding a copy is unlinked by keys/tpm/tls.ts `TpmTlsKeys.unlink`).
+    const blobs = this.keyBlobPaths;
+    if (blobs !== undefined) {
+      await rm(blobs.priv, { force: true });
+      await rm(blobs.pub, { force: true });
+    }
     this.#opened = undefined;
   }
 
