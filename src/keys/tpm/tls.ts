@@ -292,9 +292,23 @@ export class TpmTlsKeys {
     const objs = await this.#objects();
     if (objs === undefined) return;
     const label = tpmTlsKeyLabel(keyHandle);
-    for (const o of objs.filter((x) => x.label === label)) {
+    const gone = objs.filter((x) => x.label === label);
+    for (const o of gone) {
       await this.#ptool(["objdel", `--path=${this.storeDir}`, o.id]);
     }
+    if (gone.length === 0) return;
+    // Security: SQLite only marks deleted rows free; VACUUM rewrites the file so the key's wrapped
+    // private blob does not linger in free pages of the store.
+    const python = this.#cfg.python ?? ptoolPython();
+    await execa(
+      python,
+      [
+        "-c",
+        "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('VACUUM'); c.close()",
+        join(this.storeDir, "tpm2_pkcs11.sqlite3"),
+      ],
+      { timeout: this.#cfg.timeoutMs ?? 60_000, killSignal: "SIGKILL", stdin: "ignore" },
+    );
   }
 
   /** Whether the key at `keyHandle` is linked in the token. */
