@@ -233,6 +233,31 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
     await sub.close();
   }, 60_000);
 
+  it("a destroyed key leaves no copy behind: store objects unlinked (and vacuumed), kept blobs deleted", async () => {
+    const second = new TpmKeyProvider({
+      runner: provider.runner,
+      keyHandle: 0x81000005,
+      keyBlobDir: join(dir, "blobs"),
+    });
+    await second.createOrOpen();
+    const blobs = second.keyBlobPaths;
+    if (blobs === undefined) throw new Error("no blob paths");
+    const privHex = (await readFile(blobs.priv)).toString("hex");
+    await tlsKeys.link(second.keyHandle, blobs);
+    const store = join(dir, "p11", "tpm2_pkcs11.sqlite3");
+    const storeText = async () => (await readFile(store)).toString("latin1");
+    // The store holds the key's wrapped private blob (hex in the object's attributes): the check can see it.
+    expect((await storeText()).includes(privHex.slice(4))).toBe(true);
+    await tlsKeys.unlink(second.keyHandle);
+    expect(await tlsKeys.isLinked(second.keyHandle)).toBe(false);
+    expect(await tlsKeys.isLinked(provider.keyHandle)).toBe(true);
+    expect((await storeText()).includes(privHex.slice(4))).toBe(false);
+    await second.destroy();
+    const { existsSync } = await import("node:fs");
+    expect(existsSync(blobs.priv) || existsSync(blobs.pub)).toBe(false);
+    await second.close();
+  }, 120_000);
+
   // Last: after a lost TPM connection the module in this process cannot recover (hardware notes).
   it("stopping the TPM breaks the next handshake: the TPM really signs", async () => {
     const sink = new MqttSink({
