@@ -1,6 +1,5 @@
 import { X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { join } from "node:path";
 import type { ApiServer } from "../api/server.js";
 import { type AgentConfig, auditLogPath, configKeys } from "../config/index.js";
 import { type Clock, systemClock } from "../core/clock.js";
@@ -8,6 +7,7 @@ import { asM2mError, isM2mError, M2mError } from "../core/errors.js";
 import type { Logger } from "../core/log.js";
 import { backoffDelay, defaultRetryPolicy } from "../core/retry.js";
 import type { EnrolmentState } from "../enroll/state.js";
+import type { DeviceKeyOwner } from "../keys/device-key.js";
 import type { KeyInfo, KeyProvider } from "../keys/key-provider.js";
 import { AnomalyDetector as Anomalies, type AnomalyDetector, AuditLog, type AuditSink } from "./audit.js";
 import { ClockSanity, type ClockVerdict } from "./clock-sanity.js";
@@ -28,93 +28,6 @@ import { agentVersion } from "./version.js";
  * Adding a capability = writing an `AgentStage` and appending it to `STAGES` below.
  */
 
-export interface KeyProviderDeps {
-  readonly log: Logger;
-  readonly clock?: Clock;
-  readonly env?: NodeJS.ProcessEnv;
-}
-
-/**
- * Builds the configured KeyProvider (dynamic import: only the chosen backend is loaded).
- * @throws ERR_CONFIG for an unsupported provider; backend constructors throw ERR_KEY_CONFIG.
- */
-/**
- * The TPM key blob dir (see keys.tpm.key_blob_dir): configured, or the default under state_dir when
- * MQTT uses mTLS with the TPM key (tpm2-pkcs11 needs the blobs of the key it exposes).
- */
-export function tpmKeyBlobDirOf(config: AgentConfig): { keyBlobDir?: string } {
-  const dir =
-    config.keys.tpm.key_blob_dir ??
-    (config.relay.mqtt?.auth === "mtls-tpm" ? join(config.agent.state_dir, "tpm-key-blobs") : undefined);
-  return dir === undefined ? {} : { keyBlobDir: dir };
-}
-
-export async function keyProviderFromConfig(
-  config: AgentConfig,
-  deps: KeyProviderDeps,
-): Promise<KeyProvider> {
-  const k = config.keys;
-  switch (k.provider) {
-    case "tpm": {
-      const { TpmKeyProvider } = await import("../keys/tpm/tpm-provider.js");
-      // With key rotation on, the current key is the one the rotation state names (key_handle or
-      // its alternate, see docs/credentials.md), so a restart after a rotation keeps the new key.
-      const keyHandle =
-        config.credentials.est?.rotate_key === true
-          ? await (await import("../credentials/est/tpm-rotation.js")).currentTpmKeyHandle(
-              join(config.agent.state_dir, "key-rotation.json"),
-              { keyHandle: k.tpm.key_handle, srkHandle: k.tpm.srk_handle, akHandle: k.tpm.ak_handle },
-            )
-          : k.tpm.key_handle;
-      return new TpmKeyProvider({
-        tcti: k.tpm.tcti,
-        srkHandle: k.tpm.srk_handle,
-        keyHandle,
-        akHandle: k.tpm.ak_handle,
-        algorithm: k.tpm.algorithm,
-        timeoutMs: k.tpm.timeout_ms,
-        ...(deps.clock === undefined ? {} : { clock: deps.clock }),
-        ...tpmKeyBlobDirOf(config),
-      });
-    }
-    case "pkcs11": {
-      const p = k.pkcs11;
-      // The schema requires these for provider = "pkcs11"; re-checked here for a precise error.
-      if (p.module === undefined || p.token_label === undefined || p.pin === undefined) {
-        throw new M2mError(
-          "ERR_CONFIG",
-          "permanent",
-          "keys.pkcs11: module, token_label and pin are required",
-        );
-      }
-      const { Pkcs11KeyProvider } = await import("../keys/pkcs11/index.js");
-      // Key rotation alternates key_label and key_label-alt; the rotation state names the current one.
-      const keyLabel =
-        config.credentials.est?.rotate_key === true
-          ? await (await import("../credentials/est/key-rotation.js")).currentRotationName(
-              join(config.agent.state_dir, "key-rotation.json"),
-              [p.key_label, `${p.key_label}-alt`],
-            )
-          : p.key_label;
-      return new Pkcs11KeyProvider({
-        modulePath: p.module,
-        tokenLabel: p.token_label,
-        keyLabel,
-        ...(p.key_id === undefined ? {} : { keyId: p.key_id }),
-        algorithm: p.algorithm,
-        pin: p.pin,
-        logger: deps.log.child({ component: "pkcs11" }),
-        ...(deps.clock === undefined ? {} : { clock: deps.clock }),
-        ...(deps.env === undefined ? {} : { env: deps.env }),
-      });
-    }
-    default: {
-      const never: never = k.provider;
-      throw new M2mError("ERR_CONFIG", "permanent", `keys.provider: unsupported provider ${String(never)}`);
-    }
-  }
-}
-
 /** What stages get: shared services, and a place to publish their own for later stages. */
 export interface StageContext {
   readonly config: AgentConfig;
@@ -129,6 +42,9 @@ export interface StageContext {
   readonly clockSanity: ClockSanity;
   /** The local API (undefined when it could not be started: the agent runs degraded). */
   readonly api: ApiServer | undefined;
+  /** The device key's owner: ask it for the current key (it changes on rotation) and subscribe. */
+  readonly keys: DeviceKeyOwner;
+  /** The key current at stage start (for stages that only need its public facts). */
   readonly key: { readonly provider: KeyProvider; readonly info: KeyInfo };
   readonly enrolment: EnrolmentState | undefined;
   /** Services published by earlier stages (e.g. "tokenSource", "outbox"), by name. */
@@ -259,8 +175,7 @@ export class Agent {
   #auditLog: AuditLog | undefined;
   #api: ApiServer | undefined;
   #metricsServer: MetricsServer | undefined;
-  #provider: KeyProvider | undefined;
-  #rawProvider: KeyProvider | undefined;
+  #keys: DeviceKeyOwner | undefined;
   #keyInfo: KeyInfo | undefined;
   #enrolment: EnrolmentState | undefined;
   #certNotAfter: Date | undefined;
@@ -398,15 +313,26 @@ export class Agent {
   async #bringUp(attempt = 1): Promise<void> {
     const c = this.#config;
     try {
-      if (this.#provider === undefined) {
-        const raw =
-          this.#deps.keyProvider ??
-          (await keyProviderFromConfig(c, { log: this.#log, clock: this.#clock, env: this.#env }));
-        this.#rawProvider = raw;
-        this.#provider = instrumentKeyProvider(raw, this.metrics, this.watch, this.#clock);
+      if (this.#keys === undefined) {
+        const wrap = (p: KeyProvider): KeyProvider =>
+          instrumentKeyProvider(p, this.metrics, this.watch, this.#clock);
+        const { DeviceKeyOwner } = await import("../keys/device-key.js");
+        this.#keys =
+          this.#deps.keyProvider === undefined
+            ? await (await import("../keys/from-config.js")).deviceKeyFromConfig(c, {
+                log: this.#log,
+                clock: this.#clock,
+                env: this.#env,
+                wrap,
+              })
+            : DeviceKeyOwner.fixed(this.#deps.keyProvider, { wrap, clock: this.#clock, log: this.#log });
+        this.#keys.subscribe(({ current }) => {
+          this.#keyInfo = current;
+        });
       }
+      const key = this.#keys.current;
       // Enrolment creates the key on first start; without enrolment the key is made by `keys init`.
-      this.#keyInfo = c.enroll.enabled ? await this.#provider.createOrOpen() : await this.#provider.open();
+      this.#keyInfo = c.enroll.enabled ? await key.createOrOpen() : await key.open();
       if (this.#keyInfo.created)
         await this.#audit.record("key_created", {
           ref: this.#keyInfo.ref,
@@ -449,11 +375,11 @@ export class Agent {
    * retry `#bringUp` in the background, permanent ones leave the agent degraded with the reason.
    */
   async #enrol(attempt: number): Promise<boolean> {
-    if (this.#rawProvider === undefined) return false;
+    if (this.#keys === undefined) return false;
     this.lifecycle.tryDispatch({ type: "enroll" });
     try {
       const { enrolFromConfig } = await import("./stages/enrol.js");
-      const out = await enrolFromConfig(this.#config, this.#rawProvider, {
+      const out = await enrolFromConfig(this.#config, this.#keys.current, {
         log: this.#log,
         clock: this.#clock,
         env: this.#env,
@@ -483,10 +409,11 @@ export class Agent {
 
   /** Re-runs enrolment with `force` (TPM re-attestation); published to stages as "reenrol". */
   async reenrol(): Promise<EnrolmentState> {
-    if (this.#rawProvider === undefined)
+    if (this.#keys === undefined)
       throw new M2mError("ERR_KEY_NOT_FOUND", "transient", "the device key is not open");
     const { enrolFromConfig } = await import("./stages/enrol.js");
-    const out = await enrolFromConfig(this.#config, this.#rawProvider, {
+    // The CURRENT key: after an in-process rotation that is the rotated one.
+    const out = await enrolFromConfig(this.#config, this.#keys.current, {
       log: this.#log,
       clock: this.#clock,
       env: this.#env,
@@ -526,7 +453,7 @@ export class Agent {
   }
 
   async #startStages(): Promise<void> {
-    if (this.#provider === undefined || this.#keyInfo === undefined) return;
+    if (this.#keys === undefined || this.#keyInfo === undefined) return;
     for (const stage of this.#stages) {
       if (!stage.enabled(this.#config)) continue;
       try {
@@ -542,7 +469,8 @@ export class Agent {
           anomalies: this.anomalies,
           clockSanity: this.clockSanity,
           api: this.#api,
-          key: { provider: this.#provider, info: this.#keyInfo },
+          keys: this.#keys,
+          key: { provider: this.#keys.current, info: this.#keyInfo },
           enrolment: this.#enrolment,
           services: this.#services,
         });
@@ -567,11 +495,11 @@ export class Agent {
       version: agentVersion(),
       pid: process.pid,
       uptimeS: Math.round((this.#clock.monotonicMs() - this.#startedMono) / 1000),
-      ...(this.#keyInfo === undefined || this.#provider === undefined
+      ...(this.#keyInfo === undefined || this.#keys === undefined
         ? {}
         : {
             key: {
-              provider: this.#provider.kind,
+              provider: this.#keys.kind,
               ref: this.#keyInfo.ref,
               algorithm: this.#keyInfo.algorithm,
               thumbprint: this.#keyInfo.thumbprint,
@@ -672,7 +600,7 @@ export class Agent {
     clearTimeout(timer);
     await this.#api?.close().catch(() => undefined);
     await this.#metricsServer?.close().catch(() => undefined);
-    await this.#provider?.close().catch(() => undefined);
+    await this.#keys?.close().catch(() => undefined);
     await this.clockSanity.persist().catch(() => false);
     await this.#auditLog?.close().catch(() => undefined);
     this.lifecycle.dispatch({ type: "stopped" });

@@ -1,4 +1,5 @@
 import type { JWK } from "jose";
+import type { TlsClientKey, TpmAttestation } from "./capabilities.js";
 
 /** JWS algorithms a device key can produce. ES256 is required of every provider. */
 export type JwsAlgorithm = "ES256" | "RS256" | "PS256";
@@ -89,4 +90,10 @@ export interface KeyProvider {
 
   /** Releases sessions / processes. The key stays. */
   close(): Promise<void>;
+
+  /** Capability: TPM attestation of this key (EK, AK, certify). Probe for it; never downcast. */
+  readonly attestation?: TpmAttestation | undefined;
+
+  /** Capability: this key can sign TLS client handshakes (mTLS to MQTT brokers and EST). */
+  readonly tlsClient?: TlsClientKey | undefined;
 }

@@ -40,6 +40,16 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
   const PIN = "tpm-user-pin-7319";
   const DEVICE = "dev-tpm";
 
+  /** MQTT mTLS through the key's own `tlsClient` capability (what the daemon's relay stage uses). */
+  const tpmAuth = () => ({
+    kind: "mtls-key" as const,
+    identity: async () => {
+      const key = provider.tlsClient;
+      if (key === undefined) throw new Error("the TPM key offers no tlsClient capability");
+      return { certPem, key, keyId: String(provider.keyHandle) };
+    },
+  });
+
   beforeAll(async () => {
     tpm = await startSwtpm({ resourceManager: "abrmd" });
     // The tabrmd TCTI finds the broker on this bus: tools (runner children) and the module in-process.
@@ -49,7 +59,8 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
     const pinFile = join(dir, "token.pin");
     await writeFile(pinFile, `${PIN}\n`, { mode: 0o600 });
 
-    provider = new TpmKeyProvider({ tcti: tpm.tcti, keyBlobDir: join(dir, "blobs") });
+    tlsKeys = new TpmTlsKeys({ storeDir: join(dir, "p11"), tcti: tpm.tcti, userPinFile: pinFile });
+    provider = new TpmKeyProvider({ tcti: tpm.tcti, keyBlobDir: join(dir, "blobs"), tls: tlsKeys });
     await provider.createOrOpen();
 
     // Enrolment, agent and registrar side (registrar/verifier): what the registrar certifies.
@@ -79,7 +90,6 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
       devicePublic,
     }).deviceKey;
 
-    tlsKeys = new TpmTlsKeys({ storeDir: join(dir, "p11"), tcti: tpm.tcti, userPinFile: pinFile });
     broker = await startMosquitto();
     const publicKeyPem = enrolledKey.export({ format: "pem", type: "spki" }).toString();
     certPem = (await broker.ca.issueClient(DEVICE, { publicKeyPem })).certPem;
@@ -172,7 +182,10 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
     );
     await new Promise<void>((r) => server.listen(0, "127.0.0.1", r));
     const port = (server.address() as { port: number }).port;
-    const ctx = tlsKeys.createSecureContext(provider.keyHandle, { certPem, caPem: ca.caPem });
+    const tlsClient = provider.tlsClient;
+    if (tlsClient === undefined) throw new Error("no tlsClient capability");
+    expect(tlsClient.mechanism).toBe("tpm2-pkcs11-engine");
+    const ctx = await tlsClient.secureContext({ certPem, caPem: ca.caPem });
     for (let i = 0; i < 2; i++) {
       await new Promise<void>((resolve, reject) => {
         const s: TLSSocket = connect({
@@ -200,7 +213,7 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
     const sink = new MqttSink({
       urls: [broker.mtlsUrl],
       caPem: broker.ca.caPem,
-      auth: { kind: "mtls-engine", certPem, engine: tlsKeys.engineOptions(provider.keyHandle) },
+      auth: tpmAuth(),
       deviceId: DEVICE,
     });
     const enc = new TextEncoder();
@@ -223,7 +236,7 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
     const foreign = new MqttSink({
       urls: [broker.mtlsUrl],
       caPem: broker.ca.caPem,
-      auth: { kind: "mtls-engine", certPem, engine: tlsKeys.engineOptions(provider.keyHandle) },
+      auth: tpmAuth(),
       deviceId: DEVICE,
       topicTemplate: "devices/other-device/{channel}",
     });
@@ -238,6 +251,7 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
       runner: provider.runner,
       keyHandle: 0x81000005,
       keyBlobDir: join(dir, "blobs"),
+      tls: tlsKeys,
     });
     await second.createOrOpen();
     const blobs = second.keyBlobPaths;
@@ -248,11 +262,11 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
     const storeText = async () => (await readFile(store)).toString("latin1");
     // The store holds the key's wrapped private blob (hex in the object's attributes): the check can see it.
     expect((await storeText()).includes(privHex.slice(4))).toBe(true);
-    await tlsKeys.unlink(second.keyHandle);
+    // destroy(): evict, delete the kept blobs, unlink from the token (the owner destroys a rotated-out key so).
+    await second.destroy();
     expect(await tlsKeys.isLinked(second.keyHandle)).toBe(false);
     expect(await tlsKeys.isLinked(provider.keyHandle)).toBe(true);
     expect((await storeText()).includes(privHex.slice(4))).toBe(false);
-    await second.destroy();
     const { existsSync } = await import("node:fs");
     expect(existsSync(blobs.priv) || existsSync(blobs.pub)).toBe(false);
     await second.close();
@@ -263,7 +277,7 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
     const sink = new MqttSink({
       urls: [broker.mtlsUrl],
       caPem: broker.ca.caPem,
-      auth: { kind: "mtls-engine", certPem, engine: tlsKeys.engineOptions(provider.keyHandle) },
+      auth: tpmAuth(),
       deviceId: DEVICE,
       connectTimeoutMs: 5_000,
     });

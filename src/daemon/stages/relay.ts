@@ -1,18 +1,20 @@
-import { readFileSync } from "node:fs";
+import { createPublicKey, X509Certificate } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { AgentConfig } from "../../config/index.js";
 import { systemClock } from "../../core/clock.js";
 import { asM2mError, M2mError } from "../../core/errors.js";
 import { backoffDelay, defaultRetryPolicy } from "../../core/retry.js";
+import { deviceCertPath } from "../../credentials/est/device-cert.js";
 import type { DpopSigner } from "../../credentials/oauth/token-source.js";
+import { registrarCaPem } from "../../credentials/registrar-ca.js";
+import type { DeviceKeyOwner } from "../../keys/device-key.js";
 import type { NewMessage, Outbox, OutboxStats } from "../../relay/outbox/outbox.js";
-import type { EngineKeyOptions } from "../../relay/sinks/mqtt/engine-tls.js";
+import type { MtlsIdentity } from "../../relay/sinks/mqtt/mqtt-sink.js";
 import type { RefreshableTokenSource, Sink } from "../../relay/sinks/sink.js";
 import type { MqttSource } from "../../relay/sources/mqtt/mqtt-source.js";
 import type { RelayStack } from "../../relay/stack.js";
 import type { AgentStage, StageContext, StageHandle } from "../compose.js";
-import { deviceCertPath, pinFileOf, registrarCaPem } from "./credentials.js";
 
 /** Default outbox file inside the state directory. */
 export const OUTBOX_FILE = "outbox.db";
@@ -39,7 +41,33 @@ function topicTemplate(t: string): string {
   return t.replaceAll("{device_id}", "{deviceId}");
 }
 
-async function buildSinks(ctx: StageContext, deviceId: string): Promise<Sink[]> {
+/**
+ * The owner's CURRENT key with the certificate on disk, read at every MQTT connect. A certificate
+ * issued for another key is refused (transient: a rotation is between "certificate written" and
+ * "key switched" and settles within moments) rather than paired with the wrong key.
+ */
+async function currentIdentity(keys: DeviceKeyOwner, certFile: string): Promise<MtlsIdentity> {
+  const key = keys.current;
+  const tls = key.tlsClient;
+  if (tls === undefined)
+    throw new M2mError("ERR_TLS_KEY_UNAVAILABLE", "permanent", "the device key cannot do TLS");
+  const [certPem, info] = await Promise.all([readFile(certFile, "utf8"), keys.info()]);
+  // Security: the broker would see a certificate whose key did not sign the handshake (it fails), or
+  // worse a destroyed key paired with a new certificate; only a matching pair is ever used.
+  if (!new X509Certificate(certPem).publicKey.equals(createPublicKey(info.spkiPem)))
+    throw new M2mError(
+      "ERR_TLS_CERT_KEY_MISMATCH",
+      "transient",
+      "the device certificate is not for the current key yet",
+    );
+  return { certPem, key: tls, keyId: info.thumbprint };
+}
+
+async function buildSinks(
+  ctx: StageContext,
+  deviceId: string,
+  onStop: (fn: () => void) => void,
+): Promise<Sink[]> {
   const { config } = ctx;
   const sinks: Sink[] = [];
   const tokens = ctx.services.get("tokenSource") as RefreshableTokenSource | undefined;
@@ -81,109 +109,40 @@ async function buildSinks(ctx: StageContext, deviceId: string): Promise<Sink[]> 
     if (caPem === undefined)
       throw new M2mError("ERR_CONFIG", "permanent", "relay.mqtt.ca_file is required (no fleet CA known yet)");
     let auth: ConstructorParameters<typeof MqttSink>[0]["auth"];
-    if (m.auth === "mtls-pkcs11") {
-      const p = config.keys.pkcs11;
-      const pinFile = pinFileOf(config, ctx.env);
-      // The key stays in the token; TLS uses it through the OpenSSL engine (file-based PIN only).
-      if (config.keys.provider !== "pkcs11" || p.module === undefined || p.token_label === undefined)
+    if (m.auth === "mtls-pkcs11" || m.auth === "mtls-tpm") {
+      // The key signs the TLS handshake where it lives (its `tlsClient` capability): a PKCS#11 token
+      // through the OpenSSL engine, or the attested TPM key through tpm2-pkcs11 (keys/tpm/tls.ts).
+      if (ctx.keys.current.tlsClient === undefined)
         throw new M2mError(
           "ERR_CONFIG",
           "permanent",
-          'relay.mqtt.auth = "mtls-pkcs11" needs keys.provider = "pkcs11"',
-        );
-      if (pinFile === undefined)
-        throw new M2mError(
-          "ERR_CONFIG",
-          "permanent",
-          'relay.mqtt.auth = "mtls-pkcs11" needs keys.pkcs11.pin = { file = … } or { credential = … }',
+          m.auth === "mtls-pkcs11"
+            ? 'relay.mqtt.auth = "mtls-pkcs11" needs a device key usable for TLS: keys.provider = "pkcs11" with keys.pkcs11.pin = { file = … } or { credential = … }'
+            : 'relay.mqtt.auth = "mtls-tpm" needs a device key usable for TLS: keys.provider = "tpm" with keys.tpm.tls_pin_file and a resource-manager tcti (device:/dev/tpmrm0)',
         );
       const certFile = deviceCertPath(config);
       await readFile(certFile, "utf8"); // fail at start (ERR_*) rather than at the first connect
-      auth = {
-        kind: "mtls-engine",
-        // Read at each connect: the credentials stage renews this file over EST.
-        certPem: () => readFileSync(certFile, "utf8"),
-        engine: {
-          modulePath: p.module,
-          tokenLabel: p.token_label,
-          // With key rotation the current label is key_label or key_label-alt (rotation state).
-          keyLabel:
-            config.credentials.est?.rotate_key === true
-              ? await (await import("../../credentials/est/key-rotation.js")).currentRotationName(
-                  join(config.agent.state_dir, "key-rotation.json"),
-                  [p.key_label, `${p.key_label}-alt`],
-                )
-              : p.key_label,
-          pinFile,
-        },
-      };
-    } else if (m.auth === "mtls-tpm") {
-      auth = await tpmMtlsAuth(config, deviceCertPath(config));
+      const keys = ctx.keys;
+      auth = { kind: "mtls-key", identity: () => currentIdentity(keys, certFile) };
     } else {
       auth = { kind: "token", username: deviceId, tokens: needTokens("relay.mqtt token auth") };
     }
-    sinks.push(
-      new MqttSink({
-        urls: m.urls,
-        caPem,
-        auth,
-        deviceId,
-        topicTemplate: topicTemplate(m.topic_template),
-        maxInFlight: m.inflight,
-        clock: ctx.clock,
-        logger: ctx.log,
-      }),
-    );
+    const sink = new MqttSink({
+      urls: m.urls,
+      caPem,
+      auth,
+      deviceId,
+      topicTemplate: topicTemplate(m.topic_template),
+      maxInFlight: m.inflight,
+      clock: ctx.clock,
+      logger: ctx.log,
+    });
+    // A committed key rotation: the live connection moves to the new key and certificate before the
+    // owner destroys the old key (make-before-break).
+    if (auth.kind === "mtls-key") onStop(ctx.keys.subscribe(() => sink.rekey()));
+    sinks.push(sink);
   }
   return sinks;
-}
-
-/**
- * MQTT mTLS with the attested TPM device key (keys/tpm/tls.ts): the current key (the rotation state
- * names it when rotation is on) is linked into the tpm2-pkcs11 token if it is not yet, and the engine
- * uses it from there. Needs a resource-manager TCTI and keys.tpm.tls_pin_file.
- * @throws ERR_CONFIG, ERR_KEY_CONFIG, ERR_KEY_TLS_PROVISION
- */
-async function tpmMtlsAuth(
-  config: AgentConfig,
-  certFile: string,
-): Promise<{ kind: "mtls-engine"; certPem: () => string; engine: EngineKeyOptions }> {
-  const t = config.keys.tpm;
-  if (config.keys.provider !== "tpm" || t.tls_pin_file === undefined)
-    throw new M2mError(
-      "ERR_CONFIG",
-      "permanent",
-      'relay.mqtt.auth = "mtls-tpm" needs keys.provider = "tpm" and keys.tpm.tls_pin_file',
-    );
-  const { TpmTlsKeys } = await import("../../keys/tpm/tls.js");
-  const { tpmKeyBlobDirOf } = await import("../compose.js");
-  const { ownerPersistentHandle } = await import("../../keys/tpm/tpm-provider.js");
-  const keyHandle =
-    config.credentials.est?.rotate_key === true
-      ? await (await import("../../credentials/est/tpm-rotation.js")).currentTpmKeyHandle(
-          join(config.agent.state_dir, "key-rotation.json"),
-          { keyHandle: t.key_handle, srkHandle: t.srk_handle, akHandle: t.ak_handle },
-        )
-      : ownerPersistentHandle(t.key_handle, "keys.tpm.key_handle");
-  const tls = new TpmTlsKeys({
-    storeDir: t.tls_store_dir ?? join(config.agent.state_dir, "tpm2-pkcs11"),
-    tcti: t.tcti,
-    srkHandle: ownerPersistentHandle(t.srk_handle, "keys.tpm.srk_handle"),
-    userPinFile: t.tls_pin_file,
-  });
-  if (!(await tls.isLinked(keyHandle))) {
-    const dir = tpmKeyBlobDirOf(config).keyBlobDir ?? join(config.agent.state_dir, "tpm-key-blobs");
-    const { hex32 } = await import("../../keys/tpm/transient.js");
-    const base = join(dir, `key-${hex32(keyHandle)}`);
-    await tls.link(keyHandle, { pub: `${base}.pub`, priv: `${base}.priv` });
-  }
-  await readFile(certFile, "utf8"); // fail at start (ERR_*) rather than at the first connect
-  return {
-    kind: "mtls-engine",
-    // Read at each connect: the credentials stage renews this file over EST.
-    certPem: () => readFileSync(certFile, "utf8"),
-    engine: tls.engineOptions(keyHandle),
-  };
 }
 
 /**
@@ -200,7 +159,8 @@ export const relayStage: AgentStage = {
     const deviceId = ctx.enrolment?.deviceId ?? config.credentials.oauth?.client_id;
     if (deviceId === undefined)
       throw new M2mError("ERR_NOT_ENROLLED", "permanent", "the relay needs a device identity (not enrolled)");
-    const sinks = await buildSinks(ctx, deviceId);
+    const cleanups: (() => void)[] = [];
+    const sinks = await buildSinks(ctx, deviceId, (fn) => cleanups.push(fn));
     const o = config.relay.outbox;
     const outboxOptions = {
       path: outboxPath(config),
@@ -361,6 +321,7 @@ export const relayStage: AgentStage = {
         };
       },
       async stop(signal: AbortSignal): Promise<void> {
+        for (const fn of cleanups) fn();
         clearInterval(timer);
         clearInterval(healthTimer);
         // Stop taking new local messages first; what the broker did not get a PUBACK for is redelivered.

@@ -1,7 +1,7 @@
 /**
  * The attested TPM device key as a TLS client key: tpm2-pkcs11 exposes the key (the very object the
  * registrar certified through TPM2_Certify: same TPM2B_PUBLIC / TPM2B_PRIVATE, so the same Name) as a
- * PKCS#11 object, and Node's OpenSSL uses it through the pkcs11 engine (relay/sinks/mqtt/engine-tls.ts,
+ * PKCS#11 object, and Node's OpenSSL uses it through the pkcs11 engine (keys/pkcs11/engine-tls.ts,
  * the one module that knows about engines). Measured route: hardware notes, "TPM key for TLS".
  *
  * What this module owns:
@@ -24,7 +24,7 @@ import type { SecureContext } from "node:tls";
 import { execa } from "execa";
 import { M2mError } from "../../core/errors.js";
 import { Secret } from "../../core/secret.js";
-import { createEngineSecureContext, type EngineKeyOptions } from "../../relay/sinks/mqtt/engine-tls.js";
+import { createEngineSecureContext, type EngineKeyOptions } from "../pkcs11/engine-tls.js";
 import { hex32 } from "./transient.js";
 
 /** Debian's tpm2-pkcs11 module (package libtpm2-pkcs11-1). */

@@ -4,6 +4,7 @@ import { join } from "node:path";
 import { writeFileAtomic } from "../../core/atomic-file.js";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
+import type { TlsClientKey, TpmAttestation } from "../capabilities.js";
 import type {
   JwsAlgorithm,
   KeyAlgorithm,
@@ -14,7 +15,10 @@ import type {
 } from "../key-provider.js";
 import { JWS_ALGS_FOR } from "../key-provider.js";
 import { keyInfoFromSpki } from "../public-key.js";
-import { type TpmLatencySample, TpmRunner, type TpmTx } from "./runner.js";
+import { TpmAttestationOps } from "./endorsement.js";
+import { readPublicOrUndefined } from "./read-public.js";
+import { readLockoutInfo, type TpmLatencySample, TpmRunner, type TpmTx } from "./runner.js";
+import type { TpmTlsKeys } from "./tls.js";
 import {
   ALG,
   ATTR,
@@ -23,7 +27,6 @@ import {
   ecdsaTpmtToRaw,
   objectName,
   type ParsedPublic,
-  parseTpmtPublic,
   publicKeyOf,
 } from "./tpmt.js";
 import { hex32, withTransientCleanup } from "./transient.js";
@@ -70,6 +73,11 @@ export interface TpmKeyProviderConfig {
    * persistent object cannot be exported afterwards, so it is kept at creation or never.
    */
   readonly keyBlobDir?: string;
+  /**
+   * TLS through tpm2-pkcs11 (./tls.ts). With it (and `keyBlobDir`) the key offers the `tlsClient`
+   * capability, and `destroy()` also unlinks the key from the tpm2-pkcs11 store.
+   */
+  readonly tls?: TpmTlsKeys;
 }
 
 /** Attributes of the device key, exactly. */
@@ -107,6 +115,9 @@ export class TpmKeyProvider implements KeyProvider {
   readonly #ownsRunner: boolean;
   readonly #keyHex: string;
   readonly #keyBlobDir: string | undefined;
+  readonly #tls: TpmTlsKeys | undefined;
+  /** Set once this key is known to be linked into the tpm2-pkcs11 token (linking costs ≈ 2 s). */
+  #tlsLinked = false;
   /** Public key of the opened key; every signature is checked against it (detects a swapped handle). */
   #opened: { pub: ParsedPublic; key: KeyObject; info: KeyInfo } | undefined;
 
@@ -124,6 +135,7 @@ export class TpmKeyProvider implements KeyProvider {
     }
     this.#keyHex = hex32(this.keyHandle);
     this.#keyBlobDir = config.keyBlobDir;
+    this.#tls = config.tls;
     this.ref = `tpm:tcti=${this.tcti};handle=${this.#keyHex}`;
     this.#ownsRunner = config.runner === undefined;
     this.#runner =
@@ -155,6 +167,39 @@ export class TpmKeyProvider implements KeyProvider {
   /** The runner (queue, scratch dir) this provider uses; share it with `TpmAttestationOps`. */
   get runner(): TpmRunner {
     return this.#runner;
+  }
+
+  #attestation: TpmAttestation | undefined;
+
+  /** Capability: attestation of this key through the same serial TPM queue (see capabilities.ts). */
+  get attestation(): TpmAttestation {
+    this.#attestation ??= tpmAttestationOf(this);
+    return this.#attestation;
+  }
+
+  /**
+   * Capability: TLS client handshakes signed by THIS attested key through tpm2-pkcs11 and the OpenSSL
+   * pkcs11 engine (./tls.ts). The key is linked into the token on first use (from the blobs kept at
+   * creation). Undefined without a TLS config or a key blob dir.
+   *
+   * Limit (measured, docs/credentials.md): tpm2-pkcs11 reads the token's objects once per process, so
+   * a key linked after the first handshake in this process (a rotated-in key) is found only after a
+   * restart: `secureContext` then fails with ERR_TLS_ENGINE_KEY.
+   */
+  get tlsClient(): TlsClientKey | undefined {
+    const tls = this.#tls;
+    const blobs = this.keyBlobPaths;
+    if (tls === undefined || blobs === undefined) return undefined;
+    return {
+      mechanism: "tpm2-pkcs11-engine",
+      secureContext: async (input) => {
+        if (!this.#tlsLinked) {
+          if (!(await tls.isLinked(this.keyHandle))) await tls.link(this.keyHandle, blobs);
+          this.#tlsLinked = true;
+        }
+        return tls.createSecureContext(this.keyHandle, input);
+      },
+    };
   }
 
   /**
@@ -393,6 +438,10 @@ export class TpmKeyProvider implements KeyProvider {
       await rm(blobs.priv, { force: true });
       await rm(blobs.pub, { force: true });
     }
+    if (this.#tls !== undefined) {
+      await this.#tls.unlink(this.keyHandle);
+      this.#tlsLinked = false;
+    }
     this.#opened = undefined;
   }
 
@@ -454,19 +503,35 @@ export function parseTpmKeyRef(ref: string): { tcti: string; keyHandle: number }
   return { tcti: m[1], keyHandle: ownerPersistentHandle(m[2], "handle") };
 }
 
-/** `tpm2_readpublic -f tpmt`; undefined when the handle is empty. */
-export async function readPublicOrUndefined(tx: TpmTx, handle: number): Promise<ParsedPublic | undefined> {
-  const out = tx.path("pub.tpmt");
-  try {
-    await tx.run("tpm2_readpublic", ["-c", hex32(handle), "-f", "tpmt", "-o", out], { op: "readpublic" });
-  } catch (err) {
-    if (err instanceof M2mError && err.code === "ERR_TPM_HANDLE_MISSING") return undefined;
-    throw err;
-  }
-  return parseTpmtPublic(new Uint8Array(await readFile(out)));
-}
+export { readPublicOrUndefined, spkiPemOf } from "./read-public.js";
 
-/** Public key (SPKI PEM) of an object in the TPM. */
-export function spkiPemOf(pub: ParsedPublic): string {
-  return publicKeyOf(pub).export({ format: "pem", type: "spki" }).toString();
+/** The attestation capability of `key`: EK/AK/certify on the key's own runner (one TPM queue). */
+function tpmAttestationOf(key: TpmKeyProvider): TpmAttestation {
+  const ops = new TpmAttestationOps(key.runner, { akHandle: key.akHandle });
+  return {
+    keyHandle: key.keyHandle,
+    akHandle: key.akHandle,
+    async devicePublic() {
+      const ev = await key.evidence();
+      if (ev.kind !== "tpm") throw new M2mError("ERR_KEY_EVIDENCE", "permanent", "not a TPM key");
+      const tpmt = Buffer.from(ev.tpmtPublicHex, "hex");
+      const out = Buffer.alloc(2 + tpmt.length);
+      out.writeUInt16BE(tpmt.length, 0);
+      tpmt.copy(out, 2);
+      return new Uint8Array(out);
+    },
+    readEkPublics: (options) => ops.readEkPublics(options),
+    readEkCertificates: () => ops.readEkCertificates(),
+    createAk: (options) => ops.createAk(options),
+    activateCredential: (blob, ekHandle) => ops.activateCredential(blob, ekHandle),
+    certify: (nonce) => ops.certify(key.keyHandle, key.akHandle, nonce),
+    evictAk: async () => {
+      await key.runner
+        .exclusive((tx) =>
+          tx.run("tpm2_evictcontrol", ["-C", "o", "-c", hex32(key.akHandle)], { op: "evict-ak" }),
+        )
+        .catch(() => undefined);
+    },
+    lockout: () => readLockoutInfo(key.runner),
+  };
 }

@@ -5,25 +5,32 @@ import { type Clock, systemClock } from "../../../core/clock.js";
 import { asM2mError, M2mError } from "../../../core/errors.js";
 import { type Logger, silentLogger } from "../../../core/log.js";
 import type { Secret } from "../../../core/secret.js";
+import type { TlsClientKey } from "../../../keys/capabilities.js";
 import { expandTopic } from "../../channel.js";
 import type { OutboxMessage } from "../../outbox/outbox.js";
 import { urlReachable } from "../probe.js";
 import type { DeliveryOutcome, RefreshableTokenSource, Sink } from "../sink.js";
-import { createEngineSecureContext, type EngineKeyOptions } from "./engine-tls.js";
 
 /** How the gateway proves who it is to the broker. TLS server verification is always on. */
 export type MqttAuth =
   /** mTLS, device key in a PEM (tests, or a gateway without a token). */
   | { readonly kind: "mtls-file"; readonly certPem: string; readonly keyPem: Secret }
-  /** mTLS, device key inside the PKCS#11 token through the OpenSSL engine. */
-  | {
-      readonly kind: "mtls-engine";
-      /** A function is read at every connect: a certificate renewed over EST is picked up. */
-      readonly certPem: string | (() => string);
-      readonly engine: EngineKeyOptions;
-    }
+  /**
+   * mTLS with the hardware device key (its `tlsClient` capability: PKCS#11 engine, TPM via
+   * tpm2-pkcs11). `identity` is asked at every connect, so a renewed certificate or a rotated key is
+   * picked up; `rekey()` moves the live connection over (make-before-break).
+   */
+  | { readonly kind: "mtls-key"; readonly identity: () => Promise<MtlsIdentity> }
   /** username = device id, password = access token (renewed make-before-break before expiry). */
   | { readonly kind: "token"; readonly username: string; readonly tokens: RefreshableTokenSource };
+
+/** The device's TLS client identity right now: a certificate and the key it was issued for. */
+export interface MtlsIdentity {
+  readonly certPem: string;
+  readonly key: TlsClientKey;
+  /** Names the key (e.g. its JWK thumbprint): a context is reused only for the same cert AND key. */
+  readonly keyId: string;
+}
 
 export interface MqttSinkOptions {
   readonly name?: string;
@@ -109,10 +116,10 @@ export class MqttSink implements Sink {
   #connecting: Promise<Conn> | undefined;
   #urlIndex = 0;
   #renewTimer: AbortController | undefined;
-  #engineContext: SecureContext | undefined;
-  #engineCert: string | undefined;
-  #engineError: M2mError | undefined;
-  #engineErrorCert: string | undefined;
+  #tlsContext: SecureContext | undefined;
+  #tlsContextFor: string | undefined;
+  #tlsError: M2mError | undefined;
+  #tlsErrorFor: string | undefined;
   #closed = false;
   /** Counters for metrics. */
   readonly counters = {
@@ -121,7 +128,10 @@ export class MqttSink implements Sink {
     published: 0,
     deadLettered: 0,
     renewals: 0,
+    /** TLS contexts built with the device key (each loads the key: a token login, a TPM load). */
     engineLoads: 0,
+    /** Live connections moved to a new key/certificate by `rekey()`. */
+    rekeys: 0,
   };
 
   constructor(options: MqttSinkOptions) {
@@ -287,25 +297,26 @@ export class MqttSink implements Sink {
         opts.cert = o.auth.certPem;
         opts.key = o.auth.keyPem.reveal();
         break;
-      case "mtls-engine": {
-        const certPem = typeof o.auth.certPem === "function" ? o.auth.certPem() : o.auth.certPem;
-        // A failed engine load (wrong PIN, missing key) is never retried with the same inputs: each
-        // attempt is a login, and repeated failed logins lock the token.
-        if (this.#engineError !== undefined && this.#engineErrorCert === certPem) throw this.#engineError;
-        if (this.#engineContext === undefined || this.#engineCert !== certPem) {
+      case "mtls-key": {
+        const id = await o.auth.identity();
+        const forKey = `${id.keyId}\u0000${id.certPem}`;
+        // A failed key load (wrong PIN, missing key) is never retried with the same inputs: each
+        // attempt is a login, and repeated failed logins lock the token (or count towards TPM DA).
+        if (this.#tlsError !== undefined && this.#tlsErrorFor === forKey) throw this.#tlsError;
+        if (this.#tlsContext === undefined || this.#tlsContextFor !== forKey) {
           this.counters.engineLoads++;
           try {
-            this.#engineContext = createEngineSecureContext({ ...o.auth.engine, certPem, caPem: o.caPem });
+            this.#tlsContext = await id.key.secureContext({ certPem: id.certPem, caPem: o.caPem });
           } catch (err) {
-            this.#engineError = asM2mError(err, "ERR_TLS_ENGINE_KEY");
-            this.#engineErrorCert = certPem;
-            throw this.#engineError;
+            this.#tlsError = asM2mError(err, "ERR_TLS_ENGINE_KEY");
+            this.#tlsErrorFor = forKey;
+            throw this.#tlsError;
           }
-          this.#engineError = undefined;
-          this.#engineCert = certPem;
+          this.#tlsError = undefined;
+          this.#tlsContextFor = forKey;
         }
         // mqtt.js passes unknown options through to tls.connect, which accepts a SecureContext.
-        (opts as IClientOptions & { secureContext?: SecureContext }).secureContext = this.#engineContext;
+        (opts as IClientOptions & { secureContext?: SecureContext }).secureContext = this.#tlsContext;
         break;
       }
       case "token": {
@@ -407,6 +418,39 @@ export class MqttSink implements Sink {
     }
     this.counters.renewals++;
     this.#install(fresh);
+    await this.#drainAndEnd(old);
+  }
+
+  /**
+   * The device key or its certificate changed (a rotation committed): bring a connection up with the
+   * new identity, switch new publishes to it, then let the old one settle its PUBACKs and close
+   * (make-before-break). Nothing acknowledged is lost: what the old connection never got a PUBACK
+   * for is retried by the relay with the same `m2m-id`. Resolves once the old connection is gone;
+   * if the new one cannot be brought up, the old one is closed anyway (the caller is about to
+   * destroy its key) and the relay reconnects with the new identity.
+   */
+  async rekey(): Promise<void> {
+    if (this.#closed) return;
+    // Serialise with a connect in progress: it may still be using the old identity.
+    await this.#connecting?.catch(() => undefined);
+    const old = this.#conn;
+    if (old === undefined || old.closed) return;
+    let fresh: Conn | undefined;
+    try {
+      fresh = await this.#connect(old.url);
+    } catch (err) {
+      this.#log.warn("rekey: new connection failed; closing the old one", { err: asM2mError(err) });
+    }
+    if (this.#closed) {
+      fresh?.client.end(true);
+      return;
+    }
+    if (fresh !== undefined) {
+      this.counters.rekeys++;
+      this.#install(fresh);
+    } else if (this.#conn === old) {
+      this.#conn = undefined;
+    }
     await this.#drainAndEnd(old);
   }
 
