@@ -174,6 +174,7 @@ export async function startSwtpm(opts: SwtpmOptions = {}): Promise<SwtpmHandle> 
   await chmod(dir, 0o700);
   const caDir = opts.caDir ?? join(dir, "ca");
   const ownCa = opts.caDir === undefined;
+  let started: SwtpmInstance | undefined;
   try {
     await mkdir(caDir, { recursive: true, mode: 0o700 });
     const state = join(dir, "state");
@@ -196,9 +197,12 @@ export async function startSwtpm(opts: SwtpmOptions = {}): Promise<SwtpmHandle> 
       },
       opts.resourceManager === "abrmd",
     );
+    started = inst;
     await inst.start();
     return inst;
   } catch (err) {
+    // stop() also ends a D-Bus daemon / tpm2-abrmd a failed start left behind.
+    await started?.stop().catch(() => undefined);
     await rm(dir, { recursive: true, force: true });
     throw err;
   }
