@@ -69,7 +69,7 @@ describe("withRetry", () => {
           throw new M2mError("ERR_HTTP_429", "transient", "slow down", { details: { retryAfterMs: 1e8 } });
         return calls;
       },
-      { clock, onRetry: (i) => delays.push(i.delayMs) },
+      { clock, random: () => 0, onRetry: (i) => delays.push(i.delayMs) },
     );
     while (clock.pendingSleepers === 0) await new Promise((r) => setImmediate(r));
     await clock.advance(5000);
