@@ -15,8 +15,8 @@ import type { FleetCa } from "./ca/index.js";
 import type { RegistrarConfig } from "./config.js";
 import type { EnrolmentDeps } from "./enrolment/complete.js";
 import { pkcs11Route } from "./enrolment/pkcs11-route.js";
-import { Admission, type AdmissionStats } from "./http/admission.js";
 import { tpmRoutes } from "./enrolment/tpm-routes.js";
+import { Admission, type AdmissionStats } from "./http/admission.js";
 import {
   HttpError,
   messageFor,
