@@ -44,7 +44,7 @@ async function withStore<T>(opts: StoreOpts, fn: (s: SqliteRegistrarStore) => T 
   try {
     return await fn(store);
   } finally {
-    store.close();
+    await store.close();
   }
 }
 
@@ -116,7 +116,7 @@ export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
           }));
         await running.close();
       } finally {
-        store.close();
+        await store.close();
       }
     });
 

@@ -291,17 +291,17 @@ export async function startRegistrarApp(
     onIssued: (deviceId, cert) => deps.store.recordCertificate(deviceId, cert, clock.now()),
     // PKCS#11 key rotation over simplereenroll (CSR signed by the new key, request by the current
     // one); TPM devices rotate only through /v1/rotate/tpm/* (AK certification).
-    allowKeyRotation: (device) => {
-      const d = deps.store.getDevice(device.deviceId);
+    allowKeyRotation: async (device) => {
+      const d = await deps.store.getDevice(device.deviceId);
       return d !== undefined && d.method !== "tpm" && rotation.modeFor(d) === "allow";
     },
     onKeyRotated: async (deviceId, jwk, cert) => {
-      const d = deps.store.getDevice(deviceId);
+      const d = await deps.store.getDevice(deviceId);
       if (d === undefined) throw new M2mError("ERR_DEVICE_UNKNOWN", "permanent", "no such device");
       const id = await keyIdentity(
         createPublicKey({ key: jwk as JsonWebKey, format: "jwk" }).export({ format: "der", type: "spki" }),
       );
-      deps.store.replaceDeviceKey({
+      await deps.store.replaceDeviceKey({
         deviceId,
         previousThumbprint: d.thumbprint,
         publicJwk: id.jwk,
@@ -434,7 +434,7 @@ export function selfRevokeRoute(deps: {
         throw new HttpError(401, "ERR_UNAUTHENTICATED", "device authentication failed", { cause: err });
       }
       ctx.auditFields({ deviceId });
-      const d = deps.store.revokeDevice(deviceId, deps.clock.now());
+      const d = await deps.store.revokeDevice(deviceId, deps.clock.now());
       deps.log.info("device revoked itself (decommission)", { deviceId });
       return {
         status: 200,

@@ -157,7 +157,7 @@ export async function startRegistrar(
       };
       try {
         audit.write(event);
-        deps.store.appendAudit(event);
+        await deps.store.appendAudit(event);
       } catch (err) {
         logger.error("audit write failed", { error: err });
       }
@@ -192,11 +192,9 @@ export async function startRegistrar(
   server.maxHeadersCount = 64;
   // Housekeeping: expired sessions are useless (finish refuses them); drop them once a minute.
   const purge = setInterval(() => {
-    try {
-      deps.store.purgeExpiredSessions(clock.now());
-    } catch (err) {
+    deps.store.purgeExpiredSessions(clock.now()).catch((err: unknown) => {
       logger.warn("session purge failed", { error: err });
-    }
+    });
   }, 60_000);
   purge.unref();
 

@@ -107,7 +107,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
     await keys?.close();
     await dispatcher?.close();
     await app?.close();
-    store?.close();
+    await store?.close();
     await tpm?.stop();
     if (dir !== undefined) await rm(dir, { recursive: true, force: true });
   });
@@ -159,7 +159,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
   };
 
   it("refuses each forgery with its own code and leaves the registry unchanged", async () => {
-    const before = store.getDevice(deviceId);
+    const before = await store.getDevice(deviceId);
     expect(before?.evidence?.akPublic).toEqual(expect.any(String));
     const cases: [string, () => Promise<{ code: string | undefined }>, string][] = [
       [
@@ -224,7 +224,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
       const r = await run();
       expect(r.code, name).toBe(code);
       seen.add(code);
-      const now = store.getDevice(deviceId);
+      const now = await store.getDevice(deviceId);
       expect(now?.thumbprint, name).toBe(before?.thumbprint);
       expect(now?.certSerial, name).toBe(before?.certSerial);
     }
@@ -297,7 +297,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
       createPublicKey(newInfo.spkiPem).export({ format: "der", type: "spki" }),
     );
     // Registry: new key and the new certificate, AK/EK kept for the next rotation.
-    const d = store.getDevice(deviceId);
+    const d = await store.getDevice(deviceId);
     expect(d?.thumbprint).toBe(newInfo.thumbprint);
     expect(d?.certSerial.toLowerCase()).toBe(cert.serialNumber.toLowerCase());
     expect(d?.evidence?.devicePublic).toBe(await tpm2b(next as TpmKeyProvider));

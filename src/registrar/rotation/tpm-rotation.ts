@@ -131,7 +131,7 @@ export function tpmRotationRoutes(deps: TpmRotationDeps): Route[] {
       requiredScope: "est",
       dpop: { proof, method: "POST", url },
     });
-    const device = deps.store.getDevice(verified.sub);
+    const device = await deps.store.getDevice(verified.sub);
     if (device === undefined) throw fail("ERR_DEVICE_UNKNOWN", "device not accepted");
     // Security: a revoked device keeps no rights, rotation included.
     if (device.status !== "active") throw fail("ERR_DEVICE_REVOKED", "the device is revoked");
@@ -223,7 +223,7 @@ export function tpmRotationRoutes(deps: TpmRotationDeps): Route[] {
           lifetimeSeconds: deps.certLifetimeSeconds,
         });
         const { akPublic: _a, ekPublic: _e, devicePublic: _d, deviceName: _n, ...kept } = ev;
-        deps.store.replaceDeviceKey({
+        await deps.store.replaceDeviceKey({
           deviceId: device.deviceId,
           previousThumbprint: device.thumbprint,
           publicJwk: id.jwk,

@@ -188,8 +188,8 @@ export class SqliteRegistrarStore implements RegistrarStore {
     };
   }
 
-  addGroup(group: NewEnrolmentGroup): EnrolmentGroup {
-    if (this.getGroup(group.name) !== undefined) {
+  async addGroup(group: NewEnrolmentGroup): Promise<EnrolmentGroup> {
+    if (this.#stmt.getGroup.get(group.name) !== undefined) {
       throw refused("ERR_GROUP_EXISTS", `enrolment group ${group.name} already exists`);
     }
     this.#stmt.insertGroup.run(
@@ -204,28 +204,33 @@ export class SqliteRegistrarStore implements RegistrarStore {
     return group;
   }
 
-  getGroup(name: string): EnrolmentGroup | undefined {
+  async getGroup(name: string): Promise<EnrolmentGroup | undefined> {
     const row = this.#stmt.getGroup.get(name);
     return row === undefined ? undefined : groupOf(row);
   }
 
-  listGroups(): EnrolmentGroup[] {
+  async listGroups(): Promise<EnrolmentGroup[]> {
     return this.#stmt.listGroups.all().map(groupOf);
   }
 
-  addBootstrapToken(token: { hash: string; group: string; expiresAt: Date; createdAt: Date }): void {
-    if (this.getGroup(token.group) === undefined) {
+  async addBootstrapToken(token: {
+    hash: string;
+    group: string;
+    expiresAt: Date;
+    createdAt: Date;
+  }): Promise<void> {
+    if (this.#stmt.getGroup.get(token.group) === undefined) {
       throw refused("ERR_GROUP_UNKNOWN", `enrolment group ${token.group} does not exist`);
     }
     this.#stmt.insertToken.run(token.hash, token.group, token.expiresAt.getTime(), token.createdAt.getTime());
   }
 
-  getBootstrapToken(hash: string): BootstrapTokenRecord | undefined {
+  async getBootstrapToken(hash: string): Promise<BootstrapTokenRecord | undefined> {
     const row = this.#stmt.getToken.get(hash);
     return row === undefined ? undefined : tokenOf(row);
   }
 
-  createSession(session: NewEnrolmentSession): void {
+  async createSession(session: NewEnrolmentSession): Promise<void> {
     // A session lost to a power cut only makes that enrolment retry: skip the WAL fsync here (the
     // next FULL commit syncs these frames too). Consuming proofs and registering devices stay FULL.
     this.#db.pragma("synchronous = NORMAL");
@@ -241,7 +246,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
     }
   }
 
-  getSession(id: string): EnrolmentSession | undefined {
+  async getSession(id: string): Promise<EnrolmentSession | undefined> {
     const row = this.#stmt.getSession.get(id);
     if (row === undefined) return undefined;
     return {
@@ -253,30 +258,30 @@ export class SqliteRegistrarStore implements RegistrarStore {
     };
   }
 
-  purgeExpiredSessions(now: Date): number {
+  async purgeExpiredSessions(now: Date): Promise<number> {
     return this.#stmt.purgeSessions.run(now.getTime()).changes;
   }
 
-  getDevice(deviceId: string): DeviceRecord | undefined {
+  async getDevice(deviceId: string): Promise<DeviceRecord | undefined> {
     const row = this.#stmt.getDevice.get(deviceId);
     return row === undefined ? undefined : deviceOf(row);
   }
 
-  findDeviceByEkHash(ekHash: string): DeviceRecord | undefined {
+  async findDeviceByEkHash(ekHash: string): Promise<DeviceRecord | undefined> {
     const row = this.#stmt.byEk.get(ekHash);
     return row === undefined ? undefined : deviceOf(row);
   }
 
-  findDeviceByThumbprint(thumbprint: string): DeviceRecord | undefined {
+  async findDeviceByThumbprint(thumbprint: string): Promise<DeviceRecord | undefined> {
     const row = this.#stmt.byThumb.get(thumbprint);
     return row === undefined ? undefined : deviceOf(row);
   }
 
-  listDevices(): DeviceRecord[] {
+  async listDevices(): Promise<DeviceRecord[]> {
     return this.#stmt.listDevices.all().map(deviceOf);
   }
 
-  planEnrolment(input: PlanEnrolment): { deviceId: string; existing: boolean } {
+  async planEnrolment(input: PlanEnrolment): Promise<{ deviceId: string; existing: boolean }> {
     const existing = this.#matchHardware(input);
     return existing === undefined
       ? { deviceId: input.proposedDeviceId, existing: false }
@@ -288,13 +293,13 @@ export class SqliteRegistrarStore implements RegistrarStore {
    * identity to different hardware.
    */
   #matchHardware(input: PlanEnrolment): DeviceRecord | undefined {
-    const byEk = input.ekHash === undefined ? undefined : this.findDeviceByEkHash(input.ekHash);
+    const byEk = input.ekHash === undefined ? undefined : this.#deviceBy(this.#stmt.byEk.get(input.ekHash));
     // Security: one EK is one TPM; a different device key under a registered EK would let whoever
     // holds that TPM's AK swap the identity's key without proving possession of the old one.
     if (byEk !== undefined && byEk.thumbprint !== input.thumbprint) {
       throw refused("ERR_EK_ALREADY_REGISTERED", "this endorsement key is already registered");
     }
-    const byKey = this.findDeviceByThumbprint(input.thumbprint);
+    const byKey = this.#deviceBy(this.#stmt.byThumb.get(input.thumbprint));
     // Security: a key registered through another method or under another EK is another device.
     if (byKey !== undefined && (byKey.ekHash !== input.ekHash || byKey.method !== input.method)) {
       throw refused("ERR_KEY_ALREADY_REGISTERED", "this device key is already registered");
@@ -312,7 +317,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
     return existing;
   }
 
-  commitEnrolment(input: CommitEnrolment): CommitResult {
+  async commitEnrolment(input: CommitEnrolment): Promise<CommitResult> {
     const tx = this.#db.transaction((): CommitResult => {
       const now = input.now.getTime();
       this.#consumeProof(input, now);
@@ -383,19 +388,27 @@ export class SqliteRegistrarStore implements RegistrarStore {
     if (changed !== 1) throw refused("ERR_SESSION_CONSUMED", "enrolment session already used");
   }
 
+  #deviceBy(row: DeviceRow | undefined): DeviceRecord | undefined {
+    return row === undefined ? undefined : deviceOf(row);
+  }
+
   #mustGet(deviceId: string): DeviceRecord {
-    const d = this.getDevice(deviceId);
+    const d = this.#deviceBy(this.#stmt.getDevice.get(deviceId));
     if (d === undefined) throw new M2mError("ERR_INTERNAL", "permanent", "device vanished in transaction");
     return d;
   }
 
-  recordCertificate(deviceId: string, cert: { serial: string; notAfter: Date }, at: Date): void {
+  async recordCertificate(
+    deviceId: string,
+    cert: { serial: string; notAfter: Date },
+    at: Date,
+  ): Promise<void> {
     this.#stmt.recordCert.run(cert.serial, cert.notAfter.getTime(), at.getTime(), deviceId);
   }
 
-  replaceDeviceKey(input: ReplaceDeviceKey): DeviceRecord {
+  async replaceDeviceKey(input: ReplaceDeviceKey): Promise<DeviceRecord> {
     const tx = this.#db.transaction((): DeviceRecord => {
-      const d = this.getDevice(input.deviceId);
+      const d = this.#deviceBy(this.#stmt.getDevice.get(input.deviceId));
       if (d === undefined) throw refused("ERR_DEVICE_UNKNOWN", `no device ${input.deviceId}`);
       // Security: a revoked identity gets no new key.
       if (d.status !== "active") throw refused("ERR_DEVICE_REVOKED", "the device is revoked");
@@ -423,9 +436,9 @@ export class SqliteRegistrarStore implements RegistrarStore {
     return tx.immediate();
   }
 
-  revokeDevice(deviceId: string, at: Date): DeviceRecord {
+  async revokeDevice(deviceId: string, at: Date): Promise<DeviceRecord> {
     const tx = this.#db.transaction((): DeviceRecord => {
-      const d = this.getDevice(deviceId);
+      const d = this.#deviceBy(this.#stmt.getDevice.get(deviceId));
       if (d === undefined) throw refused("ERR_DEVICE_UNKNOWN", `no device ${deviceId}`);
       this.#stmt.revokeDevice.run(at.getTime(), at.getTime(), deviceId);
       return this.#mustGet(deviceId);
@@ -438,7 +451,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
    * primary audit trail): a synchronous fsync per request would stall the event loop for every
    * enrolment attempt. `listAudit` and `close` flush first.
    */
-  appendAudit(event: AuditEvent): void {
+  async appendAudit(event: AuditEvent): Promise<void> {
     this.#auditBuffer.push(JSON.stringify(event));
     if (this.#auditTimer === undefined) {
       this.#auditTimer = setTimeout(() => this.#flushAudit(), 50);
@@ -456,7 +469,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
     })();
   }
 
-  listAudit(limit: number): AuditEvent[] {
+  async listAudit(limit: number): Promise<AuditEvent[]> {
     this.#flushAudit();
     return this.#stmt.listAudit
       .all(limit)
@@ -464,7 +477,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
       .reverse();
   }
 
-  close(): void {
+  async close(): Promise<void> {
     this.#flushAudit();
     if (this.#db.open) this.#db.close();
   }

@@ -1,8 +1,9 @@
 import type { Attributes, EnrolmentMethod } from "../../wire/v1/index.js";
 
 /**
- * The registrar's persistence seam. `SqliteRegistrarStore` is the reference implementation; a shared
- * SQL database can implement the same interface later without touching the verifier or the routes.
+ * The registrar's persistence seam. `SqliteRegistrarStore` is the embedded implementation; every
+ * method is asynchronous so a shared database (PostgreSQL, `pg-store.ts`) implements the same
+ * interface without touching the verifier or the routes.
  *
  * Every method that decides something security-relevant (consuming a token or a session, registering
  * a device) is atomic: the check and the write happen in one transaction, so of two concurrent callers
@@ -11,27 +12,27 @@ import type { Attributes, EnrolmentMethod } from "../../wire/v1/index.js";
 export interface RegistrarStore {
   // --- enrolment groups -------------------------------------------------------------------------
   /** @throws ERR_GROUP_EXISTS when the name is taken. */
-  addGroup(group: NewEnrolmentGroup): EnrolmentGroup;
-  getGroup(name: string): EnrolmentGroup | undefined;
-  listGroups(): EnrolmentGroup[];
+  addGroup(group: NewEnrolmentGroup): Promise<EnrolmentGroup>;
+  getGroup(name: string): Promise<EnrolmentGroup | undefined>;
+  listGroups(): Promise<EnrolmentGroup[]>;
 
   // --- bootstrap tokens (only the SHA-256 of the token is ever stored) ---------------------------
   /** @throws ERR_GROUP_UNKNOWN */
-  addBootstrapToken(token: { hash: string; group: string; expiresAt: Date; createdAt: Date }): void;
+  addBootstrapToken(token: { hash: string; group: string; expiresAt: Date; createdAt: Date }): Promise<void>;
   /** Read-only lookup of a token (the CLI, and pre-checks that must not consume). */
-  getBootstrapToken(hash: string): BootstrapTokenRecord | undefined;
+  getBootstrapToken(hash: string): Promise<BootstrapTokenRecord | undefined>;
 
   // --- enrolment sessions (TPM begin → finish) ---------------------------------------------------
-  createSession(session: NewEnrolmentSession): void;
-  getSession(id: string): EnrolmentSession | undefined;
+  createSession(session: NewEnrolmentSession): Promise<void>;
+  getSession(id: string): Promise<EnrolmentSession | undefined>;
   /** Removes sessions that expired before `now` (housekeeping; never needed for correctness). */
-  purgeExpiredSessions(now: Date): number;
+  purgeExpiredSessions(now: Date): Promise<number>;
 
   // --- devices -----------------------------------------------------------------------------------
-  getDevice(deviceId: string): DeviceRecord | undefined;
-  findDeviceByEkHash(ekHash: string): DeviceRecord | undefined;
-  findDeviceByThumbprint(thumbprint: string): DeviceRecord | undefined;
-  listDevices(): DeviceRecord[];
+  getDevice(deviceId: string): Promise<DeviceRecord | undefined>;
+  findDeviceByEkHash(ekHash: string): Promise<DeviceRecord | undefined>;
+  findDeviceByThumbprint(thumbprint: string): Promise<DeviceRecord | undefined>;
+  listDevices(): Promise<DeviceRecord[]>;
   /**
    * Atomically consumes the proof (a bootstrap token or an enrolment session), then registers the
    * device or re-issues for the same hardware. Nothing is written unless every check passes.
@@ -39,13 +40,13 @@ export interface RegistrarStore {
    *   ERR_SESSION_CONSUMED, ERR_SESSION_EXPIRED, ERR_EK_ALREADY_REGISTERED, ERR_KEY_ALREADY_REGISTERED,
    *   ERR_HARDWARE_MISMATCH, ERR_DEVICE_REVOKED
    */
-  commitEnrolment(input: CommitEnrolment): CommitResult;
+  commitEnrolment(input: CommitEnrolment): Promise<CommitResult>;
   /** Resolves which deviceId an enrolment would get (existing same hardware, or the proposed one). */
-  planEnrolment(input: PlanEnrolment): { deviceId: string; existing: boolean };
+  planEnrolment(input: PlanEnrolment): Promise<{ deviceId: string; existing: boolean }>;
   /** @throws ERR_DEVICE_UNKNOWN. Idempotent for an already revoked device. */
-  revokeDevice(deviceId: string, at: Date): DeviceRecord;
+  revokeDevice(deviceId: string, at: Date): Promise<DeviceRecord>;
   /** Records a certificate issued outside enrolment (EST renewal) for an active device. */
-  recordCertificate(deviceId: string, cert: { serial: string; notAfter: Date }, at: Date): void;
+  recordCertificate(deviceId: string, cert: { serial: string; notAfter: Date }, at: Date): Promise<void>;
   /**
    * Key rotation: replaces an active device's key (JWK, thumbprint, evidence) and records the
    * certificate issued for the new key, in one transaction, only if the device still has the key
@@ -53,13 +54,13 @@ export interface RegistrarStore {
    * current key and the new one.
    * @throws ERR_DEVICE_UNKNOWN, ERR_DEVICE_REVOKED, ERR_ROTATION_CONFLICT, ERR_KEY_ALREADY_REGISTERED
    */
-  replaceDeviceKey(input: ReplaceDeviceKey): DeviceRecord;
+  replaceDeviceKey(input: ReplaceDeviceKey): Promise<DeviceRecord>;
 
   // --- audit ---------------------------------------------------------------------------------------
-  appendAudit(event: AuditEvent): void;
-  listAudit(limit: number): AuditEvent[];
+  appendAudit(event: AuditEvent): Promise<void>;
+  listAudit(limit: number): Promise<AuditEvent[]>;
 
-  close(): void;
+  close(): Promise<void>;
 }
 
 export interface NewEnrolmentGroup {
