@@ -70,24 +70,24 @@ export async function prepareFleetRegistrar(o: PrepareOptions): Promise<FleetReg
   const store = new SqliteRegistrarStore(join(dataDir, REGISTRAR_DB_FILE));
   const tokens: Secret[] = [];
   try {
-    addEnrolmentGroup(store, {
+    await addEnrolmentGroup(store, {
       name: FLEET_TPM_GROUP,
       role: "sensor-gateway",
       attributes: { fleet: "simulated" },
       methods: ["tpm"],
       ekTrustDir: trustDir,
     });
-    addEnrolmentGroup(store, {
+    await addEnrolmentGroup(store, {
       name: FLEET_PKCS11_GROUP,
       role: "sensor-gateway",
       attributes: { fleet: "simulated" },
       methods: ["pkcs11"],
     });
     for (let i = 0; i < o.pkcs11Devices; i++) {
-      tokens.push(createBootstrapToken(store, FLEET_PKCS11_GROUP, 24 * 3600).token);
+      tokens.push((await createBootstrapToken(store, FLEET_PKCS11_GROUP, 24 * 3600)).token);
     }
   } finally {
-    store.close();
+    await store.close();
   }
   return {
     work: o.work,

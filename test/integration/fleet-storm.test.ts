@@ -63,12 +63,12 @@ describe("fleet power-on storm (simulated devices, real HTTPS, built registrar)"
     expect(report.distinctDeviceIds).toBe(DEVICES);
     const store = new SqliteRegistrarStore(join(setup.dataDir, REGISTRAR_DB_FILE));
     try {
-      const devices = store.listDevices();
+      const devices = await store.listDevices();
       expect(devices.length).toBe(DEVICES);
       expect(new Set(devices.map((d) => d.hardwareSerial)).size).toBe(DEVICES);
       expect(devices.filter((d) => d.method === "pkcs11").length).toBe(PKCS11);
     } finally {
-      store.close();
+      await store.close();
     }
     console.log(
       `storm: ${DEVICES} devices in ${(report.elapsedMs / 1000).toFixed(1)} s; outcomes ${JSON.stringify(report.outcomes)}; ` +
