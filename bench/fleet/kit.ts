@@ -36,6 +36,9 @@ export interface FleetRegistrarSetup {
   readonly ekCa: TestEkCa;
   readonly tokens: readonly Secret[];
   readonly dataDir: string;
+  readonly caDir: string;
+  readonly serverCert: string;
+  readonly serverKey: string;
 }
 
 export interface PrepareOptions {
@@ -97,7 +100,32 @@ export async function prepareFleetRegistrar(o: PrepareOptions): Promise<FleetReg
     ekCa,
     tokens,
     dataDir,
+    caDir,
+    serverCert: paths.serverCert,
+    serverKey: paths.serverKey,
   };
+}
+
+/**
+ * Writes `registrar-NAME.toml` for one replica: same data, CA and store as the setup, its own
+ * listen port, and `public_url` = the load balancer (the issuer and every endpoint handed to devices).
+ */
+export async function writeReplicaConfig(
+  setup: FleetRegistrarSetup,
+  name: string,
+  o: Pick<PrepareOptions, "maxInFlight" | "port" | "publicUrl" | "extraToml">,
+): Promise<string> {
+  const file = join(setup.work, `registrar-${name}.toml`);
+  await writeFile(
+    file,
+    registrarToml(o, {
+      dataDir: setup.dataDir,
+      caDir: setup.caDir,
+      cert: setup.serverCert,
+      key: setup.serverKey,
+    }),
+  );
+  return file;
 }
 
 export function registrarToml(
