@@ -23,7 +23,7 @@ import { ensureBuilt } from "./e2e-kit.js";
  * In the end every device is enrolled with a token, exactly once, and the survivors never answered
  * 5xx.
  */
-const DEVICES = Number(process.env.FLEET_REPLICA_DEVICES ?? 200);
+const DEVICES = Number(process.env.FLEET_REPLICA_DEVICES ?? 120);
 
 describe("registrar replicas behind haproxy: a replica killed mid-storm", () => {
   let work: string;
