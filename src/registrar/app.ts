@@ -1,5 +1,6 @@
-import { createPublicKey, type JsonWebKey } from "node:crypto";
+import { createPublicKey, type JsonWebKey, randomBytes } from "node:crypto";
 import { appendFileSync, closeSync, fsyncSync, openSync } from "node:fs";
+import { mkdir } from "node:fs/promises";
 import { isAbsolute, join } from "node:path";
 import { jwtVerify } from "jose";
 import { z } from "zod";
@@ -17,10 +18,11 @@ import {
   JWT_BEARER_ASSERTION_TYPE,
   verifyClientAssertion,
 } from "./oauth/client-assertion.js";
-import { ReplayCache } from "./oauth/replay-cache.js";
+import { CachedDeviceDirectory } from "./oauth/directory.js";
+import { type ReplayGuard, StoreReplayGuard } from "./oauth/replay-cache.js";
 import type { AbacRule } from "./oauth/scope-policy.js";
-import { loadOrCreateSigningKey } from "./oauth/signing-key.js";
-import { oauthRoutes, TokenService } from "./oauth/token-service.js";
+import { loadSigningKeySet } from "./oauth/signing-key.js";
+import { oauthRoutes, publishedKeyResolver, TokenService } from "./oauth/token-service.js";
 import { rotationPolicyFrom, tpmRotationRoutes } from "./rotation/index.js";
 import { type RunningRegistrar, startRegistrar } from "./server.js";
 import type { RegistrarStore } from "./store/index.js";
@@ -45,6 +47,11 @@ export const DEFAULT_SCOPES = ["telemetry:write", "est"] as const;
 export const DEFAULT_INGEST_AUDIENCE = "urn:m2m:ingest";
 export const DEFAULT_EST_AUDIENCE = "urn:m2m:est";
 export const INGEST_LOG_FILE = "ingest.ndjson";
+/**
+ * Staleness bound of the token endpoint's device cache: a revocation (or key change) committed by
+ * any replica is honoured by this one within this long even without change notifications.
+ */
+export const DEVICE_CACHE_TTL_MS = 1000;
 
 const scopeToken = z.string().regex(/^[\x21\x23-\x5B\x5D-\x7E]{1,256}$/, "not a valid scope token");
 
@@ -172,22 +179,54 @@ export function appSettingsFrom(config: RegistrarConfig): AppSettings {
   };
 }
 
-/** Keeps ingested messages in memory (dedup) and appends each new one to an NDJSON file. */
+/** How long the shared ingest dedup remembers a message id (the agent's outbox retries within this). */
+export const INGEST_DEDUP_WINDOW_MS = 7 * 86_400_000;
+
+/**
+ * Appends each new ingested message to an NDJSON file (this replica's log). Dedup: with `shared`
+ * (the registrar store) a message id is recorded in the store so a retry that lands on another
+ * replica is still a duplicate; without it, an in-memory window of the newest ids (one process).
+ */
 export class LoggingIngestStore extends InMemoryIngestStore {
   readonly file: string;
   readonly #maxKept: number;
+  readonly #shared: Pick<RegistrarStore, "consumeOnce" | "isConsumed"> | undefined;
 
-  constructor(file: string, maxKept = 100_000) {
+  constructor(file: string, maxKept = 100_000, shared?: Pick<RegistrarStore, "consumeOnce" | "isConsumed">) {
     super();
     this.file = file;
     this.#maxKept = maxKept;
+    this.#shared = shared;
     // 0600: payloads are device data, not for every local user.
     closeSync(openSync(file, "a", 0o600));
   }
 
-  override add(m: IngestedMessage): boolean {
-    const fresh = super.add(m);
+  override async add(m: IngestedMessage): Promise<boolean> {
+    if (this.#shared !== undefined) {
+      const key = `i|${m.deviceId}|${m.id}`;
+      const now = new Date(m.receivedAt);
+      this.received++;
+      if (await this.#shared.isConsumed(key, now)) {
+        this.duplicates++;
+        return false;
+      }
+      // Persist first, record after: a failed append must not leave the id marked as delivered (the
+      // agent would then drop a message it was never acknowledged for). A concurrent replica may log
+      // the same message too: at-least-once, never lost.
+      this.#append(m);
+      this.messages.set(m.id, m);
+      await this.#shared.consumeOnce(key, new Date(m.receivedAt + INGEST_DEDUP_WINDOW_MS), now);
+      this.#trim();
+      return true;
+    }
+    const fresh = await super.add(m);
     if (!fresh) return false;
+    this.#append(m);
+    this.#trim();
+    return true;
+  }
+
+  #append(m: IngestedMessage): void {
     const fd = openSync(this.file, "a", 0o600);
     try {
       appendFileSync(fd, `${JSON.stringify(m)}\n`);
@@ -196,12 +235,14 @@ export class LoggingIngestStore extends InMemoryIngestStore {
     } finally {
       closeSync(fd);
     }
-    // Bounded memory: the dedup window keeps the newest ids only.
+  }
+
+  #trim(): void {
+    // Bounded memory: the local window keeps the newest ids only.
     if (this.messages.size > this.#maxKept) {
       const oldest = this.messages.keys().next().value;
       if (oldest !== undefined) this.messages.delete(oldest);
     }
-    return true;
   }
 }
 
@@ -233,7 +274,19 @@ export async function startRegistrarApp(
   const rotation = rotationPolicyFrom(config.sections?.rotation, config.sections?.file);
   const clock = deps.clock ?? systemClock;
   const log = deps.logger ?? silentLogger;
-  const signingKey = await loadOrCreateSigningKey(config.dataDir);
+  // With a database server nothing else creates data_dir (audit log, ingest log, default signing key).
+  await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
+  const keySet = await loadSigningKeySet(config);
+  const signingKey = keySet.signing;
+  // Everything a request depends on is in the store (shared by replicas): jti replay records, the
+  // DPoP nonce key, sessions. The only cache is the device directory below (bounded staleness).
+  const nonceSecret = await deps.store.sharedSecret("dpop-nonce-hmac", () => randomBytes(32));
+  const tokenReplay: ReplayGuard = new StoreReplayGuard(deps.store, "t|");
+  const resourceReplay: ReplayGuard = new StoreReplayGuard(deps.store, "r|");
+  const directory = new CachedDeviceDirectory(deps.store, {
+    ttlMs: DEVICE_CACHE_TTL_MS,
+    monotonicMs: () => clock.monotonicMs(),
+  });
 
   // The issuer may depend on the port the server got (listen.port = 0): bind late.
   let base = settings.issuer ?? "";
@@ -262,7 +315,16 @@ export async function startRegistrarApp(
         requireDpop: settings.requireDpop,
         requireDpopNonce: settings.requireDpopNonce,
       },
-      { directory: deps.store, signingKey, clock, log: log.child({ component: "oauth" }) },
+      {
+        directory,
+        signingKey,
+        publishedKeys: keySet.published,
+        replay: tokenReplay,
+        resourceReplay,
+        nonceSecret,
+        clock,
+        log: log.child({ component: "oauth" }),
+      },
     );
 
   // Route shapes come from a placeholder service; each delegates to the real one at request time.
@@ -330,12 +392,12 @@ export async function startRegistrarApp(
   let ingestStore: LoggingIngestStore | undefined;
   let ingest: Route[] = [];
   if (settings.ingest.enabled) {
-    ingestStore = new LoggingIngestStore(settings.ingest.logFile);
+    ingestStore = new LoggingIngestStore(settings.ingest.logFile, 100_000, deps.store);
     ingest = ingestRoutes({
       // Signature, issuer, type and expiry; audience, scope and DPoP binding are checked by the route.
       verifyAccessToken: async (t) =>
         (
-          await jwtVerify(t, signingKey.publicKey, {
+          await jwtVerify(t, publishedKeyResolver(keySet.published), {
             issuer: issuer(),
             typ: "at+jwt",
             algorithms: ["ES256"],
@@ -348,12 +410,14 @@ export async function startRegistrarApp(
       requireDpop: settings.ingest.requireDpop,
       publicUrl: () => `${issuer()}${APP_PATHS.ingest}`,
       store: ingestStore,
+      replay: new StoreReplayGuard(deps.store, "ingest|"),
       clock,
     }).routes;
   }
 
   const revoke = selfRevokeRoute({
     store: deps.store,
+    replay: new StoreReplayGuard(deps.store, "revoke|"),
     clock,
     audiences: () => [`${issuer()}${APP_PATHS.selfRevoke}`, issuer()],
     log,
@@ -384,6 +448,10 @@ export async function startRegistrarApp(
   });
   return {
     ...running,
+    close: async () => {
+      directory.close();
+      await running.close();
+    },
     issuer: base,
     tokenService: service,
     ingest: ingestStore,
@@ -398,11 +466,13 @@ export async function startRegistrarApp(
  */
 export function selfRevokeRoute(deps: {
   readonly store: RegistrarStore;
+  /** Assertion jti records (the registrar passes the store-backed guard). */
+  readonly replay: ReplayGuard;
   readonly clock: Clock;
   readonly audiences: () => readonly string[];
   readonly log: Logger;
 }): Route {
-  const replay = new ReplayCache();
+  const replay = deps.replay;
   return {
     method: "POST",
     path: APP_PATHS.selfRevoke,

@@ -3,6 +3,7 @@ import { dirname, isAbsolute, join, resolve } from "node:path";
 import { parse as parseToml } from "smol-toml";
 import { z } from "zod";
 import { M2mError } from "../core/errors.js";
+import { Secret } from "../core/secret.js";
 
 /** Parses `90s`, `15m`, `24h`, `7d` (or a bare number of seconds) into seconds. */
 export function parseDurationSeconds(text: string | number): number {
@@ -80,6 +81,27 @@ const fileSchema = z
     ingest: z.record(z.string(), z.unknown()).optional(),
     /** Key rotation policy (validated by registrar/rotation/policy.ts). */
     rotation: z.record(z.string(), z.unknown()).optional(),
+    /** Registry database; absent = SQLite in data_dir. */
+    store: z
+      .object({
+        /** `postgresql://user[:password]@host[:port]/db[?host=/socket/dir]`; env M2M_REGISTRAR_STORE_URL wins. */
+        url: z.string().min(1).max(4096).optional(),
+        pool_max: z.number().int().min(1).max(500).default(10),
+        auto_migrate: z.boolean().default(true),
+        statement_timeout_ms: z.number().int().min(100).max(600_000).default(15_000),
+      })
+      .strict()
+      .default({ pool_max: 10, auto_migrate: true, statement_timeout_ms: 15_000 }),
+    /** Token signing keys (rollover: docs/registrar-scale.md). */
+    keys: z
+      .object({
+        /** PEM (PKCS#8, EC P-256) that signs access tokens; default data_dir/oauth-signing-key.pem (created). */
+        signing_key: z.string().min(1).max(4096).optional(),
+        /** Further keys /jwks publishes (rollover overlap); never used to sign. */
+        published_keys: z.array(z.string().min(1).max(4096)).max(8).default([]),
+      })
+      .strict()
+      .default({ published_keys: [] }),
     limits: z
       .object({
         max_body_bytes: z
@@ -129,6 +151,10 @@ export interface RegistrarConfig {
   readonly maxInFlight: number;
   /** Cap on the Retry-After (seconds) of a shed request. */
   readonly retryAfterMaxSeconds: number;
+  /** Where the registry lives. The PostgreSQL URL may hold a password: a Secret, never logged. */
+  readonly store: StoreConfig;
+  /** Token signing key files (absolute); undefined signingKey = data_dir/oauth-signing-key.pem. */
+  readonly keys: { readonly signingKey: string | undefined; readonly publishedKeys: readonly string[] };
   /** Raw `[oauth]` / `[ingest]` tables (validated by src/registrar/app.ts) and the file they came from. */
   readonly sections?: {
     readonly file: string;
@@ -138,13 +164,91 @@ export interface RegistrarConfig {
   };
 }
 
+export type StoreConfig =
+  | { readonly kind: "sqlite"; readonly path: string }
+  | {
+      readonly kind: "postgres";
+      readonly url: Secret;
+      readonly poolMax: number;
+      readonly autoMigrate: boolean;
+      readonly statementTimeoutMs: number;
+    };
+
 export const REGISTRAR_DB_FILE = "registrar.db";
+export const STORE_URL_ENV = "M2M_REGISTRAR_STORE_URL";
+
+/**
+ * Resolves a configured path: `credential:NAME` is the systemd credential NAME
+ * (`$CREDENTIALS_DIRECTORY/NAME`, `credential:` alone the directory itself), anything else is a path
+ * relative to `baseDir`.
+ * @throws ERR_CONFIG_INVALID when a credential is named but no credentials directory is set.
+ */
+export function resolveConfigPath(
+  p: string,
+  baseDir: string,
+  env: Readonly<Record<string, string | undefined>>,
+  file: string,
+  key: string,
+): string {
+  if (p.startsWith("credential:")) {
+    const dir = env.CREDENTIALS_DIRECTORY;
+    const name = p.slice("credential:".length);
+    if (dir === undefined || dir === "" || name.includes("/") || name === "..") {
+      throw new M2mError("ERR_CONFIG_INVALID", "permanent", `${file}: invalid value for '${key}'`, {
+        details: { file, key },
+        hint:
+          dir === undefined || dir === ""
+            ? "credential: paths need $CREDENTIALS_DIRECTORY (systemd LoadCredential= / SetCredentialEncrypted=)"
+            : "a credential name has no '/'",
+      });
+    }
+    return name === "" ? dir : join(dir, name);
+  }
+  return isAbsolute(p) ? p : resolve(baseDir, p);
+}
+
+function storeConfigFrom(
+  c: { url?: string | undefined; pool_max: number; auto_migrate: boolean; statement_timeout_ms: number },
+  dataDir: string,
+  env: Readonly<Record<string, string | undefined>>,
+  file: string,
+): StoreConfig {
+  const fromEnv = env[STORE_URL_ENV];
+  const url = fromEnv !== undefined && fromEnv !== "" ? fromEnv : c.url;
+  const key = fromEnv !== undefined && fromEnv !== "" ? STORE_URL_ENV : "store.url";
+  if (url === undefined) return { kind: "sqlite", path: join(dataDir, REGISTRAR_DB_FILE) };
+  let parsed: URL | undefined;
+  try {
+    parsed = new URL(url);
+  } catch {
+    parsed = undefined;
+  }
+  // Never echo the value: it may carry a password.
+  if (parsed === undefined || (parsed.protocol !== "postgresql:" && parsed.protocol !== "postgres:")) {
+    throw new M2mError("ERR_CONFIG_INVALID", "permanent", `${file}: invalid value for '${key}'`, {
+      details: { file, key },
+      hint: "a PostgreSQL URL: postgresql://user@host:5432/db (or ?host=/run/postgresql for a socket); omit for SQLite",
+    });
+  }
+  return {
+    kind: "postgres",
+    url: new Secret(url),
+    poolMax: c.pool_max,
+    autoMigrate: c.auto_migrate,
+    statementTimeoutMs: c.statement_timeout_ms,
+  };
+}
 
 /**
  * Builds a RegistrarConfig from the parsed TOML object. Relative paths resolve against `baseDir`.
  * @throws ERR_CONFIG_INVALID naming the key (never the value).
  */
-export function registrarConfigFrom(raw: unknown, baseDir: string, file = "<config>"): RegistrarConfig {
+export function registrarConfigFrom(
+  raw: unknown,
+  baseDir: string,
+  file = "<config>",
+  env: Readonly<Record<string, string | undefined>> = {},
+): RegistrarConfig {
   const r = fileSchema.safeParse(raw);
   if (!r.success) {
     const issue = r.error.issues[0];
@@ -155,7 +259,7 @@ export function registrarConfigFrom(raw: unknown, baseDir: string, file = "<conf
     });
   }
   const c = r.data;
-  const abs = (p: string): string => (isAbsolute(p) ? p : resolve(baseDir, p));
+  const abs = (p: string, key = "path"): string => resolveConfigPath(p, baseDir, env, file, key);
   const dataDir = abs(c.data_dir);
   let tls: RegistrarConfig["tls"];
   if (c.tls.insecure_http) {
@@ -173,7 +277,7 @@ export function registrarConfigFrom(raw: unknown, baseDir: string, file = "<conf
     listen: c.listen,
     tls,
     dataDir,
-    caDir: c.ca_dir === undefined ? join(dataDir, "ca") : abs(c.ca_dir),
+    caDir: c.ca_dir === undefined ? join(dataDir, "ca") : abs(c.ca_dir, "ca_dir"),
     publicUrl: c.public_url,
     sessionTtlSeconds: c.session_ttl,
     certLifetimeSeconds: c.cert_lifetime,
@@ -185,12 +289,23 @@ export function registrarConfigFrom(raw: unknown, baseDir: string, file = "<conf
     requestTimeoutMs: c.limits.request_timeout_ms,
     maxInFlight: c.limits.max_in_flight,
     retryAfterMaxSeconds: c.limits.retry_after_max_s,
+    store: storeConfigFrom(c.store, dataDir, env, file),
+    keys: {
+      signingKey: c.keys.signing_key === undefined ? undefined : abs(c.keys.signing_key, "keys.signing_key"),
+      publishedKeys: c.keys.published_keys.map((k) => abs(k, "keys.published_keys")),
+    },
     sections: { file, oauth: c.oauth, ingest: c.ingest, rotation: c.rotation },
   };
 }
 
-/** Reads and validates a registrar TOML file. @throws ERR_CONFIG_READ, ERR_CONFIG_INVALID */
-export async function loadRegistrarConfig(file: string): Promise<RegistrarConfig> {
+/**
+ * Reads and validates a registrar TOML file; `env` supplies M2M_REGISTRAR_STORE_URL and
+ * CREDENTIALS_DIRECTORY. @throws ERR_CONFIG_READ, ERR_CONFIG_INVALID
+ */
+export async function loadRegistrarConfig(
+  file: string,
+  env: Readonly<Record<string, string | undefined>> = process.env,
+): Promise<RegistrarConfig> {
   let text: string;
   try {
     text = await readFile(file, "utf8");
@@ -206,5 +321,5 @@ export async function loadRegistrarConfig(file: string): Promise<RegistrarConfig
       details: { file },
     });
   }
-  return registrarConfigFrom(raw, dirname(resolve(file)), file);
+  return registrarConfigFrom(raw, dirname(resolve(file)), file, env);
 }

@@ -102,22 +102,31 @@ describe("RegistrarStore.replaceDeviceKey", () => {
 describe("RotationSessions", () => {
   it("single use, short-lived, bound to the device, one live session per device", async () => {
     const c = new ManualClock(new Date("2026-06-01T00:00:00Z"));
-    const s = new RotationSessions(c, 60);
-    const a = s.begin("dev-1", "t1");
+    // Sessions live in the registrar store (shared by replicas); an in-memory SQLite one here.
+    const store = new SqliteRegistrarStore(":memory:");
+    const s = new RotationSessions(store, c, 60);
+    const a = await s.begin("dev-1", "t1");
     expect(a.nonce).toHaveLength(32);
-    expect(() => s.take(a.id, "dev-2")).toThrow(
+    await expect(s.take(a.id, "dev-2")).rejects.toThrow(
       expect.objectContaining({ code: "ERR_ROTATION_SESSION_DEVICE" }),
     );
-    expect(s.take(a.id, "dev-1").nonce.equals(a.nonce)).toBe(true);
-    expect(() => s.take(a.id, "dev-1")).toThrow(expect.objectContaining({ code: "ERR_SESSION_CONSUMED" }));
-    const b = s.begin("dev-1", "t1");
-    const b2 = s.begin("dev-1", "t1");
-    expect(() => s.take(b.id, "dev-1")).toThrow(expect.objectContaining({ code: "ERR_SESSION_UNKNOWN" }));
-    await c.advance(60_000);
-    expect(() => s.take(b2.id, "dev-1")).toThrow(expect.objectContaining({ code: "ERR_SESSION_EXPIRED" }));
-    expect(() => s.take("0".repeat(32), "dev-1")).toThrow(
+    expect((await s.take(a.id, "dev-1")).nonce.equals(a.nonce)).toBe(true);
+    await expect(s.take(a.id, "dev-1")).rejects.toThrow(
+      expect.objectContaining({ code: "ERR_SESSION_CONSUMED" }),
+    );
+    const b = await s.begin("dev-1", "t1");
+    const b2 = await s.begin("dev-1", "t1");
+    await expect(s.take(b.id, "dev-1")).rejects.toThrow(
       expect.objectContaining({ code: "ERR_SESSION_UNKNOWN" }),
     );
+    await c.advance(60_000);
+    await expect(s.take(b2.id, "dev-1")).rejects.toThrow(
+      expect.objectContaining({ code: "ERR_SESSION_EXPIRED" }),
+    );
+    await expect(s.take("0".repeat(32), "dev-1")).rejects.toThrow(
+      expect.objectContaining({ code: "ERR_SESSION_UNKNOWN" }),
+    );
+    await store.close();
   });
 });
 

@@ -74,6 +74,10 @@ export class HttpError extends M2mError {
 
 /** Status for each stable code the registrar emits. Unknown permanent M2mErrors map to 403. */
 export const STATUS_FOR_CODE: Readonly<Record<string, number>> = {
+  // The shared store is unreachable or a transaction lost a serialisation race: retry (elsewhere).
+  ERR_STORE_UNAVAILABLE: 503,
+  ERR_STORE_CONFLICT: 503,
+  ERR_STORE_QUERY: 500,
   ERR_BAD_JSON: 400,
   ERR_SCHEMA: 400,
   ERR_CSR_INVALID: 400,
@@ -106,6 +110,9 @@ export const STATUS_FOR_CODE: Readonly<Record<string, number>> = {
  * detail goes to the registrar's own log via `cause`.
  */
 const MESSAGE_FOR_CODE: Readonly<Record<string, string>> = {
+  ERR_STORE_UNAVAILABLE: "service temporarily unavailable, retry later",
+  ERR_STORE_CONFLICT: "service temporarily unavailable, retry later",
+  ERR_STORE_QUERY: "internal error",
   ERR_BAD_JSON: "request body is not valid JSON",
   ERR_SCHEMA: "request body does not match the schema",
   ERR_CSR_INVALID: "the CSR could not be parsed",

@@ -10,7 +10,7 @@ import {
   splitCompact,
   verifyCompactSignature,
 } from "./jws-util.js";
-import type { ReplayCache } from "./replay-cache.js";
+import type { ReplayGuard } from "./replay-cache.js";
 
 export const JWT_BEARER_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
@@ -35,7 +35,7 @@ export const DEFAULT_ASSERTION_POLICY: Omit<AssertionPolicy, "audiences"> = {
 export async function verifyClientAssertion(
   assertion: string,
   clientIdParam: string | undefined,
-  deps: { directory: DeviceDirectory; replay: ReplayCache; clock: Clock; policy: AssertionPolicy },
+  deps: { directory: DeviceDirectory; replay: ReplayGuard; clock: Clock; policy: AssertionPolicy },
 ): Promise<DirectoryDevice> {
   const { header, payload } = splitCompact(assertion, "ERR_ASSERTION");
   // Security: an explicit allowlist shuts out `none`, HMAC-with-the-public-key and exotic algorithms.
@@ -106,7 +106,7 @@ export async function verifyClientAssertion(
     throw refusal("ERR_ASSERTION_JTI", "invalid_client", "jti missing or malformed");
   }
   // Security: each assertion is single-use for as long as it could be accepted.
-  if (!deps.replay.checkAndRecord(`a|${sub}|${jti}`, exp + skewSec, now)) {
+  if (!(await deps.replay.checkAndRecord(`a|${sub}|${jti}`, exp + skewSec, now))) {
     throw refusal("ERR_ASSERTION_REPLAY", "invalid_client", "assertion already used");
   }
   return device;

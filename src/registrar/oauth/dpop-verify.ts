@@ -12,7 +12,7 @@ import {
   splitCompact,
   verifyCompactSignature,
 } from "./jws-util.js";
-import type { ReplayCache } from "./replay-cache.js";
+import type { ReplayGuard } from "./replay-cache.js";
 
 export interface DpopCheck {
   readonly method: string;
@@ -37,13 +37,15 @@ export const DEFAULT_DPOP_POLICY: DpopPolicy = { maxAgeSec: 60, skewSec: 30 };
  * are accepted so a nonce stays good for at least one full window.
  */
 export class DpopNonceIssuer {
-  readonly #secret = randomBytes(32);
+  readonly #secret: Buffer;
   readonly #clock: Clock;
   readonly #windowSec: number;
 
-  constructor(clock: Clock, windowSec = 300) {
+  /** `secret`: shared by every replica (from the store) so a nonce from one is accepted by all. */
+  constructor(clock: Clock, windowSec = 300, secret: Buffer = randomBytes(32)) {
     this.#clock = clock;
     this.#windowSec = windowSec;
+    this.#secret = secret;
   }
 
   #at(window: number): string {
@@ -74,7 +76,7 @@ export async function verifyDpopProof(
   proof: string,
   check: DpopCheck,
   deps: {
-    replay: ReplayCache;
+    replay: ReplayGuard;
     clock: Clock;
     policy?: DpopPolicy;
     /**
@@ -83,7 +85,7 @@ export async function verifyDpopProof(
      */
     deferReplay?: boolean;
   },
-): Promise<{ jkt: string; jwk: JWK; recordReplay: () => void }> {
+): Promise<{ jkt: string; jwk: JWK; recordReplay: () => Promise<void> }> {
   const policy = deps.policy ?? DEFAULT_DPOP_POLICY;
   const { header, payload } = splitCompact(proof, "ERR_DPOP");
   // Security: the typ keeps other JWTs (assertions, access tokens) from passing as proofs.
@@ -149,20 +151,20 @@ export async function verifyDpopProof(
     }
   }
   const jkt = jwkThumbprint(jwk as JWK);
-  const recordReplay = (): void => {
+  const recordReplay = async (): Promise<void> => {
     // Security: each proof is single-use within its acceptance window.
     if (
-      !deps.replay.checkAndRecord(
+      !(await deps.replay.checkAndRecord(
         `p|${jkt}|${jti}`,
         iat + policy.maxAgeSec + policy.skewSec,
         deps.clock.nowSeconds(),
-      )
+      ))
     ) {
       throw refusal("ERR_DPOP_REPLAY", "invalid_dpop_proof", "proof already used");
     }
   };
-  if (deps.deferReplay !== true) recordReplay();
-  else if (deps.replay.has(`p|${jkt}|${jti}`, now)) {
+  if (deps.deferReplay !== true) await recordReplay();
+  else if (await deps.replay.has(`p|${jkt}|${jti}`, now)) {
     throw refusal("ERR_DPOP_REPLAY", "invalid_dpop_proof", "proof already used");
   }
   return { jkt, jwk: jwk as JWK, recordReplay };

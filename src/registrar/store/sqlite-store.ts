@@ -2,7 +2,19 @@ import { closeSync, constants, mkdirSync, openSync } from "node:fs";
 import { dirname } from "node:path";
 import Database from "better-sqlite3";
 import { M2mError } from "../../core/errors.js";
-import type { Attributes, EnrolmentMethod } from "../../wire/v1/index.js";
+import { MIGRATIONS, SCHEMA_VERSION } from "./migrations.js";
+import {
+  type DeviceRow,
+  deviceOf,
+  type GroupRow,
+  groupOf,
+  type RotationRow,
+  rotationOf,
+  type SessionRow,
+  sessionOf,
+  type TokenRow,
+  tokenOf,
+} from "./rows.js";
 import type {
   AuditEvent,
   BootstrapTokenRecord,
@@ -16,102 +28,10 @@ import type {
   PlanEnrolment,
   RegistrarStore,
   ReplaceDeviceKey,
-  SessionData,
+  RotationSessionRecord,
 } from "./store.js";
 
-const SCHEMA = `
-CREATE TABLE IF NOT EXISTS groups (
-  name TEXT PRIMARY KEY,
-  role TEXT NOT NULL,
-  attributes TEXT NOT NULL,
-  methods TEXT NOT NULL,
-  ek_trust_dir TEXT,
-  ek_allow TEXT NOT NULL,
-  created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS bootstrap_tokens (
-  hash TEXT PRIMARY KEY,
-  group_name TEXT NOT NULL REFERENCES groups(name),
-  expires_at INTEGER NOT NULL,
-  created_at INTEGER NOT NULL,
-  used_at INTEGER,
-  used_by TEXT
-);
-CREATE TABLE IF NOT EXISTS sessions (
-  id TEXT PRIMARY KEY,
-  data TEXT NOT NULL,
-  created_at INTEGER NOT NULL,
-  expires_at INTEGER NOT NULL,
-  consumed_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS devices (
-  device_id TEXT PRIMARY KEY,
-  method TEXT NOT NULL,
-  status TEXT NOT NULL CHECK (status IN ('active','revoked')),
-  group_name TEXT NOT NULL,
-  role TEXT NOT NULL,
-  attributes TEXT NOT NULL,
-  public_jwk TEXT NOT NULL,
-  thumbprint TEXT NOT NULL UNIQUE,
-  ek_hash TEXT UNIQUE,
-  hardware_serial TEXT NOT NULL,
-  evidence TEXT,
-  cert_serial TEXT NOT NULL,
-  cert_not_after INTEGER NOT NULL,
-  created_at INTEGER NOT NULL,
-  updated_at INTEGER NOT NULL,
-  revoked_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS audit (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  event TEXT NOT NULL
-);
-`;
-
-interface GroupRow {
-  name: string;
-  role: string;
-  attributes: string;
-  methods: string;
-  ek_trust_dir: string | null;
-  ek_allow: string;
-  created_at: number;
-}
-interface TokenRow {
-  hash: string;
-  group_name: string;
-  expires_at: number;
-  created_at: number;
-  used_at: number | null;
-  used_by: string | null;
-}
-interface SessionRow {
-  id: string;
-  data: string;
-  created_at: number;
-  expires_at: number;
-  consumed_at: number | null;
-}
-interface DeviceRow {
-  device_id: string;
-  method: string;
-  status: string;
-  group_name: string;
-  role: string;
-  attributes: string;
-  public_jwk: string;
-  thumbprint: string;
-  ek_hash: string | null;
-  hardware_serial: string;
-  evidence: string | null;
-  cert_serial: string;
-  cert_not_after: number;
-  created_at: number;
-  updated_at: number;
-  revoked_at: number | null;
-}
-
-const refused = (code: string, message: string): M2mError => new M2mError(code, "permanent", message);
+export const refused = (code: string, message: string): M2mError => new M2mError(code, "permanent", message);
 
 /**
  * SQLite registry (better-sqlite3 12): WAL journal, prepared statements, every decision in a
@@ -122,6 +42,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
   readonly #db: Database.Database;
   readonly #stmt: ReturnType<SqliteRegistrarStore["prepare"]>;
   readonly #auditBuffer: string[] = [];
+  readonly #listeners = new Set<(deviceId: string) => void>();
   #auditTimer: NodeJS.Timeout | undefined;
 
   constructor(path: string) {
@@ -135,8 +56,44 @@ export class SqliteRegistrarStore implements RegistrarStore {
     this.#db.pragma("synchronous = FULL");
     this.#db.pragma("foreign_keys = ON");
     this.#db.pragma("busy_timeout = 5000");
-    this.#db.exec(SCHEMA);
+    this.migrate();
     this.#stmt = this.prepare();
+  }
+
+  /**
+   * Applies pending migrations (MIGRATIONS), each in a `BEGIN IMMEDIATE` transaction: the file's write
+   * lock serialises processes opening the same database. Runs at every open (embedded database).
+   * @throws ERR_STORE_SCHEMA_NEWER when the database was migrated by a newer registrar.
+   */
+  migrate(): { from: number; to: number } {
+    const db = this.#db;
+    db.exec(
+      "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+    );
+    const current = (): number =>
+      (db.prepare("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations").get() as { v: number }).v;
+    const from = current();
+    if (from > SCHEMA_VERSION) throw schemaNewer(from);
+    for (const m of MIGRATIONS) {
+      db.transaction(() => {
+        // Re-read under the write lock: another process may have applied it meanwhile.
+        if (current() >= m.version) return;
+        db.exec(m.sqlite);
+        db.prepare("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?,?,?)").run(
+          m.version,
+          m.name,
+          Date.now(),
+        );
+      }).immediate();
+    }
+    return { from, to: current() };
+  }
+
+  /** The applied schema version. */
+  async schemaVersion(): Promise<number> {
+    return (
+      this.#db.prepare("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations").get() as { v: number }
+    ).v;
   }
 
   private prepare() {
@@ -183,6 +140,27 @@ export class SqliteRegistrarStore implements RegistrarStore {
       revokeDevice: db.prepare(
         "UPDATE devices SET status = 'revoked', revoked_at = ?, updated_at = ? WHERE device_id = ? AND status = 'active'",
       ),
+      consumeOnce: db.prepare(
+        `INSERT INTO once_keys (key, expires_at) VALUES (?, ?)
+         ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at WHERE once_keys.expires_at < ?`,
+      ),
+      getOnce: db.prepare<[string], { expires_at: number }>("SELECT expires_at FROM once_keys WHERE key = ?"),
+      purgeOnce: db.prepare("DELETE FROM once_keys WHERE expires_at < ?"),
+      dropDeviceRotations: db.prepare(
+        "DELETE FROM rotation_sessions WHERE device_id = ? AND consumed_at IS NULL",
+      ),
+      insertRotation: db.prepare(
+        "INSERT INTO rotation_sessions (id, device_id, current_thumbprint, nonce, expires_at) VALUES (?,?,?,?,?)",
+      ),
+      getRotation: db.prepare<[string], RotationRow>("SELECT * FROM rotation_sessions WHERE id = ?"),
+      takeRotation: db.prepare(
+        "UPDATE rotation_sessions SET consumed_at = ? WHERE id = ? AND device_id = ? AND consumed_at IS NULL",
+      ),
+      purgeRotations: db.prepare("DELETE FROM rotation_sessions WHERE expires_at <= ?"),
+      insertSecret: db.prepare(
+        "INSERT INTO shared_secrets (name, value, created_at) VALUES (?,?,?) ON CONFLICT (name) DO NOTHING",
+      ),
+      getSecret: db.prepare<[string], { value: Buffer }>("SELECT value FROM shared_secrets WHERE name = ?"),
       insertAudit: db.prepare("INSERT INTO audit (event) VALUES (?)"),
       listAudit: db.prepare<[number], { event: string }>("SELECT event FROM audit ORDER BY id DESC LIMIT ?"),
     };
@@ -248,18 +226,91 @@ export class SqliteRegistrarStore implements RegistrarStore {
 
   async getSession(id: string): Promise<EnrolmentSession | undefined> {
     const row = this.#stmt.getSession.get(id);
-    if (row === undefined) return undefined;
-    return {
-      id: row.id,
-      data: JSON.parse(row.data) as SessionData,
-      createdAt: new Date(row.created_at),
-      expiresAt: new Date(row.expires_at),
-      consumedAt: row.consumed_at === null ? undefined : new Date(row.consumed_at),
-    };
+    return row === undefined ? undefined : sessionOf(row);
   }
 
   async purgeExpiredSessions(now: Date): Promise<number> {
-    return this.#stmt.purgeSessions.run(now.getTime()).changes;
+    const t = now.getTime();
+    return this.#db.transaction(
+      () =>
+        this.#stmt.purgeSessions.run(t).changes +
+        this.#stmt.purgeRotations.run(t).changes +
+        this.#stmt.purgeOnce.run(t).changes,
+    )();
+  }
+
+  async consumeOnce(key: string, expiresAt: Date, now: Date): Promise<boolean> {
+    // Losing a replay record to a power cut (not a process crash: WAL) reopens at most the key's
+    // remaining lifetime; the FULL fsync per token request is not worth it. Process restarts keep it.
+    this.#db.pragma("synchronous = NORMAL");
+    try {
+      return this.#stmt.consumeOnce.run(key, expiresAt.getTime(), now.getTime()).changes === 1;
+    } finally {
+      this.#db.pragma("synchronous = FULL");
+    }
+  }
+
+  async isConsumed(key: string, now: Date): Promise<boolean> {
+    const row = this.#stmt.getOnce.get(key);
+    return row !== undefined && row.expires_at >= now.getTime();
+  }
+
+  async createRotationSession(session: RotationSessionRecord): Promise<void> {
+    this.#db
+      .transaction(() => {
+        this.#stmt.dropDeviceRotations.run(session.deviceId);
+        this.#stmt.insertRotation.run(
+          session.id,
+          session.deviceId,
+          session.currentThumbprint,
+          session.nonce,
+          session.expiresAt.getTime(),
+        );
+      })
+      .immediate();
+  }
+
+  async takeRotationSession(id: string, deviceId: string, now: Date): Promise<RotationSessionRecord> {
+    return this.#db
+      .transaction((): RotationSessionRecord => {
+        const row = this.#stmt.getRotation.get(id);
+        if (row === undefined) throw refused("ERR_SESSION_UNKNOWN", "session not found");
+        // Security: a replayed finish must not get a second certificate.
+        if (row.consumed_at !== null) throw refused("ERR_SESSION_CONSUMED", "session used");
+        // Security: the nonce is another device's challenge; it is not consumed by a stranger's attempt.
+        if (row.device_id !== deviceId)
+          throw refused("ERR_ROTATION_SESSION_DEVICE", "session belongs to another device");
+        // Security: a short-lived nonce bounds how long a certification can be held back and used.
+        if (row.expires_at <= now.getTime()) throw refused("ERR_SESSION_EXPIRED", "session expired");
+        if (this.#stmt.takeRotation.run(now.getTime(), id, deviceId).changes !== 1)
+          throw refused("ERR_SESSION_CONSUMED", "session used");
+        return rotationOf(row);
+      })
+      .immediate();
+  }
+
+  async sharedSecret(name: string, create: () => Buffer): Promise<Buffer> {
+    const have = this.#stmt.getSecret.get(name);
+    if (have !== undefined) return Buffer.from(have.value);
+    this.#stmt.insertSecret.run(name, create(), Date.now());
+    const row = this.#stmt.getSecret.get(name);
+    if (row === undefined) throw new M2mError("ERR_INTERNAL", "permanent", "shared secret vanished");
+    return Buffer.from(row.value);
+  }
+
+  onDeviceChange(listener: (deviceId: string) => void): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
+  #changed(deviceId: string): void {
+    for (const l of this.#listeners) {
+      try {
+        l(deviceId);
+      } catch {
+        // A listener's failure must not undo a committed change.
+      }
+    }
   }
 
   async getDevice(deviceId: string): Promise<DeviceRecord | undefined> {
@@ -360,7 +411,9 @@ export class SqliteRegistrarStore implements RegistrarStore {
       );
       return { device: this.#mustGet(input.deviceId), reenrolled: false };
     });
-    return tx.immediate();
+    const result = tx.immediate();
+    if (result.reenrolled) this.#changed(result.device.deviceId);
+    return result;
   }
 
   #consumeProof(input: CommitEnrolment, now: number): void {
@@ -433,7 +486,9 @@ export class SqliteRegistrarStore implements RegistrarStore {
       if (changed !== 1) throw refused("ERR_ROTATION_CONFLICT", "the device key changed during the rotation");
       return this.#mustGet(input.deviceId);
     });
-    return tx.immediate();
+    const d = tx.immediate();
+    this.#changed(d.deviceId);
+    return d;
   }
 
   async revokeDevice(deviceId: string, at: Date): Promise<DeviceRecord> {
@@ -443,7 +498,9 @@ export class SqliteRegistrarStore implements RegistrarStore {
       this.#stmt.revokeDevice.run(at.getTime(), at.getTime(), deviceId);
       return this.#mustGet(deviceId);
     });
-    return tx.immediate();
+    const d = tx.immediate();
+    this.#changed(d.deviceId);
+    return d;
   }
 
   /**
@@ -483,46 +540,11 @@ export class SqliteRegistrarStore implements RegistrarStore {
   }
 }
 
-function groupOf(row: GroupRow): EnrolmentGroup {
-  return {
-    name: row.name,
-    role: row.role,
-    attributes: JSON.parse(row.attributes) as Attributes,
-    methods: JSON.parse(row.methods) as EnrolmentMethod[],
-    ekTrustDir: row.ek_trust_dir ?? undefined,
-    ekAllow: JSON.parse(row.ek_allow) as string[],
-    createdAt: new Date(row.created_at),
-  };
-}
-
-function tokenOf(row: TokenRow): BootstrapTokenRecord {
-  return {
-    hash: row.hash,
-    group: row.group_name,
-    expiresAt: new Date(row.expires_at),
-    createdAt: new Date(row.created_at),
-    usedAt: row.used_at === null ? undefined : new Date(row.used_at),
-    usedBy: row.used_by ?? undefined,
-  };
-}
-
-function deviceOf(row: DeviceRow): DeviceRecord {
-  return {
-    deviceId: row.device_id,
-    method: row.method as EnrolmentMethod,
-    status: row.status === "revoked" ? "revoked" : "active",
-    group: row.group_name,
-    role: row.role,
-    attributes: JSON.parse(row.attributes) as Attributes,
-    publicJwk: JSON.parse(row.public_jwk) as Record<string, string>,
-    thumbprint: row.thumbprint,
-    ekHash: row.ek_hash ?? undefined,
-    hardwareSerial: row.hardware_serial,
-    evidence: row.evidence === null ? undefined : (JSON.parse(row.evidence) as Record<string, unknown>),
-    certSerial: row.cert_serial,
-    certNotAfter: new Date(row.cert_not_after),
-    createdAt: new Date(row.created_at),
-    updatedAt: new Date(row.updated_at),
-    revokedAt: row.revoked_at === null ? undefined : new Date(row.revoked_at),
-  };
+export function schemaNewer(version: number): M2mError {
+  return new M2mError(
+    "ERR_STORE_SCHEMA_NEWER",
+    "permanent",
+    `the database schema (version ${version}) is newer than this registrar understands (${SCHEMA_VERSION})`,
+    { hint: "upgrade m2m-registrar on this host; every replica must run the same or a newer release" },
+  );
 }

@@ -25,7 +25,10 @@ export interface RegistrarStore {
   // --- enrolment sessions (TPM begin → finish) ---------------------------------------------------
   createSession(session: NewEnrolmentSession): Promise<void>;
   getSession(id: string): Promise<EnrolmentSession | undefined>;
-  /** Removes sessions that expired before `now` (housekeeping; never needed for correctness). */
+  /**
+   * Removes enrolment and rotation sessions and one-time keys that expired before `now`
+   * (housekeeping; never needed for correctness). Returns the number of rows removed.
+   */
   purgeExpiredSessions(now: Date): Promise<number>;
 
   // --- devices -----------------------------------------------------------------------------------
@@ -56,11 +59,57 @@ export interface RegistrarStore {
    */
   replaceDeviceKey(input: ReplaceDeviceKey): Promise<DeviceRecord>;
 
+  // --- one-time keys: jti replay protection and ingest dedup, shared by every replica -------------
+  /**
+   * Records `key` as used until `expiresAt` (inclusive). Returns false when it is already recorded and
+   * still live (a replay). Atomic in the database: of two replicas presenting one key, one wins.
+   * Keys are namespaced by the caller (`a|sub|jti` assertions, `p|jkt|jti` DPoP proofs, `i|dev|id` ingest).
+   */
+  consumeOnce(key: string, expiresAt: Date, now: Date): Promise<boolean>;
+  /** Whether `key` is recorded and live (a read-only pre-check; record with consumeOnce). */
+  isConsumed(key: string, now: Date): Promise<boolean>;
+
+  // --- TPM key-rotation sessions (begin → finish, possibly at another replica) ---------------------
+  /** Stores a session; any other unconsumed session of the same device is dropped (one live per device). */
+  createRotationSession(session: RotationSessionRecord): Promise<void>;
+  /**
+   * Takes the session out (single use, whether the finish then succeeds or not) if it belongs to
+   * `deviceId`; a stranger's attempt does not consume it.
+   * @throws ERR_SESSION_UNKNOWN, ERR_SESSION_CONSUMED, ERR_SESSION_EXPIRED, ERR_ROTATION_SESSION_DEVICE
+   */
+  takeRotationSession(id: string, deviceId: string, now: Date): Promise<RotationSessionRecord>;
+
+  // --- shared secrets (e.g. the DPoP nonce HMAC key, so every replica accepts every nonce) --------
+  /** Returns the secret `name`, creating it from `create()` if absent (first writer wins). */
+  sharedSecret(name: string, create: () => Buffer): Promise<Buffer>;
+
+  // --- change notification (caches) ----------------------------------------------------------------
+  /**
+   * Subscribes to device changes (revocation, key replacement, re-enrolment) made through ANY store
+   * instance on the same database where the backend can tell (PostgreSQL LISTEN/NOTIFY), else through
+   * this instance only (SQLite). Caches must still bound their staleness themselves (fallback).
+   * Returns the unsubscribe function.
+   */
+  onDeviceChange(listener: (deviceId: string) => void): () => void;
+
   // --- audit ---------------------------------------------------------------------------------------
   appendAudit(event: AuditEvent): Promise<void>;
   listAudit(limit: number): Promise<AuditEvent[]>;
 
+  /** The applied schema version (see migrations.ts). */
+  schemaVersion(): Promise<number>;
+
+  /** Flushes buffered audit rows and releases the database. */
   close(): Promise<void>;
+}
+
+export interface RotationSessionRecord {
+  readonly id: string;
+  readonly deviceId: string;
+  /** Thumbprint of the key that authenticated `begin` (the current key then). */
+  readonly currentThumbprint: string;
+  readonly nonce: Buffer;
+  readonly expiresAt: Date;
 }
 
 export interface NewEnrolmentGroup {
