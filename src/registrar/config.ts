@@ -34,6 +34,13 @@ const duration = z.union([z.string().max(32), z.number()]).transform((v, ctx) =>
   }
 });
 
+/**
+ * Default admission limit per registrar process (`[limits] max_in_flight`). Measured with
+ * `npm run bench:fleet` on 2 cores (docs/fleet-load.md): past ~32 concurrent requests throughput no
+ * longer rises, only latency does; 64 keeps p99 bounded while leaving room for I/O waits (PostgreSQL).
+ */
+export const DEFAULT_MAX_IN_FLIGHT = 64;
+
 const fileSchema = z
   .object({
     listen: z
@@ -137,9 +144,18 @@ const fileSchema = z
           .max(16 * 1024 * 1024)
           .default(64 * 1024),
         request_timeout_ms: z.number().int().min(100).max(600_000).default(15_000),
+        /** Requests handled at once by this process; beyond it: 429 + Retry-After (load shedding). */
+        max_in_flight: z.number().int().min(1).max(100_000).default(DEFAULT_MAX_IN_FLIGHT),
+        /** Upper bound of the Retry-After (seconds) sent with a 429. */
+        retry_after_max_s: z.number().int().min(1).max(3600).default(30),
       })
       .strict()
-      .default({ max_body_bytes: 64 * 1024, request_timeout_ms: 15_000 }),
+      .default({
+        max_body_bytes: 64 * 1024,
+        request_timeout_ms: 15_000,
+        max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        retry_after_max_s: 30,
+      }),
   })
   .strict();
 
@@ -164,6 +180,10 @@ export interface RegistrarConfig {
   };
   readonly maxBodyBytes: number;
   readonly requestTimeoutMs: number;
+  /** Admission limit: requests beyond this many in flight are shed with 429 + Retry-After. */
+  readonly maxInFlight: number;
+  /** Cap on the Retry-After (seconds) of a shed request. */
+  readonly retryAfterMaxSeconds: number;
   /** Where the registry lives. The PostgreSQL URL may hold a password: a Secret, never logged. */
   readonly store: StoreConfig;
   /** Token signing key files (absolute); undefined signingKey = data_dir/oauth-signing-key.pem. */
@@ -332,6 +352,8 @@ export function registrarConfigFrom(
     endpoints: c.endpoints,
     maxBodyBytes: c.limits.max_body_bytes,
     requestTimeoutMs: c.limits.request_timeout_ms,
+    maxInFlight: c.limits.max_in_flight,
+    retryAfterMaxSeconds: c.limits.retry_after_max_s,
     store: storeConfigFrom(c.store, dataDir, env, file),
     keys: {
       signingKey: c.keys.signing_key === undefined ? undefined : abs(c.keys.signing_key, "keys.signing_key"),

@@ -101,6 +101,7 @@ export const STATUS_FOR_CODE: Readonly<Record<string, number>> = {
   ERR_SESSION_EXPIRED: 410,
   ERR_BODY_TOO_LARGE: 413,
   ERR_CONTENT_TYPE: 415,
+  ERR_BUSY: 429,
   ERR_INTERNAL: 500,
 };
 
@@ -136,6 +137,7 @@ const MESSAGE_FOR_CODE: Readonly<Record<string, string>> = {
   ERR_CONTENT_TYPE: "unsupported content type",
   ERR_NOT_FOUND: "not found",
   ERR_METHOD_NOT_ALLOWED: "method not allowed",
+  ERR_BUSY: "registrar busy: retry after the Retry-After delay",
   ERR_INTERNAL: "internal error",
 };
 
