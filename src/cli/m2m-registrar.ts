@@ -16,6 +16,7 @@ import {
   signingKeyFromPem,
   writeNewKeyFile,
 } from "../registrar/oauth/signing-key.js";
+import { CrlPublisher } from "../registrar/revocation/index.js";
 import {
   type DeviceRecord,
   migrateRegistrarStore,
@@ -23,7 +24,6 @@ import {
   type RegistrarStore,
   SqliteRegistrarStore,
 } from "../registrar/store/index.js";
-import { CrlPublisher } from "../registrar/revocation/index.js";
 import type { EnrolmentMethod } from "../wire/v1/index.js";
 
 /** Where the CLI writes; tests capture it. */

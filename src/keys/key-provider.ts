@@ -1,8 +1,7 @@
 import type { JWK } from "jose";
 import type { ErrorCode } from "../core/error-codes.js";
-import type { TlsClientKey, TpmAttestation } from "./capabilities.js";
-
 import type { JwsAlgorithm, KeyAlgorithm } from "../core/public-key.js";
+import type { TlsClientKey, TpmAttestation } from "./capabilities.js";
 
 // Shared with the registrar (which never imports src/keys/): defined in core.
 export { JWS_ALGS_FOR, type JwsAlgorithm, type KeyAlgorithm } from "../core/public-key.js";

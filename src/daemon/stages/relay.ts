@@ -1,12 +1,12 @@
 import { outboxPath } from "../../config/index.js";
 import { systemClock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
-import { healthReasonOf } from "../health.js";
 import { backoffDelay, defaultRetryPolicy } from "../../core/retry.js";
 import { type SinkCredentials, sinksFromConfig, unhealthyAfterMs } from "../../relay/from-config.js";
 import type { Outbox, OutboxStats } from "../../relay/outbox/outbox.js";
 import type { MqttSource } from "../../relay/sources/mqtt/mqtt-source.js";
 import type { RelayStack } from "../../relay/stack.js";
+import { healthReasonOf } from "../health.js";
 import type { AgentStage, StageContext, StageStarted } from "../stage-types.js";
 
 /**
@@ -95,7 +95,10 @@ export const relayStage: AgentStage<SinkCredentials> = {
         },
       });
     } else {
-      ctx.health.set("relay.ingest", "ERR_API_UNAVAILABLE: local API unavailable: POST /v1/messages is not served");
+      ctx.health.set(
+        "relay.ingest",
+        "ERR_API_UNAVAILABLE: local API unavailable: POST /v1/messages is not served",
+      );
     }
     // Local MQTT source: sensors already publishing to a broker on the gateway.
     const sourceAbort = new AbortController();
@@ -121,7 +124,10 @@ export const relayStage: AgentStage<SinkCredentials> = {
             ctx.health.set("relay.sources.mqtt", undefined);
             return;
           } catch (err) {
-            ctx.health.set("relay.sources.mqtt", healthReasonOf(err, "local broker unreachable: ", "ERR_MQTT_SOURCE"));
+            ctx.health.set(
+              "relay.sources.mqtt",
+              healthReasonOf(err, "local broker unreachable: ", "ERR_MQTT_SOURCE"),
+            );
             const delay = backoffDelay({ ...defaultRetryPolicy, baseMs: 1000, capMs: 30_000 }, attempt);
             try {
               await ctx.clock.sleep(delay, sourceAbort.signal);

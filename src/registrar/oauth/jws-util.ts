@@ -46,7 +46,8 @@ export function splitCompact(
   if (typeof jws !== "string" || jws.length > 16_384)
     throw refusal(`${prefix}_MALFORMED` as const, "invalid_request", "JWT too large");
   const parts = jws.split(".");
-  if (parts.length !== 3) throw refusal(`${prefix}_MALFORMED` as const, "invalid_request", "not a compact JWS");
+  if (parts.length !== 3)
+    throw refusal(`${prefix}_MALFORMED` as const, "invalid_request", "not a compact JWS");
   const [h = "", p = "", s = ""] = parts;
   // Why: one canonical spelling per segment (no padding, whitespace or '+/'), so what is parsed is
   // exactly what was signed and the signature segment cannot be re-spelt. (An empty signature is left
@@ -62,7 +63,12 @@ export function splitCompact(
     headerText = STRICT_UTF8.decode(Buffer.from(h, "base64url"));
     payloadText = STRICT_UTF8.decode(Buffer.from(p, "base64url"));
   } catch (err) {
-    throw refusal(`${prefix}_UTF8` as const, "invalid_request", "JWT header or claims are not valid UTF-8", err);
+    throw refusal(
+      `${prefix}_UTF8` as const,
+      "invalid_request",
+      "JWT header or claims are not valid UTF-8",
+      err,
+    );
   }
   try {
     const header = JSON.parse(headerText) as unknown;
@@ -70,7 +76,12 @@ export function splitCompact(
     if (!isObject(header) || !isObject(payload)) throw new Error("not objects");
     return { header: header as ProtectedHeaderParameters, payload };
   } catch (err) {
-    throw refusal(`${prefix}_MALFORMED` as const, "invalid_request", "JWT header or claims are not JSON objects", err);
+    throw refusal(
+      `${prefix}_MALFORMED` as const,
+      "invalid_request",
+      "JWT header or claims are not JSON objects",
+      err,
+    );
   }
 }
 

@@ -27,8 +27,8 @@ import type {
   NewEnrolmentSession,
   PlanEnrolment,
   RegistrarStore,
-  RevokedCertificate,
   ReplaceDeviceKey,
+  RevokedCertificate,
   RotationSessionRecord,
 } from "./store.js";
 
@@ -372,7 +372,12 @@ export class PgRegistrarStore implements RegistrarStore {
           const row = r.rows[0];
           // Security: revoked between the match and the update (cannot happen under FOR UPDATE; belt and braces).
           if (row === undefined) throw refused("ERR_DEVICE_REVOKED", "the device is revoked");
-          await c.query(INSERT_CERT, [input.certSerial, existing.deviceId, input.certNotAfter.getTime(), now]);
+          await c.query(INSERT_CERT, [
+            input.certSerial,
+            existing.deviceId,
+            input.certNotAfter.getTime(),
+            now,
+          ]);
           await c.query("SELECT pg_notify($1, $2)", [DEVICE_CHANNEL, existing.deviceId]);
           return { device: deviceOf(row), reenrolled: true };
         }
