@@ -283,7 +283,6 @@ export const ERROR_CODES = {
   ERR_REPLAY_CACHE_FULL: { retry: "transient", action: "The registrar's replay cache is full; retry later (or raise its size)." },
   ERR_ROTATION: { retry: "permanent", action: "Key rotation was refused: see the registrar log." },
   ERR_ROTATION_AUTH_REQUIRED: { retry: "permanent", action: "Key rotation needs the device's DPoP-bound access token." },
-  ERR_ROTATION_BUSY: { retry: "transient", action: "Too many rotations at once on the registrar; retry later." },
   ERR_ROTATION_CONFIG: { retry: "permanent", action: "Fix the rotation settings as the message says (TPM rotation needs DPoP)." },
   ERR_ROTATION_CONFLICT: { retry: "transient", action: "Another rotation of this device is in progress; retry after it completes." },
   ERR_ROTATION_CSR_KEY_MISMATCH: { retry: "permanent", action: "The rotation CSR must carry the new key certified by the AK." },

@@ -15,10 +15,14 @@ function tsFiles(dir: string): string[] {
   });
 }
 
-/** Every quoted code (`"ERR_…"`, and `` `ERR_…` `` / `` `ERR_…: `` in templates and doc comments) in src/ and hw/. */
+/** Every quoted code (`"ERR_…"`, and `` `ERR_…` `` / `` `ERR_…: `` in templates and doc comments) in src/, hw/ and bench/. */
 function literalsInCode(): Map<string, string> {
   const seen = new Map<string, string>();
-  for (const f of [...tsFiles(join(ROOT, "src")), ...tsFiles(join(ROOT, "hw"))]) {
+  for (const f of [
+    ...tsFiles(join(ROOT, "src")),
+    ...tsFiles(join(ROOT, "hw")),
+    ...tsFiles(join(ROOT, "bench")),
+  ]) {
     if (f.endsWith("error-codes.ts")) continue;
     for (const m of readFileSync(f, "utf8").matchAll(/["`](ERR_[A-Z0-9_]+)(?=["`:])/g))
       seen.set(m[1] as string, f.slice(ROOT.length + 1));
@@ -55,7 +59,7 @@ describe("error code catalogue", () => {
     }
   });
 
-  it("every code literal in src/ and hw/ is catalogued, and every catalogued code is used there", () => {
+  it("every code literal in src/, hw/ and bench/ is catalogued, and every catalogued code is used there", () => {
     const used = literalsInCode();
     const unknown = [...used].filter(([c]) => !isErrorCode(c)).map(([c, f]) => `${c} (${f})`);
     expect(unknown).toEqual([]);

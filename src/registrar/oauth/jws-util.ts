@@ -28,6 +28,16 @@ function isB64u(part: string): boolean {
   return part.length % 4 !== 1 && B64U.test(part);
 }
 
+/** The refusal codes per token kind, spelt out so the error catalogue's usage check can see them. */
+const CODES = {
+  ERR_ASSERTION: {
+    malformed: "ERR_ASSERTION_MALFORMED",
+    utf8: "ERR_ASSERTION_UTF8",
+    crit: "ERR_ASSERTION_CRIT",
+  },
+  ERR_DPOP: { malformed: "ERR_DPOP_MALFORMED", utf8: "ERR_DPOP_UTF8", crit: "ERR_DPOP_CRIT" },
+} as const;
+
 /**
  * Strict UTF-8 (as jose's own decoder): malformed byte sequences are an error, never U+FFFD. `ignoreBOM`
  * keeps a leading byte-order mark in the text, so JSON.parse refuses it (jose strips it: we are stricter).
@@ -44,16 +54,15 @@ export function splitCompact(
   prefix: "ERR_ASSERTION" | "ERR_DPOP",
 ): { header: ProtectedHeaderParameters; payload: Record<string, unknown> } {
   if (typeof jws !== "string" || jws.length > 16_384)
-    throw refusal(`${prefix}_MALFORMED` as const, "invalid_request", "JWT too large");
+    throw refusal(CODES[prefix].malformed, "invalid_request", "JWT too large");
   const parts = jws.split(".");
-  if (parts.length !== 3)
-    throw refusal(`${prefix}_MALFORMED` as const, "invalid_request", "not a compact JWS");
+  if (parts.length !== 3) throw refusal(CODES[prefix].malformed, "invalid_request", "not a compact JWS");
   const [h = "", p = "", s = ""] = parts;
   // Why: one canonical spelling per segment (no padding, whitespace or '+/'), so what is parsed is
   // exactly what was signed and the signature segment cannot be re-spelt. (An empty signature is left
   // to the alg / signature checks, which refuse it with their own codes.)
   if (h === "" || !isB64u(h) || !isB64u(p) || !isB64u(s)) {
-    throw refusal(`${prefix}_MALFORMED` as const, "invalid_request", "JWT segments are not strict base64url");
+    throw refusal(CODES[prefix].malformed, "invalid_request", "JWT segments are not strict base64url");
   }
   let headerText: string;
   let payloadText: string;
@@ -63,12 +72,7 @@ export function splitCompact(
     headerText = STRICT_UTF8.decode(Buffer.from(h, "base64url"));
     payloadText = STRICT_UTF8.decode(Buffer.from(p, "base64url"));
   } catch (err) {
-    throw refusal(
-      `${prefix}_UTF8` as const,
-      "invalid_request",
-      "JWT header or claims are not valid UTF-8",
-      err,
-    );
+    throw refusal(CODES[prefix].utf8, "invalid_request", "JWT header or claims are not valid UTF-8", err);
   }
   try {
     const header = JSON.parse(headerText) as unknown;
@@ -77,7 +81,7 @@ export function splitCompact(
     return { header: header as ProtectedHeaderParameters, payload };
   } catch (err) {
     throw refusal(
-      `${prefix}_MALFORMED` as const,
+      CODES[prefix].malformed,
       "invalid_request",
       "JWT header or claims are not JSON objects",
       err,
@@ -97,7 +101,7 @@ export function refuseExtensions(
 ): void {
   // Why: b64:false changes what is signed; an unknown critical extension changes what is meant.
   if ("crit" in header || "b64" in header) {
-    throw refusal(`${prefix}_CRIT`, oauthError, "JWS extensions (crit, b64) are not supported");
+    throw refusal(CODES[prefix].crit, oauthError, "JWS extensions (crit, b64) are not supported");
   }
 }
 

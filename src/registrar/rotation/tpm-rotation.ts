@@ -71,7 +71,6 @@ const STATUS: Readonly<Partial<Record<ErrorCode, number>>> = {
   ERR_KEY_ALREADY_REGISTERED: 409,
   ERR_CSR_INVALID: 400,
   ERR_CSR_SIGNATURE: 400,
-  ERR_ROTATION_BUSY: 503,
 };
 
 export interface TpmRotationDeps {
