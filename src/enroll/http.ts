@@ -1,6 +1,7 @@
 import { readFile } from "node:fs/promises";
 import { Agent, request } from "undici";
 import type { z } from "zod";
+import { toErrorCode } from "../core/error-codes.js";
 import { M2mError } from "../core/errors.js";
 import { errorBodySchema } from "../wire/v1/index.js";
 
@@ -122,8 +123,14 @@ export class RegistrarClient {
       const e = errorBodySchema.safeParse(json);
       const retry = status >= 500 || status === 408 || status === 429 ? "transient" : "permanent";
       if (e.success) {
-        throw new M2mError(e.data.error.code, retry, `registrar refused: ${e.data.error.message}`, {
-          details: { status, ...(e.data.error.field === undefined ? {} : { field: e.data.error.field }) },
+        // A code this agent does not know (newer registrar) keeps its text in details.
+        const code = toErrorCode(e.data.error.code, "ERR_REGISTRAR_RESPONSE");
+        throw new M2mError(code, retry, `registrar refused: ${e.data.error.message}`, {
+          details: {
+            status,
+            ...(code === e.data.error.code ? {} : { registrarCode: e.data.error.code }),
+            ...(e.data.error.field === undefined ? {} : { field: e.data.error.field }),
+          },
         });
       }
       throw new M2mError("ERR_REGISTRAR_RESPONSE", retry, `registrar answered ${status}`, {

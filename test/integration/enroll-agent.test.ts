@@ -126,7 +126,19 @@ describe("agent-side enrolment (runEnroll) against a real registrar", () => {
         {
           method: "POST",
           path: "/v1/boom",
-          handle: async () => ({ status: 503, json: { v: 1, error: { code: "ERR_BUSY", message: "busy" } } }),
+          handle: async () => ({
+            status: 503,
+            json: { v: 1, error: { code: "ERR_NOT_READY", message: "busy" } },
+          }),
+        },
+        {
+          method: "POST",
+          path: "/v1/newer",
+          // A code from a newer registrar that this agent's catalogue does not know.
+          handle: async () => ({
+            status: 409,
+            json: { v: 1, error: { code: "ERR_FROM_THE_FUTURE", message: "no" } },
+          }),
         },
         {
           method: "POST",
@@ -145,8 +157,13 @@ describe("agent-side enrolment (runEnroll) against a real registrar", () => {
         code: "ERR_REGISTRAR_RESPONSE",
       });
       await expect(client.postJson("/v1/boom", {}, enrolmentResultSchema)).rejects.toMatchObject({
-        code: "ERR_BUSY",
+        code: "ERR_NOT_READY",
         retry: "transient",
+      });
+      await expect(client.postJson("/v1/newer", {}, enrolmentResultSchema)).rejects.toMatchObject({
+        code: "ERR_REGISTRAR_RESPONSE",
+        retry: "permanent",
+        details: { status: 409, registrarCode: "ERR_FROM_THE_FUTURE" },
       });
       // Redirects are not followed.
       await expect(client.postJson("/v1/moved", {}, enrolmentResultSchema)).rejects.toMatchObject({

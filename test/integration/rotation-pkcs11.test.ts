@@ -9,19 +9,19 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
 import { systemClock } from "../../src/core/clock.js";
 import { EstClient } from "../../src/credentials/est/est-client.js";
-import { AlternatingKeyRotation } from "../../src/credentials/est/key-rotation.js";
 import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
 import { OAuthClient } from "../../src/credentials/oauth/client.js";
 import { runEnroll } from "../../src/enroll/index.js";
 import { signCompactJws } from "../../src/keys/jws.js";
 import type { KeyProvider } from "../../src/keys/key-provider.js";
+import { createEngineSecureContext } from "../../src/keys/pkcs11/engine-tls.js";
 import { finalizeModule, Pkcs11KeyProvider } from "../../src/keys/pkcs11/index.js";
+import { AlternatingKeyRotation } from "../../src/keys/rotation.js";
 import { addEnrolmentGroup, createBootstrapToken } from "../../src/registrar/admin.js";
 import { APP_PATHS, type RunningRegistrarApp, startRegistrarApp } from "../../src/registrar/app.js";
 import { caPaths, FleetCa, initCa } from "../../src/registrar/ca/index.js";
 import { registrarConfigFrom } from "../../src/registrar/config.js";
 import { SqliteRegistrarStore } from "../../src/registrar/store/index.js";
-import { createEngineSecureContext } from "../../src/relay/sinks/mqtt/engine-tls.js";
 import { ROTATE_PATHS } from "../../src/wire/v1/index.js";
 
 /**

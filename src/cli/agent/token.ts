@@ -1,6 +1,7 @@
 import { request } from "node:http";
 import type { Command } from "commander";
 import { systemClock } from "../../core/clock.js";
+import { toErrorCode } from "../../core/error-codes.js";
 import { M2mError } from "../../core/errors.js";
 import { silentLogger } from "../../core/log.js";
 import { OAuthClient } from "../../credentials/oauth/client.js";
@@ -84,7 +85,7 @@ function fromAgent(socketPath: string, o: TokenOptions): Promise<TokenResponseBo
             if (res.statusCode !== 200) {
               reject(
                 new M2mError(
-                  parsed.error?.code ?? "ERR_AGENT_TOKEN",
+                  toErrorCode(parsed.error?.code, "ERR_AGENT_TOKEN"),
                   "permanent",
                   parsed.error?.message ?? `HTTP ${res.statusCode}`,
                 ),
@@ -128,9 +129,9 @@ async function direct(
   config: Awaited<ReturnType<typeof loadCliConfig>>["config"],
   o: TokenOptions,
 ): Promise<TokenResponseBody> {
-  const { keyProviderFromConfig } = await import("../../daemon/compose.js");
+  const { deviceKeyFromConfig } = await import("../../keys/from-config.js");
   const { readEnrolmentState } = await import("../../enroll/state.js");
-  const { oauthTarget } = await import("../../daemon/stages/credentials.js");
+  const { oauthTarget } = await import("../../credentials/oauth/target.js");
   const state = await readEnrolmentState(config.agent.state_dir);
   // Same resolution as the daemon: [credentials.oauth] if set, else the enrolment's token endpoint.
   const target = await oauthTarget(config, state);
@@ -139,7 +140,8 @@ async function direct(
       hint: "run `m2m-agent enroll` or set credentials.oauth.client_id",
     });
   }
-  const keys = await keyProviderFromConfig(config, { log: silentLogger });
+  const owner = await deviceKeyFromConfig(config, { log: silentLogger });
+  const keys = owner.current;
   const client = new OAuthClient(
     {
       clientId: target.clientId,
@@ -169,6 +171,6 @@ async function direct(
     };
   } finally {
     await client.close();
-    await keys.close();
+    await owner.close();
   }
 }

@@ -17,7 +17,7 @@ export type EstAuth =
       readonly privateKeyIdentifier?: string;
       /**
        * Builds the whole TLS context (client cert, engine key, trust anchors) for the current
-       * certificate, e.g. `createEngineSecureContext` of relay/sinks/mqtt/engine-tls.ts. Wins over
+       * certificate, e.g. `createEngineSecureContext` of keys/pkcs11/engine-tls.ts. Wins over
        * `key` / `privateKeyEngine` / `privateKeyIdentifier` and `caPem`.
        */
       readonly secureContext?: (certPem: string) => SecureContext | Promise<SecureContext>;

@@ -2,6 +2,7 @@ import { createHash, type KeyObject, constants as nc, verify as nodeVerify } fro
 import { readFile } from "node:fs/promises";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
+import type { TpmAttestation } from "../capabilities.js";
 import type {
   JwsAlgorithm,
   KeyAlgorithm,
@@ -12,7 +13,9 @@ import type {
 } from "../key-provider.js";
 import { JWS_ALGS_FOR } from "../key-provider.js";
 import { keyInfoFromSpki } from "../public-key.js";
-import { type TpmLatencySample, TpmRunner, type TpmTx } from "./runner.js";
+import { TpmAttestationOps } from "./endorsement.js";
+import { readPublicOrUndefined } from "./read-public.js";
+import { readLockoutInfo, type TpmLatencySample, TpmRunner, type TpmTx } from "./runner.js";
 import {
   ALG,
   ATTR,
@@ -21,7 +24,6 @@ import {
   ecdsaTpmtToRaw,
   objectName,
   type ParsedPublic,
-  parseTpmtPublic,
   publicKeyOf,
 } from "./tpmt.js";
 import { hex32, withTransientCleanup } from "./transient.js";
@@ -126,6 +128,14 @@ export class TpmKeyProvider implements KeyProvider {
   /** The runner (queue, scratch dir) this provider uses; share it with `TpmAttestationOps`. */
   get runner(): TpmRunner {
     return this.#runner;
+  }
+
+  #attestation: TpmAttestation | undefined;
+
+  /** Capability: attestation of this key through the same serial TPM queue (see capabilities.ts). */
+  get attestation(): TpmAttestation {
+    this.#attestation ??= tpmAttestationOf(this);
+    return this.#attestation;
   }
 
   /**
@@ -403,19 +413,35 @@ export function parseTpmKeyRef(ref: string): { tcti: string; keyHandle: number }
   return { tcti: m[1], keyHandle: ownerPersistentHandle(m[2], "handle") };
 }
 
-/** `tpm2_readpublic -f tpmt`; undefined when the handle is empty. */
-export async function readPublicOrUndefined(tx: TpmTx, handle: number): Promise<ParsedPublic | undefined> {
-  const out = tx.path("pub.tpmt");
-  try {
-    await tx.run("tpm2_readpublic", ["-c", hex32(handle), "-f", "tpmt", "-o", out], { op: "readpublic" });
-  } catch (err) {
-    if (err instanceof M2mError && err.code === "ERR_TPM_HANDLE_MISSING") return undefined;
-    throw err;
-  }
-  return parseTpmtPublic(new Uint8Array(await readFile(out)));
-}
+export { readPublicOrUndefined, spkiPemOf } from "./read-public.js";
 
-/** Public key (SPKI PEM) of an object in the TPM. */
-export function spkiPemOf(pub: ParsedPublic): string {
-  return publicKeyOf(pub).export({ format: "pem", type: "spki" }).toString();
+/** The attestation capability of `key`: EK/AK/certify on the key's own runner (one TPM queue). */
+function tpmAttestationOf(key: TpmKeyProvider): TpmAttestation {
+  const ops = new TpmAttestationOps(key.runner, { akHandle: key.akHandle });
+  return {
+    keyHandle: key.keyHandle,
+    akHandle: key.akHandle,
+    async devicePublic() {
+      const ev = await key.evidence();
+      if (ev.kind !== "tpm") throw new M2mError("ERR_KEY_EVIDENCE", "permanent", "not a TPM key");
+      const tpmt = Buffer.from(ev.tpmtPublicHex, "hex");
+      const out = Buffer.alloc(2 + tpmt.length);
+      out.writeUInt16BE(tpmt.length, 0);
+      tpmt.copy(out, 2);
+      return new Uint8Array(out);
+    },
+    readEkPublics: (options) => ops.readEkPublics(options),
+    readEkCertificates: () => ops.readEkCertificates(),
+    createAk: (options) => ops.createAk(options),
+    activateCredential: (blob, ekHandle) => ops.activateCredential(blob, ekHandle),
+    certify: (nonce) => ops.certify(key.keyHandle, key.akHandle, nonce),
+    evictAk: async () => {
+      await key.runner
+        .exclusive((tx) =>
+          tx.run("tpm2_evictcontrol", ["-C", "o", "-c", hex32(key.akHandle)], { op: "evict-ak" }),
+        )
+        .catch(() => undefined);
+    },
+    lockout: () => readLockoutInfo(key.runner),
+  };
 }

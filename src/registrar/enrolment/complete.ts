@@ -1,8 +1,7 @@
 import { randomBytes } from "node:crypto";
-import { calculateJwkThumbprint, type JWK } from "jose";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
-import { keyInfoFromSpki } from "../../keys/public-key.js";
+import { describePublicKey } from "../../core/public-key.js";
 import type { Attributes, EnrolmentMethod, EnrolmentResult } from "../../wire/v1/index.js";
 import { WIRE_VERSION } from "../../wire/v1/index.js";
 import type { FleetCa, VerifiedCsr } from "../ca/index.js";
@@ -19,10 +18,10 @@ export async function keyIdentity(
   spkiDer: Uint8Array,
 ): Promise<{ jwk: Record<string, string>; thumbprint: string }> {
   try {
-    const info = await keyInfoFromSpki(spkiDer, "registrar", false);
+    const info = await describePublicKey(spkiDer);
     const jwk: Record<string, string> = {};
     for (const [k, v] of Object.entries(info.publicJwk)) if (typeof v === "string") jwk[k] = v;
-    return { jwk, thumbprint: await calculateJwkThumbprint(info.publicJwk as JWK, "sha256") };
+    return { jwk, thumbprint: info.thumbprint };
   } catch (err) {
     throw new M2mError("ERR_KEY_UNSUPPORTED", "permanent", "unsupported device key type", { cause: err });
   }

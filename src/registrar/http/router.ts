@@ -1,7 +1,7 @@
 import type { IncomingMessage } from "node:http";
 import type { TLSSocket } from "node:tls";
 import type { z } from "zod";
-import { M2mError } from "../../core/errors.js";
+import { type ErrorCode, M2mError } from "../../core/errors.js";
 import { TPM_VERIFY_ERRORS } from "../verifier/tpm-verifier.js";
 
 const VERIFIER_CODES: ReadonlySet<string> = new Set(Object.values(TPM_VERIFY_ERRORS));
@@ -62,7 +62,7 @@ export class HttpError extends M2mError {
 
   constructor(
     status: number,
-    code: string,
+    code: ErrorCode,
     message: string,
     options: { field?: string; cause?: unknown } = {},
   ) {

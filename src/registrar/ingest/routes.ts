@@ -2,7 +2,7 @@ import { promisify } from "node:util";
 import { gunzip as gunzipCb } from "node:zlib";
 import type { JWTPayload } from "jose";
 import { type Clock, systemClock } from "../../core/clock.js";
-import { isM2mError } from "../../core/errors.js";
+import { type ErrorCode, isM2mError } from "../../core/errors.js";
 import { HttpError, type Route, type RouteContext, type RouteResponse } from "../http/router.js";
 import { parseAuthorization } from "../oauth/access-token.js";
 import { verifyDpopProof } from "../oauth/dpop-verify.js";
@@ -69,7 +69,7 @@ export interface IngestRoutesOptions {
 const ID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 const CHANNEL_RE = /^[A-Za-z0-9_-]+(\/[A-Za-z0-9_-]+)*$/;
 
-function bearerChallenge(code: string, message: string, oauthError: string): HttpError {
+function bearerChallenge(code: ErrorCode, message: string, oauthError: string): HttpError {
   const e = new HttpError(401, code, message);
   (e as { challenge?: string }).challenge = oauthError;
   return e;

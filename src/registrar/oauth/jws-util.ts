@@ -28,15 +28,17 @@ function isB64u(part: string): boolean {
   return part.length % 4 !== 1 && B64U.test(part);
 }
 
+const MALFORMED = { ERR_ASSERTION: "ERR_ASSERTION_MALFORMED", ERR_DPOP: "ERR_DPOP_MALFORMED" } as const;
+
 /** Decodes a compact JWS header and claims without verifying (verification follows). */
 export function splitCompact(
   jws: string,
-  prefix: string,
+  prefix: "ERR_ASSERTION" | "ERR_DPOP",
 ): { header: ProtectedHeaderParameters; payload: Record<string, unknown> } {
   if (typeof jws !== "string" || jws.length > 16_384)
-    throw refusal(`${prefix}_MALFORMED`, "invalid_request", "JWT too large");
+    throw refusal(MALFORMED[prefix], "invalid_request", "JWT too large");
   const parts = jws.split(".");
-  if (parts.length !== 3) throw refusal(`${prefix}_MALFORMED`, "invalid_request", "not a compact JWS");
+  if (parts.length !== 3) throw refusal(MALFORMED[prefix], "invalid_request", "not a compact JWS");
   try {
     const [h = "", p = ""] = parts;
     if (h === "" || !isB64u(h) || !isB64u(p)) throw new Error("not base64url");
@@ -45,7 +47,7 @@ export function splitCompact(
     if (!isObject(header) || !isObject(payload)) throw new Error("not objects");
     return { header: header as ProtectedHeaderParameters, payload };
   } catch (err) {
-    throw refusal(`${prefix}_MALFORMED`, "invalid_request", "JWT header or claims are not JSON objects", err);
+    throw refusal(MALFORMED[prefix], "invalid_request", "JWT header or claims are not JSON objects", err);
   }
 }
 

@@ -1,7 +1,7 @@
 import { createHash } from "node:crypto";
 import { calculateJwkThumbprint, type JWK } from "jose";
 import type { Clock } from "../../core/clock.js";
-import { M2mError } from "../../core/errors.js";
+import { type ErrorCode, M2mError } from "../../core/errors.js";
 import { type Logger, silentLogger } from "../../core/log.js";
 import { decodeTpm2bPublic } from "../../tpm/public.js";
 import {
@@ -48,7 +48,7 @@ export const ROTATION_ERRORS = {
   SAME_KEY: "ERR_ROTATION_SAME_KEY",
 } as const;
 
-const STATUS: Readonly<Record<string, number>> = {
+const STATUS: Readonly<Partial<Record<ErrorCode, number>>> = {
   ERR_ROTATION_AUTH_REQUIRED: 401,
   ERR_ACCESS_TOKEN_INVALID: 401,
   ERR_ACCESS_TOKEN_EXPIRED: 401,
@@ -90,7 +90,7 @@ export interface TpmRotationDeps {
   readonly log?: Logger;
 }
 
-function fail(code: string, message: string, cause?: unknown): HttpError {
+function fail(code: ErrorCode, message: string, cause?: unknown): HttpError {
   return new HttpError(STATUS[code] ?? 403, code, message, cause === undefined ? {} : { cause });
 }
 

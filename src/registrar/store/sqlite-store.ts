@@ -1,7 +1,7 @@
 import { closeSync, constants, mkdirSync, openSync } from "node:fs";
 import { dirname } from "node:path";
 import Database from "better-sqlite3";
-import { M2mError } from "../../core/errors.js";
+import { type ErrorCode, M2mError } from "../../core/errors.js";
 import { MIGRATIONS, SCHEMA_VERSION } from "./migrations.js";
 import {
   type DeviceRow,
@@ -31,7 +31,7 @@ import type {
   RotationSessionRecord,
 } from "./store.js";
 
-export const refused = (code: string, message: string): M2mError => new M2mError(code, "permanent", message);
+export const refused = (code: ErrorCode, message: string): M2mError => new M2mError(code, "permanent", message);
 
 /**
  * SQLite registry (better-sqlite3 12): WAL journal, prepared statements, every decision in a
