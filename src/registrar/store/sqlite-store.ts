@@ -31,7 +31,8 @@ import type {
   RotationSessionRecord,
 } from "./store.js";
 
-export const refused = (code: ErrorCode, message: string): M2mError => new M2mError(code, "permanent", message);
+export const refused = (code: ErrorCode, message: string): M2mError =>
+  new M2mError(code, "permanent", message);
 
 /**
  * SQLite registry (better-sqlite3 12): WAL journal, prepared statements, every decision in a
