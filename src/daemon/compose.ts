@@ -1,6 +1,5 @@
 import { X509Certificate } from "node:crypto";
 import { readFileSync } from "node:fs";
-import { join } from "node:path";
 import type { ApiServer } from "../api/server.js";
 import { type AgentConfig, auditLogPath, configKeys } from "../config/index.js";
 import { type Clock, systemClock } from "../core/clock.js";
@@ -8,6 +7,7 @@ import { asM2mError, isM2mError, M2mError } from "../core/errors.js";
 import type { Logger } from "../core/log.js";
 import { backoffDelay, defaultRetryPolicy } from "../core/retry.js";
 import type { EnrolmentState } from "../enroll/state.js";
+import type { DeviceKeyOwner } from "../keys/device-key.js";
 import type { KeyInfo, KeyProvider } from "../keys/key-provider.js";
 import { AnomalyDetector as Anomalies, type AnomalyDetector, AuditLog, type AuditSink } from "./audit.js";
 import { ClockSanity, type ClockVerdict } from "./clock-sanity.js";
@@ -15,6 +15,7 @@ import { HealthBoard, healthReasonOf, instrumentKeyProvider, OperationWatch } fr
 import { describeState, Lifecycle, STATE_NAMES, type State } from "./lifecycle.js";
 import { AgentMetrics, type MetricsServer, startMetricsServer } from "./metrics.js";
 import type { SystemdNotifier } from "./notify.js";
+import type { AgentStage, StageHandle, StagePipeline, StageRunner } from "./stage-types.js";
 import { credentialsStage } from "./stages/credentials.js";
 import { relayStage } from "./stages/relay.js";
 import { agentVersion } from "./version.js";
@@ -28,131 +29,17 @@ import { agentVersion } from "./version.js";
  * Adding a capability = writing an `AgentStage` and appending it to `STAGES` below.
  */
 
-export interface KeyProviderDeps {
-  readonly log: Logger;
-  readonly clock?: Clock;
-  readonly env?: NodeJS.ProcessEnv;
-}
+export type { AgentStage, StageContext, StageHandle, StageReload } from "./stage-types.js";
 
 /**
- * Builds the configured KeyProvider (dynamic import: only the chosen backend is loaded).
- * @throws ERR_CONFIG for an unsupported provider; backend constructors throw ERR_KEY_CONFIG.
+ * Stages in start order (stopped in reverse), each fed what the earlier ones provide: the
+ * credentials stage's token source and DPoP signer are what the relay stage declares it needs.
+ * Enrolment runs before them (see `#bringUp`).
  */
-export async function keyProviderFromConfig(
-  config: AgentConfig,
-  deps: KeyProviderDeps,
-): Promise<KeyProvider> {
-  const k = config.keys;
-  switch (k.provider) {
-    case "tpm": {
-      const { TpmKeyProvider } = await import("../keys/tpm/tpm-provider.js");
-      // With key rotation on, the current key is the one the rotation state names (key_handle or
-      // its alternate, see docs/credentials.md), so a restart after a rotation keeps the new key.
-      const keyHandle =
-        config.credentials.est?.rotate_key === true
-          ? await (await import("../credentials/est/tpm-rotation.js")).currentTpmKeyHandle(
-              join(config.agent.state_dir, "key-rotation.json"),
-              { keyHandle: k.tpm.key_handle, srkHandle: k.tpm.srk_handle, akHandle: k.tpm.ak_handle },
-            )
-          : k.tpm.key_handle;
-      return new TpmKeyProvider({
-        tcti: k.tpm.tcti,
-        srkHandle: k.tpm.srk_handle,
-        keyHandle,
-        akHandle: k.tpm.ak_handle,
-        algorithm: k.tpm.algorithm,
-        timeoutMs: k.tpm.timeout_ms,
-        ...(deps.clock === undefined ? {} : { clock: deps.clock }),
-      });
-    }
-    case "pkcs11": {
-      const p = k.pkcs11;
-      // The schema requires these for provider = "pkcs11"; re-checked here for a precise error.
-      if (p.module === undefined || p.token_label === undefined || p.pin === undefined) {
-        throw new M2mError(
-          "ERR_CONFIG",
-          "permanent",
-          "keys.pkcs11: module, token_label and pin are required",
-        );
-      }
-      const { Pkcs11KeyProvider } = await import("../keys/pkcs11/index.js");
-      // Key rotation alternates key_label and key_label-alt; the rotation state names the current one.
-      const keyLabel =
-        config.credentials.est?.rotate_key === true
-          ? await (await import("../credentials/est/key-rotation.js")).currentRotationName(
-              join(config.agent.state_dir, "key-rotation.json"),
-              [p.key_label, `${p.key_label}-alt`],
-            )
-          : p.key_label;
-      return new Pkcs11KeyProvider({
-        modulePath: p.module,
-        tokenLabel: p.token_label,
-        keyLabel,
-        ...(p.key_id === undefined ? {} : { keyId: p.key_id }),
-        algorithm: p.algorithm,
-        pin: p.pin,
-        logger: deps.log.child({ component: "pkcs11" }),
-        ...(deps.clock === undefined ? {} : { clock: deps.clock }),
-        ...(deps.env === undefined ? {} : { env: deps.env }),
-      });
-    }
-    default: {
-      const never: never = k.provider;
-      throw new M2mError("ERR_CONFIG", "permanent", `keys.provider: unsupported provider ${String(never)}`);
-    }
-  }
-}
-
-/** What stages get: shared services, and a place to publish their own for later stages. */
-export interface StageContext {
-  readonly config: AgentConfig;
-  readonly log: Logger;
-  readonly clock: Clock;
-  readonly env: NodeJS.ProcessEnv;
-  readonly metrics: AgentMetrics;
-  readonly health: HealthBoard;
-  readonly lifecycle: Lifecycle;
-  readonly audit: AuditSink;
-  readonly anomalies: AnomalyDetector;
-  readonly clockSanity: ClockSanity;
-  /** The local API (undefined when it could not be started: the agent runs degraded). */
-  readonly api: ApiServer | undefined;
-  readonly key: { readonly provider: KeyProvider; readonly info: KeyInfo };
-  readonly enrolment: EnrolmentState | undefined;
-  /** Services published by earlier stages (e.g. "tokenSource", "outbox"), by name. */
-  readonly services: Map<string, unknown>;
-}
-
-export interface StageReload {
-  /** Key paths applied live. */
-  readonly applied: readonly string[];
-  /** Key paths that need a restart to take effect. */
-  readonly restartRequired: readonly string[];
-}
-
-export interface StageHandle {
-  /** Shown under `stages.<name>` in status. */
-  status?(): unknown;
-  /** Apply a new config; keys this stage does not handle live are reported as restart-required. */
-  reload?(next: AgentConfig): Promise<StageReload>;
-  /** Drain in-flight work; `signal` fires at the drain deadline. */
-  stop(signal: AbortSignal): Promise<void>;
-}
-
-export interface AgentStage {
-  readonly name: string;
-  /** Config sections this stage owns (for "restart required" attribution on reload). */
-  readonly sections: readonly string[];
-  /** False → the stage is skipped and its modules are never imported. */
-  enabled(config: AgentConfig): boolean;
-  start(ctx: StageContext): Promise<StageHandle>;
-}
-
-/**
- * Stages in start order (stopped in reverse). Enrolment runs before them (see `#bringUp`); the
- * credentials and relay helpers add their stages here.
- */
-export const STAGES: AgentStage[] = [credentialsStage, relayStage];
+export const STAGES: StagePipeline = async (run) => {
+  const credentials = await run(credentialsStage, undefined);
+  await run(relayStage, { tokens: credentials?.tokens, dpop: credentials?.dpop });
+};
 
 export interface AgentDeps {
   readonly log: Logger;
@@ -161,8 +48,8 @@ export interface AgentDeps {
   readonly notifier?: SystemdNotifier;
   /** Test seam: use this provider instead of the configured one. */
   readonly keyProvider?: KeyProvider;
-  /** Test seam: replaces `STAGES`. */
-  readonly stages?: readonly AgentStage[];
+  /** Test seam: replaces `STAGES` with stages that need nothing from each other. */
+  readonly stages?: readonly AgentStage<void, unknown>[];
   /** Called when the log level changes on reload. */
   readonly setLogLevel?: (level: AgentConfig["agent"]["log_level"]) => void;
 }
@@ -238,17 +125,15 @@ export class Agent {
   readonly #log: Logger;
   readonly #clock: Clock;
   readonly #env: NodeJS.ProcessEnv;
-  readonly #stages: readonly AgentStage[];
-  readonly #handles: { stage: AgentStage; handle: StageHandle }[] = [];
-  readonly #services = new Map<string, unknown>();
+  readonly #stages: StagePipeline;
+  readonly #handles: { stage: { name: string; sections: readonly string[] }; handle: StageHandle }[] = [];
   readonly #startedMono: number;
   #since: string;
   #audit: AuditSink = { record: async () => undefined };
   #auditLog: AuditLog | undefined;
   #api: ApiServer | undefined;
   #metricsServer: MetricsServer | undefined;
-  #provider: KeyProvider | undefined;
-  #rawProvider: KeyProvider | undefined;
+  #keys: DeviceKeyOwner | undefined;
   #keyInfo: KeyInfo | undefined;
   #enrolment: EnrolmentState | undefined;
   #certNotAfter: Date | undefined;
@@ -257,12 +142,17 @@ export class Agent {
 
   constructor(config: AgentConfig, deps: AgentDeps) {
     this.#config = config;
-    this.#services.set("reenrol", () => this.reenrol());
     this.#deps = deps;
     this.#log = deps.log;
     this.#clock = deps.clock ?? systemClock;
     this.#env = deps.env ?? process.env;
-    this.#stages = deps.stages ?? STAGES;
+    const only = deps.stages;
+    this.#stages =
+      only === undefined
+        ? STAGES
+        : async (run) => {
+            for (const stage of only) await run(stage, undefined);
+          };
     this.#startedMono = this.#clock.monotonicMs();
     this.#since = this.#clock.now().toISOString();
     this.lifecycle = new Lifecycle(this.#log.child({ component: "lifecycle" }));
@@ -389,15 +279,26 @@ export class Agent {
   async #bringUp(attempt = 1): Promise<void> {
     const c = this.#config;
     try {
-      if (this.#provider === undefined) {
-        const raw =
-          this.#deps.keyProvider ??
-          (await keyProviderFromConfig(c, { log: this.#log, clock: this.#clock, env: this.#env }));
-        this.#rawProvider = raw;
-        this.#provider = instrumentKeyProvider(raw, this.metrics, this.watch, this.#clock);
+      if (this.#keys === undefined) {
+        const wrap = (p: KeyProvider): KeyProvider =>
+          instrumentKeyProvider(p, this.metrics, this.watch, this.#clock);
+        const { DeviceKeyOwner } = await import("../keys/device-key.js");
+        this.#keys =
+          this.#deps.keyProvider === undefined
+            ? await (await import("../keys/from-config.js")).deviceKeyFromConfig(c, {
+                log: this.#log,
+                clock: this.#clock,
+                env: this.#env,
+                wrap,
+              })
+            : DeviceKeyOwner.fixed(this.#deps.keyProvider, { wrap, clock: this.#clock, log: this.#log });
+        this.#keys.subscribe(({ current }) => {
+          this.#keyInfo = current;
+        });
       }
+      const key = this.#keys.current;
       // Enrolment creates the key on first start; without enrolment the key is made by `keys init`.
-      this.#keyInfo = c.enroll.enabled ? await this.#provider.createOrOpen() : await this.#provider.open();
+      this.#keyInfo = c.enroll.enabled ? await key.createOrOpen() : await key.open();
       if (this.#keyInfo.created)
         await this.#audit.record("key_created", {
           ref: this.#keyInfo.ref,
@@ -430,25 +331,21 @@ export class Agent {
       return;
     }
     await this.#loadEnrolment();
-    if (c.enroll.enabled && this.#enrolment === undefined && !(await this.#enrol(attempt))) return;
+    if (c.enroll.enabled && this.#enrolment === undefined && !(await this.#enroll(attempt))) return;
     await this.#startStages();
     this.health.apply();
   }
 
   /**
-   * Enrols with the registrar (src/daemon/stages/enrol.ts). False when it failed: transient failures
-   * retry `#bringUp` in the background, permanent ones leave the agent degraded with the reason.
+   * Enrols with the registrar (`[enroll]`, the same flow as `m2m-agent enroll`). False when it
+   * failed: transient failures retry `#bringUp` in the background, permanent ones leave the agent
+   * degraded with the reason.
    */
-  async #enrol(attempt: number): Promise<boolean> {
-    if (this.#rawProvider === undefined) return false;
+  async #enroll(attempt: number): Promise<boolean> {
+    if (this.#keys === undefined) return false;
     this.lifecycle.tryDispatch({ type: "enroll" });
     try {
-      const { enrolFromConfig } = await import("./stages/enrol.js");
-      const out = await enrolFromConfig(this.#config, this.#rawProvider, {
-        log: this.#log,
-        clock: this.#clock,
-        env: this.#env,
-      });
+      const out = await this.#runEnroll(this.#keys.current, false);
       await this.#audit.record("enrolled", { deviceId: out.state.deviceId, method: out.state.method });
       await this.#loadEnrolment();
       if (this.lifecycle.state.name === "enrolling") this.lifecycle.dispatch({ type: "ready" });
@@ -472,20 +369,38 @@ export class Agent {
     }
   }
 
-  /** Re-runs enrolment with `force` (TPM re-attestation); published to stages as "reenrol". */
-  async reenrol(): Promise<EnrolmentState> {
-    if (this.#rawProvider === undefined)
+  /** Re-runs enrolment with `force` (TPM re-attestation); handed to stages as `reenroll`. */
+  async reenroll(): Promise<EnrolmentState> {
+    if (this.#keys === undefined)
       throw new M2mError("ERR_KEY_NOT_FOUND", "transient", "the device key is not open");
-    const { enrolFromConfig } = await import("./stages/enrol.js");
-    const out = await enrolFromConfig(this.#config, this.#rawProvider, {
-      log: this.#log,
-      clock: this.#clock,
-      env: this.#env,
-      force: true,
-    });
+    // The CURRENT key: after an in-process rotation that is the rotated one.
+    const out = await this.#runEnroll(this.#keys.current, true);
     await this.#audit.record("enrolled", { deviceId: out.state.deviceId, reattested: true });
     await this.#loadEnrolment();
     return out.state;
+  }
+
+  /**
+   * The enrolment flow of `[enroll]` on `key`: TPM attestation through the key's own serial TPM
+   * queue, or PKCS#11 with the bootstrap token. Idempotent unless `force`.
+   * @throws ERR_ENROLL_CONFIG, ERR_SECRET_UNAVAILABLE, the registrar's codes, ERR_KEY_* / ERR_TPM_*.
+   */
+  async #runEnroll(key: KeyProvider, force: boolean): Promise<{ state: EnrolmentState }> {
+    const { enrollFromConfig } = await import("../enroll/from-config.js");
+    const log = this.#log.child({ component: "enroll" });
+    const outcome = await enrollFromConfig(this.#config, key, {
+      force,
+      clock: this.#clock,
+      env: this.#env,
+      onProgress: (p) => log.info("enrolment step", { step: p.step, status: p.status, detail: p.detail }),
+    });
+    if (outcome.status === "enrolled")
+      log.info("device enrolled", {
+        deviceId: outcome.state.deviceId,
+        method: outcome.state.method,
+        role: outcome.state.role,
+      });
+    return outcome;
   }
 
   async #loadEnrolment(): Promise<void> {
@@ -517,33 +432,42 @@ export class Agent {
   }
 
   async #startStages(): Promise<void> {
-    if (this.#provider === undefined || this.#keyInfo === undefined) return;
-    for (const stage of this.#stages) {
-      if (!stage.enabled(this.#config)) continue;
+    const keys = this.#keys;
+    const info = this.#keyInfo;
+    if (keys === undefined || info === undefined) return;
+    const run: StageRunner = async (stage, needs) => {
+      if (!stage.enabled(this.#config)) return undefined;
       try {
-        const handle = await stage.start({
-          config: this.#config,
-          log: this.#log.child({ component: stage.name }),
-          clock: this.#clock,
-          env: this.#env,
-          metrics: this.metrics,
-          health: this.health,
-          lifecycle: this.lifecycle,
-          audit: this.#audit,
-          anomalies: this.anomalies,
-          clockSanity: this.clockSanity,
-          api: this.#api,
-          key: { provider: this.#provider, info: this.#keyInfo },
-          enrolment: this.#enrolment,
-          services: this.#services,
-        });
-        this.#handles.push({ stage, handle });
+        const started = await stage.start(
+          {
+            config: this.#config,
+            log: this.#log.child({ component: stage.name }),
+            clock: this.#clock,
+            env: this.#env,
+            metrics: this.metrics,
+            health: this.health,
+            lifecycle: this.lifecycle,
+            audit: this.#audit,
+            anomalies: this.anomalies,
+            clockSanity: this.clockSanity,
+            api: this.#api,
+            keys,
+            key: { provider: keys.current, info },
+            enrolment: this.#enrolment,
+            reenroll: () => this.reenroll(),
+          },
+          needs,
+        );
+        this.#handles.push({ stage, handle: started });
         this.health.set(`stage.${stage.name}`, undefined);
+        return started.provides;
       } catch (err) {
         this.health.set(`stage.${stage.name}`, healthReasonOf(err, "failed to start: "));
         this.#log.error("stage failed to start", { stage: stage.name, error: err });
+        return undefined;
       }
-    }
+    };
+    await this.#stages(run);
   }
 
   status(): AgentStatus {
@@ -558,11 +482,11 @@ export class Agent {
       version: agentVersion(),
       pid: process.pid,
       uptimeS: Math.round((this.#clock.monotonicMs() - this.#startedMono) / 1000),
-      ...(this.#keyInfo === undefined || this.#provider === undefined
+      ...(this.#keyInfo === undefined || this.#keys === undefined
         ? {}
         : {
             key: {
-              provider: this.#provider.kind,
+              provider: this.#keys.kind,
               ref: this.#keyInfo.ref,
               algorithm: this.#keyInfo.algorithm,
               thumbprint: this.#keyInfo.thumbprint,
@@ -663,7 +587,7 @@ export class Agent {
     clearTimeout(timer);
     await this.#api?.close().catch(() => undefined);
     await this.#metricsServer?.close().catch(() => undefined);
-    await this.#provider?.close().catch(() => undefined);
+    await this.#keys?.close().catch(() => undefined);
     await this.clockSanity.persist().catch(() => false);
     await this.#auditLog?.close().catch(() => undefined);
     this.lifecycle.dispatch({ type: "stopped" });

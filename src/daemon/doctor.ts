@@ -9,7 +9,6 @@ import { silentLogger } from "../core/log.js";
 import type { EnrolmentState } from "../enroll/state.js";
 import type { KeyInfo, KeyProvider } from "../keys/key-provider.js";
 import { ClockSanity } from "./clock-sanity.js";
-import { keyProviderFromConfig } from "./compose.js";
 
 /**
  * `m2m-agent doctor`: named checks, each ok / warn / fail / skip with a fix hint (after aziot's
@@ -155,13 +154,20 @@ async function keyChecks(
 ): Promise<{ results: CheckResult[]; info: KeyInfo | undefined }> {
   const reachName = c.keys.provider === "tpm" ? "tpm-reachable" : "token-reachable";
   let provider: KeyProvider;
+  let close: () => Promise<void>;
   try {
-    provider =
-      opts.keyProvider ??
-      (await keyProviderFromConfig(c, {
+    if (opts.keyProvider !== undefined) {
+      provider = opts.keyProvider;
+      close = () => provider.close();
+    } else {
+      const { deviceKeyFromConfig } = await import("../keys/from-config.js");
+      const owner = await deviceKeyFromConfig(c, {
         log: silentLogger,
         ...(opts.env === undefined ? {} : { env: opts.env }),
-      }));
+      });
+      provider = owner.current;
+      close = () => owner.close();
+    }
   } catch (err) {
     const e = asM2mError(err);
     return {
@@ -225,7 +231,7 @@ async function keyChecks(
       );
     }
   } finally {
-    await provider.close().catch(() => undefined);
+    await close().catch(() => undefined);
   }
   return { results, info };
 }
@@ -235,12 +241,10 @@ async function keyChecks(
  * DA-protected fail until recovery). Undefined for other backends or when unreadable.
  */
 async function tpmLockout(provider: KeyProvider): Promise<CheckResult | undefined> {
-  if (provider.kind !== "tpm") return undefined;
-  const { TpmKeyProvider } = await import("../keys/tpm/tpm-provider.js");
-  if (!(provider instanceof TpmKeyProvider)) return undefined;
+  const attestation = provider.attestation;
+  if (attestation === undefined) return undefined;
   try {
-    const { readLockoutInfo } = await import("../keys/tpm/runner.js");
-    const l = await readLockoutInfo(provider.runner);
+    const l = await attestation.lockout();
     const counter = `DA counter ${l.lockoutCounter ?? "?"}/${l.maxAuthFail ?? "?"}`;
     if (l.inLockout === true)
       return warn(

@@ -149,5 +149,8 @@ export function instrumentKeyProvider(
       return h;
     },
     close: (): Promise<void> => inner.close(),
+    // Capabilities pass through unchanged: callers probe them on the instrumented key too.
+    ...(inner.attestation === undefined ? {} : { attestation: inner.attestation }),
+    ...(inner.tlsClient === undefined ? {} : { tlsClient: inner.tlsClient }),
   };
 }

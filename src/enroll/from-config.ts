@@ -63,13 +63,10 @@ export async function enrollFromConfig(
 }
 
 async function tpmOps(provider: KeyProvider) {
-  // Dynamic import: PKCS#11-only gateways never load the TPM backend.
-  const [{ TpmKeyProvider }, { tpmEnrollOps }] = await Promise.all([
-    import("../keys/tpm/tpm-provider.js"),
-    import("./tpm-adapter.js"),
-  ]);
-  if (!(provider instanceof TpmKeyProvider)) {
-    throw new M2mError("ERR_ENROLL_CONFIG", "permanent", "TPM enrolment needs the TPM key provider");
+  // Dynamic import: PKCS#11-only gateways never load the TPM enrolment flow.
+  const { tpmEnrollOps } = await import("./tpm-adapter.js");
+  if (provider.attestation === undefined) {
+    throw new M2mError("ERR_ENROLL_CONFIG", "permanent", "TPM enrolment needs a key with TPM attestation");
   }
   return tpmEnrollOps(provider);
 }

@@ -1,15 +1,20 @@
 import { M2mError } from "../core/errors.js";
-import { RSA_EK_HANDLE, TpmAttestationOps } from "../keys/tpm/endorsement.js";
-import type { TpmKeyProvider } from "../keys/tpm/tpm-provider.js";
+import type { KeyProvider } from "../keys/key-provider.js";
 import type { EnrollTpmOps } from "./tpm.js";
 
+/** TCG RSA EK handle (low range): the first EK tried for credential activation. */
+const RSA_EK_HANDLE = 0x81010001;
+
 /**
- * Binds the enrolment flow to a real TPM: the device key of `provider` and the attestation operations
- * of src/keys/tpm/endorsement.ts (sharing the provider's serial TPM queue). The AK is created
- * directly under the RSA EK (PolicyA), which is what the registrar's qualified-signer check expects.
+ * Binds the enrolment flow to a key's TPM attestation capability (EK, AK, certify through the key's
+ * own serial TPM queue). The AK is created directly under the RSA EK (PolicyA), which is what the
+ * registrar's qualified-signer check expects.
+ * @throws ERR_ENROLL_CONFIG when the key has no TPM attestation.
  */
-export function tpmEnrollOps(provider: TpmKeyProvider, attestation?: TpmAttestationOps): EnrollTpmOps {
-  const ops = attestation ?? new TpmAttestationOps(provider.runner, { akHandle: provider.akHandle });
+export function tpmEnrollOps(key: KeyProvider): EnrollTpmOps {
+  const ops = key.attestation;
+  if (ops === undefined)
+    throw new M2mError("ERR_ENROLL_CONFIG", "permanent", "TPM enrolment needs a key with TPM attestation");
   let ekHandle = RSA_EK_HANDLE;
   return {
     async readEndorsement() {
@@ -31,16 +36,8 @@ export function tpmEnrollOps(provider: TpmKeyProvider, attestation?: TpmAttestat
       const ak = await ops.createAk({ ekHandle });
       return { akPublic: ak.tpm2bPublic };
     },
-    async devicePublic() {
-      const ev = await provider.evidence();
-      if (ev.kind !== "tpm") throw new M2mError("ERR_KEY_EVIDENCE", "permanent", "not a TPM key");
-      const tpmt = Buffer.from(ev.tpmtPublicHex, "hex");
-      const out = Buffer.alloc(2 + tpmt.length);
-      out.writeUInt16BE(tpmt.length, 0);
-      tpmt.copy(out, 2);
-      return new Uint8Array(out);
-    },
+    devicePublic: () => ops.devicePublic(),
     activateCredential: (blob) => ops.activateCredential(blob, ekHandle),
-    certify: (nonce) => ops.certify(provider.keyHandle, provider.akHandle, nonce),
+    certify: (nonce) => ops.certify(nonce),
   };
 }

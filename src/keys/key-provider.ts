@@ -1,7 +1,7 @@
 import type { JWK } from "jose";
 import type { ErrorCode } from "../core/error-codes.js";
-
 import type { JwsAlgorithm, KeyAlgorithm } from "../core/public-key.js";
+import type { TlsClientKey, TpmAttestation } from "./capabilities.js";
 
 // Shared with the registrar (which never imports src/keys/): defined in core.
 export { JWS_ALGS_FOR, type JwsAlgorithm, type KeyAlgorithm } from "../core/public-key.js";
@@ -86,4 +86,10 @@ export interface KeyProvider {
 
   /** Releases sessions / processes. The key stays. */
   close(): Promise<void>;
+
+  /** Capability: TPM attestation of this key (EK, AK, certify). Probe for it; never downcast. */
+  readonly attestation?: TpmAttestation | undefined;
+
+  /** Capability: this key can sign TLS client handshakes (mTLS to MQTT brokers and EST). */
+  readonly tlsClient?: TlsClientKey | undefined;
 }

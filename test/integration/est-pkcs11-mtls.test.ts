@@ -8,15 +8,15 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
 import { systemClock } from "../../src/core/clock.js";
 import { EstClient } from "../../src/credentials/est/est-client.js";
-import { AlternatingKeyRotation } from "../../src/credentials/est/key-rotation.js";
 import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
 import { createCsr } from "../../src/keys/csr.js";
 import type { KeyInfo, KeyProvider } from "../../src/keys/key-provider.js";
+import { createEngineSecureContext } from "../../src/keys/pkcs11/engine-tls.js";
 import { Pkcs11KeyProvider } from "../../src/keys/pkcs11/index.js";
+import { AlternatingKeyRotation } from "../../src/keys/rotation.js";
 import { caPaths, FleetCa, initCa, verifyCsr } from "../../src/registrar/ca/fleet-ca.js";
 import { type EstDeps, estRoutes } from "../../src/registrar/est/est-service.js";
 import { InMemoryDeviceDirectory } from "../../src/registrar/oauth/directory.js";
-import { createEngineSecureContext } from "../../src/relay/sinks/mqtt/engine-tls.js";
 import { mountRoutes, startHttps } from "./oauth-fixtures.js";
 
 /**

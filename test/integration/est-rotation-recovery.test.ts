@@ -6,10 +6,10 @@ import { X509Certificate } from "@peculiar/x509";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ManualClock } from "../../src/core/clock.js";
 import type { EstClient } from "../../src/credentials/est/est-client.js";
-import { AlternatingKeyRotation } from "../../src/credentials/est/key-rotation.js";
 import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
 import { createCsr } from "../../src/keys/csr.js";
 import { FakeKeyProvider, FakeKeyStore } from "../../src/keys/fake/fake-provider.js";
+import { AlternatingKeyRotation } from "../../src/keys/rotation.js";
 import { FleetCa, initCa, verifyCsr } from "../../src/registrar/ca/fleet-ca.js";
 
 /** Crash points of a key rotation: each leaves a state from which the device recovers. */

@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
 import { isM2mError } from "../../src/core/errors.js";
+import { engineTlsClient } from "../../src/keys/pkcs11/engine-tls.js";
 import { newMessageId } from "../../src/relay/ids.js";
 import { MqttSink } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
 import { startSubscriber } from "./relay-helpers.js";
@@ -14,7 +15,7 @@ const enc = new TextEncoder();
 
 /**
  * mTLS to mosquitto with the device key INSIDE a SoftHSM token, used through Node's OpenSSL and the
- * pkcs11 engine (src/relay/sinks/mqtt/engine-tls.ts). The key never leaves the token; the test CA
+ * pkcs11 engine (src/keys/pkcs11/engine-tls.ts). The key never leaves the token; the test CA
  * certifies the token's public key.
  */
 describe("MQTT sink: mTLS with the device key in a PKCS#11 token (OpenSSL engine)", () => {
@@ -28,9 +29,17 @@ describe("MQTT sink: mTLS with the device key in a PKCS#11 token (OpenSSL engine
       urls: [broker.mtlsUrl],
       caPem: broker.ca.caPem,
       auth: {
-        kind: "mtls-engine",
-        certPem,
-        engine: { modulePath: hsm.modulePath, tokenLabel: hsm.tokenLabel, keyLabel: "device", pinFile },
+        kind: "mtls-key",
+        identity: async () => ({
+          certPem,
+          keyId: "device",
+          key: engineTlsClient({
+            modulePath: hsm.modulePath,
+            tokenLabel: hsm.tokenLabel,
+            keyLabel: "device",
+            pinFile,
+          }),
+        }),
       },
       deviceId: "dev-hsm",
     });
@@ -115,7 +124,7 @@ describe("MQTT sink: mTLS with the device key in a PKCS#11 token (OpenSSL engine
   });
 
   it("an unknown key label fails synchronously with ERR_TLS_ENGINE_KEY (permanent), surfaced as a retry outcome code", async () => {
-    const { createEngineSecureContext } = await import("../../src/relay/sinks/mqtt/engine-tls.js");
+    const { createEngineSecureContext } = await import("../../src/keys/pkcs11/engine-tls.js");
     let err: unknown;
     try {
       createEngineSecureContext({

@@ -9,13 +9,13 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { freeLoopbackPort, type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
 import { ManualClock } from "../../src/core/clock.js";
 import { EstClient } from "../../src/credentials/est/est-client.js";
-import type { AlternatingKeyRotation } from "../../src/credentials/est/key-rotation.js";
 import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
-import { TpmRotationClient, tpmKeyRotation } from "../../src/credentials/est/tpm-rotation.js";
+import { TpmRotationClient } from "../../src/credentials/est/tpm-rotation.js";
 import { OAuthClient } from "../../src/credentials/oauth/client.js";
 import { runEnroll, tpmEnrollOps } from "../../src/enroll/index.js";
 import type { KeyProvider } from "../../src/keys/key-provider.js";
-import { TpmAttestationOps } from "../../src/keys/tpm/endorsement.js";
+import { type AlternatingKeyRotation, KEY_ROTATION_STATE_FILE } from "../../src/keys/rotation.js";
+import { tpmKeyRotation } from "../../src/keys/tpm/rotation.js";
 import { TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
 import { addEnrolmentGroup } from "../../src/registrar/admin.js";
 import { type RunningRegistrarApp, startRegistrarApp } from "../../src/registrar/app.js";
@@ -37,13 +37,12 @@ describe("TPM key rotation: a crash between steps recovers", () => {
   let store: SqliteRegistrarStore;
   let app: RunningRegistrarApp;
   let base: TpmKeyProvider;
-  let ops: TpmAttestationOps;
   let caPem: string;
   let caFile: string;
   let childJs: string;
   let deviceId: string;
   const certFile = (): string => join(dir, "device.pem");
-  const stateFile = (): string => join(dir, "key-rotation.json");
+  const stateFile = (): string => join(dir, KEY_ROTATION_STATE_FILE);
 
   beforeAll(async () => {
     tpm = await startSwtpm();
@@ -79,7 +78,6 @@ describe("TPM key rotation: a crash between steps recovers", () => {
     );
     base = new TpmKeyProvider({ tcti: tpm.tcti, timeoutMs: 20_000 });
     await base.createOrOpen();
-    ops = new TpmAttestationOps(base.runner, { akHandle: base.akHandle });
     const enrolled = await runEnroll(
       {
         registrarUrl: app.url,
@@ -89,7 +87,7 @@ describe("TPM key rotation: a crash between steps recovers", () => {
         hardwareSerial: "GW-CRASH",
         stateDir: join(dir, "agent-state"),
       },
-      { keyProvider: base, tpm: tpmEnrollOps(base, ops), clock },
+      { keyProvider: base, tpm: tpmEnrollOps(base), clock },
     );
     deviceId = enrolled.state.deviceId;
     await writeFile(certFile(), enrolled.state.certificatePem);
@@ -98,13 +96,16 @@ describe("TPM key rotation: a crash between steps recovers", () => {
   afterAll(async () => {
     await base?.close();
     await app?.close();
-    store?.close();
+    await store?.close();
     await tpm?.stop();
     if (dir !== undefined) await rm(dir, { recursive: true, force: true });
   });
 
   /** Runs the rotation in a child and SIGKILLs it at `step`. */
   async function killedAt(step: "before-call" | "before-write" | "before-commit"): Promise<void> {
+    // The child signs DPoP proofs with the system clock: bring the registrar's clock up to wall time
+    // (on a busy machine the suite outlives the proof's iat window otherwise).
+    if (clock.now().getTime() < Date.now()) clock.setWall(new Date());
     const child = spawn(
       process.execPath,
       [
@@ -167,7 +168,7 @@ describe("TPM key rotation: a crash between steps recovers", () => {
     const cur = await clientFor(keys);
     const rotationClient = new TpmRotationClient(
       { baseUrl: app.issuer, caPem },
-      { tokens: cur.c, dpop: cur.dpop, certify: (h, nonce) => ops.certify(h, base.akHandle, nonce) },
+      { tokens: cur.c, dpop: cur.dpop },
     );
     const est = new EstClient(
       { baseUrl: app.issuer, caPem },
@@ -216,7 +217,7 @@ describe("TPM key rotation: a crash between steps recovers", () => {
     expect(Buffer.from(cert.publicKey.rawData)).toEqual(
       createPublicKey(info.spkiPem).export({ format: "der", type: "spki" }),
     );
-    expect(store.getDevice(deviceId)?.thumbprint).toBe(info.thumbprint);
+    expect((await store.getDevice(deviceId))?.thumbprint).toBe(info.thumbprint);
     const c = new OAuthClient({ clientId: deviceId, issuer: app.issuer, caPem, dpop: true }, { keys, clock });
     await expect(c.getToken()).resolves.toMatchObject({ tokenType: "DPoP" });
     await c.close();
@@ -241,7 +242,7 @@ describe("TPM key rotation: a crash between steps recovers", () => {
     await killedAt("before-write");
     const p1 = { rotation: tpmKeyRotation(base, stateFile()) };
     // The registrar holds the new key; the device still has the old certificate and a pending key.
-    expect(store.getDevice(deviceId)?.thumbprint).not.toBe(before);
+    expect((await store.getDevice(deviceId))?.thumbprint).not.toBe(before);
     expect(await p1.rotation.hasPending()).toBe(true);
     const p2 = await boot();
     expect(await p2.renewer.recoverRotation()).toBe(true);

@@ -6,9 +6,9 @@ import { writeFileAtomic } from "../../src/core/atomic-file.js";
 import { systemClock } from "../../src/core/clock.js";
 import { EstClient } from "../../src/credentials/est/est-client.js";
 import { CertificateRenewer, type KeyRotation } from "../../src/credentials/est/renewer.js";
-import { TpmRotationClient, tpmKeyRotation } from "../../src/credentials/est/tpm-rotation.js";
+import { TpmRotationClient } from "../../src/credentials/est/tpm-rotation.js";
 import { OAuthClient } from "../../src/credentials/oauth/client.js";
-import { TpmAttestationOps } from "../../src/keys/tpm/endorsement.js";
+import { tpmKeyRotation } from "../../src/keys/tpm/rotation.js";
 import { TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
 
 const o = JSON.parse(process.argv[2] ?? "{}") as {
@@ -27,7 +27,6 @@ const stop = async (step: string): Promise<void> => {
 };
 const caPem = await readFile(o.caFile, "utf8");
 const base = new TpmKeyProvider({ tcti: o.tcti, timeoutMs: 20_000 });
-const ops = new TpmAttestationOps(base.runner, { akHandle: base.akHandle });
 const rotation = tpmKeyRotation(base, o.stateFile);
 const keys = await rotation.current();
 const oauth = new OAuthClient(
@@ -36,10 +35,7 @@ const oauth = new OAuthClient(
 );
 const dpop = await oauth.dpopSigner();
 if (dpop === undefined) throw new Error("no DPoP signer");
-const client = new TpmRotationClient(
-  { baseUrl: o.issuer, caPem },
-  { tokens: oauth, dpop, certify: (h, nonce) => ops.certify(h, base.akHandle, nonce) },
-);
+const client = new TpmRotationClient({ baseUrl: o.issuer, caPem }, { tokens: oauth, dpop });
 const paused: KeyRotation = {
   prepare: () => rotation.prepare(),
   abort: (next) => rotation.abort(next),

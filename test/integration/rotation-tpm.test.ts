@@ -11,13 +11,15 @@ import { freeLoopbackPort, type SwtpmHandle, startSwtpm } from "../../hw/swtpm.j
 import { ManualClock } from "../../src/core/clock.js";
 import { EstClient } from "../../src/credentials/est/est-client.js";
 import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
-import { TpmRotationClient, tpmKeyRotation } from "../../src/credentials/est/tpm-rotation.js";
+import { TpmRotationClient } from "../../src/credentials/est/tpm-rotation.js";
 import { OAuthClient } from "../../src/credentials/oauth/client.js";
 import type { DpopSigner } from "../../src/credentials/oauth/token-source.js";
 import { type EnrollConfig, runEnroll, tpmEnrollOps } from "../../src/enroll/index.js";
 import { createCsr } from "../../src/keys/csr.js";
 import { signCompactJws } from "../../src/keys/jws.js";
+import { KEY_ROTATION_STATE_FILE } from "../../src/keys/rotation.js";
 import { TpmAttestationOps } from "../../src/keys/tpm/endorsement.js";
+import { tpmKeyRotation } from "../../src/keys/tpm/rotation.js";
 import { TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
 import { addEnrolmentGroup } from "../../src/registrar/admin.js";
 import { APP_PATHS, type RunningRegistrarApp, startRegistrarApp } from "../../src/registrar/app.js";
@@ -89,7 +91,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
       hardwareSerial: "GW-ROT",
       stateDir: join(dir, "agent-state"),
     };
-    const enrolled = await runEnroll(enrollCfg, { keyProvider: keys, tpm: tpmEnrollOps(keys, ops), clock });
+    const enrolled = await runEnroll(enrollCfg, { keyProvider: keys, tpm: tpmEnrollOps(keys), clock });
     deviceId = enrolled.state.deviceId;
     await writeFile(join(dir, "device.pem"), enrolled.state.certificatePem);
     oauth = new OAuthClient({ clientId: deviceId, issuer: app.issuer, caPem, dpop: true }, { keys, clock });
@@ -107,7 +109,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
     await keys?.close();
     await dispatcher?.close();
     await app?.close();
-    store?.close();
+    await store?.close();
     await tpm?.stop();
     if (dir !== undefined) await rm(dir, { recursive: true, force: true });
   });
@@ -159,7 +161,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
   };
 
   it("refuses each forgery with its own code and leaves the registry unchanged", async () => {
-    const before = store.getDevice(deviceId);
+    const before = await store.getDevice(deviceId);
     expect(before?.evidence?.akPublic).toEqual(expect.any(String));
     const cases: [string, () => Promise<{ code: string | undefined }>, string][] = [
       [
@@ -224,7 +226,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
       const r = await run();
       expect(r.code, name).toBe(code);
       seen.add(code);
-      const now = store.getDevice(deviceId);
+      const now = await store.getDevice(deviceId);
       expect(now?.thumbprint, name).toBe(before?.thumbprint);
       expect(now?.certSerial, name).toBe(before?.certSerial);
     }
@@ -269,10 +271,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
     // Control: the same kind of assertion is accepted while the old key is the registered one.
     const control = await postAssertion(await assertionBy(keys, oldInfo, now));
     expect(control.status).toBe(200);
-    const rotationClient = new TpmRotationClient(
-      { baseUrl: app.issuer, caPem },
-      { tokens: oauth, dpop, certify: (h, nonce) => ops.certify(h, keys.akHandle, nonce) },
-    );
+    const rotationClient = new TpmRotationClient({ baseUrl: app.issuer, caPem }, { tokens: oauth, dpop });
     const est = new EstClient({ baseUrl: app.issuer, caPem }, { kind: "token", tokens: oauth, dpop }, clock);
     const renewer = new CertificateRenewer(
       { deviceId, certFile, caPem, rotateKey: true, jitterFraction: 0 },
@@ -280,7 +279,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
         keys,
         est,
         clock,
-        rotation: tpmKeyRotation(keys, join(dir, "key-rotation.json")),
+        rotation: tpmKeyRotation(keys, join(dir, KEY_ROTATION_STATE_FILE)),
         issueWithNewKey: (next, csr) => rotationClient.issue(next, csr),
       },
     );
@@ -297,12 +296,12 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
       createPublicKey(newInfo.spkiPem).export({ format: "der", type: "spki" }),
     );
     // Registry: new key and the new certificate, AK/EK kept for the next rotation.
-    const d = store.getDevice(deviceId);
+    const d = await store.getDevice(deviceId);
     expect(d?.thumbprint).toBe(newInfo.thumbprint);
     expect(d?.certSerial.toLowerCase()).toBe(cert.serialNumber.toLowerCase());
     expect(d?.evidence?.devicePublic).toBe(await tpm2b(next as TpmKeyProvider));
     expect(d?.evidence?.akPublic).toEqual(expect.any(String));
-    expect(JSON.parse(await readFile(join(dir, "key-rotation.json"), "utf8"))).toEqual({
+    expect(JSON.parse(await readFile(join(dir, KEY_ROTATION_STATE_FILE), "utf8"))).toEqual({
       v: 1,
       current: "0x81000004",
     });

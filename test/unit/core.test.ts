@@ -71,7 +71,7 @@ describe("withRetry", () => {
           });
         return calls;
       },
-      { clock, onRetry: (i) => delays.push(i.delayMs) },
+      { clock, random: () => 0, onRetry: (i) => delays.push(i.delayMs) },
     );
     while (clock.pendingSleepers === 0) await new Promise((r) => setImmediate(r));
     await clock.advance(5000);

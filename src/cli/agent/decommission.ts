@@ -185,8 +185,9 @@ export function register(program: Command): void {
         if (o.yes !== true) await confirm(state?.deviceId ?? "(not enrolled)");
 
         const log = createLogger({ level: "warn" });
-        const { keyProviderFromConfig } = await import("../../daemon/compose.js");
-        const keys = await keyProviderFromConfig(config, { log });
+        const { deviceKeyFromConfig } = await import("../../keys/from-config.js");
+        const owner = await deviceKeyFromConfig(config, { log });
+        const keys = owner.current;
         let revoked = false;
         try {
           if (state !== undefined) {
@@ -208,19 +209,11 @@ export function register(program: Command): void {
           }
           await withStep(progress, "destroying the device key", async () => {
             await keys.destroy();
-            if (keys.kind === "tpm") {
-              // The AK identified this TPM to the registrar: it goes with the device key.
-              const { TpmKeyProvider } = await import("../../keys/tpm/tpm-provider.js");
-              if (keys instanceof TpmKeyProvider) {
-                const hex = `0x${keys.akHandle.toString(16)}`;
-                await keys.runner
-                  .exclusive((tx) => tx.run("tpm2_evictcontrol", ["-C", "o", "-c", hex], { op: "evict-ak" }))
-                  .catch(() => undefined);
-              }
-            }
+            // The AK identified this TPM to the registrar: it goes with the device key.
+            await keys.attestation?.evictAk();
           });
         } finally {
-          await keys.close().catch(() => undefined);
+          await owner.close().catch(() => undefined);
         }
         const auditPath = auditLogPath(config);
         try {

@@ -31,11 +31,12 @@ export function register(program: Command): void {
         const force = cmd.opts<{ force?: boolean }>().force === true;
         const { config } = await loadCliConfig(opts);
         const log = createLogger({ level: "warn" });
-        const [{ keyProviderFromConfig }, { enrollFromConfig }] = await Promise.all([
-          import("../../daemon/compose.js"),
+        const [{ deviceKeyFromConfig }, { enrollFromConfig }] = await Promise.all([
+          import("../../keys/from-config.js"),
           import("../../enroll/from-config.js"),
         ]);
-        const provider = await keyProviderFromConfig(config, { log });
+        const keys = await deviceKeyFromConfig(config, { log });
+        const provider = keys.current;
         const progress = progressFor(opts);
         try {
           const outcome = await enrollFromConfig(config, provider, {
@@ -84,7 +85,7 @@ export function register(program: Command): void {
           progress.fail();
           throw err;
         } finally {
-          await provider.close();
+          await keys.close();
         }
       }),
     );

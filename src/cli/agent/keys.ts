@@ -45,11 +45,10 @@ export function register(program: Command): void {
     .action(
       action(async (cmd) => {
         const opts = globalOptions(cmd);
-        return withProvider(opts, async (provider, cfg) => {
+        return withProvider(opts, async (provider) => {
           const info = await provider.open();
           const evidence = await provider.evidence();
-          const ek =
-            provider.kind === "tpm" ? await ekCertificates(provider, cfg.keys.tpm.ak_handle) : undefined;
+          const ek = provider.attestation === undefined ? undefined : await ekCertificates(provider);
           output(
             opts,
             { ...keySummary(info), evidence, ...(ek === undefined ? {} : { ekCertificates: ek }) },
@@ -165,12 +164,12 @@ async function withProvider(
   // CLI logs only warnings and errors (stderr); results go to stdout.
   const log = createLogger({ level: "warn" });
   // Loaded on use: registering the command must not pull in backends, jose or the daemon.
-  const { keyProviderFromConfig } = await import("../../daemon/compose.js");
-  const provider = await keyProviderFromConfig(config, { log });
+  const { deviceKeyFromConfig } = await import("../../keys/from-config.js");
+  const keys = await deviceKeyFromConfig(config, { log });
   try {
-    return await fn(provider, config, log);
+    return await fn(keys.current, config, log);
   } finally {
-    await provider.close();
+    await keys.close();
   }
 }
 
@@ -229,11 +228,8 @@ function parseLeadingDer(der: Uint8Array): X509Certificate {
   return new X509Certificate(b);
 }
 
-async function ekCertificates(provider: KeyProvider, akHandle: number): Promise<EkCertSummary[]> {
-  const { TpmKeyProvider } = await import("../../keys/tpm/tpm-provider.js");
-  if (!(provider instanceof TpmKeyProvider)) return [];
-  const { TpmAttestationOps } = await import("../../keys/tpm/endorsement.js");
-  const certs = await new TpmAttestationOps(provider.runner, { akHandle }).readEkCertificates();
+async function ekCertificates(provider: KeyProvider): Promise<EkCertSummary[]> {
+  const certs = (await provider.attestation?.readEkCertificates()) ?? [];
   return certs.map((c) => {
     const x = parseLeadingDer(c.der);
     return {

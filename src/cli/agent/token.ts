@@ -129,9 +129,9 @@ async function direct(
   config: Awaited<ReturnType<typeof loadCliConfig>>["config"],
   o: TokenOptions,
 ): Promise<TokenResponseBody> {
-  const { keyProviderFromConfig } = await import("../../daemon/compose.js");
+  const { deviceKeyFromConfig } = await import("../../keys/from-config.js");
   const { readEnrolmentState } = await import("../../enroll/state.js");
-  const { oauthTarget } = await import("../../daemon/stages/credentials.js");
+  const { oauthTarget } = await import("../../credentials/oauth/target.js");
   const state = await readEnrolmentState(config.agent.state_dir);
   // Same resolution as the daemon: [credentials.oauth] if set, else the enrolment's token endpoint.
   const target = await oauthTarget(config, state);
@@ -140,7 +140,8 @@ async function direct(
       hint: "run `m2m-agent enroll` or set credentials.oauth.client_id",
     });
   }
-  const keys = await keyProviderFromConfig(config, { log: silentLogger });
+  const owner = await deviceKeyFromConfig(config, { log: silentLogger });
+  const keys = owner.current;
   const client = new OAuthClient(
     {
       clientId: target.clientId,
@@ -170,6 +171,6 @@ async function direct(
     };
   } finally {
     await client.close();
-    await keys.close();
+    await owner.close();
   }
 }

@@ -10,6 +10,7 @@ import { type Logger, silentLogger } from "../../core/log.js";
 import { defaultRetryPolicy, type RetryPolicy, withRetry } from "../../core/retry.js";
 import { createCsr } from "../../keys/csr.js";
 import type { KeyInfo, KeyProvider } from "../../keys/key-provider.js";
+import type { KeyRotation } from "../../keys/rotation.js";
 import type { CredentialHealth } from "../oauth/token-source.js";
 import type { EstClient } from "./est-client.js";
 
@@ -28,20 +29,7 @@ export interface CertificateRenewerConfig {
   readonly retry?: RetryPolicy;
 }
 
-/**
- * Key rotation seam, implemented by the composition root per backend (TPM handles / PKCS#11 labels).
- * Order is the safety property: the old key is destroyed only after the new certificate is on disk.
- */
-export interface KeyRotation {
-  /** Creates (or reopens, after a crash) the next key; the current key stays usable. */
-  prepare(): Promise<KeyProvider>;
-  /** Makes `next` the current key and destroys the old one. Called after the new cert is written. */
-  commit(next: KeyProvider): Promise<void>;
-  /** Destroys an unused next key after a failed renewal. */
-  abort(next: KeyProvider): Promise<void>;
-  /** Whether a rotation is under way (a pending key may exist). Enables `issueForPendingKey`. */
-  hasPending?(): Promise<boolean>;
-}
+export type { KeyRotation } from "../../keys/rotation.js";
 
 export interface CertificateRenewerDeps {
   readonly keys: KeyProvider;

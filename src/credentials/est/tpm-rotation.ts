@@ -3,8 +3,6 @@ import * as x509 from "@peculiar/x509";
 import { Agent, fetch as undiciFetch } from "undici";
 import { M2mError } from "../../core/errors.js";
 import type { KeyProvider } from "../../keys/key-provider.js";
-import type { CertifyResult } from "../../keys/tpm/endorsement.js";
-import { ownerPersistentHandle, TpmKeyProvider } from "../../keys/tpm/tpm-provider.js";
 import {
   ROTATE_PATHS,
   type TpmRotateFinishRequest,
@@ -13,7 +11,6 @@ import {
   WIRE_VERSION,
 } from "../../wire/v1/index.js";
 import type { DpopSigner, TokenSource } from "../oauth/token-source.js";
-import { AlternatingKeyRotation, currentRotationName } from "./key-rotation.js";
 
 export interface TpmRotationClientConfig {
   /** The registrar base URL (`/v1/rotate/tpm/*` is appended). */
@@ -27,8 +24,6 @@ export interface TpmRotationClientDeps {
   /** Tokens with scope `est`, DPoP-bound to the CURRENT key (the daemon's OAuth client). */
   readonly tokens: TokenSource;
   readonly dpop: DpopSigner;
-  /** TPM2_Certify(keyHandle, AK, nonce) (TpmAttestationOps.certify bound to the AK handle). */
-  readonly certify: (keyHandle: number, nonce: Uint8Array) => Promise<CertifyResult>;
 }
 
 /**
@@ -50,19 +45,16 @@ export class TpmRotationClient {
   }
 
   async issue(next: KeyProvider, csrDer: Uint8Array): Promise<x509.X509Certificate[]> {
-    if (!(next instanceof TpmKeyProvider))
+    const attestation = next.attestation;
+    if (attestation === undefined)
       throw new M2mError("ERR_KEY_ROTATION_STATE", "permanent", "TPM rotation needs a TPM key");
     const begun = tpmRotateBeginResponseSchema.safeParse(
       await this.#post(ROTATE_PATHS.tpmBegin, { v: WIRE_VERSION }),
     );
     if (!begun.success) throw new M2mError("ERR_ROTATION_RESPONSE", "permanent", "bad begin response");
-    const cert = await this.#deps.certify(next.keyHandle, Buffer.from(begun.data.nonce, "base64url"));
-    const ev = await next.evidence();
-    if (ev.kind !== "tpm") throw new M2mError("ERR_KEY_EVIDENCE", "permanent", "not a TPM key");
-    const tpmt = Buffer.from(ev.tpmtPublicHex, "hex");
-    const tpm2b = Buffer.alloc(2 + tpmt.length);
-    tpm2b.writeUInt16BE(tpmt.length, 0);
-    tpmt.copy(tpm2b, 2);
+    // Security: the registered AK certifies the NEW key over the registrar's fresh nonce.
+    const cert = await attestation.certify(Buffer.from(begun.data.nonce, "base64url"));
+    const tpm2b = Buffer.from(await attestation.devicePublic());
     const req: TpmRotateFinishRequest = {
       v: WIRE_VERSION,
       sessionId: begun.data.sessionId,
@@ -129,68 +121,4 @@ export class TpmRotationClient {
       await dispatcher.close();
     }
   }
-}
-
-/**
- * The second TPM handle used by rotation: `home + 1`, skipping the SRK and AK handles (with the
- * defaults SRK 0x81000001, key 0x81000002, AK 0x81000003 that is 0x81000004).
- */
-export function alternateTpmHandle(h: { keyHandle: number; srkHandle: number; akHandle: number }): number {
-  let n = h.keyHandle + 1;
-  while (n === h.srkHandle || n === h.akHandle) n++;
-  return n;
-}
-
-const hex = (h: number): string => `0x${h.toString(16).padStart(8, "0")}`;
-
-/** The two handle names (`0x…`) a TPM rotation alternates between, for the configured key handle. */
-export function tpmRotationNames(h: {
-  keyHandle: number;
-  srkHandle: number;
-  akHandle: number;
-}): [string, string] {
-  return [hex(h.keyHandle), hex(alternateTpmHandle(h))];
-}
-
-/**
- * The persistent handle of the current TPM key per the rotation state (the configured one until a
- * rotation committed). The daemon opens its key provider here, so a restart after a rotation
- * keeps using the new key. @throws ERR_KEY_ROTATION_STATE
- */
-export async function currentTpmKeyHandle(
-  stateFile: string,
-  h: { keyHandle: number | string; srkHandle: number | string; akHandle: number | string },
-): Promise<number> {
-  const n = {
-    keyHandle: ownerPersistentHandle(h.keyHandle, "keyHandle"),
-    srkHandle: ownerPersistentHandle(h.srkHandle, "srkHandle"),
-    akHandle: ownerPersistentHandle(h.akHandle, "akHandle"),
-  };
-  return ownerPersistentHandle(await currentRotationName(stateFile, tpmRotationNames(n)), "keyHandle");
-}
-
-/**
- * Crash-safe TPM key rotation between the configured `homeHandle` (default: the runner source's
- * handle) and `alternateTpmHandle`, sharing `runnerSource`'s TPM queue; `stateFile` records which
- * handle is current (and which is pending).
- */
-export function tpmKeyRotation(
-  runnerSource: TpmKeyProvider,
-  stateFile: string,
-  homeHandle: number = runnerSource.keyHandle,
-): AlternatingKeyRotation {
-  return new AlternatingKeyRotation({
-    names: tpmRotationNames({ ...runnerSource, keyHandle: homeHandle }),
-    stateFile,
-    // Always a fresh provider on the shared runner: the rotation closes the providers it is done
-    // with, and closing one that does not own the runner leaves the TPM queue to the others.
-    make: (name) =>
-      new TpmKeyProvider({
-        runner: runnerSource.runner,
-        srkHandle: runnerSource.srkHandle,
-        akHandle: runnerSource.akHandle,
-        keyHandle: name,
-        algorithm: runnerSource.algorithm,
-      }),
-  });
 }

@@ -1,132 +1,19 @@
-import { X509Certificate } from "node:crypto";
 import { readFile, rm } from "node:fs/promises";
-import { join } from "node:path";
-import type { AgentConfig } from "../../config/index.js";
 import { writeFileAtomic } from "../../core/atomic-file.js";
-import { asM2mError, type M2mError } from "../../core/errors.js";
-import type { DaemonRotation } from "../../credentials/est/daemon-rotation.js";
+import { asM2mError, M2mError } from "../../core/errors.js";
+import type { RotationIssuers } from "../../credentials/est/daemon-rotation.js";
+import { deviceCertPath, estBaseUrl, seedCertificate } from "../../credentials/est/device-cert.js";
 import type { CertificateRenewer, CertificateStatus } from "../../credentials/est/renewer.js";
 import type { OAuthClient } from "../../credentials/oauth/client.js";
+import { oauthTarget } from "../../credentials/oauth/target.js";
 import type { AccessToken, DpopSigner, TokenSource } from "../../credentials/oauth/token-source.js";
-import { type EnrolmentState, writeEnrolmentState } from "../../enroll/state.js";
+import { registrarCaPem } from "../../credentials/registrar-ca.js";
+import { writeEnrolmentState } from "../../enroll/state.js";
 import type { KeyProvider } from "../../keys/key-provider.js";
-import type { AgentStage, StageContext, StageHandle } from "../compose.js";
-
-/** The device certificate the renewer keeps current (seeded from the enrolment state). */
-export const DEVICE_CERT_FILE = "device-cert.pem";
-
-export function deviceCertPath(config: AgentConfig): string {
-  return join(config.agent.state_dir, DEVICE_CERT_FILE);
-}
+import type { AgentStage, StageContext, StageStarted } from "../stage-types.js";
 
 /** A token source that also reports what it handed out (status, metrics) and drops on refusal. */
 export type ObservedTokenSource = TokenSource & { invalidate(scope?: string): void };
-
-/** Where the agent gets tokens: explicit `[credentials.oauth]`, else the enrolment's endpoints. */
-export interface OAuthTarget {
-  readonly clientId: string;
-  readonly issuer?: string;
-  readonly tokenEndpoint?: string;
-  readonly scope: string;
-  readonly dpop: boolean;
-  readonly refreshFraction: number;
-  readonly cacheFile?: string;
-  /** Trust anchor for the authorization server's TLS (the fleet CA when it is our registrar). */
-  readonly caPem?: string;
-}
-
-function sameOrigin(a: string | undefined, b: string | undefined): boolean {
-  if (a === undefined || b === undefined) return false;
-  try {
-    return new URL(a).origin === new URL(b).origin;
-  } catch {
-    return false;
-  }
-}
-
-/** The registrar's TLS anchors: `enroll.registrar_ca_file` plus the fleet CA chain from enrolment. */
-export async function registrarCaPem(
-  config: AgentConfig,
-  enrolment: EnrolmentState | undefined,
-): Promise<string | undefined> {
-  const parts: string[] = [];
-  if (config.enroll.registrar_ca_file !== undefined)
-    parts.push(await readFile(config.enroll.registrar_ca_file, "utf8"));
-  if (enrolment !== undefined) parts.push(...enrolment.caChainPem);
-  return parts.length === 0 ? undefined : parts.join("\n");
-}
-
-/** Resolves the OAuth client settings. @returns undefined when there is no client identity yet. */
-export async function oauthTarget(
-  config: AgentConfig,
-  enrolment: EnrolmentState | undefined,
-): Promise<OAuthTarget | undefined> {
-  const o = config.credentials.oauth;
-  const clientId = o?.client_id ?? enrolment?.deviceId;
-  if (clientId === undefined) return undefined;
-  const ca = await registrarCaPem(config, enrolment);
-  if (o !== undefined) {
-    const ours = sameOrigin(o.issuer, enrolment?.registrarUrl ?? config.enroll.registrar_url);
-    return {
-      clientId,
-      issuer: o.issuer,
-      ...(o.token_endpoint === undefined ? {} : { tokenEndpoint: o.token_endpoint }),
-      scope: o.scopes.join(" "),
-      dpop: o.dpop,
-      refreshFraction: o.refresh_fraction,
-      ...(o.cache_file === undefined ? {} : { cacheFile: o.cache_file }),
-      // Another authorization server is verified against the system store.
-      ...(ours && ca !== undefined ? { caPem: ca } : {}),
-    };
-  }
-  if (enrolment === undefined) return undefined;
-  return {
-    clientId,
-    tokenEndpoint: enrolment.endpoints.token,
-    scope: "",
-    dpop: true,
-    refreshFraction: 0.8,
-    ...(ca === undefined ? {} : { caPem: ca }),
-  };
-}
-
-/** The EST base URL (without `/.well-known/est`): `[credentials.est] url`, else the enrolment's. */
-export function estBaseUrl(config: AgentConfig, enrolment: EnrolmentState): string {
-  const url = config.credentials.est?.url ?? enrolment.endpoints.est;
-  return url.replace(/\/+$/, "").replace(/\/\.well-known\/est$/, "");
-}
-
-/**
- * Writes the enrolment certificate to the renewer's file when that file is missing, belongs to
- * another key, or is older than the enrolment's (a fresh enrolment or re-attestation wins).
- */
-export async function seedCertificate(path: string, enrolment: EnrolmentState): Promise<void> {
-  const fromState = new X509Certificate(enrolment.certificatePem);
-  let current: X509Certificate | undefined;
-  try {
-    current = new X509Certificate(await readFile(path, "utf8"));
-  } catch {
-    current = undefined;
-  }
-  // A NEWER certificate for another key is a key rotation whose enrolment-state update a crash cut
-  // off: it wins (its key is the current one; the enrolment's key may already be destroyed).
-  const newer = current !== undefined && new Date(current.validFrom) > new Date(fromState.validFrom);
-  const stale =
-    current === undefined ||
-    (!newer && !current.publicKey.equals(fromState.publicKey)) ||
-    new Date(current.validFrom) < new Date(fromState.validFrom);
-  if (stale) await writeFileAtomic(path, `${enrolment.certificatePem.trim()}\n`, 0o600);
-}
-
-/** The PKCS#11 PIN as a file the OpenSSL engine can read (`pin-source=file:`), when there is one. */
-export function pinFileOf(config: AgentConfig, env: NodeJS.ProcessEnv): string | undefined {
-  const pin = config.keys.pkcs11.pin;
-  if (pin === undefined) return undefined;
-  if ("file" in pin) return pin.file;
-  if ("credential" in pin && env.CREDENTIALS_DIRECTORY !== undefined)
-    return join(env.CREDENTIALS_DIRECTORY, pin.credential);
-  return undefined;
-}
 
 /** Sleeps on the injected clock; false when aborted. */
 async function pause(ctx: StageContext, ms: number, signal: AbortSignal): Promise<boolean> {
@@ -158,12 +45,19 @@ interface TokenView {
  * (mTLS with the PKCS#11 engine key, else an `est`-scoped token; TPM devices re-attest after an
  * expiry). Publishes "tokenSource" and "dpopSigner" for the relay.
  */
-export const credentialsStage: AgentStage = {
+/** What the credentials stage provides to later stages (the relay's sinks). */
+export interface CredentialsProvides {
+  readonly tokens: ObservedTokenSource;
+  /** Present when the client is DPoP-bound; follows the key across rotations. */
+  readonly dpop: DpopSigner | undefined;
+}
+
+export const credentialsStage: AgentStage<void, CredentialsProvides> = {
   name: "credentials",
   sections: ["credentials"],
   // Always on: a device enrolled with `m2m-agent enroll` (and [enroll] disabled) still needs tokens.
   enabled: () => true,
-  async start(ctx: StageContext): Promise<StageHandle> {
+  async start(ctx: StageContext): Promise<StageStarted<CredentialsProvides>> {
     const { config, enrolment } = ctx;
     const target = await oauthTarget(config, enrolment);
     if (target === undefined) {
@@ -195,7 +89,7 @@ export const credentialsStage: AgentStage = {
         { keys, clock: ctx.clock, log: ctx.log.child({ component: "oauth" }) },
       );
     // After a key rotation the client is rebuilt on the new key; `tokens` and `dpop` forward to it.
-    let client: OAuthClient = makeClient(ctx.key.provider);
+    let client: OAuthClient = makeClient(ctx.keys.current);
     let currentDpop: DpopSigner | undefined = await client.dpopSigner();
     const dpop: DpopSigner | undefined =
       currentDpop === undefined
@@ -240,9 +134,6 @@ export const credentialsStage: AgentStage = {
       },
       invalidate: (scope?: string) => client.invalidate(scope),
     };
-    ctx.services.set("tokenSource", tokens);
-    if (dpop !== undefined) ctx.services.set("dpopSigner", dpop);
-    ctx.services.set("oauthClient", client);
 
     if (ctx.api !== undefined) {
       const { tokenRoutes } = await import("../../credentials/oauth/token-routes.js");
@@ -278,23 +169,21 @@ export const credentialsStage: AgentStage = {
     let certStatus: CertificateStatus | undefined;
     let certHealth: { ok: boolean; code?: string; detail: string } | undefined;
     let estAuth: "mtls" | "token" | undefined;
-    let rotating: DaemonRotation | undefined;
-    let rotatedTo: KeyProvider | undefined;
+    let rotating: RotationIssuers | undefined;
     let certLoop: Promise<void> = Promise.resolve();
+    let unsubscribe = (): void => undefined;
     if (enrolment !== undefined) {
       const certFile = deviceCertPath(config);
       await seedCertificate(certFile, enrolment);
       const caPem = (await registrarCaPem(config, enrolment)) ?? enrolment.caChainPem.join("\n");
       const { EstClient } = await import("../../credentials/est/est-client.js");
       const { CertificateRenewer } = await import("../../credentials/est/renewer.js");
-      const p = config.keys.pkcs11;
-      const pinFile = ctx.key.provider.kind === "pkcs11" ? pinFileOf(config, ctx.env) : undefined;
       let auth: ConstructorParameters<typeof EstClient>[1];
       const baseUrl = estBaseUrl(config, enrolment);
-      if (config.credentials.est?.rotate_key === true) {
-        const { daemonKeyRotation } = await import("../../credentials/est/daemon-rotation.js");
-        rotating = await daemonKeyRotation({
-          config,
+      if (ctx.keys.rotates) {
+        const { rotationIssuers } = await import("../../credentials/est/daemon-rotation.js");
+        rotating = rotationIssuers({
+          key: ctx.keys.current,
           baseUrl,
           caPem,
           clock: ctx.clock,
@@ -307,31 +196,26 @@ export const credentialsStage: AgentStage = {
         });
       }
       const rot = rotating;
-      if (pinFile !== undefined && p.module !== undefined && p.token_label !== undefined) {
-        // TLS client auth with the current certificate; the key is used inside the token through
-        // the OpenSSL engine (engine-tls.ts, the one module that knows about engines).
-        const { createEngineSecureContext } = await import("../../relay/sinks/mqtt/engine-tls.js");
-        const engine = { modulePath: p.module, tokenLabel: p.token_label, pinFile };
+      if (ctx.keys.current.tlsClient !== undefined) {
+        // TLS client auth with the current certificate and the CURRENT key (asked of the owner at
+        // every request: after a rotation the next EST connection uses the new key and certificate).
         auth = {
           kind: "mtls",
           certPem: () => readFile(certFile, "utf8"),
-          // With rotation, the CURRENT label (from the rotation state) authenticates the handshake.
-          secureContext: async (certPem) =>
-            createEngineSecureContext({
-              ...engine,
-              keyLabel: (await rot?.currentLabel?.()) ?? p.key_label,
-              certPem,
-              caPem,
-            }),
+          secureContext: async (certPem) => {
+            const tls = ctx.keys.current.tlsClient;
+            if (tls === undefined)
+              throw new M2mError("ERR_TLS_KEY_UNAVAILABLE", "permanent", "the device key cannot do TLS");
+            return tls.secureContext({ certPem, caPem });
+          },
         };
         estAuth = "mtls";
       } else {
-        // TPM keys cannot do TLS in Node: an `est`-scoped (DPoP-bound) token authenticates instead.
+        // A key without the TLS capability: an `est`-scoped (DPoP-bound) token authenticates instead.
         auth = { kind: "token", tokens, ...(dpop === undefined ? {} : { dpop }), scope: "est" };
         estAuth = "token";
       }
       const est = new EstClient({ baseUrl, caPem }, auth, ctx.clock);
-      const reenrol = ctx.services.get("reenrol") as (() => Promise<EnrolmentState>) | undefined;
       const enrolled = enrolment;
       renewer = new CertificateRenewer(
         {
@@ -342,67 +226,49 @@ export const credentialsStage: AgentStage = {
           ...(rot === undefined ? {} : { rotateKey: true }),
         },
         {
-          keys: ctx.key.provider,
+          keys: ctx.keys.current,
           ...(rot === undefined
             ? {}
             : {
-                rotation: rot.rotation,
+                // The owner runs the switch; its subscribers (below, and the relay's sinks) move
+                // to the new key before the old one is destroyed.
+                rotation: ctx.keys,
                 ...(rot.issueWithNewKey === undefined ? {} : { issueWithNewKey: rot.issueWithNewKey }),
                 issueForPendingKey: rot.issueForPendingKey,
-                // The new certificate is in place and the old key destroyed: sign with the new key
-                // from now on (tokens, DPoP, EST), record it in the enrolment state, drop old tokens.
-                onRotated: async (next: KeyProvider, certPem: string) => {
-                  rotatedTo = next;
-                  const info = await next.open();
-                  const old = client;
-                  old.invalidate();
-                  if (target.cacheFile !== undefined) await rm(target.cacheFile, { force: true });
-                  client = makeClient(next);
-                  currentDpop = await client.dpopSigner();
-                  ctx.services.set("oauthClient", client);
-                  await old.close().catch(() => undefined);
-                  await writeEnrolmentState(config.agent.state_dir, {
-                    ...enrolled,
-                    certificatePem: certPem,
-                    keyRef: info.ref,
-                    keyThumbprint: info.thumbprint,
-                  });
-                  await ctx.audit.record("rotated", {
-                    kind: "key",
-                    ref: info.ref,
-                    thumbprint: info.thumbprint,
-                  });
-                  ctx.log.info("device key rotated", { ref: info.ref });
-                },
               }),
           est,
           clock: ctx.clock,
           log: ctx.log.child({ component: "est" }),
-          ...(ctx.key.provider.kind === "tpm" && reenrol !== undefined
+          ...(ctx.keys.current.attestation !== undefined
             ? {
-                // Expired while offline: re-attest with EK/AK, then take the fresh certificate.
+                // Expired while offline: re-attest with EK/AK (the owner's CURRENT key), then take
+                // the fresh certificate.
                 reattest: async () => {
-                  // After an in-process rotation the daemon's own provider holds the destroyed key:
-                  // re-attest with the rotated one (a restart re-opens it from the rotation state).
-                  const state =
-                    rotatedTo === undefined
-                      ? await reenrol()
-                      : (
-                          await (
-                            await import("./enrol.js")
-                          ).enrolFromConfig(config, rotatedTo, {
-                            log: ctx.log,
-                            clock: ctx.clock,
-                            env: ctx.env,
-                            force: true,
-                          })
-                        ).state;
+                  const state = await ctx.reenroll();
                   await writeFileAtomic(certFile, `${state.certificatePem.trim()}\n`, 0o600);
                 },
               }
             : {}),
         },
       );
+      // A committed rotation: sign with the new key from now on (tokens, DPoP), record it in the
+      // enrolment state, drop tokens bound to the old key. Runs before the old key is destroyed.
+      unsubscribe = ctx.keys.subscribe(async ({ key, current: info }) => {
+        const old = client;
+        old.invalidate();
+        if (target.cacheFile !== undefined) await rm(target.cacheFile, { force: true });
+        client = makeClient(key);
+        currentDpop = await client.dpopSigner();
+        await old.close().catch(() => undefined);
+        await writeEnrolmentState(config.agent.state_dir, {
+          ...enrolled,
+          certificatePem: await readFile(certFile, "utf8"),
+          keyRef: info.ref,
+          keyThumbprint: info.thumbprint,
+        });
+        await ctx.audit.record("rotated", { kind: "key", ref: info.ref, thumbprint: info.thumbprint });
+        ctx.log.info("device key rotated", { ref: info.ref });
+      });
       const r = renewer;
       certLoop = (async (): Promise<void> => {
         if (!(await clockTrusted(ctx, signal))) return;
@@ -437,6 +303,7 @@ export const credentialsStage: AgentStage = {
     }
 
     return {
+      provides: { tokens, dpop },
       status: () => ({
         clientId: target.clientId,
         tokenEndpoint: target.tokenEndpoint ?? `(discovered from ${target.issuer ?? "?"})`,
@@ -461,9 +328,9 @@ export const credentialsStage: AgentStage = {
       }),
       async stop(): Promise<void> {
         controller.abort();
+        unsubscribe();
         await Promise.allSettled([tokenLoop, certLoop]);
         await client.close();
-        await rotating?.close();
       },
     };
   },

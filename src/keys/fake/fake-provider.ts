@@ -1,5 +1,7 @@
 import { constants, generateKeyPairSync, type KeyObject, sign as nodeSign } from "node:crypto";
+import { createSecureContext } from "node:tls";
 import { M2mError } from "../../core/errors.js";
+import type { TlsClientKey } from "../capabilities.js";
 import type { JwsAlgorithm, KeyEvidence, KeyHealth, KeyInfo, KeyProvider } from "../key-provider.js";
 import { keyInfoFromSpki } from "../public-key.js";
 
@@ -23,6 +25,21 @@ export class FakeKeyProvider implements KeyProvider {
     this.#label = options.label ?? "device";
     this.#algorithm = options.algorithm ?? "ec-p256";
   }
+
+  /** Capability: TLS client handshakes with the software key (unit tests of mTLS consumers). */
+  readonly tlsClient: TlsClientKey = {
+    mechanism: "software",
+    secureContext: async ({ certPem, caPem }) => {
+      const pair = this.#store.keys.get(this.#label);
+      if (pair === undefined)
+        throw new M2mError("ERR_KEY_NOT_FOUND", "permanent", `no device key ${this.#ref()}`);
+      return createSecureContext({
+        ca: caPem,
+        cert: certPem,
+        key: pair.privateKey.export({ format: "pem", type: "pkcs8" }),
+      });
+    },
+  };
 
   #ref(): string {
     return `fake:${this.#label}`;

@@ -1,4 +1,11 @@
 // Public surface of the PKCS#11 backend.
+
+export {
+  createEngineSecureContext,
+  type EngineKeyOptions,
+  engineKeyUri,
+  engineTlsClient,
+} from "./engine-tls.js";
 export { ckrOf, finalizeAllModules, finalizeModule, loadModule } from "./module.js";
 export { describePinSource, type PinSource, readPin } from "./pin.js";
 export { Pkcs11KeyProvider, type Pkcs11KeyProviderConfig } from "./provider.js";

@@ -1,9 +1,11 @@
 import { createHash, randomBytes } from "node:crypto";
+import { join } from "node:path";
 import pkcs11js from "pkcs11js";
 import { type Clock, systemClock } from "../../core/clock.js";
 import { type ErrorCode, isM2mError, M2mError } from "../../core/errors.js";
 import { type Logger, silentLogger } from "../../core/log.js";
 import { type RetryPolicy, withRetry } from "../../core/retry.js";
+import type { TlsClientKey } from "../capabilities.js";
 import type {
   JwsAlgorithm,
   KeyAlgorithm,
@@ -13,6 +15,7 @@ import type {
   KeyProvider,
 } from "../key-provider.js";
 import { keyInfoFromSpki } from "../public-key.js";
+import { engineTlsClient } from "./engine-tls.js";
 import { ckrOf, isCkr, loadModule, PIN_FATAL, SESSION_LOST } from "./module.js";
 import { describePinSource, type PinSource, readPin } from "./pin.js";
 import { P256_EC_PARAMS, spkiFromEcPoint, spkiFromRsa } from "./public-key.js";
@@ -321,6 +324,29 @@ export class Pkcs11KeyProvider implements KeyProvider {
       env: config.env ?? process.env,
     };
     this.#log = this.#cfg.logger.child({ component: "pkcs11", token: config.tokenLabel });
+  }
+
+  /**
+   * Capability: TLS client handshakes with this key through the OpenSSL pkcs11 engine. Only when the
+   * PIN is in a file (or a systemd credential, which is a file): the engine reads the PIN itself, so
+   * it never passes through this process or argv.
+   */
+  get tlsClient(): TlsClientKey | undefined {
+    const pin = this.#cfg.pin;
+    const dir = this.#cfg.env.CREDENTIALS_DIRECTORY;
+    const pinFile =
+      "file" in pin
+        ? pin.file
+        : "credential" in pin && dir !== undefined
+          ? join(dir, pin.credential)
+          : undefined;
+    if (pinFile === undefined) return undefined;
+    return engineTlsClient({
+      modulePath: this.#cfg.modulePath,
+      tokenLabel: this.#cfg.tokenLabel,
+      keyLabel: this.#cfg.keyLabel,
+      pinFile,
+    });
   }
 
   // ---------------------------------------------------------------------------------------------

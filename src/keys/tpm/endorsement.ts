@@ -2,8 +2,8 @@ import { createHash } from "node:crypto";
 import { readFile, writeFile } from "node:fs/promises";
 import { M2mError } from "../../core/errors.js";
 import { Secret } from "../../core/secret.js";
+import { readPublicOrUndefined } from "./read-public.js";
 import type { TpmRunner, TpmTx } from "./runner.js";
-import { readPublicOrUndefined } from "./tpm-provider.js";
 import {
   ALG,
   ATTR,

@@ -65,7 +65,7 @@ export async function completeEnrolment(
     hardwareSerial: input.hardwareSerial,
     proposedDeviceId: newDeviceId(),
   };
-  const plan = deps.store.planEnrolment(base);
+  const plan = await deps.store.planEnrolment(base);
   const issued = await deps.ca.issueDeviceCertificate(input.csr, {
     deviceId: plan.deviceId,
     expectedSpkiDer: input.deviceSpkiDer,
@@ -73,7 +73,7 @@ export async function completeEnrolment(
   });
   // Role and attributes come from the operator's group, never from the request.
   const attributes: Attributes = { ...input.group.attributes };
-  const committed = deps.store.commitEnrolment({
+  const committed = await deps.store.commitEnrolment({
     ...base,
     proof: input.proof,
     now: deps.clock.now(),
@@ -115,12 +115,12 @@ export function endpointsFor(config: RegistrarConfig, baseUrl: string): Enrolmen
 }
 
 /** Refuses when a group does not exist or does not allow the method. */
-export function requireGroup(
+export async function requireGroup(
   store: RegistrarStore,
   name: string | undefined,
   method: EnrolmentMethod,
-): EnrolmentGroup {
-  const group = name === undefined ? undefined : store.getGroup(name);
+): Promise<EnrolmentGroup> {
+  const group = name === undefined ? undefined : await store.getGroup(name);
   // Security: a device can only join a group the operator created, by a method the operator allowed.
   if (group === undefined)
     throw new M2mError("ERR_GROUP_UNKNOWN", "permanent", "enrolment group not accepted");

@@ -7,7 +7,7 @@ import { INGEST_MAX_MESSAGES, type IngestResponse, ingestRequestSchema } from ".
 import { HttpError, type Route, type RouteContext, type RouteResponse } from "../http/router.js";
 import { parseAuthorization } from "../oauth/access-token.js";
 import { verifyDpopProof } from "../oauth/dpop-verify.js";
-import { ReplayCache } from "../oauth/replay-cache.js";
+import { ReplayCache, type ReplayGuard } from "../oauth/replay-cache.js";
 
 const gunzip = promisify(gunzipCb);
 
@@ -31,7 +31,7 @@ export class InMemoryIngestStore {
   duplicates = 0;
   requests = 0;
 
-  add(m: IngestedMessage): boolean {
+  add(m: IngestedMessage): boolean | Promise<boolean> {
     this.received++;
     if (this.messages.has(m.id)) {
       this.duplicates++;
@@ -57,6 +57,8 @@ export interface IngestRoutesOptions {
   /** Refuse Bearer (un-bound) tokens. Default true. */
   readonly requireDpop?: boolean;
   readonly store?: InMemoryIngestStore;
+  /** DPoP proof jti store (default: in this process). The registrar passes its shared store. */
+  readonly replay?: ReplayGuard;
   readonly clock?: Clock;
   readonly maxBodyBytes?: number;
   readonly maxInflatedBytes?: number;
@@ -81,7 +83,7 @@ function bearerChallenge(code: ErrorCode, message: string, oauthError: string): 
 export function ingestRoutes(options: IngestRoutesOptions): { routes: Route[]; store: InMemoryIngestStore } {
   const store = options.store ?? new InMemoryIngestStore();
   const clock = options.clock ?? systemClock;
-  const replay = new ReplayCache();
+  const replay: ReplayGuard = options.replay ?? new ReplayCache();
   const scope = options.scope ?? "telemetry:write";
   const route: Route = {
     method: "POST",
@@ -217,7 +219,7 @@ export function ingestRoutes(options: IngestRoutesOptions): { routes: Route[]; s
         rejected.push({ id: o.id, code: "ERR_INGEST_TOPIC_NOT_OWNED" });
         continue;
       }
-      const fresh = store.add({
+      const fresh = await store.add({
         id: o.id,
         deviceId: sub,
         topic: o.topic,

@@ -116,7 +116,7 @@ const b = (s: string): Buffer => Buffer.from(s, "base64url");
  */
 export function tpmRotationRoutes(deps: TpmRotationDeps): Route[] {
   const log = deps.log ?? silentLogger;
-  const sessions = new RotationSessions(deps.clock, deps.policy.sessionTtlSeconds);
+  const sessions = new RotationSessions(deps.store, deps.clock, deps.policy.sessionTtlSeconds);
 
   async function authenticate(ctx: RouteContext, path: string): Promise<DeviceRecord> {
     const parsed = parseAuthorization(ctx.req.headers.authorization);
@@ -131,7 +131,7 @@ export function tpmRotationRoutes(deps: TpmRotationDeps): Route[] {
       requiredScope: "est",
       dpop: { proof, method: "POST", url },
     });
-    const device = deps.store.getDevice(verified.sub);
+    const device = await deps.store.getDevice(verified.sub);
     if (device === undefined) throw fail("ERR_DEVICE_UNKNOWN", "device not accepted");
     // Security: a revoked device keeps no rights, rotation included.
     if (device.status !== "active") throw fail("ERR_DEVICE_REVOKED", "the device is revoked");
@@ -154,7 +154,7 @@ export function tpmRotationRoutes(deps: TpmRotationDeps): Route[] {
       try {
         ctx.json(tpmRotateBeginRequestSchema);
         const device = await authenticate(ctx, ROTATE_PATHS.tpmBegin);
-        const s = sessions.begin(device.deviceId, device.thumbprint);
+        const s = await sessions.begin(device.deviceId, device.thumbprint);
         ctx.auditFields({ session: s.id.slice(0, 8) });
         const body: TpmRotateBeginResponse = {
           v: WIRE_VERSION,
@@ -179,7 +179,7 @@ export function tpmRotationRoutes(deps: TpmRotationDeps): Route[] {
         const body = ctx.json(tpmRotateFinishRequestSchema);
         const device = await authenticate(ctx, ROTATE_PATHS.tpmFinish);
         ctx.auditFields({ session: body.sessionId.slice(0, 8) });
-        const s = sessions.take(body.sessionId, device.deviceId);
+        const s = await sessions.take(body.sessionId, device.deviceId);
         // Security: the session was opened by the key that is current now; after another rotation
         // in between, this certification answers a question nobody asks any more.
         if (s.currentThumbprint !== device.thumbprint)
@@ -223,7 +223,7 @@ export function tpmRotationRoutes(deps: TpmRotationDeps): Route[] {
           lifetimeSeconds: deps.certLifetimeSeconds,
         });
         const { akPublic: _a, ekPublic: _e, devicePublic: _d, deviceName: _n, ...kept } = ev;
-        deps.store.replaceDeviceKey({
+        await deps.store.replaceDeviceKey({
           deviceId: device.deviceId,
           previousThumbprint: device.thumbprint,
           publicJwk: id.jwk,

@@ -6,25 +6,32 @@ import type { ErrorCode } from "../../../core/error-codes.js";
 import { asM2mError, M2mError } from "../../../core/errors.js";
 import { type Logger, silentLogger } from "../../../core/log.js";
 import type { Secret } from "../../../core/secret.js";
+import type { TlsClientKey } from "../../../keys/capabilities.js";
 import { expandTopic } from "../../channel.js";
 import type { OutboxMessage } from "../../outbox/outbox.js";
 import { urlReachable } from "../probe.js";
 import type { DeliveryOutcome, RefreshableTokenSource, Sink } from "../sink.js";
-import { createEngineSecureContext, type EngineKeyOptions } from "./engine-tls.js";
 
 /** How the gateway proves who it is to the broker. TLS server verification is always on. */
 export type MqttAuth =
   /** mTLS, device key in a PEM (tests, or a gateway without a token). */
   | { readonly kind: "mtls-file"; readonly certPem: string; readonly keyPem: Secret }
-  /** mTLS, device key inside the PKCS#11 token through the OpenSSL engine. */
-  | {
-      readonly kind: "mtls-engine";
-      /** A function is read at every connect: a certificate renewed over EST is picked up. */
-      readonly certPem: string | (() => string);
-      readonly engine: EngineKeyOptions;
-    }
+  /**
+   * mTLS with the hardware device key (its `tlsClient` capability: PKCS#11 engine, TPM via
+   * tpm2-pkcs11). `identity` is asked at every connect, so a renewed certificate or a rotated key is
+   * picked up; `rekey()` moves the live connection over (make-before-break).
+   */
+  | { readonly kind: "mtls-key"; readonly identity: () => Promise<MtlsIdentity> }
   /** username = device id, password = access token (renewed make-before-break before expiry). */
   | { readonly kind: "token"; readonly username: string; readonly tokens: RefreshableTokenSource };
+
+/** The device's TLS client identity right now: a certificate and the key it was issued for. */
+export interface MtlsIdentity {
+  readonly certPem: string;
+  readonly key: TlsClientKey;
+  /** Names the key (e.g. its JWK thumbprint): a context is reused only for the same cert AND key. */
+  readonly keyId: string;
+}
 
 export interface MqttSinkOptions {
   readonly name?: string;
@@ -83,6 +90,7 @@ export function classifyPublishError(id: string, err: unknown): DeliveryOutcome 
 interface Conn {
   readonly client: MqttClient;
   readonly url: string;
+  readonly clientId: string;
   /** Settles every publish still waiting when the connection dies (mqtt.js does not, with reconnect off). */
   readonly pending: Set<(err: Error) => void>;
   closed: boolean;
@@ -108,13 +116,14 @@ export class MqttSink implements Sink {
   readonly #template: string;
   readonly #topics = new Map<string, string>();
   #conn: Conn | undefined;
+  readonly #live = new Set<Conn>();
   #connecting: Promise<Conn> | undefined;
   #urlIndex = 0;
   #renewTimer: AbortController | undefined;
-  #engineContext: SecureContext | undefined;
-  #engineCert: string | undefined;
-  #engineError: M2mError | undefined;
-  #engineErrorCert: string | undefined;
+  #tlsContext: SecureContext | undefined;
+  #tlsContextFor: string | undefined;
+  #tlsError: M2mError | undefined;
+  #tlsErrorFor: string | undefined;
   #closed = false;
   /** Counters for metrics. */
   readonly counters = {
@@ -123,7 +132,10 @@ export class MqttSink implements Sink {
     published: 0,
     deadLettered: 0,
     renewals: 0,
+    /** TLS contexts built with the device key (each loads the key: a token login, a TPM load). */
     engineLoads: 0,
+    /** Live connections moved to a new key/certificate by `rekey()`. */
+    rekeys: 0,
   };
 
   constructor(options: MqttSinkOptions) {
@@ -155,6 +167,20 @@ export class MqttSink implements Sink {
       this.#topics.set(channel, t);
     }
     return t;
+  }
+
+  /**
+   * The connections still open, with the serial of the client certificate each presented in its
+   * handshake (mTLS): what the broker authenticated. During a make-before-break switch there are two.
+   */
+  liveConnections(): { clientId: string; url: string; certSerial: string | undefined }[] {
+    const out: { clientId: string; url: string; certSerial: string | undefined }[] = [];
+    for (const c of this.#live) {
+      if (c.closed) continue;
+      const stream = c.client.stream as { getCertificate?: () => { serialNumber?: string } | null };
+      out.push({ clientId: c.clientId, url: c.url, certSerial: stream.getCertificate?.()?.serialNumber });
+    }
+    return out;
   }
 
   /** True while a connection is up (health). */
@@ -289,25 +315,26 @@ export class MqttSink implements Sink {
         opts.cert = o.auth.certPem;
         opts.key = o.auth.keyPem.reveal();
         break;
-      case "mtls-engine": {
-        const certPem = typeof o.auth.certPem === "function" ? o.auth.certPem() : o.auth.certPem;
-        // A failed engine load (wrong PIN, missing key) is never retried with the same inputs: each
-        // attempt is a login, and repeated failed logins lock the token.
-        if (this.#engineError !== undefined && this.#engineErrorCert === certPem) throw this.#engineError;
-        if (this.#engineContext === undefined || this.#engineCert !== certPem) {
+      case "mtls-key": {
+        const id = await o.auth.identity();
+        const forKey = `${id.keyId}\u0000${id.certPem}`;
+        // A failed key load (wrong PIN, missing key) is never retried with the same inputs: each
+        // attempt is a login, and repeated failed logins lock the token (or count towards TPM DA).
+        if (this.#tlsError !== undefined && this.#tlsErrorFor === forKey) throw this.#tlsError;
+        if (this.#tlsContext === undefined || this.#tlsContextFor !== forKey) {
           this.counters.engineLoads++;
           try {
-            this.#engineContext = createEngineSecureContext({ ...o.auth.engine, certPem, caPem: o.caPem });
+            this.#tlsContext = await id.key.secureContext({ certPem: id.certPem, caPem: o.caPem });
           } catch (err) {
-            this.#engineError = asM2mError(err, "ERR_TLS_ENGINE_KEY");
-            this.#engineErrorCert = certPem;
-            throw this.#engineError;
+            this.#tlsError = asM2mError(err, "ERR_TLS_ENGINE_KEY");
+            this.#tlsErrorFor = forKey;
+            throw this.#tlsError;
           }
-          this.#engineError = undefined;
-          this.#engineCert = certPem;
+          this.#tlsError = undefined;
+          this.#tlsContextFor = forKey;
         }
         // mqtt.js passes unknown options through to tls.connect, which accepts a SecureContext.
-        (opts as IClientOptions & { secureContext?: SecureContext }).secureContext = this.#engineContext;
+        (opts as IClientOptions & { secureContext?: SecureContext }).secureContext = this.#tlsContext;
         break;
       }
       case "token": {
@@ -343,10 +370,12 @@ export class MqttSink implements Sink {
     const conn: Conn = {
       client,
       url,
+      clientId: String(opts.clientId),
       pending: new Set(),
       closed: false,
       ...(expiresAt === undefined ? {} : { expiresAt }),
     };
+    this.#live.add(conn);
     client.on("close", () => this.#onClose(conn));
     client.on("error", (err) =>
       this.#log.warn("mqtt client error", { err: asM2mError(err, "ERR_MQTT_CLIENT") }),
@@ -355,6 +384,7 @@ export class MqttSink implements Sink {
   }
 
   #onClose(conn: Conn): void {
+    this.#live.delete(conn);
     if (conn.closed) return;
     conn.closed = true;
     const err = new Error("connection closed");
@@ -412,6 +442,39 @@ export class MqttSink implements Sink {
     await this.#drainAndEnd(old);
   }
 
+  /**
+   * The device key or its certificate changed (a rotation committed): bring a connection up with the
+   * new identity, switch new publishes to it, then let the old one settle its PUBACKs and close
+   * (make-before-break). Nothing acknowledged is lost: what the old connection never got a PUBACK
+   * for is retried by the relay with the same `m2m-id`. Resolves once the old connection is gone;
+   * if the new one cannot be brought up, the old one is closed anyway (the caller is about to
+   * destroy its key) and the relay reconnects with the new identity.
+   */
+  async rekey(): Promise<void> {
+    if (this.#closed) return;
+    // Serialise with a connect in progress: it may still be using the old identity.
+    await this.#connecting?.catch(() => undefined);
+    const old = this.#conn;
+    if (old === undefined || old.closed) return;
+    let fresh: Conn | undefined;
+    try {
+      fresh = await this.#connect(old.url);
+    } catch (err) {
+      this.#log.warn("rekey: new connection failed; closing the old one", { err: asM2mError(err) });
+    }
+    if (this.#closed) {
+      fresh?.client.end(true);
+      return;
+    }
+    if (fresh !== undefined) {
+      this.counters.rekeys++;
+      this.#install(fresh);
+    } else if (this.#conn === old) {
+      this.#conn = undefined;
+    }
+    await this.#drainAndEnd(old);
+  }
+
   async #drainAndEnd(old: Conn): Promise<void> {
     const deadline = this.#clock.monotonicMs() + (this.#o.drainTimeoutMs ?? 10_000);
     while (old.pending.size > 0 && !old.closed && this.#clock.monotonicMs() < deadline) {
@@ -419,6 +482,7 @@ export class MqttSink implements Sink {
     }
     if (old.closed) return;
     old.closed = true;
+    this.#live.delete(old);
     // Anything still unacknowledged is retried by the relay (at-least-once; same m2m-id).
     const err = new Error("connection replaced");
     for (const settle of [...old.pending]) settle(err);
@@ -434,6 +498,15 @@ export class MqttSink implements Sink {
       c.closed = true;
       for (const settle of [...c.pending]) settle(new Error("sink closed"));
       await c.client.endAsync(true).catch(() => undefined);
+    }
+    // A connection being drained after a switch goes too.
+    for (const o of [...this.#live]) {
+      this.#live.delete(o);
+      if (!o.closed) {
+        o.closed = true;
+        for (const settle of [...o.pending]) settle(new Error("sink closed"));
+        await o.client.endAsync(true).catch(() => undefined);
+      }
     }
   }
 }

@@ -7,7 +7,8 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createSecureContext, type SecureContext } from "node:tls";
-import { M2mError } from "../../../core/errors.js";
+import { M2mError } from "../../core/errors.js";
+import type { TlsClientKey } from "../capabilities.js";
 
 /** Where Debian puts OpenSSL 3 engines; Node's OpenSSL has no engine directory compiled in. */
 export const DEFAULT_OPENSSL_ENGINES_DIR = "/usr/lib/x86_64-linux-gnu/engines-3";
@@ -79,4 +80,12 @@ export function createEngineSecureContext(
   } finally {
     if (scratch !== undefined) rmSync(scratch, { recursive: true, force: true });
   }
+}
+
+/** The TLS capability of a key inside a PKCS#11 token: the engine signs the handshake in the token. */
+export function engineTlsClient(o: EngineKeyOptions): TlsClientKey {
+  return {
+    mechanism: "pkcs11-engine",
+    secureContext: async ({ certPem, caPem }) => createEngineSecureContext({ ...o, certPem, caPem }),
+  };
 }

@@ -1,12 +1,30 @@
 import { readFile } from "node:fs/promises";
 import { z } from "zod";
-import { writeFileAtomic } from "../../core/atomic-file.js";
-import { M2mError } from "../../core/errors.js";
-import type { KeyProvider } from "../../keys/key-provider.js";
-import type { KeyRotation } from "./renewer.js";
+import { writeFileAtomic } from "../core/atomic-file.js";
+import { M2mError } from "../core/errors.js";
+import type { KeyProvider } from "./key-provider.js";
 
-/** Rotation state file name inside the agent's state_dir (which of the two keys is current). */
+/**
+ * Rotation state file name inside the agent's state_dir (which of the two keys is current). The ONE
+ * spelling of it: everything else asks `DeviceKeyOwner` or joins this constant.
+ */
 export const KEY_ROTATION_STATE_FILE = "key-rotation.json";
+
+/**
+ * Key rotation seam (used by `CertificateRenewer`). Order is the safety property: the old key is
+ * destroyed only after the new certificate is on disk. `DeviceKeyOwner` implements it over
+ * `AlternatingKeyRotation` and tells its subscribers about the switch before the old key goes.
+ */
+export interface KeyRotation {
+  /** Creates (or reopens, after a crash) the next key; the current key stays usable. */
+  prepare(): Promise<KeyProvider>;
+  /** Makes `next` the current key and destroys the old one. Called after the new cert is written. */
+  commit(next: KeyProvider): Promise<void>;
+  /** Destroys an unused next key after a failed renewal. */
+  abort(next: KeyProvider): Promise<void>;
+  /** Whether a rotation is under way (a pending key may exist). Enables `issueForPendingKey`. */
+  hasPending?(): Promise<boolean>;
+}
 
 /** The two PKCS#11 labels the daemon alternates between: `key_label` and `key_label-alt`. */
 export function pkcs11RotationLabels(label: string): [string, string] {
@@ -101,7 +119,13 @@ export class AlternatingKeyRotation implements KeyRotation {
     return next;
   }
 
-  async commit(next: KeyProvider): Promise<void> {
+  /**
+   * Commits the pending key: the state names it current, `onSwitched` runs (the owner moves its
+   * users to the new key while the old one still exists: make-before-break), then the old key is
+   * destroyed. A crash after the state write leaves the old key as a leftover that `prepare`
+   * destroys before it makes the next key.
+   */
+  async commit(next: KeyProvider, onSwitched?: () => Promise<void>): Promise<void> {
     const st = await this.#read();
     if (st.pending === undefined)
       throw new M2mError("ERR_KEY_ROTATION_STATE", "permanent", "no rotation pending");
@@ -115,6 +139,7 @@ export class AlternatingKeyRotation implements KeyRotation {
       );
     }
     await this.#write({ v: 1, current: st.pending });
+    await onSwitched?.();
     const old = this.#make(st.current);
     await old.destroy();
     await old.close();

@@ -1,0 +1,54 @@
+import type { SecureContext } from "node:tls";
+import type { Secret } from "../core/secret.js";
+import type { AkPublic, CertifyResult, EkCertificate, EkPublic } from "./tpm/endorsement.js";
+import type { LockoutInfo } from "./tpm/runner.js";
+
+/**
+ * What only some device keys can do, as optional capabilities on `KeyProvider` that callers probe
+ * for (`key.attestation`, `key.tlsClient`) instead of downcasting to a backend. A capability is
+ * `undefined` when the key cannot do it (a PKCS#11 token has no EK; a PKCS#11 key whose PIN is not
+ * in a file cannot be handed to the OpenSSL engine).
+ */
+
+/** TPM attestation of THIS key: EK, AK, credential activation, TPM2_Certify (later: quote). */
+export interface TpmAttestation {
+  /** Persistent handle of the key this capability certifies. */
+  readonly keyHandle: number;
+  readonly akHandle: number;
+  /** TPM2B_PUBLIC of the key (what the registrar hashes into its Name). */
+  devicePublic(): Promise<Uint8Array>;
+  readEkPublics(options?: { createIfAbsent?: boolean }): Promise<EkPublic[]>;
+  readEkCertificates(): Promise<EkCertificate[]>;
+  /** Creates the AK under the EK (or returns the existing one). */
+  createAk(options?: { ekHandle?: number; replace?: boolean }): Promise<AkPublic>;
+  activateCredential(blob: Uint8Array, ekHandle: number): Promise<Secret<Uint8Array>>;
+  /** TPM2_Certify of this key by the AK over `qualifyingData` (a registrar nonce). */
+  certify(qualifyingData: Uint8Array): Promise<CertifyResult>;
+  /** Evicts the AK (decommissioning: it identified this TPM to the registrar). Idempotent. */
+  evictAk(): Promise<void>;
+  /** Dictionary-attack lockout state of the TPM. */
+  lockout(): Promise<LockoutInfo>;
+}
+
+/** What a TLS client context needs besides the key: the certificate for that key and the trust anchors. */
+export interface TlsClientContextInput {
+  /** The certificate issued for THIS key (PEM). */
+  readonly certPem: string;
+  /** Trust anchors for the server's certificate (PEM). */
+  readonly caPem: string;
+}
+
+/**
+ * "Usable for a TLS client handshake": the key signs the handshake where it lives (PKCS#11 token through
+ * the OpenSSL engine today; a TPM key through tpm2-pkcs11 plugs in here too). The context is built per
+ * connection attempt (building it loads the key; ≈ 30–50 ms with a TPM), never per message.
+ */
+export interface TlsClientKey {
+  /** How the key reaches OpenSSL, for logs and status (e.g. "pkcs11-engine"). Safe to print. */
+  readonly mechanism: string;
+  /**
+   * A TLS client context whose private key is this device key.
+   * @throws ERR_TLS_ENGINE_KEY (permanent: a wrong PIN is never retried, it would lock the token)
+   */
+  secureContext(input: TlsClientContextInput): Promise<SecureContext>;
+}
