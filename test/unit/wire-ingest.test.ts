@@ -19,14 +19,12 @@ const message = fc.record({
   channel,
   ts: fc.integer({ min: 0, max: 2 ** 45 }),
   payload: fc.oneof(
-    fc
-      .jsonValue()
-      .map((v) => ({
-        json: true,
-        contentType: "application/json",
-        bytes: Buffer.from(JSON.stringify(v)),
-        value: v,
-      })),
+    fc.jsonValue().map((v) => ({
+      json: true,
+      contentType: "application/json",
+      bytes: Buffer.from(JSON.stringify(v)),
+      value: v,
+    })),
     fc.uint8Array({ maxLength: 300 }).map((b) => ({
       json: false,
       contentType: "application/octet-stream",
