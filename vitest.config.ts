@@ -6,7 +6,7 @@ import { defineConfig } from "vitest/config";
  * - `integration` (`npm run test:integration`): contract suites and integration tests against real
  *   swtpm, SoftHSM2, mosquitto, PostgreSQL and HTTP servers on port 0.
  * - `soak` (`npm run test:soak`): the built daemon under steady load for minutes (memory leak gate).
- * A `system` tier (real systemd, packages) adds one more entry here and a `test:system` script.
+ * The `system` tier (real systemd, packages) has its own config: test/system/vitest.config.ts, `npm run test:system`.
  */
 const tiers = {
   unit: ["test/unit/**/*.test.ts", "test/fuzz/**/*.test.ts"],

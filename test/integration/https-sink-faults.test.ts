@@ -5,7 +5,6 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createTestCa, type TestCa } from "../../hw/mosquitto.js";
 import { ingestRoutes } from "../../src/registrar/ingest/routes.js";
-import { newMessageId } from "../../src/relay/ids.js";
 import type { OutboxMessage } from "../../src/relay/outbox/outbox.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { Relay } from "../../src/relay/relay.js";
@@ -14,6 +13,7 @@ import { deadLetterReason } from "../../src/relay/sinks/sink.js";
 import {
   createSoftwareDpop,
   createTokenIssuer,
+  jsonOutboxMessages,
   startRouteHost,
   TestTokenSource,
   until,
@@ -22,18 +22,7 @@ import {
 const enc = new TextEncoder();
 const AUD = "https://ingest.test";
 
-function msgs(n: number, channel = "temp"): OutboxMessage[] {
-  return Array.from({ length: n }, (_, i) => ({
-    id: newMessageId(),
-    seq: i + 1,
-    channel,
-    payload: enc.encode(JSON.stringify({ n: i })),
-    contentType: "application/json",
-    ts: 1_700_000_000_000 + i,
-    ingestedAt: 0,
-    attempt: 1,
-  }));
-}
+const msgs = (n: number, channel = "temp"): OutboxMessage[] => jsonOutboxMessages(n, channel);
 
 describe("HTTPS sink against a local HTTPS ingest server with fault injection", () => {
   let ca: TestCa;

@@ -74,6 +74,8 @@ import { HardwareDpopSigner } from "../../src/credentials/oauth/dpop.js";
 import type { AccessToken } from "../../src/credentials/oauth/token-source.js";
 import { FakeKeyProvider } from "../../src/keys/fake/fake-provider.js";
 import { HttpError, type Route, type RouteResponse } from "../../src/registrar/http/router.js";
+import { newMessageId } from "../../src/relay/ids.js";
+import type { OutboxMessage } from "../../src/relay/outbox/outbox.js";
 import { MqttSink } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
 
 /**
@@ -320,4 +322,19 @@ export async function bundleEntry(entry: string, name: string): Promise<string> 
     logLevel: "silent",
   });
   return `${outDir}${name}.mjs`;
+}
+
+/** `n` leased JSON messages `{"n": from + i}` on `channel`, as a sink receives them from the outbox. */
+export function jsonOutboxMessages(n: number, channel: string, from = 0): OutboxMessage[] {
+  const enc = new TextEncoder();
+  return Array.from({ length: n }, (_, i) => ({
+    id: newMessageId(),
+    seq: from + i + 1,
+    channel,
+    payload: enc.encode(JSON.stringify({ n: from + i })),
+    contentType: "application/json",
+    ts: 1_700_000_000_000 + i,
+    ingestedAt: 0,
+    attempt: 1,
+  }));
 }

@@ -14,6 +14,7 @@ import { HttpsSink } from "../../src/relay/sinks/https/https-sink.js";
 import {
   createSoftwareDpop,
   createTokenIssuer,
+  jsonOutboxMessages,
   startRouteHost,
   TestTokenSource,
   until,
@@ -22,18 +23,7 @@ import {
 const enc = new TextEncoder();
 const AUD = "https://ingest.test";
 
-function msgs(n: number, from: number): OutboxMessage[] {
-  return Array.from({ length: n }, (_, i) => ({
-    id: newMessageId(),
-    seq: from + i,
-    channel: "p",
-    payload: enc.encode(JSON.stringify({ n: from + i })),
-    contentType: "application/json",
-    ts: 1_700_000_000_000 + i,
-    ingestedAt: 0,
-    attempt: 1,
-  }));
-}
+const msgs = (n: number, from: number): OutboxMessage[] => jsonOutboxMessages(n, "p", from);
 
 describe("HTTPS sink pipelining (next batch encoded during the POST; POSTs in order)", () => {
   let ca: TestCa;

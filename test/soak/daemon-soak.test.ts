@@ -22,7 +22,7 @@ import {
   startRegistrarProcess,
   writeAgentToml,
 } from "../integration/e2e-kit.js";
-import { leakGate, type MemoryPoint } from "./leak-gate.js";
+import { leakGate, leastSquares, type MemoryPoint } from "./leak-gate.js";
 
 /**
  * Memory soak of the BUILT daemon under steady load: `m2m-agent run` (SoftHSM key, enrolled at the
@@ -78,20 +78,6 @@ function rssKiB(pid: number): number {
   const m = /VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
   if (m === null) throw new Error(`no VmRSS for pid ${pid}`);
   return Number(m[1]);
-}
-
-/** Least-squares slope of y over x. */
-function slope(points: readonly { x: number; y: number }[]): number {
-  const n = points.length;
-  const mx = points.reduce((s, p) => s + p.x, 0) / n;
-  const my = points.reduce((s, p) => s + p.y, 0) / n;
-  let num = 0;
-  let den = 0;
-  for (const p of points) {
-    num += (p.x - mx) * (p.y - my);
-    den += (p.x - mx) ** 2;
-  }
-  return num / den;
 }
 
 /** A minimal Chrome DevTools Protocol client over the inspector WebSocket. */
@@ -479,7 +465,7 @@ describe("daemon memory soak (built CLI, SoftHSM, registrar, mosquitto mTLS)", (
 
       const mib = (kib: number): number => kib / 1024;
       const perMin = (pts: readonly { t: number; y: number }[]): number =>
-        slope(pts.map((p) => ({ x: p.t, y: p.y }))) * 60;
+        leastSquares(pts.map((p) => ({ x: p.t, y: p.y }))) * 60;
       const after = samples.filter((s) => s.t >= WARMUP_S);
       const gcAfter = postGc.filter((s) => s.t >= WARMUP_S);
       const rawSlope = perMin(after.map((s) => ({ t: s.t, y: mib(s.kib) })));

@@ -48,6 +48,20 @@ export interface LeakVerdict {
   readonly why: string;
 }
 
+/** Least-squares slope of y over x (the old gate; still printed for comparison). */
+export function leastSquares(points: readonly { readonly x: number; readonly y: number }[]): number {
+  const n = points.length;
+  const mx = points.reduce((s, p) => s + p.x, 0) / n;
+  const my = points.reduce((s, p) => s + p.y, 0) / n;
+  let num = 0;
+  let den = 0;
+  for (const p of points) {
+    num += (p.x - mx) * (p.y - my);
+    den += (p.x - mx) ** 2;
+  }
+  return num / den;
+}
+
 /** Theil–Sen slope: the median of the slopes of all pairs of points (pairs with equal x are skipped). */
 export function theilSen(points: readonly { readonly x: number; readonly y: number }[]): number {
   const slopes: number[] = [];

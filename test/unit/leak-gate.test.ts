@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { leakGate, type MemoryPoint, theilSen } from "../soak/leak-gate.js";
+import { leakGate, leastSquares, type MemoryPoint, theilSen } from "../soak/leak-gate.js";
 
 /** Deterministic PRNG (mulberry32): the same seeds every run. */
 function rng(seed: number): () => number {
@@ -30,19 +30,9 @@ function series(seed: number, level: (t: number) => number, spikeMiB = 1.5, rate
   return out;
 }
 
-/** The old gate: least squares over wall time. */
+/** The old gate: least squares over wall time (MiB/min). */
 function leastSquaresPerMin(pts: readonly MemoryPoint[]): number {
-  const w = pts.filter((p) => p.t >= GATE.warmupS);
-  const n = w.length;
-  const mx = w.reduce((s, p) => s + p.t, 0) / n;
-  const my = w.reduce((s, p) => s + p.mib, 0) / n;
-  let num = 0;
-  let den = 0;
-  for (const p of w) {
-    num += (p.t - mx) * (p.mib - my);
-    den += (p.t - mx) ** 2;
-  }
-  return (num / den) * 60;
+  return leastSquares(pts.filter((p) => p.t >= GATE.warmupS).map((p) => ({ x: p.t, y: p.mib }))) * 60;
 }
 
 const SEEDS = Array.from({ length: 200 }, (_, i) => i + 1);

@@ -3,6 +3,7 @@ import { gunzip as gunzipCb } from "node:zlib";
 import type { JWTPayload } from "jose";
 import { type Clock, systemClock } from "../../core/clock.js";
 import { type ErrorCode, isM2mError } from "../../core/errors.js";
+import { INGEST_MAX_MESSAGES, type IngestResponse, ingestRequestSchema } from "../../wire/v1/index.js";
 import { HttpError, type Route, type RouteContext, type RouteResponse } from "../http/router.js";
 import { parseAuthorization } from "../oauth/access-token.js";
 import { verifyDpopProof } from "../oauth/dpop-verify.js";
@@ -65,9 +66,6 @@ export interface IngestRoutesOptions {
   /** Test hook: answer the next requests with these statuses before processing (fault injection). */
   readonly faults?: () => RouteResponse | undefined;
 }
-
-const ID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
-const CHANNEL_RE = /^[A-Za-z0-9_-]+(\/[A-Za-z0-9_-]+)*$/;
 
 function bearerChallenge(code: ErrorCode, message: string, oauthError: string): HttpError {
   const e = new HttpError(401, code, message);
@@ -194,37 +192,23 @@ export function ingestRoutes(options: IngestRoutesOptions): { routes: Route[]; s
     } catch {
       throw new HttpError(400, "ERR_BAD_JSON", "request body is not valid JSON");
     }
-    const messages = (body as { messages?: unknown } | null)?.messages;
-    if (
-      !Array.isArray(messages) ||
-      messages.length === 0 ||
-      messages.length > (options.maxMessages ?? 1000)
-    ) {
+    const parsed = ingestRequestSchema.safeParse(body);
+    if (!parsed.success) {
+      // Only the path of the failing field goes back (`messages[3]`), never a value.
+      const path = parsed.error.issues[0]?.path ?? [];
+      const field = path.length < 2 ? "messages" : `messages[${String(path[1])}]`;
+      throw new HttpError(400, "ERR_SCHEMA", "request body does not match the schema", { field });
+    }
+    const messages = parsed.data.messages;
+    if (messages.length > (options.maxMessages ?? INGEST_MAX_MESSAGES)) {
       throw new HttpError(400, "ERR_SCHEMA", "request body does not match the schema", { field: "messages" });
     }
     const prefix = `devices/${sub}/`;
-    const rejected: { id: string; code: string }[] = [];
+    const rejected: IngestResponse["rejected"] = [];
     let accepted = 0;
     let duplicates = 0;
     const now = clock.now().getTime();
-    for (const [i, m] of messages.entries()) {
-      const o = m as Record<string, unknown> | null;
-      if (
-        o === null ||
-        typeof o !== "object" ||
-        typeof o.id !== "string" ||
-        !ID_RE.test(o.id) ||
-        typeof o.topic !== "string" ||
-        typeof o.channel !== "string" ||
-        !CHANNEL_RE.test(o.channel) ||
-        typeof o.ts !== "number" ||
-        typeof o.content_type !== "string" ||
-        (!("payload" in o) && typeof o.payload_b64 !== "string")
-      ) {
-        throw new HttpError(400, "ERR_SCHEMA", "request body does not match the schema", {
-          field: `messages[${i}]`,
-        });
-      }
+    for (const o of messages) {
       // Security: a device writes only under its own namespace (devices/{sub}/...), like the broker ACL.
       if (
         !o.topic.startsWith(prefix) ||
@@ -242,13 +226,14 @@ export function ingestRoutes(options: IngestRoutesOptions): { routes: Route[]; s
         channel: o.channel,
         ts: o.ts,
         contentType: o.content_type,
-        payload: "payload" in o ? o.payload : o.payload_b64,
+        payload: o.payload !== undefined ? o.payload : o.payload_b64,
         receivedAt: now,
       });
       if (fresh) accepted++;
       else duplicates++;
     }
-    return { status: 200, json: { accepted, duplicates, rejected } };
+    const answer: IngestResponse = { accepted, duplicates, rejected };
+    return { status: 200, json: answer };
   };
 
   return { routes: [route], store };

@@ -1,2 +1,3 @@
 export * from "./enrolment.js";
+export * from "./ingest.js";
 export * from "./rotation.js";

@@ -5,6 +5,12 @@ import { type Clock, systemClock } from "../../../core/clock.js";
 import { type ErrorCode, isErrorCode } from "../../../core/error-codes.js";
 import { asM2mError, M2mError } from "../../../core/errors.js";
 import { type Logger, silentLogger } from "../../../core/log.js";
+import {
+  ingestBodyJson,
+  ingestChannelPart,
+  ingestMessageJson,
+  ingestResponseSchema,
+} from "../../../wire/v1/ingest.js";
 import { expandTopic } from "../../channel.js";
 import type { OutboxMessage } from "../../outbox/outbox.js";
 import { isJsonContentType } from "../../sources/api/parse.js";
@@ -126,16 +132,22 @@ export class HttpsSink implements Sink {
       });
   }
 
+  /** The ingest body (wire v1, `ingestRequestSchema`), written without an object per message. */
   #body(batch: readonly OutboxMessage[]): string {
-    const items = batch.map((m) => {
-      const head = `{"id":${JSON.stringify(m.id)},${this.#channelPart(m.channel)},"ts":${m.ts},"content_type":${JSON.stringify(m.contentType)}`;
-      // A view, not a copy: the payload is only read here.
-      const bytes = Buffer.from(m.payload.buffer, m.payload.byteOffset, m.payload.byteLength);
-      // JSON payloads were validated at ingest and are embedded as is; anything else goes base64.
-      if (isJsonContentType(m.contentType)) return `${head},"payload":${bytes.toString("utf8")}}`;
-      return `${head},"payload_b64":"${bytes.toString("base64")}"}`;
-    });
-    return `{"messages":[${items.join(",")}]}`;
+    return ingestBodyJson(
+      batch.map((m) =>
+        ingestMessageJson(
+          m.id,
+          this.#channelPart(m.channel),
+          m.ts,
+          m.contentType,
+          // A view, not a copy: the payload is only read here.
+          Buffer.from(m.payload.buffer, m.payload.byteOffset, m.payload.byteLength),
+          // JSON payloads were validated at ingest and are embedded as is; anything else goes base64.
+          isJsonContentType(m.contentType),
+        ),
+      ),
+    );
   }
 
   /** `"topic":…,"channel":…` per channel, cached (channels are few; bounded like the MQTT sink's). */
@@ -144,7 +156,7 @@ export class HttpsSink implements Sink {
     if (part === undefined) {
       const template = this.#o.topicTemplate ?? "devices/{deviceId}/{channel}";
       const topic = expandTopic(template, { deviceId: this.#o.deviceId, channel });
-      part = `"topic":${JSON.stringify(topic)},"channel":${JSON.stringify(channel)}`;
+      part = ingestChannelPart(topic, channel);
       if (this.#channelParts.size >= 4096) this.#channelParts.clear();
       this.#channelParts.set(channel, part);
     }
@@ -261,17 +273,15 @@ export class HttpsSink implements Sink {
   #accepted(batch: readonly OutboxMessage[], body: Buffer | undefined): DeliveryOutcome[] {
     const rejected = new Map<string, string>();
     if (body !== undefined && body.length > 0) {
+      let json: unknown;
       try {
-        const parsed = JSON.parse(body.toString("utf8")) as { rejected?: unknown };
-        if (Array.isArray(parsed.rejected)) {
-          for (const r of parsed.rejected as { id?: unknown; code?: unknown }[]) {
-            if (typeof r?.id === "string")
-              rejected.set(r.id, typeof r.code === "string" ? r.code.slice(0, 64) : "rejected");
-          }
-        }
+        json = JSON.parse(body.toString("utf8"));
       } catch {
         // A 2xx with an unparsable body still means the server took the batch.
       }
+      const parsed = ingestResponseSchema.safeParse(json);
+      if (parsed.success) for (const r of parsed.data.rejected) rejected.set(r.id, r.code);
+      else if (json !== undefined) this.#log.warn("ingest answer does not match wire v1; taken as accepted");
     }
     return batch.map((m) => {
       const code = rejected.get(m.id);
