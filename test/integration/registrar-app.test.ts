@@ -221,6 +221,9 @@ describe("registrar app: token service + EST + ingest + self-revocation from con
     const ok = await post(APP_PATHS.selfRevoke, revokeForm(d.state.deviceId, jwt));
     expect(ok.status).toBe(200);
     expect(ok.json).toMatchObject({ deviceId: d.state.deviceId, status: "revoked" });
+    // The answer comes after the CRL lists the device's certificate (docs/revocation.md).
+    const serial = store.getDevice(d.state.deviceId)?.certSerial ?? "";
+    expect(app.crl.current?.serials).toContain(serial);
     expect((await post(APP_PATHS.selfRevoke, revokeForm(d.state.deviceId, jwt))).status).toBe(401);
     await expect(tokenFor(d).getToken()).rejects.toMatchObject({ code: "ERR_OAUTH_CLIENT_REVOKED" });
     // The CLI's client path (decommission) against a revoked device: a coded refusal.
