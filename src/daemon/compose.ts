@@ -15,6 +15,7 @@ import { HealthBoard, instrumentKeyProvider, OperationWatch } from "./health.js"
 import { describeState, Lifecycle, STATE_NAMES, type State } from "./lifecycle.js";
 import { AgentMetrics, type MetricsServer, startMetricsServer } from "./metrics.js";
 import type { SystemdNotifier } from "./notify.js";
+import type { AgentStage, StageHandle, StagePipeline, StageRunner } from "./stage-types.js";
 import { credentialsStage } from "./stages/credentials.js";
 import { relayStage } from "./stages/relay.js";
 import { agentVersion } from "./version.js";
@@ -28,59 +29,17 @@ import { agentVersion } from "./version.js";
  * Adding a capability = writing an `AgentStage` and appending it to `STAGES` below.
  */
 
-/** What stages get: shared services, and a place to publish their own for later stages. */
-export interface StageContext {
-  readonly config: AgentConfig;
-  readonly log: Logger;
-  readonly clock: Clock;
-  readonly env: NodeJS.ProcessEnv;
-  readonly metrics: AgentMetrics;
-  readonly health: HealthBoard;
-  readonly lifecycle: Lifecycle;
-  readonly audit: AuditSink;
-  readonly anomalies: AnomalyDetector;
-  readonly clockSanity: ClockSanity;
-  /** The local API (undefined when it could not be started: the agent runs degraded). */
-  readonly api: ApiServer | undefined;
-  /** The device key's owner: ask it for the current key (it changes on rotation) and subscribe. */
-  readonly keys: DeviceKeyOwner;
-  /** The key current at stage start (for stages that only need its public facts). */
-  readonly key: { readonly provider: KeyProvider; readonly info: KeyInfo };
-  readonly enrolment: EnrolmentState | undefined;
-  /** Services published by earlier stages (e.g. "tokenSource", "outbox"), by name. */
-  readonly services: Map<string, unknown>;
-}
-
-export interface StageReload {
-  /** Key paths applied live. */
-  readonly applied: readonly string[];
-  /** Key paths that need a restart to take effect. */
-  readonly restartRequired: readonly string[];
-}
-
-export interface StageHandle {
-  /** Shown under `stages.<name>` in status. */
-  status?(): unknown;
-  /** Apply a new config; keys this stage does not handle live are reported as restart-required. */
-  reload?(next: AgentConfig): Promise<StageReload>;
-  /** Drain in-flight work; `signal` fires at the drain deadline. */
-  stop(signal: AbortSignal): Promise<void>;
-}
-
-export interface AgentStage {
-  readonly name: string;
-  /** Config sections this stage owns (for "restart required" attribution on reload). */
-  readonly sections: readonly string[];
-  /** False → the stage is skipped and its modules are never imported. */
-  enabled(config: AgentConfig): boolean;
-  start(ctx: StageContext): Promise<StageHandle>;
-}
+export type { AgentStage, StageContext, StageHandle, StageReload } from "./stage-types.js";
 
 /**
- * Stages in start order (stopped in reverse). Enrolment runs before them (see `#bringUp`); the
- * credentials and relay helpers add their stages here.
+ * Stages in start order (stopped in reverse), each fed what the earlier ones provide: the
+ * credentials stage's token source and DPoP signer are what the relay stage declares it needs.
+ * Enrolment runs before them (see `#bringUp`).
  */
-export const STAGES: AgentStage[] = [credentialsStage, relayStage];
+export const STAGES: StagePipeline = async (run) => {
+  const credentials = await run(credentialsStage, undefined);
+  await run(relayStage, { tokens: credentials?.tokens, dpop: credentials?.dpop });
+};
 
 export interface AgentDeps {
   readonly log: Logger;
@@ -89,8 +48,8 @@ export interface AgentDeps {
   readonly notifier?: SystemdNotifier;
   /** Test seam: use this provider instead of the configured one. */
   readonly keyProvider?: KeyProvider;
-  /** Test seam: replaces `STAGES`. */
-  readonly stages?: readonly AgentStage[];
+  /** Test seam: replaces `STAGES` with stages that need nothing from each other. */
+  readonly stages?: readonly AgentStage<void, unknown>[];
   /** Called when the log level changes on reload. */
   readonly setLogLevel?: (level: AgentConfig["agent"]["log_level"]) => void;
 }
@@ -166,9 +125,8 @@ export class Agent {
   readonly #log: Logger;
   readonly #clock: Clock;
   readonly #env: NodeJS.ProcessEnv;
-  readonly #stages: readonly AgentStage[];
-  readonly #handles: { stage: AgentStage; handle: StageHandle }[] = [];
-  readonly #services = new Map<string, unknown>();
+  readonly #stages: StagePipeline;
+  readonly #handles: { stage: { name: string; sections: readonly string[] }; handle: StageHandle }[] = [];
   readonly #startedMono: number;
   #since: string;
   #audit: AuditSink = { record: async () => undefined };
@@ -184,12 +142,17 @@ export class Agent {
 
   constructor(config: AgentConfig, deps: AgentDeps) {
     this.#config = config;
-    this.#services.set("reenrol", () => this.reenrol());
     this.#deps = deps;
     this.#log = deps.log;
     this.#clock = deps.clock ?? systemClock;
     this.#env = deps.env ?? process.env;
-    this.#stages = deps.stages ?? STAGES;
+    const only = deps.stages;
+    this.#stages =
+      only === undefined
+        ? STAGES
+        : async (run) => {
+            for (const stage of only) await run(stage, undefined);
+          };
     this.#startedMono = this.#clock.monotonicMs();
     this.#since = this.#clock.now().toISOString();
     this.lifecycle = new Lifecycle(this.#log.child({ component: "lifecycle" }));
@@ -365,25 +328,21 @@ export class Agent {
       return;
     }
     await this.#loadEnrolment();
-    if (c.enroll.enabled && this.#enrolment === undefined && !(await this.#enrol(attempt))) return;
+    if (c.enroll.enabled && this.#enrolment === undefined && !(await this.#enroll(attempt))) return;
     await this.#startStages();
     this.health.apply();
   }
 
   /**
-   * Enrols with the registrar (src/daemon/stages/enrol.ts). False when it failed: transient failures
-   * retry `#bringUp` in the background, permanent ones leave the agent degraded with the reason.
+   * Enrols with the registrar (`[enroll]`, the same flow as `m2m-agent enroll`). False when it
+   * failed: transient failures retry `#bringUp` in the background, permanent ones leave the agent
+   * degraded with the reason.
    */
-  async #enrol(attempt: number): Promise<boolean> {
+  async #enroll(attempt: number): Promise<boolean> {
     if (this.#keys === undefined) return false;
     this.lifecycle.tryDispatch({ type: "enroll" });
     try {
-      const { enrolFromConfig } = await import("./stages/enrol.js");
-      const out = await enrolFromConfig(this.#config, this.#keys.current, {
-        log: this.#log,
-        clock: this.#clock,
-        env: this.#env,
-      });
+      const out = await this.#runEnroll(this.#keys.current, false);
       await this.#audit.record("enrolled", { deviceId: out.state.deviceId, method: out.state.method });
       await this.#loadEnrolment();
       if (this.lifecycle.state.name === "enrolling") this.lifecycle.dispatch({ type: "ready" });
@@ -407,21 +366,38 @@ export class Agent {
     }
   }
 
-  /** Re-runs enrolment with `force` (TPM re-attestation); published to stages as "reenrol". */
-  async reenrol(): Promise<EnrolmentState> {
+  /** Re-runs enrolment with `force` (TPM re-attestation); handed to stages as `reenroll`. */
+  async reenroll(): Promise<EnrolmentState> {
     if (this.#keys === undefined)
       throw new M2mError("ERR_KEY_NOT_FOUND", "transient", "the device key is not open");
-    const { enrolFromConfig } = await import("./stages/enrol.js");
     // The CURRENT key: after an in-process rotation that is the rotated one.
-    const out = await enrolFromConfig(this.#config, this.#keys.current, {
-      log: this.#log,
-      clock: this.#clock,
-      env: this.#env,
-      force: true,
-    });
+    const out = await this.#runEnroll(this.#keys.current, true);
     await this.#audit.record("enrolled", { deviceId: out.state.deviceId, reattested: true });
     await this.#loadEnrolment();
     return out.state;
+  }
+
+  /**
+   * The enrolment flow of `[enroll]` on `key`: TPM attestation through the key's own serial TPM
+   * queue, or PKCS#11 with the bootstrap token. Idempotent unless `force`.
+   * @throws ERR_ENROLL_CONFIG, ERR_SECRET_UNAVAILABLE, the registrar's codes, ERR_KEY_* / ERR_TPM_*.
+   */
+  async #runEnroll(key: KeyProvider, force: boolean): Promise<{ state: EnrolmentState }> {
+    const { enrollFromConfig } = await import("../enroll/from-config.js");
+    const log = this.#log.child({ component: "enroll" });
+    const outcome = await enrollFromConfig(this.#config, key, {
+      force,
+      clock: this.#clock,
+      env: this.#env,
+      onProgress: (p) => log.info("enrolment step", { step: p.step, status: p.status, detail: p.detail }),
+    });
+    if (outcome.status === "enrolled")
+      log.info("device enrolled", {
+        deviceId: outcome.state.deviceId,
+        method: outcome.state.method,
+        role: outcome.state.role,
+      });
+    return outcome;
   }
 
   async #loadEnrolment(): Promise<void> {
@@ -453,34 +429,42 @@ export class Agent {
   }
 
   async #startStages(): Promise<void> {
-    if (this.#keys === undefined || this.#keyInfo === undefined) return;
-    for (const stage of this.#stages) {
-      if (!stage.enabled(this.#config)) continue;
+    const keys = this.#keys;
+    const info = this.#keyInfo;
+    if (keys === undefined || info === undefined) return;
+    const run: StageRunner = async (stage, needs) => {
+      if (!stage.enabled(this.#config)) return undefined;
       try {
-        const handle = await stage.start({
-          config: this.#config,
-          log: this.#log.child({ component: stage.name }),
-          clock: this.#clock,
-          env: this.#env,
-          metrics: this.metrics,
-          health: this.health,
-          lifecycle: this.lifecycle,
-          audit: this.#audit,
-          anomalies: this.anomalies,
-          clockSanity: this.clockSanity,
-          api: this.#api,
-          keys: this.#keys,
-          key: { provider: this.#keys.current, info: this.#keyInfo },
-          enrolment: this.#enrolment,
-          services: this.#services,
-        });
-        this.#handles.push({ stage, handle });
+        const started = await stage.start(
+          {
+            config: this.#config,
+            log: this.#log.child({ component: stage.name }),
+            clock: this.#clock,
+            env: this.#env,
+            metrics: this.metrics,
+            health: this.health,
+            lifecycle: this.lifecycle,
+            audit: this.#audit,
+            anomalies: this.anomalies,
+            clockSanity: this.clockSanity,
+            api: this.#api,
+            keys,
+            key: { provider: keys.current, info },
+            enrolment: this.#enrolment,
+            reenroll: () => this.reenroll(),
+          },
+          needs,
+        );
+        this.#handles.push({ stage, handle: started });
         this.health.set(`stage.${stage.name}`, undefined);
+        return started.provides;
       } catch (err) {
         this.health.set(`stage.${stage.name}`, `failed to start: ${asM2mError(err).message}`);
         this.#log.error("stage failed to start", { stage: stage.name, error: err });
+        return undefined;
       }
-    }
+    };
+    await this.#stages(run);
   }
 
   status(): AgentStatus {

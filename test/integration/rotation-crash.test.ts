@@ -103,6 +103,9 @@ describe("TPM key rotation: a crash between steps recovers", () => {
 
   /** Runs the rotation in a child and SIGKILLs it at `step`. */
   async function killedAt(step: "before-call" | "before-write" | "before-commit"): Promise<void> {
+    // The child signs DPoP proofs with the system clock: bring the registrar's clock up to wall time
+    // (on a busy machine the suite outlives the proof's iat window otherwise).
+    if (clock.now().getTime() < Date.now()) clock.setWall(new Date());
     const child = spawn(
       process.execPath,
       [

@@ -8,9 +8,9 @@ import type { OAuthClient } from "../../credentials/oauth/client.js";
 import { oauthTarget } from "../../credentials/oauth/target.js";
 import type { AccessToken, DpopSigner, TokenSource } from "../../credentials/oauth/token-source.js";
 import { registrarCaPem } from "../../credentials/registrar-ca.js";
-import { type EnrolmentState, writeEnrolmentState } from "../../enroll/state.js";
+import { writeEnrolmentState } from "../../enroll/state.js";
 import type { KeyProvider } from "../../keys/key-provider.js";
-import type { AgentStage, StageContext, StageHandle } from "../compose.js";
+import type { AgentStage, StageContext, StageStarted } from "../stage-types.js";
 
 /** A token source that also reports what it handed out (status, metrics) and drops on refusal. */
 export type ObservedTokenSource = TokenSource & { invalidate(scope?: string): void };
@@ -45,12 +45,19 @@ interface TokenView {
  * (mTLS with the PKCS#11 engine key, else an `est`-scoped token; TPM devices re-attest after an
  * expiry). Publishes "tokenSource" and "dpopSigner" for the relay.
  */
-export const credentialsStage: AgentStage = {
+/** What the credentials stage provides to later stages (the relay's sinks). */
+export interface CredentialsProvides {
+  readonly tokens: ObservedTokenSource;
+  /** Present when the client is DPoP-bound; follows the key across rotations. */
+  readonly dpop: DpopSigner | undefined;
+}
+
+export const credentialsStage: AgentStage<void, CredentialsProvides> = {
   name: "credentials",
   sections: ["credentials"],
   // Always on: a device enrolled with `m2m-agent enroll` (and [enroll] disabled) still needs tokens.
   enabled: () => true,
-  async start(ctx: StageContext): Promise<StageHandle> {
+  async start(ctx: StageContext): Promise<StageStarted<CredentialsProvides>> {
     const { config, enrolment } = ctx;
     const target = await oauthTarget(config, enrolment);
     if (target === undefined) {
@@ -123,8 +130,6 @@ export const credentialsStage: AgentStage = {
       },
       invalidate: (scope?: string) => client.invalidate(scope),
     };
-    ctx.services.set("tokenSource", tokens);
-    if (dpop !== undefined) ctx.services.set("dpopSigner", dpop);
 
     if (ctx.api !== undefined) {
       const { tokenRoutes } = await import("../../credentials/oauth/token-routes.js");
@@ -207,7 +212,6 @@ export const credentialsStage: AgentStage = {
         estAuth = "token";
       }
       const est = new EstClient({ baseUrl, caPem }, auth, ctx.clock);
-      const reenrol = ctx.services.get("reenrol") as (() => Promise<EnrolmentState>) | undefined;
       const enrolled = enrolment;
       renewer = new CertificateRenewer(
         {
@@ -231,12 +235,12 @@ export const credentialsStage: AgentStage = {
           est,
           clock: ctx.clock,
           log: ctx.log.child({ component: "est" }),
-          ...(ctx.keys.current.attestation !== undefined && reenrol !== undefined
+          ...(ctx.keys.current.attestation !== undefined
             ? {
                 // Expired while offline: re-attest with EK/AK (the owner's CURRENT key), then take
                 // the fresh certificate.
                 reattest: async () => {
-                  const state = await reenrol();
+                  const state = await ctx.reenroll();
                   await writeFileAtomic(certFile, `${state.certificatePem.trim()}\n`, 0o600);
                 },
               }
@@ -295,6 +299,7 @@ export const credentialsStage: AgentStage = {
     }
 
     return {
+      provides: { tokens, dpop },
       status: () => ({
         clientId: target.clientId,
         tokenEndpoint: target.tokenEndpoint ?? `(discovered from ${target.issuer ?? "?"})`,

@@ -88,6 +88,7 @@ export function classifyPublishError(id: string, err: unknown): DeliveryOutcome 
 interface Conn {
   readonly client: MqttClient;
   readonly url: string;
+  readonly clientId: string;
   /** Settles every publish still waiting when the connection dies (mqtt.js does not, with reconnect off). */
   readonly pending: Set<(err: Error) => void>;
   closed: boolean;
@@ -113,6 +114,7 @@ export class MqttSink implements Sink {
   readonly #template: string;
   readonly #topics = new Map<string, string>();
   #conn: Conn | undefined;
+  readonly #live = new Set<Conn>();
   #connecting: Promise<Conn> | undefined;
   #urlIndex = 0;
   #renewTimer: AbortController | undefined;
@@ -163,6 +165,20 @@ export class MqttSink implements Sink {
       this.#topics.set(channel, t);
     }
     return t;
+  }
+
+  /**
+   * The connections still open, with the serial of the client certificate each presented in its
+   * handshake (mTLS): what the broker authenticated. During a make-before-break switch there are two.
+   */
+  liveConnections(): { clientId: string; url: string; certSerial: string | undefined }[] {
+    const out: { clientId: string; url: string; certSerial: string | undefined }[] = [];
+    for (const c of this.#live) {
+      if (c.closed) continue;
+      const stream = c.client.stream as { getCertificate?: () => { serialNumber?: string } | null };
+      out.push({ clientId: c.clientId, url: c.url, certSerial: stream.getCertificate?.()?.serialNumber });
+    }
+    return out;
   }
 
   /** True while a connection is up (health). */
@@ -352,10 +368,12 @@ export class MqttSink implements Sink {
     const conn: Conn = {
       client,
       url,
+      clientId: String(opts.clientId),
       pending: new Set(),
       closed: false,
       ...(expiresAt === undefined ? {} : { expiresAt }),
     };
+    this.#live.add(conn);
     client.on("close", () => this.#onClose(conn));
     client.on("error", (err) =>
       this.#log.warn("mqtt client error", { err: asM2mError(err, "ERR_MQTT_CLIENT") }),
@@ -364,6 +382,7 @@ export class MqttSink implements Sink {
   }
 
   #onClose(conn: Conn): void {
+    this.#live.delete(conn);
     if (conn.closed) return;
     conn.closed = true;
     const err = new Error("connection closed");
@@ -461,6 +480,7 @@ export class MqttSink implements Sink {
     }
     if (old.closed) return;
     old.closed = true;
+    this.#live.delete(old);
     // Anything still unacknowledged is retried by the relay (at-least-once; same m2m-id).
     const err = new Error("connection replaced");
     for (const settle of [...old.pending]) settle(err);
@@ -476,6 +496,15 @@ export class MqttSink implements Sink {
       c.closed = true;
       for (const settle of [...c.pending]) settle(new Error("sink closed"));
       await c.client.endAsync(true).catch(() => undefined);
+    }
+    // A connection being drained after a switch goes too.
+    for (const o of [...this.#live]) {
+      this.#live.delete(o);
+      if (!o.closed) {
+        o.closed = true;
+        for (const settle of [...o.pending]) settle(new Error("sink closed"));
+        await o.client.endAsync(true).catch(() => undefined);
+      }
     }
   }
 }

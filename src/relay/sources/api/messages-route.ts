@@ -1,5 +1,5 @@
 import type { ApiServer } from "../../../api/server.js";
-import type { Outbox } from "../../outbox/outbox.js";
+import type { NewMessage, Outbox } from "../../outbox/outbox.js";
 import { defaultParseLimits, type ParseLimits, parseMessages } from "./parse.js";
 
 export interface MessagesRouteOptions {
@@ -7,8 +7,11 @@ export interface MessagesRouteOptions {
   readonly limits?: Partial<ParseLimits>;
   /** Whole-body cap for the route (413). Default 4 MiB. */
   readonly maxBodyBytes?: number;
-  /** Called with the number of messages accepted (metrics). */
-  readonly onAccepted?: (n: number) => void;
+  /**
+   * Called once a batch is durable (after the outbox append, before the answer): metrics, anomaly
+   * detection. Must not throw; it cannot refuse the batch.
+   */
+  readonly onAccepted?: (batch: readonly NewMessage[], ids: readonly string[]) => void;
 }
 
 /**
@@ -25,7 +28,7 @@ export function mountMessagesRoute(api: ApiServer, options: MessagesRouteOptions
       const body = await req.body();
       const messages = parseMessages(body, req.headers["content-type"], limits);
       const ids = await options.outbox.append(messages);
-      options.onAccepted?.(ids.length);
+      options.onAccepted?.(messages, ids);
       return { status: 200, json: { ids } };
     },
     { maxBodyBytes: options.maxBodyBytes ?? 4 * 1024 * 1024 },
