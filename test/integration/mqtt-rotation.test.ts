@@ -191,6 +191,22 @@ describe.each([softhsm])("MQTT mTLS across a key rotation: $name", (backend) => 
     const newConn = accepted.find((m) => m[1] === live[0]?.clientId);
     expect(newConn?.[2]).toBe(DEVICE);
 
+    // The original defect showed on the next connect: a broker restart forces a fresh handshake,
+    // which must pair the new certificate with the new key (not the destroyed one).
+    await broker.stop();
+    await broker.start();
+    await until(() => sub.client.connected, 20_000);
+    const after = await outbox.append(
+      Array.from({ length: 100 }, (_, i) => ({
+        channel: "telemetry",
+        payload: enc.encode(JSON.stringify({ after: i })),
+        contentType: "application/json",
+        ts: Date.now(),
+      })),
+    );
+    await sub.waitFor((r) => after.every((id) => r.some((m) => m.id === id)), 60_000);
+    expect(mqttSink.liveConnections().map((c) => c.certSerial?.toUpperCase())).toEqual([serialOf(newCert)]);
+
     await sub.close();
     await stack.stop();
     await owner.close();

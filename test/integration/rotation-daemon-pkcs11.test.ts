@@ -2,7 +2,9 @@ import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
+import { KEY_ROTATION_STATE_FILE } from "../../src/keys/rotation.js";
 import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
 import {
   AGENT_CLI,
@@ -11,6 +13,7 @@ import {
   enrollAgent,
   ensureBuilt,
   jwtClaims,
+  mqttSinkToml,
   type RegistrarProcess,
   type RegistrarSetup,
   runNode,
@@ -18,12 +21,15 @@ import {
   startRegistrarProcess,
   writeAgentToml,
 } from "./e2e-kit.js";
+import { postMessages, startSubscriber } from "./relay-helpers.js";
 
 /**
  * The built daemon with `credentials.est.rotate_key = true` on a PKCS#11 key (SoftHSM) against the
  * built registrar: at renewal it makes `key_label-alt`, gets its certificate over EST
  * simplereenroll authenticated by the CURRENT key (mTLS through the engine), and its token client
- * follows the new key.
+ * follows the new key. Meanwhile it relays ≈ 500 msg/s over MQTT mTLS (engine key) to a mosquitto
+ * that requires a fleet certificate and allows each device only its own topics: the sink moves to
+ * the new key make-before-break and every message the daemon accepted arrives (issue 11).
  */
 describe("daemon PKCS#11 key rotation (built CLIs, SoftHSM)", () => {
   let work: string;
@@ -31,6 +37,7 @@ describe("daemon PKCS#11 key rotation (built CLIs, SoftHSM)", () => {
   let registrar: RegistrarProcess;
   let env: NodeJS.ProcessEnv;
   let setup: RegistrarSetup;
+  let broker: Mosquitto;
   const daemons: Daemon[] = [];
 
   beforeAll(async () => {
@@ -47,12 +54,14 @@ describe("daemon PKCS#11 key rotation (built CLIs, SoftHSM)", () => {
       groups: [{ name: "sensors", role: "sensor", methods: "pkcs11" }],
     });
     registrar = await startRegistrarProcess(setup.regConfig, env);
+    broker = await startMosquitto({ clientCaFile: setup.caCert });
   }, 300_000);
 
   afterAll(async () => {
     for (const d of daemons) d.kill();
     await Promise.all(daemons.map((d) => d.exited));
     await registrar?.stop();
+    await broker?.cleanup();
     await hsm?.cleanup();
     if (work !== undefined) await rm(work, { recursive: true, force: true });
   });
@@ -71,7 +80,12 @@ describe("daemon PKCS#11 key rotation (built CLIs, SoftHSM)", () => {
         bootstrapToken: bootstrap,
         hardwareSerial: "SENSOR-ROT-1",
       },
-      sections: ["[credentials.est]", "rotate_key = true", "renew_fraction = 0.5"],
+      sections: [
+        "[credentials.est]",
+        "rotate_key = true",
+        "renew_fraction = 0.5",
+        ...mqttSinkToml(broker, 200),
+      ],
       api: { socket: join(work, "hsm-api.sock") },
     });
     await enrollAgent(config, env);
@@ -82,13 +96,48 @@ describe("daemon PKCS#11 key rotation (built CLIs, SoftHSM)", () => {
       };
     const before = await state();
     expect(before.keyRef).toContain("object=m2m-device;");
+    const sub = await startSubscriber(broker.plainUrl, "devices/#");
     const d = startDaemon(["--config", config, "run"], env);
     daemons.push(d);
+    // ≈ 500 msg/s through the local API until the rotation is done (and 2 s beyond).
+    const socket = join(work, "hsm-api.sock");
+    let seq = 0;
+    const accepted = new Set<number>();
+    let rotated = false;
+    let stopAt = Number.POSITIVE_INFINITY;
+    const producer = (async () => {
+      while (Date.now() < stopAt) {
+        const batch = Array.from({ length: 50 }, () => seq++);
+        const status = await postMessages(
+          socket,
+          JSON.stringify(batch.map((n) => ({ channel: "rot", payload: { n } }))),
+        ).catch(() => 0);
+        if (status === 200) for (const n of batch) accepted.add(n);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    })();
     await d.waitLog((r) => r.msg === "device key rotated", 60_000);
+    rotated = true;
+    stopAt = Date.now() + 2_000;
+    await producer;
+    const arrived = (): Set<number> =>
+      new Set(sub.received.map((m) => (JSON.parse(m.payload) as { n: number }).n));
+    await sub.waitFor(() => [...accepted].every((n) => arrived().has(n)), 60_000).catch(() => undefined);
+    expect(rotated).toBe(true);
+    expect(accepted.size).toBeGreaterThan(1_000);
+    expect([...accepted].filter((n) => !arrived().has(n))).toEqual([]);
+    // The sink moved its live connection to the new key (make-before-break), and was never refused.
+    const st = JSON.parse(
+      (await runNode(AGENT_CLI, ["--config", config, "--json", "status"], env)).stdout,
+    ) as {
+      stages: { relay: { sinks: { mqtt: { deadLettered: number; delivered: number } } } };
+    };
+    expect(st.stages.relay.sinks.mqtt.deadLettered).toBe(0);
+    await sub.close();
     const after = await state();
     expect(after.keyRef).toContain("object=m2m-device-alt");
     expect(after.keyThumbprint).not.toBe(before.keyThumbprint);
-    expect(JSON.parse(await readFile(join(hsmState, "key-rotation.json"), "utf8"))).toEqual({
+    expect(JSON.parse(await readFile(join(hsmState, KEY_ROTATION_STATE_FILE), "utf8"))).toEqual({
       v: 1,
       current: "m2m-device-alt",
     });
@@ -98,5 +147,5 @@ describe("daemon PKCS#11 key rotation (built CLIs, SoftHSM)", () => {
     expect((claims.cnf as { jkt: string }).jkt).toBe(after.keyThumbprint);
     d.child.kill("SIGTERM");
     expect(await d.exited).toBe(0);
-  }, 120_000);
+  }, 180_000);
 });
