@@ -160,7 +160,7 @@ export async function benchEnroll(options: { repeats?: number; pairs?: number; c
     await mkdir(trust);
     await copyFile(tpm.rootCaPemPath, join(trust, "root.pem"));
     await copyFile(tpm.intermediateCaPemPath, join(trust, "intermediate.pem"));
-    addEnrolmentGroup(reg.store, { name: "gw", role: "gateway", methods: ["tpm"], ekTrustDir: trust });
+    await addEnrolmentGroup(reg.store, { name: "gw", role: "gateway", methods: ["tpm"], ekTrustDir: trust });
     await provider.createOrOpen();
     const ops = tpmEnrollOps(provider);
     const cfg = {
@@ -184,14 +184,14 @@ export async function benchEnroll(options: { repeats?: number; pairs?: number; c
     // ---- 2. registrar throughput with software "TPM" evidence ------------------------------------
     const device = new FakeKeyProvider({ label: "soft" });
     const soft = await softTpmOps(device);
-    addEnrolmentGroup(reg.store, {
+    await addEnrolmentGroup(reg.store, {
       name: "soft",
       role: "gateway",
       methods: ["tpm"],
       ekAllow: [ekFingerprint(soft.ekPublic)],
     });
     const client = await RegistrarClient.create({ baseUrl: reg.running.url, caFile: reg.caFile });
-    const auditBefore = reg.store.listAudit(1_000_000).length;
+    const auditBefore = (await reg.store.listAudit(1_000_000)).length;
     const once = () =>
       enrollTpm({ client, provider: device, tpm: soft.ops, group: "soft", hardwareSerial: "SOFT-1" });
     await once(); // warm-up (first registration; later ones are re-enrolments of the same hardware)
@@ -207,7 +207,7 @@ export async function benchEnroll(options: { repeats?: number; pairs?: number; c
     );
     const elapsed = performance.now() - t0;
     await client.close();
-    const audit = reg.store.listAudit(1_000_000).slice(auditBefore + 2);
+    const audit = (await reg.store.listAudit(1_000_000)).slice(auditBefore + 2);
     const ms = (ev: string) => audit.filter((a) => a.event === ev).map((a) => Number(a.ms));
     return {
       swtpmFirstMs,
@@ -222,7 +222,7 @@ export async function benchEnroll(options: { repeats?: number; pairs?: number; c
     await provider.close();
     await tpm.stop();
     await reg.running.close();
-    reg.store.close();
+    await reg.store.close();
     await rm(dir, { recursive: true, force: true });
   }
 }

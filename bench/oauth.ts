@@ -143,7 +143,7 @@ async function serve(which: Which, dir: string, deviceJwk: JWK): Promise<void> {
     close = async () => {
       await running.close();
       raw.close();
-      store.close();
+      await store.close();
     };
     info = { url: `${issuer}/oauth2/token`, issuer, caPem };
   } else {

@@ -48,6 +48,8 @@ const REGISTRAR_CLI = join(REPO, "dist", "src", "cli", "m2m-registrar.js");
 
 interface Options {
   readonly quick: boolean;
+  /** Gateway 1 (TPM) publishes over MQTT with mTLS, its attested TPM key signing the handshakes. */
+  readonly tpmMqtt: boolean;
   readonly keep: boolean;
   readonly summaryJson: string | undefined;
   readonly colour: boolean;
@@ -55,12 +57,14 @@ interface Options {
 
 function parseArgs(argv: readonly string[]): Options | "help" {
   let quick = false;
+  let tpmMqtt = false;
   let keep = false;
   let summaryJson: string | undefined;
   let colour = process.stdout.isTTY === true && process.env.NO_COLOR === undefined;
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === "--quick") quick = true;
+    else if (a === "--tpm-mqtt") tpmMqtt = true;
     else if (a === "--keep") keep = true;
     else if (a === "--no-color") colour = false;
     else if (a === "--summary-json") {
@@ -69,13 +73,15 @@ function parseArgs(argv: readonly string[]): Options | "help" {
     } else if (a === "-h" || a === "--help") return "help";
     else throw new Error(`unknown option ${a} (try --help)`);
   }
-  return { quick, keep, summaryJson, colour };
+  return { quick, tpmMqtt, keep, summaryJson, colour };
 }
 
 const HELP = `m2m-agent demo: the whole story on simulated hardware (swtpm, SoftHSM2, mosquitto)
 
-usage: node dist/hw/demo.js [--quick] [--keep] [--summary-json FILE] [--no-color]
+usage: node dist/hw/demo.js [--quick] [--tpm-mqtt] [--keep] [--summary-json FILE] [--no-color]
   --quick              fewer readings and a shorter outage (used by the test)
+  --tpm-mqtt           gateway 1 (TPM) publishes over MQTT mTLS with its attested TPM key
+                       (tpm2-pkcs11; swtpm behind tpm2-abrmd on a private D-Bus bus)
   --keep               keep the work directory (configs, logs, databases) for inspection
   --summary-json FILE  also write the summary as JSON (with the pids the demo started)
   --no-color           plain output even on a terminal`;
@@ -269,7 +275,9 @@ class Demo {
     this.env = { PATH: process.env.PATH, HOME: wd, TMPDIR: wd, LANG: "C.UTF-8" };
     ui.info(`work directory ${wd}${this.o.keep ? " (kept: --keep)" : ""}`);
     this.guard();
-    this.swtpm = await startSwtpm();
+    // TLS with the TPM key needs a resource manager (the gateway's /dev/tpmrm0): tpm2-abrmd here.
+    this.swtpm = await startSwtpm(this.o.tpmMqtt ? { resourceManager: "abrmd" } : {});
+    if (this.swtpm.dbusAddress !== undefined) this.env.DBUS_SESSION_BUS_ADDRESS = this.swtpm.dbusAddress;
     ui.ok(`swtpm TPM 2.0 on ${this.swtpm.tcti} (EK certificates from its own manufacturer CA)`);
     const trust = join(wd, "ek-trust");
     await mkdir(trust, { mode: 0o700 });
@@ -552,7 +560,14 @@ class Demo {
     ];
     if (d.kind === "tpm") {
       const tpm = this.swtpm as SwtpmHandle;
-      lines.push("[keys]", 'provider = "tpm"', "", "[keys.tpm]", `tcti = ${toml(tpm.tcti)}`, "");
+      lines.push("[keys]", 'provider = "tpm"', "", "[keys.tpm]", `tcti = ${toml(tpm.tcti)}`);
+      if (d.sink === "mqtt") {
+        // The tpm2-pkcs11 token's user PIN: a random secret in a 0600 file, never on screen or argv.
+        const pinFile = join(base, "tpm-token.pin");
+        await writeFile(pinFile, randomBytes(12).toString("hex"), { mode: 0o600 });
+        lines.push(`tls_pin_file = ${toml(pinFile)}`);
+      }
+      lines.push("");
     } else {
       const hsm = this.hsm as SoftHsmHandle;
       lines.push(
@@ -590,7 +605,7 @@ class Demo {
       lines.push(
         "[relay.mqtt]",
         `urls = [${toml(broker.mtlsUrl)}]`,
-        'auth = "mtls-pkcs11"',
+        `auth = ${toml(d.kind === "tpm" ? "mtls-tpm" : "mtls-pkcs11")}`,
         `ca_file = ${toml(broker.ca.caCertPath)}`,
         "qos = 1",
         "",
@@ -1182,10 +1197,14 @@ class Demo {
       acked: [],
       sendErrors: 0,
     });
-    const gw1 = mk("gw1-tpm", "Gateway 1: TPM 2.0 (swtpm)", "tpm", "https");
+    const gw1 = mk("gw1-tpm", "Gateway 1: TPM 2.0 (swtpm)", "tpm", this.o.tpmMqtt ? "mqtt" : "https");
     const gw2 = mk("gw2-hsm", "Gateway 2: PKCS#11 token (SoftHSM2)", "pkcs11", "mqtt");
     this.devices.push(gw1, gw2);
-    this.ui.section(`${gw1.label}: attested enrolment, DPoP token, HTTPS ingest`);
+    this.ui.section(
+      this.o.tpmMqtt
+        ? `${gw1.label}: attested enrolment, MQTT mTLS with the attested TPM key`
+        : `${gw1.label}: attested enrolment, DPoP token, HTTPS ingest`,
+    );
     const up: Device[] = [];
     if (await this.startAgent(gw1)) up.push(gw1);
     this.ui.section(`${gw2.label}: bootstrap-token enrolment, MQTT mTLS with the key in the token`);

@@ -173,7 +173,40 @@ export interface MosquittoOptions {
    * registrar that issues the device certificates. Default: the broker's own test CA (`ca`).
    */
   readonly clientCaFile?: string;
+  /** `crlfile` of the mTLS listener (PEM; must exist at start; re-read only on `reload()`). */
+  readonly crlFile?: string;
+  /**
+   * Adds a Unix-socket listener (`controlSocket`) with the dynamic-security plugin whose anonymous
+   * group may use `$CONTROL/dynamic-security/#`: the local control channel the revocation hook
+   * uses to drop a client (access is the socket's file permissions).
+   */
+  readonly controlSocket?: boolean;
 }
+
+/** dynamic-security config: no clients; anonymous clients of the control listener administer it. */
+export const DYNSEC_CONTROL_CONFIG = {
+  defaultACLAccess: {
+    publishClientSend: false,
+    publishClientReceive: true,
+    subscribe: false,
+    unsubscribe: true,
+  },
+  clients: [],
+  groups: [{ groupname: "local-control", roles: [{ rolename: "dynsec-control" }], clients: [] }],
+  roles: [
+    {
+      rolename: "dynsec-control",
+      acls: [
+        { acltype: "publishClientSend", topic: "$CONTROL/dynamic-security/#", priority: 0, allow: true },
+        { acltype: "publishClientReceive", topic: "$CONTROL/dynamic-security/#", priority: 0, allow: true },
+        { acltype: "subscribePattern", topic: "$CONTROL/dynamic-security/#", priority: 0, allow: true },
+      ],
+    },
+  ],
+  anonymousGroup: "local-control",
+} as const;
+
+const DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so";
 
 export interface Mosquitto {
   readonly ca: TestCa;
@@ -192,6 +225,14 @@ export interface Mosquitto {
   readonly running: boolean;
   /** The broker's process id while it runs (benchmarks read its CPU time from /proc). */
   readonly pid: number | undefined;
+  /** mosquitto's `pid_file`. */
+  readonly pidFile: string;
+  /** The control listener's Unix socket, when `controlSocket` was asked for. */
+  readonly controlSocket: string | undefined;
+  /** SIGHUP: mosquitto re-reads its config, ACL and password files, and the listeners' `crlfile`. */
+  reload(): Promise<void>;
+  /** The broker's log so far. */
+  log(): Promise<string>;
   /** Stops the broker and removes the temp dir. */
   cleanup(): Promise<void>;
 }
@@ -263,6 +304,25 @@ export async function startMosquitto(opts: MosquittoOptions = {}): Promise<Mosqu
       "allow_anonymous false",
     );
   }
+  const pidFile = join(dir, "mosquitto.pid");
+  lines.splice(1, 0, `pid_file ${pidFile}`);
+  if (opts.crlFile !== undefined) {
+    // Listener options: insert right after the mTLS listener's cafile line.
+    const at = lines.findIndex((l) => l.startsWith("cafile "));
+    lines.splice(at + 1, 0, `crlfile ${opts.crlFile}`);
+  }
+  let controlSocket: string | undefined;
+  if (opts.controlSocket === true) {
+    controlSocket = join(dir, "control.sock");
+    const dynsec = join(dir, "dynsec.json");
+    await writeFile(dynsec, JSON.stringify(DYNSEC_CONTROL_CONFIG), { mode: 0o600 });
+    lines.push(
+      `listener 0 ${controlSocket}`,
+      "allow_anonymous true",
+      `plugin ${DYNSEC_PLUGIN}`,
+      `plugin_opt_config_file ${dynsec}`,
+    );
+  }
   const conf = join(dir, "mosquitto.conf");
   await writeFile(conf, `${lines.join("\n")}\n`);
 
@@ -308,6 +368,14 @@ export async function startMosquitto(opts: MosquittoOptions = {}): Promise<Mosqu
     get pid() {
       return proc?.pid;
     },
+    pidFile,
+    controlSocket,
+    async reload() {
+      proc?.kill("SIGHUP");
+      // mosquitto handles the signal at the top of its next loop iteration.
+      await new Promise((r) => setTimeout(r, 100));
+    },
+    log: () => readFile(join(dir, "mosquitto.log"), "utf8").catch(() => ""),
     async setPassword(user, password) {
       await execa("mosquitto_passwd", ["-b", pwFile, user, password], { timeout: 10_000, stdin: "ignore" });
       proc?.kill("SIGHUP");

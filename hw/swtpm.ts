@@ -28,13 +28,31 @@ export interface SwtpmOptions {
   readonly timeoutMs?: number;
   /** Wait at most this long for swtpm to answer after start (ms). Default 10 s. */
   readonly readyTimeoutMs?: number;
+  /**
+   * Put a resource manager in front of swtpm: `"abrmd"` starts a private D-Bus session bus
+   * (`dbus-daemon --session` on a socket in the temp dir) and `tpm2-abrmd --session` on it, and `tcti`
+   * becomes the `tabrmd:` TCTI. What a gateway's kernel RM (`/dev/tpmrm0`) does: tpm2-pkcs11 and the
+   * OpenSSL engine hold TPM sessions and objects across calls and need one (see hardware notes).
+   * Both daemons are stopped by `stop()`. Default: none (tools talk to swtpm directly).
+   */
+  readonly resourceManager?: "abrmd";
 }
 
 export interface SwtpmHandle {
-  /** TCTI string for tpm2-tools and `TpmKeyProvider({ tcti })`; reflects the current ports (ctrl = port+1). */
+  /**
+   * TCTI string for tpm2-tools and `TpmKeyProvider({ tcti })`; reflects the current ports (ctrl = port+1).
+   * With `resourceManager: "abrmd"` it is the `tabrmd:` TCTI of the private broker.
+   */
   readonly tcti: string;
-  /** `{ TPM2TOOLS_TCTI }` for child processes. */
+  /** The swtpm TCTI itself (bypassing any resource manager). */
+  readonly directTcti: string;
+  /**
+   * `{ TPM2TOOLS_TCTI }` for child processes; with a resource manager also `DBUS_SESSION_BUS_ADDRESS`
+   * (the tabrmd TCTI finds the broker on that bus; a process that loads tpm2-pkcs11 needs it too).
+   */
   readonly env: Readonly<Record<string, string>>;
+  /** The private D-Bus session bus address when a resource manager runs, else undefined. */
+  readonly dbusAddress: string | undefined;
   readonly port: number;
   readonly ctrlPort: number;
   /** Temp dir holding the TPM state and the private swtpm configs. */
@@ -101,14 +119,31 @@ export async function freeLoopbackPortPair(): Promise<number> {
   throw new Error("could not find two adjacent free loopback ports");
 }
 
-async function requireTool(tool: string): Promise<void> {
-  const dirs = (process.env.PATH ?? "/usr/bin:/bin").split(":");
+async function requireTool(
+  tool: string,
+  hint = "apt-get install swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0",
+): Promise<void> {
+  const dirs = (process.env.PATH ?? "/usr/bin:/bin:/usr/sbin:/sbin").split(":");
   if (!dirs.some((d) => existsSync(join(d, tool)))) {
-    throw new M2mError("ERR_HW_TOOL_MISSING", "permanent", `${tool} not found in PATH`, {
-      hint: "apt-get install swtpm swtpm-tools tpm2-tools libtss2-tcti-swtpm0",
-    });
+    throw new M2mError("ERR_HW_TOOL_MISSING", "permanent", `${tool} not found in PATH`, { hint });
   }
 }
+
+const ABRMD_HINT = "apt-get install tpm2-abrmd libtss2-tcti-tabrmd0 dbus";
+
+/** Finds tpm2-abrmd (Debian installs it in /usr/sbin, often not in a user's PATH). */
+function abrmdPath(): string {
+  for (const d of [...(process.env.PATH ?? "").split(":"), "/usr/sbin", "/sbin"]) {
+    if (d !== "" && existsSync(join(d, "tpm2-abrmd"))) return join(d, "tpm2-abrmd");
+  }
+  throw new M2mError("ERR_HW_TOOL_MISSING", "permanent", "tpm2-abrmd not found", { hint: ABRMD_HINT });
+}
+
+const TABRMD_TCTI_LIBS = [
+  "/usr/lib/x86_64-linux-gnu/libtss2-tcti-tabrmd.so.0",
+  "/usr/lib/aarch64-linux-gnu/libtss2-tcti-tabrmd.so.0",
+  "/usr/lib/libtss2-tcti-tabrmd.so.0",
+];
 
 function stderrOf(err: unknown): string {
   return String((err as { stderr?: unknown }).stderr ?? (err as Error).message ?? err).slice(-2000);
@@ -123,12 +158,23 @@ export async function startSwtpm(opts: SwtpmOptions = {}): Promise<SwtpmHandle> 
   for (const tool of ["swtpm", "swtpm_setup", "swtpm_localca", "tpm2_getcap", "tpm2_shutdown"]) {
     await requireTool(tool);
   }
+  if (opts.resourceManager === "abrmd") {
+    await requireTool("dbus-daemon", ABRMD_HINT);
+    abrmdPath();
+    // Without the TCTI library the broker runs but no client can reach it ("Could not load tcti").
+    if (!TABRMD_TCTI_LIBS.some((p) => existsSync(p))) {
+      throw new M2mError("ERR_HW_TOOL_MISSING", "permanent", "libtss2-tcti-tabrmd.so.0 not found", {
+        hint: ABRMD_HINT,
+      });
+    }
+  }
   const timeout = opts.timeoutMs ?? 30_000;
   const readyTimeout = opts.readyTimeoutMs ?? 10_000;
   const dir = await mkdtemp(join(tmpdir(), "m2m-swtpm-"));
   await chmod(dir, 0o700);
   const caDir = opts.caDir ?? join(dir, "ca");
   const ownCa = opts.caDir === undefined;
+  let started: SwtpmInstance | undefined;
   try {
     await mkdir(caDir, { recursive: true, mode: 0o700 });
     const state = join(dir, "state");
@@ -149,10 +195,14 @@ export async function startSwtpm(opts: SwtpmOptions = {}): Promise<SwtpmHandle> 
         timeout,
         readyTimeout,
       },
+      opts.resourceManager === "abrmd",
     );
+    started = inst;
     await inst.start();
     return inst;
   } catch (err) {
+    // stop() also ends a D-Bus daemon / tpm2-abrmd a failed start left behind.
+    await started?.stop().catch(() => undefined);
     await rm(dir, { recursive: true, force: true });
     throw err;
   }
@@ -225,6 +275,12 @@ class SwtpmInstance implements SwtpmHandle {
   #stopped = false;
   #exited = true;
   readonly #limits: { timeout: number; readyTimeout: number };
+  readonly #withAbrmd: boolean;
+  #dbus: ResultPromise | undefined;
+  #dbusAddress: string | undefined;
+  #abrmd: ResultPromise | undefined;
+  /** Unique per instance: several brokers may share a bus name space on one machine. */
+  readonly #busName = `com.m2m.Tabrmd.t${process.pid}x${Math.floor(Math.random() * 1e9)}`;
 
   constructor(
     readonly dir: string,
@@ -235,15 +291,25 @@ class SwtpmInstance implements SwtpmHandle {
     readonly rootCaPemPath: string,
     readonly intermediateCaPemPath: string,
     limits: { timeout: number; readyTimeout: number },
+    withAbrmd = false,
   ) {
     this.#limits = limits;
+    this.#withAbrmd = withAbrmd;
   }
 
-  get tcti(): string {
+  get directTcti(): string {
     return `swtpm:host=127.0.0.1,port=${this.#port}`;
   }
+  get tcti(): string {
+    return this.#withAbrmd ? `tabrmd:bus_name=${this.#busName},bus_type=session` : this.directTcti;
+  }
+  get dbusAddress(): string | undefined {
+    return this.#dbusAddress;
+  }
   get env(): Readonly<Record<string, string>> {
-    return { TPM2TOOLS_TCTI: this.tcti };
+    return this.#dbusAddress === undefined
+      ? { TPM2TOOLS_TCTI: this.tcti }
+      : { TPM2TOOLS_TCTI: this.tcti, DBUS_SESSION_BUS_ADDRESS: this.#dbusAddress };
   }
   get port(): number {
     return this.#port;
@@ -265,6 +331,7 @@ class SwtpmInstance implements SwtpmHandle {
       }
       try {
         await this.#spawnAndWait();
+        if (this.#withAbrmd) await this.#startAbrmd();
         return;
       } catch (err) {
         lastErr = err;
@@ -307,6 +374,65 @@ class SwtpmInstance implements SwtpmHandle {
       }
       try {
         await execa("tpm2_getcap", ["properties-fixed"], {
+          env: { TPM2TOOLS_TCTI: this.directTcti },
+          timeout: 2_000,
+          killSignal: "SIGKILL",
+          stdin: "ignore",
+        });
+        return;
+      } catch (err) {
+        if (Date.now() > deadline) throw err;
+        await sleep(25);
+      }
+    }
+  }
+
+  /**
+   * Starts (once) a private D-Bus session bus, then tpm2-abrmd on it against this swtpm, and waits
+   * until a tool answers through the broker.
+   */
+  async #startAbrmd(): Promise<void> {
+    await this.#stopAbrmd();
+    if (this.#dbus === undefined) {
+      const socket = join(this.dir, "dbus.sock");
+      const dbus = execa(
+        "dbus-daemon",
+        ["--session", "--nofork", "--nopidfile", "--print-address=1", `--address=unix:path=${socket}`],
+        { stdin: "ignore", stderr: "ignore", reject: false, cleanup: true, buffer: false },
+      );
+      this.#dbus = dbus;
+      this.#dbusAddress = await new Promise<string>((resolve, reject) => {
+        let text = "";
+        const timer = setTimeout(() => reject(new Error("dbus-daemon printed no address")), 10_000);
+        dbus.stdout?.on("data", (chunk: Buffer) => {
+          text += chunk.toString("utf8");
+          const line = text.split("\n")[0];
+          if (text.includes("\n") && line?.startsWith("unix:") === true) {
+            clearTimeout(timer);
+            resolve(line.trim());
+          }
+        });
+        void dbus.then(() => {
+          clearTimeout(timer);
+          reject(new Error("dbus-daemon exited"));
+        });
+      });
+    }
+    const args = ["--session", `--dbus-name=${this.#busName}`, `--tcti=${this.directTcti}`, "--flush-all"];
+    // tpm2-abrmd refuses to run as root without saying so explicitly (tests and CI run as root).
+    if (process.getuid?.() === 0) args.push("--allow-root");
+    this.#abrmd = execa(abrmdPath(), args, {
+      stdin: "ignore",
+      stdout: "ignore",
+      stderr: "ignore",
+      reject: false,
+      cleanup: true,
+      env: { DBUS_SESSION_BUS_ADDRESS: this.#dbusAddress ?? "" },
+    });
+    const deadline = Date.now() + this.#limits.readyTimeout;
+    for (;;) {
+      try {
+        await execa("tpm2_getcap", ["properties-fixed"], {
           env: this.env,
           timeout: 2_000,
           killSignal: "SIGKILL",
@@ -318,6 +444,27 @@ class SwtpmInstance implements SwtpmHandle {
         await sleep(25);
       }
     }
+  }
+
+  async #stopAbrmd(): Promise<void> {
+    const p = this.#abrmd;
+    this.#abrmd = undefined;
+    if (p === undefined) return;
+    p.kill("SIGTERM");
+    const timer = setTimeout(() => p.kill("SIGKILL"), 3_000);
+    await p;
+    clearTimeout(timer);
+  }
+
+  async #stopDbus(): Promise<void> {
+    const p = this.#dbus;
+    this.#dbus = undefined;
+    this.#dbusAddress = undefined;
+    if (p === undefined) return;
+    p.kill("SIGTERM");
+    const timer = setTimeout(() => p.kill("SIGKILL"), 3_000);
+    await p;
+    clearTimeout(timer);
   }
 
   async tpm(
@@ -375,6 +522,8 @@ class SwtpmInstance implements SwtpmHandle {
   async restart(): Promise<void> {
     if (this.#stopped) throw new Error("swtpm was stopped");
     await this.#orderlyShutdown();
+    // The broker holds a connection to the old swtpm process: it is restarted with it.
+    await this.#stopAbrmd();
     await this.#killProc();
     await this.start();
   }
@@ -384,7 +533,9 @@ class SwtpmInstance implements SwtpmHandle {
     this.#stopped = true;
     try {
       await this.#orderlyShutdown();
+      await this.#stopAbrmd();
       await this.#killProc();
+      await this.#stopDbus();
     } finally {
       await rm(this.dir, { recursive: true, force: true });
     }

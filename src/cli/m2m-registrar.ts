@@ -3,13 +3,27 @@ import { realpathSync } from "node:fs";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { Command, CommanderError, Option } from "commander";
+import { systemClock } from "../core/clock.js";
 import { M2mError } from "../core/errors.js";
 import { createLogger } from "../core/log.js";
-import { addEnrolmentGroup, createBootstrapToken } from "../registrar/admin.js";
+import { addEnrolmentGroup, createBootstrapToken, revokeDevice } from "../registrar/admin.js";
 import { startRegistrarApp } from "../registrar/app.js";
 import { caPaths, FleetCa, initCa } from "../registrar/ca/index.js";
 import { loadRegistrarConfig, parseDurationSeconds, REGISTRAR_DB_FILE } from "../registrar/config.js";
-import { type DeviceRecord, SqliteRegistrarStore } from "../registrar/store/index.js";
+import {
+  generateSigningKeyPem,
+  loadSigningKeySet,
+  signingKeyFromPem,
+  writeNewKeyFile,
+} from "../registrar/oauth/signing-key.js";
+import { CrlPublisher } from "../registrar/revocation/index.js";
+import {
+  type DeviceRecord,
+  migrateRegistrarStore,
+  openRegistrarStore,
+  type RegistrarStore,
+  SqliteRegistrarStore,
+} from "../registrar/store/index.js";
 import type { EnrolmentMethod } from "../wire/v1/index.js";
 
 /** Where the CLI writes; tests capture it. */
@@ -30,21 +44,21 @@ interface StoreOpts {
   dataDir?: string;
 }
 
-async function openStore(opts: StoreOpts): Promise<SqliteRegistrarStore> {
+async function openStore(opts: StoreOpts): Promise<RegistrarStore> {
   if (opts.config !== undefined) {
     const cfg = await loadRegistrarConfig(opts.config);
-    return new SqliteRegistrarStore(join(cfg.dataDir, REGISTRAR_DB_FILE));
+    return openRegistrarStore(cfg);
   }
   if (opts.dataDir !== undefined) return new SqliteRegistrarStore(join(opts.dataDir, REGISTRAR_DB_FILE));
   throw new M2mError("ERR_USAGE", "permanent", "give --config FILE or --data-dir DIR");
 }
 
-async function withStore<T>(opts: StoreOpts, fn: (s: SqliteRegistrarStore) => T | Promise<T>): Promise<T> {
+async function withStore<T>(opts: StoreOpts, fn: (s: RegistrarStore) => T | Promise<T>): Promise<T> {
   const store = await openStore(opts);
   try {
     return await fn(store);
   } finally {
-    store.close();
+    await store.close();
   }
 }
 
@@ -104,9 +118,10 @@ export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
     .action(async (opts: { config: string }, cmd: Command) => {
       const config = await loadRegistrarConfig(opts.config);
       const logger = createLogger({ base: { svc: "m2m-registrar" } });
-      const store = new SqliteRegistrarStore(join(config.dataDir, REGISTRAR_DB_FILE));
+      // Migrates first when [store] auto_migrate (default) says so; otherwise refuses an old schema.
+      const store = await openRegistrarStore(config);
       try {
-        const ca = await FleetCa.load(config.caDir);
+        const ca = await FleetCa.load(config.caDir, systemClock, { crlUrls: config.revocation.crlUrls });
         const running = await startRegistrarApp(config, { store, ca, logger });
         print(cmd, { url: running.url, issuer: running.issuer }, `m2m-registrar listening on ${running.url}`);
         await (io.stopSignal?.() ??
@@ -116,8 +131,46 @@ export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
           }));
         await running.close();
       } finally {
-        store.close();
+        await store.close();
       }
+    });
+
+  const db = program.command("db").description("the registry database");
+  db.command("migrate")
+    .description("apply pending schema migrations (under a lock; safe while replicas run)")
+    .requiredOption("--config <file>", "registrar TOML config")
+    .action(async (opts: { config: string }, cmd: Command) => {
+      const config = await loadRegistrarConfig(opts.config);
+      const r = await migrateRegistrarStore(config);
+      print(
+        cmd,
+        r,
+        r.from === r.to
+          ? `${r.backend} ${r.location}: schema at version ${r.to}, nothing to do`
+          : `${r.backend} ${r.location}: migrated schema ${r.from} -> ${r.to}`,
+      );
+    });
+
+  const keys = program.command("keys").description("token signing keys (rollover: docs/registrar-scale.md)");
+  keys
+    .command("new-signing-key")
+    .description("write a new ES256 signing key (0600) for [keys] and print its kid")
+    .requiredOption("--out <file>", "where to write the PEM (must not exist)")
+    .action(async (opts: { out: string }, cmd: Command) => {
+      const pem = generateSigningKeyPem();
+      await writeNewKeyFile(opts.out, pem);
+      const k = await signingKeyFromPem(pem);
+      print(cmd, { kid: k.kid, file: opts.out }, `${opts.out}: kid ${k.kid}`);
+    });
+  keys
+    .command("show")
+    .description("print the kids /jwks publishes and the one that signs")
+    .requiredOption("--config <file>", "registrar TOML config")
+    .action(async (opts: { config: string }, cmd: Command) => {
+      const config = await loadRegistrarConfig(opts.config);
+      const set = await loadSigningKeySet(config);
+      const out = { signing: set.signing.kid, published: set.published.map((k) => k.kid) };
+      print(cmd, out, `signing:   ${out.signing}\npublished: ${out.published.join(", ")}`);
     });
 
   const ca = program.command("ca").description("fleet CA");
@@ -232,12 +285,58 @@ export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
       print(cmd, deviceJson(d), JSON.stringify(deviceJson(d), null, 2));
     },
   );
-  storeOptions(devices.command("revoke <deviceId>").description("revoke a device")).action(
-    async (deviceId: string, opts: StoreOpts, cmd: Command) => {
-      const d = await withStore(opts, (s) => s.revokeDevice(deviceId, new Date()));
-      print(cmd, deviceJson(d), `device ${d.deviceId} revoked`);
-    },
-  );
+  storeOptions(
+    devices
+      .command("revoke <deviceId>")
+      .description(
+        "revoke a device: no more tokens or certificates; the running registrar puts its certificates on the CRL and runs the revocation hook",
+      ),
+  ).action(async (deviceId: string, opts: StoreOpts, cmd: Command) => {
+    const d = await withStore(opts, (s) => revokeDevice(s, deviceId));
+    print(
+      cmd,
+      deviceJson(d),
+      `device ${d.deviceId} revoked; the running registrar publishes the CRL and runs the revocation hook within revocation.check_interval_ms`,
+    );
+  });
+
+  program
+    .command("crl")
+    .description(
+      "sign the fleet CA's CRL now and write it to revocation.crl_file (e.g. before a broker's first start)",
+    )
+    .requiredOption("--config <file>", "registrar TOML config")
+    .option("--out <file>", "write here instead of revocation.crl_file")
+    .action(async (opts: { config: string; out?: string }, cmd: Command) => {
+      const config = await loadRegistrarConfig(opts.config);
+      const ca = await FleetCa.load(config.caDir);
+      const file = opts.out ?? config.revocation.crlFile;
+      const published = await withStore({ config: opts.config }, async (store) => {
+        const p = new CrlPublisher({
+          store,
+          ca,
+          clock: systemClock,
+          file,
+          validitySeconds: config.revocation.crlValiditySeconds,
+          refreshSeconds: config.revocation.crlRefreshSeconds,
+          checkIntervalMs: config.revocation.checkIntervalMs,
+        });
+        const c = await p.start();
+        await p.close();
+        return c;
+      });
+      print(
+        cmd,
+        {
+          file,
+          crlNumber: published.crlNumber.toString(),
+          entries: published.entries,
+          thisUpdate: published.thisUpdate.toISOString(),
+          nextUpdate: published.nextUpdate.toISOString(),
+        },
+        `CRL ${published.crlNumber} with ${published.entries} entries written to ${file} (next update ${published.nextUpdate.toISOString()})`,
+      );
+    });
 
   ca.command("paths")
     .description("print the file paths of a CA directory")

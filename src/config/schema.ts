@@ -129,6 +129,16 @@ const tpmSection = z.strictObject({
   ak_handle: handleSchema(0x81000003),
   algorithm: keyAlgorithm.default("ec-p256"),
   timeout_ms: z.number().int().min(100).max(300_000).default(10_000),
+  /**
+   * Where a newly created device key keeps its TPM blobs (TLS through tpm2-pkcs11 needs them; see
+   * docs/credentials.md "TPM key for mTLS"). Default `<state_dir>/tpm-key-blobs` when relay.mqtt.auth
+   * is "mtls-tpm", else none.
+   */
+  key_blob_dir: absPath.optional(),
+  /** tpm2-pkcs11 store for TLS with the TPM key. Default `<state_dir>/tpm2-pkcs11`. */
+  tls_store_dir: absPath.optional(),
+  /** File (0600) holding the tpm2-pkcs11 token's user PIN (required for relay.mqtt.auth = "mtls-tpm"). */
+  tls_pin_file: absPath.optional(),
 });
 
 const pkcs11Section = z.strictObject({
@@ -224,7 +234,7 @@ const outboxSection = z.strictObject({
 
 const mqttSinkSection = z.strictObject({
   urls: z.array(z.string().regex(/^mqtts?:\/\//, "expected mqtt:// or mqtts:// URL")).min(1),
-  auth: z.enum(["mtls-pkcs11", "token"]).default("token"),
+  auth: z.enum(["mtls-pkcs11", "mtls-tpm", "token"]).default("token"),
   topic_template: z.string().min(1).default("devices/{device_id}/{channel}"),
   qos: z.union([z.literal(0), z.literal(1), z.literal(2)]).default(1),
   inflight: z.number().int().min(1).max(65535).default(32),

@@ -1,11 +1,10 @@
+import { ERROR_CODES, type ErrorCode, type RetryClass } from "./error-codes.js";
+
 /**
- * Typed errors with stable codes. Callers branch on `code` and `retry`, never on message text.
- *
- * - `transient`: the same call may succeed later (busy TPM, broker down); back off and retry.
- * - `permanent`: retrying the same input will fail the same way (bad config, refused request).
- * - `fatal`: retrying makes things worse (wrong PIN locks the token, TPM in DA lockout); stop and report.
+ * Typed errors with stable codes from the catalogue (`./error-codes.ts`). Callers branch on `code` and
+ * `retry`, never on message text. Retry classes are explained there.
  */
-export type RetryClass = "transient" | "permanent" | "fatal";
+export type { ErrorCode, RetryClass } from "./error-codes.js";
 
 export interface M2mErrorOptions {
   /** What the operator should do about it. Never contains secrets or expected values. */
@@ -16,12 +15,12 @@ export interface M2mErrorOptions {
 }
 
 export class M2mError extends Error {
-  readonly code: string;
+  readonly code: ErrorCode;
   readonly retry: RetryClass;
   readonly hint: string | undefined;
   readonly details: Readonly<Record<string, string | number | boolean>>;
 
-  constructor(code: string, retry: RetryClass, message: string, options: M2mErrorOptions = {}) {
+  constructor(code: ErrorCode, retry: RetryClass, message: string, options: M2mErrorOptions = {}) {
     super(message, options.cause === undefined ? undefined : { cause: options.cause });
     this.name = "M2mError";
     this.code = code;
@@ -42,12 +41,17 @@ export class M2mError extends Error {
   }
 }
 
-export function isM2mError(err: unknown, code?: string): err is M2mError {
+/** An error with the catalogue's default retry class for `code`. */
+export function m2mError(code: ErrorCode, message: string, options: M2mErrorOptions = {}): M2mError {
+  return new M2mError(code, ERROR_CODES[code].retry, message, options);
+}
+
+export function isM2mError(err: unknown, code?: ErrorCode): err is M2mError {
   return err instanceof M2mError && (code === undefined || err.code === code);
 }
 
 /** Wraps an unknown failure so that it always carries a code; keeps the original as `cause`. */
-export function asM2mError(err: unknown, fallbackCode = "ERR_INTERNAL"): M2mError {
+export function asM2mError(err: unknown, fallbackCode: ErrorCode = "ERR_INTERNAL"): M2mError {
   if (err instanceof M2mError) return err;
   const message = err instanceof Error ? err.message : String(err);
   return new M2mError(fallbackCode, "permanent", message, { cause: err });

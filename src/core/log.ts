@@ -1,3 +1,4 @@
+import { fstatSync } from "node:fs";
 import { M2mError } from "./errors.js";
 import { Secret } from "./secret.js";
 
@@ -31,20 +32,47 @@ export function sanitize(value: unknown, depth = 0): unknown {
   return value;
 }
 
+/** syslog(3) priorities journald reads from a `<N>` line prefix (sd-daemon(3)). */
+const PRIORITY: Record<LogLevel, number> = { debug: 7, info: 6, warn: 4, error: 3 };
+
 /**
- * One JSON object per line (journald keeps it as MESSAGE; `jq` reads it). Secrets never reach the
+ * True when stderr is the journal stream systemd connected (JOURNAL_STREAM names its device:inode;
+ * systemd.exec(5)). Only then are `<N>` prefixes written: a terminal or a pipe gets plain JSON lines.
+ */
+export function stderrIsJournal(env: NodeJS.ProcessEnv = process.env): boolean {
+  const stream = env.JOURNAL_STREAM;
+  if (stream === undefined) return false;
+  try {
+    const st = fstatSync(2);
+    return stream === `${st.dev}:${st.ino}`;
+  } catch {
+    return false;
+  }
+}
+
+/** The `<N>` prefix for a level when stderr goes to journald, else "". */
+export function journalPrefix(level: LogLevel, journal = stderrIsJournal()): string {
+  return journal ? `<${PRIORITY[level]}>` : "";
+}
+
+/**
+ * One JSON object per line (journald keeps it as MESSAGE, at the level's priority; `jq` reads it). Secrets never reach the
  * output because `Secret` redacts itself and `sanitize` catches it by type.
  */
 export function createLogger(
-  options: { level?: LogLevel; write?: (line: string) => void; base?: LogFields } = {},
+  options: { level?: LogLevel; write?: (line: string, level: LogLevel) => void; base?: LogFields } = {},
 ): Logger {
   const min = LEVELS[options.level ?? "info"];
-  const write = options.write ?? ((line: string) => process.stderr.write(`${line}\n`));
+  // Under systemd each line carries its syslog priority, so `journalctl -p warning` filters by level.
+  const journal = options.write === undefined && stderrIsJournal();
+  const write =
+    options.write ??
+    ((line: string, level: LogLevel) => process.stderr.write(`${journalPrefix(level, journal)}${line}\n`));
   const base = options.base ?? {};
   const emit = (level: LogLevel, msg: string, fields?: LogFields): void => {
     if (LEVELS[level] < min) return;
     const record = { ts: new Date().toISOString(), level, msg, ...base, ...(fields ?? {}) };
-    write(JSON.stringify(sanitize(record)));
+    write(JSON.stringify(sanitize(record)), level);
   };
   return {
     debug: (m, f) => emit("debug", m, f),

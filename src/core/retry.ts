@@ -16,6 +16,12 @@ export interface RetryPolicy {
   readonly maxAttempts: number;
   /** A Retry-After longer than this is clamped (a hostile server cannot park us for a day). */
   readonly maxRetryAfterMs: number;
+  /**
+   * Spread added on top of a server's Retry-After, as a fraction of it: 0.5 waits a uniform
+   * [RA, 1.5·RA). A shedding server tells a whole fleet "2 s"; without the spread every device
+   * would come back in the same millisecond and be shed again. Default 0.5.
+   */
+  readonly retryAfterJitter?: number;
   /** Which failures are worth another attempt. Default: M2mError with retry === "transient". */
   readonly retryOn?: (err: unknown) => boolean;
 }
@@ -41,6 +47,36 @@ export function backoffDelay(
 ): number {
   const ceiling = Math.min(policy.capMs, policy.baseMs * policy.factor ** Math.max(0, failures - 1));
   return Math.floor(random() * ceiling);
+}
+
+/**
+ * Parses an HTTP Retry-After value (delta-seconds or an HTTP-date, RFC 9110 §10.2.3) into ms from
+ * `nowMs`; undefined when absent or unparsable. Every HTTP client of the agent reads it through
+ * this one function and passes it on as `details.retryAfterMs`, which {@link withRetry} honours.
+ */
+export function parseRetryAfter(value: string | null | undefined, nowMs: number): number | undefined {
+  if (value === null || value === undefined) return undefined;
+  const v = value.trim();
+  if (/^\d{1,9}$/.test(v)) return Number(v) * 1000;
+  // HTTP-dates start with a day name; anything else ("-5", "2") is not one, whatever Date.parse says.
+  if (!/^[A-Za-z]{3}/.test(v)) return undefined;
+  const at = Date.parse(v);
+  return Number.isNaN(at) ? undefined : Math.max(0, at - nowMs);
+}
+
+/**
+ * The wait before the next attempt: a server's Retry-After (capped at `maxRetryAfterMs`) plus a
+ * jitter of up to `retryAfterJitter` of it, else exponential backoff with full jitter.
+ */
+export function retryDelay(
+  policy: RetryPolicy,
+  failures: number,
+  retryAfterMs: number | undefined,
+  random: () => number = Math.random,
+): number {
+  if (retryAfterMs === undefined || retryAfterMs <= 0) return backoffDelay(policy, failures, random);
+  const capped = Math.min(retryAfterMs, policy.maxRetryAfterMs);
+  return capped + Math.floor(random() * capped * (policy.retryAfterJitter ?? 0.5));
 }
 
 /** Reads a `retryAfterMs` detail from an M2mError (set by HTTP/MQTT layers from Retry-After). */
@@ -77,9 +113,7 @@ export async function withRetry<T>(
     } catch (err) {
       const error = asM2mError(err);
       if (!retryOn(err) || attempt >= policy.maxAttempts) throw error;
-      const jittered = backoffDelay(policy, attempt, options.random);
-      const retryAfter = retryAfterOf(err);
-      const delayMs = retryAfter === undefined ? jittered : Math.min(retryAfter, policy.maxRetryAfterMs);
+      const delayMs = retryDelay(policy, attempt, retryAfterOf(err), options.random);
       if (options.clock.monotonicMs() - started + delayMs > policy.deadlineMs) throw error;
       options.onRetry?.({ attempt, delayMs, error });
       await options.clock.sleep(delayMs, options.signal);

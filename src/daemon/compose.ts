@@ -11,7 +11,7 @@ import type { DeviceKeyOwner } from "../keys/device-key.js";
 import type { KeyInfo, KeyProvider } from "../keys/key-provider.js";
 import { AnomalyDetector as Anomalies, type AnomalyDetector, AuditLog, type AuditSink } from "./audit.js";
 import { ClockSanity, type ClockVerdict } from "./clock-sanity.js";
-import { HealthBoard, instrumentKeyProvider, OperationWatch } from "./health.js";
+import { HealthBoard, healthReasonOf, instrumentKeyProvider, OperationWatch } from "./health.js";
 import { describeState, Lifecycle, STATE_NAMES, type State } from "./lifecycle.js";
 import { AgentMetrics, type MetricsServer, startMetricsServer } from "./metrics.js";
 import type { SystemdNotifier } from "./notify.js";
@@ -194,7 +194,10 @@ export class Agent {
   healthy(): boolean {
     const hung = this.watch.hung();
     if (hung !== undefined) {
-      this.health.set("hang", `${hung.op} pending for ${Math.round(hung.pendingMs / 1000)} s`);
+      this.health.set(
+        "hang",
+        `ERR_OPERATION_HUNG: ${hung.op} pending for ${Math.round(hung.pendingMs / 1000)} s`,
+      );
       return false;
     }
     this.health.set("hang", undefined);
@@ -211,7 +214,7 @@ export class Agent {
       this.#audit = this.#auditLog;
       this.health.set("audit", undefined);
     } catch (err) {
-      this.health.set("audit", asM2mError(err).message);
+      this.health.set("audit", healthReasonOf(err));
     }
     await this.#startApi();
     await this.#startMetrics();
@@ -230,7 +233,7 @@ export class Agent {
   #checkClock(): void {
     const v = this.clockSanity.check();
     this.metrics.clockTrusted.set(v.trusted ? 1 : 0);
-    this.health.set("clock", v.reason);
+    this.health.set("clock", v.reason === undefined ? undefined : `ERR_CLOCK_UNTRUSTED: ${v.reason}`);
   }
 
   async #startApi(): Promise<void> {
@@ -252,7 +255,7 @@ export class Agent {
       this.health.set("api", undefined);
       this.#log.info("local API listening", { socket: c.socket });
     } catch (err) {
-      this.health.set("api", `local API unavailable: ${asM2mError(err).message}`);
+      this.health.set("api", healthReasonOf(err, "local API unavailable: "));
       this.#log.error("local API could not start", { error: err });
     }
   }
@@ -268,7 +271,7 @@ export class Agent {
       );
       this.health.set("metrics", undefined);
     } catch (err) {
-      this.health.set("metrics", asM2mError(err).message);
+      this.health.set("metrics", healthReasonOf(err));
     }
   }
 
@@ -349,7 +352,7 @@ export class Agent {
       return true;
     } catch (err) {
       const e = asM2mError(err);
-      this.health.set("enrolment", `enrolment failed: ${e.code}: ${e.message}`);
+      this.health.set("enrolment", healthReasonOf(e, "enrolment failed: "));
       this.lifecycle.tryDispatch({ type: "degrade", reason: this.health.summary ?? e.code });
       await this.#audit.record("enroll_failed", { code: e.code }).catch(() => undefined);
       if (e.retry === "transient") {
@@ -405,14 +408,14 @@ export class Agent {
       const { readEnrolmentState } = await import("../enroll/state.js");
       this.#enrolment = await readEnrolmentState(this.#config.agent.state_dir);
     } catch (err) {
-      this.health.set("enrolment", asM2mError(err).message);
+      this.health.set("enrolment", healthReasonOf(err));
       return;
     }
     const e = this.#enrolment;
     if (e === undefined) return;
     // Security: an identity issued to another key must not be used with this one.
     if (this.#keyInfo !== undefined && e.keyThumbprint !== this.#keyInfo.thumbprint) {
-      this.health.set("enrolment", "enrolled identity belongs to another key (re-enrol)");
+      this.health.set("enrolment", "ERR_ENROLL_STALE: enrolled identity belongs to another key (re-enrol)");
       return;
     }
     try {
@@ -422,7 +425,7 @@ export class Agent {
       this.clockSanity.setCertificateNotBefore(new Date(cert.validFrom));
       this.#checkClock();
     } catch (err) {
-      this.health.set("enrolment", `certificate unreadable: ${asM2mError(err).message}`);
+      this.health.set("enrolment", healthReasonOf(err, "certificate unreadable: "));
       return;
     }
     this.health.set("enrolment", undefined);
@@ -459,7 +462,7 @@ export class Agent {
         this.health.set(`stage.${stage.name}`, undefined);
         return started.provides;
       } catch (err) {
-        this.health.set(`stage.${stage.name}`, `failed to start: ${asM2mError(err).message}`);
+        this.health.set(`stage.${stage.name}`, healthReasonOf(err, "failed to start: "));
         this.#log.error("stage failed to start", { stage: stage.name, error: err });
         return undefined;
       }

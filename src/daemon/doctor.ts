@@ -183,18 +183,13 @@ async function keyChecks(
   try {
     const h = await provider.health();
     if (h.ok) results.push(ok(reachName, h.detail));
-    else if (
-      h.code === "ERR_TPM_LOCKOUT" ||
-      h.code === "ERR_PKCS11_PIN_LOCKED" ||
-      h.code === "ERR_PIN_LOCKED"
-    )
+    // (A locked PKCS#11 PIN reports ERR_PKCS11_PIN, handled below.)
+    else if (h.code === "ERR_TPM_LOCKOUT")
       results.push(
         fail(
           reachName,
           `${h.code}: ${h.detail}`,
-          c.keys.provider === "tpm"
-            ? "the TPM is in dictionary-attack lockout: wait for the recovery time or clear it with the lockout auth (tpm2_dictionarylockout -c)"
-            : "the token PIN is locked: reset it with the SO PIN",
+          "the TPM is in dictionary-attack lockout: wait for the recovery time or clear it with the lockout auth (tpm2_dictionarylockout -c)",
         ),
       );
     else if (h.code === "ERR_KEY_NOT_FOUND") results.push(ok(reachName, "backend answers (no key yet)"));

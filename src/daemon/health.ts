@@ -1,8 +1,30 @@
 import type { Clock } from "../core/clock.js";
+import type { ErrorCode } from "../core/error-codes.js";
 import { asM2mError } from "../core/errors.js";
 import type { JwsAlgorithm, KeyEvidence, KeyHealth, KeyInfo, KeyProvider } from "../keys/key-provider.js";
 import type { Lifecycle } from "./lifecycle.js";
 import type { AgentMetrics } from "./metrics.js";
+
+/**
+ * A degraded reason: a catalogue code first, then what happened in words
+ * (`ERR_OUTBOX_CORRUPT: corrupt outbox quarantined to …`). The type makes the code impossible to forget.
+ */
+export type HealthReason = `${ErrorCode}: ${string}`;
+
+/** The code of a reason (the text before the first `: `). */
+export function reasonCode(reason: HealthReason): ErrorCode {
+  return reason.slice(0, reason.indexOf(": ")) as ErrorCode; // Why the cast: HealthReason starts with one.
+}
+
+/** A reason from any failure: its code (or `fallback` for a foreign error), then `prefix` and its message. */
+export function healthReasonOf(
+  err: unknown,
+  prefix = "",
+  fallback: ErrorCode = "ERR_INTERNAL",
+): HealthReason {
+  const e = asM2mError(err, fallback);
+  return `${e.code}: ${prefix}${e.message}`;
+}
 
 /**
  * Health reasons by component ("clock", "key", "relay.mqtt", …). Any reason present puts the agent in
@@ -10,22 +32,27 @@ import type { AgentMetrics } from "./metrics.js";
  * directly, so two faults cannot race each other's recovery.
  */
 export class HealthBoard {
-  readonly #reasons = new Map<string, string>();
+  readonly #reasons = new Map<string, HealthReason>();
   readonly #lifecycle: Lifecycle;
 
   constructor(lifecycle: Lifecycle) {
     this.#lifecycle = lifecycle;
   }
 
-  set(component: string, reason: string | undefined): void {
+  set(component: string, reason: HealthReason | undefined): void {
     const before = this.#reasons.get(component);
     if (reason === undefined) this.#reasons.delete(component);
     else this.#reasons.set(component, reason);
     if (before !== reason) this.apply();
   }
 
-  get reasons(): Readonly<Record<string, string>> {
+  get reasons(): Readonly<Record<string, HealthReason>> {
     return Object.fromEntries(this.#reasons);
+  }
+
+  /** The codes of the current reasons, by component (for status and metrics). */
+  get codes(): Readonly<Record<string, ErrorCode>> {
+    return Object.fromEntries([...this.#reasons].map(([c, r]) => [c, reasonCode(r)]));
   }
 
   get summary(): string | undefined {

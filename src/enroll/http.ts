@@ -1,7 +1,9 @@
 import { readFile } from "node:fs/promises";
 import { Agent, request } from "undici";
 import type { z } from "zod";
+import { toErrorCode } from "../core/error-codes.js";
 import { M2mError } from "../core/errors.js";
+import { parseRetryAfter } from "../core/retry.js";
 import { errorBodySchema } from "../wire/v1/index.js";
 
 export interface RegistrarClientOptions {
@@ -88,6 +90,7 @@ export class RegistrarClient {
     const combined = signal === undefined ? deadline : AbortSignal.any([deadline, signal]);
     let status: number;
     let raw: Buffer;
+    let retryAfterMs: number | undefined;
     try {
       const res = await request(url, {
         method: "POST",
@@ -97,6 +100,8 @@ export class RegistrarClient {
         signal: combined,
       });
       status = res.statusCode;
+      const ra = res.headers["retry-after"];
+      retryAfterMs = parseRetryAfter(Array.isArray(ra) ? ra[0] : ra, Date.now());
       raw = await readCapped(res.body, this.#maxBytes);
     } catch (err) {
       if (err instanceof M2mError) throw err;
@@ -113,21 +118,30 @@ export class RegistrarClient {
         "ERR_REGISTRAR_RESPONSE",
         "transient",
         `registrar answered ${status} with non-JSON`,
-        {
-          cause: err,
-        },
+        // A load balancer's own 502/503 page lands here: keep the status and its Retry-After.
+        { cause: err, details: { status, ...(retryAfterMs === undefined ? {} : { retryAfterMs }) } },
       );
     }
     if (status !== 200) {
       const e = errorBodySchema.safeParse(json);
       const retry = status >= 500 || status === 408 || status === 429 ? "transient" : "permanent";
+      // A shedding registrar (429/503) says when to come back; withRetry honours it with jitter.
+      const later: Record<string, number> =
+        retry === "transient" && retryAfterMs !== undefined ? { retryAfterMs } : {};
       if (e.success) {
-        throw new M2mError(e.data.error.code, retry, `registrar refused: ${e.data.error.message}`, {
-          details: { status, ...(e.data.error.field === undefined ? {} : { field: e.data.error.field }) },
+        // A code this agent does not know (newer registrar) keeps its text in details.
+        const code = toErrorCode(e.data.error.code, "ERR_REGISTRAR_RESPONSE");
+        throw new M2mError(code, retry, `registrar refused: ${e.data.error.message}`, {
+          details: {
+            status,
+            ...(code === e.data.error.code ? {} : { registrarCode: e.data.error.code }),
+            ...later,
+            ...(e.data.error.field === undefined ? {} : { field: e.data.error.field }),
+          },
         });
       }
       throw new M2mError("ERR_REGISTRAR_RESPONSE", retry, `registrar answered ${status}`, {
-        details: { status },
+        details: { status, ...later },
       });
     }
     const parsed = schema.safeParse(json);

@@ -55,6 +55,20 @@ async function slotsFromConfig(config: AgentConfig, deps: DeviceKeyDeps): Promis
         ...(deps.clock === undefined ? {} : { clock: deps.clock }),
       });
       const names = tpmRotationNames(h);
+      // TLS with the TPM key (relay.mqtt.auth = "mtls-tpm", or a configured token PIN file): keys keep
+      // their blobs and offer the tlsClient capability through tpm2-pkcs11 (keys/tpm/tls.ts).
+      const wantsTls = config.relay.mqtt?.auth === "mtls-tpm" || k.tpm.tls_pin_file !== undefined;
+      const keyBlobDir =
+        k.tpm.key_blob_dir ?? (wantsTls ? join(config.agent.state_dir, "tpm-key-blobs") : undefined);
+      const tls =
+        wantsTls && k.tpm.tls_pin_file !== undefined
+          ? new (await import("./tpm/tls.js")).TpmTlsKeys({
+              storeDir: k.tpm.tls_store_dir ?? join(config.agent.state_dir, "tpm2-pkcs11"),
+              tcti: k.tpm.tcti,
+              srkHandle: h.srkHandle,
+              userPinFile: k.tpm.tls_pin_file,
+            })
+          : undefined;
       return {
         kind: "tpm",
         home: names[0],
@@ -67,6 +81,8 @@ async function slotsFromConfig(config: AgentConfig, deps: DeviceKeyDeps): Promis
             akHandle: h.akHandle,
             keyHandle: name,
             algorithm: k.tpm.algorithm,
+            ...(keyBlobDir === undefined ? {} : { keyBlobDir }),
+            ...(tls === undefined ? {} : { tls }),
           }),
         closeShared: () => runner.close(),
       };

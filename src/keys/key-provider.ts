@@ -1,14 +1,10 @@
 import type { JWK } from "jose";
+import type { ErrorCode } from "../core/error-codes.js";
+import type { JwsAlgorithm, KeyAlgorithm } from "../core/public-key.js";
 import type { TlsClientKey, TpmAttestation } from "./capabilities.js";
 
-/** JWS algorithms a device key can produce. ES256 is required of every provider. */
-export type JwsAlgorithm = "ES256" | "RS256" | "PS256";
-export type KeyAlgorithm = "ec-p256" | "rsa-2048";
-
-export const JWS_ALGS_FOR: Readonly<Record<KeyAlgorithm, readonly JwsAlgorithm[]>> = {
-  "ec-p256": ["ES256"],
-  "rsa-2048": ["RS256", "PS256"],
-};
+// Shared with the registrar (which never imports src/keys/): defined in core.
+export { JWS_ALGS_FOR, type JwsAlgorithm, type KeyAlgorithm } from "../core/public-key.js";
 
 /** Public facts about the device key; everything here is safe to print. */
 export interface KeyInfo {
@@ -51,7 +47,7 @@ export type KeyEvidence =
 export interface KeyHealth {
   readonly ok: boolean;
   /** Stable code of the failure when not ok (same codes as thrown errors). */
-  readonly code?: string;
+  readonly code?: ErrorCode;
   readonly detail: string;
 }
 

@@ -5,7 +5,7 @@ import { M2mError } from "../core/errors.js";
 import { Secret } from "../core/secret.js";
 import { attributesSchema, type EnrolmentMethod } from "../wire/v1/index.js";
 import { hashBootstrapToken } from "./enrolment/pkcs11-route.js";
-import type { BootstrapTokenRecord, EnrolmentGroup, RegistrarStore } from "./store/index.js";
+import type { BootstrapTokenRecord, DeviceRecord, EnrolmentGroup, RegistrarStore } from "./store/index.js";
 
 /**
  * Operator actions shared by the `m2m-registrar` CLI, tests and demos. The store enforces
@@ -24,11 +24,11 @@ export interface AddGroupInput {
 const NAME = /^[A-Za-z0-9._:@/+-]{1,64}$/;
 
 /** @throws ERR_GROUP_INVALID, ERR_GROUP_EXISTS */
-export function addEnrolmentGroup(
+export async function addEnrolmentGroup(
   store: RegistrarStore,
   input: AddGroupInput,
   clock: Clock = systemClock,
-): EnrolmentGroup {
+): Promise<EnrolmentGroup> {
   const bad = (m: string): M2mError => new M2mError("ERR_GROUP_INVALID", "permanent", m);
   if (!NAME.test(input.name)) throw bad("group name must be 1-64 printable characters without spaces");
   if (!NAME.test(input.role)) throw bad("role must be 1-64 printable characters without spaces");
@@ -41,7 +41,7 @@ export function addEnrolmentGroup(
   if (input.methods.includes("tpm") && input.ekTrustDir === undefined && ekAllow.length === 0) {
     throw bad("a TPM group needs --ek-trust-dir or --ek-allow");
   }
-  return store.addGroup({
+  return await store.addGroup({
     name: input.name,
     role: input.role,
     attributes: attributes.data,
@@ -58,16 +58,16 @@ export function addEnrolmentGroup(
  * only its SHA-256 is stored.
  * @throws ERR_GROUP_UNKNOWN, ERR_TOKEN_TTL
  */
-export function createBootstrapToken(
+export async function createBootstrapToken(
   store: RegistrarStore,
   group: string,
   ttlSeconds: number,
   clock: Clock = systemClock,
-): { token: Secret; record: BootstrapTokenRecord } {
+): Promise<{ token: Secret; record: BootstrapTokenRecord }> {
   if (!Number.isFinite(ttlSeconds) || ttlSeconds <= 0 || ttlSeconds > 366 * 86_400) {
     throw new M2mError("ERR_TOKEN_TTL", "permanent", "token TTL must be between 1 s and 366 days");
   }
-  if (store.getGroup(group) === undefined) {
+  if ((await store.getGroup(group)) === undefined) {
     throw new M2mError("ERR_GROUP_UNKNOWN", "permanent", `enrolment group ${group} does not exist`);
   }
   // 256 bits of randomness; base64url so it survives files, env vars and systemd credentials.
@@ -75,9 +75,29 @@ export function createBootstrapToken(
   const now = clock.now();
   const hash = hashBootstrapToken(value);
   const expiresAt = new Date(now.getTime() + ttlSeconds * 1000);
-  store.addBootstrapToken({ hash, group, expiresAt, createdAt: now });
+  await store.addBootstrapToken({ hash, group, expiresAt, createdAt: now });
   return {
     token: new Secret(value),
     record: { hash, group, expiresAt, createdAt: now, usedAt: undefined, usedBy: undefined },
   };
+}
+
+/**
+ * Revokes a device (operator action). From the commit on, the device gets no token, no certificate
+ * and cannot enrol again; the running registrar lists its unexpired certificates on the CRL and runs
+ * the revocation hook within `revocation.check_interval_ms` (docs/revocation.md).
+ * Idempotent for an already revoked device.
+ * @throws ERR_DEVICE_UNKNOWN
+ */
+export async function revokeDevice(
+  store: RegistrarStore,
+  deviceId: string,
+  clock: Clock = systemClock,
+): Promise<DeviceRecord> {
+  if (!NAME.test(deviceId)) {
+    throw new M2mError("ERR_DEVICE_UNKNOWN", "permanent", "no such device", {
+      hint: "device ids look like dev-<hex>: see `m2m-registrar devices list`",
+    });
+  }
+  return store.revokeDevice(deviceId, clock.now());
 }

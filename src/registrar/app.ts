@@ -1,5 +1,6 @@
-import { createPublicKey, type JsonWebKey } from "node:crypto";
+import { createPublicKey, type JsonWebKey, randomBytes } from "node:crypto";
 import { appendFileSync, closeSync, fsyncSync, openSync } from "node:fs";
+import { mkdir } from "node:fs/promises";
 import { isAbsolute, join } from "node:path";
 import { jwtVerify } from "jose";
 import { z } from "zod";
@@ -17,10 +18,12 @@ import {
   JWT_BEARER_ASSERTION_TYPE,
   verifyClientAssertion,
 } from "./oauth/client-assertion.js";
-import { ReplayCache } from "./oauth/replay-cache.js";
+import { CachedDeviceDirectory } from "./oauth/directory.js";
+import { type ReplayGuard, StoreReplayGuard } from "./oauth/replay-cache.js";
 import type { AbacRule } from "./oauth/scope-policy.js";
-import { loadOrCreateSigningKey } from "./oauth/signing-key.js";
-import { oauthRoutes, TokenService } from "./oauth/token-service.js";
+import { loadSigningKeySet } from "./oauth/signing-key.js";
+import { oauthRoutes, publishedKeyResolver, TokenService } from "./oauth/token-service.js";
+import { CrlPublisher, crlRoute, RevocationHook } from "./revocation/index.js";
 import { rotationPolicyFrom, tpmRotationRoutes } from "./rotation/index.js";
 import { type RunningRegistrar, startRegistrar } from "./server.js";
 import type { RegistrarStore } from "./store/index.js";
@@ -43,8 +46,15 @@ export const APP_PATHS = {
 /** Default scopes when `[oauth.roles]` and `[[oauth.rules]]` are both absent: every role gets these. */
 export const DEFAULT_SCOPES = ["telemetry:write", "est"] as const;
 export const DEFAULT_INGEST_AUDIENCE = "urn:m2m:ingest";
+/** Default `oauth.access_token_ttl`. */
+export const DEFAULT_ACCESS_TOKEN_TTL_SECONDS = 300;
 export const DEFAULT_EST_AUDIENCE = "urn:m2m:est";
 export const INGEST_LOG_FILE = "ingest.ndjson";
+/**
+ * Staleness bound of the token endpoint's device cache: a revocation (or key change) committed by
+ * any replica is honoured by this one within this long even without change notifications.
+ */
+export const DEVICE_CACHE_TTL_MS = 1000;
 
 const scopeToken = z.string().regex(/^[\x21\x23-\x5B\x5D-\x7E]{1,256}$/, "not a valid scope token");
 
@@ -52,7 +62,10 @@ const oauthSchema = z
   .object({
     /** Issuer identifier: an https origin; default `public_url`, else the listening URL. */
     issuer: z.url().max(2048).optional(),
-    access_token_ttl: z.union([z.string().max(32), z.number()]).default(600),
+    // 5 min: how long a revoked device's token still works at a resource server that does not look
+    // the device up (docs/revocation.md); the agent refreshes before expiry, so it costs one token
+    // request per device per ~4 min.
+    access_token_ttl: z.union([z.string().max(32), z.number()]).default(DEFAULT_ACCESS_TOKEN_TTL_SECONDS),
     /** Extra `aud` values for resource servers elsewhere (API gateway, broker plugin). */
     audiences: z.array(z.string().min(1).max(512)).max(16).default([]),
     require_dpop: z.boolean().default(false),
@@ -172,22 +185,54 @@ export function appSettingsFrom(config: RegistrarConfig): AppSettings {
   };
 }
 
-/** Keeps ingested messages in memory (dedup) and appends each new one to an NDJSON file. */
+/** How long the shared ingest dedup remembers a message id (the agent's outbox retries within this). */
+export const INGEST_DEDUP_WINDOW_MS = 7 * 86_400_000;
+
+/**
+ * Appends each new ingested message to an NDJSON file (this replica's log). Dedup: with `shared`
+ * (the registrar store) a message id is recorded in the store so a retry that lands on another
+ * replica is still a duplicate; without it, an in-memory window of the newest ids (one process).
+ */
 export class LoggingIngestStore extends InMemoryIngestStore {
   readonly file: string;
   readonly #maxKept: number;
+  readonly #shared: Pick<RegistrarStore, "consumeOnce" | "isConsumed"> | undefined;
 
-  constructor(file: string, maxKept = 100_000) {
+  constructor(file: string, maxKept = 100_000, shared?: Pick<RegistrarStore, "consumeOnce" | "isConsumed">) {
     super();
     this.file = file;
     this.#maxKept = maxKept;
+    this.#shared = shared;
     // 0600: payloads are device data, not for every local user.
     closeSync(openSync(file, "a", 0o600));
   }
 
-  override add(m: IngestedMessage): boolean {
-    const fresh = super.add(m);
+  override async add(m: IngestedMessage): Promise<boolean> {
+    if (this.#shared !== undefined) {
+      const key = `i|${m.deviceId}|${m.id}`;
+      const now = new Date(m.receivedAt);
+      this.received++;
+      if (await this.#shared.isConsumed(key, now)) {
+        this.duplicates++;
+        return false;
+      }
+      // Persist first, record after: a failed append must not leave the id marked as delivered (the
+      // agent would then drop a message it was never acknowledged for). A concurrent replica may log
+      // the same message too: at-least-once, never lost.
+      this.#append(m);
+      this.messages.set(m.id, m);
+      await this.#shared.consumeOnce(key, new Date(m.receivedAt + INGEST_DEDUP_WINDOW_MS), now);
+      this.#trim();
+      return true;
+    }
+    const fresh = await super.add(m);
     if (!fresh) return false;
+    this.#append(m);
+    this.#trim();
+    return true;
+  }
+
+  #append(m: IngestedMessage): void {
     const fd = openSync(this.file, "a", 0o600);
     try {
       appendFileSync(fd, `${JSON.stringify(m)}\n`);
@@ -196,12 +241,14 @@ export class LoggingIngestStore extends InMemoryIngestStore {
     } finally {
       closeSync(fd);
     }
-    // Bounded memory: the dedup window keeps the newest ids only.
+  }
+
+  #trim(): void {
+    // Bounded memory: the local window keeps the newest ids only.
     if (this.messages.size > this.#maxKept) {
       const oldest = this.messages.keys().next().value;
       if (oldest !== undefined) this.messages.delete(oldest);
     }
-    return true;
   }
 }
 
@@ -218,6 +265,8 @@ export interface RunningRegistrarApp extends RunningRegistrar {
   readonly tokenService: TokenService;
   readonly ingest: LoggingIngestStore | undefined;
   readonly settings: AppSettings;
+  /** The fleet CA's CRL (`GET /v1/crl`, `revocation.crl_file`) and the revocation hook. */
+  readonly crl: CrlPublisher;
 }
 
 /**
@@ -233,7 +282,19 @@ export async function startRegistrarApp(
   const rotation = rotationPolicyFrom(config.sections?.rotation, config.sections?.file);
   const clock = deps.clock ?? systemClock;
   const log = deps.logger ?? silentLogger;
-  const signingKey = await loadOrCreateSigningKey(config.dataDir);
+  // With a database server nothing else creates data_dir (audit log, ingest log, default signing key).
+  await mkdir(config.dataDir, { recursive: true, mode: 0o700 });
+  const keySet = await loadSigningKeySet(config);
+  const signingKey = keySet.signing;
+  // Everything a request depends on is in the store (shared by replicas): jti replay records, the
+  // DPoP nonce key, sessions. The only cache is the device directory below (bounded staleness).
+  const nonceSecret = await deps.store.sharedSecret("dpop-nonce-hmac", () => randomBytes(32));
+  const tokenReplay: ReplayGuard = new StoreReplayGuard(deps.store, "t|");
+  const resourceReplay: ReplayGuard = new StoreReplayGuard(deps.store, "r|");
+  const directory = new CachedDeviceDirectory(deps.store, {
+    ttlMs: DEVICE_CACHE_TTL_MS,
+    monotonicMs: () => clock.monotonicMs(),
+  });
 
   // The issuer may depend on the port the server got (listen.port = 0): bind late.
   let base = settings.issuer ?? "";
@@ -262,7 +323,16 @@ export async function startRegistrarApp(
         requireDpop: settings.requireDpop,
         requireDpopNonce: settings.requireDpopNonce,
       },
-      { directory: deps.store, signingKey, clock, log: log.child({ component: "oauth" }) },
+      {
+        directory,
+        signingKey,
+        publishedKeys: keySet.published,
+        replay: tokenReplay,
+        resourceReplay,
+        nonceSecret,
+        clock,
+        log: log.child({ component: "oauth" }),
+      },
     );
 
   // Route shapes come from a placeholder service; each delegates to the real one at request time.
@@ -291,17 +361,17 @@ export async function startRegistrarApp(
     onIssued: (deviceId, cert) => deps.store.recordCertificate(deviceId, cert, clock.now()),
     // PKCS#11 key rotation over simplereenroll (CSR signed by the new key, request by the current
     // one); TPM devices rotate only through /v1/rotate/tpm/* (AK certification).
-    allowKeyRotation: (device) => {
-      const d = deps.store.getDevice(device.deviceId);
+    allowKeyRotation: async (device) => {
+      const d = await deps.store.getDevice(device.deviceId);
       return d !== undefined && d.method !== "tpm" && rotation.modeFor(d) === "allow";
     },
     onKeyRotated: async (deviceId, jwk, cert) => {
-      const d = deps.store.getDevice(deviceId);
+      const d = await deps.store.getDevice(deviceId);
       if (d === undefined) throw new M2mError("ERR_DEVICE_UNKNOWN", "permanent", "no such device");
       const id = await keyIdentity(
         createPublicKey({ key: jwk as JsonWebKey, format: "jwk" }).export({ format: "der", type: "spki" }),
       );
-      deps.store.replaceDeviceKey({
+      await deps.store.replaceDeviceKey({
         deviceId,
         previousThumbprint: d.thumbprint,
         publicJwk: id.jwk,
@@ -330,33 +400,63 @@ export async function startRegistrarApp(
   let ingestStore: LoggingIngestStore | undefined;
   let ingest: Route[] = [];
   if (settings.ingest.enabled) {
-    ingestStore = new LoggingIngestStore(settings.ingest.logFile);
+    ingestStore = new LoggingIngestStore(settings.ingest.logFile, 100_000, deps.store);
     ingest = ingestRoutes({
       // Signature, issuer, type and expiry; audience, scope and DPoP binding are checked by the route.
-      verifyAccessToken: async (t) =>
-        (
-          await jwtVerify(t, signingKey.publicKey, {
-            issuer: issuer(),
-            typ: "at+jwt",
-            algorithms: ["ES256"],
-            clockTolerance: 30,
-            currentDate: clock.now(),
-          })
-        ).payload,
+      verifyAccessToken: async (t) => {
+        const { payload } = await jwtVerify(t, publishedKeyResolver(keySet.published), {
+          issuer: issuer(),
+          typ: "at+jwt",
+          algorithms: ["ES256"],
+          clockTolerance: 30,
+          currentDate: clock.now(),
+        });
+        const device = typeof payload.sub === "string" ? await deps.store.getDevice(payload.sub) : undefined;
+        // Security: this resource server shares the registry, so a revoked device's unexpired token
+        // stops working here at once (elsewhere it lasts until `exp`: docs/revocation.md).
+        if (device?.status !== "active")
+          throw new M2mError("ERR_DEVICE_REVOKED", "permanent", "the token's device is not active");
+        return payload;
+      },
       audience: settings.ingest.audience,
       scope: settings.ingest.scope,
       requireDpop: settings.ingest.requireDpop,
       publicUrl: () => `${issuer()}${APP_PATHS.ingest}`,
       store: ingestStore,
+      replay: new StoreReplayGuard(deps.store, "ingest|"),
       clock,
     }).routes;
   }
 
+  const rv = config.revocation;
+  const hook =
+    rv.hook === undefined
+      ? undefined
+      : new RevocationHook(
+          { command: rv.hook, timeoutMs: rv.hookTimeoutSeconds * 1000 },
+          { clock, log: log.child({ component: "revocation-hook" }) },
+        );
+  const crl = new CrlPublisher({
+    store: deps.store,
+    ca: deps.ca,
+    clock,
+    log: log.child({ component: "crl" }),
+    file: rv.crlFile,
+    validitySeconds: rv.crlValiditySeconds,
+    refreshSeconds: rv.crlRefreshSeconds,
+    checkIntervalMs: rv.checkIntervalMs,
+    hook,
+  });
+  // Before listening: the CRL file exists (a broker's crlfile) before any device is served.
+  await crl.start();
+
   const revoke = selfRevokeRoute({
     store: deps.store,
+    replay: new StoreReplayGuard(deps.store, "revoke|"),
     clock,
     audiences: () => [`${issuer()}${APP_PATHS.selfRevoke}`, issuer()],
     log,
+    onRevoked: () => crl.trigger(),
   });
 
   // Devices are told where everything is; operator overrides in [endpoints] win.
@@ -364,13 +464,19 @@ export async function startRegistrarApp(
     ...config.endpoints,
   };
   const appConfig: RegistrarConfig = { ...config, endpoints };
-  const running = await startRegistrar(appConfig, {
-    store: deps.store,
-    ca: deps.ca,
-    clock,
-    logger: log,
-    extraRoutes: [...oauth, ...est, ...rotate, ...ingest, revoke],
-  });
+  let running: RunningRegistrar;
+  try {
+    running = await startRegistrar(appConfig, {
+      store: deps.store,
+      ca: deps.ca,
+      clock,
+      logger: log,
+      extraRoutes: [...oauth, ...est, ...rotate, ...ingest, revoke, crlRoute(crl)],
+    });
+  } catch (err) {
+    await crl.close();
+    throw err;
+  }
   if (base === "") base = (config.publicUrl ?? running.url).replace(/\/+$/, "");
   service = makeService(base);
   endpoints.token ??= service.tokenEndpoint;
@@ -384,10 +490,16 @@ export async function startRegistrarApp(
   });
   return {
     ...running,
+    close: async () => {
+      directory.close();
+      await crl.close();
+      await running.close();
+    },
     issuer: base,
     tokenService: service,
     ingest: ingestStore,
     settings,
+    crl,
   };
 }
 
@@ -398,11 +510,15 @@ export async function startRegistrarApp(
  */
 export function selfRevokeRoute(deps: {
   readonly store: RegistrarStore;
+  /** Assertion jti records (the registrar passes the store-backed guard). */
+  readonly replay: ReplayGuard;
   readonly clock: Clock;
   readonly audiences: () => readonly string[];
   readonly log: Logger;
+  /** Called after a revocation is committed (the CRL publisher re-checks at once). */
+  readonly onRevoked?: () => Promise<void>;
 }): Route {
-  const replay = new ReplayCache();
+  const replay = deps.replay;
   return {
     method: "POST",
     path: APP_PATHS.selfRevoke,
@@ -434,8 +550,9 @@ export function selfRevokeRoute(deps: {
         throw new HttpError(401, "ERR_UNAUTHENTICATED", "device authentication failed", { cause: err });
       }
       ctx.auditFields({ deviceId });
-      const d = deps.store.revokeDevice(deviceId, deps.clock.now());
+      const d = await deps.store.revokeDevice(deviceId, deps.clock.now());
       deps.log.info("device revoked itself (decommission)", { deviceId });
+      await deps.onRevoked?.();
       return {
         status: 200,
         json: { v: 1, deviceId: d.deviceId, status: d.status, revokedAt: d.revokedAt?.toISOString() },

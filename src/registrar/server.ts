@@ -16,6 +16,7 @@ import type { RegistrarConfig } from "./config.js";
 import type { EnrolmentDeps } from "./enrolment/complete.js";
 import { pkcs11Route } from "./enrolment/pkcs11-route.js";
 import { tpmRoutes } from "./enrolment/tpm-routes.js";
+import { Admission, type AdmissionStats } from "./http/admission.js";
 import {
   HttpError,
   messageFor,
@@ -45,6 +46,8 @@ export interface RunningRegistrar {
   readonly url: string;
   readonly port: number;
   readonly server: Server;
+  /** Admission control counters (in flight, admitted, shed with 429). */
+  load(): AdmissionStats;
   close(): Promise<void>;
 }
 
@@ -71,7 +74,25 @@ export async function startRegistrar(
   const paths = new Set([...routes.values()].map((r) => r.path));
   const audit = new AuditLog(config.auditLog);
 
+  const admission = new Admission({
+    maxInFlight: config.maxInFlight,
+    maxRetryAfterSeconds: config.retryAfterMaxSeconds,
+    nowMs: () => clock.monotonicMs(),
+  });
   const handler = (req: IncomingMessage, res: ServerResponse): void => {
+    const ticket = admission.tryAdmit();
+    if ("retryAfterSeconds" in ticket) {
+      // Shed before reading the body or touching the store: a refusal must stay cheap under a storm.
+      // Not audited (a storm would flood the audit log); counted in load().
+      send(res, {
+        status: 429,
+        json: { v: WIRE_VERSION, error: { code: "ERR_BUSY", message: messageFor("ERR_BUSY") } },
+        headers: { "retry-after": String(ticket.retryAfterSeconds) },
+      });
+      return;
+    }
+    res.once("finish", ticket.release);
+    res.once("close", ticket.release);
     void handle(req, res);
   };
 
@@ -136,7 +157,7 @@ export async function startRegistrar(
       };
       try {
         audit.write(event);
-        deps.store.appendAudit(event);
+        await deps.store.appendAudit(event);
       } catch (err) {
         logger.error("audit write failed", { error: err });
       }
@@ -171,11 +192,9 @@ export async function startRegistrar(
   server.maxHeadersCount = 64;
   // Housekeeping: expired sessions are useless (finish refuses them); drop them once a minute.
   const purge = setInterval(() => {
-    try {
-      deps.store.purgeExpiredSessions(clock.now());
-    } catch (err) {
+    deps.store.purgeExpiredSessions(clock.now()).catch((err: unknown) => {
       logger.warn("session purge failed", { error: err });
-    }
+    });
   }, 60_000);
   purge.unref();
 
@@ -201,6 +220,7 @@ export async function startRegistrar(
     url: baseUrl,
     port,
     server,
+    load: () => admission.stats(),
     close: async () => {
       clearInterval(purge);
       await new Promise<void>((resolve) => {

@@ -96,13 +96,16 @@ export async function sinksFromConfig(
     if (caPem === undefined)
       throw new M2mError("ERR_CONFIG", "permanent", "relay.mqtt.ca_file is required (no fleet CA known yet)");
     let auth: ConstructorParameters<typeof MqttSink>[0]["auth"];
-    if (m.auth === "mtls-pkcs11") {
-      // The key signs the TLS handshake where it lives (its `tlsClient` capability).
+    if (m.auth === "mtls-pkcs11" || m.auth === "mtls-tpm") {
+      // The key signs the TLS handshake where it lives (its `tlsClient` capability): a PKCS#11 token
+      // through the OpenSSL engine, or the attested TPM key through tpm2-pkcs11 (keys/tpm/tls.ts).
       if (ctx.keys.current.tlsClient === undefined)
         throw new M2mError(
           "ERR_CONFIG",
           "permanent",
-          'relay.mqtt.auth = "mtls-pkcs11" needs a device key usable for TLS: keys.provider = "pkcs11" with keys.pkcs11.pin = { file = … } or { credential = … }',
+          m.auth === "mtls-pkcs11"
+            ? 'relay.mqtt.auth = "mtls-pkcs11" needs a device key usable for TLS: keys.provider = "pkcs11" with keys.pkcs11.pin = { file = … } or { credential = … }'
+            : 'relay.mqtt.auth = "mtls-tpm" needs a device key usable for TLS: keys.provider = "tpm" with keys.tpm.tls_pin_file and a resource-manager tcti (device:/dev/tpmrm0)',
         );
       const certFile = deviceCertPath(config);
       await readFile(certFile, "utf8"); // fail at start (ERR_*) rather than at the first connect

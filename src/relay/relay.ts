@@ -1,9 +1,10 @@
 import { type Clock, systemClock } from "../core/clock.js";
+import type { ErrorCode } from "../core/error-codes.js";
 import { asM2mError } from "../core/errors.js";
 import { type Logger, silentLogger } from "../core/log.js";
 import { backoffDelay, defaultRetryPolicy, type RetryPolicy } from "../core/retry.js";
 import type { Outbox, OutboxMessage } from "./outbox/outbox.js";
-import type { DeliveryOutcome, Sink } from "./sinks/sink.js";
+import { type DeliveryOutcome, deadLetterReason, type Sink } from "./sinks/sink.js";
 
 /** Resolves when `signal` aborts; the listener is removed (and the promise freed) once `until` aborts. */
 function abortedOr(signal: AbortSignal, until: AbortSignal): Promise<void> {
@@ -44,7 +45,7 @@ export interface RelayOptions {
 export interface SinkTrouble {
   readonly sink: string;
   /** Code of the most recent failure (e.g. `ERR_MQTT_CONNECT`). */
-  readonly code: string;
+  readonly code: ErrorCode;
   /** How long (ms) since the first failure without a success after it. */
   readonly forMs: number;
 }
@@ -57,7 +58,7 @@ export interface SinkCounters {
   inFlight: number;
   /** Consecutive-failure level driving the backoff. */
   backoffLevel: number;
-  lastError: string | undefined;
+  lastError: ErrorCode | undefined;
   /** Monotonic ms of the first failure not followed by a success (undefined: delivering fine). */
   failingSince: number | undefined;
   /** Pauses ended early because a probe saw the upstream return. */
@@ -238,14 +239,15 @@ export class Relay {
 
     const handle = async (batch: readonly OutboxMessage[], outcomes: DeliveryOutcome[]): Promise<void> => {
       const ok: string[] = [];
-      const retry: { id: string; delayMs?: number; code: string }[] = [];
+      const retry: { id: string; delayMs?: number; code: ErrorCode }[] = [];
       for (const o of outcomes) {
         if (o.kind === "ok") ok.push(o.id);
         else if (o.kind === "retry") retry.push(o);
         else {
           c.deadLettered++;
-          this.#log.warn("message dead-lettered", { sink: sink.name, id: o.id, reason: o.reason });
-          await outbox.deadLetter(sink.name, o.id, o.reason);
+          const reason = deadLetterReason(o);
+          this.#log.warn("message dead-lettered", { sink: sink.name, id: o.id, reason });
+          await outbox.deadLetter(sink.name, o.id, reason);
         }
       }
       // Anything the sink forgot to report is retried, never dropped.

@@ -177,7 +177,7 @@ for (const f of factories) {
       const ob = await f.create({ dir: await fresh() });
       const ids = await ob.append([msg("a", 1), msg("a", 2)]);
       await ob.lease("s", 1);
-      await ob.deadLetter("s", ids[0] as string, "mqtt_0x87_not_authorized");
+      await ob.deadLetter("s", ids[0] as string, "ERR_MQTT_NOT_AUTHORIZED reasonCode=0x87");
       const l = await ob.lease("s", 10);
       expect(l.map((m) => m.id)).toEqual([ids[1]]);
       const dl = await ob.deadLetters();
@@ -186,7 +186,7 @@ for (const f of factories) {
         id: ids[0],
         sink: "s",
         channel: "a",
-        reason: "mqtt_0x87_not_authorized",
+        reason: "ERR_MQTT_NOT_AUTHORIZED reasonCode=0x87",
       });
       expect(text(dl[0]?.payload ?? new Uint8Array())).toBe("1");
       expect(ob.stats().deadLetters).toBe(1);

@@ -103,6 +103,29 @@ describe("the one-command demo (dist/hw/demo.js)", () => {
     expect(existsSync(wd ?? "/")).toBe(false);
   }, 240_000);
 
+  it("--quick --tpm-mqtt: the TPM gateway publishes over MQTT mTLS with its attested key, nothing lost or left running", async () => {
+    const summaryFile = join(dir, "summary-tpm-mqtt.json");
+    const r = await runDemo(
+      ["--quick", "--tpm-mqtt", "--summary-json", summaryFile],
+      { PATH: process.env.PATH, HOME: dir, TMPDIR: dir },
+      200_000,
+    );
+    const out = `${r.stdout}\n${r.stderr}`;
+    expect(r.code, out).toBe(0);
+    expect(r.stdout).toContain("MQTT mTLS with the attested TPM key");
+    const s = JSON.parse(await readFile(summaryFile, "utf8")) as Summary;
+    expect(s.ok).toBe(true);
+    expect(s.failures).toEqual([]);
+    expect(s.attestation.verified).toBe(true);
+    expect(s.devices.map((d) => `${d.method}/${d.sink}`)).toEqual(["tpm/mqtt", "pkcs11/mqtt"]);
+    for (const d of s.devices) expect(d.lost).toBe(0);
+    expect(s.messages.delivered).toBeGreaterThan(0);
+    expect(s.messages.acked).toBe(s.messages.delivered);
+    expect(s.outage.survived).toBe(true);
+    expect(s.leftover).toEqual([]);
+    expect(s.pids.filter(stillRunning)).toEqual([]);
+  }, 240_000);
+
   it("names the Debian package to install when a tool is missing, and exits 1", async () => {
     // Only node itself is reachable (absolute path): swtpm, tpm2-tools, softhsm2-util, openssl are not.
     const r = await runDemo(["--quick"], { PATH: join(dir, "empty-bin"), HOME: dir, TMPDIR: dir }, 30_000);

@@ -18,7 +18,7 @@ describe("agent-side enrolment (runEnroll) against a real registrar", () => {
 
   beforeAll(async () => {
     reg = await startTestRegistrar();
-    addEnrolmentGroup(reg.store, { name: "sensors", role: "sensor", methods: ["pkcs11"] });
+    await addEnrolmentGroup(reg.store, { name: "sensors", role: "sensor", methods: ["pkcs11"] });
     work = await mkdtemp(join(tmpdir(), "m2m-enroll-agent-"));
   });
   afterAll(async () => {
@@ -36,7 +36,7 @@ describe("agent-side enrolment (runEnroll) against a real registrar", () => {
   it("reads the bootstrap token from env and from a systemd credential; config errors are coded", async () => {
     const p1 = new FakeKeyProvider({ label: "env" });
     await p1.createOrOpen();
-    const { token: t1 } = createBootstrapToken(reg.store, "sensors", 600);
+    const { token: t1 } = await createBootstrapToken(reg.store, "sensors", 600);
     const out1 = await runEnroll(
       { ...base(join(work, "s-env")), bootstrapToken: { env: "M2M_BOOTSTRAP" } },
       { keyProvider: p1, env: { M2M_BOOTSTRAP: t1.reveal() } },
@@ -45,7 +45,7 @@ describe("agent-side enrolment (runEnroll) against a real registrar", () => {
 
     const p2 = new FakeKeyProvider({ label: "cred" });
     await p2.createOrOpen();
-    const { token: t2 } = createBootstrapToken(reg.store, "sensors", 600);
+    const { token: t2 } = await createBootstrapToken(reg.store, "sensors", 600);
     const creds = join(work, "creds");
     await mkdir(creds, { mode: 0o700 });
     await writeFile(join(creds, "m2m-bootstrap"), t2.reveal(), { mode: 0o400 });
@@ -72,7 +72,7 @@ describe("agent-side enrolment (runEnroll) against a real registrar", () => {
   it("TPM flow (software TPM structures): enrols; a re-run does nothing even with the registrar gone", async () => {
     const device = new FakeKeyProvider({ label: "soft-tpm" });
     const soft = await softTpmOps(device);
-    addEnrolmentGroup(reg.store, {
+    await addEnrolmentGroup(reg.store, {
       name: "gw",
       role: "gateway",
       methods: ["tpm"],
@@ -126,7 +126,19 @@ describe("agent-side enrolment (runEnroll) against a real registrar", () => {
         {
           method: "POST",
           path: "/v1/boom",
-          handle: async () => ({ status: 503, json: { v: 1, error: { code: "ERR_BUSY", message: "busy" } } }),
+          handle: async () => ({
+            status: 503,
+            json: { v: 1, error: { code: "ERR_NOT_READY", message: "busy" } },
+          }),
+        },
+        {
+          method: "POST",
+          path: "/v1/newer",
+          // A code from a newer registrar that this agent's catalogue does not know.
+          handle: async () => ({
+            status: 409,
+            json: { v: 1, error: { code: "ERR_FROM_THE_FUTURE", message: "no" } },
+          }),
         },
         {
           method: "POST",
@@ -145,8 +157,13 @@ describe("agent-side enrolment (runEnroll) against a real registrar", () => {
         code: "ERR_REGISTRAR_RESPONSE",
       });
       await expect(client.postJson("/v1/boom", {}, enrolmentResultSchema)).rejects.toMatchObject({
-        code: "ERR_BUSY",
+        code: "ERR_NOT_READY",
         retry: "transient",
+      });
+      await expect(client.postJson("/v1/newer", {}, enrolmentResultSchema)).rejects.toMatchObject({
+        code: "ERR_REGISTRAR_RESPONSE",
+        retry: "permanent",
+        details: { status: 409, registrarCode: "ERR_FROM_THE_FUTURE" },
       });
       // Redirects are not followed.
       await expect(client.postJson("/v1/moved", {}, enrolmentResultSchema)).rejects.toMatchObject({

@@ -115,7 +115,7 @@ describe("TPM device lifecycle: enrol → tokens → EST renewal → expiry offl
   afterAll(async () => {
     await keys?.close();
     await running?.close();
-    store?.close();
+    await store?.close();
     await tpm?.stop();
     await rm(dir, { recursive: true, force: true });
   });
@@ -176,7 +176,7 @@ describe("TPM device lifecycle: enrol → tokens → EST renewal → expiry offl
     await renewer.verifyCurrent();
 
     // Revocation stops new tokens immediately, and with them EST.
-    store.revokeDevice(deviceId, clock.now());
+    await store.revokeDevice(deviceId, clock.now());
     oauth.invalidate();
     await expect(oauth.getToken()).rejects.toMatchObject({ code: "ERR_OAUTH_CLIENT_REVOKED" });
     expect(oauth.health()).toMatchObject({ ok: false, code: "ERR_OAUTH_CLIENT_REVOKED" });

@@ -10,6 +10,7 @@ import type { OutboxMessage } from "../../src/relay/outbox/outbox.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { Relay } from "../../src/relay/relay.js";
 import { HttpsSink } from "../../src/relay/sinks/https/https-sink.js";
+import { deadLetterReason } from "../../src/relay/sinks/sink.js";
 import {
   createSoftwareDpop,
   createTokenIssuer,
@@ -286,7 +287,10 @@ describe("HTTPS sink against a local HTTPS ingest server with fault injection", 
   it("other 4xx (403 insufficient scope) → dead-letter", async () => {
     const s = sink({ tokens: tokens({ scope: "telemetry:read" }) });
     const out = await s.deliver(msgs(2));
-    expect(out.map((o) => o.kind === "dead-letter" && o.reason)).toEqual(["http_403", "http_403"]);
+    expect(out.map((o) => o.kind === "dead-letter" && deadLetterReason(o))).toEqual([
+      "ERR_HTTPS_REFUSED status=403",
+      "ERR_HTTPS_REFUSED status=403",
+    ]);
     await s.close();
   });
 
@@ -296,7 +300,7 @@ describe("HTTPS sink against a local HTTPS ingest server with fault injection", 
     const theirs = msgs(1, "device-b/temp");
     const out = await s.deliver([...mine, ...theirs]);
     expect(out[0]?.kind).toBe("ok");
-    expect(out[1]).toMatchObject({ kind: "dead-letter", reason: "ingest_ERR_INGEST_TOPIC_NOT_OWNED" });
+    expect(out[1]).toMatchObject({ kind: "dead-letter", code: "ERR_INGEST_TOPIC_NOT_OWNED" });
     expect(ingest.store.messages.has(theirs[0]?.id ?? "")).toBe(false);
     await s.close();
   });

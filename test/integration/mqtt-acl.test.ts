@@ -54,7 +54,7 @@ describe("MQTT sink against mosquitto (mTLS, use_identity_as_username, ACL devic
       ["devices/device-a/hum", "4", ids[3]],
     ]);
     const dl = await outbox.deadLetters();
-    expect(dl.map((d) => [d.id, d.reason])).toEqual([[ids[1], "mqtt_0x87_not_authorized"]]);
+    expect(dl.map((d) => [d.id, d.reason])).toEqual([[ids[1], "ERR_MQTT_NOT_AUTHORIZED reasonCode=0x87"]]);
     expect(relay.counters.mqtt?.deadLettered).toBe(1);
     await sink.close();
     await outbox.close();

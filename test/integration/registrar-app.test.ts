@@ -68,13 +68,13 @@ describe("registrar app: token service + EST + ingest + self-revocation from con
     app = await startRegistrarApp(config, { store, ca: await FleetCa.load(paths.dir) });
     caPem = await readFile(caPaths(paths.dir).caCert, "utf8");
     dispatcher = new Agent({ connect: { ca: caPem } });
-    addEnrolmentGroup(store, {
+    await addEnrolmentGroup(store, {
       name: "gold",
       role: "sensor",
       attributes: { site: "s7", tier: "gold" },
       methods: ["pkcs11"],
     });
-    addEnrolmentGroup(store, {
+    await addEnrolmentGroup(store, {
       name: "plain",
       role: "sensor",
       attributes: { site: "s8" },
@@ -83,7 +83,7 @@ describe("registrar app: token service + EST + ingest + self-revocation from con
     for (const group of ["gold", "plain", "gold"]) {
       const keys = new FakeKeyProvider({ label: `dev-${devices.length}` });
       await keys.createOrOpen();
-      const { token } = createBootstrapToken(store, group, 600);
+      const { token } = await createBootstrapToken(store, group, 600);
       const out = await runEnroll(
         {
           registrarUrl: app.url,
@@ -101,7 +101,7 @@ describe("registrar app: token service + EST + ingest + self-revocation from con
   afterAll(async () => {
     await dispatcher?.close();
     await app?.close();
-    store?.close();
+    await store?.close();
     if (dir !== undefined) await rm(dir, { recursive: true, force: true });
   });
 
@@ -209,8 +209,8 @@ describe("registrar app: token service + EST + ingest + self-revocation from con
         error: { code: "ERR_UNAUTHENTICATED", message: expect.any(String) },
       });
     }
-    expect(store.getDevice(id)?.status).toBe("active");
-    expect(store.getDevice(attacker.state.deviceId)?.status).toBe("active");
+    expect((await store.getDevice(id))?.status).toBe("active");
+    expect((await store.getDevice(attacker.state.deviceId))?.status).toBe("active");
   });
 
   it("a device revokes itself with its own key; afterwards its token requests get invalid_client and a replay is refused", async () => {
@@ -228,10 +228,10 @@ describe("registrar app: token service + EST + ingest + self-revocation from con
       code: "ERR_DECOMMISSION_REFUSED",
     });
     // The others are untouched.
-    expect(store.getDevice(devices[0]?.state.deviceId ?? "")?.status).toBe("active");
+    expect((await store.getDevice(devices[0]?.state.deviceId ?? ""))?.status).toBe("active");
   });
 
-  it("config errors name the file and key, never the value", () => {
+  it("config errors name the file and key, never the value", async () => {
     const bad = (sections: Record<string, unknown>) => () =>
       appSettingsFrom({
         dataDir: dir,

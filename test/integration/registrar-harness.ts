@@ -76,7 +76,7 @@ export async function startTestRegistrar(
     async close() {
       await agent.close();
       await running.close();
-      store.close();
+      await store.close();
       await rm(dir, { recursive: true, force: true });
     },
   };

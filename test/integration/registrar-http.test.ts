@@ -29,8 +29,8 @@ describe("registrar HTTP hardening and bootstrap-token races (real HTTPS on 127.
       clock,
       raw: { limits: { max_body_bytes: 4096, request_timeout_ms: 5000 } },
     });
-    addEnrolmentGroup(reg.store, { name: "sensors", role: "sensor", methods: ["pkcs11"] });
-    addEnrolmentGroup(reg.store, {
+    await addEnrolmentGroup(reg.store, { name: "sensors", role: "sensor", methods: ["pkcs11"] });
+    await addEnrolmentGroup(reg.store, {
       name: "tpm-only",
       role: "gw",
       methods: ["tpm"],
@@ -76,23 +76,23 @@ describe("registrar HTTP hardening and bootstrap-token races (real HTTPS on 127.
       status: 404,
       json: { error: { code: "ERR_NOT_FOUND" } },
     });
-    expect(reg.store.listDevices()).toEqual([]);
+    expect(await reg.store.listDevices()).toEqual([]);
   });
 
   it("a bootstrap token used twice concurrently: exactly one enrolment wins", async () => {
-    const { token } = createBootstrapToken(reg.store, "sensors", 3600, clock);
+    const { token } = await createBootstrapToken(reg.store, "sensors", 3600, clock);
     const bodies = await Promise.all(["a", "b", "c"].map((l) => pkcs11Body(token.reveal(), l)));
     const results = await Promise.all(bodies.map((b) => reg.post(ENROLL_PATHS.pkcs11, JSON.stringify(b))));
     expect(results.map((r) => r.status).sort()).toEqual([200, 401, 401]);
     for (const r of results.filter((x) => x.status === 401)) {
       expect(r.json).toMatchObject({ error: { code: "ERR_TOKEN_USED" } });
     }
-    expect(reg.store.listDevices()).toHaveLength(1);
+    expect(await reg.store.listDevices()).toHaveLength(1);
   });
 
   it("expired, unknown and wrong-group tokens are refused with their own codes; nothing is persisted", async () => {
-    const before = reg.store.listDevices().length;
-    const { token } = createBootstrapToken(reg.store, "sensors", 60, clock);
+    const before = (await reg.store.listDevices()).length;
+    const { token } = await createBootstrapToken(reg.store, "sensors", 60, clock);
     await clock.advance(61_000);
     expect(
       await reg.post(ENROLL_PATHS.pkcs11, JSON.stringify(await pkcs11Body(token.reveal(), "e"))),
@@ -106,7 +106,7 @@ describe("registrar HTTP hardening and bootstrap-token races (real HTTPS on 127.
       status: 401,
       json: { error: { code: "ERR_TOKEN_INVALID" } },
     });
-    const { token: tpmToken } = createBootstrapToken(reg.store, "tpm-only", 60, clock);
+    const { token: tpmToken } = await createBootstrapToken(reg.store, "tpm-only", 60, clock);
     expect(
       await reg.post(ENROLL_PATHS.pkcs11, JSON.stringify(await pkcs11Body(tpmToken.reveal(), "t"))),
     ).toMatchObject({
@@ -114,7 +114,7 @@ describe("registrar HTTP hardening and bootstrap-token races (real HTTPS on 127.
       json: { error: { code: "ERR_METHOD_NOT_PERMITTED" } },
     });
     // A CSR whose signature does not verify is refused and the token stays usable.
-    const { token: fresh } = createBootstrapToken(reg.store, "sensors", 60, clock);
+    const { token: fresh } = await createBootstrapToken(reg.store, "sensors", 60, clock);
     const body = await pkcs11Body(fresh.reveal(), "s");
     const csr = Buffer.from(String(body.csr), "base64url");
     csr[csr.length - 3] = (csr[csr.length - 3] ?? 0) ^ 0xff;
@@ -125,7 +125,7 @@ describe("registrar HTTP hardening and bootstrap-token races (real HTTPS on 127.
     expect(res.status).toBeGreaterThanOrEqual(400);
     expect(res.status).toBeLessThan(500);
     expect((res.json as { error: { code: string } }).error.code).toMatch(/^ERR_CSR_(SIGNATURE|INVALID)$/);
-    expect(reg.store.listDevices()).toHaveLength(before);
+    expect(await reg.store.listDevices()).toHaveLength(before);
     expect((await reg.post(ENROLL_PATHS.pkcs11, JSON.stringify(body))).status).toBe(200);
   });
 
@@ -212,11 +212,11 @@ describe("registrar request deadline", () => {
         sock.on("error", reject);
       });
       expect(received).toMatch(/^HTTP\/1\.1 408/);
-      expect(reg.store.listDevices()).toEqual([]);
+      expect(await reg.store.listDevices()).toEqual([]);
       // The abandoned request is settled and audited (nothing keeps waiting for the rest of the body).
-      for (let i = 0; i < 100 && reg.store.listAudit(10).length === 0; i++)
+      for (let i = 0; i < 100 && (await reg.store.listAudit(10)).length === 0; i++)
         await new Promise((r) => setTimeout(r, 20));
-      expect(reg.store.listAudit(10)).toEqual([
+      expect(await reg.store.listAudit(10)).toEqual([
         expect.objectContaining({ event: "enroll.pkcs11", outcome: "failure" }),
       ]);
     } finally {
@@ -229,8 +229,8 @@ describe("registrar under random bodies (fast-check, time-capped)", () => {
   it("any JSON to any enrolment endpoint: a 4xx with a stable code, never a 5xx, nothing registered", async () => {
     const fc = await import("fast-check");
     const reg = await startTestRegistrar();
-    addEnrolmentGroup(reg.store, { name: "sensors", role: "sensor", methods: ["pkcs11"] });
-    const { token } = createBootstrapToken(reg.store, "sensors", 3600);
+    await addEnrolmentGroup(reg.store, { name: "sensors", role: "sensor", methods: ["pkcs11"] });
+    const { token } = await createBootstrapToken(reg.store, "sensors", 3600);
     const valid = await pkcs11Body(token.reveal(), "fuzz");
     const paths = [ENROLL_PATHS.pkcs11, ENROLL_PATHS.tpmBegin, ENROLL_PATHS.tpmFinish];
     const b64ish = fc.stringMatching(/^[A-Za-z0-9_-]{1,64}$/);
@@ -264,7 +264,7 @@ describe("registrar under random bodies (fast-check, time-capped)", () => {
         ),
         { numRuns: 150, interruptAfterTimeLimit: 20_000 },
       );
-      expect(reg.store.listDevices()).toEqual([]);
+      expect(await reg.store.listDevices()).toEqual([]);
     } finally {
       await reg.close();
     }

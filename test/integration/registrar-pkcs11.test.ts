@@ -30,7 +30,7 @@ describe("PKCS#11 enrolment end to end (SoftHSM2 + real registrar over HTTPS)", 
     });
     await provider.createOrOpen();
     reg = await startTestRegistrar();
-    addEnrolmentGroup(reg.store, {
+    await addEnrolmentGroup(reg.store, {
       name: "sensors",
       role: "sensor",
       attributes: { site: "plant-1" },
@@ -54,7 +54,7 @@ describe("PKCS#11 enrolment end to end (SoftHSM2 + real registrar over HTTPS)", 
   };
 
   it("enrols with a bootstrap token; the certificate verifies with openssl and carries the token key", async () => {
-    const { token } = createBootstrapToken(reg.store, "sensors", 3600);
+    const { token } = await createBootstrapToken(reg.store, "sensors", 3600);
     const stateDir = join(work, "state");
     const steps: string[] = [];
     const out = await runEnroll(
@@ -84,7 +84,7 @@ describe("PKCS#11 enrolment end to end (SoftHSM2 + real registrar over HTTPS)", 
     expect(cert.subjectAltName).toBe(`URI:urn:m2m:device:${out.state.deviceId}`);
     // State file: 0600, and the registry holds the device with self-asserted evidence.
     expect((await stat(join(stateDir, "enrolment.json"))).mode & 0o777).toBe(0o600);
-    const dev = reg.store.getDevice(out.state.deviceId);
+    const dev = await reg.store.getDevice(out.state.deviceId);
     expect(dev).toMatchObject({ status: "active", method: "pkcs11", hardwareSerial: "SN-0001" });
     expect(dev?.evidence).toMatchObject({ neverExtractable: true, local: true, selfAsserted: true });
     // Idempotent: a re-run does nothing (and would not even need a valid token).
@@ -115,7 +115,7 @@ describe("PKCS#11 enrolment end to end (SoftHSM2 + real registrar over HTTPS)", 
       ),
     ).rejects.toMatchObject({ code: "ERR_TOKEN_USED" });
     // With a fresh token the same hardware keeps its device id and gets a new certificate.
-    const { token: t2 } = createBootstrapToken(reg.store, "sensors", 3600);
+    const { token: t2 } = await createBootstrapToken(reg.store, "sensors", 3600);
     const re = await runEnroll(
       {
         registrarUrl: reg.url,
@@ -129,7 +129,7 @@ describe("PKCS#11 enrolment end to end (SoftHSM2 + real registrar over HTTPS)", 
     );
     expect(re.state.deviceId).toBe(out.state.deviceId);
     expect(re.state.certificatePem).not.toBe(out.state.certificatePem);
-    expect(reg.store.listDevices()).toHaveLength(1);
+    expect(await reg.store.listDevices()).toHaveLength(1);
     // The audit log has one line per attempt, with the failure's code.
     const audit = (await readFile(reg.config.auditLog, "utf8"))
       .trim()
@@ -145,7 +145,7 @@ describe("PKCS#11 enrolment end to end (SoftHSM2 + real registrar over HTTPS)", 
   });
 
   it("the same hardware serial with another key is refused; nothing is persisted", async () => {
-    const { token } = createBootstrapToken(reg.store, "sensors", 3600);
+    const { token } = await createBootstrapToken(reg.store, "sensors", 3600);
     const other = new Pkcs11KeyProvider({
       modulePath: hsm.modulePath,
       tokenLabel: hsm.tokenLabel,
@@ -154,7 +154,7 @@ describe("PKCS#11 enrolment end to end (SoftHSM2 + real registrar over HTTPS)", 
     });
     try {
       await other.createOrOpen();
-      const before = reg.store.listDevices().length;
+      const before = (await reg.store.listDevices()).length;
       // A different key is a different device: it gets its own id (serial is self-asserted, not unique).
       const out = await runEnroll(
         {
@@ -167,9 +167,9 @@ describe("PKCS#11 enrolment end to end (SoftHSM2 + real registrar over HTTPS)", 
         },
         { keyProvider: other },
       );
-      expect(reg.store.listDevices()).toHaveLength(before + 1);
+      expect(await reg.store.listDevices()).toHaveLength(before + 1);
       // The first device's key claiming another serial is refused, and the token stays unused.
-      const { token: t4 } = createBootstrapToken(reg.store, "sensors", 3600);
+      const { token: t4 } = await createBootstrapToken(reg.store, "sensors", 3600);
       await expect(
         runEnroll(
           {
@@ -183,9 +183,9 @@ describe("PKCS#11 enrolment end to end (SoftHSM2 + real registrar over HTTPS)", 
           { keyProvider: other },
         ),
       ).rejects.toMatchObject({ code: "ERR_HARDWARE_MISMATCH" });
-      expect(reg.store.listDevices()).toHaveLength(before + 1);
+      expect(await reg.store.listDevices()).toHaveLength(before + 1);
       const { hashBootstrapToken } = await import("../../src/registrar/enrolment/pkcs11-route.js");
-      expect(reg.store.getBootstrapToken(hashBootstrapToken(t4.reveal()))?.usedAt).toBeUndefined();
+      expect((await reg.store.getBootstrapToken(hashBootstrapToken(t4.reveal())))?.usedAt).toBeUndefined();
       expect(out.state.deviceId).not.toBe(undefined);
     } finally {
       await other.close();

@@ -74,7 +74,7 @@ describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)"
   ): Promise<{ reg: TestRegistrar; client: RegistrarClient }> => {
     const reg = await startTestRegistrar(clock === undefined ? {} : { clock });
     registrars.push(reg);
-    addEnrolmentGroup(reg.store, {
+    await addEnrolmentGroup(reg.store, {
       name: "gateways",
       role: "gateway",
       attributes: { fleet: "eu" },
@@ -134,7 +134,7 @@ describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)"
       });
       // Error bodies carry no values from the request or the session.
       expect(JSON.stringify(res.json)).not.toContain(body.secret);
-      expect(reg.store.listDevices()).toEqual([]);
+      expect(await reg.store.listDevices()).toEqual([]);
     }
     // Wrong nonce: a certification made with another nonce (real TPM) is refused with its own code.
     const { body: body2, begin: begin2 } = await prepare(client, ops, provider);
@@ -150,16 +150,16 @@ describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)"
       JSON.stringify({ ...body2, attest: body.attest, signature: body.signature }),
     );
     expect(replay.json).toMatchObject({ error: { code: "ERR_ATTEST_NONCE" } });
-    expect(reg.store.listDevices()).toEqual([]);
+    expect(await reg.store.listDevices()).toEqual([]);
     // Nothing was persisted by the refusals: the untampered evidence still enrols on its session.
     const ok = await client.postJson(ENROLL_PATHS.tpmFinish, body, enrolmentResultSchema);
     expect(ok.method).toBe("tpm");
-    expect(reg.store.listDevices()).toHaveLength(1);
+    expect(await reg.store.listDevices()).toHaveLength(1);
     // Replaying the successful finish is refused: sessions are single-use.
     const again = await reg.post(ENROLL_PATHS.tpmFinish, JSON.stringify(body));
     expect(again).toMatchObject({ status: 409, json: { error: { code: "ERR_SESSION_CONSUMED" } } });
     expect(begin2.sessionId).not.toBe(body.sessionId);
-    const audit = reg.store.listAudit(100);
+    const audit = await reg.store.listAudit(100);
     expect(audit.filter((a) => a.event === "enroll.tpm.finish" && a.outcome === "failure").length).toBe(
       cases.length + 3,
     );
@@ -167,19 +167,19 @@ describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)"
 
   it("begin tamper table: each unfit EK / AK / device key / group fails with its own code; nothing stored", async () => {
     const { reg } = await newRegistrar();
-    addEnrolmentGroup(reg.store, { name: "p11", role: "x", methods: ["pkcs11"] });
+    await addEnrolmentGroup(reg.store, { name: "p11", role: "x", methods: ["pkcs11"] });
     const otherTrust = join(work, "other-trust");
     await mkdir(otherTrust, { recursive: true });
     const { initCa } = await import("../../src/registrar/ca/index.js");
     const otherCa = await initCa({ dir: join(work, "other-ca") });
     await copyFile(otherCa.caCert, join(otherTrust, "ca.pem"));
-    addEnrolmentGroup(reg.store, {
+    await addEnrolmentGroup(reg.store, {
       name: "wrong-trust",
       role: "x",
       methods: ["tpm"],
       ekTrustDir: otherTrust,
     });
-    addEnrolmentGroup(reg.store, {
+    await addEnrolmentGroup(reg.store, {
       name: "allow-other",
       role: "x",
       methods: ["tpm"],
@@ -235,8 +235,8 @@ describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)"
     }
     // Sanity: the untampered request is accepted by the same registrar.
     expect((await reg.post(ENROLL_PATHS.tpmBegin, JSON.stringify(good))).status).toBe(200);
-    expect(reg.store.listDevices()).toEqual([]);
-    const begins = reg.store.listAudit(100).filter((a) => a.event === "enroll.tpm.begin");
+    expect(await reg.store.listDevices()).toEqual([]);
+    const begins = (await reg.store.listAudit(100)).filter((a) => a.event === "enroll.tpm.begin");
     expect(begins.map((a) => a.code)).toEqual([...cases.map((c) => c[2]), undefined]);
   });
 
@@ -251,7 +251,7 @@ describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)"
     for (const r of results.filter((x) => x.status === 409)) {
       expect(r.json).toMatchObject({ error: { code: "ERR_SESSION_CONSUMED" } });
     }
-    expect(reg.store.listDevices()).toHaveLength(1);
+    expect(await reg.store.listDevices()).toHaveLength(1);
   });
 
   it("an expired session is refused and nothing is registered", async () => {
@@ -261,7 +261,7 @@ describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)"
     await clock.advance(61_000);
     const res = await reg.post(ENROLL_PATHS.tpmFinish, JSON.stringify(body));
     expect(res).toMatchObject({ status: 410, json: { error: { code: "ERR_SESSION_EXPIRED" } } });
-    expect(reg.store.listDevices()).toEqual([]);
+    expect(await reg.store.listDevices()).toEqual([]);
   });
 
   it("runEnroll succeeds: openssl verifies the certificate and it carries the TPM key; same EK with another key is refused", async () => {
@@ -301,7 +301,7 @@ describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)"
     expect(
       new X509Certificate(out.state.certificatePem).publicKey.export({ format: "der", type: "spki" }),
     ).toEqual(createPublicKey(info.spkiPem).export({ format: "der", type: "spki" }));
-    const device = reg.store.getDevice(out.state.deviceId);
+    const device = await reg.store.getDevice(out.state.deviceId);
     expect(device?.ekHash).toMatch(/^[0-9a-f]{64}$/);
 
     // Re-enrolment of the same hardware (same EK, same key) keeps the device id.
@@ -338,8 +338,8 @@ describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)"
     } finally {
       await second.destroy();
     }
-    expect(reg.store.listDevices()).toHaveLength(1);
-    expect(reg.store.getDevice(out.state.deviceId)?.thumbprint).toBe(info.thumbprint);
+    expect(await reg.store.listDevices()).toHaveLength(1);
+    expect((await reg.store.getDevice(out.state.deviceId))?.thumbprint).toBe(info.thumbprint);
   });
 
   it("an RSA-2048 device key in the TPM enrols too (RS256 CSR signed inside the TPM)", async () => {

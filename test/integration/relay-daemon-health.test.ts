@@ -96,10 +96,10 @@ describe("daemon: a sink that cannot deliver degrades the agent; delivery resumi
         String(r.status).includes("relay.sink.mqtt"),
       60_000,
     );
-    expect(String(degraded.status)).toMatch(/sink mqtt cannot deliver \(ERR_[A-Z0-9_]+\)/);
+    expect(String(degraded.status)).toMatch(/ERR_[A-Z0-9_]+: sink mqtt cannot deliver/);
     const st = await fetchStatus(socketPath);
     expect(st.state).toBe("degraded");
-    expect(st.reasons["relay.sink.mqtt"]).toMatch(/^sink mqtt cannot deliver \(ERR_/);
+    expect(st.reasons["relay.sink.mqtt"]).toMatch(/^ERR_MQTT_[A-Z_]+: sink mqtt cannot deliver/);
 
     await broker.start();
     await until(

@@ -96,7 +96,7 @@ describe("TPM key rotation: a crash between steps recovers", () => {
   afterAll(async () => {
     await base?.close();
     await app?.close();
-    store?.close();
+    await store?.close();
     await tpm?.stop();
     if (dir !== undefined) await rm(dir, { recursive: true, force: true });
   });
@@ -217,7 +217,7 @@ describe("TPM key rotation: a crash between steps recovers", () => {
     expect(Buffer.from(cert.publicKey.rawData)).toEqual(
       createPublicKey(info.spkiPem).export({ format: "der", type: "spki" }),
     );
-    expect(store.getDevice(deviceId)?.thumbprint).toBe(info.thumbprint);
+    expect((await store.getDevice(deviceId))?.thumbprint).toBe(info.thumbprint);
     const c = new OAuthClient({ clientId: deviceId, issuer: app.issuer, caPem, dpop: true }, { keys, clock });
     await expect(c.getToken()).resolves.toMatchObject({ tokenType: "DPoP" });
     await c.close();
@@ -242,7 +242,7 @@ describe("TPM key rotation: a crash between steps recovers", () => {
     await killedAt("before-write");
     const p1 = { rotation: tpmKeyRotation(base, stateFile()) };
     // The registrar holds the new key; the device still has the old certificate and a pending key.
-    expect(store.getDevice(deviceId)?.thumbprint).not.toBe(before);
+    expect((await store.getDevice(deviceId))?.thumbprint).not.toBe(before);
     expect(await p1.rotation.hasPending()).toBe(true);
     const p2 = await boot();
     expect(await p2.renewer.recoverRotation()).toBe(true);

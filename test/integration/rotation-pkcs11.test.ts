@@ -61,13 +61,13 @@ describe("PKCS#11 key rotation (SoftHSM + registrar app)", () => {
     app = await startRegistrarApp(config, { store, ca: await FleetCa.load(paths.dir) });
     dispatcher = new Agent({ connect: { ca: caPem } });
     for (const name of ["sensors", "locked"])
-      addEnrolmentGroup(store, { name, role: "sensor", attributes: {}, methods: ["pkcs11"] });
+      await addEnrolmentGroup(store, { name, role: "sensor", attributes: {}, methods: ["pkcs11"] });
   }, 60_000);
 
   afterAll(async () => {
     await dispatcher?.close();
     await app?.close();
-    store?.close();
+    await store?.close();
     if (hsm !== undefined) finalizeModule(hsm.modulePath);
     await hsm?.cleanup();
     if (dir !== undefined) await rm(dir, { recursive: true, force: true });
@@ -90,7 +90,7 @@ describe("PKCS#11 key rotation (SoftHSM + registrar app)", () => {
     });
     const keys = await rotation.current();
     const info = await keys.createOrOpen();
-    const { token } = createBootstrapToken(store, group, 600);
+    const { token } = await createBootstrapToken(store, group, 600);
     const out = await runEnroll(
       {
         registrarUrl: app.url,
@@ -177,7 +177,7 @@ describe("PKCS#11 key rotation (SoftHSM + registrar app)", () => {
     expect(Buffer.from(cert.publicKey.rawData)).toEqual(
       createPublicKey(next.spkiPem).export({ format: "der", type: "spki" }),
     );
-    const rec = store.getDevice(d.deviceId);
+    const rec = await store.getDevice(d.deviceId);
     expect(rec?.thumbprint).toBe(next.thumbprint);
     expect(rec?.certSerial.toLowerCase()).toBe(cert.serialNumber.toLowerCase());
     await expect(make("p11-a").open()).rejects.toMatchObject({ code: "ERR_KEY_NOT_FOUND" });
@@ -209,12 +209,12 @@ describe("PKCS#11 key rotation (SoftHSM + registrar app)", () => {
 
   it("a group with rotation = deny is refused; registry, certificate and current key unchanged", async () => {
     const d = await device("locked", ["p11-c", "p11-d"]);
-    const before = store.getDevice(d.deviceId);
+    const before = await store.getDevice(d.deviceId);
     const certBefore = await readFile(d.certFile, "utf8");
     await expect(d.renewer.renew()).rejects.toMatchObject({
       details: { serverCode: "ERR_EST_ROTATION_REFUSED" },
     });
-    expect(store.getDevice(d.deviceId)).toEqual(before);
+    expect(await store.getDevice(d.deviceId)).toEqual(before);
     expect(await readFile(d.certFile, "utf8")).toBe(certBefore);
     expect(await d.rotation.currentName()).toBe("p11-c");
     expect(await d.rotation.hasPending()).toBe(false);

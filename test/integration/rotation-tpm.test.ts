@@ -109,7 +109,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
     await keys?.close();
     await dispatcher?.close();
     await app?.close();
-    store?.close();
+    await store?.close();
     await tpm?.stop();
     if (dir !== undefined) await rm(dir, { recursive: true, force: true });
   });
@@ -161,7 +161,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
   };
 
   it("refuses each forgery with its own code and leaves the registry unchanged", async () => {
-    const before = store.getDevice(deviceId);
+    const before = await store.getDevice(deviceId);
     expect(before?.evidence?.akPublic).toEqual(expect.any(String));
     const cases: [string, () => Promise<{ code: string | undefined }>, string][] = [
       [
@@ -226,7 +226,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
       const r = await run();
       expect(r.code, name).toBe(code);
       seen.add(code);
-      const now = store.getDevice(deviceId);
+      const now = await store.getDevice(deviceId);
       expect(now?.thumbprint, name).toBe(before?.thumbprint);
       expect(now?.certSerial, name).toBe(before?.certSerial);
     }
@@ -296,7 +296,7 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
       createPublicKey(newInfo.spkiPem).export({ format: "der", type: "spki" }),
     );
     // Registry: new key and the new certificate, AK/EK kept for the next rotation.
-    const d = store.getDevice(deviceId);
+    const d = await store.getDevice(deviceId);
     expect(d?.thumbprint).toBe(newInfo.thumbprint);
     expect(d?.certSerial.toLowerCase()).toBe(cert.serialNumber.toLowerCase());
     expect(d?.evidence?.devicePublic).toBe(await tpm2b(next as TpmKeyProvider));

@@ -35,7 +35,7 @@ describe("withRetry", () => {
       defaultRetryPolicy,
       async () => {
         calls++;
-        if (calls < 3) throw new M2mError("ERR_BUSY", "transient", "busy");
+        if (calls < 3) throw new M2mError("ERR_TPM_BUSY", "transient", "busy");
         return "ok";
       },
       { clock, random: () => 0.5 },
@@ -49,11 +49,11 @@ describe("withRetry", () => {
         defaultRetryPolicy,
         async () => {
           permanentCalls++;
-          throw new M2mError("ERR_AUTH", "fatal", "no");
+          throw new M2mError("ERR_TPM_AUTH", "fatal", "no");
         },
         { clock },
       ),
-    ).rejects.toMatchObject({ code: "ERR_AUTH" });
+    ).rejects.toMatchObject({ code: "ERR_TPM_AUTH" });
     expect(permanentCalls).toBe(1);
   });
 
@@ -66,10 +66,12 @@ describe("withRetry", () => {
       async () => {
         calls++;
         if (calls === 1)
-          throw new M2mError("ERR_HTTP_429", "transient", "slow down", { details: { retryAfterMs: 1e8 } });
+          throw new M2mError("ERR_HTTPS_RATE_LIMITED", "transient", "slow down", {
+            details: { retryAfterMs: 1e8 },
+          });
         return calls;
       },
-      { clock, onRetry: (i) => delays.push(i.delayMs) },
+      { clock, random: () => 0, onRetry: (i) => delays.push(i.delayMs) },
     );
     while (clock.pendingSleepers === 0) await new Promise((r) => setImmediate(r));
     await clock.advance(5000);

@@ -12,18 +12,22 @@ describe("HealthBoard drives degraded/recover", () => {
   it("any reason degrades with all reasons in the status; the last one clearing recovers", () => {
     const lc = new Lifecycle(silentLogger);
     const board = new HealthBoard(lc);
-    board.set("clock", "untrusted clock"); // before running: remembered, not applied
+    board.set("clock", "ERR_CLOCK_UNTRUSTED: untrusted clock"); // before running: remembered, not applied
     expect(lc.state.name).toBe("starting");
     lc.dispatch({ type: "ready" });
     board.apply();
-    expect(lc.state).toEqual({ name: "degraded", reason: "clock: untrusted clock" });
-    board.set("relay.mqtt", "broker unreachable");
+    expect(lc.state).toEqual({ name: "degraded", reason: "clock: ERR_CLOCK_UNTRUSTED: untrusted clock" });
+    board.set("relay.mqtt", "ERR_MQTT_CONNECT: broker unreachable");
     expect(lc.state).toEqual({
       name: "degraded",
-      reason: "clock: untrusted clock; relay.mqtt: broker unreachable",
+      reason: "clock: ERR_CLOCK_UNTRUSTED: untrusted clock; relay.mqtt: ERR_MQTT_CONNECT: broker unreachable",
     });
+    expect(board.codes).toEqual({ clock: "ERR_CLOCK_UNTRUSTED", "relay.mqtt": "ERR_MQTT_CONNECT" });
     board.set("clock", undefined);
-    expect(lc.state).toEqual({ name: "degraded", reason: "relay.mqtt: broker unreachable" });
+    expect(lc.state).toEqual({
+      name: "degraded",
+      reason: "relay.mqtt: ERR_MQTT_CONNECT: broker unreachable",
+    });
     board.set("relay.mqtt", undefined);
     expect(lc.state.name).toBe("running");
     expect(board.reasons).toEqual({});
@@ -33,7 +37,7 @@ describe("HealthBoard drives degraded/recover", () => {
     const lc = new Lifecycle(silentLogger);
     const board = new HealthBoard(lc);
     lc.dispatch({ type: "unprovisioned", reason: "no key" });
-    board.set("api", "socket in use");
+    board.set("api", "ERR_API_SOCKET_IN_USE: socket in use");
     expect(lc.state.name).toBe("unprovisioned");
   });
 });

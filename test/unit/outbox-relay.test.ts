@@ -35,8 +35,9 @@ class ScriptedSink implements Sink {
         this.delivered.push(Buffer.from(m.payload).toString());
         return { id: m.id, kind: "ok" };
       }
-      if (k === "dead") return { id: m.id, kind: "dead-letter", reason: "test" };
-      return { id: m.id, kind: "retry", code: "ERR_TEST" };
+      if (k === "dead")
+        return { id: m.id, kind: "dead-letter", code: "ERR_MQTT_NOT_AUTHORIZED", detail: "test" };
+      return { id: m.id, kind: "retry", code: "ERR_MQTT_CONNECTION_LOST" };
     });
   }
   async close(): Promise<void> {}
@@ -111,7 +112,7 @@ describe("Relay backoff", () => {
     relay.start();
     await until(() => outbox.stats().depth === 0, "drained");
     expect(sink.delivered).toEqual(["b"]);
-    expect((await outbox.deadLetters()).map((d) => d.reason)).toEqual(["test"]);
+    expect((await outbox.deadLetters()).map((d) => d.reason)).toEqual(["ERR_MQTT_NOT_AUTHORIZED test"]);
     await relay.stop();
     await outbox.close();
   });
@@ -119,15 +120,18 @@ describe("Relay backoff", () => {
 
 describe("classification and small parts", () => {
   it.each([
-    [0x87, "dead-letter"],
-    [0x90, "dead-letter"],
-    [0x99, "dead-letter"],
-    [0x97, "retry"],
-    [0x89, "retry"],
-    [0x96, "retry"],
-    [0x80, "retry"],
-  ])("PUBACK reason 0x%s → %s", (code, kind) => {
-    expect(classifyPublishError("id", Object.assign(new Error("x"), { code })).kind).toBe(kind);
+    [0x87, "dead-letter", "ERR_MQTT_NOT_AUTHORIZED"],
+    [0x90, "dead-letter", "ERR_MQTT_TOPIC_NAME_INVALID"],
+    [0x95, "dead-letter", "ERR_MQTT_PACKET_TOO_LARGE"],
+    [0x99, "dead-letter", "ERR_MQTT_PAYLOAD_FORMAT_INVALID"],
+    [0x97, "retry", "ERR_MQTT_QUOTA_EXCEEDED"],
+    [0x89, "retry", "ERR_MQTT_SERVER_BUSY"],
+    [0x96, "retry", "ERR_MQTT_RATE_TOO_HIGH"],
+    [0x80, "retry", "ERR_MQTT_PUBACK_REFUSED"],
+  ])("PUBACK reason 0x%s → %s %s (catalogue code; the reason code only in the detail)", (code, kind, ec) => {
+    const o = classifyPublishError("id", Object.assign(new Error("x"), { code }));
+    expect(o).toMatchObject({ kind, code: ec });
+    if (o.kind === "dead-letter") expect(o.detail).toBe(`reasonCode=0x${code.toString(16)}`);
   });
 
   it("a connection error (no reason code) → retry", () => {

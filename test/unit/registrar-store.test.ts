@@ -39,10 +39,10 @@ describe("SqliteRegistrarStore", () => {
       { name: "g", role: "r", methods: ["pkcs11", "tpm"], ekAllow: ["aa".repeat(32)] },
       clock,
     );
-    addEnrolmentGroup(store, { name: "h", role: "r2", methods: ["pkcs11"] }, clock);
+    await addEnrolmentGroup(store, { name: "h", role: "r2", methods: ["pkcs11"] }, clock);
   });
   afterAll(async () => {
-    store.close();
+    await store.close();
     await rm(dir, { recursive: true, force: true });
   });
 
@@ -51,38 +51,38 @@ describe("SqliteRegistrarStore", () => {
     expect((await stat(join(dir, "db"))).mode & 0o777).toBe(0o700);
   });
 
-  it("tokens: only the hash is stored; single use; group-bound; a refused commit leaves the token unused", () => {
-    const { token, record } = createBootstrapToken(store, "g", 60, clock);
+  it("tokens: only the hash is stored; single use; group-bound; a refused commit leaves the token unused", async () => {
+    const { token, record } = await createBootstrapToken(store, "g", 60, clock);
     expect(record.hash).toBe(hashBootstrapToken(token.reveal()));
     expect(String(token)).toBe("<redacted>");
     // Bound to its group.
-    expect(() =>
+    await expect(
       store.commitEnrolment(commit({ proof: { kind: "token", hash: record.hash }, group: "h" })),
-    ).toThrow(expect.objectContaining({ code: "ERR_TOKEN_INVALID" }));
-    const ok = store.commitEnrolment(commit({ proof: { kind: "token", hash: record.hash } }));
+    ).rejects.toThrow(expect.objectContaining({ code: "ERR_TOKEN_INVALID" }));
+    const ok = await store.commitEnrolment(commit({ proof: { kind: "token", hash: record.hash } }));
     expect(ok.reenrolled).toBe(false);
-    expect(() => store.commitEnrolment(commit({ proof: { kind: "token", hash: record.hash } }))).toThrow(
-      expect.objectContaining({ code: "ERR_TOKEN_USED" }),
-    );
+    await expect(
+      store.commitEnrolment(commit({ proof: { kind: "token", hash: record.hash } })),
+    ).rejects.toThrow(expect.objectContaining({ code: "ERR_TOKEN_USED" }));
     // Same key, other serial: conflict, and the new token is not consumed (transaction rolled back).
-    const t2 = createBootstrapToken(store, "g", 60, clock);
-    expect(() =>
+    const t2 = await createBootstrapToken(store, "g", 60, clock);
+    await expect(
       store.commitEnrolment(
         commit({ proof: { kind: "token", hash: t2.record.hash }, hardwareSerial: "SN-2" }),
       ),
-    ).toThrow(expect.objectContaining({ code: "ERR_HARDWARE_MISMATCH" }));
-    expect(store.getBootstrapToken(t2.record.hash)?.usedAt).toBeUndefined();
+    ).rejects.toThrow(expect.objectContaining({ code: "ERR_HARDWARE_MISMATCH" }));
+    expect((await store.getBootstrapToken(t2.record.hash))?.usedAt).toBeUndefined();
     // Same hardware: re-issue keeps the id and updates the certificate serial.
-    const re = store.commitEnrolment(
+    const re = await store.commitEnrolment(
       commit({ proof: { kind: "token", hash: t2.record.hash }, proposedDeviceId: "dev-x", certSerial: "02" }),
     );
     expect(re).toMatchObject({ reenrolled: true, device: { deviceId: "dev-1", certSerial: "02" } });
   });
 
   it("tokens expire", async () => {
-    const { record } = createBootstrapToken(store, "g", 10, clock);
+    const { record } = await createBootstrapToken(store, "g", 10, clock);
     await clock.advance(10_000);
-    expect(() =>
+    await expect(
       store.commitEnrolment(
         commit({
           proof: { kind: "token", hash: record.hash },
@@ -91,10 +91,10 @@ describe("SqliteRegistrarStore", () => {
           now: clock.now(),
         }),
       ),
-    ).toThrow(expect.objectContaining({ code: "ERR_TOKEN_EXPIRED" }));
+    ).rejects.toThrow(expect.objectContaining({ code: "ERR_TOKEN_EXPIRED" }));
   });
 
-  it("sessions are single-use and expire; EK and key bindings cannot be rebound", () => {
+  it("sessions are single-use and expire; EK and key bindings cannot be rebound", async () => {
     const now = clock.now();
     const data = {
       group: "g",
@@ -107,9 +107,9 @@ describe("SqliteRegistrarStore", () => {
       hardwareSerial: "GW",
       requestedAttributes: {},
     };
-    store.createSession({ id: "s1", data, createdAt: now, expiresAt: new Date(now.getTime() + 1000) });
-    store.createSession({ id: "s2", data, createdAt: now, expiresAt: new Date(now.getTime() + 1000) });
-    store.createSession({ id: "s3", data, createdAt: now, expiresAt: new Date(now.getTime() - 1) });
+    await store.createSession({ id: "s1", data, createdAt: now, expiresAt: new Date(now.getTime() + 1000) });
+    await store.createSession({ id: "s2", data, createdAt: now, expiresAt: new Date(now.getTime() + 1000) });
+    await store.createSession({ id: "s3", data, createdAt: now, expiresAt: new Date(now.getTime() - 1) });
     const tpm = (over: Partial<CommitEnrolment>) =>
       commit({
         method: "tpm",
@@ -119,38 +119,38 @@ describe("SqliteRegistrarStore", () => {
         deviceId: "dev-t",
         ...over,
       });
-    expect(() => store.commitEnrolment(tpm({ proof: { kind: "session", id: "s3" } }))).toThrow(
+    await expect(store.commitEnrolment(tpm({ proof: { kind: "session", id: "s3" } }))).rejects.toThrow(
       expect.objectContaining({ code: "ERR_SESSION_EXPIRED" }),
     );
-    expect(() => store.commitEnrolment(tpm({ proof: { kind: "session", id: "nope" } }))).toThrow(
+    await expect(store.commitEnrolment(tpm({ proof: { kind: "session", id: "nope" } }))).rejects.toThrow(
       expect.objectContaining({ code: "ERR_SESSION_UNKNOWN" }),
     );
-    store.commitEnrolment(tpm({ proof: { kind: "session", id: "s1" } }));
-    expect(() => store.commitEnrolment(tpm({ proof: { kind: "session", id: "s1" } }))).toThrow(
+    await store.commitEnrolment(tpm({ proof: { kind: "session", id: "s1" } }));
+    await expect(store.commitEnrolment(tpm({ proof: { kind: "session", id: "s1" } }))).rejects.toThrow(
       expect.objectContaining({ code: "ERR_SESSION_CONSUMED" }),
     );
     // Same EK, another device key: refused and s2 stays unconsumed.
-    expect(() =>
+    await expect(
       store.commitEnrolment(tpm({ proof: { kind: "session", id: "s2" }, thumbprint: "tk-2" })),
-    ).toThrow(expect.objectContaining({ code: "ERR_EK_ALREADY_REGISTERED" }));
+    ).rejects.toThrow(expect.objectContaining({ code: "ERR_EK_ALREADY_REGISTERED" }));
     // The TPM device key presented under another EK: refused.
-    expect(() =>
+    await expect(
       store.commitEnrolment(tpm({ proof: { kind: "session", id: "s2" }, ekHash: "ek-2", deviceId: "dev-u" })),
-    ).toThrow(expect.objectContaining({ code: "ERR_KEY_ALREADY_REGISTERED" }));
-    expect(store.getSession("s2")?.consumedAt).toBeUndefined();
-    expect(store.purgeExpiredSessions(clock.now())).toBe(1);
+    ).rejects.toThrow(expect.objectContaining({ code: "ERR_KEY_ALREADY_REGISTERED" }));
+    expect((await store.getSession("s2"))?.consumedAt).toBeUndefined();
+    expect(await store.purgeExpiredSessions(clock.now())).toBe(1);
   });
 
-  it("revocation is sticky and idempotent; unknown devices are reported", () => {
-    const d = store.revokeDevice("dev-1", clock.now());
+  it("revocation is sticky and idempotent; unknown devices are reported", async () => {
+    const d = await store.revokeDevice("dev-1", clock.now());
     expect(d.status).toBe("revoked");
-    expect(store.revokeDevice("dev-1", clock.now()).status).toBe("revoked");
-    expect(() => store.revokeDevice("dev-none", clock.now())).toThrow(
+    expect((await store.revokeDevice("dev-1", clock.now())).status).toBe("revoked");
+    await expect(store.revokeDevice("dev-none", clock.now())).rejects.toThrow(
       expect.objectContaining({ code: "ERR_DEVICE_UNKNOWN" }),
     );
-    const t = createBootstrapToken(store, "g", 60, clock);
-    expect(() =>
+    const t = await createBootstrapToken(store, "g", 60, clock);
+    await expect(
       store.commitEnrolment(commit({ proof: { kind: "token", hash: t.record.hash }, now: clock.now() })),
-    ).toThrow(expect.objectContaining({ code: "ERR_DEVICE_REVOKED" }));
+    ).rejects.toThrow(expect.objectContaining({ code: "ERR_DEVICE_REVOKED" }));
   });
 });

@@ -73,7 +73,7 @@ describe("registrar config", () => {
       caDir: "/etc/m2m/data/ca",
       tls: { kind: "https", certFile: "/etc/m2m/c.pem" },
       sessionTtlSeconds: 120,
-      certLifetimeSeconds: 604_800,
+      certLifetimeSeconds: 86_400, // 24 h since revocation bounds (docs/revocation.md)
       maxBodyBytes: 65_536,
     });
     expect(() => registrarConfigFrom({ data_dir: "d" }, "/")).toThrow(

@@ -16,13 +16,13 @@ describe("RegistrarStore.replaceDeviceKey", () => {
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), "m2m-rot-store-"));
     store = new SqliteRegistrarStore(join(dir, "registrar.db"));
-    addEnrolmentGroup(store, { name: "g", role: "r", methods: ["pkcs11"] }, clock);
+    await addEnrolmentGroup(store, { name: "g", role: "r", methods: ["pkcs11"] }, clock);
     for (const [id, thumb, serial] of [
       ["dev-1", "t1", "SN-1"],
       ["dev-2", "t2", "SN-2"],
     ] as const) {
-      const { record } = createBootstrapToken(store, "g", 60, clock);
-      store.commitEnrolment({
+      const { record } = await createBootstrapToken(store, "g", 60, clock);
+      await store.commitEnrolment({
         method: "pkcs11",
         thumbprint: thumb,
         ekHash: undefined,
@@ -42,7 +42,7 @@ describe("RegistrarStore.replaceDeviceKey", () => {
     }
   });
   afterAll(async () => {
-    store.close();
+    await store.close();
     await rm(dir, { recursive: true, force: true });
   });
 
@@ -58,71 +58,80 @@ describe("RegistrarStore.replaceDeviceKey", () => {
     ...over,
   });
 
-  it("refuses without writing: stale key, a key registered elsewhere, unknown device", () => {
-    const before = store.getDevice("dev-1");
-    expect(() => store.replaceDeviceKey(input({ previousThumbprint: "old" }))).toThrow(
+  it("refuses without writing: stale key, a key registered elsewhere, unknown device", async () => {
+    const before = await store.getDevice("dev-1");
+    await expect(store.replaceDeviceKey(input({ previousThumbprint: "old" }))).rejects.toThrow(
       expect.objectContaining({ code: "ERR_ROTATION_CONFLICT" }),
     );
-    expect(() => store.replaceDeviceKey(input({ thumbprint: "t2" }))).toThrow(
+    await expect(store.replaceDeviceKey(input({ thumbprint: "t2" }))).rejects.toThrow(
       expect.objectContaining({ code: "ERR_KEY_ALREADY_REGISTERED" }),
     );
-    expect(() => store.replaceDeviceKey(input({ thumbprint: "t1" }))).toThrow(
+    await expect(store.replaceDeviceKey(input({ thumbprint: "t1" }))).rejects.toThrow(
       expect.objectContaining({ code: "ERR_KEY_ALREADY_REGISTERED" }),
     );
-    expect(() => store.replaceDeviceKey(input({ deviceId: "nope" }))).toThrow(
+    await expect(store.replaceDeviceKey(input({ deviceId: "nope" }))).rejects.toThrow(
       expect.objectContaining({ code: "ERR_DEVICE_UNKNOWN" }),
     );
-    expect(store.getDevice("dev-1")).toEqual(before);
+    expect(await store.getDevice("dev-1")).toEqual(before);
   });
 
-  it("switches key, evidence and certificate together; the lookup by the new thumbprint finds it", () => {
-    const d = store.replaceDeviceKey(input({}));
+  it("switches key, evidence and certificate together; the lookup by the new thumbprint finds it", async () => {
+    const d = await store.replaceDeviceKey(input({}));
     expect(d).toMatchObject({
       thumbprint: "t1-new",
       publicJwk: { x: "new" },
       certSerial: "02",
       evidence: { devicePublic: "NEW" },
     });
-    expect(store.findDeviceByThumbprint("t1")).toBeUndefined();
-    expect(store.findDeviceByThumbprint("t1-new")?.deviceId).toBe("dev-1");
+    expect(await store.findDeviceByThumbprint("t1")).toBeUndefined();
+    expect((await store.findDeviceByThumbprint("t1-new"))?.deviceId).toBe("dev-1");
     // The rotation that authenticated with the old key now loses.
-    expect(() => store.replaceDeviceKey(input({ thumbprint: "t1-other" }))).toThrow(
+    await expect(store.replaceDeviceKey(input({ thumbprint: "t1-other" }))).rejects.toThrow(
       expect.objectContaining({ code: "ERR_ROTATION_CONFLICT" }),
     );
   });
 
-  it("a revoked device gets no new key", () => {
-    store.revokeDevice("dev-2", clock.now());
-    expect(() =>
+  it("a revoked device gets no new key", async () => {
+    await store.revokeDevice("dev-2", clock.now());
+    await expect(
       store.replaceDeviceKey(input({ deviceId: "dev-2", previousThumbprint: "t2", thumbprint: "t2-new" })),
-    ).toThrow(expect.objectContaining({ code: "ERR_DEVICE_REVOKED" }));
+    ).rejects.toThrow(expect.objectContaining({ code: "ERR_DEVICE_REVOKED" }));
   });
 });
 
 describe("RotationSessions", () => {
   it("single use, short-lived, bound to the device, one live session per device", async () => {
     const c = new ManualClock(new Date("2026-06-01T00:00:00Z"));
-    const s = new RotationSessions(c, 60);
-    const a = s.begin("dev-1", "t1");
+    // Sessions live in the registrar store (shared by replicas); an in-memory SQLite one here.
+    const store = new SqliteRegistrarStore(":memory:");
+    const s = new RotationSessions(store, c, 60);
+    const a = await s.begin("dev-1", "t1");
     expect(a.nonce).toHaveLength(32);
-    expect(() => s.take(a.id, "dev-2")).toThrow(
+    await expect(s.take(a.id, "dev-2")).rejects.toThrow(
       expect.objectContaining({ code: "ERR_ROTATION_SESSION_DEVICE" }),
     );
-    expect(s.take(a.id, "dev-1").nonce.equals(a.nonce)).toBe(true);
-    expect(() => s.take(a.id, "dev-1")).toThrow(expect.objectContaining({ code: "ERR_SESSION_CONSUMED" }));
-    const b = s.begin("dev-1", "t1");
-    const b2 = s.begin("dev-1", "t1");
-    expect(() => s.take(b.id, "dev-1")).toThrow(expect.objectContaining({ code: "ERR_SESSION_UNKNOWN" }));
-    await c.advance(60_000);
-    expect(() => s.take(b2.id, "dev-1")).toThrow(expect.objectContaining({ code: "ERR_SESSION_EXPIRED" }));
-    expect(() => s.take("0".repeat(32), "dev-1")).toThrow(
+    expect((await s.take(a.id, "dev-1")).nonce.equals(a.nonce)).toBe(true);
+    await expect(s.take(a.id, "dev-1")).rejects.toThrow(
+      expect.objectContaining({ code: "ERR_SESSION_CONSUMED" }),
+    );
+    const b = await s.begin("dev-1", "t1");
+    const b2 = await s.begin("dev-1", "t1");
+    await expect(s.take(b.id, "dev-1")).rejects.toThrow(
       expect.objectContaining({ code: "ERR_SESSION_UNKNOWN" }),
     );
+    await c.advance(60_000);
+    await expect(s.take(b2.id, "dev-1")).rejects.toThrow(
+      expect.objectContaining({ code: "ERR_SESSION_EXPIRED" }),
+    );
+    await expect(s.take("0".repeat(32), "dev-1")).rejects.toThrow(
+      expect.objectContaining({ code: "ERR_SESSION_UNKNOWN" }),
+    );
+    await store.close();
   });
 });
 
 describe("rotationPolicyFrom", () => {
-  it("defaults: PKCS#11 allow, TPM only with certify; group overrides; TPM never plain allow", () => {
+  it("defaults: PKCS#11 allow, TPM only with certify; group overrides; TPM never plain allow", async () => {
     const p = rotationPolicyFrom({ groups: { locked: "deny", loose: "allow" } });
     expect(p.sessionTtlSeconds).toBe(120);
     expect(p.modeFor({ method: "pkcs11", group: "g" })).toBe("allow");
@@ -132,7 +141,7 @@ describe("rotationPolicyFrom", () => {
     expect(p.modeFor({ method: "tpm", group: "loose" })).toBe("tpm-certify");
     expect(rotationPolicyFrom({ pkcs11: "deny" }).modeFor({ method: "pkcs11", group: "g" })).toBe("deny");
   });
-  it("names the bad key, never the value", () => {
+  it("names the bad key, never the value", async () => {
     expect(() => rotationPolicyFrom({ tpm: "allow" }, "r.toml")).toThrow(
       expect.objectContaining({
         code: "ERR_CONFIG_INVALID",

@@ -17,6 +17,7 @@ export const COMMAND_MODULES: Readonly<Record<string, () => Promise<CommandModul
   send: () => import("./send.js"),
   token: () => import("./token.js"),
   decommission: () => import("./decommission.js"),
+  config: () => import("./config.js"),
 };
 
 /** Global options that take a value (their value is not the command name). */

@@ -1,6 +1,7 @@
 import type { Command } from "commander";
 import { type LoadedConfig, loadConfig } from "../../config/index.js";
 import { asM2mError, M2mError } from "../../core/errors.js";
+import { journalPrefix } from "../../core/log.js";
 import { createProgress, type Progress } from "../progress.js";
 
 /**
@@ -44,9 +45,11 @@ export function reportError(opts: GlobalOptions, err: unknown): number {
   if (opts.json === true) {
     process.stdout.write(`${JSON.stringify({ error: e.toJSON() }, null, 2)}\n`);
   } else {
-    process.stderr.write(`m2m-agent: ${e.message}\n`);
-    if (e.hint !== undefined) process.stderr.write(`  hint: ${e.hint}\n`);
-    process.stderr.write(`  code: ${e.code}\n`);
+    // Under systemd (ExecStartPre=m2m-agent config check) these lines land in the journal as errors.
+    const p = journalPrefix("error");
+    process.stderr.write(`${p}m2m-agent: ${e.message}\n`);
+    if (e.hint !== undefined) process.stderr.write(`${p}  hint: ${e.hint}\n`);
+    process.stderr.write(`${p}  code: ${e.code}\n`);
   }
   return e.code === "ERR_CONFIG" || e.code === "ERR_USAGE" ? EXIT.usage : EXIT.failure;
 }

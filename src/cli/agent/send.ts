@@ -1,5 +1,6 @@
 import { request } from "node:http";
 import type { Command } from "commander";
+import { toErrorCode } from "../../core/error-codes.js";
 import { M2mError } from "../../core/errors.js";
 import { isJsonContentType } from "../../relay/sources/api/parse.js";
 import { action, EXIT, globalOptions, loadCliConfig, output, usageError } from "./common.js";
@@ -67,7 +68,7 @@ export function sendMessage(o: SendOptions): Promise<string[]> {
           const e = parsed.error;
           reject(
             new M2mError(
-              typeof e?.code === "string" ? e.code : "ERR_SEND_FAILED",
+              toErrorCode(e?.code, "ERR_SEND_FAILED"),
               e?.retry === "transient" || res.statusCode === 429 ? "transient" : "permanent",
               typeof e?.message === "string" ? e.message : `agent answered HTTP ${res.statusCode ?? 0}`,
               typeof e?.hint === "string" ? { hint: e.hint } : {},

@@ -1,6 +1,7 @@
 import { request } from "node:http";
 import type { Command } from "commander";
 import { systemClock } from "../../core/clock.js";
+import { toErrorCode } from "../../core/error-codes.js";
 import { M2mError } from "../../core/errors.js";
 import { silentLogger } from "../../core/log.js";
 import { OAuthClient } from "../../credentials/oauth/client.js";
@@ -84,7 +85,7 @@ function fromAgent(socketPath: string, o: TokenOptions): Promise<TokenResponseBo
             if (res.statusCode !== 200) {
               reject(
                 new M2mError(
-                  parsed.error?.code ?? "ERR_AGENT_TOKEN",
+                  toErrorCode(parsed.error?.code, "ERR_AGENT_TOKEN"),
                   "permanent",
                   parsed.error?.message ?? `HTTP ${res.statusCode}`,
                 ),

@@ -4,6 +4,7 @@ import * as x509 from "@peculiar/x509";
 import { Agent, fetch as undiciFetch } from "undici";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
+import { parseRetryAfter } from "../../core/retry.js";
 import type { DpopSigner, TokenSource } from "../oauth/token-source.js";
 
 /** How the agent authenticates to EST. */
@@ -163,10 +164,8 @@ export function parseCertsOnly(body: string): x509.X509Certificate[] {
 }
 
 function retryAfterDetail(v: string | null, clock: Clock): Record<string, number> {
-  if (v === null) return {};
-  if (/^\d+$/.test(v)) return { retryAfterMs: Number(v) * 1000 };
-  const at = Date.parse(v);
-  return Number.isNaN(at) ? {} : { retryAfterMs: Math.max(0, at - clock.now().getTime()) };
+  const ms = parseRetryAfter(v, clock.now().getTime());
+  return ms === undefined ? {} : { retryAfterMs: ms };
 }
 
 async function readCapped(res: Awaited<ReturnType<typeof undiciFetch>>, cap: number): Promise<string> {

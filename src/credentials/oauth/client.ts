@@ -7,7 +7,7 @@ import { writeFileAtomic } from "../../core/atomic-file.js";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
 import { type Logger, silentLogger } from "../../core/log.js";
-import { defaultRetryPolicy, type RetryPolicy, withRetry } from "../../core/retry.js";
+import { defaultRetryPolicy, parseRetryAfter, type RetryPolicy, withRetry } from "../../core/retry.js";
 import { Secret } from "../../core/secret.js";
 import { signCompactJws } from "../../keys/jws.js";
 import type { KeyInfo, KeyProvider } from "../../keys/key-provider.js";
@@ -458,11 +458,8 @@ function normaliseScope(scope: string): string {
 }
 
 function retryAfter(res: Response, clock: Clock): { retryAfterMs?: number } {
-  const v = res.headers.get("retry-after");
-  if (v === null) return {};
-  if (/^\d+$/.test(v)) return { retryAfterMs: Number(v) * 1000 };
-  const at = Date.parse(v);
-  return Number.isNaN(at) ? {} : { retryAfterMs: Math.max(0, at - clock.now().getTime()) };
+  const ms = parseRetryAfter(res.headers.get("retry-after"), clock.now().getTime());
+  return ms === undefined ? {} : { retryAfterMs: ms };
 }
 
 /** Maps oauth4webapi errors to our codes and retry classes. */

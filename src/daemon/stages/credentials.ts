@@ -63,7 +63,11 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
     if (target === undefined) {
       // A key-only agent (no enrolment, no [credentials.oauth]) has no client identity: idle.
       const configured = config.credentials.oauth !== undefined || config.enroll.enabled;
-      if (configured) ctx.health.set("credentials", "no OAuth client identity: the device is not enrolled");
+      if (configured)
+        ctx.health.set(
+          "credentials",
+          "ERR_NOT_ENROLLED: no OAuth client identity: the device is not enrolled",
+        );
       return {
         status: () => ({ active: false, reason: "not enrolled and no credentials.oauth.client_id" }),
         stop: async () => undefined,

@@ -1,11 +1,12 @@
 import { outboxPath } from "../../config/index.js";
 import { systemClock } from "../../core/clock.js";
-import { asM2mError, M2mError } from "../../core/errors.js";
+import { M2mError } from "../../core/errors.js";
 import { backoffDelay, defaultRetryPolicy } from "../../core/retry.js";
 import { type SinkCredentials, sinksFromConfig, unhealthyAfterMs } from "../../relay/from-config.js";
 import type { Outbox, OutboxStats } from "../../relay/outbox/outbox.js";
 import type { MqttSource } from "../../relay/sources/mqtt/mqtt-source.js";
 import type { RelayStack } from "../../relay/stack.js";
+import { healthReasonOf } from "../health.js";
 import type { AgentStage, StageContext, StageStarted } from "../stage-types.js";
 
 /**
@@ -38,7 +39,7 @@ export const relayStage: AgentStage<SinkCredentials> = {
       clockTrusted: () => ctx.clockSanity.check().trusted,
       logger: ctx.log.child({ component: "outbox" }),
       onQuarantine: (movedTo: string) => {
-        ctx.health.set("relay.outbox", `corrupt outbox quarantined to ${movedTo}`);
+        ctx.health.set("relay.outbox", `ERR_OUTBOX_CORRUPT: corrupt outbox quarantined to ${movedTo}`);
         ctx.log.error("outbox quarantined", { movedTo });
       },
     };
@@ -50,7 +51,7 @@ export const relayStage: AgentStage<SinkCredentials> = {
       const { WorkerOutbox } = await import("../../relay/outbox/worker/worker-outbox.js");
       outbox = await WorkerOutbox.open({
         ...outboxOptions,
-        onCrash: (err) => ctx.health.set("relay.outbox", `outbox worker stopped (${err.code})`),
+        onCrash: (err) => ctx.health.set("relay.outbox", `${err.code}: outbox worker stopped`),
       });
     } else {
       const { SqliteOutbox } = await import("../../relay/outbox/sqlite/sqlite-outbox.js");
@@ -76,7 +77,7 @@ export const relayStage: AgentStage<SinkCredentials> = {
           t === undefined
             ? undefined
             : // Stable text (no running duration): the board re-applies only when the reason changes.
-              `sink ${s.name} cannot deliver (${t.code}) for over ${Math.round(unhealthyAfter / 1000)} s`,
+              `${t.code}: sink ${s.name} cannot deliver for over ${Math.round(unhealthyAfter / 1000)} s`,
         );
       }
     };
@@ -94,7 +95,10 @@ export const relayStage: AgentStage<SinkCredentials> = {
         },
       });
     } else {
-      ctx.health.set("relay.ingest", "local API unavailable: POST /v1/messages is not served");
+      ctx.health.set(
+        "relay.ingest",
+        "ERR_API_UNAVAILABLE: local API unavailable: POST /v1/messages is not served",
+      );
     }
     // Local MQTT source: sensors already publishing to a broker on the gateway.
     const sourceAbort = new AbortController();
@@ -120,7 +124,10 @@ export const relayStage: AgentStage<SinkCredentials> = {
             ctx.health.set("relay.sources.mqtt", undefined);
             return;
           } catch (err) {
-            ctx.health.set("relay.sources.mqtt", `local broker unreachable: ${asM2mError(err).code}`);
+            ctx.health.set(
+              "relay.sources.mqtt",
+              healthReasonOf(err, "local broker unreachable: ", "ERR_MQTT_SOURCE"),
+            );
             const delay = backoffDelay({ ...defaultRetryPolicy, baseMs: 1000, capMs: 30_000 }, attempt);
             try {
               await ctx.clock.sleep(delay, sourceAbort.signal);

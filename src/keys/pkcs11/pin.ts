@@ -1,7 +1,7 @@
 import { constants } from "node:fs";
 import { open } from "node:fs/promises";
 import { join } from "node:path";
-import { M2mError } from "../../core/errors.js";
+import { type ErrorCode, M2mError } from "../../core/errors.js";
 import { Secret } from "../../core/secret.js";
 
 /**
@@ -38,7 +38,7 @@ function nonEmpty(pin: string, source: PinSource): Secret {
   return new Secret(pin);
 }
 
-async function readPinFile(path: string, source: PinSource, code: string): Promise<Secret> {
+async function readPinFile(path: string, source: PinSource, code: ErrorCode): Promise<Secret> {
   let fh: Awaited<ReturnType<typeof open>>;
   try {
     // O_NOFOLLOW: a symlink planted in place of the PIN file is not followed.

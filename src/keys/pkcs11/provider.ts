@@ -2,7 +2,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { join } from "node:path";
 import pkcs11js from "pkcs11js";
 import { type Clock, systemClock } from "../../core/clock.js";
-import { isM2mError, M2mError } from "../../core/errors.js";
+import { type ErrorCode, isM2mError, M2mError } from "../../core/errors.js";
 import { type Logger, silentLogger } from "../../core/log.js";
 import { type RetryPolicy, withRetry } from "../../core/retry.js";
 import type { TlsClientKey } from "../capabilities.js";
@@ -229,7 +229,7 @@ const TRANSIENT_CKR = new Set([
 ]);
 
 /** Maps a raw pkcs11js failure of `what` to an M2mError (session loss → ERR_PKCS11_SESSION transient). */
-function wrap(err: unknown, code: string, what: string): M2mError {
+function wrap(err: unknown, code: ErrorCode, what: string): M2mError {
   if (err instanceof M2mError) return err;
   const ckr = ckrOf(err);
   const name = ckr?.name ?? "unknown";
@@ -506,7 +506,7 @@ export class Pkcs11KeyProvider implements KeyProvider {
    */
   async #withReopen<T>(
     fn: (conn: Connection) => Promise<T>,
-    code = "ERR_PKCS11",
+    code: ErrorCode = "ERR_PKCS11",
     what = "PKCS#11 operation",
   ): Promise<T> {
     return withRetry(

@@ -1,8 +1,10 @@
 import { createHash, type KeyObject, constants as nc, verify as nodeVerify } from "node:crypto";
-import { readFile } from "node:fs/promises";
+import { mkdir, readFile, rm } from "node:fs/promises";
+import { join } from "node:path";
+import { writeFileAtomic } from "../../core/atomic-file.js";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
-import type { TpmAttestation } from "../capabilities.js";
+import type { TlsClientKey, TpmAttestation } from "../capabilities.js";
 import type {
   JwsAlgorithm,
   KeyAlgorithm,
@@ -16,6 +18,7 @@ import { keyInfoFromSpki } from "../public-key.js";
 import { TpmAttestationOps } from "./endorsement.js";
 import { readPublicOrUndefined } from "./read-public.js";
 import { readLockoutInfo, type TpmLatencySample, TpmRunner, type TpmTx } from "./runner.js";
+import type { TpmTlsKeys } from "./tls.js";
 import {
   ALG,
   ATTR,
@@ -34,8 +37,11 @@ import { hex32, withTransientCleanup } from "./transient.js";
  * Layout (all persistent, owner hierarchy, empty auth):
  * - SRK at `srkHandle` (default 0x81000001): TCG ECC P-256 storage template
  *   (restricted|decrypt|fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|noDA, AES-128-CFB).
- * - Device key at `keyHandle` (default 0x81000002): ECC P-256 (ECDSA-SHA256) or RSA-2048 (scheme NULL,
- *   so it can do RS256 and PS256), attributes exactly
+ * - Device key at `keyHandle` (default 0x81000002): ECC P-256 or RSA-2048, both scheme NULL (the
+ *   scheme is chosen per signature: ECDSA-SHA256 for ES256 and TLS, RSASSA/RSAPSS for RS256/PS256;
+ *   tpm2-pkcs11 cannot map a key with a fixed ECDSA scheme to a PKCS#11 mechanism, so a NULL scheme is
+ *   what lets the same attested key sign TLS handshakes — keys created before with ECDSA-SHA256 are still
+ *   accepted for JWS), attributes exactly
  *   fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|sign|noDA.
  * - AK at `akHandle` (default 0x81000003), created by `TpmAttestationOps` during enrolment.
  *
@@ -60,6 +66,18 @@ export interface TpmKeyProviderConfig {
   readonly onLatency?: (s: TpmLatencySample) => void;
   /** Share one runner (queue + scratch dir) with the attestation ops. */
   readonly runner?: TpmRunner;
+  /**
+   * Directory (0700) where a key created by this provider keeps its TPM2B_PUBLIC and TPM2B_PRIVATE
+   * (`key-0x8100xxxx.pub` / `.priv`, 0600, atomic). The private blob is wrapped by the SRK and useless
+   * outside this TPM, but it is what tpm2-pkcs11 needs to expose the key for TLS (see ./tls.ts): a
+   * persistent object cannot be exported afterwards, so it is kept at creation or never.
+   */
+  readonly keyBlobDir?: string;
+  /**
+   * TLS through tpm2-pkcs11 (./tls.ts). With it (and `keyBlobDir`) the key offers the `tlsClient`
+   * capability, and `destroy()` also unlinks the key from the tpm2-pkcs11 store.
+   */
+  readonly tls?: TpmTlsKeys;
 }
 
 /** Attributes of the device key, exactly. */
@@ -96,6 +114,10 @@ export class TpmKeyProvider implements KeyProvider {
   readonly #runner: TpmRunner;
   readonly #ownsRunner: boolean;
   readonly #keyHex: string;
+  readonly #keyBlobDir: string | undefined;
+  readonly #tls: TpmTlsKeys | undefined;
+  /** Set once this key is known to be linked into the tpm2-pkcs11 token (linking costs ≈ 2 s). */
+  #tlsLinked = false;
   /** Public key of the opened key; every signature is checked against it (detects a swapped handle). */
   #opened: { pub: ParsedPublic; key: KeyObject; info: KeyInfo } | undefined;
 
@@ -112,6 +134,8 @@ export class TpmKeyProvider implements KeyProvider {
       throw new M2mError("ERR_KEY_CONFIG", "permanent", "algorithm must be ec-p256 or rsa-2048");
     }
     this.#keyHex = hex32(this.keyHandle);
+    this.#keyBlobDir = config.keyBlobDir;
+    this.#tls = config.tls;
     this.ref = `tpm:tcti=${this.tcti};handle=${this.#keyHex}`;
     this.#ownsRunner = config.runner === undefined;
     this.#runner =
@@ -123,6 +147,21 @@ export class TpmKeyProvider implements KeyProvider {
         ...(config.runtimeDir === undefined ? {} : { runtimeDir: config.runtimeDir }),
         ...(config.onLatency === undefined ? {} : { onLatency: config.onLatency }),
       });
+  }
+
+  /**
+   * Paths of the key's TPM2B_PUBLIC / TPM2B_PRIVATE kept at creation (see `keyBlobDir`), or undefined
+   * when no blob dir is configured. The files may be absent (key created without a blob dir).
+   */
+  /** The configured key blob dir (see TpmKeyProviderConfig.keyBlobDir). */
+  get keyBlobDir(): string | undefined {
+    return this.#keyBlobDir;
+  }
+
+  get keyBlobPaths(): { pub: string; priv: string } | undefined {
+    if (this.#keyBlobDir === undefined) return undefined;
+    const base = join(this.#keyBlobDir, `key-${this.#keyHex}`);
+    return { pub: `${base}.pub`, priv: `${base}.priv` };
   }
 
   /** The runner (queue, scratch dir) this provider uses; share it with `TpmAttestationOps`. */
@@ -139,6 +178,31 @@ export class TpmKeyProvider implements KeyProvider {
   }
 
   /**
+   * Capability: TLS client handshakes signed by THIS attested key through tpm2-pkcs11 and the OpenSSL
+   * pkcs11 engine (./tls.ts). The key is linked into the token on first use (from the blobs kept at
+   * creation). Undefined without a TLS config or a key blob dir.
+   *
+   * Limit (measured, docs/credentials.md): tpm2-pkcs11 reads the token's objects once per process, so
+   * a key linked after the first handshake in this process (a rotated-in key) is found only after a
+   * restart: `secureContext` then fails with ERR_TLS_ENGINE_KEY.
+   */
+  get tlsClient(): TlsClientKey | undefined {
+    const tls = this.#tls;
+    const blobs = this.keyBlobPaths;
+    if (tls === undefined || blobs === undefined) return undefined;
+    return {
+      mechanism: "tpm2-pkcs11-engine",
+      secureContext: async (input) => {
+        if (!this.#tlsLinked) {
+          if (!(await tls.isLinked(this.keyHandle))) await tls.link(this.keyHandle, blobs);
+          this.#tlsLinked = true;
+        }
+        return tls.createSecureContext(this.keyHandle, input);
+      },
+    };
+  }
+
+  /**
    * Opens the device key, creating SRK and key first when the key handle is empty.
    * @throws ERR_KEY_MISMATCH when the handle holds another kind of object; ERR_TPM_* on TPM failures.
    */
@@ -150,8 +214,12 @@ export class TpmKeyProvider implements KeyProvider {
       let raced = false;
       await withTransientCleanup(tx, async () => {
         const ctx = tx.path("key.ctx");
-        const alg = this.algorithm === "ec-p256" ? "ecc256:ecdsa-sha256" : "rsa2048:null:null";
-        // -c makes tpm2_create use CreateLoaded: one call instead of create + load.
+        const pubBlob = tx.path("key.pub");
+        const privBlob = tx.path("key.priv");
+        // Scheme NULL for both (see the class comment: TLS through tpm2-pkcs11 needs it for ECC).
+        const alg = this.algorithm === "ec-p256" ? "ecc256:null:null" : "rsa2048:null:null";
+        // -c makes tpm2_create use CreateLoaded: one call instead of create + load; -u/-r still
+        // return the blobs (kept for tpm2-pkcs11 when keyBlobDir is set).
         await tx.run(
           "tpm2_create",
           [
@@ -165,6 +233,10 @@ export class TpmKeyProvider implements KeyProvider {
             DEVICE_KEY_ATTRIBUTES_TEXT,
             "-c",
             ctx,
+            "-u",
+            pubBlob,
+            "-r",
+            privBlob,
           ],
           { op: "create-key", timeoutMs: Math.max(this.#runner.timeoutMs, 60_000) },
         );
@@ -175,6 +247,12 @@ export class TpmKeyProvider implements KeyProvider {
           // then that key wins and is adopted below (after the same checks); any other failure stands.
           if ((await readPublicOrUndefined(tx, this.keyHandle)) === undefined) throw err;
           raced = true;
+        }
+        if (!raced && this.#keyBlobDir !== undefined) {
+          await mkdir(this.#keyBlobDir, { recursive: true, mode: 0o700 });
+          const base = join(this.#keyBlobDir, `key-${this.#keyHex}`);
+          await writeFileAtomic(`${base}.pub`, await readFile(pubBlob));
+          await writeFileAtomic(`${base}.priv`, await readFile(privBlob));
         }
       });
       const created = await readPublicOrUndefined(tx, this.keyHandle);
@@ -352,6 +430,18 @@ export class TpmKeyProvider implements KeyProvider {
       this.#checkDeviceKey(pub);
       await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", this.#keyHex], { op: "evict-key" });
     });
+    // Security: evicting the persistent object is not enough while its SRK-wrapped private blob exists:
+    // TPM2_Load under the same SRK would bring the key back. The kept blobs go with it (a tpm2-pkcs11
+    // store holding a copy is unlinked by keys/tpm/tls.ts `TpmTlsKeys.unlink`).
+    const blobs = this.keyBlobPaths;
+    if (blobs !== undefined) {
+      await rm(blobs.priv, { force: true });
+      await rm(blobs.pub, { force: true });
+    }
+    if (this.#tls !== undefined) {
+      await this.#tls.unlink(this.keyHandle);
+      this.#tlsLinked = false;
+    }
     this.#opened = undefined;
   }
 

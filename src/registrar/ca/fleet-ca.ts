@@ -194,6 +194,59 @@ export interface IssuedCertificate {
   readonly notAfter: Date;
 }
 
+/** A CRL entry to sign: a revoked certificate's serial (hex) and when it was revoked. */
+export interface CrlEntryInput {
+  readonly serial: string;
+  readonly revokedAt: Date;
+}
+
+export interface CrlInput {
+  readonly entries: readonly CrlEntryInput[];
+  readonly thisUpdate: Date;
+  readonly nextUpdate: Date;
+  /** The cRLNumber extension (RFC 5280 §5.2.3): monotonically increasing for this CA. */
+  readonly crlNumber: bigint;
+}
+
+export interface SignedCrl {
+  readonly der: Buffer;
+  readonly pem: string;
+  readonly crlNumber: bigint;
+  readonly thisUpdate: Date;
+  readonly nextUpdate: Date;
+  readonly entries: number;
+}
+
+/** OID of the cRLNumber CRL extension (RFC 5280 §5.2.3). */
+export const CRL_NUMBER_OID = "2.5.29.20";
+
+/** DER INTEGER of a non-negative bigint (minimal two's-complement encoding). */
+function derInteger(n: bigint): Uint8Array {
+  if (n < 0n) throw new M2mError("ERR_INTERNAL", "permanent", "CRL number must not be negative");
+  let hex = n.toString(16);
+  if (hex.length % 2 === 1) hex = `0${hex}`;
+  // A leading byte with the high bit set would read as negative: prefix 00.
+  if (Number.parseInt(hex.slice(0, 2), 16) >= 0x80) hex = `00${hex}`;
+  const body = Buffer.from(hex, "hex");
+  if (body.length > 20) throw new M2mError("ERR_INTERNAL", "permanent", "CRL number longer than 20 octets");
+  return Uint8Array.from([0x02, body.length, ...body]);
+}
+
+/** Reads the cRLNumber of a CRL (PEM or DER); undefined when it has none or cannot be parsed. */
+export function crlNumberOf(crl: string | Uint8Array): bigint | undefined {
+  try {
+    const der = typeof crl === "string" ? pemBody(crl, "X509 CRL") : Buffer.from(crl);
+    const parsed = new x509.X509Crl(der);
+    const ext = parsed.extensions.find((e) => e.type === CRL_NUMBER_OID);
+    if (ext === undefined) return undefined;
+    const v = Buffer.from(ext.value);
+    if (v[0] !== 0x02 || v.length < 3) return undefined;
+    return BigInt(`0x${v.subarray(2, 2 + (v[1] ?? 0)).toString("hex")}`);
+  } catch {
+    return undefined;
+  }
+}
+
 export interface IssueOptions {
   readonly deviceId: string;
   /** The registered / attested device key (SPKI DER); the CSR must carry exactly this key. */
@@ -207,21 +260,31 @@ export class FleetCa {
   readonly #cert: x509.X509Certificate;
   readonly #key: CryptoKey;
   readonly #clock: Clock;
+  readonly #crlUrls: readonly string[];
 
-  private constructor(cert: x509.X509Certificate, key: CryptoKey, clock: Clock) {
+  private constructor(cert: x509.X509Certificate, key: CryptoKey, clock: Clock, crlUrls: readonly string[]) {
     this.#cert = cert;
     this.#key = key;
     this.#clock = clock;
+    this.#crlUrls = crlUrls;
   }
 
-  /** Loads `ca.pem` + `ca.key.pem` from a CA directory. @throws ERR_CA_LOAD */
-  static async load(dir: string, clock: Clock = systemClock): Promise<FleetCa> {
+  /**
+   * Loads `ca.pem` + `ca.key.pem` from a CA directory. `crlUrls`, when given, are written into every
+   * device certificate as its CRL distribution point (RFC 5280 §4.2.1.13).
+   * @throws ERR_CA_LOAD
+   */
+  static async load(
+    dir: string,
+    clock: Clock = systemClock,
+    options: { readonly crlUrls?: readonly string[] } = {},
+  ): Promise<FleetCa> {
     const paths = caPaths(dir);
     try {
       const cert = new x509.X509Certificate(await readFile(paths.caCert, "utf8"));
       const pkcs8 = pemBody(await readFile(paths.caKey, "utf8"), "PRIVATE KEY");
       const key = await crypto.subtle.importKey("pkcs8", pkcs8, EC_ALG, false, ["sign"]);
-      return new FleetCa(cert, key, clock);
+      return new FleetCa(cert, key, clock, options.crlUrls ?? []);
     } catch (err) {
       throw new M2mError("ERR_CA_LOAD", "permanent", `could not load the fleet CA from ${dir}`, {
         cause: err,
@@ -271,8 +334,41 @@ export class FleetCa {
         new x509.SubjectAlternativeNameExtension(san),
         await x509.SubjectKeyIdentifierExtension.create(verified.csr.publicKey),
         await x509.AuthorityKeyIdentifierExtension.create(this.#cert),
+        ...(this.#crlUrls.length > 0 ? [new x509.CRLDistributionPointsExtension([...this.#crlUrls])] : []),
       ],
     });
     return { pem: cert.toString("pem"), serial, notAfter };
+  }
+
+  /**
+   * Signs a CRL (RFC 5280 v2) for this CA: issuer = the CA subject, thisUpdate/nextUpdate, the
+   * cRLNumber and the authority key identifier extensions, one entry per revoked serial.
+   */
+  async signCrl(input: CrlInput): Promise<SignedCrl> {
+    const crl = await x509.X509CrlGenerator.create({
+      issuer: this.#cert.subject,
+      thisUpdate: input.thisUpdate,
+      nextUpdate: input.nextUpdate,
+      signingAlgorithm: SIGN_ALG,
+      signingKey: this.#key,
+      extensions: [
+        await x509.AuthorityKeyIdentifierExtension.create(this.#cert),
+        new x509.Extension(CRL_NUMBER_OID, false, derInteger(input.crlNumber)),
+      ],
+      entries: input.entries.map((e) => ({ serialNumber: e.serial, revocationDate: e.revokedAt })),
+    });
+    const der = Buffer.from(crl.rawData);
+    return {
+      der,
+      // RFC 7468 label: OpenSSL (and so mosquitto) reads "X509 CRL" only, not @peculiar's "CRL".
+      pem: `-----BEGIN X509 CRL-----\n${der
+        .toString("base64")
+        .replace(/(.{64})/g, "$1\n")
+        .trimEnd()}\n-----END X509 CRL-----\n`,
+      crlNumber: input.crlNumber,
+      thisUpdate: input.thisUpdate,
+      nextUpdate: input.nextUpdate,
+      entries: input.entries.length,
+    };
   }
 }

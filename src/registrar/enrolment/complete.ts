@@ -1,8 +1,7 @@
 import { randomBytes } from "node:crypto";
-import { calculateJwkThumbprint, type JWK } from "jose";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
-import { keyInfoFromSpki } from "../../keys/public-key.js";
+import { describePublicKey } from "../../core/public-key.js";
 import type { Attributes, EnrolmentMethod, EnrolmentResult } from "../../wire/v1/index.js";
 import { WIRE_VERSION } from "../../wire/v1/index.js";
 import type { FleetCa, VerifiedCsr } from "../ca/index.js";
@@ -19,10 +18,10 @@ export async function keyIdentity(
   spkiDer: Uint8Array,
 ): Promise<{ jwk: Record<string, string>; thumbprint: string }> {
   try {
-    const info = await keyInfoFromSpki(spkiDer, "registrar", false);
+    const info = await describePublicKey(spkiDer);
     const jwk: Record<string, string> = {};
     for (const [k, v] of Object.entries(info.publicJwk)) if (typeof v === "string") jwk[k] = v;
-    return { jwk, thumbprint: await calculateJwkThumbprint(info.publicJwk as JWK, "sha256") };
+    return { jwk, thumbprint: info.thumbprint };
   } catch (err) {
     throw new M2mError("ERR_KEY_UNSUPPORTED", "permanent", "unsupported device key type", { cause: err });
   }
@@ -66,7 +65,7 @@ export async function completeEnrolment(
     hardwareSerial: input.hardwareSerial,
     proposedDeviceId: newDeviceId(),
   };
-  const plan = deps.store.planEnrolment(base);
+  const plan = await deps.store.planEnrolment(base);
   const issued = await deps.ca.issueDeviceCertificate(input.csr, {
     deviceId: plan.deviceId,
     expectedSpkiDer: input.deviceSpkiDer,
@@ -74,7 +73,7 @@ export async function completeEnrolment(
   });
   // Role and attributes come from the operator's group, never from the request.
   const attributes: Attributes = { ...input.group.attributes };
-  const committed = deps.store.commitEnrolment({
+  const committed = await deps.store.commitEnrolment({
     ...base,
     proof: input.proof,
     now: deps.clock.now(),
@@ -116,12 +115,12 @@ export function endpointsFor(config: RegistrarConfig, baseUrl: string): Enrolmen
 }
 
 /** Refuses when a group does not exist or does not allow the method. */
-export function requireGroup(
+export async function requireGroup(
   store: RegistrarStore,
   name: string | undefined,
   method: EnrolmentMethod,
-): EnrolmentGroup {
-  const group = name === undefined ? undefined : store.getGroup(name);
+): Promise<EnrolmentGroup> {
+  const group = name === undefined ? undefined : await store.getGroup(name);
   // Security: a device can only join a group the operator created, by a method the operator allowed.
   if (group === undefined)
     throw new M2mError("ERR_GROUP_UNKNOWN", "permanent", "enrolment group not accepted");

@@ -24,7 +24,7 @@ export function pkcs11Route(deps: () => EnrolmentDeps): Route {
       const body = ctx.json(pkcs11EnrollRequestSchema);
       ctx.auditFields({ method: "pkcs11", hardwareSerial: body.hardwareSerial });
       const hash = hashBootstrapToken(body.bootstrapToken);
-      const token = d.store.getBootstrapToken(hash);
+      const token = await d.store.getBootstrapToken(hash);
       // Security: early, read-only checks; the atomic consume in commitEnrolment is what counts.
       if (token === undefined)
         throw new M2mError("ERR_TOKEN_INVALID", "permanent", "bootstrap token not accepted");
@@ -33,7 +33,7 @@ export function pkcs11Route(deps: () => EnrolmentDeps): Route {
       if (token.expiresAt.getTime() <= d.clock.now().getTime()) {
         throw new M2mError("ERR_TOKEN_EXPIRED", "permanent", "bootstrap token expired");
       }
-      const group = requireGroup(d.store, token.group, "pkcs11");
+      const group = await requireGroup(d.store, token.group, "pkcs11");
       ctx.auditFields({ group: group.name });
       // Security: the CSR signature proves possession of the private key being certified.
       const csr = await verifyCsr(Buffer.from(body.csr, "base64url"));

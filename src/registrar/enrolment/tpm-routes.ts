@@ -85,7 +85,7 @@ export function tpmRoutes(deps: () => EnrolmentDeps): Route[] {
       const d = deps();
       const body = ctx.json(tpmBeginRequestSchema);
       ctx.auditFields({ method: "tpm", hardwareSerial: body.hardwareSerial, group: body.group });
-      const group = requireGroup(d.store, body.group, "tpm");
+      const group = await requireGroup(d.store, body.group, "tpm");
       const { ek, ekHash } = await trustedEk(d, group, body);
       ctx.auditFields({ ekHash });
       // Security: the AK must be a restricted, TPM-resident signing key, or its attestations mean nothing.
@@ -97,7 +97,7 @@ export function tpmRoutes(deps: () => EnrolmentDeps): Route[] {
       const { thumbprint } = await keyIdentity(deviceKeyObject(device));
       // Identity takeover is refused here already (same EK with another key, etc.); finish re-checks
       // atomically. Nothing is written to the device registry by begin.
-      d.store.planEnrolment({
+      await d.store.planEnrolment({
         method: "tpm",
         thumbprint,
         ekHash,
@@ -120,7 +120,7 @@ export function tpmRoutes(deps: () => EnrolmentDeps): Route[] {
         hardwareSerial: body.hardwareSerial,
         requestedAttributes: body.requestedAttributes,
       };
-      d.store.createSession({ id: sessionId, data, createdAt: now, expiresAt });
+      await d.store.createSession({ id: sessionId, data, createdAt: now, expiresAt });
       ctx.auditFields({ session: sessionId.slice(0, 8) });
       const response: TpmBeginResponse = {
         v: WIRE_VERSION,
@@ -141,7 +141,7 @@ export function tpmRoutes(deps: () => EnrolmentDeps): Route[] {
       const d = deps();
       const body = ctx.json(tpmFinishRequestSchema);
       ctx.auditFields({ method: "tpm", session: body.sessionId.slice(0, 8) });
-      const session = d.store.getSession(body.sessionId);
+      const session = await d.store.getSession(body.sessionId);
       // Security: early read-only checks; the atomic consume in commitEnrolment decides races.
       if (session === undefined) throw new M2mError("ERR_SESSION_UNKNOWN", "permanent", "session not found");
       if (session.consumedAt !== undefined)
@@ -151,7 +151,7 @@ export function tpmRoutes(deps: () => EnrolmentDeps): Route[] {
       }
       const s = session.data;
       ctx.auditFields({ group: s.group, hardwareSerial: s.hardwareSerial, ekHash: s.ekHash });
-      const group = requireGroup(d.store, s.group, "tpm");
+      const group = await requireGroup(d.store, s.group, "tpm");
       const verified = verifyActivationAndCertify({
         // Both sides hashed: equal-length constant-time compare without keeping the secret at rest.
         expectedSecret: Buffer.from(s.secretHash, "hex"),

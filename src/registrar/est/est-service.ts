@@ -46,7 +46,7 @@ export interface EstDeps {
    * the current key signed) can rotate. TPM devices should stay refused here: accepting a new TPM key
    * needs a TPM2_Certify proof by the AK, which this endpoint does not check (re-enrol instead).
    */
-  readonly allowKeyRotation?: (device: DirectoryDevice) => boolean;
+  readonly allowKeyRotation?: (device: DirectoryDevice) => boolean | Promise<boolean>;
   /** Records the new key after a rotation (store update). Required for rotation to be accepted. */
   readonly onKeyRotated?: (deviceId: string, publicJwk: JWK, cert: IssuedCertificate) => Promise<void>;
   /** Records each issued certificate (serial, notAfter). */
@@ -146,7 +146,7 @@ export class EstService {
         if (
           kind !== "simplereenroll" ||
           !byCurrentKey ||
-          this.#deps.allowKeyRotation?.(device) !== true ||
+          (await this.#deps.allowKeyRotation?.(device)) !== true ||
           this.#deps.onKeyRotated === undefined
         ) {
           throw new M2mError(

@@ -1,7 +1,7 @@
 import type { IncomingMessage } from "node:http";
 import type { TLSSocket } from "node:tls";
 import type { z } from "zod";
-import { M2mError } from "../../core/errors.js";
+import { type ErrorCode, M2mError } from "../../core/errors.js";
 import { TPM_VERIFY_ERRORS } from "../verifier/tpm-verifier.js";
 
 const VERIFIER_CODES: ReadonlySet<string> = new Set(Object.values(TPM_VERIFY_ERRORS));
@@ -62,7 +62,7 @@ export class HttpError extends M2mError {
 
   constructor(
     status: number,
-    code: string,
+    code: ErrorCode,
     message: string,
     options: { field?: string; cause?: unknown } = {},
   ) {
@@ -74,6 +74,10 @@ export class HttpError extends M2mError {
 
 /** Status for each stable code the registrar emits. Unknown permanent M2mErrors map to 403. */
 export const STATUS_FOR_CODE: Readonly<Record<string, number>> = {
+  // The shared store is unreachable or a transaction lost a serialisation race: retry (elsewhere).
+  ERR_STORE_UNAVAILABLE: 503,
+  ERR_STORE_CONFLICT: 503,
+  ERR_STORE_QUERY: 500,
   ERR_BAD_JSON: 400,
   ERR_SCHEMA: 400,
   ERR_CSR_INVALID: 400,
@@ -97,6 +101,7 @@ export const STATUS_FOR_CODE: Readonly<Record<string, number>> = {
   ERR_SESSION_EXPIRED: 410,
   ERR_BODY_TOO_LARGE: 413,
   ERR_CONTENT_TYPE: 415,
+  ERR_BUSY: 429,
   ERR_INTERNAL: 500,
 };
 
@@ -105,6 +110,9 @@ export const STATUS_FOR_CODE: Readonly<Record<string, number>> = {
  * detail goes to the registrar's own log via `cause`.
  */
 const MESSAGE_FOR_CODE: Readonly<Record<string, string>> = {
+  ERR_STORE_UNAVAILABLE: "service temporarily unavailable, retry later",
+  ERR_STORE_CONFLICT: "service temporarily unavailable, retry later",
+  ERR_STORE_QUERY: "internal error",
   ERR_BAD_JSON: "request body is not valid JSON",
   ERR_SCHEMA: "request body does not match the schema",
   ERR_CSR_INVALID: "the CSR could not be parsed",
@@ -129,6 +137,7 @@ const MESSAGE_FOR_CODE: Readonly<Record<string, string>> = {
   ERR_CONTENT_TYPE: "unsupported content type",
   ERR_NOT_FOUND: "not found",
   ERR_METHOD_NOT_ALLOWED: "method not allowed",
+  ERR_BUSY: "registrar busy: retry after the Retry-After delay",
   ERR_INTERNAL: "internal error",
 };
 

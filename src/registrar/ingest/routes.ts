@@ -2,11 +2,11 @@ import { promisify } from "node:util";
 import { gunzip as gunzipCb } from "node:zlib";
 import type { JWTPayload } from "jose";
 import { type Clock, systemClock } from "../../core/clock.js";
-import { isM2mError } from "../../core/errors.js";
+import { type ErrorCode, isM2mError } from "../../core/errors.js";
 import { HttpError, type Route, type RouteContext, type RouteResponse } from "../http/router.js";
 import { parseAuthorization } from "../oauth/access-token.js";
 import { verifyDpopProof } from "../oauth/dpop-verify.js";
-import { ReplayCache } from "../oauth/replay-cache.js";
+import { ReplayCache, type ReplayGuard } from "../oauth/replay-cache.js";
 
 const gunzip = promisify(gunzipCb);
 
@@ -30,7 +30,7 @@ export class InMemoryIngestStore {
   duplicates = 0;
   requests = 0;
 
-  add(m: IngestedMessage): boolean {
+  add(m: IngestedMessage): boolean | Promise<boolean> {
     this.received++;
     if (this.messages.has(m.id)) {
       this.duplicates++;
@@ -56,6 +56,8 @@ export interface IngestRoutesOptions {
   /** Refuse Bearer (un-bound) tokens. Default true. */
   readonly requireDpop?: boolean;
   readonly store?: InMemoryIngestStore;
+  /** DPoP proof jti store (default: in this process). The registrar passes its shared store. */
+  readonly replay?: ReplayGuard;
   readonly clock?: Clock;
   readonly maxBodyBytes?: number;
   readonly maxInflatedBytes?: number;
@@ -67,7 +69,7 @@ export interface IngestRoutesOptions {
 const ID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 const CHANNEL_RE = /^[A-Za-z0-9_-]+(\/[A-Za-z0-9_-]+)*$/;
 
-function bearerChallenge(code: string, message: string, oauthError: string): HttpError {
+function bearerChallenge(code: ErrorCode, message: string, oauthError: string): HttpError {
   const e = new HttpError(401, code, message);
   (e as { challenge?: string }).challenge = oauthError;
   return e;
@@ -83,7 +85,7 @@ function bearerChallenge(code: string, message: string, oauthError: string): Htt
 export function ingestRoutes(options: IngestRoutesOptions): { routes: Route[]; store: InMemoryIngestStore } {
   const store = options.store ?? new InMemoryIngestStore();
   const clock = options.clock ?? systemClock;
-  const replay = new ReplayCache();
+  const replay: ReplayGuard = options.replay ?? new ReplayCache();
   const scope = options.scope ?? "telemetry:write";
   const route: Route = {
     method: "POST",
@@ -233,7 +235,7 @@ export function ingestRoutes(options: IngestRoutesOptions): { routes: Route[]; s
         rejected.push({ id: o.id, code: "ERR_INGEST_TOPIC_NOT_OWNED" });
         continue;
       }
-      const fresh = store.add({
+      const fresh = await store.add({
         id: o.id,
         deviceId: sub,
         topic: o.topic,

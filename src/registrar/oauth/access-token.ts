@@ -4,7 +4,7 @@ import type { Clock } from "../../core/clock.js";
 import { type DpopNonceIssuer, verifyDpopProof } from "./dpop-verify.js";
 import { refusal } from "./errors.js";
 import { ALLOWED_ALGS } from "./jws-util.js";
-import { ReplayCache } from "./replay-cache.js";
+import { ReplayCache, type ReplayGuard } from "./replay-cache.js";
 
 export interface VerifiedAccessToken {
   readonly sub: string;
@@ -22,7 +22,7 @@ export interface AccessTokenTrust {
   readonly keys: KeyObject | JWTVerifyGetKey;
   readonly clock: Clock;
   /** DPoP proof replay cache of this resource server. */
-  readonly replay?: ReplayCache;
+  readonly replay?: ReplayGuard;
   readonly skewSec?: number;
 }
 

@@ -7,10 +7,11 @@ import {
   isAllowedAlg,
   KEY_HEADER_MEMBERS,
   publicKeyOf,
+  refuseExtensions,
   splitCompact,
   verifyCompactSignature,
 } from "./jws-util.js";
-import type { ReplayCache } from "./replay-cache.js";
+import type { ReplayGuard } from "./replay-cache.js";
 
 export const JWT_BEARER_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 
@@ -35,7 +36,7 @@ export const DEFAULT_ASSERTION_POLICY: Omit<AssertionPolicy, "audiences"> = {
 export async function verifyClientAssertion(
   assertion: string,
   clientIdParam: string | undefined,
-  deps: { directory: DeviceDirectory; replay: ReplayCache; clock: Clock; policy: AssertionPolicy },
+  deps: { directory: DeviceDirectory; replay: ReplayGuard; clock: Clock; policy: AssertionPolicy },
 ): Promise<DirectoryDevice> {
   const { header, payload } = splitCompact(assertion, "ERR_ASSERTION");
   // Security: an explicit allowlist shuts out `none`, HMAC-with-the-public-key and exotic algorithms.
@@ -46,6 +47,7 @@ export async function verifyClientAssertion(
   if (KEY_HEADER_MEMBERS.some((m) => m in header)) {
     throw refusal("ERR_ASSERTION_HEADER_KEY", "invalid_client", "assertion header carries a key");
   }
+  refuseExtensions(header, "ERR_ASSERTION", "invalid_client");
   // Security: a DPoP proof or an access token must not be accepted as a client assertion.
   if (typeof header.typ === "string" && /^(dpop\+jwt|at\+jwt|application\/at\+jwt)$/i.test(header.typ)) {
     throw refusal("ERR_ASSERTION_TYP", "invalid_client", "wrong JWT type for a client assertion");
@@ -106,7 +108,7 @@ export async function verifyClientAssertion(
     throw refusal("ERR_ASSERTION_JTI", "invalid_client", "jti missing or malformed");
   }
   // Security: each assertion is single-use for as long as it could be accepted.
-  if (!deps.replay.checkAndRecord(`a|${sub}|${jti}`, exp + skewSec, now)) {
+  if (!(await deps.replay.checkAndRecord(`a|${sub}|${jti}`, exp + skewSec, now))) {
     throw refusal("ERR_ASSERTION_REPLAY", "invalid_client", "assertion already used");
   }
   return device;

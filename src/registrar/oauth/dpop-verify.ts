@@ -8,11 +8,12 @@ import {
   isObject,
   jwkThumbprint,
   publicKeyOf,
+  refuseExtensions,
   sha256b64u,
   splitCompact,
   verifyCompactSignature,
 } from "./jws-util.js";
-import type { ReplayCache } from "./replay-cache.js";
+import type { ReplayGuard } from "./replay-cache.js";
 
 export interface DpopCheck {
   readonly method: string;
@@ -37,13 +38,15 @@ export const DEFAULT_DPOP_POLICY: DpopPolicy = { maxAgeSec: 60, skewSec: 30 };
  * are accepted so a nonce stays good for at least one full window.
  */
 export class DpopNonceIssuer {
-  readonly #secret = randomBytes(32);
+  readonly #secret: Buffer;
   readonly #clock: Clock;
   readonly #windowSec: number;
 
-  constructor(clock: Clock, windowSec = 300) {
+  /** `secret`: shared by every replica (from the store) so a nonce from one is accepted by all. */
+  constructor(clock: Clock, windowSec = 300, secret: Buffer = randomBytes(32)) {
     this.#clock = clock;
     this.#windowSec = windowSec;
+    this.#secret = secret;
   }
 
   #at(window: number): string {
@@ -60,10 +63,46 @@ export class DpopNonceIssuer {
   }
 }
 
-/** Normalises a URL for htu comparison: scheme + host (+ non-default port) + path, no query/fragment. */
+/**
+ * Refuses an embedded DPoP key whose own metadata forbids verifying this proof with it (RFC 7517
+ * §4.2-4.4: `use`, `key_ops`, `alg` restrict what a key may be used for), and a malformed `ext`.
+ * @throws ERR_DPOP_JWK_USE, ERR_DPOP_JWK_KEY_OPS, ERR_DPOP_JWK_ALG, ERR_DPOP_JWK.
+ */
+function checkJwkUsage(jwk: Record<string, unknown>, headerAlg: string): void {
+  // Why: a key published for encryption (use "enc") must not authenticate anything.
+  if (jwk.use !== undefined && jwk.use !== "sig") {
+    throw refusal("ERR_DPOP_JWK_USE", "invalid_dpop_proof", 'proof jwk "use" is not "sig"');
+  }
+  const ops = jwk.key_ops;
+  // Why: key_ops lists what the key may do; a public key may only verify, and only once-listed
+  // (jose/WebCrypto refuse duplicates, other operations, and a list without "verify").
+  if (ops !== undefined && !(Array.isArray(ops) && ops.length === 1 && ops[0] === "verify")) {
+    throw refusal(
+      "ERR_DPOP_JWK_KEY_OPS",
+      "invalid_dpop_proof",
+      'proof jwk "key_ops" does not allow "verify"',
+    );
+  }
+  // Why: a key bound to one algorithm must not be used with another (cross-algorithm attacks).
+  if (jwk.alg !== undefined && jwk.alg !== headerAlg) {
+    throw refusal("ERR_DPOP_JWK_ALG", "invalid_dpop_proof", 'proof jwk "alg" does not match the header alg');
+  }
+  // Why: a malformed member means a malformed key; jose refuses a non-boolean ext.
+  if (jwk.ext !== undefined && typeof jwk.ext !== "boolean") {
+    throw refusal("ERR_DPOP_JWK", "invalid_dpop_proof", 'proof jwk "ext" is not a boolean');
+  }
+}
+
+/**
+ * Normalises a URL for htu comparison (WHATWG URL parsing: scheme/host case, default port, dot
+ * segments, percent-encoding): the whole URI without query and fragment.
+ */
 export function htuOf(url: string | URL): string {
   const u = new URL(url.toString());
-  return `${u.origin}${u.pathname}`;
+  // Why: RFC 9449 §4.3 ignores only query and fragment; userinfo is part of the URI and must match.
+  u.search = "";
+  u.hash = "";
+  return u.href;
 }
 
 /**
@@ -74,7 +113,7 @@ export async function verifyDpopProof(
   proof: string,
   check: DpopCheck,
   deps: {
-    replay: ReplayCache;
+    replay: ReplayGuard;
     clock: Clock;
     policy?: DpopPolicy;
     /**
@@ -83,7 +122,7 @@ export async function verifyDpopProof(
      */
     deferReplay?: boolean;
   },
-): Promise<{ jkt: string; jwk: JWK; recordReplay: () => void }> {
+): Promise<{ jkt: string; jwk: JWK; recordReplay: () => Promise<void> }> {
   const policy = deps.policy ?? DEFAULT_DPOP_POLICY;
   const { header, payload } = splitCompact(proof, "ERR_DPOP");
   // Security: the typ keeps other JWTs (assertions, access tokens) from passing as proofs.
@@ -99,6 +138,8 @@ export async function verifyDpopProof(
   if ("jku" in header || "x5c" in header || "x5u" in header) {
     throw refusal("ERR_DPOP_HEADER_KEY", "invalid_dpop_proof", "proof header carries a key reference");
   }
+  refuseExtensions(header, "ERR_DPOP", "invalid_dpop_proof");
+  checkJwkUsage(jwk, header.alg);
   let key: ReturnType<typeof publicKeyOf>;
   try {
     key = publicKeyOf(jwk as JWK);
@@ -123,6 +164,20 @@ export async function verifyDpopProof(
   }
   if (!htuOk) throw refusal("ERR_DPOP_HTU", "invalid_dpop_proof", "htu mismatch");
   const now = deps.clock.nowSeconds();
+  const exp = payload.exp;
+  // Why: RFC 9449 makes exp optional, but a proof its signer declared expired must not be honoured
+  // while its iat is still fresh (jose refuses it too; same tolerance as iat).
+  if (exp !== undefined && typeof exp !== "number") {
+    throw refusal("ERR_DPOP_EXP", "invalid_dpop_proof", "proof exp is not a number");
+  }
+  if (exp !== undefined && exp <= now - policy.skewSec) {
+    throw refusal("ERR_DPOP_EXPIRED", "invalid_dpop_proof", "proof expired (exp)");
+  }
+  const nbf = payload.nbf;
+  // Why: a proof whose signer said "not before" a future time is not yet valid (precomputed proofs).
+  if (nbf !== undefined && (typeof nbf !== "number" || nbf > now + policy.skewSec)) {
+    throw refusal("ERR_DPOP_NBF", "invalid_dpop_proof", "proof not yet valid (nbf)");
+  }
   const iat = payload.iat;
   // Security: proofs are short-lived; an old or future-dated one could have been captured/precomputed.
   if (
@@ -149,20 +204,20 @@ export async function verifyDpopProof(
     }
   }
   const jkt = jwkThumbprint(jwk as JWK);
-  const recordReplay = (): void => {
+  const recordReplay = async (): Promise<void> => {
     // Security: each proof is single-use within its acceptance window.
     if (
-      !deps.replay.checkAndRecord(
+      !(await deps.replay.checkAndRecord(
         `p|${jkt}|${jti}`,
         iat + policy.maxAgeSec + policy.skewSec,
         deps.clock.nowSeconds(),
-      )
+      ))
     ) {
       throw refusal("ERR_DPOP_REPLAY", "invalid_dpop_proof", "proof already used");
     }
   };
-  if (deps.deferReplay !== true) recordReplay();
-  else if (deps.replay.has(`p|${jkt}|${jti}`, now)) {
+  if (deps.deferReplay !== true) await recordReplay();
+  else if (await deps.replay.has(`p|${jkt}|${jti}`, now)) {
     throw refusal("ERR_DPOP_REPLAY", "invalid_dpop_proof", "proof already used");
   }
   return { jkt, jwk: jwk as JWK, recordReplay };

@@ -1,4 +1,4 @@
-import { M2mError } from "../../core/errors.js";
+import { type ErrorCode, M2mError } from "../../core/errors.js";
 
 /** RFC 6749 §5.2 / RFC 9449 §12.2 error values the token endpoint answers with. */
 export type OAuthErrorValue =
@@ -19,7 +19,7 @@ export type OAuthErrorValue =
  * OAuth error value that is all the client gets to see.
  */
 export function refusal(
-  code: string,
+  code: ErrorCode,
   oauthError: OAuthErrorValue,
   message: string,
   cause?: unknown,

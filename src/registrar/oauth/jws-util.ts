@@ -7,7 +7,7 @@ import {
   verify,
 } from "node:crypto";
 import type { JWK, ProtectedHeaderParameters } from "jose";
-import { refusal } from "./errors.js";
+import { type OAuthErrorValue, refusal } from "./errors.js";
 
 /** The only JWS algorithms accepted anywhere on the token path (no `none`, no HMAC). */
 export const ALLOWED_ALGS = ["ES256", "RS256", "PS256"] as const;
@@ -28,24 +28,76 @@ function isB64u(part: string): boolean {
   return part.length % 4 !== 1 && B64U.test(part);
 }
 
-/** Decodes a compact JWS header and claims without verifying (verification follows). */
+/**
+ * Strict UTF-8 (as jose's own decoder): malformed byte sequences are an error, never U+FFFD. `ignoreBOM`
+ * keeps a leading byte-order mark in the text, so JSON.parse refuses it (jose strips it: we are stricter).
+ */
+const STRICT_UTF8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
+
+/**
+ * Decodes a compact JWS header and claims without verifying (verification follows).
+ * @throws `${prefix}_MALFORMED` (not three strict-base64url segments, not JSON objects, too large),
+ *   `${prefix}_UTF8` (header or claims bytes are not well-formed UTF-8).
+ */
 export function splitCompact(
   jws: string,
-  prefix: string,
+  prefix: "ERR_ASSERTION" | "ERR_DPOP",
 ): { header: ProtectedHeaderParameters; payload: Record<string, unknown> } {
   if (typeof jws !== "string" || jws.length > 16_384)
-    throw refusal(`${prefix}_MALFORMED`, "invalid_request", "JWT too large");
+    throw refusal(`${prefix}_MALFORMED` as const, "invalid_request", "JWT too large");
   const parts = jws.split(".");
-  if (parts.length !== 3) throw refusal(`${prefix}_MALFORMED`, "invalid_request", "not a compact JWS");
+  if (parts.length !== 3)
+    throw refusal(`${prefix}_MALFORMED` as const, "invalid_request", "not a compact JWS");
+  const [h = "", p = "", s = ""] = parts;
+  // Why: one canonical spelling per segment (no padding, whitespace or '+/'), so what is parsed is
+  // exactly what was signed and the signature segment cannot be re-spelt. (An empty signature is left
+  // to the alg / signature checks, which refuse it with their own codes.)
+  if (h === "" || !isB64u(h) || !isB64u(p) || !isB64u(s)) {
+    throw refusal(`${prefix}_MALFORMED` as const, "invalid_request", "JWT segments are not strict base64url");
+  }
+  let headerText: string;
+  let payloadText: string;
   try {
-    const [h = "", p = ""] = parts;
-    if (h === "" || !isB64u(h) || !isB64u(p)) throw new Error("not base64url");
-    const header = JSON.parse(Buffer.from(h, "base64url").toString("utf8")) as unknown;
-    const payload = JSON.parse(Buffer.from(p, "base64url").toString("utf8")) as unknown;
+    // Why: lenient decoding maps different byte strings to the same text (U+FFFD), so claims would
+    // not be exactly what was signed; jose refuses them too.
+    headerText = STRICT_UTF8.decode(Buffer.from(h, "base64url"));
+    payloadText = STRICT_UTF8.decode(Buffer.from(p, "base64url"));
+  } catch (err) {
+    throw refusal(
+      `${prefix}_UTF8` as const,
+      "invalid_request",
+      "JWT header or claims are not valid UTF-8",
+      err,
+    );
+  }
+  try {
+    const header = JSON.parse(headerText) as unknown;
+    const payload = JSON.parse(payloadText) as unknown;
     if (!isObject(header) || !isObject(payload)) throw new Error("not objects");
     return { header: header as ProtectedHeaderParameters, payload };
   } catch (err) {
-    throw refusal(`${prefix}_MALFORMED`, "invalid_request", "JWT header or claims are not JSON objects", err);
+    throw refusal(
+      `${prefix}_MALFORMED` as const,
+      "invalid_request",
+      "JWT header or claims are not JSON objects",
+      err,
+    );
+  }
+}
+
+/**
+ * Refuses `crit` and `b64` (RFC 7515 §4.1.11, RFC 7797): we implement no extension, so a critical one
+ * must be refused, never ignored; `b64` without `crit` is refused too (it could only confuse).
+ * @throws `${prefix}_CRIT`.
+ */
+export function refuseExtensions(
+  header: ProtectedHeaderParameters,
+  prefix: "ERR_ASSERTION" | "ERR_DPOP",
+  oauthError: OAuthErrorValue,
+): void {
+  // Why: b64:false changes what is signed; an unknown critical extension changes what is meant.
+  if ("crit" in header || "b64" in header) {
+    throw refusal(`${prefix}_CRIT`, oauthError, "JWS extensions (crit, b64) are not supported");
   }
 }
 

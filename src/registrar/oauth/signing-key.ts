@@ -1,5 +1,5 @@
 import { createPrivateKey, createPublicKey, generateKeyPairSync, type KeyObject, sign } from "node:crypto";
-import { readFile, stat } from "node:fs/promises";
+import { open, readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { calculateJwkThumbprint, type JWK } from "jose";
 import { writeFileAtomic } from "../../core/atomic-file.js";
@@ -40,11 +40,84 @@ export async function loadOrCreateSigningKey(dataDir: string): Promise<TokenSign
     }
   }
   if (pem === undefined) {
-    const { privateKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
-    pem = privateKey.export({ format: "pem", type: "pkcs8" }).toString();
+    pem = generateSigningKeyPem();
     await writeFileAtomic(path, pem, 0o600);
   }
   return signingKeyFromPem(pem);
+}
+
+/** A fresh ES256 (P-256) private key as PKCS#8 PEM. */
+export function generateSigningKeyPem(): string {
+  const { privateKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
+  return privateKey.export({ format: "pem", type: "pkcs8" }).toString();
+}
+
+/** Writes a new key file: 0600 from the first byte, never over an existing file. @throws ERR_OAUTH_SIGNING_KEY */
+export async function writeNewKeyFile(path: string, pem: string): Promise<void> {
+  let fh: Awaited<ReturnType<typeof open>>;
+  try {
+    fh = await open(path, "wx", 0o600);
+  } catch (err) {
+    throw new M2mError("ERR_OAUTH_SIGNING_KEY", "permanent", `cannot create ${path}`, {
+      cause: err,
+      hint: "the file must not exist yet (keys are never overwritten)",
+    });
+  }
+  try {
+    await fh.writeFile(pem);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+}
+
+/**
+ * Loads an existing signing key file (a path from `[keys]`, possibly a systemd credential).
+ * @throws ERR_OAUTH_SIGNING_KEY when unreadable, group/world readable or not P-256.
+ */
+export async function loadSigningKeyFile(path: string): Promise<TokenSigningKey> {
+  let pem: string;
+  try {
+    const st = await stat(path);
+    // Security: a signing key others can read lets them mint tokens for every device.
+    if ((st.mode & 0o077) !== 0) {
+      throw new M2mError("ERR_OAUTH_SIGNING_KEY", "permanent", `${path} is readable by group/others`, {
+        hint: `chmod 600 ${path}`,
+      });
+    }
+    pem = await readFile(path, "utf8");
+  } catch (err) {
+    if (err instanceof M2mError) throw err;
+    throw new M2mError("ERR_OAUTH_SIGNING_KEY", "permanent", `cannot read ${path}`, { cause: err });
+  }
+  return signingKeyFromPem(pem);
+}
+
+/**
+ * The keys a replica uses: one signs, all are published in /jwks and accepted by the registrar's own
+ * resource servers (ingest, EST, rotation), selected by `kid`. Rollover keeps two published while
+ * replicas switch the signing key one by one (docs/registrar-scale.md).
+ */
+export interface SigningKeySet {
+  readonly signing: TokenSigningKey;
+  /** Every published key, the signing one first; distinct kids. */
+  readonly published: readonly TokenSigningKey[];
+}
+
+export async function loadSigningKeySet(config: {
+  readonly dataDir: string;
+  readonly keys: { readonly signingKey: string | undefined; readonly publishedKeys: readonly string[] };
+}): Promise<SigningKeySet> {
+  const signing =
+    config.keys.signingKey === undefined
+      ? await loadOrCreateSigningKey(config.dataDir)
+      : await loadSigningKeyFile(config.keys.signingKey);
+  const published = [signing];
+  for (const p of config.keys.publishedKeys) {
+    const k = await loadSigningKeyFile(p);
+    if (!published.some((x) => x.kid === k.kid)) published.push(k);
+  }
+  return { signing, published };
 }
 
 export async function signingKeyFromPem(pem: string): Promise<TokenSigningKey> {

@@ -1,4 +1,4 @@
-import { randomUUID } from "node:crypto";
+import { type KeyObject, randomUUID } from "node:crypto";
 import type { IncomingMessage } from "node:http";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
@@ -15,7 +15,7 @@ import type { DeviceDirectory, DirectoryDevice } from "./directory.js";
 import { DpopNonceIssuer, verifyDpopProof } from "./dpop-verify.js";
 import { GENERIC_DESCRIPTION, type OAuthErrorValue, oauthErrorOf, refusal } from "./errors.js";
 import { ALLOWED_ALGS } from "./jws-util.js";
-import { ReplayCache } from "./replay-cache.js";
+import { ReplayCache, type ReplayGuard } from "./replay-cache.js";
 import { ScopePolicy, type ScopePolicyConfig } from "./scope-policy.js";
 import { signJwtInPool, type TokenSigningKey } from "./signing-key.js";
 
@@ -28,7 +28,7 @@ export interface TokenServiceConfig {
   readonly jwksUri?: string;
   /** `aud` of issued access tokens (the resource servers). */
   readonly audiences: readonly string[];
-  /** Access-token lifetime, seconds (default 600). */
+  /** Access-token lifetime, seconds (default 300, as `oauth.access_token_ttl`). */
   readonly accessTokenTtlSec?: number;
   readonly scopes: ScopePolicyConfig;
   /** Refuse token requests without a DPoP proof. */
@@ -42,7 +42,19 @@ export interface TokenServiceConfig {
 
 export interface TokenServiceDeps {
   readonly directory: DeviceDirectory;
+  /** The key that signs new tokens. */
   readonly signingKey: TokenSigningKey;
+  /** Every key /jwks publishes and verifyAccessToken accepts (rollover); default the signing key only. */
+  readonly publishedKeys?: readonly TokenSigningKey[];
+  /**
+   * jti replay protection for assertions and DPoP proofs at the token endpoint, and for DPoP proofs at
+   * co-located resource servers. Default: in-process caches (one process only; lost at restart).
+   * The registrar passes store-backed guards so every replica shares them.
+   */
+  readonly replay?: ReplayGuard;
+  readonly resourceReplay?: ReplayGuard;
+  /** HMAC key of DPoP server nonces; shared by replicas so any replica accepts any replica's nonce. */
+  readonly nonceSecret?: Buffer;
   readonly clock: Clock;
   readonly log?: Logger;
 }
@@ -72,8 +84,9 @@ export class TokenService {
   readonly #config: TokenServiceConfig;
   readonly #deps: TokenServiceDeps;
   readonly #log: Logger;
-  readonly #replay: ReplayCache;
-  readonly #resourceReplay = new ReplayCache();
+  readonly #replay: ReplayGuard;
+  readonly #resourceReplay: ReplayGuard;
+  readonly #published: readonly TokenSigningKey[];
   readonly #policy: ScopePolicy;
   readonly #assertionPolicy: AssertionPolicy;
   readonly nonces: DpopNonceIssuer;
@@ -86,13 +99,15 @@ export class TokenService {
     this.tokenEndpoint = config.tokenEndpoint ?? `${this.issuer}/oauth2/token`;
     this.jwksUri = config.jwksUri ?? `${this.issuer}/jwks`;
     this.#policy = new ScopePolicy(config.scopes);
-    this.#replay = new ReplayCache(config.replayCacheEntries ?? 100_000);
+    this.#replay = deps.replay ?? new ReplayCache(config.replayCacheEntries ?? 100_000);
+    this.#resourceReplay = deps.resourceReplay ?? new ReplayCache();
+    this.#published = deps.publishedKeys ?? [deps.signingKey];
     this.#assertionPolicy = {
       ...DEFAULT_ASSERTION_POLICY,
       ...(config.assertion ?? {}),
       audiences: [this.tokenEndpoint, this.issuer],
     };
-    this.nonces = new DpopNonceIssuer(deps.clock);
+    this.nonces = new DpopNonceIssuer(deps.clock, 300, deps.nonceSecret);
   }
 
   /** RFC 8414 metadata. */
@@ -111,7 +126,7 @@ export class TokenService {
   }
 
   jwks(): { keys: unknown[] } {
-    return { keys: [this.#deps.signingKey.publicJwk] };
+    return { keys: this.#published.map((k) => k.publicJwk) };
   }
 
   /**
@@ -160,12 +175,12 @@ export class TokenService {
       clock,
       policy: this.#assertionPolicy,
     });
-    proof?.recordReplay();
+    await proof?.recordReplay();
     const jkt = proof?.jkt;
     const granted = this.#policy.grant(form.get("scope") ?? undefined, device.role, device.attributes);
     if (granted === undefined)
       throw refusal("ERR_TOKEN_SCOPE", "invalid_scope", "no requested scope is allowed");
-    const ttl = this.#config.accessTokenTtlSec ?? 600;
+    const ttl = this.#config.accessTokenTtlSec ?? 300;
     const now = clock.nowSeconds();
     const aud = this.#config.audiences.length === 1 ? this.#config.audiences[0] : [...this.#config.audiences];
     const claims: Record<string, unknown> = {
@@ -202,7 +217,7 @@ export class TokenService {
     return verifyAccessToken(token, {
       ...check,
       issuer: this.issuer,
-      keys: this.#deps.signingKey.publicKey,
+      keys: publishedKeyResolver(this.#published),
       clock: this.#deps.clock,
       replay: this.#resourceReplay,
     });
@@ -247,6 +262,21 @@ export class TokenService {
       return { status, json: { error, error_description: GENERIC_DESCRIPTION[error] }, headers };
     }
   }
+}
+
+/**
+ * Picks the verification key by the token's `kid` among the published keys (rollover: a token signed
+ * by another replica's newer or older key verifies here too). An unknown kid is refused.
+ */
+export function publishedKeyResolver(
+  keys: readonly TokenSigningKey[],
+): (header: { kid?: string }) => KeyObject {
+  return (header) => {
+    const k = keys.find((x) => x.kid === header.kid);
+    // Security: only keys this registrar publishes verify its tokens; no kid-less fallback.
+    if (k === undefined) throw new M2mError("ERR_TOKEN_KID", "permanent", "unknown token signing key");
+    return k.publicKey;
+  };
 }
 
 /**

@@ -1,7 +1,7 @@
 import { createHash } from "node:crypto";
 import { calculateJwkThumbprint, type JWK } from "jose";
 import type { Clock } from "../../core/clock.js";
-import { M2mError } from "../../core/errors.js";
+import { type ErrorCode, M2mError } from "../../core/errors.js";
 import { type Logger, silentLogger } from "../../core/log.js";
 import { decodeTpm2bPublic } from "../../tpm/public.js";
 import {
@@ -48,7 +48,7 @@ export const ROTATION_ERRORS = {
   SAME_KEY: "ERR_ROTATION_SAME_KEY",
 } as const;
 
-const STATUS: Readonly<Record<string, number>> = {
+const STATUS: Readonly<Partial<Record<ErrorCode, number>>> = {
   ERR_ROTATION_AUTH_REQUIRED: 401,
   ERR_ACCESS_TOKEN_INVALID: 401,
   ERR_ACCESS_TOKEN_EXPIRED: 401,
@@ -90,7 +90,7 @@ export interface TpmRotationDeps {
   readonly log?: Logger;
 }
 
-function fail(code: string, message: string, cause?: unknown): HttpError {
+function fail(code: ErrorCode, message: string, cause?: unknown): HttpError {
   return new HttpError(STATUS[code] ?? 403, code, message, cause === undefined ? {} : { cause });
 }
 
@@ -116,7 +116,7 @@ const b = (s: string): Buffer => Buffer.from(s, "base64url");
  */
 export function tpmRotationRoutes(deps: TpmRotationDeps): Route[] {
   const log = deps.log ?? silentLogger;
-  const sessions = new RotationSessions(deps.clock, deps.policy.sessionTtlSeconds);
+  const sessions = new RotationSessions(deps.store, deps.clock, deps.policy.sessionTtlSeconds);
 
   async function authenticate(ctx: RouteContext, path: string): Promise<DeviceRecord> {
     const parsed = parseAuthorization(ctx.req.headers.authorization);
@@ -131,7 +131,7 @@ export function tpmRotationRoutes(deps: TpmRotationDeps): Route[] {
       requiredScope: "est",
       dpop: { proof, method: "POST", url },
     });
-    const device = deps.store.getDevice(verified.sub);
+    const device = await deps.store.getDevice(verified.sub);
     if (device === undefined) throw fail("ERR_DEVICE_UNKNOWN", "device not accepted");
     // Security: a revoked device keeps no rights, rotation included.
     if (device.status !== "active") throw fail("ERR_DEVICE_REVOKED", "the device is revoked");
@@ -154,7 +154,7 @@ export function tpmRotationRoutes(deps: TpmRotationDeps): Route[] {
       try {
         ctx.json(tpmRotateBeginRequestSchema);
         const device = await authenticate(ctx, ROTATE_PATHS.tpmBegin);
-        const s = sessions.begin(device.deviceId, device.thumbprint);
+        const s = await sessions.begin(device.deviceId, device.thumbprint);
         ctx.auditFields({ session: s.id.slice(0, 8) });
         const body: TpmRotateBeginResponse = {
           v: WIRE_VERSION,
@@ -179,7 +179,7 @@ export function tpmRotationRoutes(deps: TpmRotationDeps): Route[] {
         const body = ctx.json(tpmRotateFinishRequestSchema);
         const device = await authenticate(ctx, ROTATE_PATHS.tpmFinish);
         ctx.auditFields({ session: body.sessionId.slice(0, 8) });
-        const s = sessions.take(body.sessionId, device.deviceId);
+        const s = await sessions.take(body.sessionId, device.deviceId);
         // Security: the session was opened by the key that is current now; after another rotation
         // in between, this certification answers a question nobody asks any more.
         if (s.currentThumbprint !== device.thumbprint)
@@ -223,7 +223,7 @@ export function tpmRotationRoutes(deps: TpmRotationDeps): Route[] {
           lifetimeSeconds: deps.certLifetimeSeconds,
         });
         const { akPublic: _a, ekPublic: _e, devicePublic: _d, deviceName: _n, ...kept } = ev;
-        deps.store.replaceDeviceKey({
+        await deps.store.replaceDeviceKey({
           deviceId: device.deviceId,
           previousThumbprint: device.thumbprint,
           publicJwk: id.jwk,

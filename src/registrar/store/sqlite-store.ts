@@ -1,8 +1,20 @@
 import { closeSync, constants, mkdirSync, openSync } from "node:fs";
 import { dirname } from "node:path";
 import Database from "better-sqlite3";
-import { M2mError } from "../../core/errors.js";
-import type { Attributes, EnrolmentMethod } from "../../wire/v1/index.js";
+import { type ErrorCode, M2mError } from "../../core/errors.js";
+import { MIGRATIONS, SCHEMA_VERSION } from "./migrations.js";
+import {
+  type DeviceRow,
+  deviceOf,
+  type GroupRow,
+  groupOf,
+  type RotationRow,
+  rotationOf,
+  type SessionRow,
+  sessionOf,
+  type TokenRow,
+  tokenOf,
+} from "./rows.js";
 import type {
   AuditEvent,
   BootstrapTokenRecord,
@@ -16,102 +28,12 @@ import type {
   PlanEnrolment,
   RegistrarStore,
   ReplaceDeviceKey,
-  SessionData,
+  RevokedCertificate,
+  RotationSessionRecord,
 } from "./store.js";
 
-const SCHEMA = `
-CREATE TABLE IF NOT EXISTS groups (
-  name TEXT PRIMARY KEY,
-  role TEXT NOT NULL,
-  attributes TEXT NOT NULL,
-  methods TEXT NOT NULL,
-  ek_trust_dir TEXT,
-  ek_allow TEXT NOT NULL,
-  created_at INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS bootstrap_tokens (
-  hash TEXT PRIMARY KEY,
-  group_name TEXT NOT NULL REFERENCES groups(name),
-  expires_at INTEGER NOT NULL,
-  created_at INTEGER NOT NULL,
-  used_at INTEGER,
-  used_by TEXT
-);
-CREATE TABLE IF NOT EXISTS sessions (
-  id TEXT PRIMARY KEY,
-  data TEXT NOT NULL,
-  created_at INTEGER NOT NULL,
-  expires_at INTEGER NOT NULL,
-  consumed_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS devices (
-  device_id TEXT PRIMARY KEY,
-  method TEXT NOT NULL,
-  status TEXT NOT NULL CHECK (status IN ('active','revoked')),
-  group_name TEXT NOT NULL,
-  role TEXT NOT NULL,
-  attributes TEXT NOT NULL,
-  public_jwk TEXT NOT NULL,
-  thumbprint TEXT NOT NULL UNIQUE,
-  ek_hash TEXT UNIQUE,
-  hardware_serial TEXT NOT NULL,
-  evidence TEXT,
-  cert_serial TEXT NOT NULL,
-  cert_not_after INTEGER NOT NULL,
-  created_at INTEGER NOT NULL,
-  updated_at INTEGER NOT NULL,
-  revoked_at INTEGER
-);
-CREATE TABLE IF NOT EXISTS audit (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  event TEXT NOT NULL
-);
-`;
-
-interface GroupRow {
-  name: string;
-  role: string;
-  attributes: string;
-  methods: string;
-  ek_trust_dir: string | null;
-  ek_allow: string;
-  created_at: number;
-}
-interface TokenRow {
-  hash: string;
-  group_name: string;
-  expires_at: number;
-  created_at: number;
-  used_at: number | null;
-  used_by: string | null;
-}
-interface SessionRow {
-  id: string;
-  data: string;
-  created_at: number;
-  expires_at: number;
-  consumed_at: number | null;
-}
-interface DeviceRow {
-  device_id: string;
-  method: string;
-  status: string;
-  group_name: string;
-  role: string;
-  attributes: string;
-  public_jwk: string;
-  thumbprint: string;
-  ek_hash: string | null;
-  hardware_serial: string;
-  evidence: string | null;
-  cert_serial: string;
-  cert_not_after: number;
-  created_at: number;
-  updated_at: number;
-  revoked_at: number | null;
-}
-
-const refused = (code: string, message: string): M2mError => new M2mError(code, "permanent", message);
+export const refused = (code: ErrorCode, message: string): M2mError =>
+  new M2mError(code, "permanent", message);
 
 /**
  * SQLite registry (better-sqlite3 12): WAL journal, prepared statements, every decision in a
@@ -122,6 +44,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
   readonly #db: Database.Database;
   readonly #stmt: ReturnType<SqliteRegistrarStore["prepare"]>;
   readonly #auditBuffer: string[] = [];
+  readonly #listeners = new Set<(deviceId: string) => void>();
   #auditTimer: NodeJS.Timeout | undefined;
 
   constructor(path: string) {
@@ -135,8 +58,44 @@ export class SqliteRegistrarStore implements RegistrarStore {
     this.#db.pragma("synchronous = FULL");
     this.#db.pragma("foreign_keys = ON");
     this.#db.pragma("busy_timeout = 5000");
-    this.#db.exec(SCHEMA);
+    this.migrate();
     this.#stmt = this.prepare();
+  }
+
+  /**
+   * Applies pending migrations (MIGRATIONS), each in a `BEGIN IMMEDIATE` transaction: the file's write
+   * lock serialises processes opening the same database. Runs at every open (embedded database).
+   * @throws ERR_STORE_SCHEMA_NEWER when the database was migrated by a newer registrar.
+   */
+  migrate(): { from: number; to: number } {
+    const db = this.#db;
+    db.exec(
+      "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+    );
+    const current = (): number =>
+      (db.prepare("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations").get() as { v: number }).v;
+    const from = current();
+    if (from > SCHEMA_VERSION) throw schemaNewer(from);
+    for (const m of MIGRATIONS) {
+      db.transaction(() => {
+        // Re-read under the write lock: another process may have applied it meanwhile.
+        if (current() >= m.version) return;
+        db.exec(m.sqlite);
+        db.prepare("INSERT INTO schema_migrations (version, name, applied_at) VALUES (?,?,?)").run(
+          m.version,
+          m.name,
+          Date.now(),
+        );
+      }).immediate();
+    }
+    return { from, to: current() };
+  }
+
+  /** The applied schema version. */
+  async schemaVersion(): Promise<number> {
+    return (
+      this.#db.prepare("SELECT COALESCE(MAX(version), 0) AS v FROM schema_migrations").get() as { v: number }
+    ).v;
   }
 
   private prepare() {
@@ -183,13 +142,45 @@ export class SqliteRegistrarStore implements RegistrarStore {
       revokeDevice: db.prepare(
         "UPDATE devices SET status = 'revoked', revoked_at = ?, updated_at = ? WHERE device_id = ? AND status = 'active'",
       ),
+      consumeOnce: db.prepare(
+        `INSERT INTO once_keys (key, expires_at) VALUES (?, ?)
+         ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at WHERE once_keys.expires_at < ?`,
+      ),
+      getOnce: db.prepare<[string], { expires_at: number }>("SELECT expires_at FROM once_keys WHERE key = ?"),
+      purgeOnce: db.prepare("DELETE FROM once_keys WHERE expires_at < ?"),
+      dropDeviceRotations: db.prepare(
+        "DELETE FROM rotation_sessions WHERE device_id = ? AND consumed_at IS NULL",
+      ),
+      insertRotation: db.prepare(
+        "INSERT INTO rotation_sessions (id, device_id, current_thumbprint, nonce, expires_at) VALUES (?,?,?,?,?)",
+      ),
+      getRotation: db.prepare<[string], RotationRow>("SELECT * FROM rotation_sessions WHERE id = ?"),
+      takeRotation: db.prepare(
+        "UPDATE rotation_sessions SET consumed_at = ? WHERE id = ? AND device_id = ? AND consumed_at IS NULL",
+      ),
+      purgeRotations: db.prepare("DELETE FROM rotation_sessions WHERE expires_at <= ?"),
+      insertSecret: db.prepare(
+        "INSERT INTO shared_secrets (name, value, created_at) VALUES (?,?,?) ON CONFLICT (name) DO NOTHING",
+      ),
+      getSecret: db.prepare<[string], { value: Buffer }>("SELECT value FROM shared_secrets WHERE name = ?"),
+      insertCert: db.prepare(
+        "INSERT OR IGNORE INTO certificates (serial, device_id, not_after, issued_at) VALUES (?,?,?,?)",
+      ),
+      revokedCerts: db.prepare<
+        [number],
+        { serial: string; device_id: string; not_after: number; revoked_at: number }
+      >(
+        `SELECT c.serial, c.device_id, c.not_after, d.revoked_at FROM devices d
+           JOIN certificates c ON c.device_id = d.device_id
+          WHERE d.status = 'revoked' AND c.not_after > ? ORDER BY c.serial`,
+      ),
       insertAudit: db.prepare("INSERT INTO audit (event) VALUES (?)"),
       listAudit: db.prepare<[number], { event: string }>("SELECT event FROM audit ORDER BY id DESC LIMIT ?"),
     };
   }
 
-  addGroup(group: NewEnrolmentGroup): EnrolmentGroup {
-    if (this.getGroup(group.name) !== undefined) {
+  async addGroup(group: NewEnrolmentGroup): Promise<EnrolmentGroup> {
+    if (this.#stmt.getGroup.get(group.name) !== undefined) {
       throw refused("ERR_GROUP_EXISTS", `enrolment group ${group.name} already exists`);
     }
     this.#stmt.insertGroup.run(
@@ -204,28 +195,33 @@ export class SqliteRegistrarStore implements RegistrarStore {
     return group;
   }
 
-  getGroup(name: string): EnrolmentGroup | undefined {
+  async getGroup(name: string): Promise<EnrolmentGroup | undefined> {
     const row = this.#stmt.getGroup.get(name);
     return row === undefined ? undefined : groupOf(row);
   }
 
-  listGroups(): EnrolmentGroup[] {
+  async listGroups(): Promise<EnrolmentGroup[]> {
     return this.#stmt.listGroups.all().map(groupOf);
   }
 
-  addBootstrapToken(token: { hash: string; group: string; expiresAt: Date; createdAt: Date }): void {
-    if (this.getGroup(token.group) === undefined) {
+  async addBootstrapToken(token: {
+    hash: string;
+    group: string;
+    expiresAt: Date;
+    createdAt: Date;
+  }): Promise<void> {
+    if (this.#stmt.getGroup.get(token.group) === undefined) {
       throw refused("ERR_GROUP_UNKNOWN", `enrolment group ${token.group} does not exist`);
     }
     this.#stmt.insertToken.run(token.hash, token.group, token.expiresAt.getTime(), token.createdAt.getTime());
   }
 
-  getBootstrapToken(hash: string): BootstrapTokenRecord | undefined {
+  async getBootstrapToken(hash: string): Promise<BootstrapTokenRecord | undefined> {
     const row = this.#stmt.getToken.get(hash);
     return row === undefined ? undefined : tokenOf(row);
   }
 
-  createSession(session: NewEnrolmentSession): void {
+  async createSession(session: NewEnrolmentSession): Promise<void> {
     // A session lost to a power cut only makes that enrolment retry: skip the WAL fsync here (the
     // next FULL commit syncs these frames too). Consuming proofs and registering devices stay FULL.
     this.#db.pragma("synchronous = NORMAL");
@@ -241,42 +237,115 @@ export class SqliteRegistrarStore implements RegistrarStore {
     }
   }
 
-  getSession(id: string): EnrolmentSession | undefined {
+  async getSession(id: string): Promise<EnrolmentSession | undefined> {
     const row = this.#stmt.getSession.get(id);
-    if (row === undefined) return undefined;
-    return {
-      id: row.id,
-      data: JSON.parse(row.data) as SessionData,
-      createdAt: new Date(row.created_at),
-      expiresAt: new Date(row.expires_at),
-      consumedAt: row.consumed_at === null ? undefined : new Date(row.consumed_at),
-    };
+    return row === undefined ? undefined : sessionOf(row);
   }
 
-  purgeExpiredSessions(now: Date): number {
-    return this.#stmt.purgeSessions.run(now.getTime()).changes;
+  async purgeExpiredSessions(now: Date): Promise<number> {
+    const t = now.getTime();
+    return this.#db.transaction(
+      () =>
+        this.#stmt.purgeSessions.run(t).changes +
+        this.#stmt.purgeRotations.run(t).changes +
+        this.#stmt.purgeOnce.run(t).changes,
+    )();
   }
 
-  getDevice(deviceId: string): DeviceRecord | undefined {
+  async consumeOnce(key: string, expiresAt: Date, now: Date): Promise<boolean> {
+    // Losing a replay record to a power cut (not a process crash: WAL) reopens at most the key's
+    // remaining lifetime; the FULL fsync per token request is not worth it. Process restarts keep it.
+    this.#db.pragma("synchronous = NORMAL");
+    try {
+      return this.#stmt.consumeOnce.run(key, expiresAt.getTime(), now.getTime()).changes === 1;
+    } finally {
+      this.#db.pragma("synchronous = FULL");
+    }
+  }
+
+  async isConsumed(key: string, now: Date): Promise<boolean> {
+    const row = this.#stmt.getOnce.get(key);
+    return row !== undefined && row.expires_at >= now.getTime();
+  }
+
+  async createRotationSession(session: RotationSessionRecord): Promise<void> {
+    this.#db
+      .transaction(() => {
+        this.#stmt.dropDeviceRotations.run(session.deviceId);
+        this.#stmt.insertRotation.run(
+          session.id,
+          session.deviceId,
+          session.currentThumbprint,
+          session.nonce,
+          session.expiresAt.getTime(),
+        );
+      })
+      .immediate();
+  }
+
+  async takeRotationSession(id: string, deviceId: string, now: Date): Promise<RotationSessionRecord> {
+    return this.#db
+      .transaction((): RotationSessionRecord => {
+        const row = this.#stmt.getRotation.get(id);
+        if (row === undefined) throw refused("ERR_SESSION_UNKNOWN", "session not found");
+        // Security: a replayed finish must not get a second certificate.
+        if (row.consumed_at !== null) throw refused("ERR_SESSION_CONSUMED", "session used");
+        // Security: the nonce is another device's challenge; it is not consumed by a stranger's attempt.
+        if (row.device_id !== deviceId)
+          throw refused("ERR_ROTATION_SESSION_DEVICE", "session belongs to another device");
+        // Security: a short-lived nonce bounds how long a certification can be held back and used.
+        if (row.expires_at <= now.getTime()) throw refused("ERR_SESSION_EXPIRED", "session expired");
+        if (this.#stmt.takeRotation.run(now.getTime(), id, deviceId).changes !== 1)
+          throw refused("ERR_SESSION_CONSUMED", "session used");
+        return rotationOf(row);
+      })
+      .immediate();
+  }
+
+  async sharedSecret(name: string, create: () => Buffer): Promise<Buffer> {
+    const have = this.#stmt.getSecret.get(name);
+    if (have !== undefined) return Buffer.from(have.value);
+    this.#stmt.insertSecret.run(name, create(), Date.now());
+    const row = this.#stmt.getSecret.get(name);
+    if (row === undefined) throw new M2mError("ERR_INTERNAL", "permanent", "shared secret vanished");
+    return Buffer.from(row.value);
+  }
+
+  onDeviceChange(listener: (deviceId: string) => void): () => void {
+    this.#listeners.add(listener);
+    return () => this.#listeners.delete(listener);
+  }
+
+  #changed(deviceId: string): void {
+    for (const l of this.#listeners) {
+      try {
+        l(deviceId);
+      } catch {
+        // A listener's failure must not undo a committed change.
+      }
+    }
+  }
+
+  async getDevice(deviceId: string): Promise<DeviceRecord | undefined> {
     const row = this.#stmt.getDevice.get(deviceId);
     return row === undefined ? undefined : deviceOf(row);
   }
 
-  findDeviceByEkHash(ekHash: string): DeviceRecord | undefined {
+  async findDeviceByEkHash(ekHash: string): Promise<DeviceRecord | undefined> {
     const row = this.#stmt.byEk.get(ekHash);
     return row === undefined ? undefined : deviceOf(row);
   }
 
-  findDeviceByThumbprint(thumbprint: string): DeviceRecord | undefined {
+  async findDeviceByThumbprint(thumbprint: string): Promise<DeviceRecord | undefined> {
     const row = this.#stmt.byThumb.get(thumbprint);
     return row === undefined ? undefined : deviceOf(row);
   }
 
-  listDevices(): DeviceRecord[] {
+  async listDevices(): Promise<DeviceRecord[]> {
     return this.#stmt.listDevices.all().map(deviceOf);
   }
 
-  planEnrolment(input: PlanEnrolment): { deviceId: string; existing: boolean } {
+  async planEnrolment(input: PlanEnrolment): Promise<{ deviceId: string; existing: boolean }> {
     const existing = this.#matchHardware(input);
     return existing === undefined
       ? { deviceId: input.proposedDeviceId, existing: false }
@@ -288,13 +357,13 @@ export class SqliteRegistrarStore implements RegistrarStore {
    * identity to different hardware.
    */
   #matchHardware(input: PlanEnrolment): DeviceRecord | undefined {
-    const byEk = input.ekHash === undefined ? undefined : this.findDeviceByEkHash(input.ekHash);
+    const byEk = input.ekHash === undefined ? undefined : this.#deviceBy(this.#stmt.byEk.get(input.ekHash));
     // Security: one EK is one TPM; a different device key under a registered EK would let whoever
     // holds that TPM's AK swap the identity's key without proving possession of the old one.
     if (byEk !== undefined && byEk.thumbprint !== input.thumbprint) {
       throw refused("ERR_EK_ALREADY_REGISTERED", "this endorsement key is already registered");
     }
-    const byKey = this.findDeviceByThumbprint(input.thumbprint);
+    const byKey = this.#deviceBy(this.#stmt.byThumb.get(input.thumbprint));
     // Security: a key registered through another method or under another EK is another device.
     if (byKey !== undefined && (byKey.ekHash !== input.ekHash || byKey.method !== input.method)) {
       throw refused("ERR_KEY_ALREADY_REGISTERED", "this device key is already registered");
@@ -312,7 +381,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
     return existing;
   }
 
-  commitEnrolment(input: CommitEnrolment): CommitResult {
+  async commitEnrolment(input: CommitEnrolment): Promise<CommitResult> {
     const tx = this.#db.transaction((): CommitResult => {
       const now = input.now.getTime();
       this.#consumeProof(input, now);
@@ -332,6 +401,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
           now,
           existing.deviceId,
         );
+        this.#stmt.insertCert.run(input.certSerial, existing.deviceId, input.certNotAfter.getTime(), now);
         return { device: this.#mustGet(existing.deviceId), reenrolled: true };
       }
       if (this.#stmt.getDevice.get(input.deviceId) !== undefined) {
@@ -353,9 +423,12 @@ export class SqliteRegistrarStore implements RegistrarStore {
         now,
         now,
       );
+      this.#stmt.insertCert.run(input.certSerial, input.deviceId, input.certNotAfter.getTime(), now);
       return { device: this.#mustGet(input.deviceId), reenrolled: false };
     });
-    return tx.immediate();
+    const result = tx.immediate();
+    if (result.reenrolled) this.#changed(result.device.deviceId);
+    return result;
   }
 
   #consumeProof(input: CommitEnrolment, now: number): void {
@@ -383,19 +456,42 @@ export class SqliteRegistrarStore implements RegistrarStore {
     if (changed !== 1) throw refused("ERR_SESSION_CONSUMED", "enrolment session already used");
   }
 
+  #deviceBy(row: DeviceRow | undefined): DeviceRecord | undefined {
+    return row === undefined ? undefined : deviceOf(row);
+  }
+
   #mustGet(deviceId: string): DeviceRecord {
-    const d = this.getDevice(deviceId);
+    const d = this.#deviceBy(this.#stmt.getDevice.get(deviceId));
     if (d === undefined) throw new M2mError("ERR_INTERNAL", "permanent", "device vanished in transaction");
     return d;
   }
 
-  recordCertificate(deviceId: string, cert: { serial: string; notAfter: Date }, at: Date): void {
-    this.#stmt.recordCert.run(cert.serial, cert.notAfter.getTime(), at.getTime(), deviceId);
+  async recordCertificate(
+    deviceId: string,
+    cert: { serial: string; notAfter: Date },
+    at: Date,
+  ): Promise<void> {
+    this.#db
+      .transaction(() => {
+        this.#stmt.recordCert.run(cert.serial, cert.notAfter.getTime(), at.getTime(), deviceId);
+        // Why: kept even when the device was revoked meanwhile, so the certificate reaches the CRL.
+        this.#stmt.insertCert.run(cert.serial, deviceId, cert.notAfter.getTime(), at.getTime());
+      })
+      .immediate();
   }
 
-  replaceDeviceKey(input: ReplaceDeviceKey): DeviceRecord {
+  async listRevokedCertificates(now: Date): Promise<RevokedCertificate[]> {
+    return this.#stmt.revokedCerts.all(now.getTime()).map((r) => ({
+      serial: r.serial,
+      deviceId: r.device_id,
+      notAfter: new Date(r.not_after),
+      revokedAt: new Date(r.revoked_at),
+    }));
+  }
+
+  async replaceDeviceKey(input: ReplaceDeviceKey): Promise<DeviceRecord> {
     const tx = this.#db.transaction((): DeviceRecord => {
-      const d = this.getDevice(input.deviceId);
+      const d = this.#deviceBy(this.#stmt.getDevice.get(input.deviceId));
       if (d === undefined) throw refused("ERR_DEVICE_UNKNOWN", `no device ${input.deviceId}`);
       // Security: a revoked identity gets no new key.
       if (d.status !== "active") throw refused("ERR_DEVICE_REVOKED", "the device is revoked");
@@ -418,19 +514,29 @@ export class SqliteRegistrarStore implements RegistrarStore {
         input.previousThumbprint,
       ).changes;
       if (changed !== 1) throw refused("ERR_ROTATION_CONFLICT", "the device key changed during the rotation");
+      this.#stmt.insertCert.run(
+        input.certSerial,
+        input.deviceId,
+        input.certNotAfter.getTime(),
+        input.at.getTime(),
+      );
       return this.#mustGet(input.deviceId);
     });
-    return tx.immediate();
+    const d = tx.immediate();
+    this.#changed(d.deviceId);
+    return d;
   }
 
-  revokeDevice(deviceId: string, at: Date): DeviceRecord {
+  async revokeDevice(deviceId: string, at: Date): Promise<DeviceRecord> {
     const tx = this.#db.transaction((): DeviceRecord => {
-      const d = this.getDevice(deviceId);
+      const d = this.#deviceBy(this.#stmt.getDevice.get(deviceId));
       if (d === undefined) throw refused("ERR_DEVICE_UNKNOWN", `no device ${deviceId}`);
       this.#stmt.revokeDevice.run(at.getTime(), at.getTime(), deviceId);
       return this.#mustGet(deviceId);
     });
-    return tx.immediate();
+    const d = tx.immediate();
+    this.#changed(d.deviceId);
+    return d;
   }
 
   /**
@@ -438,7 +544,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
    * primary audit trail): a synchronous fsync per request would stall the event loop for every
    * enrolment attempt. `listAudit` and `close` flush first.
    */
-  appendAudit(event: AuditEvent): void {
+  async appendAudit(event: AuditEvent): Promise<void> {
     this.#auditBuffer.push(JSON.stringify(event));
     if (this.#auditTimer === undefined) {
       this.#auditTimer = setTimeout(() => this.#flushAudit(), 50);
@@ -456,7 +562,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
     })();
   }
 
-  listAudit(limit: number): AuditEvent[] {
+  async listAudit(limit: number): Promise<AuditEvent[]> {
     this.#flushAudit();
     return this.#stmt.listAudit
       .all(limit)
@@ -464,52 +570,17 @@ export class SqliteRegistrarStore implements RegistrarStore {
       .reverse();
   }
 
-  close(): void {
+  async close(): Promise<void> {
     this.#flushAudit();
     if (this.#db.open) this.#db.close();
   }
 }
 
-function groupOf(row: GroupRow): EnrolmentGroup {
-  return {
-    name: row.name,
-    role: row.role,
-    attributes: JSON.parse(row.attributes) as Attributes,
-    methods: JSON.parse(row.methods) as EnrolmentMethod[],
-    ekTrustDir: row.ek_trust_dir ?? undefined,
-    ekAllow: JSON.parse(row.ek_allow) as string[],
-    createdAt: new Date(row.created_at),
-  };
-}
-
-function tokenOf(row: TokenRow): BootstrapTokenRecord {
-  return {
-    hash: row.hash,
-    group: row.group_name,
-    expiresAt: new Date(row.expires_at),
-    createdAt: new Date(row.created_at),
-    usedAt: row.used_at === null ? undefined : new Date(row.used_at),
-    usedBy: row.used_by ?? undefined,
-  };
-}
-
-function deviceOf(row: DeviceRow): DeviceRecord {
-  return {
-    deviceId: row.device_id,
-    method: row.method as EnrolmentMethod,
-    status: row.status === "revoked" ? "revoked" : "active",
-    group: row.group_name,
-    role: row.role,
-    attributes: JSON.parse(row.attributes) as Attributes,
-    publicJwk: JSON.parse(row.public_jwk) as Record<string, string>,
-    thumbprint: row.thumbprint,
-    ekHash: row.ek_hash ?? undefined,
-    hardwareSerial: row.hardware_serial,
-    evidence: row.evidence === null ? undefined : (JSON.parse(row.evidence) as Record<string, unknown>),
-    certSerial: row.cert_serial,
-    certNotAfter: new Date(row.cert_not_after),
-    createdAt: new Date(row.created_at),
-    updatedAt: new Date(row.updated_at),
-    revokedAt: row.revoked_at === null ? undefined : new Date(row.revoked_at),
-  };
+export function schemaNewer(version: number): M2mError {
+  return new M2mError(
+    "ERR_STORE_SCHEMA_NEWER",
+    "permanent",
+    `the database schema (version ${version}) is newer than this registrar understands (${SCHEMA_VERSION})`,
+    { hint: "upgrade m2m-registrar on this host; every replica must run the same or a newer release" },
+  );
 }

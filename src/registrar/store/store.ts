@@ -1,8 +1,9 @@
 import type { Attributes, EnrolmentMethod } from "../../wire/v1/index.js";
 
 /**
- * The registrar's persistence seam. `SqliteRegistrarStore` is the reference implementation; a shared
- * SQL database can implement the same interface later without touching the verifier or the routes.
+ * The registrar's persistence seam. `SqliteRegistrarStore` is the embedded implementation; every
+ * method is asynchronous so a shared database (PostgreSQL, `pg-store.ts`) implements the same
+ * interface without touching the verifier or the routes.
  *
  * Every method that decides something security-relevant (consuming a token or a session, registering
  * a device) is atomic: the check and the write happen in one transaction, so of two concurrent callers
@@ -11,27 +12,30 @@ import type { Attributes, EnrolmentMethod } from "../../wire/v1/index.js";
 export interface RegistrarStore {
   // --- enrolment groups -------------------------------------------------------------------------
   /** @throws ERR_GROUP_EXISTS when the name is taken. */
-  addGroup(group: NewEnrolmentGroup): EnrolmentGroup;
-  getGroup(name: string): EnrolmentGroup | undefined;
-  listGroups(): EnrolmentGroup[];
+  addGroup(group: NewEnrolmentGroup): Promise<EnrolmentGroup>;
+  getGroup(name: string): Promise<EnrolmentGroup | undefined>;
+  listGroups(): Promise<EnrolmentGroup[]>;
 
   // --- bootstrap tokens (only the SHA-256 of the token is ever stored) ---------------------------
   /** @throws ERR_GROUP_UNKNOWN */
-  addBootstrapToken(token: { hash: string; group: string; expiresAt: Date; createdAt: Date }): void;
+  addBootstrapToken(token: { hash: string; group: string; expiresAt: Date; createdAt: Date }): Promise<void>;
   /** Read-only lookup of a token (the CLI, and pre-checks that must not consume). */
-  getBootstrapToken(hash: string): BootstrapTokenRecord | undefined;
+  getBootstrapToken(hash: string): Promise<BootstrapTokenRecord | undefined>;
 
   // --- enrolment sessions (TPM begin → finish) ---------------------------------------------------
-  createSession(session: NewEnrolmentSession): void;
-  getSession(id: string): EnrolmentSession | undefined;
-  /** Removes sessions that expired before `now` (housekeeping; never needed for correctness). */
-  purgeExpiredSessions(now: Date): number;
+  createSession(session: NewEnrolmentSession): Promise<void>;
+  getSession(id: string): Promise<EnrolmentSession | undefined>;
+  /**
+   * Removes enrolment and rotation sessions and one-time keys that expired before `now`
+   * (housekeeping; never needed for correctness). Returns the number of rows removed.
+   */
+  purgeExpiredSessions(now: Date): Promise<number>;
 
   // --- devices -----------------------------------------------------------------------------------
-  getDevice(deviceId: string): DeviceRecord | undefined;
-  findDeviceByEkHash(ekHash: string): DeviceRecord | undefined;
-  findDeviceByThumbprint(thumbprint: string): DeviceRecord | undefined;
-  listDevices(): DeviceRecord[];
+  getDevice(deviceId: string): Promise<DeviceRecord | undefined>;
+  findDeviceByEkHash(ekHash: string): Promise<DeviceRecord | undefined>;
+  findDeviceByThumbprint(thumbprint: string): Promise<DeviceRecord | undefined>;
+  listDevices(): Promise<DeviceRecord[]>;
   /**
    * Atomically consumes the proof (a bootstrap token or an enrolment session), then registers the
    * device or re-issues for the same hardware. Nothing is written unless every check passes.
@@ -39,13 +43,22 @@ export interface RegistrarStore {
    *   ERR_SESSION_CONSUMED, ERR_SESSION_EXPIRED, ERR_EK_ALREADY_REGISTERED, ERR_KEY_ALREADY_REGISTERED,
    *   ERR_HARDWARE_MISMATCH, ERR_DEVICE_REVOKED
    */
-  commitEnrolment(input: CommitEnrolment): CommitResult;
+  commitEnrolment(input: CommitEnrolment): Promise<CommitResult>;
   /** Resolves which deviceId an enrolment would get (existing same hardware, or the proposed one). */
-  planEnrolment(input: PlanEnrolment): { deviceId: string; existing: boolean };
+  planEnrolment(input: PlanEnrolment): Promise<{ deviceId: string; existing: boolean }>;
   /** @throws ERR_DEVICE_UNKNOWN. Idempotent for an already revoked device. */
-  revokeDevice(deviceId: string, at: Date): DeviceRecord;
-  /** Records a certificate issued outside enrolment (EST renewal) for an active device. */
-  recordCertificate(deviceId: string, cert: { serial: string; notAfter: Date }, at: Date): void;
+  revokeDevice(deviceId: string, at: Date): Promise<DeviceRecord>;
+  /**
+   * Records a certificate issued outside enrolment (EST renewal). The device record shows it only
+   * while the device is active; the serial is kept in the issued-certificate list in every case, so
+   * a certificate issued in a race with a revocation still reaches the CRL.
+   */
+  recordCertificate(deviceId: string, cert: { serial: string; notAfter: Date }, at: Date): Promise<void>;
+  /**
+   * Every certificate issued to a revoked device that has not expired at `now` (enrolment, EST
+   * renewals and rotations alike): the entries of the fleet CA's CRL. Ordered by serial.
+   */
+  listRevokedCertificates(now: Date): Promise<RevokedCertificate[]>;
   /**
    * Key rotation: replaces an active device's key (JWK, thumbprint, evidence) and records the
    * certificate issued for the new key, in one transaction, only if the device still has the key
@@ -53,13 +66,59 @@ export interface RegistrarStore {
    * current key and the new one.
    * @throws ERR_DEVICE_UNKNOWN, ERR_DEVICE_REVOKED, ERR_ROTATION_CONFLICT, ERR_KEY_ALREADY_REGISTERED
    */
-  replaceDeviceKey(input: ReplaceDeviceKey): DeviceRecord;
+  replaceDeviceKey(input: ReplaceDeviceKey): Promise<DeviceRecord>;
+
+  // --- one-time keys: jti replay protection and ingest dedup, shared by every replica -------------
+  /**
+   * Records `key` as used until `expiresAt` (inclusive). Returns false when it is already recorded and
+   * still live (a replay). Atomic in the database: of two replicas presenting one key, one wins.
+   * Keys are namespaced by the caller (`a|sub|jti` assertions, `p|jkt|jti` DPoP proofs, `i|dev|id` ingest).
+   */
+  consumeOnce(key: string, expiresAt: Date, now: Date): Promise<boolean>;
+  /** Whether `key` is recorded and live (a read-only pre-check; record with consumeOnce). */
+  isConsumed(key: string, now: Date): Promise<boolean>;
+
+  // --- TPM key-rotation sessions (begin → finish, possibly at another replica) ---------------------
+  /** Stores a session; any other unconsumed session of the same device is dropped (one live per device). */
+  createRotationSession(session: RotationSessionRecord): Promise<void>;
+  /**
+   * Takes the session out (single use, whether the finish then succeeds or not) if it belongs to
+   * `deviceId`; a stranger's attempt does not consume it.
+   * @throws ERR_SESSION_UNKNOWN, ERR_SESSION_CONSUMED, ERR_SESSION_EXPIRED, ERR_ROTATION_SESSION_DEVICE
+   */
+  takeRotationSession(id: string, deviceId: string, now: Date): Promise<RotationSessionRecord>;
+
+  // --- shared secrets (e.g. the DPoP nonce HMAC key, so every replica accepts every nonce) --------
+  /** Returns the secret `name`, creating it from `create()` if absent (first writer wins). */
+  sharedSecret(name: string, create: () => Buffer): Promise<Buffer>;
+
+  // --- change notification (caches) ----------------------------------------------------------------
+  /**
+   * Subscribes to device changes (revocation, key replacement, re-enrolment) made through ANY store
+   * instance on the same database where the backend can tell (PostgreSQL LISTEN/NOTIFY), else through
+   * this instance only (SQLite). Caches must still bound their staleness themselves (fallback).
+   * Returns the unsubscribe function.
+   */
+  onDeviceChange(listener: (deviceId: string) => void): () => void;
 
   // --- audit ---------------------------------------------------------------------------------------
-  appendAudit(event: AuditEvent): void;
-  listAudit(limit: number): AuditEvent[];
+  appendAudit(event: AuditEvent): Promise<void>;
+  listAudit(limit: number): Promise<AuditEvent[]>;
 
-  close(): void;
+  /** The applied schema version (see migrations.ts). */
+  schemaVersion(): Promise<number>;
+
+  /** Flushes buffered audit rows and releases the database. */
+  close(): Promise<void>;
+}
+
+export interface RotationSessionRecord {
+  readonly id: string;
+  readonly deviceId: string;
+  /** Thumbprint of the key that authenticated `begin` (the current key then). */
+  readonly currentThumbprint: string;
+  readonly nonce: Buffer;
+  readonly expiresAt: Date;
 }
 
 export interface NewEnrolmentGroup {
@@ -175,6 +234,15 @@ export interface ReplaceDeviceKey {
   readonly certSerial: string;
   readonly certNotAfter: Date;
   readonly at: Date;
+}
+
+/** One CRL entry: a certificate issued to a revoked device, not yet expired. */
+export interface RevokedCertificate {
+  /** Hex serial, as issued (`randomSerial`). */
+  readonly serial: string;
+  readonly deviceId: string;
+  readonly notAfter: Date;
+  readonly revokedAt: Date;
 }
 
 export interface AuditEvent {

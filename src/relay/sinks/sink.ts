@@ -1,3 +1,4 @@
+import type { ErrorCode } from "../../core/error-codes.js";
 import type { TokenSource } from "../../credentials/oauth/token-source.js";
 import type { OutboxMessage } from "../outbox/outbox.js";
 
@@ -9,9 +10,17 @@ export type DeliveryOutcome =
   /** The upstream took responsibility (PUBACK success / 2xx): the message may leave the outbox. */
   | { readonly id: string; readonly kind: "ok" }
   /** Keep it and try again, not before `delayMs` if given (Retry-After, quota). */
-  | { readonly id: string; readonly kind: "retry"; readonly delayMs?: number; readonly code: string }
-  /** The upstream refuses this message for good (not authorized, invalid): move it aside. */
-  | { readonly id: string; readonly kind: "dead-letter"; readonly reason: string };
+  | { readonly id: string; readonly kind: "retry"; readonly delayMs?: number; readonly code: ErrorCode }
+  /**
+   * The upstream refuses this message for good (not authorized, invalid): move it aside. `detail` is the
+   * protocol's own reason (e.g. `reasonCode=0x87`, `status=404`), kept beside the code in the outbox.
+   */
+  | { readonly id: string; readonly kind: "dead-letter"; readonly code: ErrorCode; readonly detail?: string };
+
+/** The text stored with a dead-lettered message: the catalogue code, then the protocol detail if any. */
+export function deadLetterReason(o: { readonly code: ErrorCode; readonly detail?: string }): string {
+  return o.detail === undefined ? o.code : `${o.code} ${o.detail}`;
+}
 
 export interface Sink {
   readonly name: string;

@@ -1,4 +1,5 @@
 import { z } from "zod";
+import type { ErrorCode } from "../../core/error-codes.js";
 
 /**
  * Version 1 of the enrolment wire protocol shared by the agent (`src/enroll/`) and the registrar
@@ -170,6 +171,7 @@ export const ENROLL_ERROR_CODES = [
   "ERR_NOT_FOUND",
   "ERR_METHOD_NOT_ALLOWED",
   "ERR_TIMEOUT",
+  "ERR_BUSY",
   "ERR_INTERNAL",
   "ERR_GROUP_UNKNOWN",
   "ERR_METHOD_NOT_PERMITTED",
@@ -190,7 +192,7 @@ export const ENROLL_ERROR_CODES = [
   "ERR_HARDWARE_MISMATCH",
   "ERR_DEVICE_REVOKED",
   "ERR_ATTESTATION",
-] as const;
+] as const satisfies readonly ErrorCode[];
 
 export const errorBodySchema = z
   .object({

@@ -4,7 +4,7 @@
  * always ship together (one build).
  */
 
-import type { RetryClass } from "../../../core/errors.js";
+import type { ErrorCode, RetryClass } from "../../../core/errors.js";
 import type { LogLevel } from "../../../core/log.js";
 import type { SqliteOutboxOptions } from "../sqlite/sqlite-outbox.js";
 
@@ -46,7 +46,7 @@ export type ToWorker =
   | { readonly id: 0; readonly op: "clock"; readonly args: readonly [boolean] };
 
 export interface WireError {
-  readonly code: string;
+  readonly code: ErrorCode;
   readonly retry: RetryClass;
   readonly message: string;
   readonly details?: Readonly<Record<string, string | number | boolean>>;

@@ -2,6 +2,7 @@ import { promisify } from "node:util";
 import { gzip as gzipCb } from "node:zlib";
 import { Agent, type Dispatcher, request } from "undici";
 import { type Clock, systemClock } from "../../../core/clock.js";
+import { type ErrorCode, isErrorCode } from "../../../core/error-codes.js";
 import { asM2mError, M2mError } from "../../../core/errors.js";
 import { type Logger, silentLogger } from "../../../core/log.js";
 import { expandTopic } from "../../channel.js";
@@ -163,7 +164,7 @@ export class HttpsSink implements Sink {
 
   async deliver(batch: readonly OutboxMessage[]): Promise<DeliveryOutcome[]> {
     if (batch.length === 0) return [];
-    const retryAll = (code: string): DeliveryOutcome[] =>
+    const retryAll = (code: ErrorCode): DeliveryOutcome[] =>
       batch.map((m) => ({ id: m.id, kind: "retry", code }));
     const ordered = (this.#o.concurrency ?? 1) === 1;
     // Taken synchronously at the call, before any await: POSTs go in call order (= lease order)
@@ -195,10 +196,10 @@ export class HttpsSink implements Sink {
   }
 
   async #send(batch: readonly OutboxMessage[], payload: Buffer, ids: string): Promise<DeliveryOutcome[]> {
-    const retryAll = (code: string, delayMs?: number): DeliveryOutcome[] =>
+    const retryAll = (code: ErrorCode, delayMs?: number): DeliveryOutcome[] =>
       batch.map((m) => ({ id: m.id, kind: "retry", code, ...(delayMs === undefined ? {} : { delayMs }) }));
-    const deadAll = (reason: string): DeliveryOutcome[] =>
-      batch.map((m) => ({ id: m.id, kind: "dead-letter", reason }));
+    const deadAll = (code: ErrorCode, detail: string): DeliveryOutcome[] =>
+      batch.map((m) => ({ id: m.id, kind: "dead-letter", code, detail }));
 
     let url = this.#url;
     let refreshed = false;
@@ -247,9 +248,12 @@ export class HttpsSink implements Sink {
         url = target;
         continue;
       }
-      if (s === 408 || s >= 500) return retryAll(`ERR_HTTPS_${s}`);
+      if (s === 408 || s >= 500) {
+        this.#log.warn("ingest server error", { status: s });
+        return retryAll("ERR_HTTPS_SERVER");
+      }
       // Any other 4xx: the server refuses this content for good.
-      return deadAll(`http_${s}`);
+      return deadAll("ERR_HTTPS_REFUSED", `status=${s}`);
     }
     return retryAll("ERR_HTTPS_REDIRECT_LOOP");
   }
@@ -271,9 +275,11 @@ export class HttpsSink implements Sink {
     }
     return batch.map((m) => {
       const code = rejected.get(m.id);
-      return code === undefined
-        ? { id: m.id, kind: "ok" }
-        : { id: m.id, kind: "dead-letter", reason: `ingest_${code}` };
+      if (code === undefined) return { id: m.id, kind: "ok" };
+      // A code this agent's catalogue does not know (newer server) is kept as the detail.
+      return isErrorCode(code)
+        ? { id: m.id, kind: "dead-letter", code }
+        : { id: m.id, kind: "dead-letter", code: "ERR_INGEST_REJECTED", detail: `ingestCode=${code}` };
     });
   }
 

@@ -2,6 +2,7 @@ import { randomBytes } from "node:crypto";
 import type { SecureContext } from "node:tls";
 import mqtt, { type IClientOptions, type MqttClient } from "mqtt";
 import { type Clock, systemClock } from "../../../core/clock.js";
+import type { ErrorCode } from "../../../core/error-codes.js";
 import { asM2mError, M2mError } from "../../../core/errors.js";
 import { type Logger, silentLogger } from "../../../core/log.js";
 import type { Secret } from "../../../core/secret.js";
@@ -59,14 +60,14 @@ export interface MqttSinkOptions {
 }
 
 /** PUBACK reason codes that refuse this message for good: dead-letter it, let the rest flow. */
-const DEAD_LETTER_CODES: Readonly<Record<number, string>> = {
-  135: "mqtt_0x87_not_authorized",
-  144: "mqtt_0x90_topic_name_invalid",
-  153: "mqtt_0x99_payload_format_invalid",
-  149: "mqtt_0x95_packet_too_large",
+const DEAD_LETTER_CODES: Readonly<Record<number, ErrorCode>> = {
+  135: "ERR_MQTT_NOT_AUTHORIZED",
+  144: "ERR_MQTT_TOPIC_NAME_INVALID",
+  153: "ERR_MQTT_PAYLOAD_FORMAT_INVALID",
+  149: "ERR_MQTT_PACKET_TOO_LARGE",
 };
 /** Reason codes that mean "not now": back off and keep the message. */
-const BACKOFF_CODES: Readonly<Record<number, string>> = {
+const BACKOFF_CODES: Readonly<Record<number, ErrorCode>> = {
   151: "ERR_MQTT_QUOTA_EXCEEDED",
   137: "ERR_MQTT_SERVER_BUSY",
   150: "ERR_MQTT_RATE_TOO_HIGH",
@@ -77,10 +78,11 @@ export function classifyPublishError(id: string, err: unknown): DeliveryOutcome 
   const code = (err as { code?: unknown }).code;
   if (typeof code === "number") {
     const dead = DEAD_LETTER_CODES[code];
-    if (dead !== undefined) return { id, kind: "dead-letter", reason: dead };
+    if (dead !== undefined)
+      return { id, kind: "dead-letter", code: dead, detail: `reasonCode=0x${code.toString(16)}` };
     const backoff = BACKOFF_CODES[code];
     if (backoff !== undefined) return { id, kind: "retry", code: backoff };
-    return { id, kind: "retry", code: `ERR_MQTT_PUBACK_0x${code.toString(16)}` };
+    return { id, kind: "retry", code: "ERR_MQTT_PUBACK_REFUSED" };
   }
   return { id, kind: "retry", code: "ERR_MQTT_CONNECTION_LOST" };
 }

@@ -1,4 +1,4 @@
-import { M2mError } from "../../../core/errors.js";
+import { type ErrorCode, M2mError } from "../../../core/errors.js";
 import { MAX_CHANNEL_LENGTH, validateChannel } from "../../channel.js";
 import type { NewMessage } from "../../outbox/outbox.js";
 
@@ -14,7 +14,7 @@ const BASE64_RE = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=
 const CONTENT_TYPE_RE = /^[a-z0-9!#$&^_.+-]+\/[a-z0-9!#$&^_.+-]+(;[ -~]*)?$/i;
 const enc = new TextEncoder();
 
-function invalid(code: string, message: string, index: number): M2mError {
+function invalid(code: ErrorCode, message: string, index: number): M2mError {
   return new M2mError(code, "permanent", `message ${index}: ${message}`, { details: { index } });
 }
 

@@ -1,0 +1,131 @@
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { startHaproxy } from "../hw/haproxy.js";
+import { freeLoopbackPort } from "../hw/swtpm.js";
+import {
+  FLEET_TPM_GROUP,
+  prepareFleetRegistrar,
+  type RegistrarProcess,
+  startRegistrarProcess,
+  writeReplicaConfig,
+} from "./fleet/kit.js";
+import { type FleetReport, runFleet } from "./fleet/sim.js";
+
+/**
+ * `npm run bench:fleet`: attested enrolments/s and tokens/s of the built registrar under the fleet
+ * simulator (SIMULATED TPM devices over real HTTPS), p50/p99 per step, and registrar CPU per
+ * enrolment and per token (utime+stime of the registrar processes from /proc) so larger machines
+ * can be projected. Configurations, measured in the same run:
+ *   A. one process, SQLite (the baseline);
+ *   B. two replicas behind haproxy sharing the SQLite file (ratio to A).
+ * PostgreSQL rows need the PostgreSQL store (`[store] url`), which is not on this branch yet.
+ *
+ * Env: FLEET_BENCH_DEVICES (devices per phase, default 300), FLEET_BENCH_CONCURRENCY (default 64).
+ * The simulator runs on the same 2 cores as the registrar: client CPU competes with server CPU.
+ */
+const DEVICES = Number(process.env.FLEET_BENCH_DEVICES ?? 300);
+const CONCURRENCY = Number(process.env.FLEET_BENCH_CONCURRENCY ?? 64);
+
+interface Row {
+  readonly config: string;
+  readonly enrolPerSec: number;
+  readonly tokenPerSec: number;
+  readonly enrolP50: number;
+  readonly enrolP99: number;
+  readonly tokenP50: number;
+  readonly tokenP99: number;
+  readonly cpuMsPerEnrol: number;
+  readonly cpuMsPerToken: number;
+  readonly errors: number;
+}
+
+async function cpu(procs: readonly RegistrarProcess[]): Promise<number> {
+  let s = 0;
+  for (const p of procs) s += await p.cpuSeconds();
+  return s;
+}
+
+async function measure(config: string, replicas: number): Promise<Row> {
+  const work = await mkdtemp(join(tmpdir(), "m2m-bench-fleet-"));
+  const procs: RegistrarProcess[] = [];
+  let stopLb: (() => Promise<void>) | undefined;
+  try {
+    const setup = await prepareFleetRegistrar({ work, pkcs11Devices: 0 });
+    let url: string;
+    if (replicas === 1) {
+      procs.push(await startRegistrarProcess(setup.configPath));
+      url = procs[0]?.url ?? "";
+    } else {
+      const lbPort = await freeLoopbackPort();
+      const ports: number[] = [];
+      for (let i = 0; i < replicas; i++) {
+        const port = await freeLoopbackPort();
+        ports.push(port);
+        const cfg = await writeReplicaConfig(setup, `r${i}`, {
+          port,
+          publicUrl: `https://127.0.0.1:${lbPort}`,
+        });
+        procs.push(await startRegistrarProcess(cfg));
+      }
+      const lb = await startHaproxy({ port: lbPort, backends: ports.map((p) => `127.0.0.1:${p}`) });
+      stopLb = () => lb.stop();
+      url = lb.url;
+    }
+    const target = { url, caPem: setup.caPem, caFile: setup.caFile };
+    const tpm = { group: FLEET_TPM_GROUP, ekCa: setup.ekCa };
+    // Phase 1: enrolment only.
+    let c0 = await cpu(procs);
+    const enrol: FleetReport = await runFleet({
+      target,
+      tpm: { ...tpm, count: DEVICES },
+      concurrency: CONCURRENCY,
+      steps: ["enrol"],
+      serialPrefix: "E",
+    });
+    const cpuEnrol = (await cpu(procs)) - c0;
+    // Phase 2: enrolment + first token; the token's share is what phase 2 costs beyond phase 1.
+    c0 = await cpu(procs);
+    const both: FleetReport = await runFleet({
+      target,
+      tpm: { ...tpm, count: DEVICES },
+      concurrency: CONCURRENCY,
+      steps: ["enrol", "token"],
+      serialPrefix: "T",
+    });
+    const cpuBoth = (await cpu(procs)) - c0;
+    const perEnrol = cpuEnrol / Math.max(1, enrol.done);
+    const perToken = Math.max(0, cpuBoth / Math.max(1, both.done) - perEnrol);
+    const tokenSeconds = Math.max(0.001, both.elapsedMs / 1000 - enrol.elapsedMs / 1000);
+    return {
+      config,
+      enrolPerSec: Math.round((enrol.done / (enrol.elapsedMs / 1000)) * 10) / 10,
+      tokenPerSec: Math.round((both.done / tokenSeconds) * 10) / 10,
+      enrolP50: enrol.latencyMs.enrol?.p50 ?? 0,
+      enrolP99: enrol.latencyMs.enrol?.p99 ?? 0,
+      tokenP50: both.latencyMs.token?.p50 ?? 0,
+      tokenP99: both.latencyMs.token?.p99 ?? 0,
+      cpuMsPerEnrol: Math.round(perEnrol * 10_000) / 10,
+      cpuMsPerToken: Math.round(perToken * 10_000) / 10,
+      errors: enrol.failed + both.failed + enrol.serverErrors + both.serverErrors,
+    };
+  } finally {
+    await stopLb?.();
+    for (const p of procs) await p.stop();
+    await rm(work, { recursive: true, force: true });
+  }
+}
+
+const rows: Row[] = [];
+rows.push(await measure("SQLite, 1 process (baseline)", 1));
+rows.push(await measure("SQLite file shared by 2 replicas behind haproxy", 2));
+console.table(rows);
+const base = rows[0];
+const two = rows[1];
+if (base !== undefined && two !== undefined) {
+  console.log(
+    `2 replicas / 1 process: enrolments ${(two.enrolPerSec / base.enrolPerSec).toFixed(2)}x, ` +
+      `tokens ${(two.tokenPerSec / base.tokenPerSec).toFixed(2)}x (simulator and registrars share 2 cores)`,
+  );
+}
+console.log("PostgreSQL rows: pending the PostgreSQL store ([store] url) from the pg-store branch.");

@@ -1,0 +1,422 @@
+import { randomUUID } from "node:crypto";
+import { Agent, request } from "undici";
+import { type Clock, systemClock } from "../../src/core/clock.js";
+import { asM2mError, M2mError } from "../../src/core/errors.js";
+import { parseRetryAfter, type RetryPolicy, withRetry } from "../../src/core/retry.js";
+import type { Secret } from "../../src/core/secret.js";
+import { EstClient } from "../../src/credentials/est/est-client.js";
+import { OAuthClient } from "../../src/credentials/oauth/client.js";
+import { enrollPkcs11, enrollTpm, RegistrarClient } from "../../src/enroll/index.js";
+import { createCsr } from "../../src/keys/csr.js";
+import { FakeKeyProvider, FakeKeyStore } from "../../src/keys/fake/fake-provider.js";
+import type { KeyProvider } from "../../src/keys/key-provider.js";
+import type { EnrolmentResult } from "../../src/wire/v1/index.js";
+import type { TestEkCa } from "./ek-ca.js";
+import { createSoftTpmDevice } from "./soft-tpm.js";
+
+/**
+ * The fleet simulator: thousands of SIMULATED devices speaking the real v1 wire protocol to a
+ * registrar (or a load balancer in front of replicas) over real HTTPS, each on its own connections.
+ * Each device runs the agent's own client code — `enrollTpm` / `enrollPkcs11` over `RegistrarClient`,
+ * `OAuthClient` (private_key_jwt + DPoP), `EstClient` (simplereenroll with a DPoP-bound token) — and
+ * posts one message to the ingest endpoint, every request through the one retry policy
+ * (`withRetry`, which honours a capped Retry-After with jitter).
+ *
+ * What is simulated: the hardware. TPM devices are software keys dressed as TPM structures
+ * (soft-tpm.ts; EK certificates from a test vendor CA, ek-ca.ts); PKCS#11-style devices hold a
+ * software key and a real one-time bootstrap token. Nothing here is evidence of real hardware.
+ */
+
+export type FleetStep = "enrol" | "token" | "est" | "ingest";
+export const ALL_STEPS: readonly FleetStep[] = ["enrol", "token", "est", "ingest"];
+
+export interface FleetTarget {
+  /** Registrar base URL (or the load balancer's). */
+  readonly url: string;
+  /** Fleet CA PEM: the registrar's TLS trust anchor. */
+  readonly caPem: string;
+  /** The same PEM as a file (RegistrarClient reads its trust anchor from a file, as the agent does). */
+  readonly caFile: string;
+}
+
+export interface FleetOptions {
+  readonly target: FleetTarget;
+  /** Simulated TPM devices enrolling into `group` (EK certificates from `ekCa`). */
+  readonly tpm?: { readonly count: number; readonly group: string; readonly ekCa: TestEkCa };
+  /** PKCS#11-style devices: one per bootstrap token. */
+  readonly pkcs11?: { readonly tokens: readonly Secret[] };
+  /** Devices in progress at once (each has its own connections). */
+  readonly concurrency: number;
+  /** Steps each device runs, in order (a prefix of enrol → token → est → ingest). Default all. */
+  readonly steps?: readonly FleetStep[];
+  readonly retry?: RetryPolicy;
+  /** Scope of the one token a device asks for (used for EST and ingest). */
+  readonly scope?: string;
+  readonly requestTimeoutMs?: number;
+  readonly clock?: Clock;
+  readonly signal?: AbortSignal;
+  /** Called about every `progressEveryMs` with a snapshot. */
+  readonly onProgress?: (r: FleetReport) => void;
+  readonly progressEveryMs?: number;
+  /** Hardware serials get this prefix (distinct runs against one registrar stay distinct). */
+  readonly serialPrefix?: string;
+}
+
+/** A device that never gives up while the registrar is shedding or failing over (until 30 min). */
+export const FLEET_RETRY: RetryPolicy = {
+  baseMs: 250,
+  factor: 2,
+  capMs: 15_000,
+  deadlineMs: 30 * 60_000,
+  maxAttempts: 100_000,
+  maxRetryAfterMs: 60_000,
+  retryAfterJitter: 0.5,
+};
+
+export type DevicePhase = "waiting" | FleetStep | "done" | "failed";
+
+export interface DeviceOutcome {
+  readonly index: number;
+  readonly kind: "tpm" | "pkcs11";
+  phase: DevicePhase;
+  deviceId: string | undefined;
+  /** Attempts over all steps (1 per step when nothing was retried). */
+  attempts: number;
+  error: { readonly step: FleetStep; readonly code: string; readonly status?: number } | undefined;
+}
+
+export interface LatencySummary {
+  readonly n: number;
+  readonly p50: number;
+  readonly p99: number;
+  readonly max: number;
+}
+
+export interface FleetReport {
+  readonly devices: number;
+  readonly done: number;
+  readonly failed: number;
+  /** Devices neither done nor failed (only non-zero in a snapshot, or after an abort). */
+  readonly inProgress: number;
+  /** Attempt outcomes per step, keyed "step status" ("enrol 200", "token 429", "est ERR_EST_UNREACHABLE"). */
+  readonly outcomes: Readonly<Record<string, number>>;
+  /** Responses with a 5xx status, over all steps. */
+  readonly serverErrors: number;
+  readonly retries: number;
+  /** Per step, from its first attempt to its success (retries and waits included), ms. */
+  readonly latencyMs: Readonly<Partial<Record<FleetStep, LatencySummary>>>;
+  /** Completed steps per second of the run. */
+  readonly ratePerSec: Readonly<Partial<Record<FleetStep, number>>>;
+  readonly elapsedMs: number;
+  /** Distinct device ids handed out (equals `done` when nobody got another's identity). */
+  readonly distinctDeviceIds: number;
+  /** Up to 20 final failures, for the log. */
+  readonly failures: readonly DeviceOutcome[];
+}
+
+interface Running {
+  readonly started: number;
+  readonly outcomes: Map<string, number>;
+  readonly latencies: Map<FleetStep, number[]>;
+  readonly completedSteps: Map<FleetStep, number>;
+  readonly devices: DeviceOutcome[];
+  readonly ids: Set<string>;
+  retries: number;
+  serverErrors: number;
+}
+
+function statusOf(err: unknown): number | undefined {
+  if (err instanceof M2mError) {
+    const s = err.details.status;
+    if (typeof s === "number") return s;
+  }
+  return undefined;
+}
+
+function percentile(sorted: readonly number[], p: number): number {
+  if (sorted.length === 0) return 0;
+  return sorted[Math.min(sorted.length - 1, Math.floor(p * sorted.length))] ?? 0;
+}
+
+function summarise(run: Running, clock: Clock): FleetReport {
+  const elapsedMs = clock.monotonicMs() - run.started;
+  const latencyMs: Partial<Record<FleetStep, LatencySummary>> = {};
+  const ratePerSec: Partial<Record<FleetStep, number>> = {};
+  for (const [step, xs] of run.latencies) {
+    const s = [...xs].sort((a, b) => a - b);
+    latencyMs[step] = {
+      n: s.length,
+      p50: Math.round(percentile(s, 0.5)),
+      p99: Math.round(percentile(s, 0.99)),
+      max: Math.round(s[s.length - 1] ?? 0),
+    };
+    ratePerSec[step] =
+      Math.round(((run.completedSteps.get(step) ?? 0) / Math.max(1, elapsedMs)) * 10_000) / 10;
+  }
+  let done = 0;
+  let failed = 0;
+  const failures: DeviceOutcome[] = [];
+  for (const d of run.devices) {
+    if (d.phase === "done") done++;
+    else if (d.phase === "failed") {
+      failed++;
+      if (failures.length < 20) failures.push({ ...d });
+    }
+  }
+  return {
+    devices: run.devices.length,
+    done,
+    failed,
+    inProgress: run.devices.length - done - failed,
+    outcomes: Object.fromEntries([...run.outcomes].sort(([a], [b]) => a.localeCompare(b))),
+    serverErrors: run.serverErrors,
+    retries: run.retries,
+    latencyMs,
+    ratePerSec,
+    elapsedMs: Math.round(elapsedMs),
+    distinctDeviceIds: run.ids.size,
+    failures,
+  };
+}
+
+/**
+ * Runs the simulated fleet to completion: every device runs its steps, retrying through the one
+ * retry policy; a device whose policy gives up is `failed` with its last error.
+ */
+export async function runFleet(options: FleetOptions): Promise<FleetReport> {
+  const clock = options.clock ?? systemClock;
+  const steps = options.steps ?? ALL_STEPS;
+  const policy = options.retry ?? FLEET_RETRY;
+  const scope = options.scope ?? "telemetry:write est";
+  const timeoutMs = options.requestTimeoutMs ?? 30_000;
+  const tpmCount = options.tpm?.count ?? 0;
+  const tokens = options.pkcs11?.tokens ?? [];
+  const total = tpmCount + tokens.length;
+  const run: Running = {
+    started: clock.monotonicMs(),
+    outcomes: new Map(),
+    latencies: new Map(),
+    completedSteps: new Map(),
+    devices: [],
+    ids: new Set(),
+    retries: 0,
+    serverErrors: 0,
+  };
+  // Interleave the two kinds so both load the registrar throughout the run.
+  for (let i = 0; i < total; i++) {
+    const kind: "tpm" | "pkcs11" =
+      tokens.length === 0
+        ? "tpm"
+        : tpmCount === 0
+          ? "pkcs11"
+          : i % Math.max(2, Math.round(total / tokens.length)) === 1 &&
+              run.devices.filter((d) => d.kind === "pkcs11").length < tokens.length
+            ? "pkcs11"
+            : run.devices.filter((d) => d.kind === "tpm").length < tpmCount
+              ? "tpm"
+              : "pkcs11";
+    run.devices.push({
+      index: i,
+      kind,
+      phase: "waiting",
+      deviceId: undefined,
+      attempts: 0,
+      error: undefined,
+    });
+  }
+  let nextToken = 0;
+  const tokenFor = new Map<number, Secret>();
+  for (const d of run.devices) if (d.kind === "pkcs11") tokenFor.set(d.index, tokens[nextToken++] as Secret);
+
+  const count = (key: string) => run.outcomes.set(key, (run.outcomes.get(key) ?? 0) + 1);
+  const attemptStep = async <T>(d: DeviceOutcome, step: FleetStep, fn: () => Promise<T>): Promise<T> => {
+    d.phase = step;
+    const t0 = clock.monotonicMs();
+    const value = await withRetry(
+      policy,
+      async () => {
+        d.attempts++;
+        try {
+          const v = await fn();
+          count(`${step} 200`);
+          return v;
+        } catch (err) {
+          const e = asM2mError(err);
+          const status = statusOf(e);
+          if (status !== undefined && status >= 500) run.serverErrors++;
+          count(`${step} ${status ?? e.code}`);
+          throw e;
+        }
+      },
+      {
+        clock,
+        ...(options.signal === undefined ? {} : { signal: options.signal }),
+        onRetry: () => {
+          run.retries++;
+        },
+      },
+    );
+    const xs = run.latencies.get(step) ?? [];
+    xs.push(clock.monotonicMs() - t0);
+    run.latencies.set(step, xs);
+    run.completedSteps.set(step, (run.completedSteps.get(step) ?? 0) + 1);
+    return value;
+  };
+
+  const serial = options.serialPrefix ?? `SIM-${randomUUID().slice(0, 8)}`;
+  const runDevice = async (d: DeviceOutcome): Promise<void> => {
+    const closers: (() => Promise<void>)[] = [];
+    let current: FleetStep = "enrol";
+    try {
+      let provider: KeyProvider;
+      let enrol: (client: RegistrarClient) => Promise<{ result: EnrolmentResult }>;
+      const hardwareSerial = `${serial}-${d.kind}-${d.index}`;
+      if (d.kind === "tpm") {
+        const tpm = options.tpm;
+        if (tpm === undefined) throw new Error("unreachable: tpm device without tpm options");
+        const dev = await createSoftTpmDevice(tpm.ekCa, hardwareSerial);
+        provider = dev.provider;
+        enrol = (client) => enrollTpm({ client, provider, tpm: dev.ops, group: tpm.group, hardwareSerial });
+      } else {
+        const p = new FakeKeyProvider({ store: new FakeKeyStore(), label: hardwareSerial });
+        await p.createOrOpen();
+        provider = p;
+        const bootstrapToken = tokenFor.get(d.index) as Secret;
+        enrol = (client) => enrollPkcs11({ client, provider, bootstrapToken, hardwareSerial });
+      }
+      const client = await RegistrarClient.create({
+        baseUrl: options.target.url,
+        caFile: options.target.caFile,
+        timeoutMs,
+      });
+      closers.push(() => client.close());
+      const { result } = await attemptStep(d, "enrol", () => enrol(client));
+      d.deviceId = result.deviceId;
+      run.ids.add(result.deviceId);
+      if (!steps.includes("token")) {
+        d.phase = "done";
+        return;
+      }
+      current = "token";
+      const oauth = new OAuthClient(
+        {
+          clientId: result.deviceId,
+          tokenEndpoint: result.endpoints.token,
+          dpop: true,
+          scope,
+          caPem: options.target.caPem,
+          requestTimeoutMs: timeoutMs,
+        },
+        // The outer withRetry retries (so every attempt's status is counted); the client tries once.
+        { keys: provider, clock, retry: { ...policy, maxAttempts: 1 } },
+      );
+      closers.push(() => oauth.close());
+      await attemptStep(d, "token", async () => {
+        const t = await oauth.getToken();
+        // Security: the simulator insists on what a real agent insists on: a DPoP-bound token.
+        if (t.tokenType !== "DPoP")
+          throw new M2mError("ERR_SIM_NOT_DPOP", "permanent", "token is not DPoP-bound");
+        return t;
+      });
+      const signer = await oauth.dpopSigner();
+      if (signer === undefined) throw new M2mError("ERR_SIM", "permanent", "no DPoP signer");
+      if (steps.includes("est")) {
+        current = "est";
+        const est = new EstClient(
+          {
+            baseUrl: result.endpoints.est.replace(/\/\.well-known\/est\/?$/, ""),
+            caPem: options.target.caPem,
+            timeoutMs,
+          },
+          { kind: "token", tokens: oauth, dpop: signer, scope },
+          clock,
+        );
+        const key = await provider.open();
+        // EST: the CSR subject CN must name the device (RFC 7030 re-enrolment of the same identity).
+        const csr = await createCsr(provider, key, { commonName: result.deviceId });
+        const certs = await attemptStep(d, "est", () => est.simplereenroll(csr));
+        if (certs.length === 0) throw new M2mError("ERR_SIM_EST", "permanent", "EST returned no certificate");
+      }
+      if (steps.includes("ingest")) {
+        current = "ingest";
+        const url = result.endpoints.ingest;
+        if (url === undefined) throw new M2mError("ERR_SIM_INGEST", "permanent", "no ingest endpoint");
+        const agent = new Agent({ connect: { ca: options.target.caPem }, connections: 1 });
+        closers.push(() => agent.close());
+        const message = {
+          id: randomUUID(),
+          topic: `devices/${result.deviceId}/telemetry`,
+          channel: "telemetry",
+          ts: clock.now().getTime(),
+          content_type: "application/json",
+          payload: { seq: 1, temperature_c: 21.5 },
+        };
+        await attemptStep(d, "ingest", async () => {
+          // Fresh token (cached unless near expiry) and a fresh proof per attempt (jti is single-use).
+          const t = await oauth.getToken();
+          const res = await request(url, {
+            method: "POST",
+            dispatcher: agent,
+            headers: {
+              "content-type": "application/json",
+              authorization: `DPoP ${t.token.reveal()}`,
+              dpop: await signer.proof("POST", url, t.token),
+            },
+            body: JSON.stringify({ messages: [message] }),
+            signal: AbortSignal.timeout(timeoutMs),
+          }).catch((err: unknown) => {
+            throw new M2mError("ERR_SIM_INGEST_UNREACHABLE", "transient", "ingest unreachable", {
+              cause: err,
+            });
+          });
+          const text = await res.body.text();
+          if (res.statusCode !== 200) {
+            const ra = res.headers["retry-after"];
+            const retryAfterMs = parseRetryAfter(Array.isArray(ra) ? ra[0] : ra, clock.now().getTime());
+            const transient = res.statusCode === 429 || res.statusCode >= 500;
+            throw new M2mError(
+              "ERR_SIM_INGEST",
+              transient ? "transient" : "permanent",
+              `ingest ${res.statusCode}`,
+              {
+                details: { status: res.statusCode, ...(retryAfterMs === undefined ? {} : { retryAfterMs }) },
+              },
+            );
+          }
+          const body = JSON.parse(text) as { accepted?: number; duplicates?: number };
+          // A retried post whose first answer was lost counts as a duplicate: still stored once.
+          if ((body.accepted ?? 0) + (body.duplicates ?? 0) !== 1)
+            throw new M2mError("ERR_SIM_INGEST", "permanent", "message not accepted");
+        });
+      }
+      d.phase = "done";
+    } catch (err) {
+      const e = asM2mError(err);
+      const status = statusOf(e);
+      d.error = { step: current, code: e.code, ...(status === undefined ? {} : { status }) };
+      d.phase = "failed";
+    } finally {
+      for (const c of closers) await c().catch(() => undefined);
+    }
+  };
+
+  let next = 0;
+  const worker = async (): Promise<void> => {
+    for (;;) {
+      if (options.signal?.aborted) return;
+      const d = run.devices[next++];
+      if (d === undefined) return;
+      await runDevice(d);
+    }
+  };
+  const timer =
+    options.onProgress === undefined
+      ? undefined
+      : setInterval(() => options.onProgress?.(summarise(run, clock)), options.progressEveryMs ?? 5000);
+  try {
+    await Promise.all(Array.from({ length: Math.max(1, Math.min(options.concurrency, total)) }, worker));
+  } finally {
+    if (timer !== undefined) clearInterval(timer);
+  }
+  return summarise(run, clock);
+}

@@ -1,0 +1,3 @@
+export * from "./crl-publisher.js";
+export * from "./hook.js";
+export * from "./routes.js";

@@ -1,0 +1,526 @@
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import pg from "pg";
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import { type PostgresHandle, startPostgres } from "../../hw/postgres.js";
+import { CachedDeviceDirectory } from "../../src/registrar/oauth/directory.js";
+import {
+  type CommitEnrolment,
+  PgRegistrarStore,
+  type RegistrarStore,
+  SCHEMA_VERSION,
+  type SessionData,
+  SqliteRegistrarStore,
+} from "../../src/registrar/store/index.js";
+
+/**
+ * One contract for RegistrarStore, run against SQLite and a real PostgreSQL (hw/postgres.ts). Every
+ * test opens TWO store instances on one database: two replicas (two pools for PostgreSQL, two
+ * connections to one file for SQLite), so the races that matter across replicas are decided by the
+ * database, not by one process's event loop.
+ */
+
+interface Replicas {
+  readonly a: RegistrarStore;
+  readonly b: RegistrarStore;
+  readonly kind: "sqlite" | "postgres";
+}
+
+interface Backend {
+  readonly name: "sqlite" | "postgres";
+  setup(): Promise<void>;
+  open(): Promise<Replicas>;
+  teardown(): Promise<void>;
+}
+
+let dbCounter = 0;
+
+function sqliteBackend(): Backend {
+  let dir = "";
+  return {
+    name: "sqlite",
+    async setup() {
+      dir = await mkdtemp(join(tmpdir(), "m2m-store-contract-"));
+    },
+    async open() {
+      const path = join(dir, `r${++dbCounter}.db`);
+      return { a: new SqliteRegistrarStore(path), b: new SqliteRegistrarStore(path), kind: "sqlite" };
+    },
+    async teardown() {
+      if (dir !== "") await rm(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+function postgresBackend(): Backend {
+  let pgh: PostgresHandle | undefined;
+  return {
+    name: "postgres",
+    async setup() {
+      // A missing PostgreSQL fails the suite here (ERR_HW_TOOL_MISSING): never a skip.
+      pgh = await startPostgres({ durable: false });
+    },
+    async open() {
+      if (pgh === undefined) throw new Error("postgres not started");
+      const url = await pgh.createDatabase(`contract_${++dbCounter}`);
+      // Both replicas migrate at once: the advisory lock makes it happen exactly once.
+      const [a, b] = await Promise.all([
+        PgRegistrarStore.open(url, { migrate: true, poolMax: 4 }),
+        PgRegistrarStore.open(url, { migrate: true, poolMax: 4 }),
+      ]);
+      return { a, b, kind: "postgres" };
+    },
+    async teardown() {
+      await pgh?.stop();
+    },
+  };
+}
+
+const T0 = new Date("2026-06-01T00:00:00Z");
+const at = (ms: number): Date => new Date(T0.getTime() + ms);
+
+const commit = (over: Partial<CommitEnrolment>): CommitEnrolment => ({
+  method: "pkcs11",
+  thumbprint: "thumb-1",
+  ekHash: undefined,
+  hardwareSerial: "SN-1",
+  proposedDeviceId: "dev-1",
+  deviceId: "dev-1",
+  proof: { kind: "token", hash: "none" },
+  now: T0,
+  group: "g",
+  role: "r",
+  attributes: {},
+  publicJwk: { kty: "EC" },
+  evidence: undefined,
+  certSerial: "01",
+  certNotAfter: at(86_400_000),
+  ...over,
+});
+
+const sessionData = (ekHash: string): SessionData => ({
+  group: "g",
+  secretHash: "00",
+  nonce: "bm9uY2U",
+  ekHash,
+  akPublic: "AA",
+  ekPublic: "AA",
+  devicePublic: "AA",
+  hardwareSerial: "GW-1",
+  requestedAttributes: {},
+});
+
+const code = (r: PromiseSettledResult<unknown>): string | undefined =>
+  r.status === "rejected" ? (r.reason as { code?: string }).code : undefined;
+
+for (const backend of [sqliteBackend(), postgresBackend()]) {
+  describe(`RegistrarStore contract: ${backend.name}`, () => {
+    let r: Replicas;
+    beforeAll(() => backend.setup());
+    afterAll(() => backend.teardown());
+    beforeEach(async () => {
+      r = await backend.open();
+      await r.a.addGroup({
+        name: "g",
+        role: "r",
+        attributes: { site: "s1" },
+        methods: ["pkcs11", "tpm"],
+        ekAllow: [],
+        createdAt: T0,
+      });
+      return async () => {
+        await r.a.close();
+        await r.b.close();
+      };
+    });
+
+    it("is migrated to this release's schema version", async () => {
+      expect(await r.a.schemaVersion()).toBe(SCHEMA_VERSION);
+      expect(await r.b.schemaVersion()).toBe(SCHEMA_VERSION);
+    });
+
+    it("groups and tokens: duplicates and unknown groups are refused with their codes; reads go across replicas", async () => {
+      await expect(
+        r.b.addGroup({ name: "g", role: "x", attributes: {}, methods: ["tpm"], ekAllow: [], createdAt: T0 }),
+      ).rejects.toMatchObject({ code: "ERR_GROUP_EXISTS" });
+      expect((await r.b.getGroup("g"))?.attributes).toEqual({ site: "s1" });
+      expect((await r.b.listGroups()).map((g) => g.name)).toEqual(["g"]);
+      await expect(
+        r.a.addBootstrapToken({ hash: "h0", group: "nope", expiresAt: at(1000), createdAt: T0 }),
+      ).rejects.toMatchObject({ code: "ERR_GROUP_UNKNOWN" });
+      await r.a.addBootstrapToken({ hash: "h1", group: "g", expiresAt: at(60_000), createdAt: T0 });
+      expect(await r.b.getBootstrapToken("h1")).toMatchObject({ group: "g", usedAt: undefined });
+    });
+
+    it("a bootstrap token: single use, group-bound, expiring; a refused commit leaves it unused; re-enrolment keeps the id", async () => {
+      await r.a.addBootstrapToken({ hash: "t1", group: "g", expiresAt: at(60_000), createdAt: T0 });
+      await expect(
+        r.a.commitEnrolment(commit({ proof: { kind: "token", hash: "t1" }, group: "h" })),
+      ).rejects.toMatchObject({
+        code: "ERR_TOKEN_INVALID",
+      });
+      const ok = await r.a.commitEnrolment(commit({ proof: { kind: "token", hash: "t1" } }));
+      expect(ok).toMatchObject({ reenrolled: false, device: { deviceId: "dev-1", status: "active" } });
+      await expect(
+        r.b.commitEnrolment(commit({ proof: { kind: "token", hash: "t1" } })),
+      ).rejects.toMatchObject({
+        code: "ERR_TOKEN_USED",
+      });
+      await r.a.addBootstrapToken({ hash: "t2", group: "g", expiresAt: at(60_000), createdAt: T0 });
+      await expect(
+        r.b.commitEnrolment(commit({ proof: { kind: "token", hash: "t2" }, hardwareSerial: "SN-2" })),
+      ).rejects.toMatchObject({ code: "ERR_HARDWARE_MISMATCH" });
+      expect((await r.a.getBootstrapToken("t2"))?.usedAt).toBeUndefined();
+      const re = await r.b.commitEnrolment(
+        commit({ proof: { kind: "token", hash: "t2" }, proposedDeviceId: "dev-x", certSerial: "02" }),
+      );
+      expect(re).toMatchObject({ reenrolled: true, device: { deviceId: "dev-1", certSerial: "02" } });
+      await r.a.addBootstrapToken({ hash: "t3", group: "g", expiresAt: at(10), createdAt: T0 });
+      await expect(
+        r.a.commitEnrolment(commit({ proof: { kind: "token", hash: "t3" }, thumbprint: "t9", now: at(10) })),
+      ).rejects.toMatchObject({ code: "ERR_TOKEN_EXPIRED" });
+    });
+
+    it("race: one bootstrap token presented at two replicas at once -> exactly one enrolment", async () => {
+      for (let i = 0; i < 10; i++) {
+        await r.a.addBootstrapToken({ hash: `race-${i}`, group: "g", expiresAt: at(60_000), createdAt: T0 });
+        const res = await Promise.allSettled([
+          r.a.commitEnrolment(
+            commit({
+              proof: { kind: "token", hash: `race-${i}` },
+              thumbprint: `ka-${i}`,
+              hardwareSerial: `A-${i}`,
+              deviceId: `dev-a-${i}`,
+            }),
+          ),
+          r.b.commitEnrolment(
+            commit({
+              proof: { kind: "token", hash: `race-${i}` },
+              thumbprint: `kb-${i}`,
+              hardwareSerial: `B-${i}`,
+              deviceId: `dev-b-${i}`,
+            }),
+          ),
+        ]);
+        expect(res.filter((x) => x.status === "fulfilled")).toHaveLength(1);
+        expect(res.map(code).filter((c) => c !== undefined)).toEqual(["ERR_TOKEN_USED"]);
+      }
+      expect(await r.a.listDevices()).toHaveLength(10);
+    });
+
+    it("race: two finishes of one enrolment session at two replicas -> exactly one wins", async () => {
+      for (let i = 0; i < 10; i++) {
+        await r.a.createSession({
+          id: `s-${i}`,
+          data: sessionData(`ek-${i}`),
+          createdAt: T0,
+          expiresAt: at(60_000),
+        });
+        const finish = (s: RegistrarStore, id: string) =>
+          s.commitEnrolment(
+            commit({
+              method: "tpm",
+              proof: { kind: "session", id: `s-${i}` },
+              ekHash: `ek-${i}`,
+              thumbprint: `tk-${i}`,
+              hardwareSerial: "GW-1",
+              proposedDeviceId: id,
+              deviceId: id,
+            }),
+          );
+        const res = await Promise.allSettled([finish(r.a, `dev-s-${i}`), finish(r.b, `dev-s-${i}`)]);
+        expect(res.filter((x) => x.status === "fulfilled")).toHaveLength(1);
+        expect(res.map(code).filter((c) => c !== undefined)).toEqual(["ERR_SESSION_CONSUMED"]);
+        expect((await r.b.getSession(`s-${i}`))?.consumedAt).toBeDefined();
+      }
+    });
+
+    it("race: one EK enrolling at two replicas at once (two sessions, two proposed ids) -> one device, the loser's session unconsumed", async () => {
+      for (let i = 0; i < 10; i++) {
+        const ek = `ek-dup-${i}`;
+        await r.a.createSession({
+          id: `sa-${i}`,
+          data: sessionData(ek),
+          createdAt: T0,
+          expiresAt: at(60_000),
+        });
+        await r.b.createSession({
+          id: `sb-${i}`,
+          data: sessionData(ek),
+          createdAt: T0,
+          expiresAt: at(60_000),
+        });
+        const enrol = async (s: RegistrarStore, sid: string, proposed: string) => {
+          const base = {
+            method: "tpm" as const,
+            ekHash: ek,
+            thumbprint: `tk-dup-${i}`,
+            hardwareSerial: "GW-1",
+          };
+          const plan = await s.planEnrolment({ ...base, proposedDeviceId: proposed });
+          return s.commitEnrolment(
+            commit({
+              ...base,
+              proof: { kind: "session", id: sid },
+              proposedDeviceId: proposed,
+              deviceId: plan.deviceId,
+            }),
+          );
+        };
+        const res = await Promise.allSettled([
+          enrol(r.a, `sa-${i}`, `dev-A-${i}`),
+          enrol(r.b, `sb-${i}`, `dev-B-${i}`),
+        ]);
+        const won = res.filter((x) => x.status === "fulfilled");
+        const devices = (await r.a.listDevices()).filter((d) => d.ekHash === ek);
+        expect(devices).toHaveLength(1);
+        if (won.length === 1) {
+          // Concurrent: the loser is refused with a registration code and its proof stays usable.
+          expect(["ERR_KEY_ALREADY_REGISTERED", "ERR_EK_ALREADY_REGISTERED"]).toContain(
+            res.map(code).find((c) => c !== undefined),
+          );
+          const loserSession = res[0]?.status === "rejected" ? `sa-${i}` : `sb-${i}`;
+          expect((await r.a.getSession(loserSession))?.consumedAt).toBeUndefined();
+        } else {
+          // Serialised (the second planned after the first committed): a re-enrolment of the same device.
+          expect(won).toHaveLength(2);
+          expect(res.map((x) => (x.status === "fulfilled" ? x.value.device.deviceId : ""))).toEqual([
+            devices[0]?.deviceId,
+            devices[0]?.deviceId,
+          ]);
+        }
+      }
+    });
+
+    it("sessions: unknown, expired and consumed are refused with their codes; a different key under a known EK is refused", async () => {
+      await r.a.createSession({ id: "x1", data: sessionData("ek-x"), createdAt: T0, expiresAt: at(1000) });
+      await r.a.createSession({ id: "x2", data: sessionData("ek-x"), createdAt: T0, expiresAt: at(1000) });
+      const tpm = (over: Partial<CommitEnrolment>) =>
+        commit({
+          method: "tpm",
+          ekHash: "ek-x",
+          thumbprint: "tk-x",
+          hardwareSerial: "GW-1",
+          deviceId: "dev-t",
+          ...over,
+        });
+      await expect(
+        r.b.commitEnrolment(tpm({ proof: { kind: "session", id: "nope" } })),
+      ).rejects.toMatchObject({
+        code: "ERR_SESSION_UNKNOWN",
+      });
+      await expect(
+        r.b.commitEnrolment(tpm({ proof: { kind: "session", id: "x1" }, now: at(1000) })),
+      ).rejects.toMatchObject({
+        code: "ERR_SESSION_EXPIRED",
+      });
+      await r.b.commitEnrolment(tpm({ proof: { kind: "session", id: "x1" } }));
+      await expect(r.a.commitEnrolment(tpm({ proof: { kind: "session", id: "x1" } }))).rejects.toMatchObject({
+        code: "ERR_SESSION_CONSUMED",
+      });
+      await expect(
+        r.a.commitEnrolment(tpm({ proof: { kind: "session", id: "x2" }, thumbprint: "tk-other" })),
+      ).rejects.toMatchObject({ code: "ERR_EK_ALREADY_REGISTERED" });
+      expect((await r.a.getSession("x2"))?.consumedAt).toBeUndefined();
+      expect(await r.b.purgeExpiredSessions(at(2000))).toBeGreaterThanOrEqual(2);
+      expect(await r.a.getSession("x2")).toBeUndefined();
+    });
+
+    it("race: one jti presented to two replicas at once -> accepted once; accepted again only after it expired", async () => {
+      for (let i = 0; i < 50; i++) {
+        const key = `a|dev|jti-${i}`;
+        const res = await Promise.all([
+          r.a.consumeOnce(key, at(60_000), T0),
+          r.b.consumeOnce(key, at(60_000), T0),
+          r.b.consumeOnce(key, at(60_000), T0),
+        ]);
+        expect(res.filter(Boolean)).toHaveLength(1);
+      }
+      expect(await r.a.isConsumed("a|dev|jti-0", at(60_000))).toBe(true);
+      expect(await r.b.isConsumed("a|dev|jti-0", at(60_001))).toBe(false);
+      expect(await r.b.consumeOnce("a|dev|jti-0", at(60_000), at(59_999))).toBe(false);
+      // Past its expiry the record is dead: the same key may be recorded again (the verifier refuses
+      // the expired assertion itself long before this).
+      expect(await r.b.consumeOnce("a|dev|jti-0", at(120_000), at(60_001))).toBe(true);
+      expect(await r.a.purgeExpiredSessions(at(200_000))).toBeGreaterThanOrEqual(50);
+      expect(await r.a.isConsumed("a|dev|jti-1", T0)).toBe(false);
+    });
+
+    it("rotation sessions: begun at one replica, finished at the other; single use; strangers do not consume; one live per device", async () => {
+      const s = {
+        id: "rot-1",
+        deviceId: "dev-1",
+        currentThumbprint: "t1",
+        nonce: Buffer.alloc(32, 7),
+        expiresAt: at(60_000),
+      };
+      await r.a.createRotationSession(s);
+      await expect(r.b.takeRotationSession("rot-1", "dev-2", T0)).rejects.toMatchObject({
+        code: "ERR_ROTATION_SESSION_DEVICE",
+      });
+      const res = await Promise.allSettled([
+        r.b.takeRotationSession("rot-1", "dev-1", T0),
+        r.a.takeRotationSession("rot-1", "dev-1", T0),
+      ]);
+      expect(res.filter((x) => x.status === "fulfilled")).toHaveLength(1);
+      expect(res.map(code).filter((c) => c !== undefined)).toEqual(["ERR_SESSION_CONSUMED"]);
+      const won = res.find((x) => x.status === "fulfilled");
+      expect(won?.status === "fulfilled" && won.value.nonce.equals(s.nonce)).toBe(true);
+      await r.a.createRotationSession({ ...s, id: "rot-2" });
+      await r.b.createRotationSession({ ...s, id: "rot-3" });
+      await expect(r.a.takeRotationSession("rot-2", "dev-1", T0)).rejects.toMatchObject({
+        code: "ERR_SESSION_UNKNOWN",
+      });
+      await expect(r.a.takeRotationSession("rot-3", "dev-1", at(60_000))).rejects.toMatchObject({
+        code: "ERR_SESSION_EXPIRED",
+      });
+    });
+
+    it("race: two rotations of one device key at two replicas -> exactly one wins", async () => {
+      await r.a.addBootstrapToken({ hash: "rk", group: "g", expiresAt: at(60_000), createdAt: T0 });
+      await r.a.commitEnrolment(commit({ proof: { kind: "token", hash: "rk" } }));
+      const rotate = (s: RegistrarStore, thumb: string) =>
+        s.replaceDeviceKey({
+          deviceId: "dev-1",
+          previousThumbprint: "thumb-1",
+          publicJwk: { kty: "EC", x: thumb },
+          thumbprint: thumb,
+          evidence: undefined,
+          certSerial: thumb,
+          certNotAfter: at(86_400_000),
+          at: at(1),
+        });
+      const res = await Promise.allSettled([rotate(r.a, "new-a"), rotate(r.b, "new-b")]);
+      expect(res.filter((x) => x.status === "fulfilled")).toHaveLength(1);
+      expect(res.map(code).filter((c) => c !== undefined)).toEqual(["ERR_ROTATION_CONFLICT"]);
+      const d = await r.b.getDevice("dev-1");
+      expect(["new-a", "new-b"]).toContain(d?.thumbprint);
+      expect(d?.certSerial).toBe(d?.thumbprint);
+    });
+
+    it("race: a revocation against token requests at another replica: once revokeDevice resolved, every lookup started afterwards sees it; a cached directory honours it within 1 s", async () => {
+      await r.a.addBootstrapToken({ hash: "rv", group: "g", expiresAt: at(60_000), createdAt: T0 });
+      await r.a.commitEnrolment(commit({ proof: { kind: "token", hash: "rv" } }));
+      let now = 0;
+      const cached = new CachedDeviceDirectory(r.b, {
+        ttlMs: 1000,
+        monotonicMs: () => performance.now() + now,
+      });
+      try {
+        expect((await cached.getDevice("dev-1"))?.status).toBe("active");
+        // Token requests keep looking the device up at replica B while replica A revokes it.
+        let revokedAt = 0;
+        let stop = false;
+        const violations: string[] = [];
+        const lookups = (async () => {
+          while (!stop) {
+            const started = performance.now();
+            const d = await r.b.getDevice("dev-1");
+            // The guarantee: a lookup that starts after the revocation committed never sees "active".
+            if (revokedAt !== 0 && started > revokedAt && d?.status === "active") violations.push("store");
+            await new Promise((res) => setImmediate(res));
+          }
+        })();
+        await new Promise((res) => setTimeout(res, 30));
+        await r.a.revokeDevice("dev-1", at(5));
+        revokedAt = performance.now();
+        // The cached directory (token endpoint): revoked within its 1 s bound, via notification
+        // (PostgreSQL) or TTL expiry (SQLite: another instance's change is not announced).
+        let seen: number | undefined;
+        while (performance.now() - revokedAt < 1500) {
+          if ((await cached.getDevice("dev-1"))?.status === "revoked") {
+            seen = performance.now() - revokedAt;
+            break;
+          }
+          await new Promise((res) => setTimeout(res, 10));
+        }
+        stop = true;
+        await lookups;
+        expect(violations).toEqual([]);
+        expect(seen).toBeDefined();
+        expect(seen ?? Number.POSITIVE_INFINITY).toBeLessThanOrEqual(1000 + 50);
+        if (r.kind === "postgres") {
+          // LISTEN/NOTIFY: far inside the TTL (the fallback only matters when notifications are lost).
+          expect(seen ?? Number.POSITIVE_INFINITY).toBeLessThan(500);
+        }
+        now = 0;
+      } finally {
+        cached.close();
+      }
+      // Sticky and idempotent; unknown devices are reported.
+      expect((await r.b.revokeDevice("dev-1", at(6))).status).toBe("revoked");
+      await expect(r.b.revokeDevice("dev-none", at(6))).rejects.toMatchObject({ code: "ERR_DEVICE_UNKNOWN" });
+      await r.a.addBootstrapToken({ hash: "rv2", group: "g", expiresAt: at(60_000), createdAt: T0 });
+      await expect(
+        r.b.commitEnrolment(commit({ proof: { kind: "token", hash: "rv2" } })),
+      ).rejects.toMatchObject({
+        code: "ERR_DEVICE_REVOKED",
+      });
+    });
+
+    it("a shared secret created concurrently at two replicas is one value", async () => {
+      const [x, y] = await Promise.all([
+        r.a.sharedSecret("k", () => Buffer.alloc(32, 1)),
+        r.b.sharedSecret("k", () => Buffer.alloc(32, 2)),
+      ]);
+      expect(x.equals(y)).toBe(true);
+      expect((await r.b.sharedSecret("k", () => Buffer.alloc(32, 3))).equals(x)).toBe(true);
+    });
+
+    it("audit rows written at both replicas are listed in order", async () => {
+      await r.a.appendAudit({ ts: "1", event: "e1", outcome: "success" });
+      await r.a.appendAudit({ ts: "2", event: "e2", outcome: "failure", code: "ERR_X" });
+      expect((await r.a.listAudit(10)).map((e) => e.event)).toEqual(["e1", "e2"]);
+      await r.b.appendAudit({ ts: "3", event: "e3", outcome: "success" });
+      expect((await r.b.listAudit(2)).map((e) => e.event)).toEqual(["e2", "e3"]);
+    });
+  });
+}
+
+describe("PostgreSQL migrations", () => {
+  let pgh: PostgresHandle | undefined;
+  beforeAll(async () => {
+    pgh = await startPostgres({ durable: false });
+  });
+  afterAll(async () => {
+    await pgh?.stop();
+  });
+
+  it("three replicas starting at once migrate exactly once; an unmigrated database is refused with ERR_STORE_SCHEMA_OLD", async () => {
+    if (pgh === undefined) throw new Error("postgres not started");
+    const url = await pgh.createDatabase("mig");
+    await expect(PgRegistrarStore.open(url, { migrate: false })).rejects.toMatchObject({
+      code: "ERR_STORE_SCHEMA_OLD",
+    });
+    const stores = await Promise.all(
+      [1, 2, 3].map(() => PgRegistrarStore.open(url, { migrate: true, poolMax: 2 })),
+    );
+    const c = new pg.Client({ connectionString: url });
+    await c.connect();
+    try {
+      const rows = (
+        await c.query<{ version: number }>("SELECT version FROM schema_migrations ORDER BY version")
+      ).rows;
+      expect(rows.map((x) => x.version)).toEqual(Array.from({ length: SCHEMA_VERSION }, (_, i) => i + 1));
+      // A database from a newer release is refused, not silently used.
+      await c.query("INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, 'future', 0)", [
+        SCHEMA_VERSION + 1,
+      ]);
+      await expect(PgRegistrarStore.open(url, { migrate: true })).rejects.toMatchObject({
+        code: "ERR_STORE_SCHEMA_NEWER",
+      });
+    } finally {
+      await c.end();
+      for (const s of stores) await s.close();
+    }
+  });
+
+  it("an unreachable database is ERR_STORE_UNAVAILABLE and the message carries no password", async () => {
+    const err = await PgRegistrarStore.open("postgresql://m2m:hunter2@127.0.0.1:1/none", {
+      migrate: true,
+    }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ code: "ERR_STORE_UNAVAILABLE", retry: "transient" });
+    expect(String((err as Error).message)).not.toContain("hunter2");
+  });
+});
