@@ -1,9 +1,7 @@
 import { M2mError } from "../core/errors.js";
+import { RSA_EK_HANDLE } from "../keys/capabilities.js";
 import type { KeyProvider } from "../keys/key-provider.js";
 import type { EnrollTpmOps } from "./tpm.js";
-
-/** TCG RSA EK handle (low range): the first EK tried for credential activation. */
-const RSA_EK_HANDLE = 0x81010001;
 
 /**
  * Binds the enrolment flow to a key's TPM attestation capability (EK, AK, certify through the key's

@@ -10,6 +10,9 @@ import type { LockoutInfo } from "./tpm/runner.js";
  * in a file cannot be handed to the OpenSSL engine).
  */
 
+/** TCG low-range RSA EK handle: the first EK tried for credential activation. */
+export { RSA_EK_HANDLE } from "./tpm/endorsement.js";
+
 /** TPM attestation of THIS key: EK, AK, credential activation, TPM2_Certify (later: quote). */
 export interface TpmAttestation {
   /** Persistent handle of the key this capability certifies. */

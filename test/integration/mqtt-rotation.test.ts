@@ -130,13 +130,14 @@ describe.each([softhsm])("MQTT mTLS across a key rotation: $name", (backend) => 
     const sub = await startSubscriber(broker.plainUrl, `devices/${DEVICE}/#`);
     const stack = await startRelayStack({ outbox, sinks: [mqttSink] });
 
-    // Producer paced at 500 msg/s for 6 s (each append catches up with the schedule, so a slow fsync
+    // Producer paced at 500 msg/s until 3 s after the switch (each append catches up with the schedule, so a slow fsync
     // does not lower the rate); `acked` is what the outbox accepted.
     const acked: string[] = [];
     let seq = 0;
     const started = Date.now();
+    let stopAt = Number.POSITIVE_INFINITY;
     const producer = (async () => {
-      while (Date.now() - started < 6_000) {
+      while (Date.now() < stopAt) {
         const batch: NewMessage[] = [];
         const due = Math.min(100, Math.floor((Date.now() - started) / 2) - seq);
         for (let i = 0; i < due; i++)
@@ -158,13 +159,14 @@ describe.each([softhsm])("MQTT mTLS across a key rotation: $name", (backend) => 
     const ackedBeforeSwitch = acked.length;
     await owner.commit(next);
     const ackedAtSwitch = acked.length;
+    stopAt = Date.now() + 3_000;
     await producer;
 
     await sub.waitFor((r) => new Set(r.map((m) => m.id)).size >= acked.length, 60_000);
     const got = new Set(sub.received.map((m) => m.id));
     // Every acknowledged message arrived (at least once; a resend after the switch keeps its id).
     expect(acked.filter((id) => !got.has(id))).toEqual([]);
-    expect(acked.length).toBeGreaterThan(2_500); // ≈ 500 msg/s over 6 s
+    expect(acked.length).toBeGreaterThan(2_000); // ≈ 500 msg/s: ≥ 1 s before and 3 s after the switch
     expect(ackedAtSwitch).toBeGreaterThanOrEqual(ackedBeforeSwitch);
     expect(acked.length - ackedAtSwitch).toBeGreaterThan(500); // the stream went on after the switch
     expect(stack.relay.counters[mqttSink.name]?.deadLettered ?? 0).toBe(0); // ACL never refused us
