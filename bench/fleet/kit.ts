@@ -124,12 +124,15 @@ export async function writeReplicaConfig(
   const file = join(setup.work, `registrar-${name}.toml`);
   await writeFile(
     file,
-    registrarToml(o, {
-      dataDir: setup.dataDir,
-      caDir: setup.caDir,
-      cert: setup.serverCert,
-      key: setup.serverKey,
-    }),
+    registrarToml(
+      { ...o, ...(setup.storeUrl === undefined ? {} : { storeUrl: setup.storeUrl }) },
+      {
+        dataDir: setup.dataDir,
+        caDir: setup.caDir,
+        cert: setup.serverCert,
+        key: setup.serverKey,
+      },
+    ),
   );
   return file;
 }
