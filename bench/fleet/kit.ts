@@ -5,8 +5,8 @@ import { fileURLToPath } from "node:url";
 import type { Secret } from "../../src/core/secret.js";
 import { addEnrolmentGroup, createBootstrapToken } from "../../src/registrar/admin.js";
 import { initCa } from "../../src/registrar/ca/index.js";
-import { REGISTRAR_DB_FILE } from "../../src/registrar/config.js";
-import { SqliteRegistrarStore } from "../../src/registrar/store/index.js";
+import { loadRegistrarConfig } from "../../src/registrar/config.js";
+import { openRegistrarStore } from "../../src/registrar/store/open.js";
 import { createTestEkCa, type TestEkCa } from "./ek-ca.js";
 
 /**
@@ -39,6 +39,8 @@ export interface FleetRegistrarSetup {
   readonly caDir: string;
   readonly serverCert: string;
   readonly serverKey: string;
+  /** PostgreSQL URL when the registry is on PostgreSQL (`[store] url`), else SQLite in dataDir. */
+  readonly storeUrl: string | undefined;
 }
 
 export interface PrepareOptions {
@@ -51,8 +53,10 @@ export interface PrepareOptions {
   readonly port?: number;
   /** `public_url` (the load balancer's URL when replicas sit behind one). */
   readonly publicUrl?: string;
-  /** Extra TOML lines appended at the end (e.g. a `[store]` table). */
+  /** Extra TOML lines appended at the end. */
   readonly extraToml?: readonly string[];
+  /** `[store] url`: a PostgreSQL URL (e.g. from hw/postgres.ts); default SQLite in data_dir. */
+  readonly storeUrl?: string;
 }
 
 /** Creates CA, EK vendor CA, config, groups and bootstrap tokens in `work`. */
@@ -70,7 +74,8 @@ export async function prepareFleetRegistrar(o: PrepareOptions): Promise<FleetReg
     configPath,
     registrarToml(o, { dataDir, caDir, cert: paths.serverCert, key: paths.serverKey }),
   );
-  const store = new SqliteRegistrarStore(join(dataDir, REGISTRAR_DB_FILE));
+  // Through the registrar's own config and store selection (migrates a fresh PostgreSQL database).
+  const store = await openRegistrarStore(await loadRegistrarConfig(configPath), { migrate: true });
   const tokens: Secret[] = [];
   try {
     await addEnrolmentGroup(store, {
@@ -103,6 +108,7 @@ export async function prepareFleetRegistrar(o: PrepareOptions): Promise<FleetReg
     caDir,
     serverCert: paths.serverCert,
     serverKey: paths.serverKey,
+    storeUrl: o.storeUrl,
   };
 }
 
@@ -118,18 +124,21 @@ export async function writeReplicaConfig(
   const file = join(setup.work, `registrar-${name}.toml`);
   await writeFile(
     file,
-    registrarToml(o, {
-      dataDir: setup.dataDir,
-      caDir: setup.caDir,
-      cert: setup.serverCert,
-      key: setup.serverKey,
-    }),
+    registrarToml(
+      { ...o, ...(setup.storeUrl === undefined ? {} : { storeUrl: setup.storeUrl }) },
+      {
+        dataDir: setup.dataDir,
+        caDir: setup.caDir,
+        cert: setup.serverCert,
+        key: setup.serverKey,
+      },
+    ),
   );
   return file;
 }
 
 export function registrarToml(
-  o: Pick<PrepareOptions, "maxInFlight" | "port" | "publicUrl" | "extraToml">,
+  o: Pick<PrepareOptions, "maxInFlight" | "port" | "publicUrl" | "extraToml" | "storeUrl">,
   p: { dataDir: string; caDir: string; cert: string; key: string },
 ): string {
   return [
@@ -143,6 +152,7 @@ export function registrarToml(
     `cert = "${p.cert}"`,
     `key = "${p.key}"`,
     ...(o.maxInFlight === undefined ? [] : ["[limits]", `max_in_flight = ${o.maxInFlight}`]),
+    ...(o.storeUrl === undefined ? [] : ["[store]", `url = "${o.storeUrl}"`]),
     ...(o.extraToml ?? []),
     "",
   ].join("\n");

@@ -11,14 +11,15 @@ import {
 } from "../../bench/fleet/kit.js";
 import { runFleet } from "../../bench/fleet/sim.js";
 import { type HaproxyHandle, startHaproxy } from "../../hw/haproxy.js";
+import { type PostgresHandle, startPostgres } from "../../hw/postgres.js";
 import { freeLoopbackPort } from "../../hw/swtpm.js";
-import { REGISTRAR_DB_FILE } from "../../src/registrar/config.js";
-import { SqliteRegistrarStore } from "../../src/registrar/store/index.js";
+import { loadRegistrarConfig } from "../../src/registrar/config.js";
+import { openRegistrarStore } from "../../src/registrar/store/open.js";
 import { ensureBuilt } from "./e2e-kit.js";
 
 /**
  * Three `m2m-registrar serve` replicas behind Debian's haproxy (TCP passthrough, health checks),
- * one shared store. In the middle of an enrolment storm one replica is SIGKILLed: its connections
+ * one shared PostgreSQL store (a throwaway cluster from hw/postgres.ts). In the middle of an enrolment storm one replica is SIGKILLed: its connections
  * reset, haproxy takes it out, the devices retry (their one retry policy) and land on the survivors.
  * In the end every device is enrolled with a token, exactly once, and the survivors never answered
  * 5xx.
@@ -29,6 +30,7 @@ describe("registrar replicas behind haproxy: a replica killed mid-storm", () => 
   let work: string;
   const replicas: RegistrarProcess[] = [];
   let lb: HaproxyHandle | undefined;
+  let pg: PostgresHandle | undefined;
   beforeAll(async () => {
     ensureBuilt();
     work = await mkdtemp(join(tmpdir(), "m2m-replicas-"));
@@ -36,11 +38,13 @@ describe("registrar replicas behind haproxy: a replica killed mid-storm", () => 
   afterAll(async () => {
     await lb?.stop();
     for (const r of replicas) await r.stop();
+    await pg?.stop();
     if (work !== undefined) await rm(work, { recursive: true, force: true });
   });
 
   it(`${DEVICES} TPM devices: no device stuck, no duplicate identity, no 5xx from the survivors`, async () => {
-    const setup = await prepareFleetRegistrar({ work, pkcs11Devices: 0 });
+    pg = await startPostgres();
+    const setup = await prepareFleetRegistrar({ work, pkcs11Devices: 0, storeUrl: pg.url });
     const lbPort = await freeLoopbackPort();
     const publicUrl = `https://127.0.0.1:${lbPort}`;
     const ports: number[] = [];
@@ -83,7 +87,7 @@ describe("registrar replicas behind haproxy: a replica killed mid-storm", () => 
     for (const survivor of replicas.slice(1)) expect(survivor.errorLines()).toEqual([]);
     // No duplicate identity: one device id per device, one registry entry per EK.
     expect(report.distinctDeviceIds).toBe(DEVICES);
-    const store = new SqliteRegistrarStore(join(setup.dataDir, REGISTRAR_DB_FILE));
+    const store = await openRegistrarStore(await loadRegistrarConfig(setup.configPath));
     try {
       const devices = await store.listDevices();
       expect(devices.length).toBe(DEVICES);

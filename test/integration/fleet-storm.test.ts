@@ -4,8 +4,8 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { FLEET_TPM_GROUP, prepareFleetRegistrar, startRegistrarProcess } from "../../bench/fleet/kit.js";
 import { runFleet } from "../../bench/fleet/sim.js";
-import { REGISTRAR_DB_FILE } from "../../src/registrar/config.js";
-import { SqliteRegistrarStore } from "../../src/registrar/store/index.js";
+import { loadRegistrarConfig } from "../../src/registrar/config.js";
+import { openRegistrarStore } from "../../src/registrar/store/open.js";
 import { ensureBuilt } from "./e2e-kit.js";
 
 /**
@@ -61,7 +61,7 @@ describe("fleet power-on storm (simulated devices, real HTTPS, built registrar)"
     expect(registrar.errorLines()).toEqual([]);
     // One identity per device: distinct ids on the client side and exactly DEVICES in the registry.
     expect(report.distinctDeviceIds).toBe(DEVICES);
-    const store = new SqliteRegistrarStore(join(setup.dataDir, REGISTRAR_DB_FILE));
+    const store = await openRegistrarStore(await loadRegistrarConfig(setup.configPath));
     try {
       const devices = await store.listDevices();
       expect(devices.length).toBe(DEVICES);
