@@ -222,7 +222,7 @@ describe("registrar app: token service + EST + ingest + self-revocation from con
     expect(ok.status).toBe(200);
     expect(ok.json).toMatchObject({ deviceId: d.state.deviceId, status: "revoked" });
     // The answer comes after the CRL lists the device's certificate (docs/revocation.md).
-    const serial = store.getDevice(d.state.deviceId)?.certSerial ?? "";
+    const serial = (await store.getDevice(d.state.deviceId))?.certSerial ?? "";
     expect(app.crl.current?.serials).toContain(serial);
     expect((await post(APP_PATHS.selfRevoke, revokeForm(d.state.deviceId, jwt))).status).toBe(401);
     await expect(tokenFor(d).getToken()).rejects.toMatchObject({ code: "ERR_OAUTH_CLIENT_REVOKED" });
