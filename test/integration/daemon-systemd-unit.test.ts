@@ -20,7 +20,7 @@ afterAll(async () => {
   await rm(dir, { recursive: true, force: true });
 });
 
-/** The unit with ExecStartPre/ExecStart pointing at binaries that exist here (verify checks the executable). */
+/** The unit with ExecCondition/ExecStart pointing at binaries that exist here (verify checks the executable). */
 async function unitCopy(): Promise<string> {
   const text = await readFile(UNIT, "utf8");
   const d = join(dir, "unit");
@@ -29,7 +29,7 @@ async function unitCopy(): Promise<string> {
   await writeFile(
     path,
     text
-      .replace(/^ExecStartPre=.*$/m, `ExecStartPre=${process.execPath} ${CLI} config check`)
+      .replace(/^ExecCondition=.*$/m, `ExecCondition=${process.execPath} ${CLI} config check`)
       .replace(/^ExecStart=.*$/m, `ExecStart=${process.execPath} ${CLI} run`),
   );
   return path;
@@ -43,7 +43,7 @@ describe("service/m2m-agent.service", () => {
     const shipped = await run("systemd-analyze", ["verify", "--man=no", UNIT]);
     // The shipped unit names the installed path, which does not exist on a build machine: that must
     // be the one and only complaint (the man pages are checked where the package installs them: test/system).
-    // Once for ExecStartPre (config check), once for ExecStart.
+    // Once for ExecCondition (config check), once for ExecStart.
     expect(shipped.stderr.trim()).toBe(
       [1, 2]
         .map(
@@ -75,7 +75,7 @@ describe("service/m2m-agent.service", () => {
     const text = await readFile(UNIT, "utf8");
     for (const line of [
       "Type=notify",
-      "ExecStartPre=/usr/bin/m2m-agent config check",
+      "ExecCondition=/usr/bin/m2m-agent config check",
       "NotifyAccess=main",
       "WatchdogSec=30",
       "ExecReload=/bin/kill -HUP $MAINPID",
