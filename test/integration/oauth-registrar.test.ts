@@ -60,7 +60,8 @@ async function startRig(
   };
   const srv = await startHttps(pki, handler);
   const svc = new TokenService(
-    { issuer: srv.origin, audiences: ["https://ingest.example"], scopes, ...extra },
+    // 600 s tokens (the registrar's default is 300 s): the refresh test below counts in fractions of this.
+    { issuer: srv.origin, audiences: ["https://ingest.example"], scopes, accessTokenTtlSec: 600, ...extra },
     { directory, signingKey, clock },
   );
   state.svc = svc;
@@ -271,7 +272,9 @@ describe("agent OAuth client against the registrar token service (https on 127.0
     const before = rig.requests;
     const p = c.getToken();
     while (rig.clock.pendingSleepers === 0) await new Promise((r) => setTimeout(r, 5));
-    await rig.clock.advance(2000);
+    await rig.clock.advance(1999); // not before the server's Retry-After
+    expect(rig.requests - before).toBe(1);
+    await rig.clock.advance(1001); // Retry-After plus at most 50 % jitter (retry policy)
     expect((await p).scope).toBe("status:read");
     expect(rig.requests - before).toBe(2);
     await c.close();

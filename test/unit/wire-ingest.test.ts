@@ -83,6 +83,13 @@ describe("wire v1 ingest: the sink's writer and the endpoint's schema agree", ()
     );
   });
 
+  it("keeps a JSON payload as sent, an own `__proto__` key included (found by the property above)", () => {
+    const payload = '{"__proto__":null,"a":[1,{"b":"c"}]}';
+    const body = `{"messages":[{"id":"00000000-0000-4000-8000-000000000000","topic":"devices/d/A","channel":"A","ts":0,"content_type":"application/json","payload":${payload}}]}`;
+    const parsed = ingestRequestSchema.parse(JSON.parse(body));
+    expect(JSON.stringify(parsed.messages[0]?.payload)).toBe(payload);
+  });
+
   it("the schema refuses what the endpoint must refuse (one field at a time)", () => {
     const good = {
       id: "0b9e5f5e-8a7e-4b7c-9f7e-2b1d7c3a4e5f",

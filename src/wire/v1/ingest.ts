@@ -17,6 +17,27 @@ const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
 const CHANNEL_RE = /^[A-Za-z0-9_-]+(\/[A-Za-z0-9_-]+)*$/;
 const B64_RE = /^[A-Za-z0-9+/]*={0,2}$/;
 
+export type JsonValue = null | boolean | number | string | JsonValue[] | { [key: string]: JsonValue };
+
+/** Deeper than any sensor payload; bounds the check's recursion on hostile input. */
+const JSON_MAX_DEPTH = 64;
+
+function isJsonValue(v: unknown, depth = 0): v is JsonValue {
+  if (depth > JSON_MAX_DEPTH) return false;
+  if (v === null || typeof v === "boolean" || typeof v === "string") return true;
+  if (typeof v === "number") return Number.isFinite(v);
+  if (Array.isArray(v)) return v.every((x) => isJsonValue(x, depth + 1));
+  if (typeof v !== "object" || Object.getPrototypeOf(v) !== Object.prototype) return false;
+  return Object.values(v).every((x) => isJsonValue(x, depth + 1));
+}
+
+/**
+ * A JSON payload, passed through as parsed: `z.json()` rebuilds objects and drops an own
+ * `__proto__` key, which would alter what the device sent (the relay keeps payloads byte-faithful).
+ * An own `__proto__` from `JSON.parse` is plain data, not a prototype.
+ */
+const jsonPayloadSchema = z.custom<JsonValue>((v) => isJsonValue(v), { message: "payload is not JSON" });
+
 export const ingestMessageSchema = z
   .object({
     /** The outbox id (UUID): the endpoint de-duplicates on it. */
@@ -28,7 +49,7 @@ export const ingestMessageSchema = z
     ts: z.number().int().nonnegative(),
     content_type: z.string().min(1).max(128),
     /** A JSON payload, embedded as JSON. */
-    payload: z.json().optional(),
+    payload: jsonPayloadSchema.optional(),
     /** Any other payload, base64. */
     payload_b64: z.string().regex(B64_RE).optional(),
   })
