@@ -302,19 +302,7 @@ export async function postMessages(socketPath: string, body: string): Promise<nu
 
 // ---------- child processes running TypeScript entry points ----------
 
-/** Bundles a TS entry to an ESM file inside the repo (so node_modules resolve); bare imports stay external. */
-export async function bundleEntry(entry: string, name: string): Promise<string> {
-  const { build } = await import("rolldown");
-  const outDir = new URL("../../node_modules/.cache/m2m-relay/", import.meta.url).pathname;
-  await build({
-    input: entry,
-    platform: "node",
-    external: (id: string) => !id.startsWith(".") && !id.startsWith("/") && !id.startsWith("\0"),
-    output: { dir: outDir, format: "esm", entryFileNames: `${name}.mjs` },
-    logLevel: "silent",
-  });
-  return `${outDir}${name}.mjs`;
-}
+export { bundleEntry } from "./child-bundle.js";
 
 /** `n` leased JSON messages `{"n": from + i}` on `channel`, as a sink receives them from the outbox. */
 export function jsonOutboxMessages(n: number, channel: string, from = 0): OutboxMessage[] {
