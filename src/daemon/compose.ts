@@ -9,10 +9,11 @@ import { backoffDelay, defaultRetryPolicy } from "../core/retry.js";
 import type { EnrolmentState } from "../enroll/state.js";
 import type { DeviceKeyOwner } from "../keys/device-key.js";
 import type { KeyInfo, KeyProvider } from "../keys/key-provider.js";
-import { AnomalyDetector as Anomalies, type AnomalyDetector, AuditLog, type AuditSink } from "./audit.js";
-import { ClockSanity, type ClockVerdict } from "./clock-sanity.js";
+import { type AgentStatus, STATUS_PATH } from "../wire/v1/local-api.js";
+import { AnomalyDetector as Anomalies, AuditLog, type AuditSink } from "./audit.js";
+import { ClockSanity } from "./clock-sanity.js";
 import { HealthBoard, healthReasonOf, instrumentKeyProvider, OperationWatch } from "./health.js";
-import { describeState, Lifecycle, STATE_NAMES, type State } from "./lifecycle.js";
+import { describeState, Lifecycle, STATE_NAMES } from "./lifecycle.js";
 import { AgentMetrics, type MetricsServer, startMetricsServer } from "./metrics.js";
 import type { SystemdNotifier } from "./notify.js";
 import type { AgentStage, StageHandle, StagePipeline, StageRunner } from "./stage-types.js";
@@ -54,30 +55,8 @@ export interface AgentDeps {
   readonly setLogLevel?: (level: AgentConfig["agent"]["log_level"]) => void;
 }
 
-export interface AgentStatus {
-  readonly state: State["name"];
-  readonly status: string;
-  readonly reasons: Readonly<Record<string, string>>;
-  readonly since: string;
-  readonly version: string;
-  readonly pid: number;
-  readonly uptimeS: number;
-  readonly key?: {
-    readonly provider: string;
-    readonly ref: string;
-    readonly algorithm: string;
-    readonly thumbprint: string;
-  };
-  readonly enrolment: {
-    readonly enrolled: boolean;
-    readonly deviceId?: string;
-    readonly certificateNotAfter?: string;
-  };
-  readonly clock: ClockVerdict;
-  readonly anomalies: ReturnType<AnomalyDetector["flags"]>;
-  readonly stages: Readonly<Record<string, unknown>>;
-  readonly metrics?: string;
-}
+/** The `GET /v1/status` body: the wire type shared with `m2m-agent status`. */
+export type { AgentStatus } from "../wire/v1/local-api.js";
 
 export interface ReloadReport {
   readonly applied: readonly string[];
@@ -249,7 +228,7 @@ export class Agent {
         ...(gid === undefined ? {} : { gid }),
         logger: this.#log.child({ component: "api" }),
       });
-      api.route("GET", "/v1/status", async () => ({ status: 200, json: this.status() }));
+      api.route("GET", STATUS_PATH, async () => ({ status: 200, json: this.status() }));
       await api.listen();
       this.#api = api;
       this.health.set("api", undefined);

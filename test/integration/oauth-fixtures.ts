@@ -11,6 +11,7 @@ import {
   type RouteContext,
   type RouteResponse,
 } from "../../src/registrar/http/router.js";
+import { bundleEntry } from "./child-bundle.js";
 
 /** A throwaway CA and a 127.0.0.1 server certificate made with the openssl CLI. */
 export interface TestPki {
@@ -175,20 +176,7 @@ export function mountRoutes(routes: readonly Route[]): (req: IncomingMessage, re
   };
 }
 
-/**
- * Bundles a TypeScript entry into one ESM file under node_modules/.cache (bare imports stay
- * external and resolve from the repo's node_modules), so a test can run it as a real child process
- * and SIGKILL it.
- */
-export async function bundleForChild(entry: string, name: string): Promise<string> {
-  const { build } = await import("rolldown");
-  const outDir = new URL("../../node_modules/.cache/m2m-credentials/", import.meta.url).pathname;
-  await build({
-    input: entry,
-    platform: "node",
-    external: (id: string) => !id.startsWith(".") && !id.startsWith("/") && !id.startsWith("\0"),
-    output: { dir: outDir, format: "esm", entryFileNames: `${name}.mjs` },
-    logLevel: "silent",
-  });
-  return `${outDir}${name}.mjs`;
+/** A child-process bundle of `entry` in the credentials tests' own cache folder. */
+export function bundleForChild(entry: string, name: string): Promise<string> {
+  return bundleEntry(entry, name, "m2m-credentials");
 }

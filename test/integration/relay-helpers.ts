@@ -68,6 +68,7 @@ import { createServer as createHttpsServer, type Server as HttpsServer } from "n
 import type { AddressInfo } from "node:net";
 import { generateKeyPair, type JWTPayload, jwtVerify, SignJWT } from "jose";
 import type { Mosquitto, TestCa } from "../../hw/mosquitto.js";
+import { callAgent } from "../../src/cli/agent/local-api.js";
 import { systemClock } from "../../src/core/clock.js";
 import { Secret } from "../../src/core/secret.js";
 import { HardwareDpopSigner } from "../../src/credentials/oauth/dpop.js";
@@ -77,6 +78,7 @@ import { HttpError, type Route, type RouteResponse } from "../../src/registrar/h
 import { newMessageId } from "../../src/relay/ids.js";
 import type { OutboxMessage } from "../../src/relay/outbox/outbox.js";
 import { MqttSink } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
+import { MESSAGES_PATH } from "../../src/wire/v1/local-api.js";
 
 /**
  * A client certificate for `deviceId` from the broker's test CA, key in a file; `sink(url)` makes an
@@ -286,43 +288,21 @@ export function call(
   });
 }
 
-/** `POST /v1/messages` on the local API socket; resolves with the status (10 s timeout). */
-export function postMessages(socketPath: string, body: string): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const req = httpRequest(
-      {
-        socketPath,
-        path: "/v1/messages",
-        method: "POST",
-        headers: { "content-type": "application/json", "content-length": Buffer.byteLength(body) },
-        timeout: 10_000,
-      },
-      (res) => {
-        res.resume();
-        res.on("end", () => resolve(res.statusCode ?? 0));
-      },
-    );
-    req.on("timeout", () => req.destroy(new Error("request timeout")));
-    req.on("error", reject);
-    req.end(body);
+/** `POST /v1/messages` on the local API socket (the CLI's client); resolves with the status (10 s timeout). */
+export async function postMessages(socketPath: string, body: string): Promise<number> {
+  const answer = await callAgent({
+    socketPath,
+    method: "POST",
+    path: MESSAGES_PATH,
+    body,
+    timeoutMs: 10_000,
   });
+  return answer.status;
 }
 
 // ---------- child processes running TypeScript entry points ----------
 
-/** Bundles a TS entry to an ESM file inside the repo (so node_modules resolve); bare imports stay external. */
-export async function bundleEntry(entry: string, name: string): Promise<string> {
-  const { build } = await import("rolldown");
-  const outDir = new URL("../../node_modules/.cache/m2m-relay/", import.meta.url).pathname;
-  await build({
-    input: entry,
-    platform: "node",
-    external: (id: string) => !id.startsWith(".") && !id.startsWith("/") && !id.startsWith("\0"),
-    output: { dir: outDir, format: "esm", entryFileNames: `${name}.mjs` },
-    logLevel: "silent",
-  });
-  return `${outDir}${name}.mjs`;
-}
+export { bundleEntry } from "./child-bundle.js";
 
 /** `n` leased JSON messages `{"n": from + i}` on `channel`, as a sink receives them from the outbox. */
 export function jsonOutboxMessages(n: number, channel: string, from = 0): OutboxMessage[] {

@@ -55,6 +55,25 @@ describe("import boundaries", () => {
     expect(bad).toEqual([]);
   });
 
+  it("the registrar never imports the agent's device-key module src/keys/ (shared needs live in core)", () => {
+    const bad = files
+      .filter((f) => area(f.file) === "registrar")
+      .flatMap((f) => f.imports.filter((i) => area(i) === "keys").map((i) => `${f.file} → ${i}`));
+    expect(bad).toEqual([]);
+  });
+
+  it("local API clients and server share the wire module for the local API", () => {
+    for (const f of [
+      "cli/agent/send.ts",
+      "cli/agent/status.ts",
+      "cli/agent/token.ts",
+      "relay/sources/api/parse.ts",
+      "daemon/compose.ts",
+    ]) {
+      expect(files.find((x) => x.file === f)?.imports, f).toContain("wire/v1/local-api.js");
+    }
+  });
+
   it("the agent side never imports the registrar", () => {
     const bad = files
       .filter((f) => area(f.file) !== "registrar")

@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { afterEach, describe, expect, it } from "vitest";
 import { waitForDrain } from "../../src/cli/agent/status.js";
 import type { Progress } from "../../src/cli/progress.js";
+import type { AgentStatus } from "../../src/wire/v1/local-api.js";
 
 /** A stand-in daemon on a real Unix socket whose outbox depth follows `depths`, one per request. */
 async function fakeDaemon(
@@ -17,7 +18,26 @@ async function fakeDaemon(
     const depth = depths[Math.min(i++, depths.length - 1)];
     const relay = depth === undefined ? {} : { relay: { outbox: { depth } } };
     res.writeHead(200, { "content-type": "application/json" });
-    res.end(JSON.stringify({ state: "running", stages: relay }));
+    // A whole status body as the wire type has it: the client validates what it reads.
+    const status: AgentStatus = {
+      state: "running",
+      status: "running",
+      reasons: {},
+      since: new Date(0).toISOString(),
+      version: "0.0.0-test",
+      pid: process.pid,
+      uptimeS: 1,
+      enrolment: { enrolled: false },
+      clock: {
+        trusted: true,
+        now: new Date().toISOString(),
+        floor: new Date(0).toISOString(),
+        floorSource: "build",
+      },
+      anomalies: [],
+      stages: relay,
+    };
+    res.end(JSON.stringify(status));
   });
   await new Promise<void>((r) => server.listen(socket, r));
   return {

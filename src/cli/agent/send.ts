@@ -1,9 +1,9 @@
-import { request } from "node:http";
 import type { Command } from "commander";
-import { toErrorCode } from "../../core/error-codes.js";
 import { M2mError } from "../../core/errors.js";
 import { isJsonContentType } from "../../relay/sources/api/parse.js";
+import { MESSAGES_PATH, type MessageInput, messagesResponseSchema } from "../../wire/v1/local-api.js";
 import { action, EXIT, globalOptions, loadCliConfig, output, usageError } from "./common.js";
+import { answerOf, callAgent } from "./local-api.js";
 
 export interface SendOptions {
   readonly socketPath: string;
@@ -20,19 +20,21 @@ export interface SendOptions {
 export function messageBody(channel: string, data: Buffer, contentType = "application/json"): string {
   if (isJsonContentType(contentType)) {
     const text = data.toString("utf8").trim();
-    let payload: unknown;
+    let payload: MessageInput["payload"];
     try {
       payload = JSON.parse(text);
     } catch {
       payload = text;
     }
-    return JSON.stringify({
+    const message: MessageInput = {
       channel,
       payload,
       ...(contentType === "application/json" ? {} : { content_type: contentType }),
-    });
+    };
+    return JSON.stringify(message);
   }
-  return JSON.stringify({ channel, payload: data.toString("base64"), content_type: contentType });
+  const message: MessageInput = { channel, payload: data.toString("base64"), content_type: contentType };
+  return JSON.stringify(message);
 }
 
 /**
@@ -40,55 +42,21 @@ export function messageBody(channel: string, data: Buffer, contentType = "applic
  * agent has stored it durably.
  * @throws M2mError with the agent's code (ERR_OUTBOX_FULL, ERR_CHANNEL_INVALID, ...) or ERR_SEND_AGENT_UNREACHABLE
  */
-export function sendMessage(o: SendOptions): Promise<string[]> {
+export async function sendMessage(o: SendOptions): Promise<string[]> {
   const body = messageBody(o.channel, o.data, o.contentType);
-  return new Promise((resolve, reject) => {
-    const req = request(
-      {
-        socketPath: o.socketPath,
-        path: "/v1/messages",
-        method: "POST",
-        headers: { "content-type": "application/json", "content-length": Buffer.byteLength(body) },
-        timeout: o.timeoutMs ?? 30_000,
-      },
-      (res) => {
-        const chunks: Buffer[] = [];
-        res.on("data", (c: Buffer) => chunks.push(c));
-        res.on("end", () => {
-          let parsed: {
-            ids?: unknown;
-            error?: { code?: unknown; message?: unknown; retry?: unknown; hint?: unknown };
-          };
-          try {
-            parsed = JSON.parse(Buffer.concat(chunks).toString("utf8"));
-          } catch {
-            parsed = {};
-          }
-          if (res.statusCode === 200 && Array.isArray(parsed.ids)) return resolve(parsed.ids.map(String));
-          const e = parsed.error;
-          reject(
-            new M2mError(
-              toErrorCode(e?.code, "ERR_SEND_FAILED"),
-              e?.retry === "transient" || res.statusCode === 429 ? "transient" : "permanent",
-              typeof e?.message === "string" ? e.message : `agent answered HTTP ${res.statusCode ?? 0}`,
-              typeof e?.hint === "string" ? { hint: e.hint } : {},
-            ),
-          );
-        });
-        res.on("error", reject);
-      },
-    );
-    req.on("timeout", () => req.destroy(new Error("timeout")));
-    req.on("error", (err) =>
-      reject(
-        new M2mError("ERR_SEND_AGENT_UNREACHABLE", "transient", "cannot reach the agent's local API", {
-          cause: err,
-          hint: "is m2m-agent running, and may this user open its socket (group)?",
-        }),
-      ),
-    );
-    req.end(body);
+  const answer = await callAgent({
+    socketPath: o.socketPath,
+    method: "POST",
+    path: MESSAGES_PATH,
+    body,
+    timeoutMs: o.timeoutMs ?? 30_000,
+  }).catch((err: unknown) => {
+    throw new M2mError("ERR_SEND_AGENT_UNREACHABLE", "transient", "cannot reach the agent's local API", {
+      cause: err,
+      hint: "is m2m-agent running, and may this user open its socket (group)?",
+    });
   });
+  return answerOf(answer, messagesResponseSchema, "ERR_SEND_FAILED").ids;
 }
 
 async function readStdin(): Promise<Buffer> {

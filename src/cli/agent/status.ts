@@ -1,49 +1,27 @@
-import { request } from "node:http";
 import type { Command } from "commander";
 import { M2mError } from "../../core/errors.js";
-import type { AgentStatus } from "../../daemon/compose.js";
+import { type AgentStatus, agentStatusSchema, STATUS_PATH } from "../../wire/v1/local-api.js";
 import type { Progress } from "../progress.js";
 import { action, EXIT, globalOptions, loadCliConfig, output, progressFor, usageError } from "./common.js";
+import { answerOf, callAgent } from "./local-api.js";
 
 /** GET /v1/status from the running daemon over the local API socket. */
-export function fetchStatus(socketPath: string, timeoutMs = 5_000): Promise<AgentStatus> {
-  return new Promise((resolve, reject) => {
-    const req = request({ socketPath, path: "/v1/status", method: "GET", timeout: timeoutMs }, (res) => {
-      let body = "";
-      res.setEncoding("utf8");
-      res.on("data", (c: string) => {
-        if (body.length < 1_000_000) body += c;
-      });
-      res.on("end", () => {
-        try {
-          if (res.statusCode !== 200) throw new Error(`HTTP ${res.statusCode}`);
-          resolve(JSON.parse(body) as AgentStatus);
-        } catch (err) {
-          reject(
-            new M2mError("ERR_AGENT_STATUS", "transient", "the agent answered with an unreadable status", {
-              cause: err,
-            }),
-          );
-        }
-      });
-    });
-    req.on("timeout", () => req.destroy(new Error("timeout")));
-    req.on("error", (err: NodeJS.ErrnoException) =>
-      reject(
-        err.code === "EACCES"
-          ? new M2mError("ERR_AGENT_ACCESS", "permanent", `permission denied on ${socketPath}`, {
-              cause: err,
-              hint: "run as the agent user, root, or a member of the group set in api.group",
-            })
-          : new M2mError("ERR_AGENT_NOT_RUNNING", "transient", `cannot reach the agent at ${socketPath}`, {
-              cause: err,
-              hint: "is it running? `systemctl status m2m-agent`; is api.socket the same in this config?",
-              details: { errno: String(err.code ?? "") },
-            }),
-      ),
-    );
-    req.end();
-  });
+export async function fetchStatus(socketPath: string, timeoutMs = 5_000): Promise<AgentStatus> {
+  const answer = await callAgent({ socketPath, method: "GET", path: STATUS_PATH, timeoutMs }).catch(
+    (err: NodeJS.ErrnoException) => {
+      throw err.code === "EACCES"
+        ? new M2mError("ERR_AGENT_ACCESS", "permanent", `permission denied on ${socketPath}`, {
+            cause: err,
+            hint: "run as the agent user, root, or a member of the group set in api.group",
+          })
+        : new M2mError("ERR_AGENT_NOT_RUNNING", "transient", `cannot reach the agent at ${socketPath}`, {
+            cause: err,
+            hint: "is it running? `systemctl status m2m-agent`; is api.socket the same in this config?",
+            details: { errno: String(err.code ?? "") },
+          });
+    },
+  );
+  return answerOf(answer, agentStatusSchema, "ERR_AGENT_STATUS");
 }
 
 export function humanStatus(s: AgentStatus): string {

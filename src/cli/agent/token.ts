@@ -1,12 +1,11 @@
-import { request } from "node:http";
 import type { Command } from "commander";
 import { systemClock } from "../../core/clock.js";
-import { toErrorCode } from "../../core/error-codes.js";
 import { M2mError } from "../../core/errors.js";
 import { silentLogger } from "../../core/log.js";
 import { OAuthClient } from "../../credentials/oauth/client.js";
-import type { TokenResponseBody } from "../../credentials/oauth/token-routes.js";
+import { TOKEN_PATH, type TokenResponseBody, tokenResponseSchema } from "../../wire/v1/local-api.js";
 import { action, globalOptions, loadCliConfig, output } from "./common.js";
+import { answerOf, callAgent } from "./local-api.js";
 
 interface TokenOptions {
   readonly scope?: string;
@@ -61,68 +60,32 @@ export function register(program: Command): void {
     );
 }
 
-function fromAgent(socketPath: string, o: TokenOptions): Promise<TokenResponseBody> {
+async function fromAgent(socketPath: string, o: TokenOptions): Promise<TokenResponseBody> {
   const q = new URLSearchParams();
   if (o.scope !== undefined) q.set("scope", o.scope);
   if (o.htm !== undefined && o.htu !== undefined) {
     q.set("htm", o.htm.toUpperCase());
     q.set("htu", o.htu);
   }
-  return new Promise((resolve, reject) => {
-    const req = request(
-      { socketPath, path: `/v1/token?${q.toString()}`, method: "GET", timeout: 30_000 },
-      (res) => {
-        let data = "";
-        res.setEncoding("utf8");
-        res.on("data", (c: string) => {
-          if (data.length < 1_000_000) data += c;
-        });
-        res.on("end", () => {
-          try {
-            const parsed = JSON.parse(data) as TokenResponseBody & {
-              error?: { code?: string; message?: string };
-            };
-            if (res.statusCode !== 200) {
-              reject(
-                new M2mError(
-                  toErrorCode(parsed.error?.code, "ERR_AGENT_TOKEN"),
-                  "permanent",
-                  parsed.error?.message ?? `HTTP ${res.statusCode}`,
-                ),
-              );
-              return;
-            }
-            if (o.dpop === true && parsed.token_type !== "DPoP") {
-              reject(
-                new M2mError(
-                  "ERR_OAUTH_DPOP_NOT_BOUND",
-                  "permanent",
-                  "the agent is not configured for DPoP (credentials.oauth.dpop)",
-                ),
-              );
-              return;
-            }
-            resolve(parsed);
-          } catch (err) {
-            reject(
-              new M2mError("ERR_AGENT_TOKEN", "transient", "unreadable answer from the agent", {
-                cause: err,
-              }),
-            );
-          }
-        });
-      },
-    );
-    req.on("timeout", () => req.destroy(new Error("timeout")));
-    req.on("error", (err) =>
-      reject(
-        new M2mError("ERR_AGENT_NOT_RUNNING", "transient", `cannot reach the agent at ${socketPath}`, {
-          cause: err,
-        }),
-      ),
-    );
-    req.end();
+  const answer = await callAgent({
+    socketPath,
+    method: "GET",
+    path: `${TOKEN_PATH}?${q.toString()}`,
+    timeoutMs: 30_000,
+  }).catch((err: unknown) => {
+    throw new M2mError("ERR_AGENT_NOT_RUNNING", "transient", `cannot reach the agent at ${socketPath}`, {
+      cause: err,
+    });
   });
+  const body = answerOf(answer, tokenResponseSchema, "ERR_AGENT_TOKEN");
+  if (o.dpop === true && body.token_type !== "DPoP") {
+    throw new M2mError(
+      "ERR_OAUTH_DPOP_NOT_BOUND",
+      "permanent",
+      "the agent is not configured for DPoP (credentials.oauth.dpop)",
+    );
+  }
+  return body;
 }
 
 async function direct(

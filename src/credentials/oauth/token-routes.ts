@@ -1,6 +1,7 @@
 import type { ApiHandler, ApiRequest, ApiResponse, HttpMethod } from "../../api/server.js";
 import { errorResponse } from "../../api/server.js";
 import { asM2mError, M2mError } from "../../core/errors.js";
+import { TOKEN_PATH, type TokenResponseBody } from "../../wire/v1/local-api.js";
 import type { DpopSigner, TokenSource } from "./token-source.js";
 
 export interface TokenRoute {
@@ -16,16 +17,8 @@ export interface TokenRoutesOptions {
   readonly allowScopes?: readonly string[];
 }
 
-/** The JSON body of `GET /v1/token` (and of `m2m-agent token --json`). */
-export interface TokenResponseBody {
-  readonly access_token: string;
-  readonly token_type: "Bearer" | "DPoP";
-  readonly expires_at: string;
-  readonly expires_in: number;
-  readonly scope: string;
-  /** Present when `htm` and `htu` were given and the token is DPoP-bound. */
-  readonly dpop_proof?: string;
-}
+/** The JSON body of `GET /v1/token`: the wire type shared with its clients. */
+export type { TokenResponseBody } from "../../wire/v1/local-api.js";
 
 /**
  * Local API routes: `GET /v1/token?scope=S[&htm=POST&htu=URL]` returns a valid access token for a
@@ -77,5 +70,5 @@ export function tokenRoutes(tokens: TokenSource, options: TokenRoutesOptions = {
       return errorResponse(e);
     }
   };
-  return [{ method: "GET", path: "/v1/token", handler }];
+  return [{ method: "GET", path: TOKEN_PATH, handler }];
 }

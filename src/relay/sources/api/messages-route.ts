@@ -1,4 +1,5 @@
 import type { ApiServer } from "../../../api/server.js";
+import { MESSAGES_PATH, type MessagesResponse } from "../../../wire/v1/local-api.js";
 import type { NewMessage, Outbox } from "../../outbox/outbox.js";
 import { defaultParseLimits, type ParseLimits, parseMessages } from "./parse.js";
 
@@ -23,13 +24,14 @@ export function mountMessagesRoute(api: ApiServer, options: MessagesRouteOptions
   const limits = { ...defaultParseLimits, ...(options.limits ?? {}) };
   api.route(
     "POST",
-    "/v1/messages",
+    MESSAGES_PATH,
     async (req) => {
       const body = await req.body();
       const messages = parseMessages(body, req.headers["content-type"], limits);
       const ids = await options.outbox.append(messages);
       options.onAccepted?.(messages, ids);
-      return { status: 200, json: { ids } };
+      const answer: MessagesResponse = { ids: [...ids] };
+      return { status: 200, json: answer };
     },
     { maxBodyBytes: options.maxBodyBytes ?? 4 * 1024 * 1024 },
   );

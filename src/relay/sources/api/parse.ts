@@ -1,4 +1,6 @@
+import type { z } from "zod";
 import { type ErrorCode, M2mError } from "../../../core/errors.js";
+import { type MessageInput, messageInputSchema } from "../../../wire/v1/local-api.js";
 import { MAX_CHANNEL_LENGTH, validateChannel } from "../../channel.js";
 import type { NewMessage } from "../../outbox/outbox.js";
 
@@ -9,7 +11,6 @@ export interface ParseLimits {
 
 export const defaultParseLimits: ParseLimits = { maxMessages: 1000, maxPayloadBytes: 256 * 1024 };
 
-const ALLOWED_KEYS = new Set(["channel", "payload", "ts", "content_type"]);
 const BASE64_RE = /^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$/;
 const CONTENT_TYPE_RE = /^[a-z0-9!#$&^_.+-]+\/[a-z0-9!#$&^_.+-]+(;[ -~]*)?$/i;
 const enc = new TextEncoder();
@@ -85,15 +86,43 @@ function tooMany(limits: ParseLimits): M2mError {
   );
 }
 
+/** The first field a schema issue is about: its code is the one the route answers with. */
+function firstIssue(issues: readonly z.core.$ZodIssue[]): { code: ErrorCode; message: string } {
+  // Report in the order a producer fixes things: unknown fields, channel, content type, payload, ts.
+  const at = (field: string) => issues.find((i) => i.path[0] === field);
+  const unknown = issues.find((i) => i.code === "unrecognized_keys");
+  if (unknown !== undefined && unknown.code === "unrecognized_keys") {
+    return {
+      code: "ERR_API_INVALID_MESSAGE",
+      message: `unknown field "${(unknown.keys[0] ?? "").slice(0, 32)}"`,
+    };
+  }
+  if (issues.some((i) => i.path.length === 0))
+    return { code: "ERR_API_INVALID_MESSAGE", message: "must be an object" };
+  if (at("channel") !== undefined)
+    return { code: "ERR_CHANNEL_INVALID", message: "channel must be a string" };
+  if (at("content_type") !== undefined)
+    return { code: "ERR_API_INVALID_MESSAGE", message: "content_type must be a media type" };
+  if (at("payload") !== undefined) return { code: "ERR_API_INVALID_PAYLOAD", message: "payload is required" };
+  return { code: "ERR_API_INVALID_MESSAGE", message: "ts must be epoch milliseconds or an RFC 3339 string" };
+}
+
 function parseOne(item: unknown, i: number, limits: ParseLimits): NewMessage {
-  if (item === null || typeof item !== "object" || Array.isArray(item)) {
-    throw invalid("ERR_API_INVALID_MESSAGE", "must be an object", i);
+  // The shape is the wire schema shared with the clients; grammar, size and base64 are checked below.
+  const parsed = messageInputSchema.safeParse(item);
+  if (!parsed.success) {
+    const { code, message } = firstIssue(parsed.error.issues);
+    if (code === "ERR_CHANNEL_INVALID") {
+      throw new M2mError(
+        code,
+        "permanent",
+        `message ${i}: channel must be 1-${MAX_CHANNEL_LENGTH} of A-Z a-z 0-9 _ - / (no wildcards, no leading /)`,
+        { details: { index: i } },
+      );
+    }
+    throw invalid(code, message, i);
   }
-  const o = item as Record<string, unknown>;
-  for (const k of Object.keys(o)) {
-    if (!ALLOWED_KEYS.has(k))
-      throw invalid("ERR_API_INVALID_MESSAGE", `unknown field "${k.slice(0, 32)}"`, i);
-  }
+  const o: MessageInput = parsed.data;
   let channel: string;
   try {
     channel = validateChannel(o.channel);
@@ -107,17 +136,11 @@ function parseOne(item: unknown, i: number, limits: ParseLimits): NewMessage {
   }
   let contentType = "application/json";
   if (o.content_type !== undefined) {
-    if (
-      typeof o.content_type !== "string" ||
-      o.content_type.length > 100 ||
-      !CONTENT_TYPE_RE.test(o.content_type)
-    ) {
+    if (!CONTENT_TYPE_RE.test(o.content_type)) {
       throw invalid("ERR_API_INVALID_MESSAGE", "content_type must be a media type", i);
     }
     contentType = o.content_type;
   }
-  if (!("payload" in o) || o.payload === undefined)
-    throw invalid("ERR_API_INVALID_PAYLOAD", "payload is required", i);
   let payload: Uint8Array;
   if (isJsonContentType(contentType)) {
     payload = enc.encode(JSON.stringify(o.payload));
