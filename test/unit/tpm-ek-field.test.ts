@@ -6,26 +6,9 @@ import { verifyEkCertificate } from "../../src/registrar/verifier/tpm-verifier.j
 import { TPMA_OBJECT as A, TPM_ALG } from "../../src/tpm/constants.js";
 import { certificatePublicKey, isRsaesOaepSpki, normalizeRsaesOaepSpki } from "../../src/tpm/ek-cert-key.js";
 import { ekAuthorizationOf, ekPolicyA, ekPolicyB, ekPolicyC } from "../../src/tpm/ek-policy.js";
+import { oaepLabelledSpki } from "./tpm-ek-kit.js";
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
-
-/** id-RSAES-OAEP SPKI with TPM 1.2-style parameters (pSourceFunc = pSpecified "TCPA"), same key bits. */
-export function oaepLabelledSpki(rsaSpki: Uint8Array): Uint8Array {
-  const b = Buffer.from(rsaSpki);
-  // rsaEncryption SPKI: 30 82 LL LL | 30 0d <oid rsaEncryption> 05 00 | 03 ... (the key BIT STRING)
-  const bits = b.subarray(4 + 15);
-  const pSource = Buffer.from(
-    "a2133011" + "06092a864886f70d010109" + "0404" + Buffer.from("TCPA").toString("hex"),
-    "hex",
-  );
-  const params = Buffer.concat([Buffer.from([0x30, pSource.length]), pSource]);
-  const algBody = Buffer.concat([Buffer.from("06092a864886f70d010107", "hex"), params]);
-  const alg = Buffer.concat([Buffer.from([0x30, algBody.length]), algBody]);
-  const body = Buffer.concat([alg, bits]);
-  return new Uint8Array(
-    Buffer.concat([Buffer.from([0x30, 0x82, body.length >> 8, body.length & 0xff]), body]),
-  );
-}
 
 describe("TCG EK policies (EK Credential Profile 2.3+)", () => {
   it("PolicyA, PolicyC and PolicyB = PolicyOR(A, C) equal the published digests", () => {
