@@ -197,10 +197,22 @@ export class TpmAttestationOps {
       const eks = await this.#persistedEks(tx);
       if (!eks.some((e) => e.kind === "rsa-2048") && options.createIfAbsent !== false) {
         await withTransientCleanup(tx, async () => {
-          await tx.run("tpm2_createek", ["-c", hex32(RSA_EK_HANDLE), "-G", "rsa", "-u", tx.path("ek.pub")], {
-            op: "createek",
-            timeoutMs: Math.max(this.#runner.timeoutMs, 60_000),
-          });
+          await tx.run(
+            "tpm2_createek",
+            [
+              "-c",
+              hex32(RSA_EK_HANDLE),
+              ...(await tx.ownerAuthArgs("-w")),
+              "-G",
+              "rsa",
+              "-u",
+              tx.path("ek.pub"),
+            ],
+            {
+              op: "createek",
+              timeoutMs: Math.max(this.#runner.timeoutMs, 60_000),
+            },
+          );
         });
         const pub = await readPublicOrUndefined(tx, RSA_EK_HANDLE);
         if (pub === undefined || !looksLikeEk(pub)) {
@@ -248,7 +260,11 @@ export class TpmAttestationOps {
       if (existing !== undefined) {
         this.#checkAk(existing);
         if (options.replace !== true) return { ...toObjectPublic(this.akHandle, existing), created: false };
-        await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", hex32(this.akHandle)], { op: "evict-ak" });
+        await tx.run(
+          "tpm2_evictcontrol",
+          ["-C", "o", ...(await tx.ownerAuthArgs()), "-c", hex32(this.akHandle)],
+          { op: "evict-ak" },
+        );
       }
       const ek = await this.#requireUsableEk(tx, ekHandle);
       await withTransientCleanup(tx, async () => {
@@ -273,7 +289,11 @@ export class TpmAttestationOps {
             { op: "create-ak" },
           ),
         );
-        await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", ctx, hex32(this.akHandle)], { op: "persist-ak" });
+        await tx.run(
+          "tpm2_evictcontrol",
+          ["-C", "o", ...(await tx.ownerAuthArgs()), "-c", ctx, hex32(this.akHandle)],
+          { op: "persist-ak" },
+        );
       });
       const ak = await readPublicOrUndefined(tx, this.akHandle);
       if (ak === undefined)
