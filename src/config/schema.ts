@@ -139,6 +139,12 @@ const tpmSection = z.strictObject({
   tls_store_dir: absPath.optional(),
   /** File (0600) holding the tpm2-pkcs11 token's user PIN (required for relay.mqtt.auth = "mtls-tpm"). */
   tls_pin_file: absPath.optional(),
+  /**
+   * Auth value of the TPM's owner hierarchy, when the owner set one (`tpm2_changeauth -c owner`): a
+   * file (0600) or systemd credential, read on every use and handed to tpm2-tools as `file:` (never on a
+   * command line). Plain text, or `hex:` followed by hex digits. Unset: empty owner auth.
+   */
+  owner_auth: secretRefSchema.optional(),
 });
 
 const pkcs11Section = z.strictObject({

@@ -337,7 +337,7 @@ export const ERROR_CODES = {
   ERR_TOPIC_TEMPLATE: { retry: "permanent", action: "Use only the placeholders `{deviceId}` and `{channel}` in the topic template." },
   ERR_TPM_AK: { retry: "permanent", action: "The AK could not be created or loaded: check the TPM with `m2m-agent doctor`." },
   ERR_TPM_ARGUMENT: { retry: "permanent", action: "Programming error: an invalid argument to a TPM command." },
-  ERR_TPM_AUTH: { retry: "fatal", action: "Check the authorization value / policy; retrying would feed the dictionary-attack counter." },
+  ERR_TPM_AUTH: { retry: "fatal", action: "Check the authorization value / policy (an owner hierarchy with a password needs `keys.tpm.owner_auth`); retrying would feed the dictionary-attack counter." },
   ERR_TPM_BUSY: { retry: "transient", action: "The TPM is busy; the agent retries." },
   ERR_TPM_CLOSED: { retry: "permanent", action: "The TPM runner was closed (shutdown); nothing to do." },
   ERR_TPM_COMMAND: { retry: "permanent", action: "A tpm2-tools command failed: the message names it; check the TPM with `m2m-agent doctor`." },

@@ -49,9 +49,21 @@ async function slotsFromConfig(config: AgentConfig, deps: DeviceKeyDeps): Promis
       };
       // One runner (one serial TPM queue) for every key the owner ever opens: the current key, the
       // pending one during a rotation, the leftover it destroys, and their attestation.
+      const ownerAuthRef = k.tpm.owner_auth;
+      const { resolveSecret } = await import("../config/secrets.js");
       const runner = new TpmRunner({
         tcti: k.tpm.tcti,
         timeoutMs: k.tpm.timeout_ms,
+        // Read on every owner-hierarchy use: a rotated file or credential needs no restart.
+        ...(ownerAuthRef === undefined
+          ? {}
+          : {
+              ownerAuth: () =>
+                resolveSecret(ownerAuthRef, {
+                  ...(deps.env === undefined ? {} : { env: deps.env }),
+                  maxBytes: 1024,
+                }),
+            }),
         ...(deps.clock === undefined ? {} : { clock: deps.clock }),
       });
       const names = tpmRotationNames(h);

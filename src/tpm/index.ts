@@ -28,6 +28,21 @@ export {
   decodeIdObject,
   encodeCredentialBlob,
 } from "./credential-blob.js";
+export {
+  certificatePublicKey,
+  certificateSpki,
+  isRsaesOaepSpki,
+  normalizeRsaesOaepSpki,
+} from "./ek-cert-key.js";
+export {
+  type EkAuthorization,
+  type EkPolicyHash,
+  ekAuthorizationOf,
+  ekPolicyA,
+  ekPolicyB,
+  ekPolicyC,
+  policyOr,
+} from "./ek-policy.js";
 export { kdfa, kdfe } from "./kdf.js";
 export {
   activateCredentialWithPrivateKey,

@@ -10,7 +10,7 @@ import { makeCredential } from "../../src/tpm/make-credential.js";
 import { computeName, decodeTpm2bPublic, decodeTpmtPublic } from "../../src/tpm/public.js";
 
 // Proves the TypeScript MakeCredential against the real TPM2_ActivateCredential of swtpm, for the RSA-2048
-// EK (0x81010001, PolicyA) and swtpm's ECC P-384 high-range EK (0x81010016, userWithAuth set).
+// EK (0x81010001, PolicyA) and swtpm's ECC P-384 high-range EK (0x81010016, PolicyB).
 
 const RSA_EK = "0x81010001";
 const ECC_EK = "0x81010016";

@@ -167,7 +167,7 @@ describe("TPM attestation ops (swtpm)", () => {
     );
   });
 
-  test("activateCredential with the high-range P-384 EK (empty auth, no PolicyB session); blob from src/tpm makeCredential", async () => {
+  test("activateCredential with the high-range P-384 EK (PolicyB session: PolicySecret + PolicyOR, sha384); blob from src/tpm makeCredential", async () => {
     const p384 = eks.find((e) => e.handle === 0x81010016);
     const secret = randomBytes(32);
     const { blob } = makeCredential(decodeTpmtPublic(p384?.tpmtPublic ?? new Uint8Array()), ak.name, secret);

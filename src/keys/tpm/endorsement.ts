@@ -2,6 +2,7 @@ import { createHash } from "node:crypto";
 import { readFile, writeFile } from "node:fs/promises";
 import { M2mError } from "../../core/errors.js";
 import { Secret } from "../../core/secret.js";
+import { type EkAuthorization, ekAuthorizationOf } from "../../tpm/ek-policy.js";
 import { readPublicOrUndefined } from "./read-public.js";
 import type { TpmRunner, TpmTx } from "./runner.js";
 import {
@@ -22,10 +23,12 @@ import { hex32, listHandles, withTransientCleanup } from "./transient.js";
  * TPM2_Certify of the device key with a verifier nonce (raw command, since tpm2_certify 5.4 has no
  * qualifying-data option).
  *
- * EK authorization: low-range EKs (L-1 RSA-2048, L-2 ECC P-256; authPolicy = TCG PolicyA, userWithAuth
- * clear) are used through a PolicySecret(TPM_RH_ENDORSEMENT) session. High-range EKs (e.g. swtpm's ECC
- * P-384 at 0x81010016; authPolicy = PolicyB, userWithAuth set) are used with their empty auth value, so
- * no PolicyOR session is needed. Any other EK fails with ERR_TPM_EK_POLICY_UNSUPPORTED.
+ * EK authorization is chosen from the EK's own public area (src/tpm/ek-policy.ts): low-range EKs (L-1
+ * RSA-2048, L-2 ECC P-256; authPolicy = TCG PolicyA) through a PolicySecret(TPM_RH_ENDORSEMENT) session;
+ * high-range EKs (H-1 RSA-2048, H-2 P-256, swtpm's H-3 P-384 at 0x81010016, …; authPolicy = PolicyB)
+ * through PolicySecret + PolicyOR(PolicyA, PolicyC) in a session of the EK's nameAlg; an EK with another
+ * policy but userWithAuth set with its empty auth value. Anything else fails with
+ * ERR_TPM_EK_POLICY_UNSUPPORTED.
  */
 
 export type EkKind = "rsa-2048" | "ecc-p256" | "ecc-p384" | "ecc-p521" | "rsa-3072" | "rsa-4096" | "other";
@@ -147,13 +150,9 @@ function looksLikeEk(pub: ParsedPublic): boolean {
   return (pub.objectAttributes & need) === need && (pub.objectAttributes & ATTR.sign) === 0;
 }
 
-function isPolicyA(pub: ParsedPublic): boolean {
-  return Buffer.from(pub.authPolicy).toString("hex") === EK_POLICY_A_SHA256;
-}
-
-/** Activation/AK creation can authorize this EK: PolicyA, or userWithAuth with the template's empty auth. */
+/** Activation/AK creation can authorize this EK: PolicyA, PolicyB, or userWithAuth with the empty auth. */
 function ekUsable(pub: ParsedPublic): boolean {
-  return isPolicyA(pub) || (pub.objectAttributes & ATTR.userWithAuth) !== 0;
+  return ekAuthorizationOf(pub) !== undefined;
 }
 
 export class TpmAttestationOps {
@@ -198,10 +197,22 @@ export class TpmAttestationOps {
       const eks = await this.#persistedEks(tx);
       if (!eks.some((e) => e.kind === "rsa-2048") && options.createIfAbsent !== false) {
         await withTransientCleanup(tx, async () => {
-          await tx.run("tpm2_createek", ["-c", hex32(RSA_EK_HANDLE), "-G", "rsa", "-u", tx.path("ek.pub")], {
-            op: "createek",
-            timeoutMs: Math.max(this.#runner.timeoutMs, 60_000),
-          });
+          await tx.run(
+            "tpm2_createek",
+            [
+              "-c",
+              hex32(RSA_EK_HANDLE),
+              ...(await tx.ownerAuthArgs("-w")),
+              "-G",
+              "rsa",
+              "-u",
+              tx.path("ek.pub"),
+            ],
+            {
+              op: "createek",
+              timeoutMs: Math.max(this.#runner.timeoutMs, 60_000),
+            },
+          );
         });
         const pub = await readPublicOrUndefined(tx, RSA_EK_HANDLE);
         if (pub === undefined || !looksLikeEk(pub)) {
@@ -249,7 +260,11 @@ export class TpmAttestationOps {
       if (existing !== undefined) {
         this.#checkAk(existing);
         if (options.replace !== true) return { ...toObjectPublic(this.akHandle, existing), created: false };
-        await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", hex32(this.akHandle)], { op: "evict-ak" });
+        await tx.run(
+          "tpm2_evictcontrol",
+          ["-C", "o", ...(await tx.ownerAuthArgs()), "-c", hex32(this.akHandle)],
+          { op: "evict-ak" },
+        );
       }
       const ek = await this.#requireUsableEk(tx, ekHandle);
       await withTransientCleanup(tx, async () => {
@@ -274,7 +289,11 @@ export class TpmAttestationOps {
             { op: "create-ak" },
           ),
         );
-        await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", ctx, hex32(this.akHandle)], { op: "persist-ak" });
+        await tx.run(
+          "tpm2_evictcontrol",
+          ["-C", "o", ...(await tx.ownerAuthArgs()), "-c", ctx, hex32(this.akHandle)],
+          { op: "persist-ak" },
+        );
       });
       const ak = await readPublicOrUndefined(tx, this.akHandle);
       if (ak === undefined)
@@ -338,25 +357,43 @@ export class TpmAttestationOps {
       throw new M2mError(
         "ERR_TPM_EK_POLICY_UNSUPPORTED",
         "permanent",
-        `the EK at ${hex32(ekHandle)} can be authorized neither by PolicyA nor by its (empty) auth value`,
-        { hint: "use the RSA-2048 EK (0x81010001) for credential activation" },
+        `the EK at ${hex32(ekHandle)} can be authorized neither by PolicyA/PolicyB nor by its (empty) auth value`,
+        { hint: "use an EK made from a TCG template (e.g. the RSA-2048 EK at 0x81010001)" },
       );
     }
     return ek;
   }
 
   /**
-   * Authorizes a USER-role use of the EK. Low-range EKs (userWithAuth clear) need a policy session
-   * satisfying PolicyA (PolicySecret(TPM_RH_ENDORSEMENT)); high-range EKs (PolicyB, userWithAuth set)
-   * accept their empty auth value as a password, so no PolicyB/PolicyOR session is needed.
+   * Authorizes a USER-role use of the EK with the session its authPolicy asks for (see the module
+   * comment): PolicyA → PolicySecret(endorsement); PolicyB → PolicySecret(endorsement) then
+   * PolicyOR(PolicyA, PolicyC), both in a session of the EK's nameAlg; otherwise the empty password.
    * The session is always flushed.
    */
   async #withEkAuth<T>(tx: TpmTx, ek: ParsedPublic, fn: (authArgs: string[]) => Promise<T>): Promise<T> {
-    if (!isPolicyA(ek) && (ek.objectAttributes & ATTR.userWithAuth) !== 0) return fn([]);
+    const auth: EkAuthorization | undefined = ekAuthorizationOf(ek);
+    if (auth === undefined) {
+      throw new M2mError("ERR_TPM_EK_POLICY_UNSUPPORTED", "permanent", "the EK's policy is not supported");
+    }
+    if (auth.kind === "password") return fn([]);
     const session = tx.path("ek-session.ctx");
-    await tx.run("tpm2_startauthsession", ["--policy-session", "-S", session], { op: "start-session" });
+    await tx.run("tpm2_startauthsession", ["--policy-session", "-g", auth.hash, "-S", session], {
+      op: "start-session",
+    });
     try {
       await tx.run("tpm2_policysecret", ["-S", session, "-c", "e"], { op: "policysecret" });
+      if (auth.kind === "policy-b") {
+        const files: string[] = [];
+        for (const [i, branch] of auth.branches.entries()) {
+          const f = tx.path(`ek-policy-${i}.bin`);
+          await writeFile(f, branch, { mode: 0o600 });
+          files.push(f);
+        }
+        // The session digest is PolicyA now; PolicyOR replaces it with PolicyB = the EK's authPolicy.
+        await tx.run("tpm2_policyor", ["-S", session, "-l", `${auth.hash}:${files.join(",")}`], {
+          op: "policyor",
+        });
+      }
       return await fn(["-P", `session:${session}`]);
     } finally {
       await tx.run("tpm2_flushcontext", [session], { op: "flush-session" }).catch(() => undefined);

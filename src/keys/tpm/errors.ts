@@ -203,7 +203,7 @@ export function classifyTpmRc(rc: number, tool: string, cause?: unknown): M2mErr
       "fatal",
       "TPM authorization failed",
       opts({
-        hint: "check the authorization value / policy; retrying would feed the dictionary-attack counter",
+        hint: "check the authorization value / policy (an owner hierarchy with a password needs keys.tpm.owner_auth); retrying would feed the dictionary-attack counter",
       }),
     );
   }

@@ -6,6 +6,7 @@ import { execa } from "execa";
 import { type Clock, systemClock } from "../../core/clock.js";
 import { asM2mError, M2mError } from "../../core/errors.js";
 import { type RetryPolicy, withRetry } from "../../core/retry.js";
+import type { Secret } from "../../core/secret.js";
 import { classifyToolFailure, classifyTpmRc, rcBase, rcHex } from "./errors.js";
 
 /**
@@ -37,6 +38,11 @@ export interface TpmRunnerOptions {
   readonly runtimeDir?: string;
   /** Called once per tool invocation (metrics). Must not throw. */
   readonly onLatency?: (sample: TpmLatencySample) => void;
+  /**
+   * The owner hierarchy's auth value (`keys.tpm.owner_auth`), read on every use so a rotated file or
+   * credential is picked up. Unset: the owner auth is empty (the TPM default).
+   */
+  readonly ownerAuth?: () => Promise<Secret>;
 }
 
 export interface RunOptions {
@@ -75,6 +81,11 @@ export interface TpmTx {
    * path; tpm2-tools reads auth values as `file:PATH`. Removed when the exclusive block ends.
    */
   writeSecret(name: string, value: Uint8Array | string): Promise<string>;
+  /**
+   * Arguments authorizing the owner hierarchy for one tool call: `[flag, "file:<0600 scratch file>"]`
+   * when an owner auth is configured, else `[]`. Never the value on argv (visible in /proc).
+   */
+  ownerAuthArgs(flag?: string): Promise<string[]>;
 }
 
 const defaultBusyRetry: RetryPolicy = {
@@ -131,6 +142,7 @@ export class TpmRunner {
   readonly #busyRetry: RetryPolicy;
   readonly #runtimeDir: string;
   readonly #onLatency: ((s: TpmLatencySample) => void) | undefined;
+  readonly #ownerAuth: (() => Promise<Secret>) | undefined;
   #dir: string | undefined;
   #closed = false;
 
@@ -141,6 +153,7 @@ export class TpmRunner {
     this.#busyRetry = options.busyRetry ?? defaultBusyRetry;
     this.#runtimeDir = options.runtimeDir ?? process.env.RUNTIME_DIRECTORY ?? tmpdir();
     this.#onLatency = options.onLatency;
+    this.#ownerAuth = options.ownerAuth;
   }
 
   get timeoutMs(): number {
@@ -193,6 +206,12 @@ export class TpmRunner {
             await fh.close();
           }
           return p;
+        },
+        ownerAuthArgs: async (flag = "-P") => {
+          if (this.#ownerAuth === undefined) return [];
+          // tpm2-tools reads `file:` contents as an auth string (plain text, or `hex:...`).
+          const p = await tx.writeSecret(`owner-auth-${files.length}`, (await this.#ownerAuth()).reveal());
+          return [flag, `file:${p}`];
         },
       };
       try {

@@ -241,7 +241,11 @@ export class TpmKeyProvider implements KeyProvider {
           { op: "create-key", timeoutMs: Math.max(this.#runner.timeoutMs, 60_000) },
         );
         try {
-          await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", ctx, this.#keyHex], { op: "persist-key" });
+          await tx.run(
+            "tpm2_evictcontrol",
+            ["-C", "o", ...(await tx.ownerAuthArgs()), "-c", ctx, this.#keyHex],
+            { op: "persist-key" },
+          );
         } catch (err) {
           // Another process (through its own queue) may have persisted a key at the handle meanwhile:
           // then that key wins and is adopted below (after the same checks); any other failure stands.
@@ -343,10 +347,26 @@ export class TpmKeyProvider implements KeyProvider {
       const ctx = tx.path("srk.ctx");
       await tx.run(
         "tpm2_createprimary",
-        ["-C", "o", "-g", "sha256", "-G", "ecc256:aes128cfb", "-a", SRK_ATTRIBUTES_TEXT, "-c", ctx],
+        [
+          "-C",
+          "o",
+          ...(await tx.ownerAuthArgs()),
+          "-g",
+          "sha256",
+          "-G",
+          "ecc256:aes128cfb",
+          "-a",
+          SRK_ATTRIBUTES_TEXT,
+          "-c",
+          ctx,
+        ],
         { op: "create-srk", timeoutMs: Math.max(this.#runner.timeoutMs, 60_000) },
       );
-      await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", ctx, hex32(this.srkHandle)], { op: "persist-srk" });
+      await tx.run(
+        "tpm2_evictcontrol",
+        ["-C", "o", ...(await tx.ownerAuthArgs()), "-c", ctx, hex32(this.srkHandle)],
+        { op: "persist-srk" },
+      );
     });
   }
 
@@ -428,7 +448,9 @@ export class TpmKeyProvider implements KeyProvider {
       const pub = await readPublicOrUndefined(tx, this.keyHandle);
       if (pub === undefined) return;
       this.#checkDeviceKey(pub);
-      await tx.run("tpm2_evictcontrol", ["-C", "o", "-c", this.#keyHex], { op: "evict-key" });
+      await tx.run("tpm2_evictcontrol", ["-C", "o", ...(await tx.ownerAuthArgs()), "-c", this.#keyHex], {
+        op: "evict-key",
+      });
     });
     // Security: evicting the persistent object is not enough while its SRK-wrapped private blob exists:
     // TPM2_Load under the same SRK would bring the key back. The kept blobs go with it (a tpm2-pkcs11
@@ -527,8 +549,10 @@ function tpmAttestationOf(key: TpmKeyProvider): TpmAttestation {
     certify: (nonce) => ops.certify(key.keyHandle, key.akHandle, nonce),
     evictAk: async () => {
       await key.runner
-        .exclusive((tx) =>
-          tx.run("tpm2_evictcontrol", ["-C", "o", "-c", hex32(key.akHandle)], { op: "evict-ak" }),
+        .exclusive(async (tx) =>
+          tx.run("tpm2_evictcontrol", ["-C", "o", ...(await tx.ownerAuthArgs()), "-c", hex32(key.akHandle)], {
+            op: "evict-ak",
+          }),
         )
         .catch(() => undefined);
     },

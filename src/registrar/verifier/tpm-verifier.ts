@@ -31,6 +31,7 @@ import {
   TPM_ST,
   TPMA_OBJECT,
 } from "../../tpm/constants.js";
+import { certificatePublicKey } from "../../tpm/ek-cert-key.js";
 import { ERR_TPM_CREDENTIAL_UNSUPPORTED, makeCredential } from "../../tpm/make-credential.js";
 import {
   computeName,
@@ -248,7 +249,9 @@ export async function verifyEkCertificate(
   }
   let publicKey: KeyObject;
   try {
-    publicKey = toNode(leaf).publicKey;
+    // RSA EK certificates labelled id-RSAES-OAEP instead of rsaEncryption are accepted (the key is the
+    // same RSAPublicKey; OpenSSL alone refuses the OID): see src/tpm/ek-cert-key.ts.
+    publicKey = certificatePublicKey(new Uint8Array(leaf.rawData));
   } catch (err) {
     throw reject(TPM_VERIFY_ERRORS.EK_CERT_MALFORMED, "EK certificate key is unusable", undefined, err);
   }
