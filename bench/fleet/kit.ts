@@ -181,10 +181,14 @@ export function startRegistrarProcess(
   // FLEET_REGISTRAR_NODE_ARGS: extra node flags for the registrar (e.g. "--cpu-prof --cpu-prof-dir=D"
   // to profile it under load; node refuses --cpu-prof in NODE_OPTIONS).
   const nodeArgs = (env.FLEET_REGISTRAR_NODE_ARGS ?? "").split(" ").filter((a) => a !== "");
-  const child = spawn(process.execPath, [...nodeArgs, REGISTRAR_CLI, "--json", "serve", "--config", configPath], {
-    env,
-    stdio: ["ignore", "pipe", "pipe"],
-  });
+  const child = spawn(
+    process.execPath,
+    [...nodeArgs, REGISTRAR_CLI, "--json", "serve", "--config", configPath],
+    {
+      env,
+      stdio: ["ignore", "pipe", "pipe"],
+    },
+  );
   let stderr = "";
   const errors: string[] = [];
   let tail = "";
