@@ -163,7 +163,10 @@ install -m 644 service/registrar/m2m-registrar.service "$R/lib/systemd/system/"
 install -m 644 service/registrar/m2m-registrar.sysusers "$R/usr/lib/sysusers.d/m2m-registrar.conf"
 install -m 644 service/registrar/m2m-registrar.tmpfiles "$R/usr/lib/tmpfiles.d/m2m-registrar.conf"
 install -D -m 640 service/registrar/registrar.toml "$R/etc/m2m-registrar/registrar.toml"
-cp docs/registrar.md docs/packaging.md "$R/usr/share/doc/m2m-registrar/"
+# The revocation hook the docs and registrar.toml name (docs/revocation.md): executable, not a conffile.
+install -D -m 755 service/hooks/mosquitto-revoke "$R/usr/share/m2m-registrar/hooks/mosquitto-revoke"
+cp docs/registrar.md docs/packaging.md docs/revocation.md docs/registrar-scale.md docs/fleet-load.md \
+	"$R/usr/share/doc/m2m-registrar/"
 finish m2m-registrar "$COMMON_DEPENDS" "ca-certificates" "" \
 	"reference registrar for m2m-agent fleets" <<'DESC'
  The fleet side of m2m-agent: verifies TPM attestation (no TPM needed) and

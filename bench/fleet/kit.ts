@@ -178,10 +178,17 @@ export function startRegistrarProcess(
   configPath: string,
   env: NodeJS.ProcessEnv = process.env,
 ): Promise<RegistrarProcess> {
-  const child = spawn(process.execPath, [REGISTRAR_CLI, "--json", "serve", "--config", configPath], {
-    env,
-    stdio: ["ignore", "pipe", "pipe"],
-  });
+  // FLEET_REGISTRAR_NODE_ARGS: extra node flags for the registrar (e.g. "--cpu-prof --cpu-prof-dir=D"
+  // to profile it under load; node refuses --cpu-prof in NODE_OPTIONS).
+  const nodeArgs = (env.FLEET_REGISTRAR_NODE_ARGS ?? "").split(" ").filter((a) => a !== "");
+  const child = spawn(
+    process.execPath,
+    [...nodeArgs, REGISTRAR_CLI, "--json", "serve", "--config", configPath],
+    {
+      env,
+      stdio: ["ignore", "pipe", "pipe"],
+    },
+  );
   let stderr = "";
   const errors: string[] = [];
   let tail = "";

@@ -1,7 +1,8 @@
-import { createPublicKey, sign as cryptoSign, generateKeyPairSync, type KeyObject } from "node:crypto";
+import { createPublicKey, sign as cryptoSign, type KeyObject } from "node:crypto";
 import { Secret } from "../../src/core/secret.js";
 import type { EnrollTpmOps } from "../../src/enroll/index.js";
 import { FakeKeyProvider, FakeKeyStore } from "../../src/keys/fake/fake-provider.js";
+import { generateP256KeyPair } from "../../src/keys/fake/p256.js";
 import { akQualifiedNameUnderEk } from "../../src/registrar/verifier/tpm-verifier.js";
 import {
   TPMA_OBJECT as A,
@@ -55,8 +56,9 @@ let clockCounter = 0n;
 
 /** Creates one simulated TPM (keys generated now) with its EK certificate from `ekCa`. */
 export async function createSoftTpmDevice(ekCa: TestEkCa, label: string): Promise<SoftTpmDevice> {
-  const ek = generateKeyPairSync("ec", { namedCurve: "P-256" });
-  const ak = generateKeyPairSync("ec", { namedCurve: "P-256" });
+  // Not generateKeyPairSync: see generateP256KeyPair (a Node 20 GC deadlock at fleet scale).
+  const ek = generateP256KeyPair();
+  const ak = generateP256KeyPair();
   const provider = new FakeKeyProvider({ store: new FakeKeyStore(), label });
   const info = await provider.createOrOpen();
   const ekPub = publicAreaFromKey(ek.publicKey, {

@@ -333,7 +333,7 @@ export const ERROR_CODES = {
   ERR_TOKEN_REQUEST: { retry: "permanent", action: "The token request is malformed: see the OAuth error description." },
   ERR_TOKEN_SCOPE: { retry: "permanent", action: "Request only scopes allowed for the device." },
   ERR_TOKEN_TTL: { retry: "permanent", action: "Give a token TTL between 1 s and 366 days." },
-  ERR_TOKEN_USED: { retry: "permanent", action: "Bootstrap tokens are single-use: issue a new one." },
+  ERR_TOKEN_USED: { retry: "permanent", action: "Bootstrap tokens are single-use (only the device they enrolled may retry with its same key): issue a new one." },
   ERR_TOPIC_TEMPLATE: { retry: "permanent", action: "Use only the placeholders `{deviceId}` and `{channel}` in the topic template." },
   ERR_TPM_AK: { retry: "permanent", action: "The AK could not be created or loaded: check the TPM with `m2m-agent doctor`." },
   ERR_TPM_ARGUMENT: { retry: "permanent", action: "Programming error: an invalid argument to a TPM command." },

@@ -163,7 +163,15 @@ for (const backend of [sqliteBackend(), postgresBackend()]) {
       const ok = await r.a.commitEnrolment(commit({ proof: { kind: "token", hash: "t1" } }));
       expect(ok).toMatchObject({ reenrolled: false, device: { deviceId: "dev-1", status: "active" } });
       await expect(
-        r.b.commitEnrolment(commit({ proof: { kind: "token", hash: "t1" } })),
+        r.b.commitEnrolment(
+          commit({
+            proof: { kind: "token", hash: "t1" },
+            thumbprint: "thumb-other",
+            hardwareSerial: "SN-other",
+            proposedDeviceId: "dev-other",
+            deviceId: "dev-other",
+          }),
+        ),
       ).rejects.toMatchObject({
         code: "ERR_TOKEN_USED",
       });
@@ -180,6 +188,50 @@ for (const backend of [sqliteBackend(), postgresBackend()]) {
       await expect(
         r.a.commitEnrolment(commit({ proof: { kind: "token", hash: "t3" }, thumbprint: "t9", now: at(10) })),
       ).rejects.toMatchObject({ code: "ERR_TOKEN_EXPIRED" });
+    });
+
+    it("a used bootstrap token retried by the device it enrolled (same key: the answer was lost) -> the same device again; any other key, a revoked device or an expired token -> refused", async () => {
+      await r.a.addBootstrapToken({ hash: "rt", group: "g", expiresAt: at(60_000), createdAt: T0 });
+      const first = await r.a.commitEnrolment(commit({ proof: { kind: "token", hash: "rt" } }));
+      expect(first).toMatchObject({ reenrolled: false, device: { deviceId: "dev-1" } });
+      // The device crashed before storing the answer; it retries (at another replica) with the same
+      // token and key: planEnrolment resolves its key to dev-1, the commit re-issues for dev-1.
+      const plan = await r.b.planEnrolment(commit({ proposedDeviceId: "dev-retry" }));
+      expect(plan).toEqual({ deviceId: "dev-1", existing: true });
+      const retry = await r.b.commitEnrolment(
+        commit({
+          proof: { kind: "token", hash: "rt" },
+          proposedDeviceId: "dev-retry",
+          deviceId: plan.deviceId,
+          certSerial: "0a",
+          now: at(1000),
+        }),
+      );
+      expect(retry).toMatchObject({ reenrolled: true, device: { deviceId: "dev-1", certSerial: "0a" } });
+      expect(await r.a.listDevices()).toHaveLength(1);
+      expect(await r.a.getBootstrapToken("rt")).toMatchObject({ usedBy: "dev-1" });
+      // Another key with the used token is a second use, whichever device id it names.
+      for (const deviceId of ["dev-2", "dev-1"]) {
+        await expect(
+          r.a.commitEnrolment(
+            commit({
+              proof: { kind: "token", hash: "rt" },
+              thumbprint: "thumb-2",
+              hardwareSerial: "SN-2",
+              deviceId,
+            }),
+          ),
+        ).rejects.toMatchObject({ code: "ERR_TOKEN_USED" });
+      }
+      // Not after the token's lifetime.
+      await expect(
+        r.a.commitEnrolment(commit({ proof: { kind: "token", hash: "rt" }, now: at(60_000) })),
+      ).rejects.toMatchObject({ code: "ERR_TOKEN_USED" });
+      // Not for a revoked device.
+      await r.a.revokeDevice("dev-1", at(2000));
+      await expect(
+        r.b.commitEnrolment(commit({ proof: { kind: "token", hash: "rt" }, now: at(3000) })),
+      ).rejects.toMatchObject({ code: "ERR_DEVICE_REVOKED" });
     });
 
     it("race: one bootstrap token presented at two replicas at once -> exactly one enrolment", async () => {

@@ -100,20 +100,26 @@ describe("PKCS#11 enrolment end to end (SoftHSM2 + real registrar over HTTPS)", 
     );
     expect(again.status).toBe("already-enrolled");
     expect(again.state.deviceId).toBe(out.state.deviceId);
-    // The used token is refused for a forced re-run.
-    await expect(
-      runEnroll(
-        {
-          registrarUrl: reg.url,
-          registrarCaFile: reg.caFile,
-          method: "pkcs11",
-          bootstrapToken: { file: await tokenFile("t1b", token.reveal()) },
-          hardwareSerial: "SN-0001",
-          stateDir,
-        },
-        { keyProvider: provider, force: true },
-      ),
-    ).rejects.toMatchObject({ code: "ERR_TOKEN_USED" });
+    // A crash after the registrar committed, before the device stored the answer: the forced re-run
+    // with the same (used) token and the same key gets the same device again, not ERR_TOKEN_USED.
+    const retry = await runEnroll(
+      {
+        registrarUrl: reg.url,
+        registrarCaFile: reg.caFile,
+        method: "pkcs11",
+        bootstrapToken: { file: await tokenFile("t1b", token.reveal()) },
+        hardwareSerial: "SN-0001",
+        stateDir,
+      },
+      { keyProvider: provider, force: true },
+    );
+    expect(retry.status).toBe("enrolled");
+    expect(retry.state).toMatchObject({
+      deviceId: out.state.deviceId,
+      role: "sensor",
+      attributes: { site: "plant-1" },
+    });
+    expect(await reg.store.listDevices()).toHaveLength(1);
     // With a fresh token the same hardware keeps its device id and gets a new certificate.
     const { token: t2 } = await createBootstrapToken(reg.store, "sensors", 3600);
     const re = await runEnroll(
@@ -137,7 +143,7 @@ describe("PKCS#11 enrolment end to end (SoftHSM2 + real registrar over HTTPS)", 
       .map((l) => JSON.parse(l));
     expect(audit.map((a) => [a.event, a.outcome, a.code])).toEqual([
       ["enroll.pkcs11", "success", undefined],
-      ["enroll.pkcs11", "failure", "ERR_TOKEN_USED"],
+      ["enroll.pkcs11", "success", undefined],
       ["enroll.pkcs11", "success", undefined],
     ]);
     expect(JSON.stringify(audit)).not.toContain(t2.reveal());
@@ -168,6 +174,20 @@ describe("PKCS#11 enrolment end to end (SoftHSM2 + real registrar over HTTPS)", 
         { keyProvider: other },
       );
       expect(await reg.store.listDevices()).toHaveLength(before + 1);
+      // That token, now used, is refused to any other key (here the first device's, with its own serial).
+      await expect(
+        runEnroll(
+          {
+            registrarUrl: reg.url,
+            registrarCaFile: reg.caFile,
+            method: "pkcs11",
+            bootstrapToken: { file: await tokenFile("t3b", token.reveal()) },
+            hardwareSerial: "SN-0001",
+            stateDir: join(work, "state-t3b"),
+          },
+          { keyProvider: provider },
+        ),
+      ).rejects.toMatchObject({ code: "ERR_TOKEN_USED" });
       // The first device's key claiming another serial is refused, and the token stays unused.
       const { token: t4 } = await createBootstrapToken(reg.store, "sensors", 3600);
       await expect(

@@ -225,6 +225,8 @@ describe("m2m-agent and m2m-registrar .debs on a fresh Debian 12 under systemd",
     const reg = (args: string[]) =>
       c().must(["runuser", "-u", "m2m-registrar", "--", "m2m-registrar", ...args]);
     await reg(["ca", "init", "--dir", "/var/lib/m2m-registrar/ca"]);
+    // The revocation hook docs/revocation.md and registrar.toml name is installed, executable.
+    await c().must(["test", "-x", "/usr/share/m2m-registrar/hooks/mosquitto-revoke"]);
     const conf = join(root, "etc/m2m-registrar/registrar.toml");
     writeFileSync(
       conf,

@@ -61,8 +61,17 @@ describe("SqliteRegistrarStore", () => {
     ).rejects.toThrow(expect.objectContaining({ code: "ERR_TOKEN_INVALID" }));
     const ok = await store.commitEnrolment(commit({ proof: { kind: "token", hash: record.hash } }));
     expect(ok.reenrolled).toBe(false);
+    // Used: another key is refused (the same key would be the retry of the device it enrolled).
     await expect(
-      store.commitEnrolment(commit({ proof: { kind: "token", hash: record.hash } })),
+      store.commitEnrolment(
+        commit({
+          proof: { kind: "token", hash: record.hash },
+          thumbprint: "thumb-9",
+          hardwareSerial: "SN-9",
+          proposedDeviceId: "dev-9",
+          deviceId: "dev-9",
+        }),
+      ),
     ).rejects.toThrow(expect.objectContaining({ code: "ERR_TOKEN_USED" }));
     // Same key, other serial: conflict, and the new token is not consumed (transaction rolled back).
     const t2 = await createBootstrapToken(store, "g", 60, clock);

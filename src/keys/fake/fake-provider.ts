@@ -4,6 +4,7 @@ import { M2mError } from "../../core/errors.js";
 import type { TlsClientKey } from "../capabilities.js";
 import type { JwsAlgorithm, KeyEvidence, KeyHealth, KeyInfo, KeyProvider } from "../key-provider.js";
 import { keyInfoFromSpki } from "../public-key.js";
+import { generateP256KeyPair } from "./p256.js";
 
 /** Shared in-memory "hardware" so that two FakeKeyProvider instances see the same key (like a TPM). */
 export class FakeKeyStore {
@@ -50,7 +51,7 @@ export class FakeKeyProvider implements KeyProvider {
     if (!this.#store.keys.has(this.#label)) {
       const pair =
         this.#algorithm === "ec-p256"
-          ? generateKeyPairSync("ec", { namedCurve: "P-256" })
+          ? generateP256KeyPair()
           : generateKeyPairSync("rsa", { modulusLength: 2048 });
       this.#store.keys.set(this.#label, pair);
       created = true;

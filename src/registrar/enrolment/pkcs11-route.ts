@@ -3,7 +3,7 @@ import { M2mError } from "../../core/errors.js";
 import { ENROLL_PATHS, pkcs11EnrollRequestSchema } from "../../wire/v1/index.js";
 import { verifyCsr } from "../ca/index.js";
 import type { Route } from "../http/router.js";
-import { completeEnrolment, type EnrolmentDeps, requireGroup } from "./complete.js";
+import { completeEnrolment, type EnrolmentDeps, keyIdentity, requireGroup } from "./complete.js";
 
 /** SHA-256 (hex) of a bootstrap token: the only form the registrar ever stores. */
 export function hashBootstrapToken(token: string): string {
@@ -28,15 +28,26 @@ export function pkcs11Route(deps: () => EnrolmentDeps): Route {
       // Security: early, read-only checks; the atomic consume in commitEnrolment is what counts.
       if (token === undefined)
         throw new M2mError("ERR_TOKEN_INVALID", "permanent", "bootstrap token not accepted");
-      if (token.usedAt !== undefined)
-        throw new M2mError("ERR_TOKEN_USED", "permanent", "bootstrap token used");
       if (token.expiresAt.getTime() <= d.clock.now().getTime()) {
-        throw new M2mError("ERR_TOKEN_EXPIRED", "permanent", "bootstrap token expired");
+        throw new M2mError(
+          token.usedAt !== undefined ? "ERR_TOKEN_USED" : "ERR_TOKEN_EXPIRED",
+          "permanent",
+          token.usedAt !== undefined ? "bootstrap token used" : "bootstrap token expired",
+        );
       }
       const group = await requireGroup(d.store, token.group, "pkcs11");
       ctx.auditFields({ group: group.name });
       // Security: the CSR signature proves possession of the private key being certified.
       const csr = await verifyCsr(Buffer.from(body.csr, "base64url"));
+      if (token.usedAt !== undefined) {
+        // A used token is accepted again only as the retry of the device it enrolled (same key: a
+        // crash after our commit, before the device stored the answer); the store re-checks atomically.
+        const { thumbprint } = await keyIdentity(csr.spkiDer);
+        const device = await d.store.findDeviceByThumbprint(thumbprint);
+        if (device === undefined || device.deviceId !== token.usedBy)
+          throw new M2mError("ERR_TOKEN_USED", "permanent", "bootstrap token used");
+        ctx.auditFields({ tokenRetry: true });
+      }
       const { result, reenrolled } = await completeEnrolment(d, {
         method: "pkcs11",
         group,

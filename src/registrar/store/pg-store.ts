@@ -31,6 +31,7 @@ import type {
   RevokedCertificate,
   RotationSessionRecord,
 } from "./store.js";
+import { isTokenRetry } from "./token-retry.js";
 
 export interface PgStoreOptions {
   /** Connections in this replica's pool (default 10). */
@@ -706,8 +707,17 @@ async function consumeProof(c: Queryable, input: CommitEnrolment, now: number): 
     // Security: the token is bound to the group it was issued for.
     if (row === undefined || row.group_name !== input.group)
       throw refused("ERR_TOKEN_INVALID", "bootstrap token not accepted");
-    // Security: bootstrap tokens are single-use (a concurrent use at another replica lost here).
-    if (row.used_at !== null) throw refused("ERR_TOKEN_USED", "bootstrap token already used");
+    // Security: bootstrap tokens are single-use (a concurrent use at another replica lost here),
+    // except for the retry of the device that used it (token-retry.ts).
+    if (row.used_at !== null) {
+      const byRow =
+        row.used_by === null
+          ? undefined
+          : (await c.query<DeviceRow>("SELECT * FROM devices WHERE device_id = $1 FOR UPDATE", [row.used_by]))
+              .rows[0];
+      if (isTokenRetry(row, byRow === undefined ? undefined : deviceOf(byRow), input, now)) return;
+      throw refused("ERR_TOKEN_USED", "bootstrap token already used");
+    }
     throw refused("ERR_TOKEN_EXPIRED", "bootstrap token expired");
   }
   const r = await c.query(

@@ -31,6 +31,7 @@ import type {
   RevokedCertificate,
   RotationSessionRecord,
 } from "./store.js";
+import { isTokenRetry } from "./token-retry.js";
 
 export const refused = (code: ErrorCode, message: string): M2mError =>
   new M2mError(code, "permanent", message);
@@ -439,8 +440,12 @@ export class SqliteRegistrarStore implements RegistrarStore {
       if (row === undefined || row.group_name !== input.group) {
         throw refused("ERR_TOKEN_INVALID", "bootstrap token not accepted");
       }
-      // Security: bootstrap tokens are single-use.
-      if (row.used_at !== null) throw refused("ERR_TOKEN_USED", "bootstrap token already used");
+      // Security: bootstrap tokens are single-use, except for the retry of the device that used it.
+      if (row.used_at !== null) {
+        if (isTokenRetry(row, this.#deviceBy(this.#stmt.getDevice.get(row.used_by ?? "")), input, now))
+          return;
+        throw refused("ERR_TOKEN_USED", "bootstrap token already used");
+      }
       // Security: and expire.
       if (row.expires_at <= now) throw refused("ERR_TOKEN_EXPIRED", "bootstrap token expired");
       const changed = this.#stmt.consumeToken.run(now, input.deviceId, proof.hash, now).changes;

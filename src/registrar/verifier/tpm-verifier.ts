@@ -17,7 +17,7 @@ import {
   randomBytes,
   timingSafeEqual,
 } from "node:crypto";
-import { X509Certificate, X509ChainBuilder } from "@peculiar/x509";
+import { X509Certificate } from "@peculiar/x509";
 import { M2mError } from "../../core/errors.js";
 import { Secret } from "../../core/secret.js";
 import { decodeTpmsAttest, type TpmsAttest } from "../../tpm/attest.js";
@@ -133,10 +133,6 @@ function parseCert(input: Uint8Array | string, what: string): X509Certificate {
   }
 }
 
-function toNode(c: X509Certificate): NodeX509Certificate {
-  return new NodeX509Certificate(Buffer.from(c.rawData));
-}
-
 /** Result of a successful EK certificate check. */
 export interface VerifiedEkCertificate {
   /** The EK public key from the certificate. */
@@ -168,9 +164,12 @@ export async function verifyEkCertificate(
   if (cert.length > MAX_EK_CERT_BYTES || intermediatesPem.length > MAX_INTERMEDIATES) {
     throw reject(TPM_VERIFY_ERRORS.EK_CERT_MALFORMED, "EK certificate input is too large");
   }
-  const leaf = parseCert(cert, "EK certificate");
-  const anchors = trustAnchorsPem.map((p) => parseCert(p, "trust anchor"));
-  const intermediates = intermediatesPem.map((p) => parseCert(p, "intermediate certificate"));
+  const leafParsed = parseCert(cert, "EK certificate");
+  const leaf = certEntry(Buffer.from(leafParsed.rawData), "EK certificate");
+  // Trust-store certificates are parsed once and cached (keyed by their PEM): the folder's anchors and
+  // intermediates are the same for every enrolment of a group.
+  const anchors = trustAnchorsPem.map((p) => cachedCert(p, "trust anchor"));
+  const intermediates = intermediatesPem.map((p) => cachedCert(p, "intermediate certificate"));
   if (anchors.length === 0) {
     throw reject(
       TPM_VERIFY_ERRORS.EK_CERT_UNTRUSTED,
@@ -178,68 +177,38 @@ export async function verifyEkCertificate(
       "no trust anchors configured",
     );
   }
-  let chain: X509Certificate[];
-  try {
-    chain = [...(await new X509ChainBuilder({ certificates: [...intermediates, ...anchors] }).build(leaf))];
-  } catch (err) {
-    throw reject(
-      TPM_VERIFY_ERRORS.EK_CERT_UNTRUSTED,
-      "EK certificate is not trusted",
-      "path building failed",
-      err,
-    );
-  }
-  const anchorDer = anchors.map((a) => Buffer.from(a.rawData));
-  const endIdx = chain.findIndex((c) => anchorDer.some((a) => a.equals(Buffer.from(c.rawData))));
-  // Why: a path that never reaches an operator-configured anchor is attacker-made, however well-formed.
-  if (endIdx < 0) {
-    throw reject(
-      TPM_VERIFY_ERRORS.EK_CERT_UNTRUSTED,
-      "EK certificate is not trusted",
-      "path ends at no trust anchor",
-    );
-  }
+  const isAnchor = (c: CertEntry): boolean => anchors.some((a) => a.raw.equals(c.raw));
   // Why: a certificate presented as its own anchor proves no manufacturer origin.
-  if (endIdx === 0) {
+  if (isAnchor(leaf)) {
     throw reject(
       TPM_VERIFY_ERRORS.EK_CERT_UNTRUSTED,
       "EK certificate is not trusted",
       "leaf is a trust anchor",
     );
   }
-  const path = chain.slice(0, endIdx + 1);
-  for (let i = 0; i < path.length - 1; i++) {
-    const child = path[i];
-    const issuer = path[i + 1];
-    if (child === undefined || issuer === undefined) break;
-    const nodeChild = toNode(child);
-    const nodeIssuer = toNode(issuer);
-    // Why: every link must be signed by the next certificate's key, or the path is forged.
-    let signed = false;
-    try {
-      signed = nodeChild.checkIssued(nodeIssuer) && nodeChild.verify(nodeIssuer.publicKey);
-    } catch {
-      signed = false;
-    }
-    if (!signed) {
-      throw reject(
-        TPM_VERIFY_ERRORS.EK_CERT_UNTRUSTED,
-        "EK certificate is not trusted",
-        `link ${i} signature invalid`,
-      );
-    }
+  const path = buildPath(leaf, [...intermediates, ...anchors], isAnchor);
+  // Why: a path that never reaches an operator-configured anchor through valid signatures is
+  // attacker-made, however well-formed (buildPath follows only links whose signature verifies).
+  if (path === undefined) {
+    throw reject(
+      TPM_VERIFY_ERRORS.EK_CERT_UNTRUSTED,
+      "EK certificate is not trusted",
+      "path ends at no trust anchor",
+    );
+  }
+  for (let i = 1; i < path.length; i++) {
     // Why: only a CA may issue certificates; a leaf key signing an "EK cert" would bypass the manufacturer.
-    if (!nodeIssuer.ca) {
+    if (!path[i]?.cert.ca) {
       throw reject(
         TPM_VERIFY_ERRORS.EK_CERT_UNTRUSTED,
         "EK certificate is not trusted",
-        `issuer ${i + 1} is not a CA`,
+        `issuer ${i} is not a CA`,
       );
     }
   }
   for (const [i, c] of path.entries()) {
     // Why: an expired or not-yet-valid certificate (leaf or CA) carries no assurance at `now`.
-    if (now.getTime() < c.notBefore.getTime() || now.getTime() > c.notAfter.getTime()) {
+    if (now.getTime() < c.notBefore || now.getTime() > c.notAfter) {
       throw reject(
         TPM_VERIFY_ERRORS.EK_CERT_EXPIRED,
         "EK certificate is outside its validity period",
@@ -251,16 +220,103 @@ export async function verifyEkCertificate(
   try {
     // RSA EK certificates labelled id-RSAES-OAEP instead of rsaEncryption are accepted (the key is the
     // same RSAPublicKey; OpenSSL alone refuses the OID): see src/tpm/ek-cert-key.ts.
-    publicKey = certificatePublicKey(new Uint8Array(leaf.rawData));
+    publicKey = certificatePublicKey(new Uint8Array(leaf.raw));
   } catch (err) {
     throw reject(TPM_VERIFY_ERRORS.EK_CERT_MALFORMED, "EK certificate key is unusable", undefined, err);
   }
   return {
     publicKey,
-    chainDer: path.map((c) => new Uint8Array(c.rawData)),
-    subject: leaf.subject,
-    serialNumber: leaf.serialNumber,
+    chainDer: path.map((c) => new Uint8Array(c.raw)),
+    subject: leafParsed.subject,
+    serialNumber: leafParsed.serialNumber,
   };
+}
+
+/** A parsed certificate with what path building needs, computed once. */
+interface CertEntry {
+  readonly cert: NodeX509Certificate;
+  readonly raw: Buffer;
+  /** undefined when the key cannot be used (then it issues nothing). */
+  readonly publicKey: KeyObject | undefined;
+  readonly notBefore: number;
+  readonly notAfter: number;
+}
+
+function certEntry(input: Buffer | string, what: string): CertEntry {
+  let cert: NodeX509Certificate;
+  try {
+    cert = new NodeX509Certificate(input);
+  } catch (err) {
+    throw reject(TPM_VERIFY_ERRORS.EK_CERT_MALFORMED, `${what} is not a valid certificate`, undefined, err);
+  }
+  let publicKey: KeyObject | undefined;
+  try {
+    publicKey = cert.publicKey;
+  } catch {
+    publicKey = undefined;
+  }
+  return {
+    cert,
+    raw: cert.raw,
+    publicKey,
+    notBefore: Date.parse(cert.validFrom),
+    notAfter: Date.parse(cert.validTo),
+  };
+}
+
+const CERT_CACHE_MAX = 512;
+const certCache = new Map<string, CertEntry>();
+
+/** Parses a PEM certificate once; bounded (cleared when full, so client-sent chains cannot grow it). */
+function cachedCert(pem: string, what: string): CertEntry {
+  const hit = certCache.get(pem);
+  if (hit !== undefined) return hit;
+  const entry = certEntry(pem, what);
+  if (certCache.size >= CERT_CACHE_MAX) certCache.clear();
+  certCache.set(pem, entry);
+  return entry;
+}
+
+/** Longest path considered (leaf, intermediates, anchor) and signature checks per path search. */
+const MAX_PATH_LENGTH = 8;
+const MAX_SIGNATURE_CHECKS = 64;
+
+/**
+ * Depth-first path building from `leaf` to a certificate `isAnchor` accepts, following only links
+ * where the candidate's name/key identifiers match the child's issuer (`checkIssued`) AND the child's
+ * signature verifies with the candidate's key. Bounded in depth and in signature checks, so a client
+ * sending many same-named certificates cannot make it expensive.
+ * @returns leaf first, anchor last; undefined when no such path exists.
+ */
+function buildPath(
+  leaf: CertEntry,
+  pool: readonly CertEntry[],
+  isAnchor: (c: CertEntry) => boolean,
+): CertEntry[] | undefined {
+  const path: CertEntry[] = [leaf];
+  let checks = 0;
+  const extend = (child: CertEntry): boolean => {
+    if (path.length > 1 && isAnchor(child)) return true;
+    if (path.length >= MAX_PATH_LENGTH) return false;
+    for (const candidate of pool) {
+      if (candidate.publicKey === undefined || path.some((p) => p.raw.equals(candidate.raw))) continue;
+      if (!child.cert.checkIssued(candidate.cert)) continue;
+      if (++checks > MAX_SIGNATURE_CHECKS) return false;
+      let signed = false;
+      try {
+        // Why: every link must be signed by the next certificate's key, or the path is forged.
+        signed = child.cert.verify(candidate.publicKey);
+      } catch {
+        signed = false;
+      }
+      if (!signed) continue;
+      path.push(candidate);
+      if (extend(candidate)) return true;
+      path.pop();
+    }
+    return false;
+  };
+  return extend(leaf) ? path : undefined;
 }
 
 function jwkOf(k: KeyObject): Record<string, unknown> {
