@@ -6,6 +6,7 @@ import { type Clock, systemClock } from "../core/clock.js";
 import { asM2mError, isM2mError, M2mError } from "../core/errors.js";
 import type { Logger } from "../core/log.js";
 import { backoffDelay, defaultRetryPolicy } from "../core/retry.js";
+import { currentEkSha256, reprovisionError, reprovisionReason } from "../enroll/reprovision.js";
 import type { EnrolmentState } from "../enroll/state.js";
 import type { DeviceKeyOwner } from "../keys/device-key.js";
 import type { KeyInfo, KeyProvider } from "../keys/key-provider.js";
@@ -297,8 +298,29 @@ export class Agent {
         });
       }
       const key = this.#keys.current;
+      // With an enrolled identity on disk (or a state file that cannot be read) the key is only
+      // opened: a missing key is re-provisioning, never a silently created replacement.
+      const { readEnrolmentState } = await import("../enroll/state.js");
+      const stored = await readEnrolmentState(c.agent.state_dir).then(
+        (state) => ({ readable: true as const, state }),
+        () => ({ readable: false as const, state: undefined }),
+      );
       // Enrolment creates the key on first start; without enrolment the key is made by `keys init`.
-      this.#keyInfo = c.enroll.enabled ? await key.createOrOpen() : await key.open();
+      const mayCreate = c.enroll.enabled && stored.readable && stored.state === undefined;
+      try {
+        this.#keyInfo = mayCreate ? await key.createOrOpen() : await key.open();
+      } catch (err) {
+        if (stored.state !== undefined && isM2mError(err, "ERR_KEY_NOT_FOUND"))
+          return this.#reprovision(stored.state, reprovisionReason(stored.state, { present: false }) ?? "");
+        throw err;
+      }
+      if (stored.state !== undefined) {
+        const info = this.#keyInfo;
+        // The EK is read only when the state recorded one (TPM enrolments): another TPM is another device.
+        const ek = stored.state.ekSha256 === undefined ? undefined : await currentEkSha256(key);
+        const reason = reprovisionReason(stored.state, { present: true, info }, ek);
+        if (reason !== undefined) return this.#reprovision(stored.state, reason);
+      }
       if (this.#keyInfo.created)
         await this.#audit.record("key_created", {
           ref: this.#keyInfo.ref,
@@ -334,6 +356,21 @@ export class Agent {
     if (c.enroll.enabled && this.#enrolment === undefined && !(await this.#enroll(attempt))) return;
     await this.#startStages();
     this.health.apply();
+  }
+
+  /**
+   * The enrolled identity cannot be used with the key/TPM present: enter `reprovision-required`,
+   * say why once (log, audit, health, status, STATUS=), start nothing and wait for the operator.
+   * No retry timer: nothing here heals by itself.
+   */
+  async #reprovision(state: EnrolmentState, reason: string): Promise<void> {
+    const e = reprovisionError(state, reason);
+    this.#enrolment = undefined;
+    this.#keyInfo = undefined;
+    this.health.set("enrolment", `${e.code}: ${reason}`);
+    this.lifecycle.dispatch({ type: "reprovision", reason });
+    this.#log.error("re-provisioning required; not starting credentials or relay", { error: e });
+    await this.#audit.record("reprovision_required", { deviceId: state.deviceId }).catch(() => undefined);
   }
 
   /**
@@ -414,8 +451,10 @@ export class Agent {
     const e = this.#enrolment;
     if (e === undefined) return;
     // Security: an identity issued to another key must not be used with this one.
-    if (this.#keyInfo !== undefined && e.keyThumbprint !== this.#keyInfo.thumbprint) {
-      this.health.set("enrolment", "ERR_ENROLL_STALE: enrolled identity belongs to another key (re-enrol)");
+    const stale =
+      this.#keyInfo === undefined ? undefined : reprovisionReason(e, { present: true, info: this.#keyInfo });
+    if (stale !== undefined) {
+      this.health.set("enrolment", `ERR_REPROVISION_REQUIRED: ${stale}`);
       return;
     }
     try {
