@@ -3,8 +3,8 @@ import type { Clock } from "../core/clock.js";
 import { M2mError } from "../core/errors.js";
 import type { KeyProvider } from "../keys/key-provider.js";
 import { type EnrollOutcome, runEnroll } from "./index.js";
-import { readEnrolmentState } from "./state.js";
 import type { ProgressFn } from "./progress.js";
+import { readEnrolmentState } from "./state.js";
 
 export interface EnrollFromConfigOptions {
   readonly force?: boolean;

@@ -85,7 +85,11 @@ export async function runEnroll(config: EnrollConfig, options: RunEnrollOptions)
       throw err;
     });
     const ek = info === undefined ? undefined : await currentEkSha256(options.keyProvider);
-    const reason = reprovisionReason(existing, info === undefined ? { present: false } : { present: true, info }, ek);
+    const reason = reprovisionReason(
+      existing,
+      info === undefined ? { present: false } : { present: true, info },
+      ek,
+    );
     if (reason !== undefined) throw reprovisionError(existing, reason);
     return { status: "already-enrolled", state: existing };
   }

@@ -55,7 +55,10 @@ export interface RegistrarStore {
    * hash that was released (undefined when none was bound).
    * @throws ERR_DEVICE_UNKNOWN
    */
-  allowReenrolment(deviceId: string, at: Date): Promise<{ device: DeviceRecord; releasedEkHash: string | undefined }>;
+  allowReenrolment(
+    deviceId: string,
+    at: Date,
+  ): Promise<{ device: DeviceRecord; releasedEkHash: string | undefined }>;
   /**
    * Records a certificate issued outside enrolment (EST renewal). The device record shows it only
    * while the device is active; the serial is kept in the issued-certificate list in every case, so
