@@ -222,19 +222,30 @@ export class Agent {
     await this.#bringUp();
     if (this.lifecycle.state.name === "starting") this.lifecycle.dispatch({ type: "ready" });
     this.health.apply();
+    // The verdict is re-checked every 2 s (a comparison: a corrected clock clears the reason within
+    // seconds); the floor is persisted once a minute (a write). setInterval runs on the monotonic
+    // clock, so a wall-clock step (years forward or back) never bunches these ticks.
+    let ticks = 0;
     this.#clockTimer = setInterval(() => {
       this.#checkClock();
+      if (++ticks % 30 !== 0) return;
       this.clockSanity
         .persist()
         .catch((err: unknown) => this.#log.warn("could not persist clock floor", { error: err }));
-    }, 60_000);
+    }, 2_000);
     this.#clockTimer.unref();
   }
 
   #checkClock(): void {
     const v = this.clockSanity.check();
     this.metrics.clockTrusted.set(v.trusted ? 1 : 0);
-    this.health.set("clock", v.reason === undefined ? undefined : `ERR_CLOCK_UNTRUSTED: ${v.reason}`);
+    // Stable text (no timestamps): the board re-applies only when the reason itself changes.
+    this.health.set(
+      "clock",
+      v.trusted
+        ? undefined
+        : `ERR_CLOCK_UNTRUSTED: the clock is before the ${v.floorSource} time floor ${v.floor}`,
+    );
   }
 
   async #startApi(): Promise<void> {
@@ -423,6 +434,8 @@ export class Agent {
    * @throws ERR_ENROLL_CONFIG, ERR_SECRET_UNAVAILABLE, the registrar's codes, ERR_KEY_* / ERR_TPM_*.
    */
   async #runEnroll(key: KeyProvider, force: boolean): Promise<{ state: EnrolmentState }> {
+    // Why: enrolment opens TLS and judges certificate validity; below the time floor nothing is sent.
+    this.clockSanity.assertTrusted();
     const { enrollFromConfig } = await import("../enroll/from-config.js");
     const log = this.#log.child({ component: "enroll" });
     const outcome = await enrollFromConfig(this.#config, key, {

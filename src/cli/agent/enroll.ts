@@ -1,5 +1,6 @@
 import { X509Certificate } from "node:crypto";
 import type { Command } from "commander";
+import { systemClock } from "../../core/clock.js";
 import { createLogger } from "../../core/log.js";
 import type { EnrollStep } from "../../enroll/progress.js";
 import { action, EXIT, globalOptions, loadCliConfig, output, progressFor, withStateLock } from "./common.js";
@@ -32,6 +33,11 @@ export function register(program: Command): void {
         const { config } = await loadCliConfig(opts);
         return withStateLock(config.agent.state_dir, "m2m-agent enroll", async () => {
           const log = createLogger({ level: "warn" });
+          // Why: enrolment opens TLS and judges certificate validity: refuse below the time floor.
+          const { ClockSanity } = await import("../../daemon/clock-sanity.js");
+          const clock = new ClockSanity({ clock: systemClock, stateDir: config.agent.state_dir, log });
+          await clock.load();
+          clock.assertTrusted();
           const [{ deviceKeyFromConfig }, { enrollFromConfig }] = await Promise.all([
             import("../../keys/from-config.js"),
             import("../../enroll/from-config.js"),
