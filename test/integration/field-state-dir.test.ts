@@ -101,16 +101,21 @@ describe("file modes", () => {
       }
     })();
     // `umask 000` as a shell would set it, then the built CLI.
-    const child = spawn("/bin/sh", ["-c", `umask 000; exec "${process.execPath}" "${CLI}" --config "${configPath}" run`], {
-      env,
-      stdio: ["ignore", "ignore", "pipe"],
-    });
+    const child = spawn(
+      "/bin/sh",
+      ["-c", `umask 000; exec "${process.execPath}" "${CLI}" --config "${configPath}" run`],
+      {
+        env,
+        stdio: ["ignore", "ignore", "pipe"],
+      },
+    );
     let stderr = "";
     child.stderr?.on("data", (c: Buffer) => {
       stderr += c.toString();
     });
     const deadline = Date.now() + 30_000;
-    while (!stderr.includes('"to":"running"') && Date.now() < deadline) await new Promise((r) => setTimeout(r, 50));
+    while (!stderr.includes('"to":"running"') && Date.now() < deadline)
+      await new Promise((r) => setTimeout(r, 50));
     expect(stderr).toContain('"to":"running"');
     polling = false;
     await poll;
@@ -127,8 +132,17 @@ describe("file modes", () => {
     const old = process.umask(0);
     try {
       const ob = SqliteOutbox.open({ path, sinks: ["a"] });
-      await ob.append([{ id: "m1", channel: "c", payload: Buffer.from("x"), contentType: "text/plain", ts: new Date().toISOString() }] as never);
-      for (const suffix of ["", "-wal", "-shm"]) expect((await stat(path + suffix)).mode & 0o777, suffix).toBe(0o600);
+      await ob.append([
+        {
+          id: "m1",
+          channel: "c",
+          payload: Buffer.from("x"),
+          contentType: "text/plain",
+          ts: new Date().toISOString(),
+        },
+      ] as never);
+      for (const suffix of ["", "-wal", "-shm"])
+        expect((await stat(path + suffix)).mode & 0o777, suffix).toBe(0o600);
       await ob.close();
     } finally {
       process.umask(old);
@@ -136,7 +150,8 @@ describe("file modes", () => {
     const legacy = join(dir, "legacy.db");
     for (const suffix of ["", "-wal", "-shm"]) await writeFile(legacy + suffix, "", { mode: 0o644 });
     const ob2 = SqliteOutbox.open({ path: legacy, sinks: ["a"] });
-    for (const suffix of ["", "-wal", "-shm"]) expect((await stat(legacy + suffix)).mode & 0o777, suffix).toBe(0o600);
+    for (const suffix of ["", "-wal", "-shm"])
+      expect((await stat(legacy + suffix)).mode & 0o777, suffix).toBe(0o600);
     await ob2.close();
   });
 });
