@@ -1,6 +1,7 @@
-import { chmod, chown, lstat, unlink } from "node:fs/promises";
+import { chmod, chown, lstat, mkdtemp, rename, rm, unlink } from "node:fs/promises";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import { connect } from "node:net";
+import { dirname, join } from "node:path";
 import { asM2mError, M2mError } from "../core/errors.js";
 import { type Logger, silentLogger } from "../core/log.js";
 
@@ -133,16 +134,30 @@ export class ApiServer {
    */
   async listen(): Promise<void> {
     await removeStaleSocket(this.socketPath);
-    await new Promise<void>((resolve, reject) => {
-      this.#server.once("error", reject);
-      this.#server.listen(this.socketPath, () => {
-        this.#server.off("error", reject);
-        resolve();
+    // Why: bind() creates the socket file with the process umask (0777 under `umask 000`), and a
+    // chmod after it leaves a window in which any local user could connect. The socket is bound in
+    // a fresh 0700 directory beside its final path, given its mode and group there, and only then
+    // renamed into place (same filesystem: atomic), so it is never reachable with a wider mode.
+    const staging = await mkdtemp(join(dirname(this.socketPath), ".s"));
+    const bound = join(staging, "s");
+    try {
+      await new Promise<void>((resolve, reject) => {
+        this.#server.once("error", reject);
+        this.#server.listen(bound, () => {
+          this.#server.off("error", reject);
+          resolve();
+        });
       });
-    });
-    // Access control is the file mode: owner + group (0660 by default), never world.
-    await chmod(this.socketPath, this.#opts.mode ?? 0o660);
-    if (this.#opts.gid !== undefined) await chown(this.socketPath, process.getuid?.() ?? -1, this.#opts.gid);
+      // Access control is the file mode: owner + group (0660 by default), never world.
+      await chmod(bound, this.#opts.mode ?? 0o660);
+      if (this.#opts.gid !== undefined) await chown(bound, process.getuid?.() ?? -1, this.#opts.gid);
+      await rename(bound, this.socketPath);
+    } catch (err) {
+      await new Promise<void>((resolve) => this.#server.close(() => resolve()));
+      throw err;
+    } finally {
+      await rm(staging, { recursive: true, force: true });
+    }
     this.#listening = true;
   }
 

@@ -6,7 +6,12 @@ import { Command, CommanderError, Option } from "commander";
 import { systemClock } from "../core/clock.js";
 import { M2mError } from "../core/errors.js";
 import { createLogger } from "../core/log.js";
-import { addEnrolmentGroup, createBootstrapToken, revokeDevice } from "../registrar/admin.js";
+import {
+  addEnrolmentGroup,
+  allowReenrolment,
+  createBootstrapToken,
+  revokeDevice,
+} from "../registrar/admin.js";
 import { startRegistrarApp } from "../registrar/app.js";
 import { caPaths, FleetCa, initCa } from "../registrar/ca/index.js";
 import { loadRegistrarConfig, parseDurationSeconds, REGISTRAR_DB_FILE } from "../registrar/config.js";
@@ -80,6 +85,12 @@ function deviceJson(d: DeviceRecord): Record<string, unknown> {
     revokedAt: d.revokedAt?.toISOString(),
     evidence: d.evidence,
   };
+}
+
+/** Who ran an operator command, for the audit trail (the login user; never a secret). */
+function operatorName(): string {
+  const env = process.env.SUDO_USER ?? process.env.USER ?? process.env.LOGNAME;
+  return `${env ?? "unknown"} (uid ${process.getuid?.() ?? "?"})`;
 }
 
 function parseAttr(value: string, previous: Record<string, string>): Record<string, string> {
@@ -297,6 +308,27 @@ export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
       cmd,
       deviceJson(d),
       `device ${d.deviceId} revoked; the running registrar publishes the CRL and runs the revocation hook within revocation.check_interval_ms`,
+    );
+  });
+
+  storeOptions(
+    devices
+      .command("allow-reenrol <deviceId>")
+      .description(
+        "a device lost its key (TPM cleared or replaced, token reset): revoke its identity and release its EK so that `m2m-agent enroll --force` enrols it again, as a new device id (audited)",
+      ),
+  ).action(async (deviceId: string, opts: StoreOpts, cmd: Command) => {
+    const { device: d, releasedEkHash } = await withStore(opts, (s) =>
+      allowReenrolment(s, deviceId, { actor: operatorName() }),
+    );
+    print(
+      cmd,
+      { ...deviceJson(d), releasedEkHash: releasedEkHash ?? null, reenrolAllowed: true },
+      [
+        `device ${d.deviceId} revoked; ${releasedEkHash === undefined ? "no EK was bound" : `its EK ${releasedEkHash.slice(0, 16)}… is released`}`,
+        "the device may now enrol again (`m2m-agent enroll --force` on the gateway); it gets a new device id",
+        "the running registrar puts the old certificates on the CRL within revocation.check_interval_ms",
+      ].join("\n"),
     );
   });
 

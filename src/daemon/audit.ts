@@ -17,6 +17,7 @@ export type AuditEventType =
   | "revoked"
   | "auth_failure"
   | "decommissioned"
+  | "reprovision_required"
   | "anomaly";
 
 export interface AuditSink {

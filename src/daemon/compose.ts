@@ -6,6 +6,7 @@ import { type Clock, systemClock } from "../core/clock.js";
 import { asM2mError, isM2mError, M2mError } from "../core/errors.js";
 import type { Logger } from "../core/log.js";
 import { backoffDelay, defaultRetryPolicy } from "../core/retry.js";
+import { currentEkSha256, reprovisionError, reprovisionReason } from "../enroll/reprovision.js";
 import type { EnrolmentState } from "../enroll/state.js";
 import type { DeviceKeyOwner } from "../keys/device-key.js";
 import type { KeyInfo, KeyProvider } from "../keys/key-provider.js";
@@ -200,19 +201,30 @@ export class Agent {
     await this.#bringUp();
     if (this.lifecycle.state.name === "starting") this.lifecycle.dispatch({ type: "ready" });
     this.health.apply();
+    // The verdict is re-checked every 2 s (a comparison: a corrected clock clears the reason within
+    // seconds); the floor is persisted once a minute (a write). setInterval runs on the monotonic
+    // clock, so a wall-clock step (years forward or back) never bunches these ticks.
+    let ticks = 0;
     this.#clockTimer = setInterval(() => {
       this.#checkClock();
+      if (++ticks % 30 !== 0) return;
       this.clockSanity
         .persist()
         .catch((err: unknown) => this.#log.warn("could not persist clock floor", { error: err }));
-    }, 60_000);
+    }, 2_000);
     this.#clockTimer.unref();
   }
 
   #checkClock(): void {
     const v = this.clockSanity.check();
     this.metrics.clockTrusted.set(v.trusted ? 1 : 0);
-    this.health.set("clock", v.reason === undefined ? undefined : `ERR_CLOCK_UNTRUSTED: ${v.reason}`);
+    // Stable text (no timestamps): the board re-applies only when the reason itself changes.
+    this.health.set(
+      "clock",
+      v.trusted
+        ? undefined
+        : `ERR_CLOCK_UNTRUSTED: the clock is before the ${v.floorSource} time floor ${v.floor}`,
+    );
   }
 
   async #startApi(): Promise<void> {
@@ -276,8 +288,29 @@ export class Agent {
         });
       }
       const key = this.#keys.current;
+      // With an enrolled identity on disk (or a state file that cannot be read) the key is only
+      // opened: a missing key is re-provisioning, never a silently created replacement.
+      const { readEnrolmentState } = await import("../enroll/state.js");
+      const stored = await readEnrolmentState(c.agent.state_dir).then(
+        (state) => ({ readable: true as const, state }),
+        () => ({ readable: false as const, state: undefined }),
+      );
       // Enrolment creates the key on first start; without enrolment the key is made by `keys init`.
-      this.#keyInfo = c.enroll.enabled ? await key.createOrOpen() : await key.open();
+      const mayCreate = c.enroll.enabled && stored.readable && stored.state === undefined;
+      try {
+        this.#keyInfo = mayCreate ? await key.createOrOpen() : await key.open();
+      } catch (err) {
+        if (stored.state !== undefined && isM2mError(err, "ERR_KEY_NOT_FOUND"))
+          return this.#reprovision(stored.state, reprovisionReason(stored.state, { present: false }) ?? "");
+        throw err;
+      }
+      if (stored.state !== undefined) {
+        const info = this.#keyInfo;
+        // The EK is read only when the state recorded one (TPM enrolments): another TPM is another device.
+        const ek = stored.state.ekSha256 === undefined ? undefined : await currentEkSha256(key);
+        const reason = reprovisionReason(stored.state, { present: true, info }, ek);
+        if (reason !== undefined) return this.#reprovision(stored.state, reason);
+      }
       if (this.#keyInfo.created)
         await this.#audit.record("key_created", {
           ref: this.#keyInfo.ref,
@@ -313,6 +346,21 @@ export class Agent {
     if (c.enroll.enabled && this.#enrolment === undefined && !(await this.#enroll(attempt))) return;
     await this.#startStages();
     this.health.apply();
+  }
+
+  /**
+   * The enrolled identity cannot be used with the key/TPM present: enter `reprovision-required`,
+   * say why once (log, audit, health, status, STATUS=), start nothing and wait for the operator.
+   * No retry timer: nothing here heals by itself.
+   */
+  async #reprovision(state: EnrolmentState, reason: string): Promise<void> {
+    const e = reprovisionError(state, reason);
+    this.#enrolment = undefined;
+    this.#keyInfo = undefined;
+    this.health.set("enrolment", `${e.code}: ${reason}`);
+    this.lifecycle.dispatch({ type: "reprovision", reason });
+    this.#log.error("re-provisioning required; not starting credentials or relay", { error: e });
+    await this.#audit.record("reprovision_required", { deviceId: state.deviceId }).catch(() => undefined);
   }
 
   /**
@@ -365,6 +413,8 @@ export class Agent {
    * @throws ERR_ENROLL_CONFIG, ERR_SECRET_UNAVAILABLE, the registrar's codes, ERR_KEY_* / ERR_TPM_*.
    */
   async #runEnroll(key: KeyProvider, force: boolean): Promise<{ state: EnrolmentState }> {
+    // Why: enrolment opens TLS and judges certificate validity; below the time floor nothing is sent.
+    this.clockSanity.assertTrusted();
     const { enrollFromConfig } = await import("../enroll/from-config.js");
     const log = this.#log.child({ component: "enroll" });
     const outcome = await enrollFromConfig(this.#config, key, {
@@ -393,8 +443,10 @@ export class Agent {
     const e = this.#enrolment;
     if (e === undefined) return;
     // Security: an identity issued to another key must not be used with this one.
-    if (this.#keyInfo !== undefined && e.keyThumbprint !== this.#keyInfo.thumbprint) {
-      this.health.set("enrolment", "ERR_ENROLL_STALE: enrolled identity belongs to another key (re-enrol)");
+    const stale =
+      this.#keyInfo === undefined ? undefined : reprovisionReason(e, { present: true, info: this.#keyInfo });
+    if (stale !== undefined) {
+      this.health.set("enrolment", `ERR_REPROVISION_REQUIRED: ${stale}`);
       return;
     }
     try {

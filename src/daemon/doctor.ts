@@ -283,7 +283,14 @@ function certChecks(
     ];
   }
   const out: CheckResult[] = [];
-  if (info === undefined) out.push(skip("key-matches-certificate", "device key unavailable"));
+  if (info === undefined)
+    out.push(
+      fail(
+        "key-matches-certificate",
+        "enrolment state exists but the enrolled device key is missing (re-provisioning required)",
+        `the fleet operator runs \`m2m-registrar devices allow-reenrol ${enrolment.deviceId}\`, then stop the agent and run \`m2m-agent enroll --force\` (docs/operations.md)`,
+      ),
+    );
   else {
     const certSpki = cert.publicKey.export({ format: "der", type: "spki" });
     const keySpki = createPublicKey(info.spkiPem).export({ format: "der", type: "spki" });
@@ -293,8 +300,8 @@ function certChecks(
         ? ok("key-matches-certificate", `certificate ${cert.serialNumber} is for ${info.thumbprint}`)
         : fail(
             "key-matches-certificate",
-            "the enrolled certificate does not match the device key",
-            "the key was replaced: re-enrol (`m2m-agent enroll --force`)",
+            "the enrolled certificate does not match the device key (re-provisioning required)",
+            `the key was replaced or the state directory copied: the fleet operator runs \`m2m-registrar devices allow-reenrol ${enrolment.deviceId}\`, then \`m2m-agent enroll --force\` (docs/operations.md)`,
           ),
     );
   }

@@ -8,7 +8,8 @@ import type { Logger } from "../core/log.js";
  *   unprovisioned → enrolling | running
  *   enrolling → running | degraded(reason)
  *   running ⇄ degraded(reason)
- *   running | degraded | unprovisioned → reloading → (the state it came from)
+ *   starting | degraded | enrolling → reprovision-required(reason)
+ *   running | degraded | unprovisioned | reprovision-required → reloading → (the state it came from)
  *   any live state → stopping → stopped
  *
  * `transition()` is pure; `Lifecycle` holds the current state, logs each change and tells listeners
@@ -20,12 +21,21 @@ export type State =
   | { readonly name: "enrolling" }
   | { readonly name: "running" }
   | { readonly name: "degraded"; readonly reason: string }
+  /**
+   * Enrolment state exists but the enrolled key is gone or different (TPM cleared or replaced, token
+   * reset, state directory copied from another device). Nothing is sent and no key is created until
+   * an operator re-provisions (docs/operations.md): terminal until `enroll --force` and a restart.
+   */
+  | { readonly name: "reprovision-required"; readonly reason: string }
   | { readonly name: "reloading"; readonly resume: ResumableState }
   | { readonly name: "stopping"; readonly reason: string }
   | { readonly name: "stopped" };
 
 /** States a reload returns to. */
-export type ResumableState = Extract<State, { name: "running" | "degraded" | "unprovisioned" }>;
+export type ResumableState = Extract<
+  State,
+  { name: "running" | "degraded" | "unprovisioned" | "reprovision-required" }
+>;
 
 export type StateName = State["name"];
 export const STATE_NAMES: readonly StateName[] = [
@@ -34,6 +44,7 @@ export const STATE_NAMES: readonly StateName[] = [
   "enrolling",
   "running",
   "degraded",
+  "reprovision-required",
   "reloading",
   "stopping",
   "stopped",
@@ -48,6 +59,8 @@ export type LifecycleEvent =
   /** Something is wrong but the agent keeps serving what it can (reason is shown in status). */
   | { readonly type: "degrade"; readonly reason: string }
   | { readonly type: "recover" }
+  /** The enrolled identity cannot be used with the key/TPM present (see the state). */
+  | { readonly type: "reprovision"; readonly reason: string }
   | { readonly type: "reload" }
   | { readonly type: "reloaded" }
   | { readonly type: "stop"; readonly reason: string }
@@ -88,6 +101,8 @@ export function transition(state: State, event: LifecycleEvent): State {
           return { name: "running" };
         case "degrade":
           return { name: "degraded", reason: event.reason };
+        case "reprovision":
+          return { name: "reprovision-required", reason: event.reason };
         default:
           return illegal(state, event);
       }
@@ -112,6 +127,8 @@ export function transition(state: State, event: LifecycleEvent): State {
           return { name: "degraded", reason: event.reason };
         case "unprovisioned":
           return { name: "unprovisioned", reason: event.reason };
+        case "reprovision":
+          return { name: "reprovision-required", reason: event.reason };
         default:
           return illegal(state, event);
       }
@@ -136,8 +153,22 @@ export function transition(state: State, event: LifecycleEvent): State {
           return { name: "running" };
         case "enroll":
           return { name: "enrolling" };
+        case "reprovision":
+          return { name: "reprovision-required", reason: event.reason };
         case "reload":
           return { name: "reloading", resume: state };
+        default:
+          return illegal(state, event);
+      }
+    case "reprovision-required":
+      switch (event.type) {
+        case "reload":
+          return { name: "reloading", resume: state };
+        // Health changes (clock, API) do not leave this state: only a re-provisioned restart does.
+        case "degrade":
+        case "recover":
+        case "ready":
+          return state;
         default:
           return illegal(state, event);
       }
@@ -146,6 +177,7 @@ export function transition(state: State, event: LifecycleEvent): State {
         case "reloaded":
           return state.resume;
         case "degrade":
+          if (state.resume.name === "reprovision-required") return state;
           return { name: "reloading", resume: { name: "degraded", reason: event.reason } };
         case "recover":
           return state.resume.name === "degraded"
@@ -175,6 +207,8 @@ export function describeState(state: State): string {
     case "unprovisioned":
     case "stopping":
       return `${state.name}: ${state.reason}`;
+    case "reprovision-required":
+      return `re-provisioning required: ${state.reason}`;
     case "reloading":
       return "reloading configuration";
     case "starting":

@@ -221,6 +221,10 @@ export class AgentMetrics {
     ["from", "to"],
   );
   readonly degraded = this.registry.gauge("m2m_agent_degraded", "1 while degraded (reason in status).");
+  readonly reprovisionRequired = this.registry.gauge(
+    "m2m_agent_reprovision_required",
+    "1 while the enrolled key or TPM is gone or different and an operator must re-provision (docs/operations.md).",
+  );
   readonly clockTrusted = this.registry.gauge(
     "m2m_agent_clock_trusted",
     "1 when the wall clock is above the time floor; 0 blocks credential decisions.",
@@ -276,12 +280,14 @@ export class AgentMetrics {
   constructor(version: string) {
     this.info.set({ version }, 1);
     this.degraded.set(0);
+    this.reprovisionRequired.set(0);
   }
 
   /** Marks `name` as the current state. */
   setState(name: string, allStates: readonly string[]): void {
     for (const s of allStates) this.state.set({ state: s }, s === name ? 1 : 0);
     this.degraded.set(name === "degraded" ? 1 : 0);
+    this.reprovisionRequired.set(name === "reprovision-required" ? 1 : 0);
   }
 }
 

@@ -1,6 +1,7 @@
 import { configKeys, loadConfig } from "../config/index.js";
 import { asM2mError } from "../core/errors.js";
 import type { Logger } from "../core/log.js";
+import { lockStateDir } from "../core/state-lock.js";
 import { type Agent, type AgentStage, startAgent } from "./compose.js";
 import { LevelLogger } from "./level-logger.js";
 import { describeState } from "./lifecycle.js";
@@ -47,6 +48,9 @@ export async function runDaemon(options: RunDaemonOptions = {}): Promise<number>
     // Keys only: values (paths, URLs, secret references) stay out of the journal.
     configKeys: configKeys(loaded.config),
   });
+  // One agent per state directory: a second `run` (or an `enroll` / `keys destroy` / `decommission`
+  // meanwhile) would share the outbox, the key and the enrolment state. Held until this process ends.
+  const lock = await lockStateDir(loaded.config.agent.state_dir, "m2m-agent run");
   const notifier = new SystemdNotifier({ env, log });
   // A programming error must leave a coded line in the journal, then exit non-zero so that
   // Restart=on-failure brings a clean process back (continuing after one is unsafe).
@@ -86,6 +90,7 @@ export async function runDaemon(options: RunDaemonOptions = {}): Promise<number>
     });
   } catch (err) {
     detach();
+    lock.release();
     throw err;
   }
   const running = agent;
@@ -133,6 +138,7 @@ export async function runDaemon(options: RunDaemonOptions = {}): Promise<number>
         heartbeat.stop();
         const { drained } = await running.stop(signal);
         detach();
+        lock.release();
         log.info("stopped", { drained });
         resolve(0);
       })();

@@ -4,6 +4,7 @@ import { M2mError } from "../core/errors.js";
 import type { KeyProvider } from "../keys/key-provider.js";
 import { type EnrollOutcome, runEnroll } from "./index.js";
 import type { ProgressFn } from "./progress.js";
+import { readEnrolmentState } from "./state.js";
 
 export interface EnrollFromConfigOptions {
   readonly force?: boolean;
@@ -38,7 +39,10 @@ export async function enrollFromConfig(
   let tpm: Awaited<ReturnType<typeof tpmOps>> | undefined;
   if (method === "tpm") tpm = await tpmOps(provider);
   // The key must exist before it can be attested or put in a CSR; createOrOpen never replaces one.
-  await provider.createOrOpen();
+  // Without --force an existing enrolment is only checked: a missing key is NOT silently re-created
+  // (that is re-provisioning, an operator decision: ERR_REPROVISION_REQUIRED from runEnroll).
+  if (options.force === true || (await readEnrolmentState(config.agent.state_dir)) === undefined)
+    await provider.createOrOpen();
   return runEnroll(
     {
       registrarUrl: e.registrar_url,

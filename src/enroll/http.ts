@@ -1,7 +1,7 @@
 import { readFile } from "node:fs/promises";
 import { Agent, request } from "undici";
 import type { z } from "zod";
-import { toErrorCode } from "../core/error-codes.js";
+import { errorCodeInfo, toErrorCode } from "../core/error-codes.js";
 import { M2mError } from "../core/errors.js";
 import { parseRetryAfter } from "../core/retry.js";
 import { errorBodySchema } from "../wire/v1/index.js";
@@ -132,6 +132,8 @@ export class RegistrarClient {
         // A code this agent does not know (newer registrar) keeps its text in details.
         const code = toErrorCode(e.data.error.code, "ERR_REGISTRAR_RESPONSE");
         throw new M2mError(code, retry, `registrar refused: ${e.data.error.message}`, {
+          // What to do comes from the catalogue (e.g. ERR_EK_ALREADY_REGISTERED → allow-reenrol).
+          ...(code === e.data.error.code ? { hint: errorCodeInfo(code).action } : {}),
           details: {
             status,
             ...(code === e.data.error.code ? {} : { registrarCode: e.data.error.code }),

@@ -9,6 +9,7 @@ import type { EnrolmentMethod, EnrolmentResult } from "../wire/v1/index.js";
 import { RegistrarClient } from "./http.js";
 import { enrollPkcs11 } from "./pkcs11.js";
 import { type ProgressFn, step } from "./progress.js";
+import { currentEkSha256, reprovisionError, reprovisionReason } from "./reprovision.js";
 import { type EnrolmentState, readEnrolmentState, writeEnrolmentState } from "./state.js";
 import { type EnrollTpmOps, enrollTpm } from "./tpm.js";
 
@@ -66,7 +67,7 @@ export interface EnrollOutcome {
  * `m2m-agent enroll`: enrols the device key with the registrar (TPM attestation or PKCS#11 +
  * bootstrap token) and stores the enrolment state atomically. Idempotent: an enrolled device does
  * nothing unless `force` (after checking that the stored state is for the key held now).
- * @throws ERR_ENROLL_STALE (state for another key; use force), ERR_ENROLL_CONFIG, ERR_SECRET_UNAVAILABLE, the registrar's codes, ERR_KEY_* / ERR_TPM_*.
+ * @throws ERR_REPROVISION_REQUIRED (state for another key or TPM: re-provision, then force), ERR_ENROLL_CONFIG, ERR_SECRET_UNAVAILABLE, the registrar's codes, ERR_KEY_* / ERR_TPM_*.
  */
 export async function runEnroll(config: EnrollConfig, options: RunEnrollOptions): Promise<EnrollOutcome> {
   const clock = options.clock ?? systemClock;
@@ -77,22 +78,19 @@ export async function runEnroll(config: EnrollConfig, options: RunEnrollOptions)
     (s) => (s === undefined ? "not enrolled" : `enrolled as ${s.deviceId}`),
   );
   if (existing !== undefined && options.force !== true) {
-    // The state is only "ours" if it describes the key we hold now (a replaced or wiped key makes the
-    // stored certificate useless): refuse to report a stale enrolment as done.
+    // The state is only "ours" if it describes the key (and TPM) held now: a wiped or replaced key
+    // makes the stored certificate useless, and a copied state directory is another device.
     const info = await options.keyProvider.open().catch((err: unknown) => {
       if (isM2mError(err, "ERR_KEY_NOT_FOUND")) return undefined;
       throw err;
     });
-    if (info === undefined || info.thumbprint !== existing.keyThumbprint) {
-      throw new M2mError(
-        "ERR_ENROLL_STALE",
-        "permanent",
-        "the enrolment state belongs to another device key",
-        {
-          hint: "run `m2m-agent enroll --force` to enrol the current key",
-        },
-      );
-    }
+    const ek = info === undefined ? undefined : await currentEkSha256(options.keyProvider);
+    const reason = reprovisionReason(
+      existing,
+      info === undefined ? { present: false } : { present: true, info },
+      ek,
+    );
+    if (reason !== undefined) throw reprovisionError(existing, reason);
     return { status: "already-enrolled", state: existing };
   }
 
@@ -123,7 +121,12 @@ export async function runEnroll(config: EnrollConfig, options: RunEnrollOptions)
       maxAttempts: 3,
       deadlineMs: 60_000,
     };
-    const attempt = async (): Promise<{ result: EnrolmentResult; keyRef: string; thumbprint: string }> => {
+    const attempt = async (): Promise<{
+      result: EnrolmentResult;
+      keyRef: string;
+      thumbprint: string;
+      ekSha256: string | undefined;
+    }> => {
       const common = {
         client,
         provider: options.keyProvider,
@@ -132,15 +135,20 @@ export async function runEnroll(config: EnrollConfig, options: RunEnrollOptions)
         onProgress: options.onProgress,
         signal: options.signal,
       };
-      const { result, key } =
-        config.method === "pkcs11"
-          ? await enrollPkcs11({ ...common, bootstrapToken: token as Secret })
-          : await enrollTpm({ ...common, tpm: options.tpm as EnrollTpmOps, group: config.group });
-      return { result, keyRef: key.ref, thumbprint: key.thumbprint };
+      if (config.method === "pkcs11") {
+        const { result, key } = await enrollPkcs11({ ...common, bootstrapToken: token as Secret });
+        return { result, keyRef: key.ref, thumbprint: key.thumbprint, ekSha256: undefined };
+      }
+      const { result, key, ekSha256 } = await enrollTpm({
+        ...common,
+        tpm: options.tpm as EnrollTpmOps,
+        group: config.group,
+      });
+      return { result, keyRef: key.ref, thumbprint: key.thumbprint, ekSha256 };
     };
     // A PKCS#11 retry after a lost response would meet ERR_TOKEN_USED: only failures before the
     // registrar acted (unreachable, 5xx) are transient, and each TPM attempt uses a fresh session.
-    const { result, keyRef, thumbprint } = await withRetry(policy, attempt, {
+    const { result, keyRef, thumbprint, ekSha256 } = await withRetry(policy, attempt, {
       clock,
       ...(options.signal === undefined ? {} : { signal: options.signal }),
     });
@@ -155,6 +163,7 @@ export async function runEnroll(config: EnrollConfig, options: RunEnrollOptions)
       endpoints: result.endpoints,
       keyRef,
       keyThumbprint: thumbprint,
+      ...(ekSha256 === undefined ? {} : { ekSha256 }),
       registrarUrl: client.baseUrl,
       enrolledAt: clock.now().toISOString(),
     };

@@ -20,6 +20,14 @@ export const enrolmentStateSchema = z
     /** The KeyProvider reference of the enrolled key (`tpm:` / `pkcs11:` URI). */
     keyRef: z.string().min(1),
     keyThumbprint: z.string().min(1),
+    /**
+     * SHA-256 (hex) of the TPM2B_PUBLIC of the EK the device was attested with (TPM enrolments; absent
+     * in states written before it was recorded). A different EK at start means another TPM.
+     */
+    ekSha256: z
+      .string()
+      .regex(/^[0-9a-f]{64}$/)
+      .optional(),
     registrarUrl: z.string().min(1),
     enrolledAt: z.iso.datetime(),
   })

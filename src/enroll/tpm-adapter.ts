@@ -1,7 +1,15 @@
 import { M2mError } from "../core/errors.js";
 import { RSA_EK_HANDLE } from "../keys/capabilities.js";
 import type { KeyProvider } from "../keys/key-provider.js";
+import type { EkPublic } from "../keys/tpm/endorsement.js";
 import type { EnrollTpmOps } from "./tpm.js";
+
+/** The EK enrolment activates credentials with (and whose hash the enrolment state records). */
+export function enrolmentEk(eks: readonly EkPublic[]): EkPublic | undefined {
+  return (
+    eks.find((e) => e.kind === "rsa-2048" && e.activationSupported) ?? eks.find((e) => e.activationSupported)
+  );
+}
 
 /**
  * Binds the enrolment flow to a key's TPM attestation capability (EK, AK, certify through the key's
@@ -16,10 +24,7 @@ export function tpmEnrollOps(key: KeyProvider): EnrollTpmOps {
   let ekHandle = RSA_EK_HANDLE;
   return {
     async readEndorsement() {
-      const eks = await ops.readEkPublics();
-      const ek =
-        eks.find((e) => e.kind === "rsa-2048" && e.activationSupported) ??
-        eks.find((e) => e.activationSupported);
+      const ek = enrolmentEk(await ops.readEkPublics());
       if (ek === undefined) {
         throw new M2mError("ERR_TPM_EK", "permanent", "no endorsement key usable for credential activation", {
           hint: "the TPM needs a TCG low-range EK (RSA-2048 or ECC P-256 with PolicyA)",

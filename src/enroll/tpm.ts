@@ -52,7 +52,9 @@ const b64 = (b: Uint8Array): string => Buffer.from(b).toString("base64url");
  * registrar's nonce → finish with a CSR signed by the device key.
  * @throws the registrar's codes (ERR_EK_*, ERR_ATTEST_*, ERR_SESSION_*, …), ERR_TPM_* from the TPM.
  */
-export async function enrollTpm(input: EnrollTpmInput): Promise<{ result: EnrolmentResult; key: KeyInfo }> {
+export async function enrollTpm(
+  input: EnrollTpmInput,
+): Promise<{ result: EnrolmentResult; key: KeyInfo; ekSha256: string }> {
   const { provider, tpm, onProgress } = input;
   const key = await step(
     onProgress,
@@ -120,5 +122,5 @@ export async function enrollTpm(input: EnrollTpmInput): Promise<{ result: Enrolm
       ),
     (r) => r.deviceId,
   );
-  return { result, key };
+  return { result, key, ekSha256: ekFp };
 }

@@ -101,3 +101,34 @@ export async function revokeDevice(
   }
   return store.revokeDevice(deviceId, clock.now());
 }
+
+/**
+ * `m2m-registrar devices allow-reenrol`: lets a device that lost its key (TPM cleared or replaced,
+ * token reset) enrol again. The old identity is revoked in the same transaction (its certificates
+ * reach the CRL, its key gets no tokens) and its EK is released, so the device's next enrolment
+ * (`m2m-agent enroll --force`) registers it as a NEW device id (docs/operations.md says why).
+ * Recorded in the registry's audit trail. Idempotent.
+ * @throws ERR_DEVICE_UNKNOWN
+ */
+export async function allowReenrolment(
+  store: RegistrarStore,
+  deviceId: string,
+  options: { clock?: Clock; actor?: string } = {},
+): Promise<{ device: DeviceRecord; releasedEkHash: string | undefined }> {
+  if (!NAME.test(deviceId)) {
+    throw new M2mError("ERR_DEVICE_UNKNOWN", "permanent", "no such device", {
+      hint: "device ids look like dev-<hex>: see `m2m-registrar devices list`",
+    });
+  }
+  const at = (options.clock ?? systemClock).now();
+  const r = await store.allowReenrolment(deviceId, at);
+  await store.appendAudit({
+    ts: at.toISOString(),
+    event: "device.reenrol_allowed",
+    outcome: "success",
+    deviceId,
+    ...(r.releasedEkHash === undefined ? {} : { ekHash: r.releasedEkHash }),
+    ...(options.actor === undefined ? {} : { actor: options.actor }),
+  });
+  return r;
+}

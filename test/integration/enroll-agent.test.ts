@@ -90,7 +90,7 @@ describe("agent-side enrolment (runEnroll) against a real registrar", () => {
     await expect(
       runEnroll(unreachable, { keyProvider: new FakeKeyProvider({ label: "other" }), tpm: soft.ops }),
     ).rejects.toMatchObject({
-      code: "ERR_ENROLL_STALE",
+      code: "ERR_REPROVISION_REQUIRED",
     });
     // With force, the unreachable registrar is a transient failure (retried, then reported).
     await expect(

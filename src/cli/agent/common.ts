@@ -75,3 +75,18 @@ export function action<A extends unknown[]>(
 export function usageError(message: string, hint?: string): M2mError {
   return new M2mError("ERR_USAGE", "permanent", message, hint === undefined ? {} : { hint });
 }
+
+/**
+ * Runs `fn` holding the state directory's lock (one agent per state directory: a running daemon, or
+ * another `enroll` / `keys destroy` / `decommission`, makes this refuse with ERR_STATE_LOCKED and
+ * the holder's PID). Released when `fn` settles, and by the kernel if the process dies.
+ */
+export async function withStateLock<T>(stateDir: string, purpose: string, fn: () => Promise<T>): Promise<T> {
+  const { lockStateDir } = await import("../../core/state-lock.js");
+  const lock = await lockStateDir(stateDir, purpose);
+  try {
+    return await fn();
+  } finally {
+    lock.release();
+  }
+}

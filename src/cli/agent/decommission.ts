@@ -155,6 +155,10 @@ export function register(program: Command): void {
         const g = globalOptions(cmd);
         const o = cmd.opts<DecommissionOptions>();
         const { config } = await loadCliConfig(g);
+        // Refuses (ERR_STATE_LOCKED, naming the PID) while an agent or another command uses the state.
+        const { lockStateDir } = await import("../../core/state-lock.js");
+        const lock = await lockStateDir(config.agent.state_dir, "m2m-agent decommission");
+        process.once("exit", () => lock.release());
         const progress = progressFor(g);
         const running = await fetchStatus(config.api.socket, 2_000).then(
           () => true,

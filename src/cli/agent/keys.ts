@@ -15,6 +15,7 @@ import {
   loadCliConfig,
   output,
   progressFor,
+  withStateLock,
 } from "./common.js";
 
 /** `m2m-agent keys init | show | test | destroy`. */
@@ -27,15 +28,19 @@ export function register(program: Command): void {
     .action(
       action(async (cmd) => {
         const opts = globalOptions(cmd);
-        return withProvider(opts, async (provider) => {
-          const info = await withStep(progressFor(opts), "creating or opening the device key", () =>
-            provider.createOrOpen(),
-          );
-          output(opts, keySummary(info), () =>
-            [`${info.created ? "created" : "existing"} device key`, ...humanKey(info)].join("\n"),
-          );
-          return EXIT.ok;
-        });
+        return withProvider(
+          opts,
+          async (provider) => {
+            const info = await withStep(progressFor(opts), "creating or opening the device key", () =>
+              provider.createOrOpen(),
+            );
+            output(opts, keySummary(info), () =>
+              [`${info.created ? "created" : "existing"} device key`, ...humanKey(info)].join("\n"),
+            );
+            return EXIT.ok;
+          },
+          "init",
+        );
       }),
     );
 
@@ -129,27 +134,31 @@ export function register(program: Command): void {
       action(async (cmd) => {
         const opts = globalOptions(cmd);
         const yes = (cmd.opts() as { yes?: boolean }).yes === true;
-        return withProvider(opts, async (provider, cfg, log) => {
-          let info: KeyInfo | undefined;
-          try {
-            info = await provider.open();
-          } catch (err) {
-            if (!(err instanceof M2mError && err.code === "ERR_KEY_NOT_FOUND")) throw err;
-          }
-          if (info === undefined) {
-            output(opts, { destroyed: false, reason: "no key" }, () => "no device key: nothing to destroy");
+        return withProvider(
+          opts,
+          async (provider, cfg, log) => {
+            let info: KeyInfo | undefined;
+            try {
+              info = await provider.open();
+            } catch (err) {
+              if (!(err instanceof M2mError && err.code === "ERR_KEY_NOT_FOUND")) throw err;
+            }
+            if (info === undefined) {
+              output(opts, { destroyed: false, reason: "no key" }, () => "no device key: nothing to destroy");
+              return EXIT.ok;
+            }
+            if (!yes) await confirm(info);
+            await withStep(progressFor(opts), `destroying ${info.ref}`, () => provider.destroy());
+            await auditBestEffort(auditLogPath(cfg), log, info);
+            output(
+              opts,
+              { destroyed: true, ref: info.ref, thumbprint: info.thumbprint },
+              () => `destroyed ${info.ref}`,
+            );
             return EXIT.ok;
-          }
-          if (!yes) await confirm(info);
-          await withStep(progressFor(opts), `destroying ${info.ref}`, () => provider.destroy());
-          await auditBestEffort(auditLogPath(cfg), log, info);
-          output(
-            opts,
-            { destroyed: true, ref: info.ref, thumbprint: info.thumbprint },
-            () => `destroyed ${info.ref}`,
-          );
-          return EXIT.ok;
-        });
+          },
+          "destroy",
+        );
       }),
     );
 }
@@ -159,8 +168,19 @@ type Cfg = Awaited<ReturnType<typeof loadCliConfig>>["config"];
 async function withProvider(
   opts: GlobalOptions,
   fn: (provider: KeyProvider, config: Cfg, log: Logger) => Promise<number>,
+  /** Commands that change the key hold the state directory's lock (`m2m-agent keys <lock>`). */
+  lock?: string,
 ): Promise<number> {
   const { config } = await loadCliConfig(opts);
+  if (lock !== undefined)
+    return withStateLock(config.agent.state_dir, `m2m-agent keys ${lock}`, () => withProviderOf(config, fn));
+  return withProviderOf(config, fn);
+}
+
+async function withProviderOf(
+  config: Cfg,
+  fn: (provider: KeyProvider, config: Cfg, log: Logger) => Promise<number>,
+): Promise<number> {
   // CLI logs only warnings and errors (stderr); results go to stdout.
   const log = createLogger({ level: "warn" });
   // Loaded on use: registering the command must not pull in backends, jose or the daemon.

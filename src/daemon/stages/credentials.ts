@@ -28,7 +28,8 @@ async function pause(ctx: StageContext, ms: number, signal: AbortSignal): Promis
 /** Waits until the wall clock is above the time floor: no credential decisions before that. */
 async function clockTrusted(ctx: StageContext, signal: AbortSignal): Promise<boolean> {
   while (!ctx.clockSanity.check().trusted) {
-    if (!(await pause(ctx, 5_000, signal))) return false;
+    // 1 s: a corrected clock is noticed within seconds (the check is a comparison, no I/O).
+    if (!(await pause(ctx, 1_000, signal))) return false;
   }
   return true;
 }
@@ -119,6 +120,10 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
     };
     const tokens: ObservedTokenSource = {
       async getToken(scope?: string): Promise<AccessToken> {
+        // Why: a client assertion signed below the time floor carries a false iat/exp, and an expiry
+        // judged on that clock is wrong; refuse before anything is signed or sent (every caller: the
+        // token loop, GET /v1/token, the HTTPS/MQTT sinks, EST token auth). Transient: NTP fixes it.
+        ctx.clockSanity.assertTrusted();
         try {
           const t = await client.getToken(scope);
           if (scope === undefined || scope === target.scope) {

@@ -431,6 +431,30 @@ export class PgRegistrarStore implements RegistrarStore {
     });
   }
 
+  async allowReenrolment(
+    deviceId: string,
+    at: Date,
+  ): Promise<{ device: DeviceRecord; releasedEkHash: string | undefined }> {
+    return this.#tx(async (c) => {
+      const t = at.getTime();
+      const before = (
+        await c.query<DeviceRow>("SELECT * FROM devices WHERE device_id = $1 FOR UPDATE", [deviceId])
+      ).rows[0];
+      if (before === undefined) throw refused("ERR_DEVICE_UNKNOWN", `no device ${deviceId}`);
+      // Security: the old identity dies with the release (revoked: CRL, no tokens); only then may
+      // the EK enrol again, so no moment exists in which two live identities share one TPM.
+      const row = (
+        await c.query<DeviceRow>(
+          "UPDATE devices SET status = 'revoked', revoked_at = COALESCE(revoked_at, $1), updated_at = $1, ek_hash = NULL WHERE device_id = $2 RETURNING *",
+          [t, deviceId],
+        )
+      ).rows[0];
+      if (row === undefined) throw refused("ERR_DEVICE_UNKNOWN", `no device ${deviceId}`);
+      await c.query("SELECT pg_notify($1, $2)", [DEVICE_CHANNEL, deviceId]);
+      return { device: deviceOf(row), releasedEkHash: deviceOf(before).ekHash };
+    });
+  }
+
   async recordCertificate(
     deviceId: string,
     cert: { serial: string; notAfter: Date },

@@ -143,6 +143,9 @@ export class SqliteRegistrarStore implements RegistrarStore {
       revokeDevice: db.prepare(
         "UPDATE devices SET status = 'revoked', revoked_at = ?, updated_at = ? WHERE device_id = ? AND status = 'active'",
       ),
+      releaseEk: db.prepare(
+        "UPDATE devices SET status = 'revoked', revoked_at = COALESCE(revoked_at, ?), updated_at = ?, ek_hash = NULL WHERE device_id = ?",
+      ),
       consumeOnce: db.prepare(
         `INSERT INTO once_keys (key, expires_at) VALUES (?, ?)
          ON CONFLICT (key) DO UPDATE SET expires_at = excluded.expires_at WHERE once_keys.expires_at < ?`,
@@ -542,6 +545,23 @@ export class SqliteRegistrarStore implements RegistrarStore {
     const d = tx.immediate();
     this.#changed(d.deviceId);
     return d;
+  }
+
+  async allowReenrolment(
+    deviceId: string,
+    at: Date,
+  ): Promise<{ device: DeviceRecord; releasedEkHash: string | undefined }> {
+    const tx = this.#db.transaction(() => {
+      const d = this.#deviceBy(this.#stmt.getDevice.get(deviceId));
+      if (d === undefined) throw refused("ERR_DEVICE_UNKNOWN", `no device ${deviceId}`);
+      // Security: the old identity dies with the release (revoked: CRL, no tokens); only then may
+      // the EK enrol again, so no moment exists in which two live identities share one TPM.
+      this.#stmt.releaseEk.run(at.getTime(), at.getTime(), deviceId);
+      return { device: this.#mustGet(deviceId), releasedEkHash: d.ekHash };
+    });
+    const r = tx.immediate();
+    this.#changed(deviceId);
+    return r;
   }
 
   /**

@@ -49,6 +49,17 @@ export interface RegistrarStore {
   /** @throws ERR_DEVICE_UNKNOWN. Idempotent for an already revoked device. */
   revokeDevice(deviceId: string, at: Date): Promise<DeviceRecord>;
   /**
+   * Re-provisioning (operator action after a device lost its key: TPM cleared, replaced, token reset):
+   * revokes the device (its certificates reach the CRL, it gets no more tokens) and releases its EK,
+   * so that the same TPM can enrol again, as a NEW device. Idempotent. Returns the device and the EK
+   * hash that was released (undefined when none was bound).
+   * @throws ERR_DEVICE_UNKNOWN
+   */
+  allowReenrolment(
+    deviceId: string,
+    at: Date,
+  ): Promise<{ device: DeviceRecord; releasedEkHash: string | undefined }>;
+  /**
    * Records a certificate issued outside enrolment (EST renewal). The device record shows it only
    * while the device is active; the serial is kept in the issued-certificate list in every case, so
    * a certificate issued in a race with a revocation still reaches the CRL.

@@ -1,4 +1,15 @@
-import { closeSync, existsSync, fdatasync, fstatSync, fsyncSync, openSync, renameSync } from "node:fs";
+import {
+  chmodSync,
+  closeSync,
+  constants,
+  existsSync,
+  fdatasync,
+  fstatSync,
+  fsyncSync,
+  openSync,
+  renameSync,
+  statSync,
+} from "node:fs";
 import { createRequire } from "node:module";
 import { dirname } from "node:path";
 import { Worker } from "node:worker_threads";
@@ -185,6 +196,23 @@ parentPort.on("message", (m) => {
   catch (e) { parentPort.postMessage({ ok: false, error: String((e && e.code) || e) }); }
 });
 `;
+/**
+ * Makes the outbox files owner-only before SQLite opens them: the database is created 0600 from the
+ * first byte (SQLite gives the -wal/-shm it creates later the database file's mode, whatever the
+ * umask), and files left 0644 by an older version are tightened. Why: the outbox holds the payloads
+ * producers handed over, which other local users must not read.
+ */
+export function privateDbFiles(path: string): void {
+  closeSync(openSync(path, constants.O_RDWR | constants.O_CREAT, 0o600));
+  for (const suffix of ["", "-wal", "-shm"]) {
+    try {
+      if ((statSync(path + suffix).mode & 0o077) !== 0) chmodSync(path + suffix, 0o600);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+    }
+  }
+}
+
 /** Start a background checkpoint when the WAL exceeds this many bytes. */
 const CHECKPOINT_BYTES = 8 * 1024 * 1024;
 
@@ -386,6 +414,7 @@ export class SqliteOutbox implements Outbox {
   }
 
   static #openDb(options: SqliteOutboxOptions): Database.Database {
+    if (options.path !== ":memory:") privateDbFiles(options.path);
     const db = new Database(options.path);
     try {
       // Touch the header and schema: garbage or a truncated file fails here with NOTADB / CORRUPT.
