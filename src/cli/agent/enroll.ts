@@ -1,8 +1,7 @@
 import { X509Certificate } from "node:crypto";
 import type { Command } from "commander";
-import { createLogger } from "../../core/log.js";
 import type { EnrollStep } from "../../enroll/progress.js";
-import { action, EXIT, globalOptions, loadCliConfig, output, progressFor } from "./common.js";
+import { action, cliLogger, EXIT, globalOptions, loadCliConfig, output, progressFor } from "./common.js";
 
 const STEP_TEXT: Record<EnrollStep, string> = {
   "check-state": "checking enrolment state",
@@ -30,7 +29,7 @@ export function register(program: Command): void {
         const opts = globalOptions(cmd);
         const force = cmd.opts<{ force?: boolean }>().force === true;
         const { config } = await loadCliConfig(opts);
-        const log = createLogger({ level: "warn" });
+        const log = cliLogger(opts);
         const [{ deviceKeyFromConfig }, { enrollFromConfig }] = await Promise.all([
           import("../../keys/from-config.js"),
           import("../../enroll/from-config.js"),
