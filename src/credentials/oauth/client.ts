@@ -400,14 +400,14 @@ export class OAuthClient implements TokenSource {
         if (err instanceof oauth.OperationProcessingError) {
           throw new M2mError("ERR_OAUTH_DISCOVERY", "permanent", "authorization server metadata refused", {
             cause: err,
-            hint: "check oauth.issuer: the metadata must name exactly this issuer",
+            hint: "check credentials.oauth.issuer: the metadata must name exactly this issuer",
           });
         }
       }
     }
     throw new M2mError("ERR_OAUTH_DISCOVERY", "transient", "authorization server metadata unavailable", {
       cause: lastErr,
-      hint: "check oauth.issuer and the network path to the authorization server",
+      hint: "check credentials.oauth.issuer and the network path to the authorization server",
     });
   }
 
