@@ -34,6 +34,7 @@ export const ERROR_CODES = {
   ERR_AGENT_NOT_RUNNING: { retry: "transient", action: "Start the agent (`systemctl start m2m-agent`) and check that `api.socket` matches this config." },
   ERR_AGENT_RUNNING: { retry: "permanent", action: "Stop the agent first (`systemctl stop m2m-agent`): it holds the device key." },
   ERR_AGENT_STATUS: { retry: "transient", action: "The agent answered with something unreadable: check that agent and CLI are the same version." },
+  ERR_AGENT_NOT_READY: { retry: "transient", action: "The agent is degraded, unprovisioned or enrolling: the feature is configured but not started; `m2m-agent status` names the reason." },
   ERR_AGENT_TOKEN: { retry: "permanent", action: "The agent could not hand out a token: see `m2m-agent status` for the credentials problem." },
   ERR_AK_ALGORITHM: { retry: "permanent", action: "The AK uses an algorithm the registrar does not accept: use an RSA-2048 or ECC P-256 AK." },
   ERR_AK_ATTRIBUTES: { retry: "permanent", action: "The AK is not a restricted, fixed, TPM-generated signing key: re-create it with the agent." },

@@ -311,17 +311,45 @@ function certChecks(
         "renewal has failed: check registrar/EST reachability, then re-enrol",
       ),
     );
-  else if (left < 7 * 86_400_000 || left < 0.2 * (na - nb))
-    out.push(
-      warn(
-        "certificate-expiry",
-        `expires in ${days} days (${new Date(na).toISOString()})`,
-        "renewal should have happened: check the agent's logs and EST reachability",
-      ),
-    );
-  else
-    out.push(ok("certificate-expiry", `valid for ${days} more days (until ${new Date(na).toISOString()})`));
+  else out.push(expiryVerdict(c, enrolment, { now, notBefore: nb, notAfter: na, days }));
   return out;
+}
+
+/**
+ * Judged against the certificate's own lifetime and the renewal point the agent uses
+ * (`credentials.est.renew_fraction`, default 2/3): a fresh 7-day certificate is fine; one past its
+ * renewal point by more than a tenth of its lifetime means renewal is failing.
+ */
+function expiryVerdict(
+  c: AgentConfig,
+  enrolment: EnrolmentState,
+  t: { now: number; notBefore: number; notAfter: number; days: string },
+): CheckResult {
+  const lifetime = Math.max(1, t.notAfter - t.notBefore);
+  const until = new Date(t.notAfter).toISOString();
+  const renews = (c.credentials.est?.url ?? enrolment.endpoints.est) !== undefined;
+  if (!renews) {
+    return t.notAfter - t.now < 0.2 * lifetime
+      ? warn(
+          "certificate-expiry",
+          `expires in ${t.days} days (${until}); no EST renewal is configured`,
+          "re-enrol before it expires (`m2m-agent enroll --force`) or set credentials.est.url",
+        )
+      : ok("certificate-expiry", `valid for ${t.days} more days (until ${until}); no EST renewal configured`);
+  }
+  const fraction = c.credentials.est?.renew_fraction ?? 2 / 3;
+  const renewAt = t.notBefore + fraction * lifetime;
+  const renewIso = new Date(renewAt).toISOString();
+  if (t.now < renewAt)
+    return ok("certificate-expiry", `valid for ${t.days} more days (until ${until}); renewal due ${renewIso}`);
+  const overdue = t.now - renewAt;
+  if (overdue <= 0.1 * lifetime)
+    return ok("certificate-expiry", `valid for ${t.days} more days (until ${until}); renewal due since ${renewIso}`);
+  return warn(
+    "certificate-expiry",
+    `expires in ${t.days} days (${until}); renewal was due ${renewIso} and has not happened`,
+    "renewal is failing: see `m2m-agent status` and the agent's logs (EST reachability, credentials.est.url)",
+  );
 }
 
 async function reachability(
