@@ -268,7 +268,9 @@ export class Agent {
   #notReady(method: string, path: string): M2mError | undefined {
     const c = this.#config;
     const configured =
-      (method === "POST" && path === "/v1/messages" && (c.relay.mqtt !== undefined || c.relay.https !== undefined)) ||
+      (method === "POST" &&
+        path === "/v1/messages" &&
+        (c.relay.mqtt !== undefined || c.relay.https !== undefined)) ||
       (method === "GET" && path === "/v1/token" && (c.credentials.oauth !== undefined || c.enroll.enabled));
     if (!configured) return undefined;
     const s = this.lifecycle.state;

@@ -341,10 +341,16 @@ function expiryVerdict(
   const renewAt = t.notBefore + fraction * lifetime;
   const renewIso = new Date(renewAt).toISOString();
   if (t.now < renewAt)
-    return ok("certificate-expiry", `valid for ${t.days} more days (until ${until}); renewal due ${renewIso}`);
+    return ok(
+      "certificate-expiry",
+      `valid for ${t.days} more days (until ${until}); renewal due ${renewIso}`,
+    );
   const overdue = t.now - renewAt;
   if (overdue <= 0.1 * lifetime)
-    return ok("certificate-expiry", `valid for ${t.days} more days (until ${until}); renewal due since ${renewIso}`);
+    return ok(
+      "certificate-expiry",
+      `valid for ${t.days} more days (until ${until}); renewal due since ${renewIso}`,
+    );
   return warn(
     "certificate-expiry",
     `expires in ${t.days} days (${until}); renewal was due ${renewIso} and has not happened`,

@@ -100,7 +100,11 @@ export class MemoryOutbox implements Outbox {
     }
     if (batch.length > L.maxCount || bytes > L.maxBytes) {
       return Promise.reject(
-        new M2mError("ERR_OUTBOX_BATCH_TOO_LARGE", "permanent", `batch larger than the whole outbox (relay.outbox.max_count = ${L.maxCount}, relay.outbox.max_bytes = ${L.maxBytes} bytes)`),
+        new M2mError(
+          "ERR_OUTBOX_BATCH_TOO_LARGE",
+          "permanent",
+          `batch larger than the whole outbox (relay.outbox.max_count = ${L.maxCount}, relay.outbox.max_bytes = ${L.maxBytes} bytes)`,
+        ),
       );
     }
     const over = (): boolean =>

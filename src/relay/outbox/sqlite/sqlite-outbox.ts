@@ -721,7 +721,11 @@ export class SqliteOutbox implements Outbox {
       bytes += m.payload.byteLength;
     }
     if (batch.length > L.maxCount || bytes > L.maxBytes) {
-      return new M2mError("ERR_OUTBOX_BATCH_TOO_LARGE", "permanent", `batch larger than the whole outbox (relay.outbox.max_count = ${L.maxCount}, relay.outbox.max_bytes = ${L.maxBytes} bytes)`);
+      return new M2mError(
+        "ERR_OUTBOX_BATCH_TOO_LARGE",
+        "permanent",
+        `batch larger than the whole outbox (relay.outbox.max_count = ${L.maxCount}, relay.outbox.max_bytes = ${L.maxBytes} bytes)`,
+      );
     }
     const overCount = this.#meta.count + batch.length - L.maxCount;
     const overBytes = this.#meta.bytes + bytes - L.maxBytes;
