@@ -86,11 +86,11 @@ function nested(o: object, indent: string, depth = 0): string[] {
       out.push(inner.length === 0 ? `${indent}${k}: -` : `${indent}${k}:`, ...inner);
     } else if (Array.isArray(v) && v.some((x) => x !== null && typeof x === "object") && depth < 3) {
       out.push(`${indent}${k}:`);
-      v.forEach((x, i) =>
-        x !== null && typeof x === "object"
-          ? out.push(`${indent}  [${i}]`, ...nested(x as object, `${indent}    `, depth + 2))
-          : out.push(`${indent}  - ${scalar(x)}`),
-      );
+      for (const [i, x] of v.entries()) {
+        if (x !== null && typeof x === "object")
+          out.push(`${indent}  [${i}]`, ...nested(x as object, `${indent}    `, depth + 2));
+        else out.push(`${indent}  - ${scalar(x)}`);
+      }
     } else out.push(`${indent}${k}: ${scalar(v)}`);
   }
   return out;
