@@ -327,6 +327,7 @@ export const ERROR_CODES = {
   ERR_TLS_CERT_KEY_MISMATCH: { retry: "transient", action: "The device certificate is not for the current key yet (a rotation is in progress): it settles by itself; if it persists, run `m2m-agent doctor`." },
   ERR_TLS_ENGINE_KEY: { retry: "permanent", action: "Check the PKCS#11 module path, token/key labels, PIN file, and that libengine-pkcs11-openssl is installed." },
   ERR_TLS_KEY_UNAVAILABLE: { retry: "permanent", action: "The device key cannot sign TLS handshakes: use a PKCS#11 key with a PIN source, or a TPM key with `keys.tpm.tls_pin_file` (docs/credentials.md)." },
+  ERR_TLS_VERIFY: { retry: "transient", action: "The server's certificate was refused (untrusted CA, wrong host name, expired): the message names the host and the CA file used; `m2m-agent doctor` shows the server certificate's issuer." },
   ERR_TOKEN_CLIENT_AUTH: { retry: "permanent", action: "Authenticate with a `private_key_jwt` client assertion." },
   ERR_TOKEN_EXPIRED: { retry: "permanent", action: "The bootstrap token expired: issue a new one (`m2m-registrar enrollment token create`)." },
   ERR_TOKEN_GRANT_TYPE: { retry: "permanent", action: "Use the `client_credentials` grant." },
