@@ -417,16 +417,8 @@ function expiryVerdict(
 ): CheckResult {
   const lifetime = Math.max(1, t.notAfter - t.notBefore);
   const until = new Date(t.notAfter).toISOString();
-  const renews = (c.credentials.est?.url ?? enrolment.endpoints.est) !== undefined;
-  if (!renews) {
-    return t.notAfter - t.now < 0.2 * lifetime
-      ? warn(
-          "certificate-expiry",
-          `expires in ${t.days} days (${until}); no EST renewal is configured`,
-          "re-enrol before it expires (`m2m-agent enroll --force`) or set credentials.est.url",
-        )
-      : ok("certificate-expiry", `valid for ${t.days} more days (until ${until}); no EST renewal configured`);
-  }
+  // Every enrolment names an EST endpoint (wire schema): an enrolled agent always renews.
+  void enrolment;
   const fraction = c.credentials.est?.renew_fraction ?? 2 / 3;
   const renewAt = t.notBefore + fraction * lifetime;
   const renewIso = new Date(renewAt).toISOString();
@@ -459,7 +451,12 @@ async function reachability(
   const fleetTrust =
     c.enroll.registrar_ca_file === undefined && enrolment === undefined
       ? "the system CA store"
-      : `the fleet CA (${[c.enroll.registrar_ca_file, enrolment === undefined ? undefined : "enrolment CA chain"].filter((x) => x !== undefined).join(" + ")})`;
+      : [
+          c.enroll.registrar_ca_file === undefined ? undefined : `enroll.registrar_ca_file ${c.enroll.registrar_ca_file}`,
+          enrolment === undefined ? undefined : "the enrolment's CA chain",
+        ]
+          .filter((x) => x !== undefined)
+          .join(" + ");
   const tlsHint = (key: string): string =>
     `the server's certificate is not trusted or does not name the host: set ${key} to the CA that issued it, or fix the server certificate`;
 

@@ -41,7 +41,7 @@ const duration = z.union([z.string().max(32), z.number()]).transform((v, ctx) =>
  */
 export const DEFAULT_MAX_IN_FLIGHT = 64;
 
-const fileSchema = z
+export const registrarFileSchema = z
   .object({
     listen: z
       .object({
@@ -301,7 +301,7 @@ export function registrarConfigFrom(
   file = "<config>",
   env: Readonly<Record<string, string | undefined>> = {},
 ): RegistrarConfig {
-  const r = fileSchema.safeParse(raw);
+  const r = registrarFileSchema.safeParse(raw);
   if (!r.success) {
     const issue = r.error.issues[0];
     const key = issue === undefined ? "" : issue.path.map(String).join(".");
