@@ -1,7 +1,7 @@
 #!/usr/bin/env node
 import { Command } from "commander";
 import { asM2mError } from "../src/core/errors.js";
-import { agentVersion } from "../src/daemon/version.js";
+import { agentVersion } from "../src/core/version.js";
 import { initSoftHsm } from "./softhsm.js";
 import { startSwtpm } from "./swtpm.js";
 

@@ -6,7 +6,7 @@ import { Command, CommanderError, Option } from "commander";
 import { systemClock } from "../core/clock.js";
 import { M2mError } from "../core/errors.js";
 import { createLogger } from "../core/log.js";
-import { agentVersion } from "../daemon/version.js";
+import { agentVersion } from "../core/version.js";
 import {
   addEnrolmentGroup,
   bootstrapTokenId,

@@ -452,7 +452,9 @@ async function reachability(
     c.enroll.registrar_ca_file === undefined && enrolment === undefined
       ? "the system CA store"
       : [
-          c.enroll.registrar_ca_file === undefined ? undefined : `enroll.registrar_ca_file ${c.enroll.registrar_ca_file}`,
+          c.enroll.registrar_ca_file === undefined
+            ? undefined
+            : `enroll.registrar_ca_file ${c.enroll.registrar_ca_file}`,
           enrolment === undefined ? undefined : "the enrolment's CA chain",
         ]
           .filter((x) => x !== undefined)
