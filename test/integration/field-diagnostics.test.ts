@@ -371,7 +371,7 @@ auth = "mtls-pkcs11"
     }
   }, 60_000);
 
-  it("CLI commands log human lines on stderr; --log-format json gives JSON lines", async () => {
+  it("CLI errors on stderr are human text, never JSON log lines", async () => {
     // keys show against a token without the key logs nothing; a wrong PIN file path makes an error:
     // the error report is human text either way, never a JSON log line.
     const cfg = await writeConfig("nokey.toml", config("").replace(hsm.pinFile, join(dir, "missing.pin")));
