@@ -1,7 +1,6 @@
 import { readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { describe, expect, it } from "vitest";
-import type { z } from "zod";
 import { registrarIngestSchema, registrarOauthSchema } from "../../src/registrar/app.js";
 import { registrarFileSchema } from "../../src/registrar/config.js";
 import { rotationPolicySchema } from "../../src/registrar/rotation/policy.js";
