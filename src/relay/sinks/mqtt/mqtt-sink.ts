@@ -281,12 +281,11 @@ export class MqttSink implements Sink {
       } catch (err) {
         last =
           tlsVerifyError(err, url, {
-            description:
-              this.#o.caPem === undefined ? "the system CA store" : "relay.mqtt.ca_file / the fleet CA",
+            description: "relay.mqtt.ca_file (default: the fleet CA)",
             key: "relay.mqtt.ca_file",
           }) ?? err;
         this.counters.connectFailures++;
-        this.#log.warn("broker connect failed", { url, err: asM2mError(err, "ERR_MQTT_CONNECT") });
+        this.#log.warn("broker connect failed", { url, err: asM2mError(last, "ERR_MQTT_CONNECT") });
       }
     }
     throw asM2mError(last, "ERR_MQTT_CONNECT");
