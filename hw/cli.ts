@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { Command } from "commander";
 import { asM2mError } from "../src/core/errors.js";
+import { agentVersion } from "../src/core/version.js";
 import { initSoftHsm } from "./softhsm.js";
 import { startSwtpm } from "./swtpm.js";
 
@@ -52,7 +53,9 @@ function untilSignal(): Promise<void> {
 }
 
 export function buildHwProgram(): Command {
-  const program = new Command("m2m-hw").description("simulated TPM / HSM for testing m2m-agent");
+  const program = new Command("m2m-hw")
+    .description("simulated TPM / HSM for testing m2m-agent")
+    .version(agentVersion());
   program
     .command("swtpm")
     .description("start a swtpm with EK certificates and print the [keys.tpm] config to use it")

@@ -59,6 +59,12 @@ export interface ApiServerOptions {
   readonly bodyIdleTimeoutMs?: number;
   readonly keepAliveTimeoutMs?: number;
   readonly logger?: Logger;
+  /**
+   * Consulted for a request no mounted route serves: a feature that is configured but not started
+   * (the agent is degraded, unprovisioned, still enrolling) answers with this error (e.g. 503
+   * ERR_AGENT_NOT_READY naming the state) instead of 404 "not found".
+   */
+  readonly notReady?: (method: string, path: string) => M2mError | undefined;
 }
 
 /** Maps stable error codes to HTTP statuses; anything else → 500 (permanent) or 503 (transient). */
@@ -68,6 +74,7 @@ const STATUS_BY_CODE: Readonly<Record<string, number>> = {
   ERR_API_NOT_FOUND: 404,
   ERR_API_METHOD: 405,
   ERR_API_BUSY: 503,
+  ERR_AGENT_NOT_READY: 503,
   ERR_API_UNSUPPORTED_MEDIA_TYPE: 415,
   ERR_OUTBOX_FULL: 429,
   ERR_OUTBOX_MESSAGE_TOO_LARGE: 413,
@@ -195,6 +202,11 @@ export class ApiServer {
     const url = new URL(req.url ?? "/", "http://agent");
     const route = this.#routes.get(`${req.method ?? ""} ${url.pathname}`);
     if (route === undefined) {
+      const pending = this.#opts.notReady?.(req.method ?? "", url.pathname);
+      if (pending !== undefined) {
+        req.resume();
+        return this.#send(res, { ...errorResponse(pending), headers: { "retry-after": "5" } });
+      }
       const pathKnown = [...this.#routes.keys()].some((k) => k.endsWith(` ${url.pathname}`));
       req.resume();
       return this.#send(
@@ -267,13 +279,23 @@ function send(res: ServerResponse, r: ApiResponse): void {
   res.end(body);
 }
 
+/** The route's whole-request limit, stated with its number (what a producer needs to split a batch). */
+function bodyTooLarge(limit: number): M2mError {
+  return new M2mError(
+    "ERR_API_BODY_TOO_LARGE",
+    "permanent",
+    `request body larger than the per-request limit of ${limit} bytes`,
+    { details: { limitBytes: limit }, hint: "send fewer messages per request (limits: docs/operations.md)" },
+  );
+}
+
 function readBody(req: IncomingMessage, limit: number, idleMs: number): Promise<Buffer> {
   return new Promise((resolve, reject) => {
     const declared = Number(req.headers["content-length"] ?? Number.NaN);
     // Refuse early from the declared length: no need to read what we will not keep.
     if (Number.isFinite(declared) && declared > limit) {
       req.resume();
-      reject(new M2mError("ERR_API_BODY_TOO_LARGE", "permanent", `body larger than ${limit} bytes`));
+      reject(bodyTooLarge(limit));
       return;
     }
     const chunks: Buffer[] = [];
@@ -292,7 +314,7 @@ function readBody(req: IncomingMessage, limit: number, idleMs: number): Promise<
       if (size > limit) {
         cleanup();
         req.resume();
-        reject(new M2mError("ERR_API_BODY_TOO_LARGE", "permanent", `body larger than ${limit} bytes`));
+        reject(bodyTooLarge(limit));
         return;
       }
       chunks.push(c);

@@ -6,10 +6,14 @@ import { Command, CommanderError, Option } from "commander";
 import { systemClock } from "../core/clock.js";
 import { M2mError } from "../core/errors.js";
 import { createLogger } from "../core/log.js";
+import { agentVersion } from "../core/version.js";
 import {
   addEnrolmentGroup,
   allowReenrolment,
+  bootstrapTokenId,
+  bootstrapTokenState,
   createBootstrapToken,
+  revokeBootstrapToken,
   revokeDevice,
 } from "../registrar/admin.js";
 import { startRegistrarApp } from "../registrar/app.js";
@@ -99,6 +103,11 @@ function parseAttr(value: string, previous: Record<string, string>): Record<stri
   return { ...previous, [value.slice(0, i)]: value.slice(i + 1) };
 }
 
+/** Tab-separated rows under a header row (`cut -f`, `column -t` and awk read it). */
+function table(header: readonly string[], rows: readonly (readonly string[])[]): string {
+  return [header, ...rows].map((r) => r.join("\t")).join("\n");
+}
+
 function collect(value: string, previous: string[]): string[] {
   return [...previous, ...value.split(",").filter((v) => v.length > 0)];
 }
@@ -110,6 +119,7 @@ function collect(value: string, previous: string[]): string[] {
 export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
   const program = new Command("m2m-registrar")
     .description("Reference registrar: attests devices (TPM / PKCS#11) and issues device certificates")
+    .version(agentVersion())
     .option("--json", "machine-readable output")
     .configureOutput({ writeOut: (s) => io.out(s.trimEnd()), writeErr: (s) => io.err(s.trimEnd()) })
     .exitOverride();
@@ -246,12 +256,63 @@ export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
       print(
         cmd,
         groups.map((g) => ({ ...g, createdAt: g.createdAt.toISOString() })),
-        groups.map((g) => `${g.name}\trole=${g.role}\tmethods=${g.methods.join(",")}`).join("\n"),
+        table(
+          ["GROUP", "ROLE", "METHODS"],
+          groups.map((g) => [g.name, g.role, g.methods.join(",")]),
+        ),
       );
     },
   );
 
+  storeOptions(
+    group
+      .command("remove <name>")
+      .description(
+        "remove an enrolment group and its bootstrap tokens (devices enrolled through it keep their records: revoke them separately)",
+      ),
+  ).action(async (name: string, opts: StoreOpts, cmd: Command) => {
+    const r = await withStore(opts, (s) => s.removeGroup(name));
+    print(cmd, { name, ...r }, `group ${name} removed (${r.tokensRemoved} bootstrap token(s) removed)`);
+  });
+
   const token = enrollment.command("token").description("one-time bootstrap tokens");
+  storeOptions(
+    token
+      .command("list")
+      .description("list bootstrap tokens (id = start of the token's SHA-256; never the token)"),
+  ).action(async (opts: StoreOpts, cmd: Command) => {
+    const list = await withStore(opts, (s) => s.listBootstrapTokens());
+    const now = systemClock.now();
+    const rows = list.map((t) => ({
+      id: bootstrapTokenId(t),
+      group: t.group,
+      state: bootstrapTokenState(t, now),
+      createdAt: t.createdAt.toISOString(),
+      expiresAt: t.expiresAt.toISOString(),
+      usedBy: t.usedBy,
+      revokedAt: t.revokedAt?.toISOString(),
+    }));
+    print(
+      cmd,
+      rows,
+      table(
+        ["ID", "GROUP", "STATE", "EXPIRES", "USED BY"],
+        rows.map((r) => [r.id, r.group, r.state, r.expiresAt, r.usedBy ?? "-"]),
+      ),
+    );
+  });
+  storeOptions(
+    token
+      .command("revoke <id>")
+      .description("revoke an unused bootstrap token (id from `token list`); enrolment with it then fails"),
+  ).action(async (id: string, opts: StoreOpts, cmd: Command) => {
+    const t = await withStore(opts, (s) => revokeBootstrapToken(s, id));
+    print(
+      cmd,
+      { id: bootstrapTokenId(t), group: t.group, revokedAt: t.revokedAt?.toISOString() },
+      `bootstrap token ${bootstrapTokenId(t)} (group ${t.group}) revoked`,
+    );
+  });
   storeOptions(
     token
       .command("create")
@@ -283,9 +344,10 @@ export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
       print(
         cmd,
         list.map(deviceJson),
-        list
-          .map((d) => `${d.deviceId}\t${d.status}\t${d.method}\t${d.group}\t${d.role}\t${d.hardwareSerial}`)
-          .join("\n"),
+        table(
+          ["DEVICE", "STATUS", "METHOD", "GROUP", "ROLE", "HARDWARE SERIAL"],
+          list.map((d) => [d.deviceId, d.status, d.method, d.group, d.role, d.hardwareSerial]),
+        ),
       );
     },
   );

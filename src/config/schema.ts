@@ -199,9 +199,36 @@ const enrollSection = z
       ctx.addIssue({ code: "custom", path: ["registrar_url"], message: "required when enabled = true" });
   });
 
+/**
+ * An authorization server's URLs: https only (RFC 8414 §2: the issuer is an https URL; client
+ * assertions, DPoP proofs and tokens must not cross a plaintext link).
+ */
+const asUrl = z
+  .string()
+  .url()
+  .refine(
+    (u) => u.startsWith("https://"),
+    "must be an https:// URL: an authorization server is never reached over plain http (RFC 8414 §2); give its https issuer and, for a private CA, credentials.oauth.ca_file",
+  );
+/** RFC 8707 §2: an absolute URI without a fragment. */
+const resourceIndicator = z
+  .string()
+  .url()
+  .refine(
+    (u) => !u.includes("#"),
+    "a resource indicator is an absolute URI without a fragment (RFC 8707 §2)",
+  );
+
 const oauthSection = z.strictObject({
-  issuer: httpsUrl,
-  token_endpoint: httpsUrl.optional(),
+  issuer: asUrl,
+  token_endpoint: asUrl.optional(),
+  /**
+   * PEM CA file for the authorization server's TLS. Default: the fleet CA when the issuer is the
+   * registrar, else the system store.
+   */
+  ca_file: absPath.optional(),
+  /** RFC 8707 resource indicators sent as `resource` in every token request (audience of the token). */
+  resource: z.array(resourceIndicator).max(16).default([]),
   client_id: z.string().min(1).optional(),
   scopes: z.array(z.string().min(1)).default([]),
   dpop: z.boolean().default(true),

@@ -55,12 +55,50 @@ export function journalPrefix(level: LogLevel, journal = stderrIsJournal()): str
   return journal ? `<${PRIORITY[level]}>` : "";
 }
 
+/** `json`: one JSON object per line (the daemon); `human`: `level: msg (k=v …)` (CLI commands). */
+export type LogFormat = "json" | "human";
+
+/** The record's own keys: a field with one of these names is kept as `field_<name>`, never replaces them. */
+const RESERVED = new Set(["ts", "level", "msg"]);
+
 /**
- * One JSON object per line (journald keeps it as MESSAGE, at the level's priority; `jq` reads it). Secrets never reach the
- * output because `Secret` redacts itself and `sanitize` catches it by type.
+ * Builds the record: `ts`, `level`, `msg` first and authoritative. A field named like one of them
+ * (the relay's backoff `level: 3`) is renamed `field_<name>`, so a log line's level is always its
+ * level (log shippers and `jq 'select(.level=="error")'` rely on it).
+ */
+export function logRecord(level: LogLevel, msg: string, ts: string, ...sources: (LogFields | undefined)[]) {
+  const record: Record<string, unknown> = { ts, level, msg };
+  for (const fields of sources) {
+    if (fields === undefined) continue;
+    for (const [k, v] of Object.entries(fields)) record[RESERVED.has(k) ? `field_${k}` : k] = v;
+  }
+  return record;
+}
+
+function humanValue(v: unknown): string {
+  if (typeof v === "string") return /[\s"=]/.test(v) || v === "" ? JSON.stringify(v) : v;
+  return JSON.stringify(v) ?? String(v);
+}
+
+/** `warn: msg (key=value key=value)`: what a person at a terminal reads (CLI stderr). */
+export function humanLine(record: Record<string, unknown>): string {
+  const { ts: _ts, level, msg, ...rest } = record;
+  const fields = Object.entries(rest).map(([k, v]) => `${k}=${humanValue(v)}`);
+  return `${String(level)}: ${String(msg)}${fields.length === 0 ? "" : ` (${fields.join(" ")})`}`;
+}
+
+/**
+ * One JSON object per line (journald keeps it as MESSAGE, at the level's priority; `jq` reads it), or
+ * human lines with `format: "human"`. Secrets never reach the output because `Secret` redacts itself
+ * and `sanitize` catches it by type.
  */
 export function createLogger(
-  options: { level?: LogLevel; write?: (line: string, level: LogLevel) => void; base?: LogFields } = {},
+  options: {
+    level?: LogLevel;
+    write?: (line: string, level: LogLevel) => void;
+    base?: LogFields;
+    format?: LogFormat;
+  } = {},
 ): Logger {
   const min = LEVELS[options.level ?? "info"];
   // Under systemd each line carries its syslog priority, so `journalctl -p warning` filters by level.
@@ -71,8 +109,11 @@ export function createLogger(
   const base = options.base ?? {};
   const emit = (level: LogLevel, msg: string, fields?: LogFields): void => {
     if (LEVELS[level] < min) return;
-    const record = { ts: new Date().toISOString(), level, msg, ...base, ...(fields ?? {}) };
-    write(JSON.stringify(sanitize(record)), level);
+    const record = sanitize(logRecord(level, msg, new Date().toISOString(), base, fields)) as Record<
+      string,
+      unknown
+    >;
+    write(options.format === "human" ? humanLine(record) : JSON.stringify(record), level);
   };
   return {
     debug: (m, f) => emit("debug", m, f),

@@ -239,6 +239,7 @@ export class Agent {
         mode: c.mode,
         ...(gid === undefined ? {} : { gid }),
         logger: this.#log.child({ component: "api" }),
+        notReady: (method, path) => this.#notReady(method, path),
       });
       api.route("GET", STATUS_PATH, async () => ({ status: 200, json: this.status() }));
       await api.listen();
@@ -249,6 +250,28 @@ export class Agent {
       this.health.set("api", healthReasonOf(err, "local API unavailable: "));
       this.#log.error("local API could not start", { error: err });
     }
+  }
+
+  /**
+   * A configured feature whose route is not mounted (yet): the agent is degraded, unprovisioned or
+   * enrolling. The caller learns the state and its reason (503, retry later), not "not found".
+   */
+  #notReady(method: string, path: string): M2mError | undefined {
+    const c = this.#config;
+    const configured =
+      (method === "POST" &&
+        path === "/v1/messages" &&
+        (c.relay.mqtt !== undefined || c.relay.https !== undefined)) ||
+      (method === "GET" && path === "/v1/token" && (c.credentials.oauth !== undefined || c.enroll.enabled));
+    if (!configured) return undefined;
+    const s = this.lifecycle.state;
+    const why = this.health.summary ?? ("reason" in s && typeof s.reason === "string" ? s.reason : undefined);
+    return new M2mError(
+      "ERR_AGENT_NOT_READY",
+      "transient",
+      `the agent is ${s.name}${why === undefined ? "" : ` (${why})`}: ${path} is not available yet`,
+      { hint: "see `m2m-agent status` and `m2m-agent doctor`", details: { state: s.name } },
+    );
   }
 
   async #startMetrics(): Promise<void> {

@@ -1,7 +1,8 @@
 import { createPublicKey, X509Certificate } from "node:crypto";
-import { stat, statfs } from "node:fs/promises";
-import { connect } from "node:net";
+import { readFile, stat, statfs } from "node:fs/promises";
+import { connect, isIP } from "node:net";
 import { dirname } from "node:path";
+import { checkServerIdentity, connect as tlsConnect } from "node:tls";
 import { type AgentConfig, loadConfig, outboxPath, type SecretRef } from "../config/index.js";
 import { type Clock, systemClock } from "../core/clock.js";
 import { asM2mError, isM2mError } from "../core/errors.js";
@@ -71,6 +72,95 @@ export function tcpReachable(
       resolve({ ok: false, detail: err.code ?? err.message });
     });
   });
+}
+
+export interface TlsProbeResult {
+  readonly ok: boolean;
+  /** The handshake reached the certificate check (false: TCP/DNS/timeout). */
+  readonly reached: boolean;
+  readonly detail: string;
+}
+
+/**
+ * A full TLS handshake with `ca` (PEM; system store when undefined) and the host name check, the
+ * way the agent itself connects. On a verification failure it says which CA issued the server's
+ * certificate and what the agent trusted, so "unreachable" and "untrusted" are never confused.
+ */
+export function tlsProbe(
+  host: string,
+  port: number,
+  ca: string | undefined,
+  trust: string,
+  timeoutMs: number,
+): Promise<TlsProbeResult> {
+  return new Promise((resolve) => {
+    // rejectUnauthorized false only to READ the peer certificate for the diagnosis; the verdict is
+    // `authorized` + checkServerIdentity below, the same two checks the agent's clients enforce.
+    const s = tlsConnect({
+      host,
+      port,
+      ...(ca === undefined ? {} : { ca }),
+      ...(isIP(host) === 0 ? { servername: host } : {}),
+      rejectUnauthorized: false,
+    });
+    const t = setTimeout(() => {
+      s.destroy();
+      resolve({ ok: false, reached: false, detail: `no TLS answer within ${timeoutMs} ms` });
+    }, timeoutMs);
+    s.once("secureConnect", () => {
+      clearTimeout(t);
+      const peer = s.getPeerCertificate();
+      const issuer = peer?.issuer?.CN ?? peer?.issuer?.O ?? "?";
+      const subject = peer?.subject?.CN ?? "?";
+      const authErr = s.authorizationError;
+      const idErr = peer === undefined ? undefined : checkServerIdentity(host, peer);
+      s.destroy();
+      if (!s.authorized) {
+        const code =
+          authErr instanceof Error
+            ? ((authErr as NodeJS.ErrnoException).code ?? authErr.message)
+            : String(authErr);
+        resolve({
+          ok: false,
+          reached: true,
+          detail: `TLS verification failed: certificate "${subject}" issued by "${issuer}" is not trusted by ${trust} (${code})`,
+        });
+      } else if (idErr !== undefined) {
+        resolve({
+          ok: false,
+          reached: true,
+          detail: `TLS verification failed: certificate "${subject}" (issuer "${issuer}") does not name ${host} (${(idErr as NodeJS.ErrnoException).code ?? idErr.message})`,
+        });
+      } else
+        resolve({
+          ok: true,
+          reached: true,
+          detail: `TLS ok: "${subject}" issued by "${issuer}", trusted by ${trust}`,
+        });
+    });
+    s.once("error", (err: NodeJS.ErrnoException) => {
+      clearTimeout(t);
+      resolve({ ok: false, reached: false, detail: err.code ?? err.message });
+    });
+  });
+}
+
+/** Connectivity the way the agent connects: a TLS handshake for https/mqtts, TCP for mqtt://. */
+async function probe(
+  url: string,
+  ca: string | undefined,
+  trust: string,
+  timeoutMs: number,
+): Promise<{ ok: boolean; tlsFailed: boolean; where: string; detail: string }> {
+  const hp = hostPort(url);
+  if (hp === undefined) return { ok: false, tlsFailed: false, where: url, detail: "unparsable URL" };
+  const where = `${hp.host}:${hp.port}`;
+  if (url.startsWith("mqtt://") || url.startsWith("http://")) {
+    const r = await tcpReachable(hp.host, hp.port, timeoutMs);
+    return { ...r, tlsFailed: false, where, detail: `${r.detail} (no TLS)` };
+  }
+  const r = await tlsProbe(hp.host, hp.port, ca, trust, timeoutMs);
+  return { ok: r.ok, tlsFailed: r.reached && !r.ok, where, detail: r.detail };
 }
 
 function hostPort(url: string): { host: string; port: number } | undefined {
@@ -318,17 +408,43 @@ function certChecks(
         "renewal has failed: check registrar/EST reachability, then re-enrol",
       ),
     );
-  else if (left < 7 * 86_400_000 || left < 0.2 * (na - nb))
-    out.push(
-      warn(
-        "certificate-expiry",
-        `expires in ${days} days (${new Date(na).toISOString()})`,
-        "renewal should have happened: check the agent's logs and EST reachability",
-      ),
-    );
-  else
-    out.push(ok("certificate-expiry", `valid for ${days} more days (until ${new Date(na).toISOString()})`));
+  else out.push(expiryVerdict(c, enrolment, { now, notBefore: nb, notAfter: na, days }));
   return out;
+}
+
+/**
+ * Judged against the certificate's own lifetime and the renewal point the agent uses
+ * (`credentials.est.renew_fraction`, default 2/3): a fresh 7-day certificate is fine; one past its
+ * renewal point by more than a tenth of its lifetime means renewal is failing.
+ */
+function expiryVerdict(
+  c: AgentConfig,
+  enrolment: EnrolmentState,
+  t: { now: number; notBefore: number; notAfter: number; days: string },
+): CheckResult {
+  const lifetime = Math.max(1, t.notAfter - t.notBefore);
+  const until = new Date(t.notAfter).toISOString();
+  // Every enrolment names an EST endpoint (wire schema): an enrolled agent always renews.
+  void enrolment;
+  const fraction = c.credentials.est?.renew_fraction ?? 2 / 3;
+  const renewAt = t.notBefore + fraction * lifetime;
+  const renewIso = new Date(renewAt).toISOString();
+  if (t.now < renewAt)
+    return ok(
+      "certificate-expiry",
+      `valid for ${t.days} more days (until ${until}); renewal due ${renewIso}`,
+    );
+  const overdue = t.now - renewAt;
+  if (overdue <= 0.1 * lifetime)
+    return ok(
+      "certificate-expiry",
+      `valid for ${t.days} more days (until ${until}); renewal due since ${renewIso}`,
+    );
+  return warn(
+    "certificate-expiry",
+    `expires in ${t.days} days (${until}); renewal was due ${renewIso} and has not happened`,
+    "renewal is failing: see `m2m-agent status` and the agent's logs (EST reachability, credentials.est.url)",
+  );
 }
 
 async function reachability(
@@ -337,43 +453,78 @@ async function reachability(
   timeoutMs: number,
 ): Promise<CheckResult[]> {
   const out: CheckResult[] = [];
+  const { registrarCaPem } = await import("../credentials/registrar-ca.js");
+  const fleetCa = await registrarCaPem(c, enrolment).catch(() => undefined);
+  const fleetTrust =
+    c.enroll.registrar_ca_file === undefined && enrolment === undefined
+      ? "the system CA store"
+      : [
+          c.enroll.registrar_ca_file === undefined
+            ? undefined
+            : `enroll.registrar_ca_file ${c.enroll.registrar_ca_file}`,
+          enrolment === undefined ? undefined : "the enrolment's CA chain",
+        ]
+          .filter((x) => x !== undefined)
+          .join(" + ");
+  const tlsHint = (key: string): string =>
+    `the server's certificate is not trusted or does not name the host: set ${key} to the CA that issued it, or fix the server certificate`;
+
   const registrar = c.enroll.registrar_url ?? enrolment?.registrarUrl;
   if (registrar === undefined) out.push(skip("registrar-reachable", "no registrar configured"));
   else {
-    const hp = hostPort(registrar);
-    if (hp === undefined)
-      out.push(fail("registrar-reachable", `cannot parse ${registrar}`, "fix enroll.registrar_url"));
-    else {
-      const r = await tcpReachable(hp.host, hp.port, timeoutMs);
-      out.push(
-        r.ok
-          ? ok("registrar-reachable", `${hp.host}:${hp.port} ${r.detail}`)
+    const r = await probe(registrar, fleetCa, fleetTrust, timeoutMs);
+    out.push(
+      r.ok
+        ? ok("registrar-reachable", `${r.where} ${r.detail}`)
+        : r.tlsFailed
+          ? fail("registrar-reachable", `${r.where}: ${r.detail}`, tlsHint("enroll.registrar_ca_file"))
           : fail(
               "registrar-reachable",
-              `${hp.host}:${hp.port}: ${r.detail}`,
+              `${r.where}: ${r.detail}`,
               "check network, DNS, firewall (IPAddressAllow=) and enroll.registrar_url",
             ),
-      );
-    }
+    );
   }
+
+  const { oauthTarget } = await import("../credentials/oauth/target.js");
+  const target = await oauthTarget(c, enrolment).catch(() => undefined);
+  const tokenUrl = target?.tokenEndpoint ?? target?.issuer;
+  if (target === undefined || tokenUrl === undefined)
+    out.push(
+      skip("token-endpoint-reachable", "no OAuth client configured (not enrolled, no [credentials.oauth])"),
+    );
+  else {
+    const r = await probe(tokenUrl, target.caPem, target.trust.description, timeoutMs);
+    out.push(
+      r.ok
+        ? ok("token-endpoint-reachable", `${r.where} ${r.detail}`)
+        : r.tlsFailed
+          ? fail("token-endpoint-reachable", `${r.where}: ${r.detail}`, tlsHint(target.trust.key))
+          : fail(
+              "token-endpoint-reachable",
+              `${r.where}: ${r.detail}`,
+              "check network, DNS, firewall and credentials.oauth.issuer / token_endpoint",
+            ),
+    );
+  }
+
   const brokers = c.relay.mqtt?.urls ?? [];
   if (brokers.length === 0) out.push(skip("broker-reachable", "no MQTT broker configured"));
   else {
-    const res = await Promise.all(
-      brokers.map(async (u) => {
-        const hp = hostPort(u);
-        if (hp === undefined) return { u, ok: false, detail: "unparsable URL" };
-        const r = await tcpReachable(hp.host, hp.port, timeoutMs);
-        return { u: `${hp.host}:${hp.port}`, ...r };
-      }),
-    );
+    const caFile = c.relay.mqtt?.ca_file;
+    const brokerCa = caFile === undefined ? fleetCa : await readFile(caFile, "utf8").catch(() => undefined);
+    const brokerTrust = caFile === undefined ? fleetTrust : `relay.mqtt.ca_file ${caFile}`;
+    const res = await Promise.all(brokers.map((u) => probe(u, brokerCa, brokerTrust, timeoutMs)));
     const bad = res.filter((r) => !r.ok);
-    if (bad.length === 0) out.push(ok("broker-reachable", res.map((r) => `${r.u} ok`).join("; ")));
+    const line = (r: (typeof res)[number]): string => `${r.where} ${r.detail}`;
+    if (bad.length === 0) out.push(ok("broker-reachable", res.map(line).join("; ")));
+    else if (bad.some((r) => r.tlsFailed))
+      out.push(fail("broker-reachable", res.map(line).join("; "), tlsHint("relay.mqtt.ca_file")));
     else if (bad.length < res.length)
       out.push(
         warn(
           "broker-reachable",
-          res.map((r) => `${r.u} ${r.ok ? "ok" : r.detail}`).join("; "),
+          res.map(line).join("; "),
           "one broker is down; the agent fails over to the others",
         ),
       );
@@ -381,7 +532,7 @@ async function reachability(
       out.push(
         fail(
           "broker-reachable",
-          bad.map((r) => `${r.u} ${r.detail}`).join("; "),
+          bad.map(line).join("; "),
           "check broker, network and relay.mqtt.urls; messages wait in the outbox meanwhile",
         ),
       );

@@ -1,6 +1,6 @@
 import { configKeys, loadConfig } from "../config/index.js";
 import { asM2mError } from "../core/errors.js";
-import type { Logger } from "../core/log.js";
+import { createLogger, type LogFormat, type Logger } from "../core/log.js";
 import { lockStateDir } from "../core/state-lock.js";
 import { type Agent, type AgentStage, startAgent } from "./compose.js";
 import { LevelLogger } from "./level-logger.js";
@@ -20,6 +20,8 @@ export interface RunDaemonOptions {
   readonly stages?: readonly AgentStage[];
   /** Test seam: base logger (default JSON lines on stderr). */
   readonly log?: Logger;
+  /** Log line format on stderr when `log` is not given (default json). */
+  readonly logFormat?: LogFormat;
   /** Called once the agent is up (tests, bench). */
   readonly onStarted?: (agent: Agent) => void;
 }
@@ -39,7 +41,10 @@ export async function runDaemon(options: RunDaemonOptions = {}): Promise<number>
     env,
   };
   const loaded = await loadConfig(loadOpts);
-  const log = new LevelLogger(loaded.config.agent.log_level, options.log);
+  const log = new LevelLogger(
+    loaded.config.agent.log_level,
+    options.log ?? createLogger({ level: "debug", format: options.logFormat ?? "json" }),
+  );
   log.info("m2m-agent starting", {
     version: agentVersion(),
     pid: process.pid,

@@ -4,6 +4,7 @@ import type { z } from "zod";
 import { errorCodeInfo, toErrorCode } from "../core/error-codes.js";
 import { M2mError } from "../core/errors.js";
 import { parseRetryAfter } from "../core/retry.js";
+import { type TrustSource, tlsVerifyError } from "../core/tls-diagnosis.js";
 import { errorBodySchema } from "../wire/v1/index.js";
 
 export interface RegistrarClientOptions {
@@ -27,7 +28,10 @@ export class RegistrarClient {
   readonly #timeoutMs: number;
   readonly #maxBytes: number;
 
-  private constructor(base: URL, agent: Agent, timeoutMs: number, maxBytes: number) {
+  readonly #trust: TrustSource;
+
+  private constructor(base: URL, agent: Agent, timeoutMs: number, maxBytes: number, trust: TrustSource) {
+    this.#trust = trust;
     this.#base = base;
     this.#agent = agent;
     this.#timeoutMs = timeoutMs;
@@ -66,7 +70,14 @@ export class RegistrarClient {
       bodyTimeout: timeoutMs,
       connections: 4,
     });
-    return new RegistrarClient(base, agent, timeoutMs, options.maxResponseBytes ?? 256 * 1024);
+    const trust: TrustSource =
+      options.caFile === undefined
+        ? {
+            description: "the system CA store (enroll.registrar_ca_file is not set)",
+            key: "enroll.registrar_ca_file",
+          }
+        : { description: `enroll.registrar_ca_file ${options.caFile}`, key: "enroll.registrar_ca_file" };
+    return new RegistrarClient(base, agent, timeoutMs, options.maxResponseBytes ?? 256 * 1024, trust);
   }
 
   get baseUrl(): string {
@@ -105,6 +116,8 @@ export class RegistrarClient {
       raw = await readCapped(res.body, this.#maxBytes);
     } catch (err) {
       if (err instanceof M2mError) throw err;
+      const tls = tlsVerifyError(err, url.href, this.#trust);
+      if (tls !== undefined) throw tls;
       throw new M2mError("ERR_REGISTRAR_UNREACHABLE", "transient", `registrar ${url.origin} unreachable`, {
         cause: err,
         hint: "check enroll.registrar_url, the network, and that registrar_ca_file is the fleet CA",

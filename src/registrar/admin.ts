@@ -78,7 +78,15 @@ export async function createBootstrapToken(
   await store.addBootstrapToken({ hash, group, expiresAt, createdAt: now });
   return {
     token: new Secret(value),
-    record: { hash, group, expiresAt, createdAt: now, usedAt: undefined, usedBy: undefined },
+    record: {
+      hash,
+      group,
+      expiresAt,
+      createdAt: now,
+      usedAt: undefined,
+      usedBy: undefined,
+      revokedAt: undefined,
+    },
   };
 }
 
@@ -131,4 +139,42 @@ export async function allowReenrolment(
     ...(options.actor === undefined ? {} : { actor: options.actor }),
   });
   return r;
+}
+
+/** The id operators see for a bootstrap token: the first 16 hex digits of its SHA-256 (never the token). */
+export function bootstrapTokenId(record: BootstrapTokenRecord): string {
+  return record.hash.slice(0, 16);
+}
+
+/** unused / used / expired / revoked, at `now`. */
+export function bootstrapTokenState(record: BootstrapTokenRecord, now: Date): string {
+  if (record.revokedAt !== undefined) return "revoked";
+  if (record.usedAt !== undefined) return "used";
+  return record.expiresAt.getTime() <= now.getTime() ? "expired" : "unused";
+}
+
+/**
+ * Revokes an unused bootstrap token named by its id (`token list`) or a longer prefix of its hash.
+ * @throws ERR_TOKEN_INVALID (no match, or the prefix matches several), ERR_TOKEN_USED
+ */
+export async function revokeBootstrapToken(
+  store: RegistrarStore,
+  id: string,
+  clock: Clock = systemClock,
+): Promise<BootstrapTokenRecord> {
+  const prefix = id.toLowerCase();
+  if (!/^[0-9a-f]{8,64}$/.test(prefix))
+    throw new M2mError("ERR_TOKEN_INVALID", "permanent", "a token id is 8-64 hex digits", {
+      hint: "see `m2m-registrar enrollment token list`",
+    });
+  const matches = (await store.listBootstrapTokens()).filter((t) => t.hash.startsWith(prefix));
+  const [only] = matches;
+  if (only === undefined || matches.length > 1)
+    throw new M2mError(
+      "ERR_TOKEN_INVALID",
+      "permanent",
+      matches.length === 0 ? `no bootstrap token ${id}` : `${id} matches ${matches.length} tokens`,
+      { hint: "see `m2m-registrar enrollment token list`" },
+    );
+  return store.revokeBootstrapToken(only.hash, clock.now());
 }

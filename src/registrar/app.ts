@@ -58,7 +58,7 @@ export const DEVICE_CACHE_TTL_MS = 1000;
 
 const scopeToken = z.string().regex(/^[\x21\x23-\x5B\x5D-\x7E]{1,256}$/, "not a valid scope token");
 
-const oauthSchema = z
+export const registrarOauthSchema = z
   .object({
     /** Issuer identifier: an https origin; default `public_url`, else the listening URL. */
     issuer: z.url().max(2048).optional(),
@@ -89,7 +89,7 @@ const oauthSchema = z
   })
   .strict();
 
-const ingestSchema = z
+export const registrarIngestSchema = z
   .object({
     enabled: z.boolean().default(true),
     audience: z.string().min(1).max(512).default(DEFAULT_INGEST_AUDIENCE),
@@ -133,9 +133,9 @@ function invalid(file: string, section: string, err: z.ZodError): M2mError {
  */
 export function appSettingsFrom(config: RegistrarConfig): AppSettings {
   const file = config.sections?.file ?? "<config>";
-  const o = oauthSchema.safeParse(config.sections?.oauth ?? {});
+  const o = registrarOauthSchema.safeParse(config.sections?.oauth ?? {});
   if (!o.success) throw invalid(file, "oauth", o.error);
-  const i = ingestSchema.safeParse(config.sections?.ingest ?? {});
+  const i = registrarIngestSchema.safeParse(config.sections?.ingest ?? {});
   if (!i.success) throw invalid(file, "ingest", i.error);
   let ttl: number;
   try {

@@ -41,7 +41,7 @@ const duration = z.union([z.string().max(32), z.number()]).transform((v, ctx) =>
  */
 export const DEFAULT_MAX_IN_FLIGHT = 64;
 
-const fileSchema = z
+export const registrarFileSchema = z
   .object({
     listen: z
       .object({
@@ -63,6 +63,11 @@ const fileSchema = z
     ca_dir: z.string().max(4096).optional(),
     public_url: z.url().max(2048).optional(),
     session_ttl: duration.default(120),
+    /**
+     * Failed credential activations (wrong secret with a valid AK signature: only the device can
+     * make these) before an enrolment session is discarded; the device then starts again.
+     */
+    max_activation_attempts: z.number().int().min(1).max(100).default(3),
     // 24 h: bounds how long a revoked device's certificate works at a relying party that does not
     // consume the CRL (see docs/revocation.md); the agent renews at 2/3 of the lifetime.
     cert_lifetime: duration.default(DEFAULT_CERT_LIFETIME_SECONDS),
@@ -169,6 +174,7 @@ export interface RegistrarConfig {
   readonly caDir: string;
   readonly publicUrl: string | undefined;
   readonly sessionTtlSeconds: number;
+  readonly maxActivationAttempts: number;
   readonly certLifetimeSeconds: number;
   readonly auditLog: string;
   readonly defaultEkTrustDir: string | undefined;
@@ -295,7 +301,7 @@ export function registrarConfigFrom(
   file = "<config>",
   env: Readonly<Record<string, string | undefined>> = {},
 ): RegistrarConfig {
-  const r = fileSchema.safeParse(raw);
+  const r = registrarFileSchema.safeParse(raw);
   if (!r.success) {
     const issue = r.error.issues[0];
     const key = issue === undefined ? "" : issue.path.map(String).join(".");
@@ -345,6 +351,7 @@ export function registrarConfigFrom(
     caDir: c.ca_dir === undefined ? join(dataDir, "ca") : abs(c.ca_dir, "ca_dir"),
     publicUrl: c.public_url,
     sessionTtlSeconds: c.session_ttl,
+    maxActivationAttempts: c.max_activation_attempts,
     certLifetimeSeconds: c.cert_lifetime,
     auditLog: c.audit_log === undefined ? join(dataDir, "audit.log") : abs(c.audit_log),
     defaultEkTrustDir:

@@ -379,6 +379,73 @@ for (const backend of [sqliteBackend(), postgresBackend()]) {
       expect(await r.a.getSession("x2")).toBeUndefined();
     });
 
+    it("group remove: removes the group and its tokens, refuses an unknown group; devices enrolled through it stay", async () => {
+      await r.a.addBootstrapToken({ hash: "gr1", group: "g", expiresAt: at(60_000), createdAt: T0 });
+      await r.a.addBootstrapToken({ hash: "gr2", group: "g", expiresAt: at(60_000), createdAt: T0 });
+      const enrolled = await r.a.commitEnrolment(commit({ proof: { kind: "token", hash: "gr1" } }));
+      expect(await r.b.removeGroup("g")).toEqual({ tokensRemoved: 2 });
+      expect(await r.a.getGroup("g")).toBeUndefined();
+      expect(await r.a.getBootstrapToken("gr2")).toBeUndefined();
+      expect((await r.a.getDevice(enrolled.device.deviceId))?.status).toBe("active");
+      await expect(r.a.removeGroup("g")).rejects.toMatchObject({ code: "ERR_GROUP_UNKNOWN" });
+      await expect(
+        r.a.addBootstrapToken({ hash: "gr3", group: "g", expiresAt: at(60_000), createdAt: T0 }),
+      ).rejects.toMatchObject({ code: "ERR_GROUP_UNKNOWN" });
+    });
+
+    it("bootstrap tokens: listed newest first; a revoked token enrols nothing (at either replica); a used one cannot be revoked", async () => {
+      await r.a.addBootstrapToken({ hash: "rt1", group: "g", expiresAt: at(60_000), createdAt: T0 });
+      await r.a.addBootstrapToken({ hash: "rt2", group: "g", expiresAt: at(60_000), createdAt: at(1) });
+      expect((await r.b.listBootstrapTokens()).map((t) => t.hash)).toEqual(["rt2", "rt1"]);
+      const revoked = await r.b.revokeBootstrapToken("rt1", at(5));
+      expect(revoked.revokedAt?.getTime()).toBe(at(5).getTime());
+      // Idempotent: the first revocation time stays.
+      expect((await r.a.revokeBootstrapToken("rt1", at(9))).revokedAt?.getTime()).toBe(at(5).getTime());
+      await expect(
+        r.a.commitEnrolment(commit({ proof: { kind: "token", hash: "rt1" } })),
+      ).rejects.toMatchObject({
+        code: "ERR_TOKEN_REVOKED",
+      });
+      expect((await r.a.getBootstrapToken("rt1"))?.usedAt).toBeUndefined();
+      await r.a.commitEnrolment(commit({ proof: { kind: "token", hash: "rt2" } }));
+      await expect(r.b.revokeBootstrapToken("rt2", at(10))).rejects.toMatchObject({ code: "ERR_TOKEN_USED" });
+      await expect(r.b.revokeBootstrapToken("nope", at(10))).rejects.toMatchObject({
+        code: "ERR_TOKEN_INVALID",
+      });
+    });
+
+    it("failed activations: counted across replicas; the Nth discards the session, which then cannot be finished", async () => {
+      await r.a.createSession({ id: "fa", data: sessionData("ek-fa"), createdAt: T0, expiresAt: at(60_000) });
+      expect(await r.a.recordFailedActivation("fa", 3, at(1))).toEqual({ attempts: 1, discarded: false });
+      expect(await r.b.recordFailedActivation("fa", 3, at(2))).toEqual({ attempts: 2, discarded: false });
+      expect((await r.a.getSession("fa"))?.failedAttempts).toBe(2);
+      expect(await r.a.recordFailedActivation("fa", 3, at(3))).toEqual({ attempts: 3, discarded: true });
+      await expect(r.b.recordFailedActivation("fa", 3, at(4))).rejects.toMatchObject({
+        code: "ERR_SESSION_CONSUMED",
+      });
+      await expect(
+        r.b.commitEnrolment(
+          commit({
+            method: "tpm",
+            proof: { kind: "session", id: "fa" },
+            ekHash: "ek-fa",
+            thumbprint: "tk-fa",
+          }),
+        ),
+      ).rejects.toMatchObject({ code: "ERR_SESSION_CONSUMED" });
+      await expect(r.a.recordFailedActivation("nope", 3, at(4))).rejects.toMatchObject({
+        code: "ERR_SESSION_UNKNOWN",
+      });
+      // Concurrent failures at both replicas all count; exactly one of them discards.
+      await r.a.createSession({ id: "fb", data: sessionData("ek-fb"), createdAt: T0, expiresAt: at(60_000) });
+      const res = await Promise.allSettled(
+        [r.a, r.b, r.a, r.b].map((s) => s.recordFailedActivation("fb", 4, at(5))),
+      );
+      const ok = res.flatMap((x) => (x.status === "fulfilled" ? [x.value] : []));
+      expect(ok.map((x) => x.attempts).sort()).toEqual([1, 2, 3, 4]);
+      expect(ok.filter((x) => x.discarded)).toHaveLength(1);
+    });
+
     it("race: one jti presented to two replicas at once -> accepted once; accepted again only after it expired", async () => {
       for (let i = 0; i < 50; i++) {
         const key = `a|dev|jti-${i}`;

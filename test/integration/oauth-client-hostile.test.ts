@@ -126,9 +126,17 @@ describe("OAuthClient against a hostile authorization server", () => {
     try {
       behaviour = (_req, res) => json(res, 200, { access_token: "at", token_type: "Bearer" });
       seen.length = 0;
-      await expect(client({ caPem: other.caPem }).getToken()).rejects.toMatchObject({
-        code: "ERR_OAUTH_TOKEN",
-      });
+      // Named as a TLS verification failure with the host, never "token endpoint unreachable" (issue 12).
+      const err = await client({ caPem: other.caPem })
+        .getToken()
+        .then(
+          () => undefined,
+          (e: unknown) => e as { code: string; message: string },
+        );
+      expect(err).toMatchObject({ code: "ERR_TLS_VERIFY" });
+      expect(err?.message).toMatch(
+        /^TLS verification of 127\.0\.0\.1:\d+ failed: .*trusted: the configured CA$/,
+      );
       expect(seen).toHaveLength(0);
     } finally {
       await other.cleanup();

@@ -165,6 +165,41 @@ describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)"
     );
   });
 
+  it("failed activations: the device's 3rd wrong secret discards the session; attempts without the AK's signature are not counted", async () => {
+    const { reg, client } = await newRegistrar();
+    const { body } = await prepare(client, ops, provider);
+    const flip = (s: string, at: number): string => {
+      const b = Buffer.from(s, "base64url");
+      b[at % b.length] = (b[at % b.length] ?? 0) ^ 0x01;
+      return b64(b);
+    };
+    const wrongSecret = flip(body.secret, 3);
+    // Someone who knows the session id but is not the device: no valid AK signature over the nonce.
+    for (let i = 0; i < 5; i++) {
+      const res = await reg.post(
+        ENROLL_PATHS.tpmFinish,
+        JSON.stringify({ ...body, secret: wrongSecret, signature: flip(body.signature, 20 + i) }),
+      );
+      expect(res.json).toMatchObject({ error: { code: "ERR_CREDENTIAL_SECRET_MISMATCH" } });
+    }
+    expect((await reg.store.getSession(body.sessionId))?.failedAttempts).toBe(0);
+    // The device itself (its AK signed the certification) with a wrong secret: counted.
+    for (let i = 1; i <= 2; i++) {
+      const res = await reg.post(ENROLL_PATHS.tpmFinish, JSON.stringify({ ...body, secret: wrongSecret }));
+      expect(res.json).toMatchObject({ error: { code: "ERR_CREDENTIAL_SECRET_MISMATCH" } });
+      expect((await reg.store.getSession(body.sessionId))?.failedAttempts).toBe(i);
+    }
+    const third = await reg.post(ENROLL_PATHS.tpmFinish, JSON.stringify({ ...body, secret: wrongSecret }));
+    expect(third).toMatchObject({ status: 410, json: { error: { code: "ERR_SESSION_DISCARDED" } } });
+    // Discarded: even the right evidence no longer enrols on it; a new begin does.
+    const late = await reg.post(ENROLL_PATHS.tpmFinish, JSON.stringify(body));
+    expect(late.json).toMatchObject({ error: { code: "ERR_SESSION_CONSUMED" } });
+    expect(await reg.store.listDevices()).toEqual([]);
+    const fresh = await prepare(client, ops, provider);
+    const ok = await client.postJson(ENROLL_PATHS.tpmFinish, fresh.body, enrolmentResultSchema);
+    expect(ok.method).toBe("tpm");
+  });
+
   it("begin tamper table: each unfit EK / AK / device key / group fails with its own code; nothing stored", async () => {
     const { reg } = await newRegistrar();
     await addEnrolmentGroup(reg.store, { name: "p11", role: "x", methods: ["pkcs11"] });

@@ -106,3 +106,38 @@ describe("writeFileAtomic", () => {
     ).rejects.toMatchObject({ code: "ERR_STATE_WRITE" });
   });
 });
+
+describe("log records (issue 12)", () => {
+  it("a field never replaces the record's ts, level or msg; it is kept as field_<name>", async () => {
+    const { createLogger } = await import("../../src/core/log.js");
+    const lines: string[] = [];
+    const log = createLogger({ write: (l) => lines.push(l), base: { msg: "base" } });
+    log.info("delivery failed; backing off", { level: 3, ts: "x", code: "ERR_X" });
+    const rec = JSON.parse(lines[0] ?? "{}") as Record<string, unknown>;
+    expect(rec).toMatchObject({
+      level: "info",
+      msg: "delivery failed; backing off",
+      field_level: 3,
+      field_ts: "x",
+      field_msg: "base",
+      code: "ERR_X",
+    });
+    expect(rec.ts).not.toBe("x");
+  });
+
+  it("human format: `level: msg (k=v …)`, secrets redacted", async () => {
+    const { createLogger } = await import("../../src/core/log.js");
+    const { Secret } = await import("../../src/core/secret.js");
+    const lines: string[] = [];
+    const log = createLogger({ write: (l) => lines.push(l), format: "human", level: "warn" });
+    log.info("dropped");
+    log.warn("token refresh failed", {
+      code: "ERR_OAUTH_TOKEN",
+      pin: new Secret("1234"),
+      detail: "two words",
+    });
+    expect(lines).toEqual([
+      'warn: token refresh failed (code=ERR_OAUTH_TOKEN pin=<redacted> detail="two words")',
+    ]);
+  });
+});

@@ -73,6 +73,7 @@ describe("registrar config", () => {
       caDir: "/etc/m2m/data/ca",
       tls: { kind: "https", certFile: "/etc/m2m/c.pem" },
       sessionTtlSeconds: 120,
+      maxActivationAttempts: 3,
       certLifetimeSeconds: 86_400, // 24 h since revocation bounds (docs/revocation.md)
       maxBodyBytes: 65_536,
     });

@@ -1,8 +1,10 @@
 import { describe, expect, it } from "vitest";
 import { messageBody } from "../../src/cli/agent/send.js";
 import { M2mError } from "../../src/core/errors.js";
+import { STATE_NAMES } from "../../src/daemon/lifecycle.js";
 import { parseMessages } from "../../src/relay/sources/api/parse.js";
 import {
+  agentStateNameSchema,
   agentStatusSchema,
   apiErrorBodySchema,
   messagesRequestSchema,
@@ -12,6 +14,10 @@ import {
 const limits = { maxMessages: 10, maxPayloadBytes: 1024 };
 
 describe("wire v1: local API", () => {
+  it("names every lifecycle state the daemon can report (a new state must reach the wire type)", () => {
+    expect([...agentStateNameSchema.options].sort()).toEqual([...STATE_NAMES].sort());
+  });
+
   it("what `m2m-agent send` writes fits the schema and the server reads it back", () => {
     for (const [data, ct] of [
       ['{"c":21.5}', "application/json"],

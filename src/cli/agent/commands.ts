@@ -21,7 +21,7 @@ export const COMMAND_MODULES: Readonly<Record<string, () => Promise<CommandModul
 };
 
 /** Global options that take a value (their value is not the command name). */
-const VALUE_OPTIONS = new Set(["--config"]);
+const VALUE_OPTIONS = new Set(["--config", "--log-format"]);
 
 /** The subcommand named on the command line, if any (skips global options and their values). */
 export function commandName(argv: readonly string[]): string | undefined {

@@ -1,7 +1,7 @@
 import type { Command } from "commander";
 import { type LoadedConfig, loadConfig } from "../../config/index.js";
 import { asM2mError, M2mError } from "../../core/errors.js";
-import { journalPrefix } from "../../core/log.js";
+import { createLogger, journalPrefix, type LogFormat, type Logger, type LogLevel } from "../../core/log.js";
 import { createProgress, type Progress } from "../progress.js";
 
 /**
@@ -15,6 +15,15 @@ export const EXIT = { ok: 0, failure: 1, usage: 2, unhealthy: 3 } as const;
 export interface GlobalOptions {
   readonly config?: string;
   readonly json?: boolean;
+  readonly logFormat?: LogFormat;
+}
+
+/**
+ * The log output of a CLI command on stderr: human lines (`warn: msg (k=v)`) unless
+ * `--log-format json` asks for JSON lines; `run` (the daemon) defaults to JSON for the journal.
+ */
+export function cliLogger(opts: GlobalOptions, level: LogLevel = "warn"): Logger {
+  return createLogger({ level, format: opts.logFormat ?? "human" });
 }
 
 export function globalOptions(cmd: Command): GlobalOptions {

@@ -6,11 +6,10 @@ import type { Command } from "commander";
 import { auditLogPath } from "../../config/index.js";
 import { systemClock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
-import { createLogger } from "../../core/log.js";
 import type { EnrolmentState } from "../../enroll/state.js";
 import type { KeyProvider } from "../../keys/key-provider.js";
 import { withStep } from "../progress.js";
-import { action, EXIT, globalOptions, loadCliConfig, output, progressFor } from "./common.js";
+import { action, cliLogger, EXIT, globalOptions, loadCliConfig, output, progressFor } from "./common.js";
 import { fetchStatus } from "./status.js";
 
 /** The registrar route a device uses to revoke itself (src/registrar/app.ts). */
@@ -188,7 +187,7 @@ export function register(program: Command): void {
         }
         if (o.yes !== true) await confirm(state?.deviceId ?? "(not enrolled)");
 
-        const log = createLogger({ level: "warn" });
+        const log = cliLogger(g);
         const { deviceKeyFromConfig } = await import("../../keys/from-config.js");
         const owner = await deviceKeyFromConfig(config, { log });
         const keys = owner.current;

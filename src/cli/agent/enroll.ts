@@ -1,9 +1,8 @@
 import { X509Certificate } from "node:crypto";
 import type { Command } from "commander";
 import { systemClock } from "../../core/clock.js";
-import { createLogger } from "../../core/log.js";
 import type { EnrollStep } from "../../enroll/progress.js";
-import { action, EXIT, globalOptions, loadCliConfig, output, progressFor, withStateLock } from "./common.js";
+import { action, cliLogger, EXIT, globalOptions, loadCliConfig, output, progressFor, withStateLock } from "./common.js";
 
 const STEP_TEXT: Record<EnrollStep, string> = {
   "check-state": "checking enrolment state",
@@ -32,7 +31,7 @@ export function register(program: Command): void {
         const force = cmd.opts<{ force?: boolean }>().force === true;
         const { config } = await loadCliConfig(opts);
         return withStateLock(config.agent.state_dir, "m2m-agent enroll", async () => {
-          const log = createLogger({ level: "warn" });
+          const log = cliLogger(opts);
           // Why: enrolment opens TLS and judges certificate validity: refuse below the time floor.
           const { ClockSanity } = await import("../../daemon/clock-sanity.js");
           const clock = new ClockSanity({ clock: systemClock, stateDir: config.agent.state_dir, log });

@@ -4,11 +4,12 @@ import type { Command } from "commander";
 import { auditLogPath } from "../../config/index.js";
 import { systemClock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
-import { createLogger, type Logger } from "../../core/log.js";
+import type { Logger } from "../../core/log.js";
 import type { KeyEvidence, KeyInfo, KeyProvider } from "../../keys/key-provider.js";
 import { withStep } from "../progress.js";
 import {
   action,
+  cliLogger,
   EXIT,
   type GlobalOptions,
   globalOptions,
@@ -173,16 +174,19 @@ async function withProvider(
 ): Promise<number> {
   const { config } = await loadCliConfig(opts);
   if (lock !== undefined)
-    return withStateLock(config.agent.state_dir, `m2m-agent keys ${lock}`, () => withProviderOf(config, fn));
-  return withProviderOf(config, fn);
+    return withStateLock(config.agent.state_dir, `m2m-agent keys ${lock}`, () =>
+      withProviderOf(opts, config, fn),
+    );
+  return withProviderOf(opts, config, fn);
 }
 
 async function withProviderOf(
+  opts: GlobalOptions,
   config: Cfg,
   fn: (provider: KeyProvider, config: Cfg, log: Logger) => Promise<number>,
 ): Promise<number> {
   // CLI logs only warnings and errors (stderr); results go to stdout.
-  const log = createLogger({ level: "warn" });
+  const log = cliLogger(opts);
   // Loaded on use: registering the command must not pull in backends, jose or the daemon.
   const { deviceKeyFromConfig } = await import("../../keys/from-config.js");
   const keys = await deviceKeyFromConfig(config, { log });

@@ -1,4 +1,4 @@
-import { Command } from "commander";
+import { Command, Option } from "commander";
 import { agentVersion } from "../../daemon/version.js";
 import { COMMAND_MODULES, commandName } from "./commands.js";
 
@@ -12,6 +12,12 @@ export async function buildProgram(args: readonly string[] = []): Promise<Comman
     .version(agentVersion())
     .option("--config <file>", "agent config file (default /etc/m2m-agent/agent.toml, plus agent.d/*.toml)")
     .option("--json", "machine-readable output on stdout")
+    .addOption(
+      new Option(
+        "--log-format <format>",
+        "log lines on stderr: human (default) or json (default for run)",
+      ).choices(["human", "json"]),
+    )
     .showHelpAfterError()
     .exitOverride();
   const name = commandName(args);

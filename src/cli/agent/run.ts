@@ -11,6 +11,8 @@ export function register(program: Command): void {
         const opts = globalOptions(cmd);
         const { runDaemon } = await import("../../daemon/run.js");
         return runDaemon({
+          // The daemon's default is JSON lines (journald MESSAGE, jq); --log-format human for a terminal.
+          ...(opts.logFormat === undefined ? {} : { logFormat: opts.logFormat }),
           ...(opts.config === undefined ? {} : { configPath: opts.config }),
           explicit: opts.config !== undefined,
         });

@@ -37,10 +37,41 @@ export function humanStatus(s: AgentStatus): string {
   for (const [c, r] of Object.entries(s.reasons)) lines.push(`problem:    ${c}: ${r}`);
   for (const a of s.anomalies)
     lines.push(`anomaly:    ${a.kind} on ${a.channel} since ${a.since}: ${a.detail}`);
-  for (const [name, st] of Object.entries(s.stages))
-    lines.push(`stage:      ${name}: ${typeof st === "string" ? st : JSON.stringify(st)}`);
+  for (const [name, st] of Object.entries(s.stages)) {
+    if (st === null || typeof st !== "object") lines.push(`stage:      ${name}: ${scalar(st)}`);
+    else lines.push(`stage:      ${name}`, ...nested(st, "              "));
+  }
   if (s.metrics !== undefined) lines.push(`metrics:    ${s.metrics}`);
   return lines.join("\n");
+}
+
+function scalar(v: unknown): string {
+  if (v === null || v === undefined) return "-";
+  if (typeof v === "string") return v;
+  if (Array.isArray(v)) return v.length === 0 ? "none" : v.map(scalar).join(", ");
+  if (typeof v === "object") return JSON.stringify(v);
+  return String(v);
+}
+
+/** A stage's status object as indented `key: value` lines (no JSON blobs for a person to decode). */
+function nested(o: object, indent: string, depth = 0): string[] {
+  const out: string[] = [];
+  for (const [k, v] of Object.entries(o)) {
+    if (v === undefined) continue;
+    const isObject = v !== null && typeof v === "object" && !Array.isArray(v);
+    if (isObject && depth < 3) {
+      const inner = nested(v as object, `${indent}  `, depth + 1);
+      out.push(inner.length === 0 ? `${indent}${k}: -` : `${indent}${k}:`, ...inner);
+    } else if (Array.isArray(v) && v.some((x) => x !== null && typeof x === "object") && depth < 3) {
+      out.push(`${indent}${k}:`);
+      for (const [i, x] of v.entries()) {
+        if (x !== null && typeof x === "object")
+          out.push(`${indent}  [${i}]`, ...nested(x as object, `${indent}    `, depth + 2));
+        else out.push(`${indent}  - ${scalar(x)}`);
+      }
+    } else out.push(`${indent}${k}: ${scalar(v)}`);
+  }
+  return out;
 }
 
 /** Outbox depth from a status answer (undefined when the relay is not configured). */
@@ -92,7 +123,10 @@ export async function waitForDrain(
   }
 }
 
-/** `m2m-agent status [--json]`: exit 0 when running, 3 when reachable but not running, 1 when unreachable. */
+/**
+ * `m2m-agent status [--json]`: exit 0 when running, 3 when reachable but not running, 1 when
+ * unreachable. With `--wait-drain`: 0 once the backlog drained (whatever the state), 1 on timeout.
+ */
 export function register(program: Command): void {
   program
     .command("status")
@@ -108,7 +142,14 @@ export function register(program: Command): void {
           const seconds = Number(local.timeout);
           if (!Number.isFinite(seconds) || seconds <= 0)
             throw usageError("--timeout takes a positive number of seconds");
-          await waitForDrain(config.api.socket, { progress: progressFor(opts), timeoutMs: seconds * 1000 });
+          const drained = await waitForDrain(config.api.socket, {
+            progress: progressFor(opts),
+            timeoutMs: seconds * 1000,
+          });
+          output(opts, drained, () => humanStatus(drained));
+          // What was asked is done: the backlog is delivered. (A state that is not `running` just
+          // after an outage, e.g. a sink's health timer not yet cleared, is shown, not an error.)
+          return EXIT.ok;
         }
         const status = await fetchStatus(config.api.socket);
         output(opts, status, () => humanStatus(status));

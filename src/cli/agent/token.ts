@@ -94,7 +94,7 @@ async function direct(
 ): Promise<TokenResponseBody> {
   const { deviceKeyFromConfig } = await import("../../keys/from-config.js");
   const { readEnrolmentState } = await import("../../enroll/state.js");
-  const { oauthTarget } = await import("../../credentials/oauth/target.js");
+  const { oauthClientSettings, oauthTarget } = await import("../../credentials/oauth/target.js");
   const state = await readEnrolmentState(config.agent.state_dir);
   // Same resolution as the daemon: [credentials.oauth] if set, else the enrolment's token endpoint.
   const target = await oauthTarget(config, state);
@@ -106,15 +106,8 @@ async function direct(
   const owner = await deviceKeyFromConfig(config, { log: silentLogger });
   const keys = owner.current;
   const client = new OAuthClient(
-    {
-      clientId: target.clientId,
-      ...(target.issuer === undefined ? {} : { issuer: target.issuer }),
-      ...(target.tokenEndpoint === undefined ? {} : { tokenEndpoint: target.tokenEndpoint }),
-      scope: target.scope,
-      dpop: o.dpop === true || target.dpop,
-      // The fleet CA anchors the registrar's TLS; another authorization server uses the system store.
-      ...(target.caPem === undefined ? {} : { caPem: target.caPem }),
-    },
+    // Same trust, resource indicators and endpoints as the daemon (no token cache file here).
+    { ...oauthClientSettings(target), cacheFile: undefined, dpop: o.dpop === true || target.dpop },
     { keys, clock: systemClock },
   );
   try {

@@ -5,6 +5,7 @@ import { Agent, fetch as undiciFetch } from "undici";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
 import { parseRetryAfter } from "../../core/retry.js";
+import { tlsVerifyError } from "../../core/tls-diagnosis.js";
 import type { DpopSigner, TokenSource } from "../oauth/token-source.js";
 
 /** How the agent authenticates to EST. */
@@ -118,7 +119,12 @@ export class EstClient {
           signal: AbortSignal.timeout(this.#config.timeoutMs ?? 20_000),
         });
       } catch (err) {
-        throw new M2mError("ERR_EST_UNREACHABLE", "transient", "EST server unreachable", { cause: err });
+        throw (
+          tlsVerifyError(err, url, {
+            description: "the fleet CA (enroll.registrar_ca_file and the enrolment's CA chain)",
+            key: "enroll.registrar_ca_file",
+          }) ?? new M2mError("ERR_EST_UNREACHABLE", "transient", "EST server unreachable", { cause: err })
+        );
       }
       const text = await readCapped(res, this.#config.maxResponseBytes ?? 262_144);
       const nonce = res.headers.get("dpop-nonce");

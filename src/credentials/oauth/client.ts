@@ -9,6 +9,7 @@ import { M2mError } from "../../core/errors.js";
 import { type Logger, silentLogger } from "../../core/log.js";
 import { defaultRetryPolicy, parseRetryAfter, type RetryPolicy, withRetry } from "../../core/retry.js";
 import { Secret } from "../../core/secret.js";
+import { type TrustSource, tlsVerifyError } from "../../core/tls-diagnosis.js";
 import { signCompactJws } from "../../keys/jws.js";
 import type { KeyInfo, KeyProvider } from "../../keys/key-provider.js";
 import { HardwareDpopSigner } from "./dpop.js";
@@ -41,6 +42,10 @@ export interface OAuthClientConfig {
   readonly cacheFile?: string;
   readonly requestTimeoutMs?: number;
   readonly maxResponseBytes?: number;
+  /** What `caPem` is, for a TLS verification failure's message (default: "the configured CA" / system store). */
+  readonly trust?: TrustSource;
+  /** RFC 8707 resource indicators: one `resource` parameter each in every token request. */
+  readonly resource?: readonly string[];
   /** Test rigs only: permits http:// endpoints. */
   readonly allowInsecureHttp?: boolean;
 }
@@ -220,6 +225,8 @@ export class OAuthClient implements TokenSource {
     };
     const params = new URLSearchParams();
     if (key !== "") params.set("scope", key);
+    // RFC 8707: the resources the token is meant for (a third-party AS sets the audience from them).
+    for (const r of this.#config.resource ?? []) params.append("resource", r);
     const tokenEndpoint = as.token_endpoint ?? "";
     const signer = this.#config.dpop === true ? await this.#signer() : undefined;
     let response: Response | undefined;
@@ -241,7 +248,17 @@ export class OAuthClient implements TokenSource {
       } catch (err) {
         // Key errors (TPM busy, wrong PIN, …) keep their own code and retry class.
         if (err instanceof M2mError) throw err;
-        throw new M2mError("ERR_OAUTH_TOKEN", "transient", "token endpoint unreachable", { cause: err });
+        throw (
+          tlsVerifyError(err, tokenEndpoint, this.#trust()) ??
+          new M2mError(
+            "ERR_OAUTH_TOKEN",
+            "transient",
+            `token endpoint ${originOf(tokenEndpoint)} unreachable`,
+            {
+              cause: err,
+            },
+          )
+        );
       }
       const nonce = response.headers.get("dpop-nonce");
       if (signer !== undefined && nonce !== null) signer.rememberNonce(tokenEndpoint, nonce);
@@ -365,6 +382,15 @@ export class OAuthClient implements TokenSource {
     };
   }
 
+  #trust(): TrustSource {
+    return (
+      this.#config.trust ??
+      (this.#config.caPem === undefined
+        ? { description: "the system CA store", key: "credentials.oauth.ca_file" }
+        : { description: "the configured CA", key: "credentials.oauth.ca_file" })
+    );
+  }
+
   async #discover(): Promise<oauth.AuthorizationServer> {
     if (this.#as !== undefined) return this.#as;
     const { tokenEndpoint, issuer } = this.#config;
@@ -395,19 +421,21 @@ export class OAuthClient implements TokenSource {
       } catch (err) {
         lastErr = err;
         if (err instanceof M2mError) throw err;
+        const tls = tlsVerifyError(err, issuerUrl.href, this.#trust());
+        if (tls !== undefined) throw tls;
         // A document that fails validation (wrong issuer, bad JSON, not https) will fail the same
         // way next time: a misconfiguration or an impostor, not an outage.
         if (err instanceof oauth.OperationProcessingError) {
           throw new M2mError("ERR_OAUTH_DISCOVERY", "permanent", "authorization server metadata refused", {
             cause: err,
-            hint: "check oauth.issuer: the metadata must name exactly this issuer",
+            hint: "check credentials.oauth.issuer: the metadata must name exactly this issuer",
           });
         }
       }
     }
     throw new M2mError("ERR_OAUTH_DISCOVERY", "transient", "authorization server metadata unavailable", {
       cause: lastErr,
-      hint: "check oauth.issuer and the network path to the authorization server",
+      hint: "check credentials.oauth.issuer and the network path to the authorization server",
     });
   }
 
@@ -512,4 +540,12 @@ async function readCapped(body: ReadableStream<Uint8Array> | null, cap: number):
     chunks.push(chunk);
   }
   return Buffer.concat(chunks);
+}
+
+function originOf(url: string): string {
+  try {
+    return new URL(url).origin;
+  } catch {
+    return url;
+  }
 }

@@ -5,7 +5,7 @@ import type { RotationIssuers } from "../../credentials/est/daemon-rotation.js";
 import { deviceCertPath, estBaseUrl, seedCertificate } from "../../credentials/est/device-cert.js";
 import type { CertificateRenewer, CertificateStatus } from "../../credentials/est/renewer.js";
 import type { OAuthClient } from "../../credentials/oauth/client.js";
-import { oauthTarget } from "../../credentials/oauth/target.js";
+import { oauthClientSettings, oauthTarget } from "../../credentials/oauth/target.js";
 import type { AccessToken, DpopSigner, TokenSource } from "../../credentials/oauth/token-source.js";
 import { registrarCaPem } from "../../credentials/registrar-ca.js";
 import { writeEnrolmentState } from "../../enroll/state.js";
@@ -76,19 +76,11 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
     }
     const { OAuthClient } = await import("../../credentials/oauth/client.js");
     const makeClient = (keys: KeyProvider): OAuthClient =>
-      new OAuthClient(
-        {
-          clientId: target.clientId,
-          ...(target.issuer === undefined ? {} : { issuer: target.issuer }),
-          ...(target.tokenEndpoint === undefined ? {} : { tokenEndpoint: target.tokenEndpoint }),
-          scope: target.scope,
-          dpop: target.dpop,
-          refreshFraction: target.refreshFraction,
-          ...(target.cacheFile === undefined ? {} : { cacheFile: target.cacheFile }),
-          ...(target.caPem === undefined ? {} : { caPem: target.caPem }),
-        },
-        { keys, clock: ctx.clock, log: ctx.log.child({ component: "oauth" }) },
-      );
+      new OAuthClient(oauthClientSettings(target), {
+        keys,
+        clock: ctx.clock,
+        log: ctx.log.child({ component: "oauth" }),
+      });
     // After a key rotation the client is rebuilt on the new key; `tokens` and `dpop` forward to it.
     let client: OAuthClient = makeClient(ctx.keys.current);
     let currentDpop: DpopSigner | undefined = await client.dpopSigner();

@@ -85,7 +85,7 @@ export function loadModule(modulePath: string): pkcs11js.PKCS11 {
   if (existing !== undefined) return existing.lib;
   if (!existsSync(modulePath)) {
     throw new M2mError("ERR_PKCS11_MODULE", "permanent", `PKCS#11 module ${modulePath} does not exist`, {
-      hint: "install the token's PKCS#11 module (e.g. apt-get install softhsm2 / opensc) or fix keys.pkcs11.modulePath",
+      hint: "install the token's PKCS#11 module (e.g. apt-get install softhsm2 / opensc) or fix keys.pkcs11.module",
       details: { modulePath },
     });
   }

@@ -427,7 +427,7 @@ export class Pkcs11KeyProvider implements KeyProvider {
       {
         hint: removed
           ? "the token was removed: plug it back in; the agent reconnects on the next operation"
-          : "check keys.pkcs11.tokenLabel (labels found are in details), that the token is plugged in and initialised",
+          : "check keys.pkcs11.token_label (labels found are in details), that the token is plugged in and initialised",
         details: {
           modulePath: this.#cfg.modulePath,
           labelsFound: labels.join(", "),
@@ -593,7 +593,7 @@ export class Pkcs11KeyProvider implements KeyProvider {
           "ERR_KEY_AMBIGUOUS",
           "permanent",
           `${privs.length} private keys labelled "${this.#cfg.keyLabel}" on the token`,
-          { hint: "set keys.pkcs11.keyId to pick one" },
+          { hint: "set keys.pkcs11.key_id to pick one" },
         );
       }
       const priv = privs[0] as Handle; // length checked above

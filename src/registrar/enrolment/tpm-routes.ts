@@ -1,5 +1,6 @@
 import { createHash, randomBytes } from "node:crypto";
 import { M2mError } from "../../core/errors.js";
+import { decodeTpmsAttest, decodeTpmtSignature, verifyTpmSignature } from "../../tpm/index.js";
 import { decodeTpm2bPublic, type TpmtPublic } from "../../tpm/public.js";
 import {
   ENROLL_PATHS,
@@ -152,17 +153,44 @@ export function tpmRoutes(deps: () => EnrolmentDeps): Route[] {
       const s = session.data;
       ctx.auditFields({ group: s.group, hardwareSerial: s.hardwareSerial, ekHash: s.ekHash });
       const group = await requireGroup(d.store, s.group, "tpm");
-      const verified = verifyActivationAndCertify({
-        // Both sides hashed: equal-length constant-time compare without keeping the secret at rest.
-        expectedSecret: Buffer.from(s.secretHash, "hex"),
-        recoveredSecret: sha256(b(body.secret)),
-        ekPublic: decodePublic("EK public", b(s.ekPublic)),
-        akPublic: b(s.akPublic),
-        nonce: b(s.nonce),
-        attestBytes: b(body.attest),
-        signatureBytes: b(body.signature),
-        devicePublic: b(s.devicePublic),
-      });
+      // A wrong secret counts against the session only when the AK signed this session's nonce:
+      // only the device (its TPM's AK) can spend attempts, so nobody else can cancel its session.
+      const fromDevice = signedByAk(b(s.akPublic), b(body.attest), b(body.signature), b(s.nonce));
+      let verified: ReturnType<typeof verifyActivationAndCertify>;
+      try {
+        verified = verifyActivationAndCertify({
+          // Both sides hashed: equal-length constant-time compare without keeping the secret at rest.
+          expectedSecret: Buffer.from(s.secretHash, "hex"),
+          recoveredSecret: sha256(b(body.secret)),
+          ekPublic: decodePublic("EK public", b(s.ekPublic)),
+          akPublic: b(s.akPublic),
+          nonce: b(s.nonce),
+          attestBytes: b(body.attest),
+          signatureBytes: b(body.signature),
+          devicePublic: b(s.devicePublic),
+        });
+      } catch (err) {
+        if (
+          fromDevice &&
+          err instanceof M2mError &&
+          err.code === TPM_VERIFY_ERRORS.CREDENTIAL_SECRET_MISMATCH
+        ) {
+          const { attempts, discarded } = await d.store.recordFailedActivation(
+            body.sessionId,
+            d.config.maxActivationAttempts,
+            d.clock.now(),
+          );
+          ctx.auditFields({ failedAttempts: attempts, discarded });
+          if (discarded)
+            throw new M2mError(
+              "ERR_SESSION_DISCARDED",
+              "permanent",
+              `credential activation failed ${attempts} times: session discarded`,
+              { cause: err },
+            );
+        }
+        throw err;
+      }
       // Security: the CSR signature proves the requester can use the certified key right now.
       const csr = await verifyCsr(b(body.csr));
       const deviceSpkiDer = verified.deviceKey.export({ format: "der", type: "spki" });
@@ -190,4 +218,25 @@ export function tpmRoutes(deps: () => EnrolmentDeps): Route[] {
     },
   };
   return [begin, finish];
+}
+
+/**
+ * True when `signature` is the session AK's valid signature over an attestation carrying this
+ * session's nonce. Never throws: malformed input just means "not shown to be the device".
+ */
+function signedByAk(
+  akPublic: Uint8Array,
+  attest: Uint8Array,
+  signature: Uint8Array,
+  nonce: Uint8Array,
+): boolean {
+  try {
+    const ak = checkAkPublic(akPublic);
+    const parsed = decodeTpmsAttest(attest);
+    if (nonce.length === 0 || Buffer.compare(Buffer.from(parsed.extraData), Buffer.from(nonce)) !== 0)
+      return false;
+    return verifyTpmSignature(ak.public, attest, decodeTpmtSignature(signature)).ok;
+  } catch {
+    return false;
+  }
 }

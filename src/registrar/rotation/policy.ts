@@ -17,7 +17,7 @@ import { M2mError } from "../../core/errors.js";
 export type RotationMode = "allow" | "deny" | "tpm-certify";
 
 const modeSchema = z.enum(["allow", "deny", "tpm-certify"]);
-const rotationSchema = z
+export const rotationPolicySchema = z
   .object({
     pkcs11: z.enum(["allow", "deny"]).default("allow"),
     tpm: z.enum(["tpm-certify", "deny"]).default("tpm-certify"),
@@ -34,7 +34,7 @@ export interface RotationPolicy {
 
 /** @throws ERR_CONFIG_INVALID naming the key (never the value). */
 export function rotationPolicyFrom(raw: unknown, file = "<config>"): RotationPolicy {
-  const r = rotationSchema.safeParse(raw ?? {});
+  const r = rotationPolicySchema.safeParse(raw ?? {});
   if (!r.success) {
     const issue = r.error.issues[0];
     const key = ["rotation", ...(issue?.path.map(String) ?? [])].join(".");

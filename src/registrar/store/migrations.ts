@@ -115,6 +115,18 @@ INSERT INTO certificates (serial, device_id, not_after, issued_at)
   SELECT cert_serial, device_id, cert_not_after, updated_at FROM devices ON CONFLICT (serial) DO NOTHING;
 `,
   },
+  {
+    version: 4,
+    name: "operator commands: revoked bootstrap tokens, failed activation attempts per enrolment session",
+    sqlite: `
+ALTER TABLE bootstrap_tokens ADD COLUMN revoked_at INTEGER;
+ALTER TABLE sessions ADD COLUMN failed_attempts INTEGER NOT NULL DEFAULT 0;
+`,
+    postgres: `
+ALTER TABLE bootstrap_tokens ADD COLUMN revoked_at BIGINT;
+ALTER TABLE sessions ADD COLUMN failed_attempts INTEGER NOT NULL DEFAULT 0;
+`,
+  },
 ];
 
 /** The schema version this build of the registrar expects. */

@@ -284,6 +284,60 @@ export class PgRegistrarStore implements RegistrarStore {
     }
   }
 
+  async removeGroup(name: string): Promise<{ tokensRemoved: number }> {
+    return this.#tx(async (c) => {
+      const g = await c.query("SELECT name FROM groups WHERE name = $1 FOR UPDATE", [name]);
+      if (g.rowCount !== 1) throw refused("ERR_GROUP_UNKNOWN", `enrolment group ${name} does not exist`);
+      const t = await c.query("DELETE FROM bootstrap_tokens WHERE group_name = $1", [name]);
+      await c.query("DELETE FROM groups WHERE name = $1", [name]);
+      return { tokensRemoved: t.rowCount ?? 0 };
+    });
+  }
+
+  async listBootstrapTokens(): Promise<BootstrapTokenRecord[]> {
+    return (
+      await this.#q<TokenRow>("SELECT * FROM bootstrap_tokens ORDER BY created_at DESC, hash")
+    ).rows.map(tokenOf);
+  }
+
+  async revokeBootstrapToken(hash: string, at: Date): Promise<BootstrapTokenRecord> {
+    return this.#tx(async (c) => {
+      const row = (
+        await c.query<TokenRow>("SELECT * FROM bootstrap_tokens WHERE hash = $1 FOR UPDATE", [hash])
+      ).rows[0];
+      if (row === undefined) throw refused("ERR_TOKEN_INVALID", "no such bootstrap token");
+      if (row.used_at !== null)
+        throw refused("ERR_TOKEN_USED", "bootstrap token already used: revoke the device it enrolled");
+      const r = await c.query<TokenRow>(
+        "UPDATE bootstrap_tokens SET revoked_at = COALESCE(revoked_at, $1) WHERE hash = $2 RETURNING *",
+        [at.getTime(), hash],
+      );
+      return tokenOf(r.rows[0] as TokenRow);
+    });
+  }
+
+  async recordFailedActivation(
+    id: string,
+    maxAttempts: number,
+    now: Date,
+  ): Promise<{ attempts: number; discarded: boolean }> {
+    // One statement: concurrent failures at several replicas each count, and the one reaching the
+    // limit discards the session.
+    const r = await this.#q<SessionRow>(
+      `UPDATE sessions SET failed_attempts = failed_attempts + 1,
+         consumed_at = CASE WHEN failed_attempts + 1 >= $1 THEN $2::bigint ELSE NULL END
+       WHERE id = $3 AND consumed_at IS NULL RETURNING *`,
+      [maxAttempts, now.getTime(), id],
+    );
+    const row = r.rows[0];
+    if (row !== undefined)
+      return { attempts: Number(row.failed_attempts), discarded: row.consumed_at !== null };
+    const exists = (await this.#q("SELECT 1 FROM sessions WHERE id = $1", [id])).rowCount === 1;
+    throw exists
+      ? refused("ERR_SESSION_CONSUMED", "enrolment session already used or discarded")
+      : refused("ERR_SESSION_UNKNOWN", "enrolment session not found");
+  }
+
   async getBootstrapToken(hash: string): Promise<BootstrapTokenRecord | undefined> {
     const row = (await this.#q<TokenRow>("SELECT * FROM bootstrap_tokens WHERE hash = $1", [hash])).rows[0];
     return row === undefined ? undefined : tokenOf(row);
@@ -722,7 +776,7 @@ async function consumeProof(c: Queryable, input: CommitEnrolment, now: number): 
   if (proof.kind === "token") {
     const r = await c.query(
       `UPDATE bootstrap_tokens SET used_at = $1, used_by = $2
-       WHERE hash = $3 AND group_name = $4 AND used_at IS NULL AND expires_at > $1`,
+       WHERE hash = $3 AND group_name = $4 AND used_at IS NULL AND revoked_at IS NULL AND expires_at > $1`,
       [now, input.deviceId, proof.hash, input.group],
     );
     if (r.rowCount === 1) return;
@@ -731,6 +785,8 @@ async function consumeProof(c: Queryable, input: CommitEnrolment, now: number): 
     // Security: the token is bound to the group it was issued for.
     if (row === undefined || row.group_name !== input.group)
       throw refused("ERR_TOKEN_INVALID", "bootstrap token not accepted");
+    // Security: an operator revoked it (leaked, or issued by mistake).
+    if (row.revoked_at !== null) throw refused("ERR_TOKEN_REVOKED", "bootstrap token revoked");
     // Security: bootstrap tokens are single-use (a concurrent use at another replica lost here),
     // except for the retry of the device that used it (token-retry.ts).
     if (row.used_at !== null) {

@@ -29,6 +29,7 @@ export interface TokenRow {
   created_at: number;
   used_at: number | null;
   used_by: string | null;
+  revoked_at: number | null;
 }
 export interface SessionRow {
   id: string;
@@ -36,6 +37,7 @@ export interface SessionRow {
   created_at: number;
   expires_at: number;
   consumed_at: number | null;
+  failed_attempts: number;
 }
 export interface RotationRow {
   id: string;
@@ -95,6 +97,7 @@ export function tokenOf(row: TokenRow): BootstrapTokenRecord {
     createdAt: new Date(row.created_at),
     usedAt: row.used_at === null ? undefined : new Date(row.used_at),
     usedBy: row.used_by ?? undefined,
+    revokedAt: row.revoked_at === null ? undefined : new Date(Number(row.revoked_at)),
   };
 }
 
@@ -126,5 +129,6 @@ export function sessionOf(row: SessionRow): EnrolmentSession {
     createdAt: new Date(row.created_at),
     expiresAt: new Date(row.expires_at),
     consumedAt: row.consumed_at === null ? undefined : new Date(row.consumed_at),
+    failedAttempts: Number(row.failed_attempts),
   };
 }

@@ -107,12 +107,21 @@ export class SqliteRegistrarStore implements RegistrarStore {
       ),
       getGroup: db.prepare<[string], GroupRow>("SELECT * FROM groups WHERE name = ?"),
       listGroups: db.prepare<[], GroupRow>("SELECT * FROM groups ORDER BY name"),
+      deleteGroupTokens: db.prepare("DELETE FROM bootstrap_tokens WHERE group_name = ?"),
+      deleteGroup: db.prepare("DELETE FROM groups WHERE name = ?"),
+      listTokens: db.prepare<[], TokenRow>("SELECT * FROM bootstrap_tokens ORDER BY created_at DESC, hash"),
+      revokeToken: db.prepare(
+        "UPDATE bootstrap_tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE hash = ? AND used_at IS NULL",
+      ),
+      failActivation: db.prepare(
+        "UPDATE sessions SET failed_attempts = failed_attempts + 1, consumed_at = CASE WHEN failed_attempts + 1 >= ? THEN ? ELSE NULL END WHERE id = ? AND consumed_at IS NULL",
+      ),
       insertToken: db.prepare(
         "INSERT INTO bootstrap_tokens (hash, group_name, expires_at, created_at) VALUES (?,?,?,?)",
       ),
       getToken: db.prepare<[string], TokenRow>("SELECT * FROM bootstrap_tokens WHERE hash = ?"),
       consumeToken: db.prepare(
-        "UPDATE bootstrap_tokens SET used_at = ?, used_by = ? WHERE hash = ? AND used_at IS NULL AND expires_at > ?",
+        "UPDATE bootstrap_tokens SET used_at = ?, used_by = ? WHERE hash = ? AND used_at IS NULL AND revoked_at IS NULL AND expires_at > ?",
       ),
       insertSession: db.prepare("INSERT INTO sessions (id, data, created_at, expires_at) VALUES (?,?,?,?)"),
       getSession: db.prepare<[string], SessionRow>("SELECT * FROM sessions WHERE id = ?"),
@@ -206,6 +215,53 @@ export class SqliteRegistrarStore implements RegistrarStore {
 
   async listGroups(): Promise<EnrolmentGroup[]> {
     return this.#stmt.listGroups.all().map(groupOf);
+  }
+
+  async removeGroup(name: string): Promise<{ tokensRemoved: number }> {
+    return this.#db
+      .transaction(() => {
+        if (this.#stmt.getGroup.get(name) === undefined)
+          throw refused("ERR_GROUP_UNKNOWN", `enrolment group ${name} does not exist`);
+        const tokensRemoved = this.#stmt.deleteGroupTokens.run(name).changes;
+        this.#stmt.deleteGroup.run(name);
+        return { tokensRemoved };
+      })
+      .immediate();
+  }
+
+  async listBootstrapTokens(): Promise<BootstrapTokenRecord[]> {
+    return this.#stmt.listTokens.all().map(tokenOf);
+  }
+
+  async revokeBootstrapToken(hash: string, at: Date): Promise<BootstrapTokenRecord> {
+    return this.#db
+      .transaction((): BootstrapTokenRecord => {
+        const row = this.#stmt.getToken.get(hash);
+        if (row === undefined) throw refused("ERR_TOKEN_INVALID", "no such bootstrap token");
+        if (row.used_at !== null)
+          throw refused("ERR_TOKEN_USED", "bootstrap token already used: revoke the device it enrolled");
+        this.#stmt.revokeToken.run(at.getTime(), hash);
+        return tokenOf(this.#stmt.getToken.get(hash) as TokenRow);
+      })
+      .immediate();
+  }
+
+  async recordFailedActivation(
+    id: string,
+    maxAttempts: number,
+    now: Date,
+  ): Promise<{ attempts: number; discarded: boolean }> {
+    return this.#db
+      .transaction(() => {
+        const row = this.#stmt.getSession.get(id);
+        if (row === undefined) throw refused("ERR_SESSION_UNKNOWN", "enrolment session not found");
+        if (row.consumed_at !== null)
+          throw refused("ERR_SESSION_CONSUMED", "enrolment session already used or discarded");
+        this.#stmt.failActivation.run(maxAttempts, now.getTime(), id);
+        const after = this.#stmt.getSession.get(id) as SessionRow;
+        return { attempts: after.failed_attempts, discarded: after.consumed_at !== null };
+      })
+      .immediate();
   }
 
   async addBootstrapToken(token: {
@@ -443,6 +499,8 @@ export class SqliteRegistrarStore implements RegistrarStore {
       if (row === undefined || row.group_name !== input.group) {
         throw refused("ERR_TOKEN_INVALID", "bootstrap token not accepted");
       }
+      // Security: an operator revoked it (leaked, or issued by mistake).
+      if (row.revoked_at !== null) throw refused("ERR_TOKEN_REVOKED", "bootstrap token revoked");
       // Security: bootstrap tokens are single-use, except for the retry of the device that used it.
       if (row.used_at !== null) {
         if (isTokenRetry(row, this.#deviceBy(this.#stmt.getDevice.get(row.used_by ?? "")), input, now))

@@ -15,16 +15,38 @@ export interface RegistrarStore {
   addGroup(group: NewEnrolmentGroup): Promise<EnrolmentGroup>;
   getGroup(name: string): Promise<EnrolmentGroup | undefined>;
   listGroups(): Promise<EnrolmentGroup[]>;
+  /**
+   * Removes a group and its bootstrap tokens (used or not): no new enrolment into it. Devices
+   * enrolled through it keep their records (revoke them separately). @throws ERR_GROUP_UNKNOWN
+   */
+  removeGroup(name: string): Promise<{ tokensRemoved: number }>;
 
   // --- bootstrap tokens (only the SHA-256 of the token is ever stored) ---------------------------
   /** @throws ERR_GROUP_UNKNOWN */
   addBootstrapToken(token: { hash: string; group: string; expiresAt: Date; createdAt: Date }): Promise<void>;
   /** Read-only lookup of a token (the CLI, and pre-checks that must not consume). */
   getBootstrapToken(hash: string): Promise<BootstrapTokenRecord | undefined>;
+  /** Every bootstrap token (hashes only), newest first. */
+  listBootstrapTokens(): Promise<BootstrapTokenRecord[]>;
+  /**
+   * Marks an unused token revoked: commitEnrolment refuses it (ERR_TOKEN_REVOKED). Idempotent.
+   * @throws ERR_TOKEN_INVALID (no such token), ERR_TOKEN_USED (already consumed: revoke the device)
+   */
+  revokeBootstrapToken(hash: string, at: Date): Promise<BootstrapTokenRecord>;
 
   // --- enrolment sessions (TPM begin → finish) ---------------------------------------------------
   createSession(session: NewEnrolmentSession): Promise<void>;
   getSession(id: string): Promise<EnrolmentSession | undefined>;
+  /**
+   * Counts one failed credential activation on an open session and, at `maxAttempts`, discards it
+   * (marks it consumed) in the same atomic step. Callers count only failures from the device itself.
+   * @throws ERR_SESSION_UNKNOWN, ERR_SESSION_CONSUMED
+   */
+  recordFailedActivation(
+    id: string,
+    maxAttempts: number,
+    now: Date,
+  ): Promise<{ attempts: number; discarded: boolean }>;
   /**
    * Removes enrolment and rotation sessions and one-time keys that expired before `now`
    * (housekeeping; never needed for correctness). Returns the number of rows removed.
@@ -152,6 +174,8 @@ export interface BootstrapTokenRecord {
   readonly createdAt: Date;
   readonly usedAt: Date | undefined;
   readonly usedBy: string | undefined;
+  /** Set by `m2m-registrar enrollment token revoke`: the token no longer enrols anything. */
+  readonly revokedAt: Date | undefined;
 }
 
 /** What `begin` remembers for `finish`. The expected secret is stored as its SHA-256 only. */
@@ -177,6 +201,8 @@ export interface NewEnrolmentSession {
 }
 export interface EnrolmentSession extends NewEnrolmentSession {
   readonly consumedAt: Date | undefined;
+  /** Failed credential activations by the device (see `recordFailedActivation`). */
+  readonly failedAttempts: number;
 }
 
 export type DeviceStatus = "active" | "revoked";

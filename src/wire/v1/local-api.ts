@@ -79,6 +79,7 @@ export const agentStateNameSchema = z.enum([
   "enrolling",
   "running",
   "degraded",
+  "reprovision-required",
   "reloading",
   "stopping",
   "stopped",

@@ -94,13 +94,17 @@ export class MemoryOutbox implements Outbox {
         new M2mError(
           "ERR_OUTBOX_MESSAGE_TOO_LARGE",
           "permanent",
-          "message larger than the outbox byte limit",
+          `message larger than the whole outbox (relay.outbox.max_bytes = ${L.maxBytes} bytes)`,
         ),
       );
     }
     if (batch.length > L.maxCount || bytes > L.maxBytes) {
       return Promise.reject(
-        new M2mError("ERR_OUTBOX_BATCH_TOO_LARGE", "permanent", "batch larger than the outbox limits"),
+        new M2mError(
+          "ERR_OUTBOX_BATCH_TOO_LARGE",
+          "permanent",
+          `batch larger than the whole outbox (relay.outbox.max_count = ${L.maxCount}, relay.outbox.max_bytes = ${L.maxBytes} bytes)`,
+        ),
       );
     }
     const over = (): boolean =>

@@ -744,13 +744,17 @@ export class SqliteOutbox implements Outbox {
         return new M2mError(
           "ERR_OUTBOX_MESSAGE_TOO_LARGE",
           "permanent",
-          "message larger than the outbox byte limit",
+          `message larger than the whole outbox (relay.outbox.max_bytes = ${L.maxBytes} bytes)`,
         );
       }
       bytes += m.payload.byteLength;
     }
     if (batch.length > L.maxCount || bytes > L.maxBytes) {
-      return new M2mError("ERR_OUTBOX_BATCH_TOO_LARGE", "permanent", "batch larger than the outbox limits");
+      return new M2mError(
+        "ERR_OUTBOX_BATCH_TOO_LARGE",
+        "permanent",
+        `batch larger than the whole outbox (relay.outbox.max_count = ${L.maxCount}, relay.outbox.max_bytes = ${L.maxBytes} bytes)`,
+      );
     }
     const overCount = this.#meta.count + batch.length - L.maxCount;
     const overBytes = this.#meta.bytes + bytes - L.maxBytes;

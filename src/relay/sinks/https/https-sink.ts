@@ -5,6 +5,7 @@ import { type Clock, systemClock } from "../../../core/clock.js";
 import { type ErrorCode, isErrorCode } from "../../../core/error-codes.js";
 import { asM2mError, M2mError } from "../../../core/errors.js";
 import { type Logger, silentLogger } from "../../../core/log.js";
+import { tlsVerifyError } from "../../../core/tls-diagnosis.js";
 import {
   ingestBodyJson,
   ingestChannelPart,
@@ -221,9 +222,16 @@ export class HttpsSink implements Sink {
       try {
         res = await this.#post(url, payload, ids);
       } catch (err) {
-        const e = asM2mError(err, "ERR_HTTPS_NETWORK");
+        // A refused certificate is not "network": the health reason says which host and why.
+        const e =
+          tlsVerifyError(err, url.href, {
+            description: "the fleet CA and the system store",
+            key: "relay.https.url",
+          }) ?? asM2mError(err, "ERR_HTTPS_NETWORK");
         this.#log.warn("ingest request failed", { err: e });
-        return retryAll(e.code === "ERR_HTTPS_AUTH" ? e.code : "ERR_HTTPS_NETWORK");
+        return retryAll(
+          e.code === "ERR_HTTPS_AUTH" || e.code === "ERR_TLS_VERIFY" ? e.code : "ERR_HTTPS_NETWORK",
+        );
       }
       const s = res.status;
       if (s >= 200 && s < 300) return this.#accepted(batch, res.body);

@@ -6,6 +6,7 @@ import type { ErrorCode } from "../../../core/error-codes.js";
 import { asM2mError, M2mError } from "../../../core/errors.js";
 import { type Logger, silentLogger } from "../../../core/log.js";
 import type { Secret } from "../../../core/secret.js";
+import { tlsVerifyError } from "../../../core/tls-diagnosis.js";
 import type { TlsClientKey } from "../../../keys/capabilities.js";
 import { expandTopic } from "../../channel.js";
 import type { OutboxMessage } from "../../outbox/outbox.js";
@@ -278,9 +279,13 @@ export class MqttSink implements Sink {
         this.#install(conn);
         return conn;
       } catch (err) {
-        last = err;
+        last =
+          tlsVerifyError(err, url, {
+            description: "relay.mqtt.ca_file (default: the fleet CA)",
+            key: "relay.mqtt.ca_file",
+          }) ?? err;
         this.counters.connectFailures++;
-        this.#log.warn("broker connect failed", { url, err: asM2mError(err, "ERR_MQTT_CONNECT") });
+        this.#log.warn("broker connect failed", { url, err: asM2mError(last, "ERR_MQTT_CONNECT") });
       }
     }
     throw asM2mError(last, "ERR_MQTT_CONNECT");

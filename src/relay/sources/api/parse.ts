@@ -79,9 +79,9 @@ function tooMany(limits: ParseLimits): M2mError {
   return new M2mError(
     "ERR_API_TOO_MANY_MESSAGES",
     "permanent",
-    `at most ${limits.maxMessages} messages per request`,
+    `more than the per-request limit of ${limits.maxMessages} messages`,
     {
-      details: { httpStatus: 413 },
+      details: { httpStatus: 413, limitMessages: limits.maxMessages },
     },
   );
 }
@@ -154,9 +154,9 @@ function parseOne(item: unknown, i: number, limits: ParseLimits): NewMessage {
     throw new M2mError(
       "ERR_API_PAYLOAD_TOO_LARGE",
       "permanent",
-      `message ${i}: payload larger than ${limits.maxPayloadBytes} bytes`,
+      `message ${i}: payload of ${payload.byteLength} bytes exceeds the per-message limit of ${limits.maxPayloadBytes} bytes`,
       {
-        details: { index: i, httpStatus: 413 },
+        details: { index: i, httpStatus: 413, limitBytes: limits.maxPayloadBytes },
       },
     );
   }
