@@ -28,6 +28,18 @@ export {
   decodeIdObject,
   encodeCredentialBlob,
 } from "./credential-blob.js";
+export {
+  describeEventData,
+  type EventDifference,
+  type EventLog,
+  type EventLogEvent,
+  type EventToEncode,
+  encodeEventLog,
+  EV_NO_ACTION,
+  firstDifferingEvent,
+  parseEventLog,
+  replayEventLog,
+} from "./event-log.js";
 export { kdfa, kdfe } from "./kdf.js";
 export {
   activateCredentialWithPrivateKey,
