@@ -468,6 +468,60 @@ for (const backend of [sqliteBackend(), postgresBackend()]) {
       expect((await r.b.sharedSecret("k", () => Buffer.alloc(32, 3))).equals(x)).toBe(true);
     });
 
+    it("attestation policy: unknown group refused; versions go up by one, also when two replicas write at once; read across replicas", async () => {
+      const policy = {
+        group: "g",
+        selection: { bank: "sha256" as const, pcrs: [0, 7] },
+        golden: undefined,
+        goldenEventLog: undefined,
+        goldenSource: undefined,
+        maxQuoteAgeSec: 300,
+        requireForTokens: true,
+        requireForRenewal: false,
+        nonAttestable: "refuse" as const,
+        updatedAt: T0,
+      };
+      await expect(r.a.putAttestationPolicy({ ...policy, group: "nope" })).rejects.toMatchObject({
+        code: "ERR_GROUP_UNKNOWN",
+      });
+      expect(await r.a.getAttestationPolicy("g")).toBeUndefined();
+      expect((await r.a.putAttestationPolicy(policy)).version).toBe(1);
+      const both = await Promise.all([
+        r.a.putAttestationPolicy({ ...policy, golden: { "0": "aa" } }),
+        r.b.putAttestationPolicy({ ...policy, golden: { "0": "bb" }, goldenSource: "operator" }),
+      ]);
+      expect(both.map((p) => p.version).sort()).toEqual([2, 3]);
+      const read = await r.b.getAttestationPolicy("g");
+      expect(read?.version).toBe(3);
+      expect(read).toMatchObject({ selection: { bank: "sha256", pcrs: [0, 7] }, maxQuoteAgeSec: 300 });
+      expect(read?.golden?.["0"]).toBe(both.find((p) => p.version === 3)?.golden?.["0"]);
+    });
+
+    it("device attestation: upsert, read across replicas, dates and optional fields survive", async () => {
+      expect(await r.a.getDeviceAttestation("dev-1")).toBeUndefined();
+      const rec = {
+        deviceId: "dev-1",
+        at: at(1000),
+        outcome: "refused" as const,
+        code: "ERR_QUOTE_PCR_MISMATCH",
+        reason: "PCR 7 differs from the policy",
+        policyVersion: 2,
+        bank: "sha256",
+        pcrs: { "0": "00", "7": "ff" },
+        differing: [7],
+        clock: { clock: "18446744073709551615", resetCount: 3, restartCount: 0, safe: true },
+        eventLog: undefined,
+        lastVerifiedAt: undefined,
+        anomaly: { code: "ERR_QUOTE_PCR_MISMATCH", reason: "PCR 7 differs from the policy", at: at(1000) },
+        reboots: 1,
+      };
+      await r.a.putDeviceAttestation(rec);
+      expect(await r.b.getDeviceAttestation("dev-1")).toEqual(rec);
+      const ok = { ...rec, at: at(2000), outcome: "verified" as const, code: undefined, reason: undefined, differing: [], anomaly: undefined, lastVerifiedAt: at(2000), eventLog: "AAAA" };
+      await r.b.putDeviceAttestation(ok);
+      expect(await r.a.getDeviceAttestation("dev-1")).toEqual(ok);
+    });
+
     it("audit rows written at both replicas are listed in order", async () => {
       await r.a.appendAudit({ ts: "1", event: "e1", outcome: "success" });
       await r.a.appendAudit({ ts: "2", event: "e2", outcome: "failure", code: "ERR_X" });

@@ -9,7 +9,7 @@
  * (if sent) replays to the quoted values → the values equal the policy's golden values.
  */
 import { createHash, timingSafeEqual } from "node:crypto";
-import { M2mError } from "../../core/errors.js";
+import { type ErrorCode, M2mError } from "../../core/errors.js";
 import { decodeTpmsAttest, type TpmsAttest, type TpmsClockInfo } from "../../tpm/attest.js";
 import { TPM_ALG, TPM_GENERATED_VALUE, TPM_ST } from "../../tpm/constants.js";
 import { type EventLog, parseEventLog, replayEventLog } from "../../tpm/event-log.js";
@@ -86,7 +86,7 @@ export class QuoteRefusal extends M2mError {
   readonly facts: QuoteFacts | undefined;
   /** PCR indices that differ from the golden values (PCR_MISMATCH) or the event-log replay. */
   readonly pcrs: readonly number[];
-  constructor(code: QuoteErrorCode, reason: string, opts: { facts?: QuoteFacts; pcrs?: number[]; cause?: unknown } = {}) {
+  constructor(code: QuoteErrorCode | ErrorCode, reason: string, opts: { facts?: QuoteFacts; pcrs?: number[]; cause?: unknown } = {}) {
     super(code, "permanent", reason, opts.cause === undefined ? {} : { cause: opts.cause });
     this.facts = opts.facts;
     this.pcrs = opts.pcrs ?? [];

@@ -115,6 +115,29 @@ INSERT INTO certificates (serial, device_id, not_after, issued_at)
   SELECT cert_serial, device_id, cert_not_after, updated_at FROM devices ON CONFLICT (serial) DO NOTHING;
 `,
   },
+  {
+    version: 4,
+    name: "continuous attestation: per-group policy, per-device latest quote",
+    // Policies and quote records are read and written whole: JSON documents, keyed like their owners.
+    sqlite: `
+CREATE TABLE attestation_policies (
+  group_name TEXT PRIMARY KEY REFERENCES groups(name), version INTEGER NOT NULL, policy TEXT NOT NULL,
+  updated_at INTEGER NOT NULL
+);
+CREATE TABLE device_attestation (
+  device_id TEXT PRIMARY KEY, record TEXT NOT NULL, updated_at INTEGER NOT NULL
+);
+`,
+    postgres: `
+CREATE TABLE attestation_policies (
+  group_name TEXT PRIMARY KEY REFERENCES groups(name), version INTEGER NOT NULL, policy TEXT NOT NULL,
+  updated_at BIGINT NOT NULL
+);
+CREATE TABLE device_attestation (
+  device_id TEXT PRIMARY KEY, record TEXT NOT NULL, updated_at BIGINT NOT NULL
+);
+`,
+  },
 ];
 
 /** The schema version this build of the registrar expects. */
