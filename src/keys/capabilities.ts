@@ -31,7 +31,11 @@ export interface TpmAttestation {
    * TPM2_Quote by the AK over `pcrs` of `bank` with `qualifyingData` (≤ 64 bytes), plus the PCR values
    * it covers, ascending (one tpm2_quote call: ≈ one signature's cost).
    */
-  quote(qualifyingData: Uint8Array, bank: "sha1" | "sha256" | "sha384", pcrs: readonly number[]): Promise<QuoteResult>;
+  quote(
+    qualifyingData: Uint8Array,
+    bank: "sha1" | "sha256" | "sha384",
+    pcrs: readonly number[],
+  ): Promise<QuoteResult>;
   /** Evicts the AK (decommissioning: it identified this TPM to the registrar). Idempotent. */
   evictAk(): Promise<void>;
   /** Dictionary-attack lockout state of the TPM. */

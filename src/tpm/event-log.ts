@@ -26,10 +26,10 @@ const STARTUP_LOCALITY_SIGNATURE = "StartupLocality\0";
 
 /** TPM_ALG_ID → Node hash name for the banks a replay supports. */
 export const EVENT_LOG_HASHES: Readonly<Record<number, { name: string; size: number }>> = {
-  0x0004: { name: "sha1", size: 20 },
-  0x000b: { name: "sha256", size: 32 },
-  0x000c: { name: "sha384", size: 48 },
-  0x000d: { name: "sha512", size: 64 },
+  4: { name: "sha1", size: 20 },
+  11: { name: "sha256", size: 32 },
+  12: { name: "sha384", size: 48 },
+  13: { name: "sha512", size: 64 },
 };
 
 export interface EventLogAlgorithm {
@@ -231,7 +231,8 @@ export function firstDifferingEvent(
   pcrIndex: number,
   algorithmId: number,
 ): EventDifference | undefined {
-  const of = (log: EventLog) => log.events.filter((e) => e.pcrIndex === pcrIndex && e.eventType !== EV_NO_ACTION);
+  const of = (log: EventLog) =>
+    log.events.filter((e) => e.pcrIndex === pcrIndex && e.eventType !== EV_NO_ACTION);
   const a = of(expected);
   const b = of(actual);
   for (let i = 0; i < Math.max(a.length, b.length); i++) {
@@ -259,7 +260,10 @@ export function firstDifferingEvent(
 export function describeEventData(data: Uint8Array): string {
   const utf16 = data.length >= 4 && data.length % 2 === 0 && data[1] === 0 && data[3] === 0;
   const text = utf16 ? Buffer.from(data).toString("utf16le") : Buffer.from(data).toString("latin1");
-  return text.replace(/[^\x20-\x7e]+/g, " ").trim().slice(0, 64);
+  return text
+    .replace(/[^\x20-\x7e]+/g, " ")
+    .trim()
+    .slice(0, 64);
 }
 
 /** One event to encode (tests, the swtpm "firmware" simulator). */
@@ -272,7 +276,10 @@ export interface EventToEncode {
 }
 
 /** Encodes a crypto-agile log (tests and simulation; a real one comes from the firmware). */
-export function encodeEventLog(algorithmIds: readonly number[], events: readonly EventToEncode[]): Uint8Array {
+export function encodeEventLog(
+  algorithmIds: readonly number[],
+  events: readonly EventToEncode[],
+): Uint8Array {
   const parts: Buffer[] = [];
   const u32 = (v: number) => {
     const b = Buffer.alloc(4);

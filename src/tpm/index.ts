@@ -30,12 +30,12 @@ export {
 } from "./credential-blob.js";
 export {
   describeEventData,
+  EV_NO_ACTION,
   type EventDifference,
   type EventLog,
   type EventLogEvent,
   type EventToEncode,
   encodeEventLog,
-  EV_NO_ACTION,
   firstDifferingEvent,
   parseEventLog,
   replayEventLog,

@@ -517,7 +517,17 @@ for (const backend of [sqliteBackend(), postgresBackend()]) {
       };
       await r.a.putDeviceAttestation(rec);
       expect(await r.b.getDeviceAttestation("dev-1")).toEqual(rec);
-      const ok = { ...rec, at: at(2000), outcome: "verified" as const, code: undefined, reason: undefined, differing: [], anomaly: undefined, lastVerifiedAt: at(2000), eventLog: "AAAA" };
+      const ok = {
+        ...rec,
+        at: at(2000),
+        outcome: "verified" as const,
+        code: undefined,
+        reason: undefined,
+        differing: [],
+        anomaly: undefined,
+        lastVerifiedAt: at(2000),
+        eventLog: "AAAA",
+      };
       await r.b.putDeviceAttestation(ok);
       expect(await r.a.getDeviceAttestation("dev-1")).toEqual(ok);
     });

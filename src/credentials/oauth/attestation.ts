@@ -21,7 +21,10 @@ export interface AttestationEvidenceSource {
  * registrar then works with PCR values alone). Undefined when the file does not exist (no firmware
  * log, or no securityfs): normal on many devices.
  */
-export async function readEventLog(path: string, log: Logger = silentLogger): Promise<Uint8Array | undefined> {
+export async function readEventLog(
+  path: string,
+  log: Logger = silentLogger,
+): Promise<Uint8Array | undefined> {
   let fh: Awaited<ReturnType<typeof open>>;
   try {
     fh = await open(path, "r");
@@ -66,7 +69,9 @@ export function tpmEvidenceSource(
         values[String(p)] = Buffer.from(v).toString("hex");
       });
       const logBytes =
-        options.eventLogPath === undefined ? undefined : await readEventLog(options.eventLogPath, options.log);
+        options.eventLogPath === undefined
+          ? undefined
+          : await readEventLog(options.eventLogPath, options.log);
       return {
         v: WIRE_VERSION,
         nonce,

@@ -267,10 +267,16 @@ export class OAuthClient implements TokenSource {
         body.set(ATTESTATION_FORM_PARAM, base64url.encode(JSON.stringify(evidence)));
       }
       try {
-        response = await oauth.clientCredentialsGrantRequest(as, client, this.#clientAuth(tokenEndpoint), body, {
-          headers,
-          ...this.#httpOptions(),
-        });
+        response = await oauth.clientCredentialsGrantRequest(
+          as,
+          client,
+          this.#clientAuth(tokenEndpoint),
+          body,
+          {
+            headers,
+            ...this.#httpOptions(),
+          },
+        );
       } catch (err) {
         // Key errors (TPM busy, wrong PIN, …) keep their own code and retry class.
         if (err instanceof M2mError) throw err;
@@ -376,7 +382,10 @@ export class OAuthClient implements TokenSource {
       const res = await f(tokenEndpoint, {
         method: "POST",
         headers: { "content-type": "application/x-www-form-urlencoded", accept: "application/json" },
-        body: new URLSearchParams({ grant_type: "client_credentials", client_id: this.#config.clientId }).toString(),
+        body: new URLSearchParams({
+          grant_type: "client_credentials",
+          client_id: this.#config.clientId,
+        }).toString(),
       });
       this.#rememberChallenge(res);
     } catch (err) {
@@ -572,7 +581,8 @@ function classify(err: unknown): M2mError {
   if (error === ATTESTATION_OAUTH_ERRORS.failed) {
     // The registrar's one-line reason ("PCR 7 differs from the policy") is what the operator needs.
     const raw = err instanceof oauth.ResponseBodyError ? err.error_description : undefined;
-    const reason = typeof raw === "string" ? raw.replace(/[^\x20-\x7e]/g, "").slice(0, 200) : "no reason given";
+    const reason =
+      typeof raw === "string" ? raw.replace(/[^\x20-\x7e]/g, "").slice(0, 200) : "no reason given";
     return new M2mError("ERR_ATTESTATION_REFUSED", "permanent", `attestation refused: ${reason}`, {
       cause: err,
       details: { reason },

@@ -432,7 +432,11 @@ export async function quoteWithAk(
   pcrs: readonly number[],
 ): Promise<QuoteResult> {
   if (qualifyingData.length === 0 || qualifyingData.length > MAX_QUALIFYING_DATA) {
-    throw new M2mError("ERR_TPM_ARGUMENT", "permanent", `qualifying data must be 1-${MAX_QUALIFYING_DATA} bytes`);
+    throw new M2mError(
+      "ERR_TPM_ARGUMENT",
+      "permanent",
+      `qualifying data must be 1-${MAX_QUALIFYING_DATA} bytes`,
+    );
   }
   const sorted = [...new Set(pcrs)].sort((a, b) => a - b);
   if (sorted.length === 0 || sorted.some((p) => !Number.isInteger(p) || p < 0 || p > 23)) {
@@ -467,7 +471,11 @@ export async function quoteWithAk(
     const raw = await readFile(vals);
     const size = BANK_SIZES[bank];
     if (raw.length !== size * sorted.length) {
-      throw new M2mError("ERR_TPM_RESPONSE", "permanent", "tpm2_quote returned an unexpected number of PCR values");
+      throw new M2mError(
+        "ERR_TPM_RESPONSE",
+        "permanent",
+        "tpm2_quote returned an unexpected number of PCR values",
+      );
     }
     const values = sorted.map((_, i) => new Uint8Array(raw.subarray(i * size, (i + 1) * size)));
     return {

@@ -31,7 +31,12 @@ export interface GateResult {
 
 type GateStore = Pick<
   RegistrarStore,
-  "getAttestationPolicy" | "getDevice" | "getDeviceAttestation" | "putDeviceAttestation" | "consumeOnce" | "appendAudit"
+  | "getAttestationPolicy"
+  | "getDevice"
+  | "getDeviceAttestation"
+  | "putDeviceAttestation"
+  | "consumeOnce"
+  | "appendAudit"
 >;
 
 export interface AttestationGateDeps {
@@ -49,7 +54,9 @@ const hexMap = (r: Readonly<Record<string, string>>): Map<number, Uint8Array> =>
 
 /** A challenge flattened into M2mError details (which hold primitives only). */
 export function challengeDetails(c: AttestationChallenge | undefined): Record<string, string | number> {
-  return c === undefined ? {} : { challengeNonce: c.nonce, challengePcrs: c.pcrs, challengeMaxAge: c.maxAgeSec };
+  return c === undefined
+    ? {}
+    : { challengeNonce: c.nonce, challengePcrs: c.pcrs, challengeMaxAge: c.maxAgeSec };
 }
 
 /** The challenge carried by an error from this gate, if any. */
@@ -176,7 +183,13 @@ export class AttestationGate {
       // A stale or foreign nonce is routine (a cached nonce outlived max-age): answer with a fresh one.
       const code = err instanceof M2mError ? err.code : QUOTE_NONCE_ERRORS.INVALID;
       this.#log.info("attestation nonce refused", { deviceId, code });
-      throw attestationRefusal(code, ATTESTATION_OAUTH_ERRORS.useNonce, "the attestation nonce is not valid", next, err);
+      throw attestationRefusal(
+        code,
+        ATTESTATION_OAUTH_ERRORS.useNonce,
+        "the attestation nonce is not valid",
+        next,
+        err,
+      );
     }
     const now = this.#deps.clock.now();
     // Why: single use across replicas; consumed before verification so two concurrent presentations of
@@ -188,7 +201,13 @@ export class AttestationGate {
     );
     const prev = await this.#deps.store.getDeviceAttestation(device.deviceId);
     if (!fresh) {
-      return this.#refuse(device, policy, prev, new QuoteRefusal(QUOTE_NONCE_ERRORS.REPLAYED, "the attestation nonce was already used"), next);
+      return this.#refuse(
+        device,
+        policy,
+        prev,
+        new QuoteRefusal(QUOTE_NONCE_ERRORS.REPLAYED, "the attestation nonce was already used"),
+        next,
+      );
     }
     let facts: QuoteFacts;
     try {
@@ -267,7 +286,9 @@ export class AttestationGate {
       differing: err.pcrs,
       clock: facts?.clock ?? prev?.clock,
       eventLog:
-        facts?.eventLog !== undefined && err.code !== "ERR_EVENTLOG_REPLAY" ? evidence?.eventLog : prev?.eventLog,
+        facts?.eventLog !== undefined && err.code !== "ERR_EVENTLOG_REPLAY"
+          ? evidence?.eventLog
+          : prev?.eventLog,
       lastVerifiedAt: prev?.lastVerifiedAt,
       anomaly: { code: err.code, reason: err.message, at: now },
       reboots: (prev?.reboots ?? 0) + (facts === undefined || facts.reboot === "none" ? 0 : 1),
@@ -284,7 +305,12 @@ export class AttestationGate {
     throw attestationRefusal(err.code, ATTESTATION_OAUTH_ERRORS.failed, err.message, next, err);
   }
 
-  async #audit(device: DeviceRecord, code: string, reason: string, pcrs: readonly number[] = []): Promise<void> {
+  async #audit(
+    device: DeviceRecord,
+    code: string,
+    reason: string,
+    pcrs: readonly number[] = [],
+  ): Promise<void> {
     await this.#deps.store.appendAudit({
       ts: this.#deps.clock.now().toISOString(),
       event: "attestation.refused",
@@ -300,7 +326,13 @@ export class AttestationGate {
 
 function parseEvidence(param: string, next: AttestationChallenge): AttestationEvidence {
   const bad = (cause?: unknown) =>
-    attestationRefusal("ERR_QUOTE_MALFORMED", "invalid_request", "the attestation parameter is malformed", next, cause);
+    attestationRefusal(
+      "ERR_QUOTE_MALFORMED",
+      "invalid_request",
+      "the attestation parameter is malformed",
+      next,
+      cause,
+    );
   let json: unknown;
   try {
     json = JSON.parse(Buffer.from(param, "base64url").toString("utf8"));

@@ -43,7 +43,10 @@ export class QuoteNonceIssuer {
 
   #mac(deviceId: string, issuedAt: number, random: string): string {
     return base64url.encode(
-      createHmac("sha256", this.#secret).update(`q|${deviceId}|${issuedAt}|${random}`).digest().subarray(0, 16),
+      createHmac("sha256", this.#secret)
+        .update(`q|${deviceId}|${issuedAt}|${random}`)
+        .digest()
+        .subarray(0, 16),
     );
   }
 
@@ -61,7 +64,11 @@ export class QuoteNonceIssuer {
   check(nonce: string, deviceId: string, maxAgeSec: number): CheckedNonce {
     const m = /^([0-9]{1,12})\.([A-Za-z0-9_-]{22})\.([A-Za-z0-9_-]{22})$/.exec(nonce);
     const invalid = () =>
-      new M2mError(QUOTE_NONCE_ERRORS.INVALID, "permanent", "the attestation nonce was not issued to this device");
+      new M2mError(
+        QUOTE_NONCE_ERRORS.INVALID,
+        "permanent",
+        "the attestation nonce was not issued to this device",
+      );
     if (m?.[1] === undefined || m[2] === undefined || m[3] === undefined) throw invalid();
     const issuedAt = Number(m[1]);
     const want = Buffer.from(this.#mac(deviceId, issuedAt, m[2]));

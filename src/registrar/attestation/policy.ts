@@ -34,13 +34,19 @@ export const DEFAULT_MAX_QUOTE_AGE_SEC = 300;
 export function selectionOf(text: string): PcrSelection {
   const s = parsePcrSelection(text);
   if (s === undefined) {
-    throw policyError(`invalid PCR selection ${JSON.stringify(text.slice(0, 64))}`, "e.g. sha256:0,1,2,3,7 (PCRs 0-23)");
+    throw policyError(
+      `invalid PCR selection ${JSON.stringify(text.slice(0, 64))}`,
+      "e.g. sha256:0,1,2,3,7 (PCRs 0-23)",
+    );
   }
   return s;
 }
 
 /** Checks golden values against a selection: exactly one value per selected PCR, of the bank's size. */
-function checkGolden(selection: PcrSelection, golden: Readonly<Record<string, string>>): Record<string, string> {
+function checkGolden(
+  selection: PcrSelection,
+  golden: Readonly<Record<string, string>>,
+): Record<string, string> {
   const out: Record<string, string> = {};
   const keys = Object.keys(golden).map(Number);
   if (keys.length !== selection.pcrs.length || !selection.pcrs.every((p) => keys.includes(p))) {
@@ -70,7 +76,11 @@ export async function setAttestationPolicy(
   const prev = await store.getAttestationPolicy(input.group);
   const sameSelection = prev !== undefined && JSON.stringify(prev.selection) === JSON.stringify(selection);
   const golden =
-    input.golden !== undefined ? checkGolden(selection, input.golden) : sameSelection ? prev?.golden : undefined;
+    input.golden !== undefined
+      ? checkGolden(selection, input.golden)
+      : sameSelection
+        ? prev?.golden
+        : undefined;
   return store.putAttestationPolicy({
     group: input.group,
     selection,
@@ -130,7 +140,11 @@ export interface AttestationReport {
     readonly expected: string | undefined;
     readonly actual: string | undefined;
     /** The first event of this PCR that differs from the approved log, when both logs are known. */
-    readonly event?: { readonly position: number; readonly eventType: number | undefined; readonly description: string };
+    readonly event?: {
+      readonly position: number;
+      readonly eventType: number | undefined;
+      readonly description: string;
+    };
   }[];
 }
 
@@ -142,7 +156,9 @@ export async function attestationReport(store: RegistrarStore, deviceId: string)
   const differing: AttestationReport["differing"][number][] = [];
   if (policy !== undefined && last?.pcrs !== undefined) {
     const golden = policy.golden;
-    let logs: { expected: ReturnType<typeof parseEventLog>; actual: ReturnType<typeof parseEventLog> } | undefined;
+    let logs:
+      | { expected: ReturnType<typeof parseEventLog>; actual: ReturnType<typeof parseEventLog> }
+      | undefined;
     try {
       if (policy.goldenEventLog !== undefined && last.eventLog !== undefined) {
         logs = {
@@ -157,12 +173,17 @@ export async function attestationReport(store: RegistrarStore, deviceId: string)
       const expected = golden?.[String(p)];
       const actual = last.pcrs[String(p)];
       if (expected !== undefined && expected === actual) continue;
-      const ev = logs === undefined ? undefined : firstDifferingEvent(logs.expected, logs.actual, p, BANK_ALG[policy.selection.bank]);
+      const ev =
+        logs === undefined
+          ? undefined
+          : firstDifferingEvent(logs.expected, logs.actual, p, BANK_ALG[policy.selection.bank]);
       differing.push({
         pcr: p,
         expected,
         actual,
-        ...(ev === undefined ? {} : { event: { position: ev.position, eventType: ev.eventType, description: ev.description } }),
+        ...(ev === undefined
+          ? {}
+          : { event: { position: ev.position, eventType: ev.eventType, description: ev.description } }),
       });
     }
   }
@@ -170,7 +191,8 @@ export async function attestationReport(store: RegistrarStore, deviceId: string)
     deviceId,
     group: device.group,
     policy: policy === undefined ? undefined : `${policy.group}#${policy.version}`,
-    selection: policy === undefined ? undefined : `${policy.selection.bank}:${policy.selection.pcrs.join(",")}`,
+    selection:
+      policy === undefined ? undefined : `${policy.selection.bank}:${policy.selection.pcrs.join(",")}`,
     last,
     differing,
   };

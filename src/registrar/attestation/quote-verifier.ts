@@ -86,7 +86,11 @@ export class QuoteRefusal extends M2mError {
   readonly facts: QuoteFacts | undefined;
   /** PCR indices that differ from the golden values (PCR_MISMATCH) or the event-log replay. */
   readonly pcrs: readonly number[];
-  constructor(code: QuoteErrorCode | ErrorCode, reason: string, opts: { facts?: QuoteFacts; pcrs?: number[]; cause?: unknown } = {}) {
+  constructor(
+    code: QuoteErrorCode | ErrorCode,
+    reason: string,
+    opts: { facts?: QuoteFacts; pcrs?: number[]; cause?: unknown } = {},
+  ) {
     super(code, "permanent", reason, opts.cause === undefined ? {} : { cause: opts.cause });
     this.facts = opts.facts;
     this.pcrs = opts.pcrs ?? [];
@@ -136,9 +140,13 @@ export function verifyQuote(input: QuoteInput): QuoteFacts {
   // platform state; a quote signed by any other key — another device's AK included — proves nothing.
   const v = verifyTpmSignature(ak, input.quote, sig);
   if (!v.ok) {
-    throw new QuoteRefusal(QUOTE_ERRORS.SIGNATURE, "the quote is not signed by this device's attestation key", {
-      cause: new Error(v.reason),
-    });
+    throw new QuoteRefusal(
+      QUOTE_ERRORS.SIGNATURE,
+      "the quote is not signed by this device's attestation key",
+      {
+        cause: new Error(v.reason),
+      },
+    );
   }
   // Why: TPM_GENERATED_VALUE marks data the TPM built itself; the restricted AK refuses to sign
   // external data that starts with it, so the magic is what makes the content trustworthy.
@@ -170,7 +178,10 @@ export function verifyQuote(input: QuoteInput): QuoteFacts {
     bytesEqual(trimBitmap(sel[0].pcrSelect, 3), wantMap) &&
     input.reportedBank === want.bank;
   if (!selOk) {
-    throw new QuoteRefusal(QUOTE_ERRORS.PCR_SELECTION, `the quote does not cover exactly ${want.bank}:${want.pcrs.join(",")}`);
+    throw new QuoteRefusal(
+      QUOTE_ERRORS.PCR_SELECTION,
+      `the quote does not cover exactly ${want.bank}:${want.pcrs.join(",")}`,
+    );
   }
   const size = BANK_SIZE[want.bank];
   const values: Uint8Array[] = [];
@@ -236,9 +247,13 @@ export function verifyQuote(input: QuoteInput): QuoteFacts {
   const facts = partial();
   // Why: trust on first use is never silent: until an operator approves golden values, no token.
   if (input.golden === undefined) {
-    throw new QuoteRefusal(QUOTE_ERRORS.NO_GOLDEN, "the policy has no approved PCR values yet (operator approval pending)", {
-      facts,
-    });
+    throw new QuoteRefusal(
+      QUOTE_ERRORS.NO_GOLDEN,
+      "the policy has no approved PCR values yet (operator approval pending)",
+      {
+        facts,
+      },
+    );
   }
   const differ = want.pcrs.filter((p, i) => {
     const g = input.golden?.get(p);
@@ -246,7 +261,10 @@ export function verifyQuote(input: QuoteInput): QuoteFacts {
   });
   // Why: this is the point of the whole exercise: the platform must have booted what the fleet expects.
   if (differ.length > 0) {
-    throw new QuoteRefusal(QUOTE_ERRORS.PCR_MISMATCH, `${plural(differ)} from the policy`, { facts, pcrs: differ });
+    throw new QuoteRefusal(QUOTE_ERRORS.PCR_MISMATCH, `${plural(differ)} from the policy`, {
+      facts,
+      pcrs: differ,
+    });
   }
   return facts;
 }

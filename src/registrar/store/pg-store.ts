@@ -9,10 +9,10 @@ import {
   deviceAttestationOf,
   deviceOf,
   type GroupRow,
+  groupOf,
   type PolicyRow,
   policyJson,
   policyOf,
-  groupOf,
   type RotationRow,
   rotationOf,
   type SessionRow,
@@ -23,15 +23,15 @@ import {
 import { refused, schemaNewer } from "./sqlite-store.js";
 import type {
   AttestationPolicy,
-  DeviceAttestation,
-  NewAttestationPolicy,
   AuditEvent,
   BootstrapTokenRecord,
   CommitEnrolment,
   CommitResult,
+  DeviceAttestation,
   DeviceRecord,
   EnrolmentGroup,
   EnrolmentSession,
+  NewAttestationPolicy,
   NewEnrolmentGroup,
   NewEnrolmentSession,
   PlanEnrolment,
@@ -587,8 +587,9 @@ export class PgRegistrarStore implements RegistrarStore {
   }
 
   async getAttestationPolicy(group: string): Promise<AttestationPolicy | undefined> {
-    const row = (await this.#q<PolicyRow>("SELECT * FROM attestation_policies WHERE group_name = $1", [group]))
-      .rows[0];
+    const row = (
+      await this.#q<PolicyRow>("SELECT * FROM attestation_policies WHERE group_name = $1", [group])
+    ).rows[0];
     return row === undefined ? undefined : policyOf(row);
   }
 

@@ -318,7 +318,9 @@ export class SqliteRegistrarStore implements RegistrarStore {
           throw refused("ERR_GROUP_UNKNOWN", `enrolment group ${policy.group} does not exist`);
         }
         const prev = this.#db
-          .prepare<[string], { version: number }>("SELECT version FROM attestation_policies WHERE group_name = ?")
+          .prepare<[string], { version: number }>(
+            "SELECT version FROM attestation_policies WHERE group_name = ?",
+          )
           .get(policy.group);
         const version = (prev?.version ?? 0) + 1;
         this.#db
