@@ -293,18 +293,19 @@ export async function startRegistrarApp(
   // DPoP nonce key, sessions. The only cache is the device directory below (bounded staleness).
   const nonceSecret = await deps.store.sharedSecret("dpop-nonce-hmac", () => randomBytes(32));
   const quoteNonceSecret = await deps.store.sharedSecret("attestation-nonce-hmac", () => randomBytes(32));
+  const directory = new CachedDeviceDirectory(deps.store, {
+    ttlMs: DEVICE_CACHE_TTL_MS,
+    monotonicMs: () => clock.monotonicMs(),
+  });
   const attestation = new AttestationGate({
     store: deps.store,
+    directory,
     nonces: new QuoteNonceIssuer(clock, quoteNonceSecret),
     clock,
     log: log.child({ component: "attestation" }),
   });
   const tokenReplay: ReplayGuard = new StoreReplayGuard(deps.store, "t|");
   const resourceReplay: ReplayGuard = new StoreReplayGuard(deps.store, "r|");
-  const directory = new CachedDeviceDirectory(deps.store, {
-    ttlMs: DEVICE_CACHE_TTL_MS,
-    monotonicMs: () => clock.monotonicMs(),
-  });
 
   // The issuer may depend on the port the server got (listen.port = 0): bind late.
   let base = settings.issuer ?? "";

@@ -44,6 +44,13 @@ export interface AttestationGateDeps {
   readonly nonces: QuoteNonceIssuer;
   readonly clock: Clock;
   readonly log?: Logger;
+  /**
+   * The token endpoint's cached device lookup (group and status): lets requests of groups without a
+   * policy pass with no extra store read. Default: the store.
+   */
+  readonly directory?: {
+    getDevice(id: string): Promise<{ readonly group: string; readonly status: string } | undefined>;
+  };
   /** How long a group's policy is served from memory (default 1000 ms; approvals show up within it). */
   readonly policyCacheMs?: number;
 }
@@ -133,10 +140,12 @@ export class AttestationGate {
    */
   async challengeIfRequired(clientId: string | null): Promise<AttestationChallenge | undefined> {
     if (clientId === null || clientId.length > 128) return undefined;
+    const cached = await (this.#deps.directory ?? this.#deps.store).getDevice(clientId);
+    if (cached === undefined || cached.status !== "active") return undefined;
+    const policy = await this.#policy(cached.group);
+    if (policy === undefined || !policy.requireForTokens) return undefined;
     const device = await this.#deps.store.getDevice(clientId);
-    if (device === undefined || device.status !== "active") return undefined;
-    const policy = await this.#policy(device.group);
-    if (policy === undefined || !policy.requireForTokens || quoteKeys(device) === undefined) return undefined;
+    if (device === undefined || quoteKeys(device) === undefined) return undefined;
     return this.#challenge(device.deviceId, policy);
   }
 
@@ -145,11 +154,12 @@ export class AttestationGate {
    * challenge. @throws M2mError with `details.oauthError` (`use_attestation_nonce` or
    * `attestation_failed`), a device-safe one-line message and `details.challenge`.
    */
-  async evaluate(deviceId: string, evidenceParam: string | null): Promise<GateResult> {
+  async evaluate(deviceId: string, group: string, evidenceParam: string | null): Promise<GateResult> {
+    // Groups without a policy cost one cached lookup, no store read.
+    const policy = await this.#policy(group);
+    if (policy === undefined) return { claim: undefined, challenge: undefined };
     const device = await this.#deps.store.getDevice(deviceId);
     if (device === undefined) throw new M2mError("ERR_DEVICE_UNKNOWN", "permanent", "no such device");
-    const policy = await this.#policy(device.group);
-    if (policy === undefined) return { claim: undefined, challenge: undefined };
     const keys = quoteKeys(device);
     if (keys === undefined) {
       // Why: a PKCS#11 key (or a record without an AK) cannot prove platform state; the operator's

@@ -212,7 +212,8 @@ export class TokenService {
     });
     await proof?.recordReplay();
     const jkt = proof?.jkt;
-    const gated = gate === undefined ? undefined : await gate.evaluate(device.deviceId, evidence);
+    const gated =
+      gate === undefined ? undefined : await gate.evaluate(device.deviceId, device.group, evidence);
     const attested = gated?.claim;
     const granted = this.#policy.grant(form.get("scope") ?? undefined, device.role, device.attributes, {
       attested: attested !== undefined,
