@@ -105,7 +105,9 @@ describe("continuous attestation: built registrar + agent daemon on swtpm", () =
 
     const pending = await eventually(async () => {
       const s = await status();
-      return s.state === "degraded" && /ERR_ATTESTATION_REFUSED/.test(JSON.stringify(s.reasons ?? {})) ? s : undefined;
+      return s.state === "degraded" && /ERR_ATTESTATION_REFUSED/.test(JSON.stringify(s.reasons ?? {}))
+        ? s
+        : undefined;
     }, 30_000);
     expect(JSON.stringify(pending.reasons)).toContain("no approved PCR values");
     const shown = await setup.reg(["attestation", "show", deviceId]);
@@ -123,7 +125,9 @@ describe("continuous attestation: built registrar + agent daemon on swtpm", () =
     await tpm.tpm("tpm2_pcrextend", [`7:sha256=${"ab".repeat(32)}`]);
     const changed = await eventually(async () => {
       const s = await status();
-      return s.state === "degraded" && /PCR 7 differs from the policy/.test(JSON.stringify(s.reasons ?? {})) ? s : undefined;
+      return s.state === "degraded" && /PCR 7 differs from the policy/.test(JSON.stringify(s.reasons ?? {}))
+        ? s
+        : undefined;
     }, 40_000);
     expect(JSON.stringify(changed.reasons)).toContain("ERR_ATTESTATION_REFUSED");
     const report = JSON.parse((await setup.reg(["attestation", "show", deviceId])).stdout) as {
