@@ -5,6 +5,7 @@ import { Agent, fetch } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type PostgresHandle, startPostgres } from "../../hw/postgres.js";
 import { registrarConfigFrom, STORE_URL_ENV } from "../../src/registrar/config.js";
+import { SCHEMA_VERSION } from "../../src/registrar/store/migrations.js";
 import {
   cliEnv,
   ensureBuilt,
@@ -40,9 +41,9 @@ describe("m2m-registrar on PostgreSQL (CLI)", () => {
     const setup = await setupRegistrar({ work, env, groups: [] });
     const first = await setup.reg(["db", "migrate"]);
     expect(first.code, first.stderr).toBe(0);
-    expect(JSON.parse(first.stdout)).toMatchObject({ backend: "postgres", from: 0, to: 2 });
+    expect(JSON.parse(first.stdout)).toMatchObject({ backend: "postgres", from: 0, to: SCHEMA_VERSION });
     const again = await setup.reg(["db", "migrate"]);
-    expect(JSON.parse(again.stdout)).toMatchObject({ from: 2, to: 2 });
+    expect(JSON.parse(again.stdout)).toMatchObject({ from: SCHEMA_VERSION, to: SCHEMA_VERSION });
     for (const out of [first, again]) {
       expect(out.stdout + out.stderr).not.toContain("canary-s3cret");
       expect(out.stdout).toContain("***");
