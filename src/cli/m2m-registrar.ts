@@ -17,6 +17,11 @@ import {
   revokeDevice,
 } from "../registrar/admin.js";
 import { startRegistrarApp } from "../registrar/app.js";
+import {
+  approveFromDevice,
+  attestationReport,
+  setAttestationPolicy,
+} from "../registrar/attestation/index.js";
 import { caPaths, FleetCa, initCa } from "../registrar/ca/index.js";
 import { loadRegistrarConfig, parseDurationSeconds, REGISTRAR_DB_FILE } from "../registrar/config.js";
 import {
@@ -334,6 +339,128 @@ export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
       cmd,
       { token: t.reveal(), group: record.group, expiresAt: record.expiresAt.toISOString() },
       `${t.reveal()}\n(group ${record.group}, expires ${record.expiresAt.toISOString()}; shown once)`,
+    );
+  });
+
+  const attestation = program
+    .command("attestation")
+    .description(
+      "continuous attestation: group PCR policies, golden values, device quotes (docs/attestation.md)",
+    );
+  const policyCmd = attestation.command("policy").description("a group's attestation policy");
+  storeOptions(
+    policyCmd
+      .command("set <group>")
+      .description("create or change a group's policy (the version in tokens' `attested.policy` goes up)")
+      .requiredOption("--pcrs <selection>", "bank and PCRs a quote must cover, e.g. sha256:0,1,2,3,7")
+      .option("--max-quote-age <seconds>", "how old a quote's nonce may be", (v) => Number(v))
+      .option("--golden <pcr=hex>", "golden value given by the operator (repeat for each PCR)", collect, [])
+      .option("--no-require-for-tokens", "verify quotes when sent, but also issue tokens without one")
+      .option("--require-for-renewal", "EST renewals need a token minted after a fresh quote")
+      .addOption(
+        new Option("--non-attestable <rule>", "devices that cannot quote (PKCS#11)").choices([
+          "claimless",
+          "refuse",
+        ]),
+      ),
+  ).action(async (group: string, opts: StoreOpts & Record<string, unknown>, cmd: Command) => {
+    const goldenList = opts.golden as string[];
+    const golden =
+      goldenList.length === 0
+        ? undefined
+        : Object.fromEntries(
+            goldenList.map((g) => {
+              const i = g.indexOf("=");
+              if (i <= 0) throw new M2mError("ERR_USAGE", "permanent", "--golden takes pcr=hex");
+              return [g.slice(0, i), g.slice(i + 1)];
+            }),
+          );
+    const p = await withStore(opts, (st) =>
+      setAttestationPolicy(
+        st,
+        {
+          group,
+          pcrs: String(opts.pcrs),
+          ...(opts.maxQuoteAge === undefined ? {} : { maxQuoteAgeSec: Number(opts.maxQuoteAge) }),
+          ...(golden === undefined ? {} : { golden }),
+          requireForTokens: opts.requireForTokens !== false,
+          ...(opts.requireForRenewal === true ? { requireForRenewal: true } : {}),
+          ...(opts.nonAttestable === undefined
+            ? {}
+            : { nonAttestable: opts.nonAttestable as "claimless" | "refuse" }),
+        },
+        systemClock,
+      ),
+    );
+    print(
+      cmd,
+      p,
+      `policy ${p.group}#${p.version}: ${p.selection.bank}:${p.selection.pcrs.join(",")}; golden values ${
+        p.golden === undefined
+          ? "NOT approved yet (devices are refused until `attestation approve`)"
+          : `from ${p.goldenSource}`
+      }`,
+    );
+  });
+  storeOptions(policyCmd.command("show <group>").description("show a group's policy")).action(
+    async (group: string, opts: StoreOpts, cmd: Command) => {
+      const p = await withStore(opts, (st) => st.getAttestationPolicy(group));
+      if (p === undefined)
+        throw new M2mError("ERR_ATTESTATION_POLICY", "permanent", `group ${group} has no attestation policy`);
+      const out = { ...p, goldenEventLog: p.goldenEventLog === undefined ? undefined : "<kept>" };
+      print(cmd, out, JSON.stringify(out, null, 2));
+    },
+  );
+  storeOptions(
+    attestation
+      .command("show <deviceId>")
+      .description(
+        "a device's last quote, its anomaly flag, and the PCRs (and events) that differ from the policy",
+      ),
+  ).action(async (deviceId: string, opts: StoreOpts, cmd: Command) => {
+    const r = await withStore(opts, (st) => attestationReport(st, deviceId));
+    const last = r.last;
+    const lines = [
+      `device ${r.deviceId} (group ${r.group}, policy ${r.policy ?? "none"} over ${r.selection ?? "-"})`,
+      last === undefined
+        ? "no quote yet"
+        : `last quote ${last.at.toISOString()}: ${last.outcome}${last.code === undefined ? "" : ` ${last.code}: ${last.reason}`}`,
+      ...(last?.anomaly === undefined
+        ? []
+        : [`ANOMALY since ${last.anomaly.at.toISOString()}: ${last.anomaly.reason}`]),
+      ...r.differing.map(
+        (d) =>
+          `PCR ${d.pcr}: expected ${d.expected ?? "(not approved)"} got ${d.actual ?? "?"}${
+            d.event === undefined
+              ? ""
+              : `; first differing event #${d.event.position} of this PCR: ${d.event.description}`
+          }`,
+      ),
+    ];
+    print(
+      cmd,
+      {
+        ...r,
+        last:
+          last === undefined
+            ? undefined
+            : { ...last, eventLog: last.eventLog === undefined ? undefined : "<kept>" },
+      },
+      lines.join("\n"),
+    );
+  });
+  storeOptions(
+    attestation
+      .command("approve <deviceId>")
+      .description(
+        "approve the PCR values of this device's last authentic quote as its group's golden values",
+      ),
+  ).action(async (deviceId: string, opts: StoreOpts, cmd: Command) => {
+    const p = await withStore(opts, (st) => approveFromDevice(st, deviceId, systemClock));
+    print(
+      cmd,
+      { group: p.group, version: p.version, golden: p.golden },
+      `policy ${p.group}#${p.version}: golden values approved from ${deviceId}`,
     );
   });
 

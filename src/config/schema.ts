@@ -236,6 +236,15 @@ const oauthSection = z.strictObject({
   cache_file: absPath.optional(),
 });
 
+/** Continuous attestation (docs/attestation.md): used only when the registrar asks for TPM quotes. */
+const attestationSection = z.strictObject({
+  /** Measured-boot event log sent with each quote when the file exists (absent file: PCR values alone). */
+  event_log: absPath.default("/sys/kernel/security/tpm0/binary_bios_measurements"),
+  /** First wait after a refused quote, seconds; doubles up to `retry_max_s` (never a tight TPM loop). */
+  retry_base_s: z.number().int().min(1).max(3600).default(60),
+  retry_max_s: z.number().int().min(1).max(86_400).default(900),
+});
+
 const estSection = z.strictObject({
   url: httpsUrl.optional(),
   renew_fraction: fraction.default(0.6667),
@@ -320,6 +329,7 @@ export const agentConfigSchema = z.strictObject({
     .strictObject({
       oauth: oauthSection.optional(),
       est: estSection.optional(),
+      attestation: attestationSection.prefault({}),
     })
     .prefault({}),
   relay: relaySection.prefault({}),

@@ -1,6 +1,6 @@
 import type { SecureContext } from "node:tls";
 import type { Secret } from "../core/secret.js";
-import type { AkPublic, CertifyResult, EkCertificate, EkPublic } from "./tpm/endorsement.js";
+import type { AkPublic, CertifyResult, EkCertificate, EkPublic, QuoteResult } from "./tpm/endorsement.js";
 import type { LockoutInfo } from "./tpm/runner.js";
 
 /**
@@ -13,7 +13,7 @@ import type { LockoutInfo } from "./tpm/runner.js";
 /** TCG low-range RSA EK handle: the first EK tried for credential activation. */
 export { RSA_EK_HANDLE } from "./tpm/endorsement.js";
 
-/** TPM attestation of THIS key: EK, AK, credential activation, TPM2_Certify (later: quote). */
+/** TPM attestation of THIS key and its platform: EK, AK, credential activation, TPM2_Certify, TPM2_Quote. */
 export interface TpmAttestation {
   /** Persistent handle of the key this capability certifies. */
   readonly keyHandle: number;
@@ -27,6 +27,15 @@ export interface TpmAttestation {
   activateCredential(blob: Uint8Array, ekHandle: number): Promise<Secret<Uint8Array>>;
   /** TPM2_Certify of this key by the AK over `qualifyingData` (a registrar nonce). */
   certify(qualifyingData: Uint8Array): Promise<CertifyResult>;
+  /**
+   * TPM2_Quote by the AK over `pcrs` of `bank` with `qualifyingData` (≤ 64 bytes), plus the PCR values
+   * it covers, ascending (one tpm2_quote call: ≈ one signature's cost).
+   */
+  quote(
+    qualifyingData: Uint8Array,
+    bank: "sha1" | "sha256" | "sha384",
+    pcrs: readonly number[],
+  ): Promise<QuoteResult>;
   /** Evicts the AK (decommissioning: it identified this TPM to the registrar). Idempotent. */
   evictAk(): Promise<void>;
   /** Dictionary-attack lockout state of the TPM. */

@@ -7,6 +7,7 @@ import { z } from "zod";
 import { type Clock, systemClock } from "../core/clock.js";
 import { M2mError } from "../core/errors.js";
 import { type Logger, silentLogger } from "../core/log.js";
+import { AttestationGate, QuoteNonceIssuer } from "./attestation/index.js";
 import type { FleetCa } from "./ca/index.js";
 import { parseDurationSeconds, type RegistrarConfig } from "./config.js";
 import { keyIdentity } from "./enrolment/complete.js";
@@ -80,6 +81,8 @@ export const registrarOauthSchema = z
             scope: z.string().min(1).max(256),
             roles: z.array(z.string().min(1)).optional(),
             require: z.record(z.string(), z.union([z.string(), z.array(z.string())])).optional(),
+            /** Only for token requests whose TPM quote was verified (docs/attestation.md). */
+            attested: z.boolean().optional(),
           })
           .strict(),
       )
@@ -289,12 +292,20 @@ export async function startRegistrarApp(
   // Everything a request depends on is in the store (shared by replicas): jti replay records, the
   // DPoP nonce key, sessions. The only cache is the device directory below (bounded staleness).
   const nonceSecret = await deps.store.sharedSecret("dpop-nonce-hmac", () => randomBytes(32));
-  const tokenReplay: ReplayGuard = new StoreReplayGuard(deps.store, "t|");
-  const resourceReplay: ReplayGuard = new StoreReplayGuard(deps.store, "r|");
+  const quoteNonceSecret = await deps.store.sharedSecret("attestation-nonce-hmac", () => randomBytes(32));
   const directory = new CachedDeviceDirectory(deps.store, {
     ttlMs: DEVICE_CACHE_TTL_MS,
     monotonicMs: () => clock.monotonicMs(),
   });
+  const attestation = new AttestationGate({
+    store: deps.store,
+    directory,
+    nonces: new QuoteNonceIssuer(clock, quoteNonceSecret),
+    clock,
+    log: log.child({ component: "attestation" }),
+  });
+  const tokenReplay: ReplayGuard = new StoreReplayGuard(deps.store, "t|");
+  const resourceReplay: ReplayGuard = new StoreReplayGuard(deps.store, "r|");
 
   // The issuer may depend on the port the server got (listen.port = 0): bind late.
   let base = settings.issuer ?? "";
@@ -332,6 +343,7 @@ export async function startRegistrarApp(
         nonceSecret,
         clock,
         log: log.child({ component: "oauth" }),
+        attestation,
       },
     );
 
@@ -357,6 +369,10 @@ export async function startRegistrarApp(
     publicUrl: issuer,
     accessTokens: { verifyAccessToken: (t, check) => svc().verifyAccessToken(t, check) },
     tokenAudience: settings.estAudience,
+    renewalQuoteMaxAge: async (device) => {
+      const policy = await deps.store.getAttestationPolicy(device.group);
+      return policy?.requireForRenewal === true ? policy.maxQuoteAgeSec : undefined;
+    },
     // The registry shows the certificate a device holds now, not the one from its enrolment.
     onIssued: (deviceId, cert) => deps.store.recordCertificate(deviceId, cert, clock.now()),
     // PKCS#11 key rotation over simplereenroll (CSR signed by the new key, request by the current

@@ -43,6 +43,18 @@ export {
   ekPolicyC,
   policyOr,
 } from "./ek-policy.js";
+export {
+  describeEventData,
+  EV_NO_ACTION,
+  type EventDifference,
+  type EventLog,
+  type EventLogEvent,
+  type EventToEncode,
+  encodeEventLog,
+  firstDifferingEvent,
+  parseEventLog,
+  replayEventLog,
+} from "./event-log.js";
 export { kdfa, kdfe } from "./kdf.js";
 export {
   activateCredentialWithPrivateKey,

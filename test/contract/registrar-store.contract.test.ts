@@ -383,8 +383,22 @@ for (const backend of [sqliteBackend(), postgresBackend()]) {
       await r.a.addBootstrapToken({ hash: "gr1", group: "g", expiresAt: at(60_000), createdAt: T0 });
       await r.a.addBootstrapToken({ hash: "gr2", group: "g", expiresAt: at(60_000), createdAt: T0 });
       const enrolled = await r.a.commitEnrolment(commit({ proof: { kind: "token", hash: "gr1" } }));
+      await r.a.putAttestationPolicy({
+        group: "g",
+        selection: { bank: "sha256", pcrs: [7] },
+        golden: undefined,
+        goldenEventLog: undefined,
+        goldenSource: undefined,
+        maxQuoteAgeSec: 300,
+        requireForTokens: true,
+        requireForRenewal: false,
+        nonAttestable: "refuse",
+        updatedAt: T0,
+      });
       expect(await r.b.removeGroup("g")).toEqual({ tokensRemoved: 2 });
       expect(await r.a.getGroup("g")).toBeUndefined();
+      // The group's policy went with it: a group of the same name starts without one.
+      expect(await r.a.getAttestationPolicy("g")).toBeUndefined();
       expect(await r.a.getBootstrapToken("gr2")).toBeUndefined();
       expect((await r.a.getDevice(enrolled.device.deviceId))?.status).toBe("active");
       await expect(r.a.removeGroup("g")).rejects.toMatchObject({ code: "ERR_GROUP_UNKNOWN" });
@@ -585,6 +599,70 @@ for (const backend of [sqliteBackend(), postgresBackend()]) {
       ]);
       expect(x.equals(y)).toBe(true);
       expect((await r.b.sharedSecret("k", () => Buffer.alloc(32, 3))).equals(x)).toBe(true);
+    });
+
+    it("attestation policy: unknown group refused; versions go up by one, also when two replicas write at once; read across replicas", async () => {
+      const policy = {
+        group: "g",
+        selection: { bank: "sha256" as const, pcrs: [0, 7] },
+        golden: undefined,
+        goldenEventLog: undefined,
+        goldenSource: undefined,
+        maxQuoteAgeSec: 300,
+        requireForTokens: true,
+        requireForRenewal: false,
+        nonAttestable: "refuse" as const,
+        updatedAt: T0,
+      };
+      await expect(r.a.putAttestationPolicy({ ...policy, group: "nope" })).rejects.toMatchObject({
+        code: "ERR_GROUP_UNKNOWN",
+      });
+      expect(await r.a.getAttestationPolicy("g")).toBeUndefined();
+      expect((await r.a.putAttestationPolicy(policy)).version).toBe(1);
+      const both = await Promise.all([
+        r.a.putAttestationPolicy({ ...policy, golden: { "0": "aa" } }),
+        r.b.putAttestationPolicy({ ...policy, golden: { "0": "bb" }, goldenSource: "operator" }),
+      ]);
+      expect(both.map((p) => p.version).sort()).toEqual([2, 3]);
+      const read = await r.b.getAttestationPolicy("g");
+      expect(read?.version).toBe(3);
+      expect(read).toMatchObject({ selection: { bank: "sha256", pcrs: [0, 7] }, maxQuoteAgeSec: 300 });
+      expect(read?.golden?.["0"]).toBe(both.find((p) => p.version === 3)?.golden?.["0"]);
+    });
+
+    it("device attestation: upsert, read across replicas, dates and optional fields survive", async () => {
+      expect(await r.a.getDeviceAttestation("dev-1")).toBeUndefined();
+      const rec = {
+        deviceId: "dev-1",
+        at: at(1000),
+        outcome: "refused" as const,
+        code: "ERR_QUOTE_PCR_MISMATCH",
+        reason: "PCR 7 differs from the policy",
+        policyVersion: 2,
+        bank: "sha256",
+        pcrs: { "0": "00", "7": "ff" },
+        differing: [7],
+        clock: { clock: "18446744073709551615", resetCount: 3, restartCount: 0, safe: true },
+        eventLog: undefined,
+        lastVerifiedAt: undefined,
+        anomaly: { code: "ERR_QUOTE_PCR_MISMATCH", reason: "PCR 7 differs from the policy", at: at(1000) },
+        reboots: 1,
+      };
+      await r.a.putDeviceAttestation(rec);
+      expect(await r.b.getDeviceAttestation("dev-1")).toEqual(rec);
+      const ok = {
+        ...rec,
+        at: at(2000),
+        outcome: "verified" as const,
+        code: undefined,
+        reason: undefined,
+        differing: [],
+        anomaly: undefined,
+        lastVerifiedAt: at(2000),
+        eventLog: "AAAA",
+      };
+      await r.b.putDeviceAttestation(ok);
+      expect(await r.a.getDeviceAttestation("dev-1")).toEqual(ok);
     });
 
     it("audit rows written at both replicas are listed in order", async () => {

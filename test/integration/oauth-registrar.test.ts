@@ -14,6 +14,7 @@ import { InMemoryDeviceDirectory } from "../../src/registrar/oauth/directory.js"
 import { loadOrCreateSigningKey } from "../../src/registrar/oauth/signing-key.js";
 import {
   oauthRoutes,
+  TOKEN_MAX_BODY_BYTES,
   TokenService,
   type TokenServiceConfig,
 } from "../../src/registrar/oauth/token-service.js";
@@ -293,7 +294,8 @@ describe("agent OAuth client against the registrar token service (https on 127.0
     const big = await fetchInsecure(
       pki,
       `${rig.origin}/oauth2/token`,
-      `grant_type=client_credentials&x=${"a".repeat(40_000)}`,
+      // The cap leaves room for a quote and a measured-boot event log (docs/attestation.md).
+      `grant_type=client_credentials&x=${"a".repeat(TOKEN_MAX_BODY_BYTES + 1)}`,
     );
     expect(big.status).toBe(413); // the router refuses oversized bodies before the token service sees them
     const meta = await getJson(pki, `${rig.origin}/.well-known/oauth-authorization-server`);

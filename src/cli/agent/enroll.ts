@@ -2,7 +2,16 @@ import { X509Certificate } from "node:crypto";
 import type { Command } from "commander";
 import { systemClock } from "../../core/clock.js";
 import type { EnrollStep } from "../../enroll/progress.js";
-import { action, cliLogger, EXIT, globalOptions, loadCliConfig, output, progressFor, withStateLock } from "./common.js";
+import {
+  action,
+  cliLogger,
+  EXIT,
+  globalOptions,
+  loadCliConfig,
+  output,
+  progressFor,
+  withStateLock,
+} from "./common.js";
 
 const STEP_TEXT: Record<EnrollStep, string> = {
   "check-state": "checking enrolment state",

@@ -12,6 +12,14 @@ import { Secret } from "../../core/secret.js";
 import { type TrustSource, tlsVerifyError } from "../../core/tls-diagnosis.js";
 import { signCompactJws } from "../../keys/jws.js";
 import type { KeyInfo, KeyProvider } from "../../keys/key-provider.js";
+import {
+  ATTESTATION_FORM_PARAM,
+  ATTESTATION_HEADERS,
+  ATTESTATION_OAUTH_ERRORS,
+  type PcrSelection,
+  parsePcrSelection,
+} from "../../wire/v1/index.js";
+import type { AttestationEvidenceSource } from "./attestation.js";
 import { HardwareDpopSigner } from "./dpop.js";
 import type { AccessToken, CredentialHealth, DpopSigner, TokenSource } from "./token-source.js";
 
@@ -56,6 +64,19 @@ export interface OAuthClientDeps {
   readonly log?: Logger;
   readonly retry?: RetryPolicy;
   readonly random?: () => number;
+  /**
+   * TPM quotes for continuous attestation (docs/attestation.md): when the authorization server asks
+   * (`use_attestation_nonce`), each token request carries a quote over the PCRs it names.
+   */
+  readonly attestation?: AttestationEvidenceSource;
+}
+
+/** The latest attestation challenge from the authorization server. */
+interface Challenge {
+  readonly nonce: string;
+  readonly selection: PcrSelection;
+  readonly maxAgeSec: number;
+  readonly receivedMono: number;
 }
 
 interface CacheEntry {
@@ -96,6 +117,9 @@ export class OAuthClient implements TokenSource {
   #health: CredentialHealth = { ok: true, detail: "no token requested yet" };
   #dispatcher: Agent | undefined;
   #diskLoaded = false;
+  #challenge: Challenge | undefined;
+  /** The server asked for quotes at least once: fetch a nonce first when the cached one is stale. */
+  #attestationSeen = false;
 
   constructor(config: OAuthClientConfig, deps: OAuthClientDeps) {
     if (config.issuer === undefined && config.tokenEndpoint === undefined) {
@@ -230,16 +254,31 @@ export class OAuthClient implements TokenSource {
     const tokenEndpoint = as.token_endpoint ?? "";
     const signer = this.#config.dpop === true ? await this.#signer() : undefined;
     let response: Response | undefined;
-    // RFC 9449 §8: a server may demand a nonce; we retry exactly once with the one it sent.
-    for (let attempt = 0; attempt < 2; attempt++) {
+    const source = this.#deps.attestation;
+    if (source !== undefined && this.#attestationSeen && this.#freshChallenge() === undefined) {
+      await this.#fetchChallenge(as, tokenEndpoint);
+    }
+    let dpopRetried = false;
+    let attestRetried = false;
+    // RFC 9449 §8: a server may demand a nonce; we retry exactly once with the one it sent. Likewise once
+    // for an attestation nonce (the quote is made only with a nonce in hand: no TPM time wasted).
+    for (let attempt = 0; attempt < 3; attempt++) {
       const headers: Record<string, string> = {};
       if (signer !== undefined) headers.dpop = await signer.proof("POST", tokenEndpoint);
+      const body = new URLSearchParams(params);
+      const challenge = source === undefined ? undefined : this.#freshChallenge();
+      if (source !== undefined && challenge !== undefined) {
+        // Single use: whatever the answer, the next request needs the nonce that answer carries.
+        this.#challenge = undefined;
+        const evidence = await source.evidence(challenge.nonce, challenge.selection);
+        body.set(ATTESTATION_FORM_PARAM, base64url.encode(JSON.stringify(evidence)));
+      }
       try {
         response = await oauth.clientCredentialsGrantRequest(
           as,
           client,
           this.#clientAuth(tokenEndpoint),
-          params,
+          body,
           {
             headers,
             ...this.#httpOptions(),
@@ -262,18 +301,32 @@ export class OAuthClient implements TokenSource {
       }
       const nonce = response.headers.get("dpop-nonce");
       if (signer !== undefined && nonce !== null) signer.rememberNonce(tokenEndpoint, nonce);
-      if (
-        signer !== undefined &&
-        nonce !== null &&
-        attempt === 0 &&
-        (response.status === 400 || response.status === 401)
-      ) {
-        const body = (await response
+      this.#rememberChallenge(response);
+      if (response.status === 400 || response.status === 401) {
+        const rbody = (await response
           .clone()
           .json()
           .catch(() => ({}))) as { error?: unknown };
-        const challenge = response.headers.get("www-authenticate") ?? "";
-        if (body.error === "use_dpop_nonce" || /use_dpop_nonce/.test(challenge)) continue;
+        const www = response.headers.get("www-authenticate") ?? "";
+        if (signer !== undefined && nonce !== null && !dpopRetried) {
+          if (rbody.error === "use_dpop_nonce" || /use_dpop_nonce/.test(www)) {
+            dpopRetried = true;
+            continue;
+          }
+        }
+        if (rbody.error === ATTESTATION_OAUTH_ERRORS.useNonce) {
+          if (source === undefined) {
+            throw new M2mError(
+              "ERR_ATTESTATION_UNSUPPORTED",
+              "permanent",
+              "the authorization server requires a TPM quote and this device key cannot quote",
+            );
+          }
+          if (!attestRetried && this.#freshChallenge() !== undefined) {
+            attestRetried = true;
+            continue;
+          }
+        }
       }
       break;
     }
@@ -310,6 +363,51 @@ export class OAuthClient implements TokenSource {
     await this.#saveDisk();
     this.#log.info("access token obtained", { scope: token.scope, tokenType, expiresIn: lifetimeSec });
     return token;
+  }
+
+  /** The cached challenge if it can still be used (15 s margin for the round trip and the quote). */
+  #freshChallenge(): Challenge | undefined {
+    const c = this.#challenge;
+    if (c === undefined) return undefined;
+    const ageMs = this.#deps.clock.monotonicMs() - c.receivedMono;
+    return ageMs < Math.max(1, c.maxAgeSec - 15) * 1000 ? c : undefined;
+  }
+
+  #rememberChallenge(response: Response): void {
+    const nonce = response.headers.get(ATTESTATION_HEADERS.nonce);
+    const pcrs = response.headers.get(ATTESTATION_HEADERS.pcrs);
+    if (nonce === null || pcrs === null || nonce.length > 128) return;
+    const selection = parsePcrSelection(pcrs);
+    if (selection === undefined) return;
+    const maxAge = Number(response.headers.get(ATTESTATION_HEADERS.maxAge) ?? "60");
+    this.#attestationSeen = true;
+    this.#challenge = {
+      nonce,
+      selection,
+      maxAgeSec: Number.isFinite(maxAge) && maxAge > 0 ? Math.min(maxAge, 86_400) : 60,
+      receivedMono: this.#deps.clock.monotonicMs(),
+    };
+  }
+
+  /**
+   * A fresh nonce without spending a signature: an unsigned request naming only the client; the
+   * server answers `use_attestation_nonce` with the challenge headers before any client check.
+   */
+  async #fetchChallenge(as: oauth.AuthorizationServer, tokenEndpoint: string): Promise<void> {
+    const f = this.#httpOptions()[oauth.customFetch];
+    try {
+      const res = await f(tokenEndpoint, {
+        method: "POST",
+        headers: { "content-type": "application/x-www-form-urlencoded", accept: "application/json" },
+        body: new URLSearchParams({
+          grant_type: "client_credentials",
+          client_id: this.#config.clientId,
+        }).toString(),
+      });
+      this.#rememberChallenge(res);
+    } catch (err) {
+      this.#log.debug("attestation challenge request failed", { error: err, issuer: as.issuer });
+    }
   }
 
   #store(key: string, token: AccessToken, lifetimeSec: number, remainingSec: number): void {
@@ -507,6 +605,17 @@ function classify(err: unknown): M2mError {
         hint: "the device may be revoked or not registered as a client: check with the fleet operator",
       },
     );
+  }
+  if (error === ATTESTATION_OAUTH_ERRORS.failed) {
+    // The registrar's one-line reason ("PCR 7 differs from the policy") is what the operator needs.
+    const raw = err instanceof oauth.ResponseBodyError ? err.error_description : undefined;
+    const reason =
+      typeof raw === "string" ? raw.replace(/[^\x20-\x7e]/g, "").slice(0, 200) : "no reason given";
+    return new M2mError("ERR_ATTESTATION_REFUSED", "permanent", `attestation refused: ${reason}`, {
+      cause: err,
+      details: { reason },
+      hint: "the fleet operator reviews `m2m-registrar attestation show <device>` and approves new values if planned",
+    });
   }
   if (error === "invalid_scope") {
     return new M2mError("ERR_OAUTH_SCOPE", "permanent", "requested scope not allowed", { cause: err });

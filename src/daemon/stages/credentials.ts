@@ -75,11 +75,22 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
       };
     }
     const { OAuthClient } = await import("../../credentials/oauth/client.js");
+    const { tpmEvidenceSource } = await import("../../credentials/oauth/attestation.js");
+    const attCfg = config.credentials.attestation;
     const makeClient = (keys: KeyProvider): OAuthClient =>
       new OAuthClient(oauthClientSettings(target), {
         keys,
         clock: ctx.clock,
         log: ctx.log.child({ component: "oauth" }),
+        // A key that can quote answers the registrar's attestation challenges (docs/attestation.md).
+        ...(keys.attestation === undefined
+          ? {}
+          : {
+              attestation: tpmEvidenceSource(keys.attestation, {
+                eventLogPath: attCfg.event_log,
+                log: ctx.log.child({ component: "attestation" }),
+              }),
+            }),
       });
     // After a key rotation the client is rebuilt on the new key; `tokens` and `dpop` forward to it.
     let client: OAuthClient = makeClient(ctx.keys.current);
@@ -145,15 +156,29 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
     // configured fraction (jittered, single-flight) and serves the cache in between.
     const tokenLoop = (async (): Promise<void> => {
       if (!(await clockTrusted(ctx, signal))) return;
+      let refusals = 0;
       while (!signal.aborted) {
         let waitMs = 30_000;
         try {
           const t = await tokens.getToken();
+          refusals = 0;
           const left = t.expiresAt.getTime() - ctx.clock.now().getTime();
           waitMs = Math.min(300_000, Math.max(1_000, Math.floor(left / 4)));
         } catch (err) {
           const e = asM2mError(err);
-          ctx.log.warn("access token unavailable", { code: e.code });
+          ctx.log.warn("access token unavailable", { code: e.code, reason: e.message });
+          if (e.code === "ERR_ATTESTATION_REFUSED") {
+            // Refused platform state: degraded with the reason (noteFailure), then ask again later, on
+            // an exponential schedule — one quote per attempt, never a loop burning TPM time. It
+            // recovers by itself once the operator approves new values.
+            const base = attCfg.retry_base_s * 1000;
+            const cap = Math.max(base, attCfg.retry_max_s * 1000);
+            const exp = Math.min(cap, base * 2 ** Math.min(refusals, 20));
+            refusals++;
+            waitMs = Math.round(exp * (0.8 + 0.4 * Math.random()));
+            if (!(await pause(ctx, waitMs, signal))) return;
+            continue;
+          }
           // A refused client stays refused until an operator acts: stop asking in the background.
           if (e.retry !== "transient") return;
         }

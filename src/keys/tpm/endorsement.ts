@@ -108,6 +108,17 @@ export interface CertifyResult {
   readonly signature: Uint8Array;
 }
 
+export interface QuoteResult {
+  /** TPMS_ATTEST bytes (TPM2_Quote `quoted`). */
+  readonly attest: Uint8Array;
+  /** TPMT_SIGNATURE over `attest` by the AK. */
+  readonly signature: Uint8Array;
+  /** The quoted PCRs' values, ascending by index (as read by tpm2_quote with the quote). */
+  readonly values: readonly Uint8Array[];
+}
+
+const BANK_SIZES = { sha1: 20, sha256: 32, sha384: 48 } as const;
+
 function kindOf(pub: ParsedPublic): EkKind {
   if (pub.type === ALG.RSA) {
     return pub.keyBits === 2048
@@ -443,6 +454,73 @@ export class TpmAttestationOps {
     const resp = await this.#runner.sendRaw(cmd, { op: "certify" });
     return parseCertifyResponse(resp.body);
   }
+}
+
+/**
+ * TPM2_Quote by the AK over `pcrs` of `bank`, qualified with `qualifyingData`, plus the PCR values
+ * (tpm2_quote reads them in the same call). The AK is persistent, so no transient is left loaded.
+ * @throws ERR_TPM_ARGUMENT, ERR_TPM_RESPONSE, ERR_TPM_*
+ */
+export async function quoteWithAk(
+  runner: TpmRunner,
+  akHandle: number,
+  qualifyingData: Uint8Array,
+  bank: keyof typeof BANK_SIZES,
+  pcrs: readonly number[],
+): Promise<QuoteResult> {
+  if (qualifyingData.length === 0 || qualifyingData.length > MAX_QUALIFYING_DATA) {
+    throw new M2mError(
+      "ERR_TPM_ARGUMENT",
+      "permanent",
+      `qualifying data must be 1-${MAX_QUALIFYING_DATA} bytes`,
+    );
+  }
+  const sorted = [...new Set(pcrs)].sort((a, b) => a - b);
+  if (sorted.length === 0 || sorted.some((p) => !Number.isInteger(p) || p < 0 || p > 23)) {
+    throw new M2mError("ERR_TPM_ARGUMENT", "permanent", "PCR selection must be indices 0-23");
+  }
+  return runner.exclusive(async (tx) => {
+    const msg = tx.path("quote.msg");
+    const sig = tx.path("quote.sig");
+    const vals = tx.path("quote.pcrs");
+    await tx.run(
+      "tpm2_quote",
+      [
+        "-c",
+        hex32(akHandle),
+        "-l",
+        `${bank}:${sorted.join(",")}`,
+        "-q",
+        Buffer.from(qualifyingData).toString("hex"),
+        "-m",
+        msg,
+        "-s",
+        sig,
+        "-o",
+        vals,
+        "-F",
+        "values",
+        "-g",
+        "sha256",
+      ],
+      { op: "quote" },
+    );
+    const raw = await readFile(vals);
+    const size = BANK_SIZES[bank];
+    if (raw.length !== size * sorted.length) {
+      throw new M2mError(
+        "ERR_TPM_RESPONSE",
+        "permanent",
+        "tpm2_quote returned an unexpected number of PCR values",
+      );
+    }
+    const values = sorted.map((_, i) => new Uint8Array(raw.subarray(i * size, (i + 1) * size)));
+    return {
+      attest: new Uint8Array(await readFile(msg)),
+      signature: new Uint8Array(await readFile(sig)),
+      values,
+    };
+  });
 }
 
 /** Builds TPM2_Certify (0x148) with two TPM_RS_PW sessions and inScheme TPM_ALG_NULL (use the AK's scheme). */

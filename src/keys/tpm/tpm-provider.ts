@@ -15,7 +15,7 @@ import type {
 } from "../key-provider.js";
 import { JWS_ALGS_FOR } from "../key-provider.js";
 import { keyInfoFromSpki } from "../public-key.js";
-import { TpmAttestationOps } from "./endorsement.js";
+import { quoteWithAk, TpmAttestationOps } from "./endorsement.js";
 import { readPublicOrUndefined } from "./read-public.js";
 import { readLockoutInfo, type TpmLatencySample, TpmRunner, type TpmTx } from "./runner.js";
 import type { TpmTlsKeys } from "./tls.js";
@@ -547,6 +547,7 @@ function tpmAttestationOf(key: TpmKeyProvider): TpmAttestation {
     createAk: (options) => ops.createAk(options),
     activateCredential: (blob, ekHandle) => ops.activateCredential(blob, ekHandle),
     certify: (nonce) => ops.certify(key.keyHandle, key.akHandle, nonce),
+    quote: (qualifyingData, bank, pcrs) => quoteWithAk(key.runner, key.akHandle, qualifyingData, bank, pcrs),
     evictAk: async () => {
       await key.runner
         .exclusive(async (tx) =>

@@ -49,6 +49,11 @@ export interface EstDeps {
   readonly allowKeyRotation?: (device: DirectoryDevice) => boolean | Promise<boolean>;
   /** Records the new key after a rotation (store update). Required for rotation to be accepted. */
   readonly onKeyRotated?: (deviceId: string, publicJwk: JWK, cert: IssuedCertificate) => Promise<void>;
+  /**
+   * Continuous attestation: the max quote age (seconds) when this device's group requires a fresh
+   * quote for certificate renewal, else undefined (docs/attestation.md).
+   */
+  readonly renewalQuoteMaxAge?: (device: DirectoryDevice) => Promise<number | undefined>;
   /** Records each issued certificate (serial, notAfter). */
   readonly onIssued?: (deviceId: string, cert: IssuedCertificate) => Promise<void> | void;
   readonly log?: Logger;
@@ -70,6 +75,7 @@ const STATUS: Readonly<Record<string, number>> = {
   ERR_EST_CSR_SUBJECT: 400,
   ERR_CSR_KEY_MISMATCH: 403,
   ERR_EST_ROTATION_REFUSED: 403,
+  ERR_ATTESTATION_RENEWAL: 403,
 };
 
 /** Generic messages (nothing expected or offending is echoed). */
@@ -84,6 +90,7 @@ const MESSAGE: Readonly<Record<string, string>> = {
   ERR_EST_CSR_SUBJECT: "the CSR subject does not name this device",
   ERR_CSR_KEY_MISMATCH: "the CSR key is not the device key",
   ERR_EST_ROTATION_REFUSED: "key rotation not permitted",
+  ERR_ATTESTATION_RENEWAL: "renewal needs a token issued after a fresh TPM quote",
 };
 
 export const PKCS7_CERTS_ONLY = "application/pkcs7-mime; smime-type=certs-only";
@@ -94,6 +101,8 @@ interface Authenticated {
   readonly via: "mtls" | "token";
   /** SPKI DER of the key that authenticated the request (current cert key, or DPoP key). */
   readonly currentSpki?: Buffer;
+  /** The token's `attested.at` (seconds), when authenticated by an attested token. */
+  readonly attestedAt?: number;
 }
 
 /** A certs-only CMS SignedData (RFC 7030 §4.1.3), base64 with 64-column lines. */
@@ -134,6 +143,15 @@ export class EstService {
       if (device === undefined) throw new M2mError("ERR_DEVICE_UNKNOWN", "permanent", "no such device");
       // Security: a revoked device gets no new certificate, whatever it authenticates with.
       if (device.status !== "active") throw new M2mError("ERR_DEVICE_REVOKED", "permanent", "device revoked");
+      const maxAge = await this.#deps.renewalQuoteMaxAge?.(device);
+      // Security: where the fleet requires it, a certificate is only renewed for a platform that proved
+      // its boot state recently (a token minted after a verified quote; mTLS alone proves only the key).
+      if (
+        maxAge !== undefined &&
+        (auth.attestedAt === undefined || this.#deps.clock.nowSeconds() - auth.attestedAt > maxAge)
+      ) {
+        throw new M2mError("ERR_ATTESTATION_RENEWAL", "permanent", "renewal requires a fresh TPM quote");
+      }
       const verified = await verifyCsr(decodeBase64Body(ctx.rawBody));
       checkCsrNames(verified, device.deviceId);
       const registered = spkiOfJwk(device.publicJwk);
@@ -263,7 +281,14 @@ export class EstService {
     ) {
       currentSpki = spkiOfJwk(device.publicJwk);
     }
-    return { deviceId: verified.sub, via: "token", ...(currentSpki === undefined ? {} : { currentSpki }) };
+    const att = verified.claims.attested as { at?: unknown } | undefined;
+    const attestedAt = typeof att?.at === "number" ? att.at : undefined;
+    return {
+      deviceId: verified.sub,
+      via: "token",
+      ...(currentSpki === undefined ? {} : { currentSpki }),
+      ...(attestedAt === undefined ? {} : { attestedAt }),
+    };
   }
 }
 

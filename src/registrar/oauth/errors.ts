@@ -10,6 +10,8 @@ export type OAuthErrorValue =
   | "invalid_scope"
   | "invalid_dpop_proof"
   | "use_dpop_nonce"
+  | "use_attestation_nonce"
+  | "attestation_failed"
   | "invalid_token"
   | "insufficient_scope"
   | "server_error";
@@ -48,6 +50,8 @@ export const GENERIC_DESCRIPTION: Readonly<Record<OAuthErrorValue, string>> = {
   invalid_scope: "the requested scope is not allowed",
   invalid_dpop_proof: "the DPoP proof is invalid",
   use_dpop_nonce: "a DPoP nonce is required",
+  use_attestation_nonce: "a TPM quote with the attestation nonce is required",
+  attestation_failed: "the TPM quote was refused",
   invalid_token: "the access token is invalid",
   insufficient_scope: "the access token lacks the required scope",
   server_error: "internal error",

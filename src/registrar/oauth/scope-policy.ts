@@ -12,6 +12,17 @@ export interface AbacRule {
   readonly roles?: readonly string[];
   /** Attribute equality conditions (value or list of accepted values). */
   readonly require?: Readonly<Record<string, string | readonly string[]>>;
+  /**
+   * Only for requests whose TPM quote was verified at this token request (continuous attestation,
+   * docs/attestation.md): the scope is never granted on a key alone.
+   */
+  readonly attested?: boolean;
+}
+
+/** Facts about the request itself (not the device record) that rules may require. */
+export interface GrantContext {
+  /** A TPM quote was verified for this token request. */
+  readonly attested: boolean;
 }
 
 export interface ScopePolicyConfig {
@@ -32,10 +43,16 @@ export class ScopePolicy {
   }
 
   /** Every scope this device may hold. */
-  allowed(role: string, attributes: Readonly<Record<string, string>>): Set<string> {
+  allowed(
+    role: string,
+    attributes: Readonly<Record<string, string>>,
+    context: GrantContext = { attested: false },
+  ): Set<string> {
     const out = new Set<string>(this.#config.roles[role] ?? []);
     for (const rule of this.#config.rules ?? []) {
       if (rule.roles !== undefined && !rule.roles.includes(role)) continue;
+      // Security: an attested-only scope needs this request's verified quote, not a past one.
+      if (rule.attested === true && !context.attested) continue;
       if (!conditionsHold(rule.require, attributes)) continue;
       const scope = expand(rule.scope, attributes);
       if (scope !== undefined) out.add(scope);
@@ -51,8 +68,9 @@ export class ScopePolicy {
     requested: string | undefined,
     role: string,
     attributes: Readonly<Record<string, string>>,
+    context: GrantContext = { attested: false },
   ): string[] | undefined {
-    const allowed = this.allowed(role, attributes);
+    const allowed = this.allowed(role, attributes, context);
     if (requested === undefined || requested.trim() === "") return [...allowed].sort();
     const asked = parseScope(requested);
     if (asked === undefined) return undefined;

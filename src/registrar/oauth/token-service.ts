@@ -3,6 +3,18 @@ import type { IncomingMessage } from "node:http";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
 import { type Logger, silentLogger } from "../../core/log.js";
+import {
+  ATTESTATION_FORM_PARAM,
+  ATTESTATION_HEADERS,
+  ATTESTATION_OAUTH_ERRORS,
+  MAX_EVENT_LOG_BYTES,
+} from "../../wire/v1/index.js";
+import {
+  type AttestationChallenge,
+  type AttestationGate,
+  challengeDetails,
+  challengeOf,
+} from "../attestation/gate.js";
 import type { Route, RouteResponse } from "../http/router.js";
 import { type AccessTokenCheck, type VerifiedAccessToken, verifyAccessToken } from "./access-token.js";
 import {
@@ -57,6 +69,8 @@ export interface TokenServiceDeps {
   readonly nonceSecret?: Buffer;
   readonly clock: Clock;
   readonly log?: Logger;
+  /** Continuous attestation (docs/attestation.md); without it no group policy is enforced. */
+  readonly attestation?: AttestationGate;
 }
 
 export interface IssuedToken {
@@ -133,15 +147,36 @@ export class TokenService {
    * Handles one token request. @throws M2mError with `details.oauthError` (see errors.ts).
    * @returns the token response and the DPoP nonce to send back, if any.
    */
-  async token(req: TokenRequest): Promise<{ body: IssuedToken; device: DirectoryDevice }> {
+  async token(
+    req: TokenRequest,
+  ): Promise<{ body: IssuedToken; device: DirectoryDevice; challenge?: AttestationChallenge | undefined }> {
     const form = req.form;
-    for (const name of ["grant_type", "client_assertion", "client_assertion_type", "client_id", "scope"]) {
+    for (const name of [
+      "grant_type",
+      "client_assertion",
+      "client_assertion_type",
+      "client_id",
+      "scope",
+      ATTESTATION_FORM_PARAM,
+    ]) {
       // Security: repeated parameters are ambiguous (RFC 6749 §3.2); refuse instead of picking one.
       if (form.getAll(name).length > 1)
         throw refusal("ERR_TOKEN_REQUEST", "invalid_request", `repeated ${name}`);
     }
     if (form.get("grant_type") !== "client_credentials") {
       throw refusal("ERR_TOKEN_GRANT_TYPE", "unsupported_grant_type", "only client_credentials is supported");
+    }
+    const gate = this.#deps.attestation;
+    const evidence = form.get(ATTESTATION_FORM_PARAM);
+    if (gate !== undefined && evidence === null) {
+      // Before any signature is checked or jti consumed: a device that must quote learns the nonce and
+      // the PCR selection in one cheap round trip (the agent may send this request unsigned).
+      const challenge = await gate.challengeIfRequired(form.get("client_id"));
+      if (challenge !== undefined) {
+        throw new M2mError("ERR_QUOTE_NONCE_REQUIRED", "permanent", "a TPM quote is required", {
+          details: { oauthError: ATTESTATION_OAUTH_ERRORS.useNonce, ...challengeDetails(challenge) },
+        });
+      }
     }
     const assertion = form.get("client_assertion");
     if (form.get("client_assertion_type") !== JWT_BEARER_ASSERTION_TYPE || assertion === null) {
@@ -177,7 +212,12 @@ export class TokenService {
     });
     await proof?.recordReplay();
     const jkt = proof?.jkt;
-    const granted = this.#policy.grant(form.get("scope") ?? undefined, device.role, device.attributes);
+    const gated =
+      gate === undefined ? undefined : await gate.evaluate(device.deviceId, device.group, evidence);
+    const attested = gated?.claim;
+    const granted = this.#policy.grant(form.get("scope") ?? undefined, device.role, device.attributes, {
+      attested: attested !== undefined,
+    });
     if (granted === undefined)
       throw refusal("ERR_TOKEN_SCOPE", "invalid_scope", "no requested scope is allowed");
     const ttl = this.#config.accessTokenTtlSec ?? 300;
@@ -187,6 +227,8 @@ export class TokenService {
       client_id: device.deviceId,
       scope: granted.join(" "),
       ...(jkt === undefined ? {} : { cnf: { jkt } }),
+      // Resource servers can require it: when the quote was verified and against which policy.
+      ...(attested === undefined ? {} : { attested }),
     };
     const jwt = await signJwtInPool(
       this.#deps.signingKey,
@@ -209,6 +251,7 @@ export class TokenService {
         scope: granted.join(" "),
       },
       device,
+      challenge: gated?.challenge,
     };
   }
 
@@ -237,7 +280,7 @@ export class TokenService {
       const dpopHeader = ctx.req.headers.dpop;
       if (Array.isArray(dpopHeader))
         throw refusal("ERR_DPOP_MALFORMED", "invalid_dpop_proof", "one DPoP header only");
-      const { body, device } = await this.token({
+      const { body, device, challenge } = await this.token({
         form: new URLSearchParams(ctx.rawBody.toString("utf8")),
         ...(dpopHeader === undefined ? {} : { dpop: dpopHeader }),
       });
@@ -249,7 +292,12 @@ export class TokenService {
       return {
         status: 200,
         json: body,
-        headers: { "cache-control": "no-store", pragma: "no-cache", ...nonceHeader },
+        headers: {
+          "cache-control": "no-store",
+          pragma: "no-cache",
+          ...nonceHeader,
+          ...challengeHeaders(challenge),
+        },
       };
     } catch (err) {
       const error: OAuthErrorValue = oauthErrorOf(err);
@@ -257,12 +305,33 @@ export class TokenService {
       if (error === "server_error") this.#log.error("token endpoint failed", { error: err });
       else this.#log.info("token refused", { code, error });
       const status = error === "invalid_client" ? 401 : error === "server_error" ? 500 : 400;
-      const headers: Record<string, string> = { "cache-control": "no-store", ...nonceHeader };
+      const challenge = challengeOf(err);
+      const headers: Record<string, string> = {
+        "cache-control": "no-store",
+        ...nonceHeader,
+        ...challengeHeaders(challenge),
+      };
       if (error === "invalid_client") headers["www-authenticate"] = 'Bearer error="invalid_client"';
-      return { status, json: { error, error_description: GENERIC_DESCRIPTION[error] }, headers };
+      // A refused quote says why in one line (which PCRs, never expected values): the device shows it
+      // to its operator; every other refusal stays generic.
+      const description =
+        error === "attestation_failed" && err instanceof M2mError ? err.message : GENERIC_DESCRIPTION[error];
+      return { status, json: { error, error_description: description }, headers };
     }
   }
 }
+
+function challengeHeaders(c: AttestationChallenge | undefined): Record<string, string> {
+  if (c === undefined) return {};
+  return {
+    [ATTESTATION_HEADERS.nonce]: c.nonce,
+    [ATTESTATION_HEADERS.pcrs]: c.pcrs,
+    [ATTESTATION_HEADERS.maxAge]: String(c.maxAgeSec),
+  };
+}
+
+/** Body cap of the token endpoint: a quote, PCR values and a measured-boot event log (base64url). */
+export const TOKEN_MAX_BODY_BYTES = 16_384 + Math.ceil((MAX_EVENT_LOG_BYTES * 4) / 3);
 
 /**
  * Picks the verification key by the token's `kid` among the published keys (rollover: a token signed
@@ -291,7 +360,7 @@ export function oauthRoutes(deps: { tokenService: TokenService }): Route[] {
       method: "POST",
       path: path(svc.tokenEndpoint),
       contentTypes: ["application/x-www-form-urlencoded"],
-      maxBodyBytes: 16_384,
+      maxBodyBytes: TOKEN_MAX_BODY_BYTES,
       handle: (ctx) => svc.handleToken(ctx),
     },
     {

@@ -127,6 +127,29 @@ ALTER TABLE bootstrap_tokens ADD COLUMN revoked_at BIGINT;
 ALTER TABLE sessions ADD COLUMN failed_attempts INTEGER NOT NULL DEFAULT 0;
 `,
   },
+  {
+    version: 5,
+    name: "continuous attestation: per-group policy, per-device latest quote",
+    // Policies and quote records are read and written whole: JSON documents, keyed like their owners.
+    sqlite: `
+CREATE TABLE attestation_policies (
+  group_name TEXT PRIMARY KEY REFERENCES groups(name), version INTEGER NOT NULL, policy TEXT NOT NULL,
+  updated_at INTEGER NOT NULL
+);
+CREATE TABLE device_attestation (
+  device_id TEXT PRIMARY KEY, record TEXT NOT NULL, updated_at INTEGER NOT NULL
+);
+`,
+    postgres: `
+CREATE TABLE attestation_policies (
+  group_name TEXT PRIMARY KEY REFERENCES groups(name), version INTEGER NOT NULL, policy TEXT NOT NULL,
+  updated_at BIGINT NOT NULL
+);
+CREATE TABLE device_attestation (
+  device_id TEXT PRIMARY KEY, record TEXT NOT NULL, updated_at BIGINT NOT NULL
+);
+`,
+  },
 ];
 
 /** The schema version this build of the registrar expects. */

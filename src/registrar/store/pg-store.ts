@@ -3,10 +3,16 @@ import { M2mError } from "../../core/errors.js";
 import { Secret } from "../../core/secret.js";
 import { MIGRATIONS, SCHEMA_VERSION } from "./migrations.js";
 import {
+  type DeviceAttestationRow,
   type DeviceRow,
+  deviceAttestationJson,
+  deviceAttestationOf,
   deviceOf,
   type GroupRow,
   groupOf,
+  type PolicyRow,
+  policyJson,
+  policyOf,
   type RotationRow,
   rotationOf,
   type SessionRow,
@@ -16,13 +22,16 @@ import {
 } from "./rows.js";
 import { refused, schemaNewer } from "./sqlite-store.js";
 import type {
+  AttestationPolicy,
   AuditEvent,
   BootstrapTokenRecord,
   CommitEnrolment,
   CommitResult,
+  DeviceAttestation,
   DeviceRecord,
   EnrolmentGroup,
   EnrolmentSession,
+  NewAttestationPolicy,
   NewEnrolmentGroup,
   NewEnrolmentSession,
   PlanEnrolment,
@@ -289,6 +298,8 @@ export class PgRegistrarStore implements RegistrarStore {
       const g = await c.query("SELECT name FROM groups WHERE name = $1 FOR UPDATE", [name]);
       if (g.rowCount !== 1) throw refused("ERR_GROUP_UNKNOWN", `enrolment group ${name} does not exist`);
       const t = await c.query("DELETE FROM bootstrap_tokens WHERE group_name = $1", [name]);
+      // The group's attestation policy goes with it (it references the group).
+      await c.query("DELETE FROM attestation_policies WHERE group_name = $1", [name]);
       await c.query("DELETE FROM groups WHERE name = $1", [name]);
       return { tokensRemoved: t.rowCount ?? 0 };
     });
@@ -637,6 +648,45 @@ export class PgRegistrarStore implements RegistrarStore {
       throw refused("ERR_ROTATION_SESSION_DEVICE", "session belongs to another device");
     // Security: a short-lived nonce bounds how long a certification can be held back and used.
     throw refused("ERR_SESSION_EXPIRED", "session expired");
+  }
+
+  async putAttestationPolicy(policy: NewAttestationPolicy): Promise<AttestationPolicy> {
+    try {
+      // One statement: the version bump is atomic under concurrent operators.
+      const r = await this.#pool.query<{ version: number }>(
+        "INSERT INTO attestation_policies (group_name, version, policy, updated_at) VALUES ($1, 1, $2, $3) " +
+          "ON CONFLICT (group_name) DO UPDATE SET version = attestation_policies.version + 1, " +
+          "policy = EXCLUDED.policy, updated_at = EXCLUDED.updated_at RETURNING version",
+        [policy.group, policyJson(policy), policy.updatedAt.getTime()],
+      );
+      return { ...policy, version: Number(r.rows[0]?.version ?? 1) };
+    } catch (err) {
+      if (pgCode(err) === "23503")
+        throw refused("ERR_GROUP_UNKNOWN", `enrolment group ${policy.group} does not exist`);
+      throw storeError(err);
+    }
+  }
+
+  async getAttestationPolicy(group: string): Promise<AttestationPolicy | undefined> {
+    const row = (
+      await this.#q<PolicyRow>("SELECT * FROM attestation_policies WHERE group_name = $1", [group])
+    ).rows[0];
+    return row === undefined ? undefined : policyOf(row);
+  }
+
+  async putDeviceAttestation(record: DeviceAttestation): Promise<void> {
+    await this.#q(
+      "INSERT INTO device_attestation (device_id, record, updated_at) VALUES ($1, $2, $3) " +
+        "ON CONFLICT (device_id) DO UPDATE SET record = EXCLUDED.record, updated_at = EXCLUDED.updated_at",
+      [record.deviceId, deviceAttestationJson(record), record.at.getTime()],
+    );
+  }
+
+  async getDeviceAttestation(deviceId: string): Promise<DeviceAttestation | undefined> {
+    const row = (
+      await this.#q<DeviceAttestationRow>("SELECT * FROM device_attestation WHERE device_id = $1", [deviceId])
+    ).rows[0];
+    return row === undefined ? undefined : deviceAttestationOf(row);
   }
 
   async sharedSecret(name: string, create: () => Buffer): Promise<Buffer> {

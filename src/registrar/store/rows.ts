@@ -1,6 +1,8 @@
 import type { Attributes, EnrolmentMethod } from "../../wire/v1/index.js";
 import type {
+  AttestationPolicy,
   BootstrapTokenRecord,
+  DeviceAttestation,
   DeviceRecord,
   EnrolmentGroup,
   EnrolmentSession,
@@ -130,5 +132,91 @@ export function sessionOf(row: SessionRow): EnrolmentSession {
     expiresAt: new Date(row.expires_at),
     consumedAt: row.consumed_at === null ? undefined : new Date(row.consumed_at),
     failedAttempts: Number(row.failed_attempts),
+  };
+}
+
+export interface PolicyRow {
+  group_name: string;
+  version: number;
+  policy: string;
+  updated_at: number;
+}
+export interface DeviceAttestationRow {
+  device_id: string;
+  record: string;
+  updated_at: number;
+}
+
+/** The JSON document of a policy row (everything but group and version). */
+export function policyJson(p: Omit<AttestationPolicy, "version">): string {
+  return JSON.stringify({
+    selection: p.selection,
+    golden: p.golden ?? null,
+    goldenEventLog: p.goldenEventLog ?? null,
+    goldenSource: p.goldenSource ?? null,
+    maxQuoteAgeSec: p.maxQuoteAgeSec,
+    requireForTokens: p.requireForTokens,
+    requireForRenewal: p.requireForRenewal,
+    nonAttestable: p.nonAttestable,
+  });
+}
+
+export function policyOf(row: PolicyRow): AttestationPolicy {
+  const j = JSON.parse(row.policy) as {
+    selection: AttestationPolicy["selection"];
+    golden: Record<string, string> | null;
+    goldenEventLog: string | null;
+    goldenSource: string | null;
+    maxQuoteAgeSec: number;
+    requireForTokens: boolean;
+    requireForRenewal: boolean;
+    nonAttestable: "claimless" | "refuse";
+  };
+  return {
+    group: row.group_name,
+    version: Number(row.version),
+    selection: j.selection,
+    golden: j.golden ?? undefined,
+    goldenEventLog: j.goldenEventLog ?? undefined,
+    goldenSource: j.goldenSource ?? undefined,
+    maxQuoteAgeSec: j.maxQuoteAgeSec,
+    requireForTokens: j.requireForTokens,
+    requireForRenewal: j.requireForRenewal,
+    nonAttestable: j.nonAttestable,
+    updatedAt: new Date(Number(row.updated_at)),
+  };
+}
+
+export function deviceAttestationJson(r: DeviceAttestation): string {
+  return JSON.stringify({
+    ...r,
+    at: r.at.getTime(),
+    lastVerifiedAt: r.lastVerifiedAt?.getTime() ?? null,
+    anomaly: r.anomaly === undefined ? null : { ...r.anomaly, at: r.anomaly.at.getTime() },
+  });
+}
+
+export function deviceAttestationOf(row: DeviceAttestationRow): DeviceAttestation {
+  const j = JSON.parse(row.record) as Record<string, unknown> & {
+    at: number;
+    lastVerifiedAt: number | null;
+    anomaly: { code: string; reason: string; at: number } | null;
+  };
+  const opt = <T>(v: unknown): T | undefined => (v === null || v === undefined ? undefined : (v as T));
+  return {
+    deviceId: row.device_id,
+    at: new Date(j.at),
+    outcome: j.outcome === "verified" ? "verified" : "refused",
+    code: opt<string>(j.code),
+    reason: opt<string>(j.reason),
+    policyVersion: Number(j.policyVersion ?? 0),
+    bank: opt<string>(j.bank),
+    pcrs: opt<Record<string, string>>(j.pcrs),
+    differing: (j.differing as number[] | undefined) ?? [],
+    clock: opt<DeviceAttestation["clock"]>(j.clock),
+    eventLog: opt<string>(j.eventLog),
+    lastVerifiedAt: j.lastVerifiedAt === null ? undefined : new Date(j.lastVerifiedAt),
+    anomaly: j.anomaly === null ? undefined : { ...j.anomaly, at: new Date(j.anomaly.at) },
+    reboots: Number(j.reboots ?? 0),
   };
 }

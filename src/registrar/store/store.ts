@@ -1,4 +1,4 @@
-import type { Attributes, EnrolmentMethod } from "../../wire/v1/index.js";
+import type { Attributes, EnrolmentMethod, PcrSelection } from "../../wire/v1/index.js";
 
 /**
  * The registrar's persistence seam. `SqliteRegistrarStore` is the embedded implementation; every
@@ -134,6 +134,17 @@ export interface RegistrarStore {
    */
   onDeviceChange(listener: (deviceId: string) => void): () => void;
 
+  // --- continuous attestation (docs/attestation.md) -----------------------------------------------
+  /**
+   * Creates or replaces a group's attestation policy; the version goes up by one atomically (it is
+   * part of the policy identity in tokens). @throws ERR_GROUP_UNKNOWN
+   */
+  putAttestationPolicy(policy: NewAttestationPolicy): Promise<AttestationPolicy>;
+  getAttestationPolicy(group: string): Promise<AttestationPolicy | undefined>;
+  /** Records the outcome of a device's latest quote (upsert; last writer wins). */
+  putDeviceAttestation(record: DeviceAttestation): Promise<void>;
+  getDeviceAttestation(deviceId: string): Promise<DeviceAttestation | undefined>;
+
   // --- audit ---------------------------------------------------------------------------------------
   appendAudit(event: AuditEvent): Promise<void>;
   listAudit(limit: number): Promise<AuditEvent[]>;
@@ -143,6 +154,63 @@ export interface RegistrarStore {
 
   /** Flushes buffered audit rows and releases the database. */
   close(): Promise<void>;
+}
+
+/** What a group's devices must prove at token time (docs/attestation.md). */
+export interface NewAttestationPolicy {
+  readonly group: string;
+  readonly selection: PcrSelection;
+  /** Approved golden values, PCR index (decimal string) → lower-case hex; undefined until approved. */
+  readonly golden: Readonly<Record<string, string>> | undefined;
+  /** Event log (base64url) of the device whose values were approved: lets `show` name the event that differs. */
+  readonly goldenEventLog: string | undefined;
+  /** Who/what the golden values came from: `operator` or `device:<id>`. */
+  readonly goldenSource: string | undefined;
+  /** Maximum age of the nonce a quote is qualified with, seconds (bounds the quote's age). */
+  readonly maxQuoteAgeSec: number;
+  /** Token requests must carry a verified quote. */
+  readonly requireForTokens: boolean;
+  /** EST renewals need a token whose quote was verified within maxQuoteAgeSec. */
+  readonly requireForRenewal: boolean;
+  /** Devices that cannot quote (PKCS#11, no AK on record): tokens without the claim, or none. */
+  readonly nonAttestable: "claimless" | "refuse";
+  readonly updatedAt: Date;
+}
+export interface AttestationPolicy extends NewAttestationPolicy {
+  readonly version: number;
+}
+
+/** The clock state of a quote (TPMS_CLOCK_INFO; `clock` as a decimal string, it is a u64). */
+export interface QuoteClockRecord {
+  readonly clock: string;
+  readonly resetCount: number;
+  readonly restartCount: number;
+  readonly safe: boolean;
+}
+
+/** A device's latest quote and what the registrar concluded. */
+export interface DeviceAttestation {
+  readonly deviceId: string;
+  readonly at: Date;
+  readonly outcome: "verified" | "refused";
+  /** Code and one-line reason of a refusal. */
+  readonly code: string | undefined;
+  readonly reason: string | undefined;
+  readonly policyVersion: number;
+  /** PCR values of the latest authentic quote (signature, nonce and digest verified), index → hex. */
+  readonly bank: string | undefined;
+  readonly pcrs: Readonly<Record<string, string>> | undefined;
+  /** PCR indices that differed from the golden values. */
+  readonly differing: readonly number[];
+  /** Clock state of the latest authentic quote (the next quote must not go backwards). */
+  readonly clock: QuoteClockRecord | undefined;
+  /** The latest authentic event log (base64url), if the device sends one. */
+  readonly eventLog: string | undefined;
+  readonly lastVerifiedAt: Date | undefined;
+  /** Set on a refusal, cleared by the next verified quote: the fleet view's "look at this device". */
+  readonly anomaly: { readonly code: string; readonly reason: string; readonly at: Date } | undefined;
+  /** Reboots (TPM resets/restarts) seen between authentic quotes. */
+  readonly reboots: number;
 }
 
 export interface RotationSessionRecord {

@@ -1,3 +1,4 @@
+export * from "./attestation.js";
 export * from "./enrolment.js";
 export * from "./ingest.js";
 export * from "./local-api.js";

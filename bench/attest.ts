@@ -1,0 +1,150 @@
+import { copyFile, mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { startSwtpm } from "../hw/swtpm.js";
+import { systemClock } from "../src/core/clock.js";
+import { tpmEvidenceSource } from "../src/credentials/oauth/attestation.js";
+import { OAuthClient } from "../src/credentials/oauth/client.js";
+import { runEnroll, tpmEnrollOps } from "../src/enroll/index.js";
+import { quoteWithAk } from "../src/keys/tpm/endorsement.js";
+import { TpmKeyProvider } from "../src/keys/tpm/tpm-provider.js";
+import { addEnrolmentGroup } from "../src/registrar/admin.js";
+import { startRegistrarApp } from "../src/registrar/app.js";
+import { approveFromDevice, setAttestationPolicy } from "../src/registrar/attestation/policy.js";
+import { verifyQuote } from "../src/registrar/attestation/quote-verifier.js";
+import { caPaths, FleetCa, initCa } from "../src/registrar/ca/index.js";
+import { registrarConfigFrom } from "../src/registrar/config.js";
+import { SqliteRegistrarStore } from "../src/registrar/store/index.js";
+import { quoteQualifyingData } from "../src/wire/v1/index.js";
+
+/**
+ * Continuous attestation benchmark, one run, one swtpm:
+ *  1. Agent token latency (OAuthClient.getToken with a fresh request each time: private_key_jwt + DPoP
+ *     signed in the TPM) without attestation, then with a TPM2_Quote per token request (the nonce comes
+ *     with the previous response, so it stays one round trip). Goal: p50 with ≤ 1.5 × without.
+ *  2. Registrar quote verifications/s: `verifyQuote` (signature, structure, nonce, selection, digest,
+ *     clock, golden values) on a real swtpm quote, single core.
+ */
+const N = Number(process.env.ATTEST_BENCH_N ?? 40);
+const PCRS = "sha256:0,1,2,3,4,5,6,7";
+
+function pct(xs: number[], p: number): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))] ?? Number.NaN;
+}
+
+async function main(): Promise<void> {
+  const tpm = await startSwtpm();
+  const dir = await mkdtemp(join(tmpdir(), "m2m-bench-attest-"));
+  try {
+    const trustDir = join(dir, "ek-trust");
+    await mkdir(trustDir);
+    await copyFile(tpm.rootCaPemPath, join(trustDir, "root.pem"));
+    await copyFile(tpm.intermediateCaPemPath, join(trustDir, "intermediate.pem"));
+    const paths = await initCa({ dir: join(dir, "ca") });
+    const caPem = await readFile(caPaths(paths.dir).caCert, "utf8");
+    const config = registrarConfigFrom(
+      {
+        listen: { host: "127.0.0.1", port: 0 },
+        tls: { cert: paths.serverCert, key: paths.serverKey },
+        data_dir: join(dir, "data"),
+        ca_dir: paths.dir,
+      },
+      dir,
+      "registrar.toml",
+    );
+    const store = new SqliteRegistrarStore(join(config.dataDir, "registrar.db"));
+    const app = await startRegistrarApp(config, { store, ca: await FleetCa.load(paths.dir) });
+    addEnrolmentGroup(
+      store,
+      { name: "gw", role: "gateway", attributes: {}, methods: ["tpm"], ekTrustDir: trustDir },
+      systemClock,
+    );
+    const keys = new TpmKeyProvider({ tcti: tpm.tcti, timeoutMs: 20_000 });
+    await keys.createOrOpen();
+    const { state } = await runEnroll(
+      {
+        registrarUrl: app.url,
+        registrarCaFile: caPaths(paths.dir).caCert,
+        method: "tpm",
+        group: "gw",
+        hardwareSerial: "BENCH-1",
+        stateDir: join(dir, "agent"),
+      },
+      { keyProvider: keys, tpm: tpmEnrollOps(keys), clock: systemClock },
+    );
+    const client = new OAuthClient(
+      { clientId: state.deviceId, issuer: app.issuer, caPem, dpop: true },
+      { keys, clock: systemClock, attestation: tpmEvidenceSource(keys.attestation) },
+    );
+    const measure = async (): Promise<number[]> => {
+      const out: number[] = [];
+      for (let i = 0; i < N + 3; i++) {
+        client.invalidate();
+        const t0 = performance.now();
+        await client.getToken();
+        if (i >= 3) out.push(performance.now() - t0); // 3 warm-up requests
+      }
+      return out;
+    };
+    const without = await measure();
+    await setAttestationPolicy(store, { group: "gw", pcrs: PCRS }, systemClock);
+    await new Promise((r) => setTimeout(r, 1100)); // the registrar's policy cache
+    client.invalidate();
+    await client.getToken().catch(() => undefined); // TOFU: recorded, refused
+    await approveFromDevice(store, state.deviceId, systemClock);
+    await new Promise((r) => setTimeout(r, 1100));
+    const withAtt = await measure();
+
+    // Registrar verification throughput on a real quote.
+    const nonce = "bench-nonce";
+    const sel = [0, 1, 2, 3, 4, 5, 6, 7];
+    const q = await quoteWithAk(keys.runner, keys.akHandle, quoteQualifyingData(nonce), "sha256", sel);
+    const dev = await store.getDevice(state.deviceId);
+    const ev = dev?.evidence as { akPublic: string; ekPublic: string };
+    const reported = new Map(sel.map((p, i) => [p, q.values[i] ?? new Uint8Array()]));
+    const input = {
+      akPublic: Buffer.from(ev.akPublic, "base64url"),
+      ekPublic: Buffer.from(ev.ekPublic, "base64url"),
+      quote: q.attest,
+      signature: q.signature,
+      qualifyingData: quoteQualifyingData(nonce),
+      selection: { bank: "sha256" as const, pcrs: sel },
+      reported,
+      reportedBank: "sha256" as const,
+      golden: reported,
+      previousClock: undefined,
+      eventLog: undefined,
+    };
+    verifyQuote(input);
+    let n = 0;
+    const t0 = performance.now();
+    while (performance.now() - t0 < 2000) {
+      verifyQuote(input);
+      n++;
+    }
+    const perSec = n / ((performance.now() - t0) / 1000);
+
+    const f = (x: number) => x.toFixed(1);
+    const p50w = pct(without, 50);
+    const p50a = pct(withAtt, 50);
+    console.log(`agent token latency on swtpm (n=${N} each, ${PCRS})`);
+    console.log(`  without attestation: p50 ${f(p50w)} ms  p95 ${f(pct(without, 95))} ms`);
+    console.log(`  with a quote:        p50 ${f(p50a)} ms  p95 ${f(pct(withAtt, 95))} ms`);
+    console.log(
+      `  ratio p50 ${(p50a / p50w).toFixed(2)}x (goal <= 1.5x): ${p50a / p50w <= 1.5 ? "met" : "NOT met"}; ratio p95 ${(pct(withAtt, 95) / pct(without, 95)).toFixed(2)}x`,
+    );
+    console.log(
+      `registrar quote verifications: ${perSec.toFixed(0)}/s (one core, verifyQuote on a real swtpm quote)`,
+    );
+    await client.close();
+    await keys.close();
+    await app.close();
+    await store.close();
+  } finally {
+    await tpm.stop();
+    await rm(dir, { recursive: true, force: true });
+  }
+}
+
+await main();
