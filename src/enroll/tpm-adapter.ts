@@ -1,7 +1,9 @@
 import { M2mError } from "../core/errors.js";
 import { RSA_EK_HANDLE } from "../keys/capabilities.js";
 import type { KeyProvider } from "../keys/key-provider.js";
-import type { EkPublic } from "../keys/tpm/endorsement.js";
+import type { EkCertificate, EkPublic } from "../keys/tpm/endorsement.js";
+import { certificatePublicKey } from "../tpm/ek-cert-key.js";
+import { decodeTpm2bPublic, publicKeyObject } from "../tpm/public.js";
 import type { EnrollTpmOps } from "./tpm.js";
 
 /** The EK enrolment activates credentials with (and whose hash the enrolment state records). */
@@ -9,6 +11,24 @@ export function enrolmentEk(eks: readonly EkPublic[]): EkPublic | undefined {
   return (
     eks.find((e) => e.kind === "rsa-2048" && e.activationSupported) ?? eks.find((e) => e.activationSupported)
   );
+}
+
+/**
+ * The EK certificate whose public key is this EK's. A TPM may carry several certificates of one
+ * algorithm (low-range L-1 and high-range H-1 both RSA-2048, say); the kind alone would pick the first,
+ * whose key the registrar then finds different from the EK it activates against. Certificates that do
+ * not parse are passed over (a vendor's odd one must not stop enrolment with another that matches).
+ */
+export function ekCertificateFor(ek: EkPublic, certs: readonly EkCertificate[]): EkCertificate | undefined {
+  const ekKey = publicKeyObject(decodeTpm2bPublic(ek.tpm2bPublic));
+  return certs.find((c) => {
+    if (c.kind !== ek.kind) return false;
+    try {
+      return certificatePublicKey(c.der).equals(ekKey);
+    } catch {
+      return false;
+    }
+  });
 }
 
 /**
@@ -32,7 +52,7 @@ export function tpmEnrollOps(key: KeyProvider): EnrollTpmOps {
       }
       ekHandle = ek.handle;
       const certs = await ops.readEkCertificates();
-      const cert = certs.find((c) => c.kind === ek.kind);
+      const cert = ekCertificateFor(ek, certs);
       return { ekPublic: ek.tpm2bPublic, ...(cert === undefined ? {} : { ekCertDer: cert.der }) };
     },
     async ensureAk() {

@@ -2,10 +2,13 @@ import "reflect-metadata";
 import { generateKeyPairSync, X509Certificate as NodeX509, webcrypto } from "node:crypto";
 import * as x509 from "@peculiar/x509";
 import { describe, expect, it } from "vitest";
+import { ekCertificateFor } from "../../src/enroll/tpm-adapter.js";
+import type { EkPublic } from "../../src/keys/tpm/endorsement.js";
 import { verifyEkCertificate } from "../../src/registrar/verifier/tpm-verifier.js";
 import { TPMA_OBJECT as A, TPM_ALG } from "../../src/tpm/constants.js";
 import { certificatePublicKey, isRsaesOaepSpki, normalizeRsaesOaepSpki } from "../../src/tpm/ek-cert-key.js";
 import { ekAuthorizationOf, ekPolicyA, ekPolicyB, ekPolicyC } from "../../src/tpm/ek-policy.js";
+import { computeName, encodeTpm2bPublic, encodeTpmtPublic, publicAreaFromKey } from "../../src/tpm/public.js";
 import { oaepLabelledSpki } from "./tpm-ek-kit.js";
 
 const hex = (b: Uint8Array) => Buffer.from(b).toString("hex");
@@ -131,5 +134,61 @@ describe("RSA EK certificates with the id-RSAES-OAEP key OID", () => {
     await expect(verifyEkCertificate(bad, [rootPem], [], now)).rejects.toMatchObject({
       code: "ERR_EK_CERT_UNTRUSTED",
     });
+  });
+});
+
+describe("enrolment picks the EK certificate whose key is the EK's", () => {
+  const alg = { name: "ECDSA", namedCurve: "P-256", hash: "SHA-256" } as const;
+
+  async function certFor(spki: Uint8Array): Promise<Uint8Array> {
+    const k = (await webcrypto.subtle.generateKey(alg, true, ["sign", "verify"])) as webcrypto.CryptoKeyPair;
+    const cert = await x509.X509CertificateGenerator.create({
+      serialNumber: "03",
+      subject: "",
+      issuer: "CN=EK CA",
+      notBefore: new Date(Date.now() - 86_400_000),
+      notAfter: new Date(Date.now() + 86_400_000),
+      signingKey: k.privateKey,
+      publicKey: spki,
+      signingAlgorithm: alg,
+    });
+    return new Uint8Array(cert.rawData);
+  }
+
+  function ekOf(key: ReturnType<typeof generateKeyPairSync>["publicKey"]): EkPublic {
+    const objectAttributes =
+      A.fixedTPM | A.fixedParent | A.sensitiveDataOrigin | A.adminWithPolicy | A.restricted | A.decrypt;
+    const area = publicAreaFromKey(key, { objectAttributes, authPolicy: ekPolicyA("sha256") });
+    return {
+      handle: 0x81010001,
+      kind: "rsa-2048",
+      created: false,
+      activationSupported: true,
+      tpmtPublic: encodeTpmtPublic(area),
+      tpm2bPublic: encodeTpm2bPublic(area),
+      pem: key.export({ type: "spki", format: "pem" }).toString(),
+      name: computeName(area),
+      objectAttributes,
+    };
+  }
+
+  it("two RSA-2048 certificates (L-1 of another key, H-1 of this EK, OAEP-labelled): the matching one", async () => {
+    const mine = generateKeyPairSync("rsa", { modulusLength: 2048 }).publicKey;
+    const other = generateKeyPairSync("rsa", { modulusLength: 2048 }).publicKey;
+    const spki = (k: typeof mine) => new Uint8Array(k.export({ type: "spki", format: "der" }));
+    const l1 = { nvIndex: 0x01c00002, kind: "rsa-2048" as const, der: await certFor(spki(other)) };
+    const h1 = {
+      nvIndex: 0x01c00012,
+      kind: "rsa-2048" as const,
+      der: await certFor(oaepLabelledSpki(spki(mine))),
+    };
+    const garbage = {
+      nvIndex: 0x01c0000a,
+      kind: "rsa-2048" as const,
+      der: new Uint8Array([0x30, 0x03, 1, 2, 3]),
+    };
+    expect(ekCertificateFor(ekOf(mine), [garbage, l1, h1])?.nvIndex).toBe(0x01c00012);
+    // No certificate of this key: none (sending another key's certificate would only be refused).
+    expect(ekCertificateFor(ekOf(mine), [l1])).toBeUndefined();
   });
 });
