@@ -272,7 +272,7 @@ describe("Pkcs11KeyProvider refuses keys unfit to be a device identity", () => {
     rawKeyPair("twice", { extractable: false, sensitive: true });
     rawKeyPair("twice", { extractable: false, sensitive: true });
     const e = await rejectsWith(provider({ keyLabel: "twice" }).createOrOpen(), "ERR_KEY_AMBIGUOUS");
-    expect(e.hint).toMatch(/keyId/);
+    expect(e.hint).toMatch(/keys\.pkcs11\.key_id/);
     expect((await inspectKeyInNewProcess(hsm, hsm, "twice")).privateKeys).toBe(2);
   });
 
@@ -378,7 +378,7 @@ describe("Pkcs11KeyProvider error paths", () => {
       "ERR_PKCS11_TOKEN_NOT_FOUND",
     );
     expect(String(e.details.labelsFound)).toContain("m2m-it");
-    expect(e.hint).toMatch(/tokenLabel/);
+    expect(e.hint).toMatch(/keys\.pkcs11\.token_label/);
   });
 
   it("PIN file readable by group/others (0644): ERR_PIN_FILE_PERMISSIONS, nothing tried", async () => {

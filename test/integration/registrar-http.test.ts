@@ -137,9 +137,10 @@ describe("registrar HTTP hardening and bootstrap-token races (real HTTPS on 127.
     });
     const client = await RegistrarClient.create({ baseUrl: reg.url, timeoutMs: 3000 });
     try {
+      // Reported as what it is (an untrusted certificate, naming the host), never as "unreachable".
       await expect(client.postJson(ENROLL_PATHS.pkcs11, {}, enrolmentResultSchema)).rejects.toMatchObject({
-        code: "ERR_REGISTRAR_UNREACHABLE",
-        retry: "transient",
+        code: "ERR_TLS_VERIFY",
+        message: expect.stringContaining("127.0.0.1"),
       });
     } finally {
       await client.close();
