@@ -1,3 +1,4 @@
+import type { AgentStatus } from "../../src/wire/v1/local-api.js";
 import "reflect-metadata";
 import { type JsonWebKey, webcrypto } from "node:crypto";
 import { closeSync, fstatSync, openSync, readFileSync } from "node:fs";
@@ -389,23 +390,28 @@ describe("status --wait-drain", () => {
     const server: HttpServer = createHttpServer((_req, res) => {
       depth = Math.max(0, depth - 1);
       res.writeHead(200, { "content-type": "application/json" });
-      res.end(
-        JSON.stringify({
-          state: "degraded",
-          status: "degraded: sink mqtt recovering",
-          since: new Date().toISOString(),
-          pid: 1,
-          uptimeS: 1,
-          version: "x",
-          enrolment: { enrolled: false },
-          clock: { trusted: true },
-          reasons: {},
-          anomalies: [],
-          stages: {
-            relay: { outbox: { depth, bytes: depth * 10 }, sinks: [{ name: "mqtt", lastError: null }] },
-          },
-        }),
-      );
+      // Typed as the wire type, so the fake cannot drift from what the CLI validates.
+      const body: AgentStatus = {
+        state: "degraded",
+        status: "degraded: sink mqtt recovering",
+        since: new Date().toISOString(),
+        pid: 1,
+        uptimeS: 1,
+        version: "x",
+        enrolment: { enrolled: false },
+        clock: {
+          trusted: true,
+          now: new Date().toISOString(),
+          floor: "2026-01-01T00:00:00.000Z",
+          floorSource: "build",
+        },
+        reasons: {},
+        anomalies: [],
+        stages: {
+          relay: { outbox: { depth, bytes: depth * 10 }, sinks: [{ name: "mqtt", lastError: null }] },
+        },
+      };
+      res.end(JSON.stringify(body));
     });
     await new Promise<void>((r) => server.listen(sock, r));
     try {
