@@ -83,7 +83,8 @@ describe("MQTT sink against mosquitto (mTLS, use_identity_as_username, ACL devic
         attempt: 1,
       },
     ]);
-    expect(out).toEqual([{ id: "x", kind: "retry", code: "ERR_MQTT_CONNECT" }]);
+    // Said as what it is (the broker certificate is not trusted), not as "cannot connect".
+    expect(out).toEqual([{ id: "x", kind: "retry", code: "ERR_TLS_VERIFY" }]);
     expect(sink.connected).toBe(false);
     await sink.close();
     await rm(other.dir, { recursive: true, force: true });
