@@ -34,6 +34,10 @@ export class ClockSanity {
   readonly #log: Logger;
   readonly #build: Date;
   #persisted: Date | undefined;
+  /** Monotonic ms at which `#persisted` was last written by this process (caps how fast it advances). */
+  #persistedMono: number | undefined;
+  /** wall − monotonic at the last `noteStep()`: a change is a wall-clock step. */
+  #offsetMs: number | undefined;
   #certNotBefore: Date | undefined;
   #timer: NodeJS.Timeout | undefined;
 
@@ -87,28 +91,61 @@ export class ClockSanity {
     };
   }
 
+  /**
+   * The clock gate every credential path shares (token source, EST, enrolment, the relay's sinks):
+   * undefined while trusted, else the `ERR_CLOCK_UNTRUSTED` error to refuse with. A comparison, no
+   * I/O: cheap enough to poll every second.
+   */
+  untrusted(): M2mError | undefined {
+    const v = this.check();
+    if (v.trusted) return undefined;
+    return new M2mError("ERR_CLOCK_UNTRUSTED", "transient", v.reason ?? "untrusted clock", {
+      hint: "fix time synchronisation (systemd-timesyncd / chrony) or the RTC; the agent resumes by itself",
+      details: { now: v.now, floor: v.floor },
+    });
+  }
+
   /** For credential code paths. @throws ERR_CLOCK_UNTRUSTED (transient: NTP may fix it). */
   assertTrusted(): void {
-    const v = this.check();
-    if (!v.trusted) {
-      throw new M2mError("ERR_CLOCK_UNTRUSTED", "transient", v.reason ?? "untrusted clock", {
-        hint: "fix time synchronisation (systemd-timesyncd / chrony) or the RTC; the agent resumes by itself",
-        details: { now: v.now, floor: v.floor },
-      });
-    }
+    const e = this.untrusted();
+    if (e !== undefined) throw e;
+  }
+
+  /**
+   * How far (ms, signed) the wall clock stepped against the monotonic clock since the previous call,
+   * when that exceeds `thresholdMs`; else undefined. The first call only records the offset.
+   */
+  noteStep(thresholdMs = 60_000): number | undefined {
+    const offset = this.#clock.now().getTime() - this.#clock.monotonicMs();
+    const prev = this.#offsetMs;
+    this.#offsetMs = offset;
+    if (prev === undefined) return undefined;
+    const step = offset - prev;
+    return Math.abs(step) > thresholdMs ? step : undefined;
   }
 
   /**
    * Persists the current time as the new floor, only when the clock is trusted and moving forward
-   * (never lowers the floor; atomic write so a power cut leaves the old or new value).
+   * (never lowers the floor; atomic write so a power cut leaves the old or new value). After this
+   * process's first write the floor advances at most by the monotonic time elapsed since, so a
+   * forward step of the wall clock is not persisted.
    */
   async persist(): Promise<boolean> {
     const v = this.check();
     if (!v.trusted) return false;
-    const now = this.#clock.now();
-    if (this.#persisted !== undefined && now <= this.#persisted) return false;
-    await writeFileAtomic(this.#file, `${JSON.stringify({ lastSeen: now.toISOString() })}\n`);
-    this.#persisted = now;
+    const mono = this.#clock.monotonicMs();
+    let next = this.#clock.now();
+    // Why: a wall clock stepped years forward (bad NTP answer, RTC glitch) must not become the floor:
+    // once corrected, the device would refuse every credential until that date. After our own last
+    // write the floor advances no faster than monotonic time (which a wall-clock step does not move).
+    if (this.#persisted !== undefined && this.#persistedMono !== undefined) {
+      const cap = this.#persisted.getTime() + Math.max(0, mono - this.#persistedMono);
+      if (next.getTime() > cap) next = new Date(cap);
+    }
+    if (this.#persisted !== undefined && next <= this.#persisted) return false;
+    await writeFileAtomic(this.#file, `${JSON.stringify({ lastSeen: next.toISOString() })}\n`);
+    this.#persisted = next;
+    this.#persistedMono = mono;
     return true;
   }
 

@@ -155,17 +155,21 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
     // Token upkeep: wake at a quarter of the remaining lifetime; the client refreshes at its
     // configured fraction (jittered, single-flight) and serves the cache in between.
     const tokenLoop = (async (): Promise<void> => {
-      if (!(await clockTrusted(ctx, signal))) return;
       let refusals = 0;
       while (!signal.aborted) {
+        // Every round, not only the first: a clock stepped back while running holds the loop too.
+        if (!(await clockTrusted(ctx, signal))) return;
         let waitMs = 30_000;
         try {
           const t = await tokens.getToken();
           refusals = 0;
           const left = t.expiresAt.getTime() - ctx.clock.now().getTime();
-          waitMs = Math.min(300_000, Math.max(1_000, Math.floor(left / 4)));
+          // left ≤ 0 with a token in hand: the wall clock stepped forward (the client refreshes on
+          // the monotonic clock and served its cache); asking every second would gain nothing.
+          waitMs = left <= 0 ? 30_000 : Math.min(300_000, Math.max(1_000, Math.floor(left / 4)));
         } catch (err) {
           const e = asM2mError(err);
+          if (e.code === "ERR_CLOCK_UNTRUSTED") continue; // stepped back since the check: wait above
           ctx.log.warn("access token unavailable", { code: e.code, reason: e.message });
           if (e.code === "ERR_ATTESTATION_REFUSED") {
             // Refused platform state: degraded with the reason (noteFailure), then ask again later, on
@@ -209,6 +213,7 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
           baseUrl,
           caPem,
           clock: ctx.clock,
+          gate: () => ctx.clockSanity.untrusted(),
           tokens,
           dpop,
           tokenClientFor: async (keys) => {
@@ -237,7 +242,8 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
         auth = { kind: "token", tokens, ...(dpop === undefined ? {} : { dpop }), scope: "est" };
         estAuth = "token";
       }
-      const est = new EstClient({ baseUrl, caPem }, auth, ctx.clock);
+      // Why: EST (mTLS or token) opens TLS and presents a certificate judged on our clock: gated.
+      const est = new EstClient({ baseUrl, caPem, gate: () => ctx.clockSanity.untrusted() }, auth, ctx.clock);
       const enrolled = enrolment;
       renewer = new CertificateRenewer(
         {
@@ -293,8 +299,9 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
       });
       const r = renewer;
       certLoop = (async (): Promise<void> => {
-        if (!(await clockTrusted(ctx, signal))) return;
         while (!signal.aborted) {
+          // Why: renewal judges expiry on the wall clock and opens TLS to EST; below the floor neither.
+          if (!(await clockTrusted(ctx, signal))) return;
           let waitMs = 60_000;
           try {
             const outcome = await r.renewIfDue();
