@@ -34,8 +34,11 @@ export class ClockSanity {
   readonly #log: Logger;
   readonly #build: Date;
   #persisted: Date | undefined;
-  /** Monotonic ms at which `#persisted` was last written by this process (caps how fast it advances). */
-  #persistedMono: number | undefined;
+  /**
+   * (wall, monotonic) at the first trusted check of this process: the floor written later is at most
+   * anchor wall + monotonic elapsed, so a later forward step of the wall clock is never persisted.
+   */
+  #anchor: { readonly wallMs: number; readonly monoMs: number } | undefined;
   /** wall − monotonic at the last `noteStep()`: a change is a wall-clock step. */
   #offsetMs: number | undefined;
   #certNotBefore: Date | undefined;
@@ -65,6 +68,7 @@ export class ClockSanity {
     this.#certNotBefore = notBefore;
   }
 
+  /** The verdict now. The first trusted verdict also records the (wall, monotonic) anchor for `persist`. */
   check(): ClockVerdict {
     const now = this.#clock.now();
     let floor = this.#build;
@@ -78,6 +82,8 @@ export class ClockSanity {
       floorSource = "certificate";
     }
     const trusted = now.getTime() >= floor.getTime();
+    if (trusted && this.#anchor === undefined)
+      this.#anchor = { wallMs: now.getTime(), monoMs: this.#clock.monotonicMs() };
     return {
       trusted,
       now: now.toISOString(),
@@ -126,26 +132,26 @@ export class ClockSanity {
 
   /**
    * Persists the current time as the new floor, only when the clock is trusted and moving forward
-   * (never lowers the floor; atomic write so a power cut leaves the old or new value). After this
-   * process's first write the floor advances at most by the monotonic time elapsed since, so a
-   * forward step of the wall clock is not persisted.
+   * (never lowers the floor; atomic write so a power cut leaves the old or new value). The value is
+   * capped at the first trusted (wall, monotonic) pair of this process plus monotonic time elapsed,
+   * so a forward step of the wall clock is not persisted.
    */
   async persist(): Promise<boolean> {
     const v = this.check();
     if (!v.trusted) return false;
-    const mono = this.#clock.monotonicMs();
     let next = this.#clock.now();
     // Why: a wall clock stepped years forward (bad NTP answer, RTC glitch) must not become the floor:
-    // once corrected, the device would refuse every credential until that date. After our own last
-    // write the floor advances no faster than monotonic time (which a wall-clock step does not move).
-    if (this.#persisted !== undefined && this.#persistedMono !== undefined) {
-      const cap = this.#persisted.getTime() + Math.max(0, mono - this.#persistedMono);
+    // once corrected, the device would refuse every credential until that date. The floor advances
+    // no faster than monotonic time since the first trusted check (a wall-clock step does not move
+    // it); the cap can only make the floor lower, never stricter.
+    const a = this.#anchor;
+    if (a !== undefined) {
+      const cap = a.wallMs + Math.max(0, this.#clock.monotonicMs() - a.monoMs);
       if (next.getTime() > cap) next = new Date(cap);
     }
     if (this.#persisted !== undefined && next <= this.#persisted) return false;
     await writeFileAtomic(this.#file, `${JSON.stringify({ lastSeen: next.toISOString() })}\n`);
     this.#persisted = next;
-    this.#persistedMono = mono;
     return true;
   }
 

@@ -51,7 +51,11 @@ export function rotationIssuers(input: RotationIssuersInput): RotationIssuers {
     const c = await input.tokenClientFor(next);
     try {
       return await new EstClient(
-        { baseUrl: input.baseUrl, caPem: input.caPem, ...(input.gate === undefined ? {} : { gate: input.gate }) },
+        {
+          baseUrl: input.baseUrl,
+          caPem: input.caPem,
+          ...(input.gate === undefined ? {} : { gate: input.gate }),
+        },
         { kind: "token", tokens: c.tokens, ...(c.dpop === undefined ? {} : { dpop: c.dpop }), scope: "est" },
         input.clock,
       ).simplereenroll(csr);

@@ -299,6 +299,7 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
       });
       const r = renewer;
       certLoop = (async (): Promise<void> => {
+        let failures = 0;
         while (!signal.aborted) {
           // Why: renewal judges expiry on the wall clock and opens TLS to EST; below the floor neither.
           if (!(await clockTrusted(ctx, signal))) return;
@@ -311,6 +312,7 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
             certStatus = await r.status();
             ctx.metrics.certExpiry.set(Math.floor(certStatus.notAfter.getTime() / 1000));
             ctx.health.set("credentials.certificate", undefined);
+            failures = 0;
             waitMs = Math.max(
               1_000,
               Math.min(3_600_000, certStatus.renewAt.getTime() - ctx.clock.now().getTime()),
@@ -319,7 +321,14 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
             const e = asM2mError(err);
             ctx.metrics.renewalsFailed.inc({ kind: "certificate" });
             await ctx.audit.record("renewal_failed", { code: e.code }).catch(() => undefined);
-            ctx.log.warn("certificate renewal failed", { code: e.code });
+            // Exponential (1 min → 1 h, jittered): a certificate that keeps failing (e.g. it looks
+            // expired after the wall clock stepped years forward) costs the registrar a request an
+            // hour, not one a minute. The renewer's own retries run inside one round.
+            waitMs = Math.round(
+              Math.min(3_600_000, 60_000 * 2 ** Math.min(failures, 6)) * (0.8 + 0.4 * Math.random()),
+            );
+            failures++;
+            ctx.log.warn("certificate renewal failed", { code: e.code, retryInS: Math.round(waitMs / 1000) });
             const st = await r.status().catch(() => undefined);
             // Still valid: keep serving and try again later; expired: the agent is degraded.
             if (st === undefined || st.notAfter <= ctx.clock.now())
