@@ -169,3 +169,27 @@ export class ClockSanity {
     this.#timer = undefined;
   }
 }
+
+/**
+ * The clock gate for one-shot CLI commands that sign or send (`enroll`, `token --direct`,
+ * `decommission`): the persisted floor, and the enrolled certificate's notBefore when given.
+ * @throws ERR_CLOCK_UNTRUSTED
+ */
+export async function assertClockTrustedForCli(options: {
+  stateDir: string;
+  log: Logger;
+  clock: Clock;
+  certificatePem?: string;
+}): Promise<void> {
+  const cs = new ClockSanity({ clock: options.clock, stateDir: options.stateDir, log: options.log });
+  await cs.load();
+  if (options.certificatePem !== undefined) {
+    try {
+      const { X509Certificate } = await import("node:crypto");
+      cs.setCertificateNotBefore(new Date(new X509Certificate(options.certificatePem).validFrom));
+    } catch {
+      // An unreadable certificate only means no certificate floor here (the command reports it).
+    }
+  }
+  cs.assertTrusted();
+}

@@ -33,7 +33,8 @@ import {
  * broker's mTLS listener, so "sends nothing" is measured as accepted connections.
  *
  * 1. Enrolled (real time), then started in 2001: no connection at all for 8 s; `/v1/token` and
- *    `status` name the clock; `send` is accepted into the outbox.
+ *    `status` name the clock (so does `token --direct` under the same fake clock); `send` is
+ *    accepted into the outbox.
  * 2. Clock corrected: running again and every held message at the subscriber within 10 s.
  * 3. Clock stepped two years forward: no timer storm (a bounded handful of connections in 15 s),
  *    the daemon stays up, logs the step, and keeps relaying on its open connection.
@@ -192,13 +193,13 @@ describe("clock gating under libfaketime (built daemon, SoftHSM, mosquitto)", ()
       // ---- 1. A gateway without RTC battery boots in 2001 ----
       await setFakeTime("@2001-01-01 00:00:00");
       resetCounts();
-      const d = startDaemon(["--config", config, "run"], {
-        ...env,
+      const fake = {
         LD_PRELOAD: libfaketime(),
         FAKETIME_TIMESTAMP_FILE: timeFile,
         FAKETIME_NO_CACHE: "1",
         FAKETIME_DONT_FAKE_MONOTONIC: "1",
-      });
+      };
+      const d = startDaemon(["--config", config, "run"], { ...env, ...fake });
       daemons.push(d);
       await d.waitLog((r) => r.msg === "local API listening", 30_000);
       // The daemon really runs in 2001 (libfaketime works for node): its log timestamps say so.
@@ -220,6 +221,17 @@ describe("clock gating under libfaketime (built daemon, SoftHSM, mosquitto)", ()
       expect(tok.code).not.toBe(0);
       expect(tok.stdout + tok.stderr).toContain("ERR_CLOCK_UNTRUSTED");
       expect(tok.stdout + tok.stderr).not.toMatch(/unreachable/i);
+
+      // `token --direct` (the CLI signing with the key itself) refuses the same way, under the same clock.
+      const direct = await runNode(
+        AGENT_CLI,
+        ["--config", config, "--json", "token", "--direct"],
+        { ...env, ...fake },
+        undefined,
+        30_000,
+      );
+      expect(direct.code).not.toBe(0);
+      expect(direct.stdout + direct.stderr).toContain("ERR_CLOCK_UNTRUSTED");
 
       // Messages are accepted into the outbox while held.
       const payloads = ["1", "2", "3"].map((n) => JSON.stringify({ held: Number(n) }));
