@@ -1,3 +1,4 @@
+import { execFileSync } from "node:child_process";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -5,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { ManualClock } from "../../src/core/clock.js";
 import { silentLogger } from "../../src/core/log.js";
 import { EstClient } from "../../src/credentials/est/est-client.js";
-import { CLOCK_FLOOR_FILE, ClockSanity } from "../../src/daemon/clock-sanity.js";
+import { assertClockTrustedForCli, CLOCK_FLOOR_FILE, ClockSanity } from "../../src/daemon/clock-sanity.js";
 import type { OutboxMessage } from "../../src/relay/outbox/outbox.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { Relay } from "../../src/relay/relay.js";
@@ -172,5 +173,57 @@ describe("forward steps", () => {
       lastSeen: string;
     };
     expect(saved.lastSeen).toBe("2027-05-01T00:00:01.000Z");
+  });
+});
+
+describe("CLI gate (enroll, token --direct, decommission)", () => {
+  it("refuses below the build floor and below the enrolled certificate's notBefore", async () => {
+    const stateDir = join(dir, "cli");
+    await expect(
+      assertClockTrustedForCli({
+        stateDir,
+        log: silentLogger,
+        clock: new ManualClock(new Date("2001-01-01T00:00:00Z")),
+      }),
+    ).rejects.toMatchObject({ code: "ERR_CLOCK_UNTRUSTED" });
+    const certPath = join(dir, "cli-cert.pem");
+    execFileSync(
+      "openssl",
+      [
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        join(dir, "cli.key"),
+        "-out",
+        certPath,
+        "-days",
+        "1",
+        "-subj",
+        "/CN=cli-gate",
+      ],
+      { stdio: "ignore", timeout: 20_000 },
+    );
+    const certificatePem = await readFile(certPath, "utf8");
+    // A day before the certificate was issued (yet above the build floor): untrusted because of it.
+    const dayBefore = new ManualClock(new Date(Date.now() - 86_400_000));
+    await expect(
+      assertClockTrustedForCli({ stateDir, log: silentLogger, clock: dayBefore, certificatePem }),
+    ).rejects.toMatchObject({
+      code: "ERR_CLOCK_UNTRUSTED",
+      message: expect.stringContaining("certificate time floor"),
+    });
+    await expect(
+      assertClockTrustedForCli({
+        stateDir,
+        log: silentLogger,
+        clock: new ManualClock(new Date()),
+        certificatePem,
+      }),
+    ).resolves.toBeUndefined();
   });
 });
