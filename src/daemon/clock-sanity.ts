@@ -34,6 +34,13 @@ export class ClockSanity {
   readonly #log: Logger;
   readonly #build: Date;
   #persisted: Date | undefined;
+  /**
+   * (wall, monotonic) at the first trusted check of this process: the floor written later is at most
+   * anchor wall + monotonic elapsed, so a later forward step of the wall clock is never persisted.
+   */
+  #anchor: { readonly wallMs: number; readonly monoMs: number } | undefined;
+  /** wall − monotonic at the last `noteStep()`: a change is a wall-clock step. */
+  #offsetMs: number | undefined;
   #certNotBefore: Date | undefined;
   #timer: NodeJS.Timeout | undefined;
 
@@ -61,6 +68,7 @@ export class ClockSanity {
     this.#certNotBefore = notBefore;
   }
 
+  /** The verdict now. The first trusted verdict also records the (wall, monotonic) anchor for `persist`. */
   check(): ClockVerdict {
     const now = this.#clock.now();
     let floor = this.#build;
@@ -74,6 +82,8 @@ export class ClockSanity {
       floorSource = "certificate";
     }
     const trusted = now.getTime() >= floor.getTime();
+    if (trusted && this.#anchor === undefined)
+      this.#anchor = { wallMs: now.getTime(), monoMs: this.#clock.monotonicMs() };
     return {
       trusted,
       now: now.toISOString(),
@@ -87,28 +97,61 @@ export class ClockSanity {
     };
   }
 
+  /**
+   * The clock gate every credential path shares (token source, EST, enrolment, the relay's sinks):
+   * undefined while trusted, else the `ERR_CLOCK_UNTRUSTED` error to refuse with. A comparison, no
+   * I/O: cheap enough to poll every second.
+   */
+  untrusted(): M2mError | undefined {
+    const v = this.check();
+    if (v.trusted) return undefined;
+    return new M2mError("ERR_CLOCK_UNTRUSTED", "transient", v.reason ?? "untrusted clock", {
+      hint: "fix time synchronisation (systemd-timesyncd / chrony) or the RTC; the agent resumes by itself",
+      details: { now: v.now, floor: v.floor },
+    });
+  }
+
   /** For credential code paths. @throws ERR_CLOCK_UNTRUSTED (transient: NTP may fix it). */
   assertTrusted(): void {
-    const v = this.check();
-    if (!v.trusted) {
-      throw new M2mError("ERR_CLOCK_UNTRUSTED", "transient", v.reason ?? "untrusted clock", {
-        hint: "fix time synchronisation (systemd-timesyncd / chrony) or the RTC; the agent resumes by itself",
-        details: { now: v.now, floor: v.floor },
-      });
-    }
+    const e = this.untrusted();
+    if (e !== undefined) throw e;
+  }
+
+  /**
+   * How far (ms, signed) the wall clock stepped against the monotonic clock since the previous call,
+   * when that exceeds `thresholdMs`; else undefined. The first call only records the offset.
+   */
+  noteStep(thresholdMs = 60_000): number | undefined {
+    const offset = this.#clock.now().getTime() - this.#clock.monotonicMs();
+    const prev = this.#offsetMs;
+    this.#offsetMs = offset;
+    if (prev === undefined) return undefined;
+    const step = offset - prev;
+    return Math.abs(step) > thresholdMs ? step : undefined;
   }
 
   /**
    * Persists the current time as the new floor, only when the clock is trusted and moving forward
-   * (never lowers the floor; atomic write so a power cut leaves the old or new value).
+   * (never lowers the floor; atomic write so a power cut leaves the old or new value). The value is
+   * capped at the first trusted (wall, monotonic) pair of this process plus monotonic time elapsed,
+   * so a forward step of the wall clock is not persisted.
    */
   async persist(): Promise<boolean> {
     const v = this.check();
     if (!v.trusted) return false;
-    const now = this.#clock.now();
-    if (this.#persisted !== undefined && now <= this.#persisted) return false;
-    await writeFileAtomic(this.#file, `${JSON.stringify({ lastSeen: now.toISOString() })}\n`);
-    this.#persisted = now;
+    let next = this.#clock.now();
+    // Why: a wall clock stepped years forward (bad NTP answer, RTC glitch) must not become the floor:
+    // once corrected, the device would refuse every credential until that date. The floor advances
+    // no faster than monotonic time since the first trusted check (a wall-clock step does not move
+    // it); the cap can only make the floor lower, never stricter.
+    const a = this.#anchor;
+    if (a !== undefined) {
+      const cap = a.wallMs + Math.max(0, this.#clock.monotonicMs() - a.monoMs);
+      if (next.getTime() > cap) next = new Date(cap);
+    }
+    if (this.#persisted !== undefined && next <= this.#persisted) return false;
+    await writeFileAtomic(this.#file, `${JSON.stringify({ lastSeen: next.toISOString() })}\n`);
+    this.#persisted = next;
     return true;
   }
 
@@ -125,4 +168,28 @@ export class ClockSanity {
     if (this.#timer !== undefined) clearInterval(this.#timer);
     this.#timer = undefined;
   }
+}
+
+/**
+ * The clock gate for one-shot CLI commands that sign or send (`enroll`, `token --direct`,
+ * `decommission`): the persisted floor, and the enrolled certificate's notBefore when given.
+ * @throws ERR_CLOCK_UNTRUSTED
+ */
+export async function assertClockTrustedForCli(options: {
+  stateDir: string;
+  log: Logger;
+  clock: Clock;
+  certificatePem?: string;
+}): Promise<void> {
+  const cs = new ClockSanity({ clock: options.clock, stateDir: options.stateDir, log: options.log });
+  await cs.load();
+  if (options.certificatePem !== undefined) {
+    try {
+      const { X509Certificate } = await import("node:crypto");
+      cs.setCertificateNotBefore(new Date(new X509Certificate(options.certificatePem).validFrom));
+    } catch {
+      // An unreadable certificate only means no certificate floor here (the command reports it).
+    }
+  }
+  cs.assertTrusted();
 }

@@ -205,7 +205,11 @@ export class Agent {
     // seconds); the floor is persisted once a minute (a write). setInterval runs on the monotonic
     // clock, so a wall-clock step (years forward or back) never bunches these ticks.
     let ticks = 0;
+    this.clockSanity.noteStep();
     this.#clockTimer = setInterval(() => {
+      const step = this.clockSanity.noteStep();
+      // A step is logged (operators correlate it with expiry/renewal decisions); timers are monotonic.
+      if (step !== undefined) this.#log.warn("wall clock stepped", { stepS: Math.round(step / 1000) });
       this.#checkClock();
       if (++ticks % 30 !== 0) return;
       this.clockSanity
@@ -365,10 +369,36 @@ export class Agent {
       }
       return;
     }
+    await this.#afterKey(attempt);
+  }
+
+  /** Enrolment state → enrolment (when configured and needed) → stages. */
+  async #afterKey(attempt: number): Promise<void> {
     await this.#loadEnrolment();
-    if (c.enroll.enabled && this.#enrolment === undefined && !(await this.#enroll(attempt))) return;
+    if (this.#config.enroll.enabled && this.#enrolment === undefined) {
+      if (this.#heldByClock(() => void this.#afterKey(attempt))) return;
+      if (!(await this.#enroll(attempt))) return;
+    }
     await this.#startStages();
     this.health.apply();
+  }
+
+  /**
+   * Enrolment signs (JWTs, a CSR) and opens TLS: below the time floor nothing is attempted, no audit
+   * record written and no backoff grown. True when held: `resume` runs once the clock is trusted
+   * (re-checked every second, a comparison), so a corrected clock enrols within about a second.
+   */
+  #heldByClock(resume: () => void): boolean {
+    const e = this.clockSanity.untrusted();
+    if (e === undefined) return false;
+    this.health.set("enrolment", `${e.code}: enrolment waits for a trusted clock`);
+    this.lifecycle.tryDispatch({ type: "degrade", reason: this.health.summary ?? e.code });
+    this.health.apply();
+    this.#retryTimer = setTimeout(() => {
+      if (this.lifecycle.state.name === "stopping" || this.lifecycle.state.name === "stopped") return;
+      if (!this.#heldByClock(resume)) resume();
+    }, 1_000);
+    return true;
   }
 
   /**

@@ -1,6 +1,6 @@
 import { type Clock, systemClock } from "../core/clock.js";
 import type { ErrorCode } from "../core/error-codes.js";
-import { asM2mError } from "../core/errors.js";
+import { asM2mError, type M2mError } from "../core/errors.js";
 import { type Logger, silentLogger } from "../core/log.js";
 import { backoffDelay, defaultRetryPolicy, type RetryPolicy } from "../core/retry.js";
 import type { Outbox, OutboxMessage } from "./outbox/outbox.js";
@@ -39,6 +39,14 @@ export interface RelayOptions {
    * failed or it sat in backoff) is reported by `unhealthy()`. Default 10 000 ms.
    */
   readonly unhealthyAfterMs?: number;
+  /**
+   * A gate in front of every sink: while it returns an error (e.g. `ERR_CLOCK_UNTRUSTED`), nothing
+   * is leased, delivered or probed — no connection is opened — and the messages stay in the outbox.
+   * Polled every `holdPollMs` (default 1000 ms; it must be cheap, e.g. a comparison). When it opens,
+   * delivery resumes at once with the backoff reset.
+   */
+  readonly hold?: () => M2mError | undefined;
+  readonly holdPollMs?: number;
 }
 
 /** A sink that cannot deliver (see `Relay.unhealthy`). */
@@ -48,6 +56,8 @@ export interface SinkTrouble {
   readonly code: ErrorCode;
   /** How long (ms) since the first failure without a success after it. */
   readonly forMs: number;
+  /** True when the relay's `hold` gate keeps the sink idle (reported at once, not after the threshold). */
+  readonly held?: boolean;
 }
 
 export interface SinkCounters {
@@ -63,6 +73,8 @@ export interface SinkCounters {
   failingSince: number | undefined;
   /** Pauses ended early because a probe saw the upstream return. */
   probeWakeups: number;
+  /** The `hold` gate's code while it keeps this sink idle (undefined: not held). */
+  heldBy: ErrorCode | undefined;
 }
 
 /** Reason for aborting internal waits: a shared value, so no DOMException is built per wait (hot loop). */
@@ -100,6 +112,7 @@ export class Relay {
         lastError: undefined,
         failingSince: undefined,
         probeWakeups: 0,
+        heldBy: undefined,
       };
     }
   }
@@ -123,6 +136,10 @@ export class Relay {
     const now = this.#clock.monotonicMs();
     const out: SinkTrouble[] = [];
     for (const [sink, c] of Object.entries(this.counters)) {
+      if (c.heldBy !== undefined) {
+        out.push({ sink, code: c.heldBy, forMs: now - (c.failingSince ?? now), held: true });
+        continue;
+      }
       if (c.failingSince === undefined || now - c.failingSince < limit) continue;
       out.push({ sink, code: c.lastError ?? "ERR_SINK_DELIVER", forMs: now - c.failingSince });
     }
@@ -142,6 +159,8 @@ export class Relay {
     for (;;) {
       const left = until() - this.#clock.monotonicMs();
       if (left <= 0 || signal.aborted) return;
+      // Held (clock untrusted): not even a TCP probe; the pump waits at its gate instead.
+      if (this.#o.hold?.() !== undefined) return;
       if (probe === undefined || left <= every) {
         await this.#clock.sleep(left, signal).catch(() => undefined);
         continue;
@@ -292,6 +311,31 @@ export class Relay {
     };
 
     while (!signal.aborted) {
+      // The gate (clock untrusted): no lease, no delivery, no probe — nothing leaves the host.
+      const held = this.#o.hold?.();
+      if (held !== undefined) {
+        if (c.heldBy === undefined) {
+          this.#log.warn("delivery held", { sink: sink.name, code: held.code, reason: held.message });
+          c.failingSince ??= this.#clock.monotonicMs();
+        }
+        c.heldBy = held.code;
+        c.lastError = held.code;
+        await this.#clock.sleep(this.#o.holdPollMs ?? 1000, signal).catch(() => undefined);
+        continue;
+      }
+      if (c.heldBy !== undefined) {
+        // Released: what backed off before the hold is due now; the hold was not the upstream's fault.
+        this.#log.info("delivery resumed", { sink: sink.name, after: c.heldBy });
+        c.heldBy = undefined;
+        c.failingSince = undefined;
+        c.backoffLevel = 0;
+        pausedUntil = 0;
+        try {
+          outbox.retryNow(sink.name);
+        } catch {
+          // Closed while stopping: the loop ends on the abort.
+        }
+      }
       const now = this.#clock.monotonicMs();
       if (now < pausedUntil) {
         // Let in-flight deliveries finish during the pause; their failures may extend it.

@@ -3,7 +3,7 @@ import type { Clock } from "../core/clock.js";
 import type { Logger } from "../core/log.js";
 import type { RetryPolicy } from "../core/retry.js";
 import type { Outbox } from "./outbox/outbox.js";
-import { Relay } from "./relay.js";
+import { Relay, type RelayOptions } from "./relay.js";
 import type { Sink } from "./sinks/sink.js";
 import { mountMessagesRoute } from "./sources/api/messages-route.js";
 import type { ParseLimits } from "./sources/api/parse.js";
@@ -16,9 +16,10 @@ export interface RelayStackOptions {
   /** Or mount on an API server someone else owns (the daemon's). */
   readonly mountOn?: ApiServer;
   readonly retry?: RetryPolicy;
-  /** See `RelayOptions.unhealthyAfterMs` / `probeIntervalMs`. */
+  /** See `RelayOptions.unhealthyAfterMs` / `probeIntervalMs` / `hold`. */
   readonly unhealthyAfterMs?: number;
   readonly probeIntervalMs?: number;
+  readonly hold?: RelayOptions["hold"];
   readonly clock?: Clock;
   readonly logger?: Logger;
 }
@@ -40,6 +41,7 @@ export async function startRelayStack(o: RelayStackOptions): Promise<RelayStack>
     ...(o.retry === undefined ? {} : { retry: o.retry }),
     ...(o.unhealthyAfterMs === undefined ? {} : { unhealthyAfterMs: o.unhealthyAfterMs }),
     ...(o.probeIntervalMs === undefined ? {} : { probeIntervalMs: o.probeIntervalMs }),
+    ...(o.hold === undefined ? {} : { hold: o.hold }),
     ...(o.clock === undefined ? {} : { clock: o.clock }),
     ...(o.logger === undefined ? {} : { logger: o.logger }),
   });

@@ -33,6 +33,8 @@ const WATCHED = [
   "src/credentials/est/est-client.ts",
   "src/relay/sinks/mqtt/mqtt-sink.ts",
   "src/cli/agent/token.ts",
+  "src/daemon/clock-sanity.ts",
+  "src/relay/relay.ts",
 ];
 
 /**

@@ -198,6 +198,15 @@ export function register(program: Command): void {
             if (config.enroll.registrar_ca_file !== undefined)
               caParts.push(await readFile(config.enroll.registrar_ca_file, "utf8"));
             try {
+              // Why: the revocation request is a JWT signed on our clock; below the floor it is not sent
+              // (ERR_CLOCK_UNTRUSTED; with --offline the device is wiped anyway).
+              const { assertClockTrustedForCli } = await import("../../daemon/clock-sanity.js");
+              await assertClockTrustedForCli({
+                clock: systemClock,
+                stateDir: config.agent.state_dir,
+                log,
+                certificatePem: state.certificatePem,
+              });
               await withStep(progress, `revoking ${state.deviceId} at the registrar`, () =>
                 revokeAtRegistrar(state, keys, caParts.join("\n")),
               );

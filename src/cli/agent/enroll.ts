@@ -42,10 +42,8 @@ export function register(program: Command): void {
         return withStateLock(config.agent.state_dir, "m2m-agent enroll", async () => {
           const log = cliLogger(opts);
           // Why: enrolment opens TLS and judges certificate validity: refuse below the time floor.
-          const { ClockSanity } = await import("../../daemon/clock-sanity.js");
-          const clock = new ClockSanity({ clock: systemClock, stateDir: config.agent.state_dir, log });
-          await clock.load();
-          clock.assertTrusted();
+          const { assertClockTrustedForCli } = await import("../../daemon/clock-sanity.js");
+          await assertClockTrustedForCli({ clock: systemClock, stateDir: config.agent.state_dir, log });
           const [{ deviceKeyFromConfig }, { enrollFromConfig }] = await Promise.all([
             import("../../keys/from-config.js"),
             import("../../enroll/from-config.js"),

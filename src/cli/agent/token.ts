@@ -103,6 +103,14 @@ async function direct(
       hint: "run `m2m-agent enroll` or set credentials.oauth.client_id",
     });
   }
+  // Why: a client assertion signed below the time floor carries a false iat/exp: same gate as the daemon.
+  const { assertClockTrustedForCli } = await import("../../daemon/clock-sanity.js");
+  await assertClockTrustedForCli({
+    clock: systemClock,
+    stateDir: config.agent.state_dir,
+    log: silentLogger,
+    ...(state === undefined ? {} : { certificatePem: state.certificatePem }),
+  });
   const owner = await deviceKeyFromConfig(config, { log: silentLogger });
   const keys = owner.current;
   const client = new OAuthClient(

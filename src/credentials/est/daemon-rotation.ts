@@ -25,6 +25,8 @@ export interface RotationIssuersInput {
   readonly dpop: DpopSigner | undefined;
   /** Builds a token client on another key (pending-key recovery). */
   readonly tokenClientFor: (keys: KeyProvider) => Promise<KeyTokenClient>;
+  /** The clock gate (see `EstClientConfig.gate`): nothing is signed or sent while it returns an error. */
+  readonly gate?: () => Error | undefined;
 }
 
 /** How the renewer gets a certificate for a new key during a rotation (see `CertificateRenewerDeps`). */
@@ -43,10 +45,17 @@ export interface RotationIssuers {
  */
 export function rotationIssuers(input: RotationIssuersInput): RotationIssuers {
   const issueForPendingKey = async (next: KeyProvider, csr: Uint8Array): Promise<x509.X509Certificate[]> => {
+    // The pending key's own token client bypasses the daemon's gated token source: gate it here.
+    const held = input.gate?.();
+    if (held !== undefined) throw held;
     const c = await input.tokenClientFor(next);
     try {
       return await new EstClient(
-        { baseUrl: input.baseUrl, caPem: input.caPem },
+        {
+          baseUrl: input.baseUrl,
+          caPem: input.caPem,
+          ...(input.gate === undefined ? {} : { gate: input.gate }),
+        },
         { kind: "token", tokens: c.tokens, ...(c.dpop === undefined ? {} : { dpop: c.dpop }), scope: "est" },
         input.clock,
       ).simplereenroll(csr);
@@ -61,5 +70,12 @@ export function rotationIssuers(input: RotationIssuersInput): RotationIssuers {
     { baseUrl: input.baseUrl, caPem: input.caPem },
     { tokens: input.tokens, dpop: input.dpop },
   );
-  return { issueWithNewKey: (next, csr) => client.issue(next, csr), issueForPendingKey };
+  return {
+    issueWithNewKey: async (next, csr) => {
+      const held = input.gate?.();
+      if (held !== undefined) throw held;
+      return client.issue(next, csr);
+    },
+    issueForPendingKey,
+  };
 }

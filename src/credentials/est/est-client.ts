@@ -39,6 +39,11 @@ export interface EstClientConfig {
   readonly caPem: string;
   readonly timeoutMs?: number;
   readonly maxResponseBytes?: number;
+  /**
+   * Refuses every request (before anything is signed or sent) while it returns an error: the
+   * daemon's clock gate (`ERR_CLOCK_UNTRUSTED`).
+   */
+  readonly gate?: () => Error | undefined;
 }
 
 /**
@@ -71,6 +76,8 @@ export class EstClient {
   }
 
   async #request(method: "GET" | "POST", op: string, csr?: Uint8Array): Promise<string> {
+    const held = this.#config.gate?.();
+    if (held !== undefined) throw held;
     const url = `${this.#config.baseUrl.replace(/\/+$/, "")}/.well-known/est/${op}`;
     const headers: Record<string, string> = {};
     let connect: Record<string, unknown> = { ca: this.#config.caPem };

@@ -155,17 +155,21 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
     // Token upkeep: wake at a quarter of the remaining lifetime; the client refreshes at its
     // configured fraction (jittered, single-flight) and serves the cache in between.
     const tokenLoop = (async (): Promise<void> => {
-      if (!(await clockTrusted(ctx, signal))) return;
       let refusals = 0;
       while (!signal.aborted) {
+        // Every round, not only the first: a clock stepped back while running holds the loop too.
+        if (!(await clockTrusted(ctx, signal))) return;
         let waitMs = 30_000;
         try {
           const t = await tokens.getToken();
           refusals = 0;
           const left = t.expiresAt.getTime() - ctx.clock.now().getTime();
-          waitMs = Math.min(300_000, Math.max(1_000, Math.floor(left / 4)));
+          // left ≤ 0 with a token in hand: the wall clock stepped forward (the client refreshes on
+          // the monotonic clock and served its cache); asking every second would gain nothing.
+          waitMs = left <= 0 ? 30_000 : Math.min(300_000, Math.max(1_000, Math.floor(left / 4)));
         } catch (err) {
           const e = asM2mError(err);
+          if (e.code === "ERR_CLOCK_UNTRUSTED") continue; // stepped back since the check: wait above
           ctx.log.warn("access token unavailable", { code: e.code, reason: e.message });
           if (e.code === "ERR_ATTESTATION_REFUSED") {
             // Refused platform state: degraded with the reason (noteFailure), then ask again later, on
@@ -209,6 +213,7 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
           baseUrl,
           caPem,
           clock: ctx.clock,
+          gate: () => ctx.clockSanity.untrusted(),
           tokens,
           dpop,
           tokenClientFor: async (keys) => {
@@ -237,7 +242,8 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
         auth = { kind: "token", tokens, ...(dpop === undefined ? {} : { dpop }), scope: "est" };
         estAuth = "token";
       }
-      const est = new EstClient({ baseUrl, caPem }, auth, ctx.clock);
+      // Why: EST (mTLS or token) opens TLS and presents a certificate judged on our clock: gated.
+      const est = new EstClient({ baseUrl, caPem, gate: () => ctx.clockSanity.untrusted() }, auth, ctx.clock);
       const enrolled = enrolment;
       renewer = new CertificateRenewer(
         {
@@ -293,8 +299,10 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
       });
       const r = renewer;
       certLoop = (async (): Promise<void> => {
-        if (!(await clockTrusted(ctx, signal))) return;
+        let failures = 0;
         while (!signal.aborted) {
+          // Why: renewal judges expiry on the wall clock and opens TLS to EST; below the floor neither.
+          if (!(await clockTrusted(ctx, signal))) return;
           let waitMs = 60_000;
           try {
             const outcome = await r.renewIfDue();
@@ -304,6 +312,7 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
             certStatus = await r.status();
             ctx.metrics.certExpiry.set(Math.floor(certStatus.notAfter.getTime() / 1000));
             ctx.health.set("credentials.certificate", undefined);
+            failures = 0;
             waitMs = Math.max(
               1_000,
               Math.min(3_600_000, certStatus.renewAt.getTime() - ctx.clock.now().getTime()),
@@ -312,7 +321,14 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
             const e = asM2mError(err);
             ctx.metrics.renewalsFailed.inc({ kind: "certificate" });
             await ctx.audit.record("renewal_failed", { code: e.code }).catch(() => undefined);
-            ctx.log.warn("certificate renewal failed", { code: e.code });
+            // Exponential (1 min → 1 h, jittered): a certificate that keeps failing (e.g. it looks
+            // expired after the wall clock stepped years forward) costs the registrar a request an
+            // hour, not one a minute. The renewer's own retries run inside one round.
+            waitMs = Math.round(
+              Math.min(3_600_000, 60_000 * 2 ** Math.min(failures, 6)) * (0.8 + 0.4 * Math.random()),
+            );
+            failures++;
+            ctx.log.warn("certificate renewal failed", { code: e.code, retryInS: Math.round(waitMs / 1000) });
             const st = await r.status().catch(() => undefined);
             // Still valid: keep serving and try again later; expired: the agent is degraded.
             if (st === undefined || st.notAfter <= ctx.clock.now())

@@ -64,6 +64,9 @@ export const relayStage: AgentStage<SinkCredentials> = {
       outbox,
       sinks,
       unhealthyAfterMs: unhealthyAfter,
+      // Why: a sink opens TLS (mTLS with the device certificate, or a token signed on our clock);
+      // below the time floor nothing is leased, sent or probed, and messages wait in the outbox.
+      hold: () => ctx.clockSanity.untrusted(),
       clock: ctx.clock,
       logger: ctx.log,
     });
@@ -76,8 +79,10 @@ export const relayStage: AgentStage<SinkCredentials> = {
           `relay.sink.${s.name}`,
           t === undefined
             ? undefined
-            : // Stable text (no running duration): the board re-applies only when the reason changes.
-              `${t.code}: sink ${s.name} cannot deliver for over ${Math.round(unhealthyAfter / 1000)} s`,
+            : t.held === true
+              ? `${t.code}: sink ${s.name} holds messages in the outbox until the clock is trusted`
+              : // Stable text (no running duration): the board re-applies only when the reason changes.
+                `${t.code}: sink ${s.name} cannot deliver for over ${Math.round(unhealthyAfter / 1000)} s`,
         );
       }
     };

@@ -425,17 +425,31 @@ export class MqttSink implements Sink {
 
   async #renew(old: Conn): Promise<void> {
     if (this.#closed || this.#conn !== old) return;
-    let fresh: Conn;
-    try {
-      fresh = await this.#connect(old.url);
-    } catch (err) {
-      this.#log.warn("make-before-break reconnect failed; retrying shortly", { err: asM2mError(err) });
+    const later = (): void => {
       const ctl = new AbortController();
       this.#renewTimer = ctl;
       this.#clock.sleep(5_000, ctl.signal).then(
         () => this.#renew(old),
         () => undefined,
       );
+    };
+    const auth = this.#o.auth;
+    if (auth.kind === "token" && old.expiresAt !== undefined) {
+      // The source has nothing fresher than the token this connection uses (it refreshes on its own,
+      // monotonic schedule): a new CONNECT would gain nothing. This is what a wall clock stepped
+      // forward looks like (every token seems due); without this check it is a reconnect storm.
+      const t = await auth.tokens.getToken().catch(() => undefined);
+      if (t !== undefined && t.expiresAt.getTime() <= old.expiresAt) {
+        later();
+        return;
+      }
+    }
+    let fresh: Conn;
+    try {
+      fresh = await this.#connect(old.url);
+    } catch (err) {
+      this.#log.warn("make-before-break reconnect failed; retrying shortly", { err: asM2mError(err) });
+      later();
       return;
     }
     if (this.#closed || this.#conn !== old) {
