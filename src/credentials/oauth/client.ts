@@ -294,7 +294,12 @@ export class OAuthClient implements TokenSource {
           evidence = await source.evidence(challenge.nonce, challenge.selection);
         } catch (err) {
           const e = err instanceof M2mError ? err : undefined;
-          this.#noteQuote(quoted, "quote-failed", e?.code ?? "ERR_TPM", e?.message ?? "the TPM could not quote");
+          this.#noteQuote(
+            quoted,
+            "quote-failed",
+            e?.code ?? "ERR_TPM",
+            e?.message ?? "the TPM could not quote",
+          );
           throw err;
         }
         body.set(ATTESTATION_FORM_PARAM, base64url.encode(JSON.stringify(evidence)));
@@ -305,7 +310,8 @@ export class OAuthClient implements TokenSource {
           ...this.#httpOptions(),
         });
       } catch (err) {
-        if (quoted !== undefined) this.#noteQuote(quoted, "unanswered", undefined, "token endpoint unreachable");
+        if (quoted !== undefined)
+          this.#noteQuote(quoted, "unanswered", undefined, "token endpoint unreachable");
         // Key errors (TPM busy, wrong PIN, …) keep their own code and retry class.
         if (err instanceof M2mError) throw err;
         throw (

@@ -547,7 +547,7 @@ export class AkQuoter {
     const cached = this.#values.get(key);
     if (cached !== undefined) {
       const cmd = buildQuoteCommand(this.#akHandle, qualifyingData, BANK_ALGS[bank], sorted);
-      const resp = await this.#runner.sendRaw(cmd, { op: "quote" });
+      const resp = await this.#runner.sendRaw(cmd, { op: "quote-raw" });
       const { attest, signature } = parseSignedAttestResponse(resp.body, "TPM2_Quote");
       if (quotedDigestIs(attest, compositeSha256(cached))) return { attest, signature, values: cached };
       // The PCRs changed since: this quote is discarded, the full call reads the new values.
