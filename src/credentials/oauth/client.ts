@@ -5,7 +5,7 @@ import * as oauth from "oauth4webapi";
 import { Agent, fetch as undiciFetch } from "undici";
 import { writeFileAtomic } from "../../core/atomic-file.js";
 import type { Clock } from "../../core/clock.js";
-import { M2mError } from "../../core/errors.js";
+import { asM2mError, M2mError } from "../../core/errors.js";
 import { type Logger, silentLogger } from "../../core/log.js";
 import { defaultRetryPolicy, parseRetryAfter, type RetryPolicy, withRetry } from "../../core/retry.js";
 import { Secret } from "../../core/secret.js";
@@ -293,13 +293,8 @@ export class OAuthClient implements TokenSource {
         try {
           evidence = await source.evidence(challenge.nonce, challenge.selection);
         } catch (err) {
-          const e = err instanceof M2mError ? err : undefined;
-          this.#noteQuote(
-            quoted,
-            "quote-failed",
-            e?.code ?? "ERR_TPM",
-            e?.message ?? "the TPM could not quote",
-          );
+          const e = asM2mError(err);
+          this.#noteQuote(quoted, "quote-failed", e.code, e.message);
           throw err;
         }
         body.set(ATTESTATION_FORM_PARAM, base64url.encode(JSON.stringify(evidence)));
