@@ -454,8 +454,11 @@ export class OAuthClient implements TokenSource {
     });
   }
 
-  /** private_key_jwt signed by the KeyProvider (oauth4webapi's PrivateKeyJwt needs a CryptoKey). */
-  /** The private_key_jwt client assertion (RFC 7523), signed by the device key; single use (jti). */
+  /**
+   * The private_key_jwt client assertion (RFC 7523), signed by the device key (oauth4webapi's
+   * PrivateKeyJwt needs a CryptoKey); single use (jti). Signed before the request is built, so it can
+   * overlap a nonce round trip.
+   */
   async #signAssertion(
     as: oauth.AuthorizationServer,
     client: oauth.Client,
