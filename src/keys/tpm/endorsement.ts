@@ -530,6 +530,7 @@ export class AkQuoter {
   readonly #akHandle: number;
   /** Last values per `bank:pcrs`; only for selections whose sha256 composite matched a quote. */
   readonly #values = new Map<string, readonly Uint8Array[]>();
+  #rawRefused = false;
 
   constructor(runner: TpmRunner, akHandle: number) {
     this.#runner = runner;
@@ -544,12 +545,21 @@ export class AkQuoter {
   ): Promise<QuoteResult> {
     const sorted = checkQuoteArgs(qualifyingData, pcrs);
     const key = `${bank}:${sorted.join(",")}`;
-    const cached = this.#values.get(key);
+    const cached = this.#rawRefused ? undefined : this.#values.get(key);
     if (cached !== undefined) {
       const cmd = buildQuoteCommand(this.#akHandle, qualifyingData, BANK_ALGS[bank], sorted);
-      const resp = await this.#runner.sendRaw(cmd, { op: "quote-raw" });
-      const { attest, signature } = parseSignedAttestResponse(resp.body, "TPM2_Quote");
-      if (quotedDigestIs(attest, compositeSha256(cached))) return { attest, signature, values: cached };
+      let resp: Awaited<ReturnType<TpmRunner["sendRaw"]>> | undefined;
+      try {
+        resp = await this.#runner.sendRaw(cmd, { op: "quote-raw" });
+      } catch (err) {
+        // A TPM that refuses the hand-built command (e.g. an AK needing other auth): tpm2_quote from now on.
+        if (!(err instanceof M2mError && err.code === "ERR_TPM_COMMAND")) throw err;
+        this.#rawRefused = true;
+      }
+      if (resp !== undefined) {
+        const { attest, signature } = parseSignedAttestResponse(resp.body, "TPM2_Quote");
+        if (quotedDigestIs(attest, compositeSha256(cached))) return { attest, signature, values: cached };
+      }
       // The PCRs changed since: this quote is discarded, the full call reads the new values.
       this.#values.delete(key);
     }
