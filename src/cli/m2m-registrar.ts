@@ -425,6 +425,14 @@ export function buildRegistrarProgram(io: CliIo = defaultIo): Command {
       last === undefined
         ? "no quote yet"
         : `last quote ${last.at.toISOString()}: ${last.outcome}${last.code === undefined ? "" : ` ${last.code}: ${last.reason}`}`,
+      `last verified quote: ${last?.lastVerifiedAt?.toISOString() ?? "never"}`,
+      ...(last === undefined || r.policy === undefined
+        ? []
+        : [
+            r.differing.length === 0
+              ? "PCRs differing from the policy: none"
+              : `PCRs differing from the policy: ${r.differing.map((d) => d.pcr).join(", ")}`,
+          ]),
       ...(last?.anomaly === undefined
         ? []
         : [`ANOMALY since ${last.anomaly.at.toISOString()}: ${last.anomaly.reason}`]),

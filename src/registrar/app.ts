@@ -373,6 +373,20 @@ export async function startRegistrarApp(
       const policy = await deps.store.getAttestationPolicy(device.group);
       return policy?.requireForRenewal === true ? policy.maxQuoteAgeSec : undefined;
     },
+    onRenewalRefused: (device, info) =>
+      deps.store.appendAudit({
+        ts: clock.now().toISOString(),
+        event: "attestation.renewal_refused",
+        outcome: "failure",
+        code: "ERR_ATTESTATION_RENEWAL",
+        deviceId: device.deviceId,
+        group: device.group,
+        via: info.via,
+        reason:
+          info.attestedAt === undefined
+            ? "no attested token"
+            : `attested ${clock.nowSeconds() - info.attestedAt} s ago (max ${info.maxAgeSec} s)`,
+      }),
     // The registry shows the certificate a device holds now, not the one from its enrolment.
     onIssued: (deviceId, cert) => deps.store.recordCertificate(deviceId, cert, clock.now()),
     // PKCS#11 key rotation over simplereenroll (CSR signed by the new key, request by the current

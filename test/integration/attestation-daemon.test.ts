@@ -11,6 +11,7 @@ import {
   ensureBuilt,
   eventually,
   jwtClaims,
+  REGISTRAR_CLI,
   type RegistrarProcess,
   type RegistrarSetup,
   runNode,
@@ -136,6 +137,29 @@ describe("continuous attestation: built registrar + agent daemon on swtpm", () =
     };
     expect(report.differing.map((d) => d.pcr)).toEqual([7]);
     expect(report.last.anomaly?.code).toBe("ERR_QUOTE_PCR_MISMATCH");
+    // The operator's text view: the last verified quote and which PCRs differ.
+    const text = await runNode(
+      REGISTRAR_CLI,
+      ["attestation", "show", deviceId, "--config", setup.regConfig],
+      env,
+    );
+    expect(text.code, text.stderr).toBe(0);
+    expect(text.stdout).toMatch(/^last verified quote: \d{4}-\d\d-\d\dT/m);
+    expect(text.stdout).toContain("PCRs differing from the policy: 7");
+    // The agent's view of its latest quote: /v1/status (--json) and the human `status`.
+    const agentView = (changed as unknown as { stages: { credentials: { attestation: unknown } } }).stages
+      .credentials.attestation;
+    expect(agentView).toMatchObject({
+      result: "refused",
+      selection: "sha256:0,1,2,3,7",
+      code: "attestation_failed",
+      detail: "PCR 7 differs from the policy",
+    });
+    expect((agentView as { lastVerifiedAt?: string }).lastVerifiedAt).toMatch(/^\d{4}-/);
+    const human = await runNode(AGENT_CLI, ["--config", config, "status"], env);
+    expect(human.stdout).toMatch(
+      /^attestation: last quote \S+ over sha256:0,1,2,3,7: refused \(attestation_failed: PCR 7 differs from the policy\); last verified \d{4}-/m,
+    );
 
     expect((await setup.reg(["attestation", "approve", deviceId])).code).toBe(0);
     await eventually(async () => ((await status()).state === "running" ? true : undefined), 30_000);

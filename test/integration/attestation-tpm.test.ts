@@ -8,12 +8,15 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { freeLoopbackPort, type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
 import { ManualClock } from "../../src/core/clock.js";
 import { M2mError } from "../../src/core/errors.js";
+import { type EstAuth, EstClient } from "../../src/credentials/est/est-client.js";
 import { tpmEvidenceSource } from "../../src/credentials/oauth/attestation.js";
 import { OAuthClient } from "../../src/credentials/oauth/client.js";
 import { type EnrollConfig, runEnroll, tpmEnrollOps } from "../../src/enroll/index.js";
+import { createCsr } from "../../src/keys/csr.js";
 import { signCompactJws } from "../../src/keys/jws.js";
 import type { KeyInfo } from "../../src/keys/key-provider.js";
-import { quoteWithAk, TpmAttestationOps } from "../../src/keys/tpm/endorsement.js";
+import { AkQuoter, quoteWithAk, TpmAttestationOps } from "../../src/keys/tpm/endorsement.js";
+import { TpmRunner } from "../../src/keys/tpm/runner.js";
 import { TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
 import { addEnrolmentGroup } from "../../src/registrar/admin.js";
 import { type RunningRegistrarApp, startRegistrarApp } from "../../src/registrar/app.js";
@@ -23,6 +26,7 @@ import {
   attestationReport,
   setAttestationPolicy,
 } from "../../src/registrar/attestation/policy.js";
+import { verifyQuote } from "../../src/registrar/attestation/quote-verifier.js";
 import { caPaths, FleetCa, initCa } from "../../src/registrar/ca/index.js";
 import { registrarConfigFrom } from "../../src/registrar/config.js";
 import { SqliteRegistrarStore } from "../../src/registrar/store/index.js";
@@ -45,6 +49,7 @@ describe("continuous attestation (swtpm + registrar app)", () => {
   let deviceId: string;
   let oauth: OAuthClient;
   let logPath: string;
+  let caPem: string;
   const events: EventToEncode[] = [];
 
   /** The simulated firmware: measure an event into the TPM and append it to the event log. */
@@ -76,7 +81,7 @@ describe("continuous attestation (swtpm + registrar app)", () => {
     await copyFile(tpm.rootCaPemPath, join(trustDir, "root.pem"));
     await copyFile(tpm.intermediateCaPemPath, join(trustDir, "intermediate.pem"));
     const paths = await initCa({ dir: join(dir, "ca"), clock });
-    const caPem = await readFile(caPaths(paths.dir).caCert, "utf8");
+    caPem = await readFile(caPaths(paths.dir).caCert, "utf8");
     const config = registrarConfigFrom(
       {
         listen: { host: "127.0.0.1", port: await freeLoopbackPort() },
@@ -84,7 +89,9 @@ describe("continuous attestation (swtpm + registrar app)", () => {
         data_dir: join(dir, "data"),
         ca_dir: paths.dir,
         cert_lifetime: "1h",
-        oauth: { rules: [{ scope: "telemetry:write" }, { scope: "firmware:read", attested: true }] },
+        oauth: {
+          rules: [{ scope: "telemetry:write" }, { scope: "firmware:read", attested: true }, { scope: "est" }],
+        },
       },
       dir,
       "registrar.toml",
@@ -297,5 +304,116 @@ describe("continuous attestation (swtpm + registrar app)", () => {
     oauth.invalidate();
     const err = await refusal(oauth.getToken());
     expect(err.message).toBe("attestation refused: PCRs 0, 7 differ from the policy");
+  }, 120_000);
+
+  it("the agent quotes with one raw TPM2_Quote while the PCRs are unchanged; an extended PCR falls back to tpm2_quote", async () => {
+    const tools: string[] = [];
+    const runner = new TpmRunner({ tcti: tpm.tcti, onLatency: (s) => tools.push(s.tool) });
+    const quoter = new AkQuoter(runner, keys.akHandle);
+    const sel = [0, 1, 2, 3, 7, 23];
+    const dev = await store.getDevice(deviceId);
+    const ev = dev?.evidence as { akPublic: string; ekPublic: string };
+    const check = (q: Awaited<ReturnType<AkQuoter["quote"]>>, nonce: Uint8Array) => {
+      const reported = new Map(sel.map((p, i) => [p, q.values[i] ?? new Uint8Array()]));
+      // The registrar's verifier: signature, nonce, selection and the reported values' digest.
+      return verifyQuote({
+        akPublic: Buffer.from(ev.akPublic, "base64url"),
+        ekPublic: Buffer.from(ev.ekPublic, "base64url"),
+        quote: q.attest,
+        signature: q.signature,
+        qualifyingData: nonce,
+        selection: { bank: "sha256", pcrs: sel },
+        reported,
+        reportedBank: "sha256",
+        golden: reported,
+        previousClock: undefined,
+        eventLog: undefined,
+      });
+    };
+    const n1 = randomBytes(32);
+    const q1 = await quoter.quote(n1, "sha256", sel);
+    check(q1, n1);
+    expect(tools).toEqual(["tpm2_quote"]); // first time: the values are read with the quote
+    tools.length = 0;
+    const n2 = randomBytes(32);
+    const q2 = await quoter.quote(n2, "sha256", sel);
+    check(q2, n2);
+    expect(tools).toEqual(["tpm2_send"]); // unchanged PCRs: one raw command
+    tools.length = 0;
+    await tpm.tpm("tpm2_pcrextend", [`23:sha256=${"ab".repeat(32)}`]);
+    const n3 = randomBytes(32);
+    const q3 = await quoter.quote(n3, "sha256", sel);
+    check(q3, n3);
+    expect(tools).toEqual(["tpm2_send", "tpm2_quote"]); // digest mismatch: re-read with a full quote
+    expect(Buffer.from(q3.values[5] ?? []).equals(Buffer.from(q1.values[5] ?? []))).toBe(false);
+    await tpm.tpm("tpm2_pcrreset", ["23"]);
+    await runner.close();
+  }, 60_000);
+
+  it("requireForRenewal: EST renews with a recently attested token; without one, or with a stale one, it is refused (ERR_ATTESTATION_RENEWAL) and audited", async () => {
+    // Back to the approved platform state after the previous test's unmeasured reboot.
+    await tpm.restart();
+    await boot();
+    await measure(7, "secure boot: db updated by an attacker");
+    await setAttestationPolicy(
+      store,
+      { group: "gw", pcrs: "sha256:0,1,2,3,7", maxQuoteAgeSec: 60, requireForRenewal: true },
+      clock,
+    );
+    clock.advance(1500); // past the registrar's policy cache
+    oauth.invalidate();
+    const dpop = await oauth.dpopSigner();
+    if (dpop === undefined) throw new Error("no DPoP signer");
+    const csr = await createCsr(keys, info, { commonName: deviceId });
+    const estWith = (auth: EstAuth) => new EstClient({ baseUrl: app.issuer, caPem }, auth, clock);
+
+    // A token minted after a verified quote: renewed.
+    const fresh = await estWith({ kind: "token", tokens: oauth, dpop }).simplereenroll(csr);
+    expect(fresh.length).toBeGreaterThan(0);
+    expect(decodeJwt((await oauth.getToken("est")).token.reveal()).attested).toBeDefined();
+
+    // The same (cached, still valid) token 61 s later: its quote is older than the policy's max age.
+    clock.advance(61_000);
+    const cachedOnly = { getToken: (scope?: string) => oauth.getToken(scope) }; // cannot refresh
+    const stale = await refusal(estWith({ kind: "token", tokens: cachedOnly, dpop }).simplereenroll(csr));
+    expect(stale.code).toBe("ERR_EST_REFUSED");
+    expect(stale.details.serverCode).toBe("ERR_ATTESTATION_RENEWAL");
+    // The agent's EST client drops such a token, gets a new one (a new quote) and renews.
+    const renewed = await estWith({ kind: "token", tokens: oauth, dpop }).simplereenroll(csr);
+    expect(renewed.length).toBeGreaterThan(0);
+
+    // A token without the claim (tokens do not require a quote in this policy; renewals still do).
+    await setAttestationPolicy(
+      store,
+      { group: "gw", pcrs: "sha256:0,1,2,3,7", requireForTokens: false },
+      clock,
+    );
+    clock.advance(1500);
+    const plain = new OAuthClient(
+      { clientId: deviceId, issuer: app.issuer, caPem, dpop: true },
+      { keys, clock },
+    );
+    try {
+      const t = await plain.getToken("est");
+      expect(decodeJwt(t.token.reveal()).attested).toBeUndefined();
+      const plainDpop = await plain.dpopSigner();
+      if (plainDpop === undefined) throw new Error("no DPoP signer");
+      const none = await refusal(
+        estWith({ kind: "token", tokens: plain, dpop: plainDpop }).simplereenroll(csr),
+      );
+      expect(none.details.serverCode).toBe("ERR_ATTESTATION_RENEWAL");
+    } finally {
+      await plain.close();
+    }
+    const audit = (await store.listAudit(50)).filter((a) => a.event === "attestation.renewal_refused");
+    expect(audit.map((a) => a.reason)).toEqual(
+      expect.arrayContaining([
+        "no attested token",
+        expect.stringMatching(/^attested 6\d s ago \(max 60 s\)$/),
+      ]),
+    );
+    expect(audit.every((a) => a.code === "ERR_ATTESTATION_RENEWAL" && a.deviceId === deviceId)).toBe(true);
+    // The agent's status view of its latest quote.
+    expect(oauth.attestationStatus()).toMatchObject({ result: "verified", selection: "sha256:0,1,2,3,7" });
   }, 120_000);
 });

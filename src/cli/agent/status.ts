@@ -1,6 +1,11 @@
 import type { Command } from "commander";
 import { M2mError } from "../../core/errors.js";
-import { type AgentStatus, agentStatusSchema, STATUS_PATH } from "../../wire/v1/local-api.js";
+import {
+  type AgentStatus,
+  agentStatusSchema,
+  attestationStatusSchema,
+  STATUS_PATH,
+} from "../../wire/v1/local-api.js";
 import type { Progress } from "../progress.js";
 import { action, EXIT, globalOptions, loadCliConfig, output, progressFor, usageError } from "./common.js";
 import { answerOf, callAgent } from "./local-api.js";
@@ -34,6 +39,8 @@ export function humanStatus(s: AgentStatus): string {
     `enrolment:  ${s.enrolment.enrolled ? `enrolled as ${s.enrolment.deviceId ?? "?"}${s.enrolment.certificateNotAfter === undefined ? "" : `, certificate valid until ${s.enrolment.certificateNotAfter}`}` : "not enrolled"}`,
   );
   lines.push(`clock:      ${s.clock.trusted ? "trusted" : (s.clock.reason ?? "untrusted")}`);
+  const att = attestationLine(s);
+  if (att !== undefined) lines.push(`attestation: ${att}`);
   for (const [c, r] of Object.entries(s.reasons)) lines.push(`problem:    ${c}: ${r}`);
   for (const a of s.anomalies)
     lines.push(`anomaly:    ${a.kind} on ${a.channel} since ${a.since}: ${a.detail}`);
@@ -43,6 +50,20 @@ export function humanStatus(s: AgentStatus): string {
   }
   if (s.metrics !== undefined) lines.push(`metrics:    ${s.metrics}`);
   return lines.join("\n");
+}
+
+/** The latest TPM quote (continuous attestation) in one line, when the credentials stage reports one. */
+export function attestationLine(s: AgentStatus): string | undefined {
+  const creds = s.stages.credentials as { attestation?: unknown } | undefined;
+  if (creds === undefined || !("attestation" in creds)) return undefined;
+  if (creds.attestation === null) return "no quote requested yet";
+  const a = attestationStatusSchema.safeParse(creds.attestation);
+  if (!a.success) return undefined;
+  const q = a.data;
+  const why = q.code === undefined ? "" : ` (${q.code}${q.detail === undefined ? "" : `: ${q.detail}`})`;
+  const verified =
+    q.result === "verified" ? "" : `; last verified ${q.lastVerifiedAt ?? "never since start"}`;
+  return `last quote ${q.lastQuoteAt} over ${q.selection}: ${q.result}${why}${verified}`;
 }
 
 function scalar(v: unknown): string {

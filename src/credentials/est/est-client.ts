@@ -68,11 +68,31 @@ export class EstClient {
   }
 
   async simpleenroll(csrDer: Uint8Array): Promise<x509.X509Certificate[]> {
-    return parseCertsOnly(await this.#request("POST", "simpleenroll", csrDer));
+    return parseCertsOnly(await this.#post("simpleenroll", csrDer));
   }
 
   async simplereenroll(csrDer: Uint8Array): Promise<x509.X509Certificate[]> {
-    return parseCertsOnly(await this.#request("POST", "simplereenroll", csrDer));
+    return parseCertsOnly(await this.#post("simplereenroll", csrDer));
+  }
+
+  async #post(op: string, csr: Uint8Array): Promise<string> {
+    try {
+      return await this.#request("POST", op, csr);
+    } catch (err) {
+      // The group requires a fresh quote for renewal and the cached `est` token predates it: drop it,
+      // get a new one (its request carries a new quote) and try once more.
+      const auth = this.#auth;
+      if (
+        auth.kind === "token" &&
+        auth.tokens.invalidate !== undefined &&
+        err instanceof M2mError &&
+        err.details.serverCode === "ERR_ATTESTATION_RENEWAL"
+      ) {
+        auth.tokens.invalidate(auth.scope ?? "est");
+        return this.#request("POST", op, csr);
+      }
+      throw err;
+    }
   }
 
   async #request(method: "GET" | "POST", op: string, csr?: Uint8Array): Promise<string> {

@@ -5,7 +5,7 @@ import * as oauth from "oauth4webapi";
 import { Agent, fetch as undiciFetch } from "undici";
 import { writeFileAtomic } from "../../core/atomic-file.js";
 import type { Clock } from "../../core/clock.js";
-import { M2mError } from "../../core/errors.js";
+import { asM2mError, M2mError } from "../../core/errors.js";
 import { type Logger, silentLogger } from "../../core/log.js";
 import { defaultRetryPolicy, parseRetryAfter, type RetryPolicy, withRetry } from "../../core/retry.js";
 import { Secret } from "../../core/secret.js";
@@ -16,6 +16,8 @@ import {
   ATTESTATION_FORM_PARAM,
   ATTESTATION_HEADERS,
   ATTESTATION_OAUTH_ERRORS,
+  type AttestationStatus,
+  formatPcrSelection,
   type PcrSelection,
   parsePcrSelection,
 } from "../../wire/v1/index.js";
@@ -120,6 +122,8 @@ export class OAuthClient implements TokenSource {
   #challenge: Challenge | undefined;
   /** The server asked for quotes at least once: fetch a nonce first when the cached one is stale. */
   #attestationSeen = false;
+  /** The latest quote and what the token endpoint made of it (status / operator visibility). */
+  #attestationStatus: AttestationStatus | undefined;
 
   constructor(config: OAuthClientConfig, deps: OAuthClientDeps) {
     if (config.issuer === undefined && config.tokenEndpoint === undefined) {
@@ -136,6 +140,14 @@ export class OAuthClient implements TokenSource {
   /** Health for the daemon/doctor: a refused client (revoked device) is reported here. */
   health(): CredentialHealth {
     return this.#health;
+  }
+
+  /**
+   * The agent's latest TPM quote and its outcome (`stages.credentials.attestation` of /v1/status);
+   * undefined until the authorization server first asked for a quote.
+   */
+  attestationStatus(): AttestationStatus | undefined {
+    return this.#attestationStatus;
   }
 
   /** The DPoP signer (for resource requests with a DPoP-bound token); undefined when DPoP is off. */
@@ -255,9 +267,12 @@ export class OAuthClient implements TokenSource {
     const signer = this.#config.dpop === true ? await this.#signer() : undefined;
     let response: Response | undefined;
     const source = this.#deps.attestation;
-    if (source !== undefined && this.#attestationSeen && this.#freshChallenge() === undefined) {
-      await this.#fetchChallenge(as, tokenEndpoint);
-    }
+    // The nonce round trip (only when the cached nonce is stale) overlaps the DPoP proof and the client
+    // assertion, which do not depend on it; the quote waits for it.
+    const fetching =
+      source !== undefined && this.#attestationSeen && this.#freshChallenge() === undefined
+        ? this.#fetchChallenge(as, tokenEndpoint)
+        : undefined;
     let dpopRetried = false;
     let attestRetried = false;
     // RFC 9449 §8: a server may demand a nonce; we retry exactly once with the one it sent. Likewise once
@@ -265,26 +280,33 @@ export class OAuthClient implements TokenSource {
     for (let attempt = 0; attempt < 3; attempt++) {
       const headers: Record<string, string> = {};
       if (signer !== undefined) headers.dpop = await signer.proof("POST", tokenEndpoint);
+      const assertion = await this.#signAssertion(as, client, tokenEndpoint);
+      if (attempt === 0) await fetching;
       const body = new URLSearchParams(params);
       const challenge = source === undefined ? undefined : this.#freshChallenge();
+      let quoted: { at: Date; selection: string } | undefined;
       if (source !== undefined && challenge !== undefined) {
         // Single use: whatever the answer, the next request needs the nonce that answer carries.
         this.#challenge = undefined;
-        const evidence = await source.evidence(challenge.nonce, challenge.selection);
+        quoted = { at: this.#deps.clock.now(), selection: formatPcrSelection(challenge.selection) };
+        let evidence: Awaited<ReturnType<typeof source.evidence>>;
+        try {
+          evidence = await source.evidence(challenge.nonce, challenge.selection);
+        } catch (err) {
+          const e = asM2mError(err);
+          this.#noteQuote(quoted, "quote-failed", e.code, e.message);
+          throw err;
+        }
         body.set(ATTESTATION_FORM_PARAM, base64url.encode(JSON.stringify(evidence)));
       }
       try {
-        response = await oauth.clientCredentialsGrantRequest(
-          as,
-          client,
-          this.#clientAuth(tokenEndpoint),
-          body,
-          {
-            headers,
-            ...this.#httpOptions(),
-          },
-        );
+        response = await oauth.clientCredentialsGrantRequest(as, client, this.#clientAuth(assertion), body, {
+          headers,
+          ...this.#httpOptions(),
+        });
       } catch (err) {
+        if (quoted !== undefined)
+          this.#noteQuote(quoted, "unanswered", undefined, "token endpoint unreachable");
         // Key errors (TPM busy, wrong PIN, …) keep their own code and retry class.
         if (err instanceof M2mError) throw err;
         throw (
@@ -302,6 +324,7 @@ export class OAuthClient implements TokenSource {
       const nonce = response.headers.get("dpop-nonce");
       if (signer !== undefined && nonce !== null) signer.rememberNonce(tokenEndpoint, nonce);
       this.#rememberChallenge(response);
+      if (quoted !== undefined) await this.#noteAnswer(quoted, response);
       if (response.status === 400 || response.status === 401) {
         const rbody = (await response
           .clone()
@@ -431,30 +454,81 @@ export class OAuthClient implements TokenSource {
     });
   }
 
-  /** private_key_jwt signed by the KeyProvider (oauth4webapi's PrivateKeyJwt needs a CryptoKey). */
-  #clientAuth(tokenEndpoint: string): oauth.ClientAuth {
-    return async (as, client, body) => {
-      const info = await this.#keyInfo();
-      const now = this.#deps.clock.nowSeconds();
-      const lifetime = Math.min(60, Math.max(10, this.#config.assertionLifetimeSec ?? 60));
-      const aud = this.#config.assertionAudience === "issuer" ? as.issuer : tokenEndpoint;
-      const assertion = await signCompactJws(
-        this.#deps.keys,
-        info,
-        { typ: "JWT" },
-        {
-          iss: client.client_id,
-          sub: client.client_id,
-          aud,
-          jti: base64url.encode(randomBytes(18)),
-          iat: now,
-          exp: now + lifetime,
-        },
-      );
+  /**
+   * The private_key_jwt client assertion (RFC 7523), signed by the device key (oauth4webapi's
+   * PrivateKeyJwt needs a CryptoKey); single use (jti). Signed before the request is built, so it can
+   * overlap a nonce round trip.
+   */
+  async #signAssertion(
+    as: oauth.AuthorizationServer,
+    client: oauth.Client,
+    tokenEndpoint: string,
+  ): Promise<string> {
+    const info = await this.#keyInfo();
+    const now = this.#deps.clock.nowSeconds();
+    const lifetime = Math.min(60, Math.max(10, this.#config.assertionLifetimeSec ?? 60));
+    const aud = this.#config.assertionAudience === "issuer" ? as.issuer : tokenEndpoint;
+    return signCompactJws(
+      this.#deps.keys,
+      info,
+      { typ: "JWT" },
+      {
+        iss: client.client_id,
+        sub: client.client_id,
+        aud,
+        jti: base64url.encode(randomBytes(18)),
+        iat: now,
+        exp: now + lifetime,
+      },
+    );
+  }
+
+  /** Client authentication with an assertion signed beforehand (see #signAssertion). */
+  #clientAuth(assertion: string): oauth.ClientAuth {
+    return async (_as, client, body) => {
       body.set("client_id", client.client_id);
       body.set("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
       body.set("client_assertion", assertion);
     };
+  }
+
+  #noteQuote(
+    quoted: { at: Date; selection: string },
+    result: AttestationStatus["result"],
+    code: string | undefined,
+    detail: string | undefined,
+  ): void {
+    const prev = this.#attestationStatus?.lastVerifiedAt;
+    const lastVerifiedAt = result === "verified" ? quoted.at.toISOString() : prev;
+    this.#attestationStatus = {
+      lastQuoteAt: quoted.at.toISOString(),
+      selection: quoted.selection,
+      result,
+      ...(code === undefined ? {} : { code }),
+      ...(detail === undefined ? {} : { detail: detail.slice(0, 200) }),
+      ...(lastVerifiedAt === undefined ? {} : { lastVerifiedAt }),
+    };
+  }
+
+  /** What the token endpoint made of a request that carried a quote. */
+  async #noteAnswer(quoted: { at: Date; selection: string }, response: Response): Promise<void> {
+    if (response.status === 200) {
+      this.#noteQuote(quoted, "verified", undefined, undefined);
+      return;
+    }
+    const rbody = (await response
+      .clone()
+      .json()
+      .catch(() => ({}))) as { error?: unknown; error_description?: unknown };
+    const desc = typeof rbody.error_description === "string" ? rbody.error_description : undefined;
+    if (rbody.error === ATTESTATION_OAUTH_ERRORS.failed) {
+      this.#noteQuote(quoted, "refused", ATTESTATION_OAUTH_ERRORS.failed, desc);
+    } else if (rbody.error === ATTESTATION_OAUTH_ERRORS.useNonce) {
+      this.#noteQuote(quoted, "nonce-refused", ATTESTATION_OAUTH_ERRORS.useNonce, desc);
+    } else {
+      const code = typeof rbody.error === "string" ? rbody.error.slice(0, 64) : `HTTP_${response.status}`;
+      this.#noteQuote(quoted, "unanswered", code, desc);
+    }
   }
 
   #httpOptions(): { [oauth.customFetch]: typeof fetch; [oauth.allowInsecureRequests]?: boolean } {

@@ -24,6 +24,8 @@ export interface TokenSource {
    *   ERR_OAUTH_TOKEN (transient) when the server could not be reached after retries.
    */
   getToken(scope?: string): Promise<AccessToken>;
+  /** Drops the cached token(s) so the next getToken asks the server (optional). */
+  invalidate?(scope?: string): void;
 }
 
 export interface DpopSigner {

@@ -348,6 +348,10 @@ export const credentialsStage: AgentStage<void, CredentialsProvides> = {
         dpop: target.dpop,
         token: lastToken ?? null,
         tokenHealth,
+        // Continuous attestation: the latest quote and what the registrar made of it (null: none asked).
+        ...(ctx.keys.current.attestation === undefined
+          ? {}
+          : { attestation: client.attestationStatus() ?? null }),
         ...(renewer === undefined
           ? {}
           : {

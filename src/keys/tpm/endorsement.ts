@@ -2,6 +2,7 @@ import { createHash } from "node:crypto";
 import { readFile, writeFile } from "node:fs/promises";
 import { M2mError } from "../../core/errors.js";
 import { Secret } from "../../core/secret.js";
+import { decodeTpmsAttest } from "../../tpm/attest.js";
 import { type EkAuthorization, ekAuthorizationOf } from "../../tpm/ek-policy.js";
 import { readPublicOrUndefined } from "./read-public.js";
 import type { TpmRunner, TpmTx } from "./runner.js";
@@ -65,6 +66,8 @@ const AK_ATTRIBUTES_TEXT = "fixedtpm|fixedparent|sensitivedataorigin|userwithaut
 
 const TPM_RS_PW = 0x40000009;
 const TPM_CC_CERTIFY = 0x00000148;
+const TPM_CC_QUOTE = 0x00000158;
+const TPM_ALG_SHA256 = 0x000b;
 const TPM_ST_SESSIONS = 0x8002;
 /** TPM2B_DATA holds at most sizeof(TPMT_HA) = 2 + 64 bytes. */
 const MAX_QUALIFYING_DATA = 64;
@@ -468,17 +471,7 @@ export async function quoteWithAk(
   bank: keyof typeof BANK_SIZES,
   pcrs: readonly number[],
 ): Promise<QuoteResult> {
-  if (qualifyingData.length === 0 || qualifyingData.length > MAX_QUALIFYING_DATA) {
-    throw new M2mError(
-      "ERR_TPM_ARGUMENT",
-      "permanent",
-      `qualifying data must be 1-${MAX_QUALIFYING_DATA} bytes`,
-    );
-  }
-  const sorted = [...new Set(pcrs)].sort((a, b) => a - b);
-  if (sorted.length === 0 || sorted.some((p) => !Number.isInteger(p) || p < 0 || p > 23)) {
-    throw new M2mError("ERR_TPM_ARGUMENT", "permanent", "PCR selection must be indices 0-23");
-  }
+  const sorted = checkQuoteArgs(qualifyingData, pcrs);
   return runner.exclusive(async (tx) => {
     const msg = tx.path("quote.msg");
     const sig = tx.path("quote.sig");
@@ -523,6 +516,120 @@ export async function quoteWithAk(
   });
 }
 
+/**
+ * Quotes by the AK with one light TPM call where it can. tpm2_quote reads the PCR values in the same
+ * process as the quote, but each call pays ESYS start-up and three TPM commands (ReadPublic of the AK,
+ * PCR_Read, Quote). Once the values of a selection are known, a raw TPM2_Quote (`tpm2_send`, one
+ * command) suffices while they do not change: the TPM signs the digest of the PCRs' *current* values,
+ * so cached values that hash to the quoted digest are the current values. When they do not (a PCR was
+ * extended), the full tpm2_quote runs and the cache is refreshed. The registrar checks the same digest
+ * against the reported values, so nothing here is trusted beyond what it verifies anyway.
+ */
+export class AkQuoter {
+  readonly #runner: TpmRunner;
+  readonly #akHandle: number;
+  /** Last values per `bank:pcrs`; only for selections whose sha256 composite matched a quote. */
+  readonly #values = new Map<string, readonly Uint8Array[]>();
+  #rawRefused = false;
+
+  constructor(runner: TpmRunner, akHandle: number) {
+    this.#runner = runner;
+    this.#akHandle = akHandle;
+  }
+
+  /** Same contract as `quoteWithAk`. @throws ERR_TPM_ARGUMENT, ERR_TPM_RESPONSE, ERR_TPM_* */
+  async quote(
+    qualifyingData: Uint8Array,
+    bank: keyof typeof BANK_SIZES,
+    pcrs: readonly number[],
+  ): Promise<QuoteResult> {
+    const sorted = checkQuoteArgs(qualifyingData, pcrs);
+    const key = `${bank}:${sorted.join(",")}`;
+    const cached = this.#rawRefused ? undefined : this.#values.get(key);
+    if (cached !== undefined) {
+      const cmd = buildQuoteCommand(this.#akHandle, qualifyingData, BANK_ALGS[bank], sorted);
+      let resp: Awaited<ReturnType<TpmRunner["sendRaw"]>> | undefined;
+      try {
+        resp = await this.#runner.sendRaw(cmd, { op: "quote-raw" });
+      } catch (err) {
+        // A TPM that refuses the hand-built command (e.g. an AK needing other auth): tpm2_quote from now on.
+        if (!(err instanceof M2mError && err.code === "ERR_TPM_COMMAND")) throw err;
+        this.#rawRefused = true;
+      }
+      if (resp !== undefined) {
+        const { attest, signature } = parseSignedAttestResponse(resp.body, "TPM2_Quote");
+        if (quotedDigestIs(attest, compositeSha256(cached))) return { attest, signature, values: cached };
+      }
+      // The PCRs changed since: this quote is discarded, the full call reads the new values.
+      this.#values.delete(key);
+    }
+    const q = await quoteWithAk(this.#runner, this.#akHandle, qualifyingData, bank, sorted);
+    // Cache only when the composite is sha256 (the AK's scheme hash): otherwise every raw quote would miss.
+    if (quotedDigestIs(q.attest, compositeSha256(q.values))) this.#values.set(key, q.values);
+    return q;
+  }
+}
+
+const BANK_ALGS = { sha1: 0x0004, sha256: TPM_ALG_SHA256, sha384: 0x000c } as const;
+
+function compositeSha256(values: readonly Uint8Array[]): Uint8Array {
+  const h = createHash("sha256");
+  for (const v of values) h.update(v);
+  return new Uint8Array(h.digest());
+}
+
+function quotedDigestIs(attest: Uint8Array, digest: Uint8Array): boolean {
+  let a: ReturnType<typeof decodeTpmsAttest>;
+  try {
+    a = decodeTpmsAttest(attest);
+  } catch {
+    return false;
+  }
+  return a.attested.kind === "quote" && Buffer.from(a.attested.pcrDigest).equals(digest);
+}
+
+function checkQuoteArgs(qualifyingData: Uint8Array, pcrs: readonly number[]): number[] {
+  if (qualifyingData.length === 0 || qualifyingData.length > MAX_QUALIFYING_DATA) {
+    throw new M2mError(
+      "ERR_TPM_ARGUMENT",
+      "permanent",
+      `qualifying data must be 1-${MAX_QUALIFYING_DATA} bytes`,
+    );
+  }
+  const sorted = [...new Set(pcrs)].sort((a, b) => a - b);
+  if (sorted.length === 0 || sorted.some((p) => !Number.isInteger(p) || p < 0 || p > 23)) {
+    throw new M2mError("ERR_TPM_ARGUMENT", "permanent", "PCR selection must be indices 0-23");
+  }
+  return sorted;
+}
+
+/**
+ * Builds TPM2_Quote (0x158) by `akHandle` with one TPM_RS_PW session (empty auth), inScheme
+ * TPM_ALG_NULL (the AK's own scheme) and a single-bank selection of PCRs 0–23 (3-byte bitmap).
+ */
+export function buildQuoteCommand(
+  akHandle: number,
+  qualifyingData: Uint8Array,
+  bankAlg: number,
+  pcrs: readonly number[],
+): Uint8Array {
+  const bitmap = [0, 0, 0];
+  for (const p of pcrs) bitmap[p >> 3] = (bitmap[p >> 3] ?? 0) | (1 << (p & 7));
+  const pwSession = [...u32(TPM_RS_PW), 0, 0, /* attrs */ 0, 0, 0];
+  const params = [
+    ...u16(qualifyingData.length),
+    ...qualifyingData,
+    ...u16(ALG.NULL),
+    ...u32(1),
+    ...u16(bankAlg),
+    3,
+    ...bitmap,
+  ];
+  const body = [...u32(akHandle), ...u32(pwSession.length), ...pwSession, ...params];
+  const size = 10 + body.length;
+  return Uint8Array.from([...u16(TPM_ST_SESSIONS), ...u32(size), ...u32(TPM_CC_QUOTE), ...body]);
+}
+
 /** Builds TPM2_Certify (0x148) with two TPM_RS_PW sessions and inScheme TPM_ALG_NULL (use the AK's scheme). */
 export function buildCertifyCommand(
   keyHandle: number,
@@ -539,8 +646,13 @@ export function buildCertifyCommand(
 
 /** Parses a TPM2_Certify response body (after the 10-byte header): parameterSize, TPM2B_ATTEST, TPMT_SIGNATURE. */
 export function parseCertifyResponse(body: Uint8Array): CertifyResult {
+  return parseSignedAttestResponse(body, "TPM2_Certify");
+}
+
+/** TPM2_Certify and TPM2_Quote answer alike: parameterSize, TPM2B_ATTEST, TPMT_SIGNATURE. */
+function parseSignedAttestResponse(body: Uint8Array, command: string): CertifyResult {
   const fail = (why: string) =>
-    new M2mError("ERR_TPM_RESPONSE", "permanent", `malformed TPM2_Certify response: ${why}`);
+    new M2mError("ERR_TPM_RESPONSE", "permanent", `malformed ${command} response: ${why}`);
   const rd16 = (o: number) => ((body[o] ?? 0) << 8) | (body[o + 1] ?? 0);
   if (body.length < 6) throw fail("too short");
   const paramSize = ((rd16(0) << 16) | rd16(2)) >>> 0;

@@ -15,7 +15,7 @@ import type {
 } from "../key-provider.js";
 import { JWS_ALGS_FOR } from "../key-provider.js";
 import { keyInfoFromSpki } from "../public-key.js";
-import { quoteWithAk, TpmAttestationOps } from "./endorsement.js";
+import { AkQuoter, TpmAttestationOps } from "./endorsement.js";
 import { readPublicOrUndefined } from "./read-public.js";
 import { readLockoutInfo, type TpmLatencySample, TpmRunner, type TpmTx } from "./runner.js";
 import type { TpmTlsKeys } from "./tls.js";
@@ -530,6 +530,7 @@ export { readPublicOrUndefined, spkiPemOf } from "./read-public.js";
 /** The attestation capability of `key`: EK/AK/certify on the key's own runner (one TPM queue). */
 function tpmAttestationOf(key: TpmKeyProvider): TpmAttestation {
   const ops = new TpmAttestationOps(key.runner, { akHandle: key.akHandle });
+  const quoter = new AkQuoter(key.runner, key.akHandle);
   return {
     keyHandle: key.keyHandle,
     akHandle: key.akHandle,
@@ -547,7 +548,7 @@ function tpmAttestationOf(key: TpmKeyProvider): TpmAttestation {
     createAk: (options) => ops.createAk(options),
     activateCredential: (blob, ekHandle) => ops.activateCredential(blob, ekHandle),
     certify: (nonce) => ops.certify(key.keyHandle, key.akHandle, nonce),
-    quote: (qualifyingData, bank, pcrs) => quoteWithAk(key.runner, key.akHandle, qualifyingData, bank, pcrs),
+    quote: (qualifyingData, bank, pcrs) => quoter.quote(qualifyingData, bank, pcrs),
     evictAk: async () => {
       await key.runner
         .exclusive(async (tx) =>

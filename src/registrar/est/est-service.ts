@@ -54,6 +54,18 @@ export interface EstDeps {
    * quote for certificate renewal, else undefined (docs/attestation.md).
    */
   readonly renewalQuoteMaxAge?: (device: DirectoryDevice) => Promise<number | undefined>;
+  /**
+   * Called when a certificate is refused for want of a fresh quote (the registrar's audit trail, next
+   * to the token endpoint's `attestation.refused`). `attestedAt`: the token's `attested.at`, if any.
+   */
+  readonly onRenewalRefused?: (
+    device: DirectoryDevice,
+    info: {
+      readonly via: "mtls" | "token";
+      readonly attestedAt: number | undefined;
+      readonly maxAgeSec: number;
+    },
+  ) => Promise<void>;
   /** Records each issued certificate (serial, notAfter). */
   readonly onIssued?: (deviceId: string, cert: IssuedCertificate) => Promise<void> | void;
   readonly log?: Logger;
@@ -150,6 +162,11 @@ export class EstService {
         maxAge !== undefined &&
         (auth.attestedAt === undefined || this.#deps.clock.nowSeconds() - auth.attestedAt > maxAge)
       ) {
+        await this.#deps.onRenewalRefused?.(device, {
+          via: auth.via,
+          attestedAt: auth.attestedAt,
+          maxAgeSec: maxAge,
+        });
         throw new M2mError("ERR_ATTESTATION_RENEWAL", "permanent", "renewal requires a fresh TPM quote");
       }
       const verified = await verifyCsr(decodeBase64Body(ctx.rawBody));

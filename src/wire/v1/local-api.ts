@@ -85,6 +85,26 @@ export const agentStateNameSchema = z.enum([
   "stopped",
 ]);
 
+/**
+ * The agent's latest TPM quote for continuous attestation (docs/attestation.md), shown as
+ * `stages.credentials.attestation` of `GET /v1/status`. `result`: `verified` (the token endpoint
+ * accepted it and issued a token), `refused` (`code`/`detail`: the registrar's one-line reason, e.g.
+ * "PCR 7 differs from the policy"), `nonce-refused` (stale or used nonce: retried with a fresh one),
+ * `unanswered` (no decision: network error or a refusal before the quote was looked at),
+ * `quote-failed` (the TPM could not quote; `code` is the TPM error).
+ */
+export const attestationStatusSchema = z.object({
+  lastQuoteAt: z.string(),
+  /** `sha256:0,1,7` */
+  selection: z.string(),
+  result: z.enum(["verified", "refused", "nonce-refused", "unanswered", "quote-failed"]),
+  code: z.string().optional(),
+  detail: z.string().optional(),
+  /** When a quote of this agent was last verified (absent: never since start). */
+  lastVerifiedAt: z.string().optional(),
+});
+export type AttestationStatus = z.infer<typeof attestationStatusSchema>;
+
 /** `200` of `GET /v1/status` (and of `m2m-agent status --json`). Stage statuses are each stage's own. */
 export const agentStatusSchema = z.object({
   state: agentStateNameSchema,
