@@ -403,7 +403,15 @@ export class MqttSink implements Sink {
 
   #install(conn: Conn): void {
     this.#conn = conn;
-    this.#log.info("broker connected", { url: conn.url });
+    // The serial of the client certificate this connection presented (mTLS): which identity the
+    // broker authenticated, e.g. the new certificate after a key rotation. Safe to log.
+    const stream = conn.client.stream as { getCertificate?: () => { serialNumber?: string } | null };
+    const certSerial = stream.getCertificate?.()?.serialNumber;
+    this.#log.info("broker connected", {
+      url: conn.url,
+      clientId: conn.clientId,
+      ...(certSerial === undefined ? {} : { certSerial }),
+    });
     if (conn.expiresAt !== undefined) this.#scheduleRenewal(conn);
   }
 
