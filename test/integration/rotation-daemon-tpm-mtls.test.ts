@@ -121,10 +121,6 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
     await d.waitLog((r) => r.msg === "device enrolled", 90_000);
     const before = await state();
     expect(before.keyRef).toContain("handle=0x81000002");
-    // The first mTLS connection presents the enrolment certificate (TPM key at 0x81000002).
-    const firstConn = await d.waitLog((r) => r.msg === "broker connected", 60_000);
-    expect(String(firstConn.certSerial).toUpperCase()).toBe(serialOf(before.certificatePem));
-
     // ≈ 500 msg/s through the local API until 3 s after the rotation.
     const socket = join(work, "api.sock");
     let seq = 0;
@@ -142,7 +138,11 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
         await new Promise((r) => setTimeout(r, 100));
       }
     })();
-    const rotatedAt = Date.now();
+    // The sink connects on the first message: that connection presents the enrolment certificate
+    // (TPM key at 0x81000002), before the rotation (due 12–28 s after the issue).
+    const firstConn = await d.waitLog((r) => r.msg === "broker connected", 60_000);
+    expect(String(firstConn.certSerial).toUpperCase()).toBe(serialOf(before.certificatePem));
+    expect(d.stderr()).not.toContain('"msg":"device key switched"');
     await d.waitLog((r) => r.msg === "device key rotated", 90_000);
     acceptedAtRotation = accepted.size;
     stopAt = Date.now() + 3_000;
@@ -161,7 +161,6 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
     ).toBe(0);
     expect(accepted.size).toBeGreaterThan(1_000);
     expect(accepted.size - acceptedAtRotation).toBeGreaterThan(500); // the stream went on after the switch
-    expect(Date.now() - rotatedAt).toBeGreaterThan(0);
 
     const after = await state();
     expect(after.keyRef).toContain("handle=0x81000004");

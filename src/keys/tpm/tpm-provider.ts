@@ -182,22 +182,29 @@ export class TpmKeyProvider implements KeyProvider {
    * pkcs11 engine (./tls.ts). The key is linked into the token on first use (from the blobs kept at
    * creation). Undefined without a TLS config or a key blob dir.
    *
-   * Limit (measured, docs/credentials.md): tpm2-pkcs11 reads the token's objects once per process, so
-   * a key linked after the first handshake in this process (a rotated-in key) is found only after a
-   * restart: `secureContext` then fails with ERR_TLS_ENGINE_KEY.
+   * `connect` (what the MQTT sink uses) makes each connection in a child process of its own
+   * (./tls-tunnel.ts), so a key rotated in while the daemon runs is found: tpm2-pkcs11 reads the
+   * token's objects once per process. `secureContext` loads the module in THIS process: it sees only
+   * keys linked before its first use here (a rotated-in key then fails with ERR_TLS_ENGINE_KEY).
    */
   get tlsClient(): TlsClientKey | undefined {
     const tls = this.#tls;
     const blobs = this.keyBlobPaths;
     if (tls === undefined || blobs === undefined) return undefined;
+    const linked = async (): Promise<void> => {
+      if (this.#tlsLinked) return;
+      if (!(await tls.isLinked(this.keyHandle))) await tls.link(this.keyHandle, blobs);
+      this.#tlsLinked = true;
+    };
     return {
       mechanism: "tpm2-pkcs11-engine",
       secureContext: async (input) => {
-        if (!this.#tlsLinked) {
-          if (!(await tls.isLinked(this.keyHandle))) await tls.link(this.keyHandle, blobs);
-          this.#tlsLinked = true;
-        }
+        await linked();
         return tls.createSecureContext(this.keyHandle, input);
+      },
+      connect: async (input) => {
+        await linked();
+        return tls.connect(this.keyHandle, input);
       },
     };
   }

@@ -7,7 +7,7 @@ import { asM2mError, M2mError } from "../../../core/errors.js";
 import { type Logger, silentLogger } from "../../../core/log.js";
 import type { Secret } from "../../../core/secret.js";
 import { tlsVerifyError } from "../../../core/tls-diagnosis.js";
-import type { TlsClientKey } from "../../../keys/capabilities.js";
+import type { TlsClientKey, TlsTunnel } from "../../../keys/capabilities.js";
 import { expandTopic } from "../../channel.js";
 import type { OutboxMessage } from "../../outbox/outbox.js";
 import { urlReachable } from "../probe.js";
@@ -97,6 +97,34 @@ interface Conn {
   closed: boolean;
   /** When the token used to connect expires (token auth). */
   readonly expiresAt?: number;
+}
+
+/**
+ * An MQTT client over a TLS connection the key made itself (`TlsClientKey.connect`): resolves on
+ * CONNACK, rejects on an error or a close before it (what `connectAsync(url, opts, false)` does).
+ */
+function connectOverStream(tunnel: TlsTunnel, opts: IClientOptions): Promise<MqttClient> {
+  return new Promise((resolve, reject) => {
+    const client = new mqtt.MqttClient(() => tunnel.stream, opts);
+    const done = (): void => {
+      client.off("connect", onConnect);
+      client.off("error", onError);
+      client.off("close", onClose);
+    };
+    const onConnect = (): void => {
+      done();
+      resolve(client);
+    };
+    const onError = (err: Error): void => {
+      done();
+      client.end(true);
+      reject(err);
+    };
+    const onClose = (): void => onError(new Error("Couldn't connect to server"));
+    client.on("connect", onConnect);
+    client.on("error", onError);
+    client.on("close", onClose);
+  });
 }
 
 const MQTT_DEBUG = /mqttjs/.test(process.env.DEBUG ?? "");
@@ -315,6 +343,7 @@ export class MqttSink implements Sink {
       ...(MQTT_DEBUG ? {} : { log: noopLog }),
     };
     let expiresAt: number | undefined;
+    let tunnel: TlsTunnel | undefined;
     switch (o.auth.kind) {
       case "mtls-file":
         opts.cert = o.auth.certPem;
@@ -326,6 +355,30 @@ export class MqttSink implements Sink {
         // A failed key load (wrong PIN, missing key) is never retried with the same inputs: each
         // attempt is a login, and repeated failed logins lock the token (or count towards TPM DA).
         if (this.#tlsError !== undefined && this.#tlsErrorFor === forKey) throw this.#tlsError;
+        if (id.key.connect !== undefined) {
+          // The key makes the TLS connection itself (TPM: a child process per connection).
+          const u = new URL(url);
+          this.counters.engineLoads++;
+          try {
+            tunnel = await id.key.connect({
+              certPem: id.certPem,
+              caPem: o.caPem,
+              host: u.hostname.replace(/^\[(.*)\]$/, "$1"),
+              port: u.port === "" ? 8883 : Number(u.port),
+              ...(o.servername === undefined ? {} : { servername: o.servername }),
+              timeoutMs: o.connectTimeoutMs ?? 10_000,
+            });
+          } catch (err) {
+            const e = asM2mError(err, "ERR_TLS_ENGINE_KEY");
+            if (e.retry === "permanent") {
+              this.#tlsError = e;
+              this.#tlsErrorFor = forKey;
+            }
+            throw e;
+          }
+          this.#tlsError = undefined;
+          break;
+        }
         if (this.#tlsContext === undefined || this.#tlsContextFor !== forKey) {
           this.counters.engineLoads++;
           try {
@@ -353,8 +406,10 @@ export class MqttSink implements Sink {
     }
     let client: MqttClient;
     try {
-      client = await mqtt.connectAsync(url, opts, false);
+      client =
+        tunnel === undefined ? await mqtt.connectAsync(url, opts, false) : await connectOverStream(tunnel, opts);
     } catch (err) {
+      tunnel?.close();
       const code = (err as { code?: unknown }).code;
       // CONNACK 0x86/0x87: the token may have been revoked or expired early: one forced refresh.
       if (
