@@ -90,5 +90,8 @@ export interface TlsTunnel {
   readonly stream: Duplex;
   /** Serial (hex) of the client certificate presented in the handshake. */
   readonly certSerial: string | undefined;
+  /** Closes the connection (ends whatever holds the key for it). */
   close(): void;
+  /** Settles once whatever held the key for this connection is gone (TPM: the child exited). */
+  readonly closed: Promise<void>;
 }

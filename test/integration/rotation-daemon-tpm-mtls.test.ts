@@ -1,5 +1,5 @@
 import { X509Certificate } from "node:crypto";
-import { existsSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -144,17 +144,23 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
     expect(String(firstConn.certSerial).toUpperCase()).toBe(serialOf(before.certificatePem));
     expect(d.stderr()).not.toContain('"msg":"device key switched"');
     await d.waitLog((r) => r.msg === "device key rotated", 90_000);
+    // Read now: with 100 s certificates the next rotation is due 12–28 s after this one.
+    const after = await state();
     acceptedAtRotation = accepted.size;
     stopAt = Date.now() + 3_000;
     await producer;
-    const arrived = (): Set<number> =>
-      new Set(
-        sub.received
-          .filter((m) => m.topic.endsWith("/rot"))
-          .map((m) => (JSON.parse(m.payload) as { n: number }).n),
-      );
-    await sub.waitFor(() => [...accepted].every((n) => arrived().has(n)), 60_000).catch(() => undefined);
-    const missing = [...accepted].filter((n) => !arrived().has(n));
+    // Incremental (a fresh Set per poll would be quadratic in the message count and starve the loop).
+    const arrived = new Set<number>();
+    let scanned = 0;
+    const allArrived = (): boolean => {
+      for (; scanned < sub.received.length; scanned++) {
+        const m = sub.received[scanned];
+        if (m?.topic.endsWith("/rot") === true) arrived.add((JSON.parse(m.payload) as { n: number }).n);
+      }
+      return [...accepted].every((n) => arrived.has(n));
+    };
+    await sub.waitFor(allArrived, 60_000).catch(() => undefined);
+    const missing = [...accepted].filter((n) => !arrived.has(n));
     expect(
       missing.length,
       `missing ${missing.length} of ${accepted.size}; daemon log tail:\n${d.stderr().slice(-4000)}`,
@@ -162,7 +168,21 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
     expect(accepted.size).toBeGreaterThan(1_000);
     expect(accepted.size - acceptedAtRotation).toBeGreaterThan(500); // the stream went on after the switch
 
-    const after = await state();
+    // One TLS child per live connection: the one that held the old key exited with its connection.
+    const pid = d.child.pid ?? -1;
+    const tunnels = readdirSync("/proc")
+      .filter((e) => /^\d+$/.test(e))
+      .filter((e) => {
+        try {
+          const stat = readFileSync(`/proc/${e}/stat`, "utf8");
+          const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+          return ppid === pid && readFileSync(`/proc/${e}/cmdline`, "utf8").includes("tls-tunnel-child");
+        } catch {
+          return false;
+        }
+      });
+    expect(tunnels).toHaveLength(1);
+
     expect(after.keyRef).toContain("handle=0x81000004");
     expect(after.keyThumbprint).not.toBe(before.keyThumbprint);
     expect(JSON.parse(await readFile(join(stateDir(), KEY_ROTATION_STATE_FILE), "utf8"))).toEqual({
@@ -190,6 +210,7 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
       (r) => r.msg === "broker connected" && String(r.certSerial).toUpperCase() === newSerial,
     );
     expect(switched).toBeGreaterThanOrEqual(0);
+    expect(lines.filter((r) => r.msg === "device key rotated")).toHaveLength(1);
     expect(newConnIdx, "no connection presented the new certificate").toBeGreaterThan(switched);
     expect(newConnIdx).toBeLessThan(rotated);
     // No connection with the OLD certificate after the switch: nothing published over the destroyed key.

@@ -65,6 +65,7 @@ export function openTpmTlsTunnel(
       PKCS11_MODULE_PATH: engine.modulePath,
     },
   });
+  const exited = new Promise<void>((r) => child.once("exit", () => r()));
   let stderrTail = "";
   child.stderr?.on("data", (c: Buffer) => {
     stderrTail = (stderrTail + c.toString()).slice(-600);
@@ -135,7 +136,7 @@ export function openTpmTlsTunnel(
       // A pipe error (child gone) surfaces as the stream's close; it must not crash the daemon.
       stdin.on("error", () => stream.destroy());
       child.disconnect?.();
-      resolve({ stream, certSerial, close });
+      resolve({ stream, certSerial, close, closed: exited });
     });
     const request: TunnelRequest = {
       engine,

@@ -97,6 +97,8 @@ interface Conn {
   closed: boolean;
   /** When the token used to connect expires (token auth). */
   readonly expiresAt?: number;
+  /** The TLS connection the key made itself (`TlsClientKey.connect`), if any. */
+  readonly tunnel?: TlsTunnel;
 }
 
 /**
@@ -434,6 +436,7 @@ export class MqttSink implements Sink {
       pending: new Set(),
       closed: false,
       ...(expiresAt === undefined ? {} : { expiresAt }),
+      ...(tunnel === undefined ? {} : { tunnel }),
     };
     this.#live.add(conn);
     client.on("close", () => this.#onClose(conn));
@@ -555,6 +558,14 @@ export class MqttSink implements Sink {
     const err = new Error("connection replaced");
     for (const settle of [...old.pending]) settle(err);
     await old.client.endAsync(false).catch(() => old.client.end(true));
+    if (old.tunnel !== undefined) {
+      // Security: the process that holds the old key for this connection is gone before `rekey()`
+      // returns, i.e. before the device-key owner destroys that key (bounded: 2 s, then SIGTERM again).
+      old.tunnel.close();
+      let t: NodeJS.Timeout | undefined;
+      await Promise.race([old.tunnel.closed, new Promise<void>((r) => (t = setTimeout(r, 2_000)))]);
+      clearTimeout(t);
+    }
   }
 
   async close(): Promise<void> {
