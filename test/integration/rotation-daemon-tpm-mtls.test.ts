@@ -93,7 +93,10 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
     // tls_pin_file belongs to [keys.tpm]: move it there (the kit writes sections after [enroll]).
     const text = (await readFile(config, "utf8"))
       .replace(`tls_pin_file = "${pinFile}"\n`, "")
-      .replace(`[keys.tpm]\ntcti = "${tpm.tcti}"\n`, `[keys.tpm]\ntcti = "${tpm.tcti}"\ntls_pin_file = "${pinFile}"\n`);
+      .replace(
+        `[keys.tpm]\ntcti = "${tpm.tcti}"\n`,
+        `[keys.tpm]\ntcti = "${tpm.tcti}"\ntls_pin_file = "${pinFile}"\n`,
+      );
     await writeFile(config, text, { mode: 0o600 });
   }, 300_000);
 
@@ -239,7 +242,11 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
     const blobs = join(stateDir(), "tpm-key-blobs");
     expect(existsSync(join(blobs, "key-0x81000002.priv"))).toBe(false);
     expect(existsSync(join(blobs, "key-0x81000004.priv"))).toBe(true);
-    const token = new TpmTlsKeys({ storeDir: join(stateDir(), "tpm2-pkcs11"), tcti: tpm.tcti, userPinFile: pinFile });
+    const token = new TpmTlsKeys({
+      storeDir: join(stateDir(), "tpm2-pkcs11"),
+      tcti: tpm.tcti,
+      userPinFile: pinFile,
+    });
     expect(await token.isLinked(0x81000002)).toBe(false);
     expect(await token.isLinked(0x81000004)).toBe(true);
   }, 300_000);

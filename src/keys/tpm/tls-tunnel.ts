@@ -30,7 +30,12 @@ export interface TunnelRequest {
 /** What the child reports: the handshake is done, or why it is not. */
 export type TunnelStatus =
   | { readonly type: "ready"; readonly certSerial: string | undefined }
-  | { readonly type: "error"; readonly stage: "key" | "connect"; readonly code: string; readonly message: string };
+  | {
+      readonly type: "error";
+      readonly stage: "key" | "connect";
+      readonly code: string;
+      readonly message: string;
+    };
 
 /**
  * The child entry: next to this module in the build output. Running from TypeScript sources (tests
@@ -39,7 +44,10 @@ export type TunnelStatus =
 function childEntry(): string {
   const sibling = fileURLToPath(new URL("./tls-tunnel-child.js", import.meta.url));
   if (existsSync(sibling)) return sibling;
-  const built = sibling.replace(/\/src\/keys\/tpm\/tls-tunnel-child\.js$/, "/dist/src/keys/tpm/tls-tunnel-child.js");
+  const built = sibling.replace(
+    /\/src\/keys\/tpm\/tls-tunnel-child\.js$/,
+    "/dist/src/keys/tpm/tls-tunnel-child.js",
+  );
   if (existsSync(built)) return built;
   throw new M2mError("ERR_INTERNAL", "permanent", "the TPM TLS tunnel entry is missing", {
     hint: "check that the build output (tls-tunnel-child.js) is installed next to tls-tunnel.js",
@@ -105,10 +113,15 @@ export function openTpmTlsTunnel(
         const cause = Object.assign(new Error(m.message), { code: m.code });
         fail(
           m.stage === "key"
-            ? new M2mError("ERR_TLS_ENGINE_KEY", "permanent", "cannot use the TPM key through the PKCS#11 engine", {
-                cause,
-                hint: "check keys.tpm.tls_pin_file, the tpm2-pkcs11 store and the resource manager TCTI",
-              })
+            ? new M2mError(
+                "ERR_TLS_ENGINE_KEY",
+                "permanent",
+                "cannot use the TPM key through the PKCS#11 engine",
+                {
+                  cause,
+                  hint: "check keys.tpm.tls_pin_file, the tpm2-pkcs11 store and the resource manager TCTI",
+                },
+              )
             : new M2mError("ERR_MQTT_CONNECT", "transient", "TLS connection with the TPM key failed", {
                 cause,
                 details: { code: m.code },

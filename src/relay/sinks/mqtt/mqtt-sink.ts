@@ -409,7 +409,9 @@ export class MqttSink implements Sink {
     let client: MqttClient;
     try {
       client =
-        tunnel === undefined ? await mqtt.connectAsync(url, opts, false) : await connectOverStream(tunnel, opts);
+        tunnel === undefined
+          ? await mqtt.connectAsync(url, opts, false)
+          : await connectOverStream(tunnel, opts);
     } catch (err) {
       tunnel?.close();
       const code = (err as { code?: unknown }).code;
