@@ -19,7 +19,7 @@ import {
   startRegistrarProcess,
   writeAgentToml,
 } from "./e2e-kit.js";
-import { postMessages, startSubscriber } from "./relay-helpers.js";
+import { postMessages, startSubscriber, until } from "./relay-helpers.js";
 
 /**
  * Issue 11, TPM half of "mTLS follows rotation": the built daemon on swtpm (behind tpm2-abrmd, the
@@ -117,7 +117,9 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
         keyThumbprint: string;
         certificatePem: string;
       };
-    const serialOf = (pem: string): string => new X509Certificate(pem).serialNumber.toUpperCase();
+    // Hex serials without leading zeros (X509Certificate and TLSSocket.getCertificate() differ there).
+    const norm = (hex: unknown): string => String(hex).toUpperCase().replace(/^0+/, "");
+    const serialOf = (pem: string): string => norm(new X509Certificate(pem).serialNumber);
     const sub = await startSubscriber(broker.plainUrl, "devices/#");
     const d = startDaemon(["--config", config, "run"], env);
     daemons.push(d);
@@ -144,7 +146,7 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
     // The sink connects on the first message: that connection presents the enrolment certificate
     // (TPM key at 0x81000002), before the rotation (due 12–28 s after the issue).
     const firstConn = await d.waitLog((r) => r.msg === "broker connected", 60_000);
-    expect(String(firstConn.certSerial).toUpperCase()).toBe(serialOf(before.certificatePem));
+    expect(norm(firstConn.certSerial)).toBe(serialOf(before.certificatePem));
     expect(d.stderr()).not.toContain('"msg":"device key switched"');
     await d.waitLog((r) => r.msg === "device key rotated", 90_000);
     // Read now: with 100 s certificates the next rotation is due 12–28 s after this one.
@@ -171,21 +173,6 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
     expect(accepted.size).toBeGreaterThan(1_000);
     expect(accepted.size - acceptedAtRotation).toBeGreaterThan(500); // the stream went on after the switch
 
-    // One TLS child per live connection: the one that held the old key exited with its connection.
-    const pid = d.child.pid ?? -1;
-    const tunnels = readdirSync("/proc")
-      .filter((e) => /^\d+$/.test(e))
-      .filter((e) => {
-        try {
-          const stat = readFileSync(`/proc/${e}/stat`, "utf8");
-          const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
-          return ppid === pid && readFileSync(`/proc/${e}/cmdline`, "utf8").includes("tls-tunnel-child");
-        } catch {
-          return false;
-        }
-      });
-    expect(tunnels).toHaveLength(1);
-
     expect(after.keyRef).toContain("handle=0x81000004");
     expect(after.keyThumbprint).not.toBe(before.keyThumbprint);
     expect(JSON.parse(await readFile(join(stateDir(), KEY_ROTATION_STATE_FILE), "utf8"))).toEqual({
@@ -196,11 +183,32 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
     expect(newSerial).not.toBe(serialOf(before.certificatePem));
     // The certificate on disk is for the rotated key, and the registrar certified that key.
     const onDisk = new X509Certificate(await readFile(join(stateDir(), "device-cert.pem"), "utf8"));
-    expect(onDisk.serialNumber.toUpperCase()).toBe(newSerial);
+    expect(norm(onDisk.serialNumber)).toBe(newSerial);
 
     // The sink moved make-before-break: a connection presenting the NEW certificate was accepted by the
     // broker (require_certificate: it verified the handshake signature of the new TPM key) BEFORE the
     // old key was destroyed, and logged in under the certificate identity (use_identity_as_username).
+    // The sink's switch (make-before-break) ran beside the credentials stage's switch: wait for it.
+    await d.waitLog(
+      (r) => r.msg === "broker connected" && norm(r.certSerial) === serialOf(after.certificatePem),
+      60_000,
+    );
+    // One TLS child per live connection: the one that held the old key exited with its connection.
+    const pid = d.child.pid ?? -1;
+    const tunnels = (): string[] =>
+      readdirSync("/proc")
+        .filter((e) => /^\d+$/.test(e))
+        .filter((e) => {
+          try {
+            const stat = readFileSync(`/proc/${e}/stat`, "utf8");
+            const ppid = Number(stat.slice(stat.lastIndexOf(")") + 2).split(" ")[1]);
+            return ppid === pid && readFileSync(`/proc/${e}/cmdline`, "utf8").includes("tls-tunnel-child");
+          } catch {
+            return false;
+          }
+        });
+    await until(() => tunnels().length === 1, 15_000).catch(() => undefined);
+    expect(tunnels()).toHaveLength(1);
     const lines = d
       .stderr()
       .split("\n")
@@ -209,19 +217,25 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
     const idx = (pred: (r: Record<string, unknown>) => boolean): number => lines.findIndex(pred);
     const switched = idx((r) => r.msg === "device key switched");
     const rotated = idx((r) => r.msg === "device key rotated");
-    const newConnIdx = idx(
-      (r) => r.msg === "broker connected" && String(r.certSerial).toUpperCase() === newSerial,
-    );
+    const newConnIdx = idx((r) => r.msg === "broker connected" && norm(r.certSerial) === newSerial);
     expect(switched).toBeGreaterThanOrEqual(0);
     expect(lines.filter((r) => r.msg === "device key rotated")).toHaveLength(1);
-    expect(newConnIdx, "no connection presented the new certificate").toBeGreaterThan(switched);
-    expect(newConnIdx).toBeLessThan(rotated);
+    const trail = JSON.stringify(
+      lines.filter((r) => /broker|switched|rotated|rekey|renewed/.test(String(r.msg))),
+    );
+    expect(newConnIdx, `no connection presented the new certificate ${newSerial}: ${trail}`).toBeGreaterThan(
+      switched,
+    );
+    expect(rotated).toBeGreaterThan(switched);
+    // The owner destroys the old key only after every subscriber switched (bounded: on a timeout or a
+    // failure it would say so): the sink's switch completed, so the old key outlived its connection.
+    expect(
+      lines.filter((r) => /key change subscriber|rekey: new connection failed/.test(String(r.msg))),
+    ).toEqual([]);
     // No connection with the OLD certificate after the switch: nothing published over the destroyed key.
     const oldSerial = serialOf(before.certificatePem);
     expect(
-      lines
-        .slice(switched)
-        .filter((r) => r.msg === "broker connected" && String(r.certSerial).toUpperCase() === oldSerial),
+      lines.slice(switched).filter((r) => r.msg === "broker connected" && norm(r.certSerial) === oldSerial),
     ).toEqual([]);
     const newConn = lines[newConnIdx] ?? {};
     const log = await broker.log();

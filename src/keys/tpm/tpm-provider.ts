@@ -191,11 +191,7 @@ export class TpmKeyProvider implements KeyProvider {
     const tls = this.#tls;
     const blobs = this.keyBlobPaths;
     if (tls === undefined || blobs === undefined) return undefined;
-    const linked = async (): Promise<void> => {
-      if (this.#tlsLinked) return;
-      if (!(await tls.isLinked(this.keyHandle))) await tls.link(this.keyHandle, blobs);
-      this.#tlsLinked = true;
-    };
+    const linked = (): Promise<void> => this.#linkTls();
     return {
       mechanism: "tpm2-pkcs11-engine",
       secureContext: async (input) => {
@@ -272,7 +268,22 @@ export class TpmKeyProvider implements KeyProvider {
       }
       return { pub: created, created: !raced };
     });
-    return this.#accept(pub.pub, pub.created);
+    const info = await this.#accept(pub.pub, pub.created);
+    // A key created with TLS configured is linked into the tpm2-pkcs11 token now (≈ 2 s of tpm2_ptool),
+    // not at its first handshake: a rotated-in key is then ready before the rotation commits, so the
+    // MQTT sink's make-before-break switch only has to open a connection (well inside the owner's
+    // switch timeout, after which the old key is destroyed regardless).
+    if (pub.created) await this.#linkTls();
+    return info;
+  }
+
+  /** Links this key into the tpm2-pkcs11 token once (no-op without a TLS config or blob dir). */
+  async #linkTls(): Promise<void> {
+    const tls = this.#tls;
+    const blobs = this.keyBlobPaths;
+    if (tls === undefined || blobs === undefined || this.#tlsLinked) return;
+    if (!(await tls.isLinked(this.keyHandle))) await tls.link(this.keyHandle, blobs);
+    this.#tlsLinked = true;
   }
 
   /** Opens the existing key. @throws ERR_KEY_NOT_FOUND when the handle is empty; ERR_KEY_MISMATCH. */
