@@ -1,3 +1,4 @@
+import type { Duplex } from "node:stream";
 import type { SecureContext } from "node:tls";
 import type { Secret } from "../core/secret.js";
 import type { AkPublic, CertifyResult, EkCertificate, EkPublic, QuoteResult } from "./tpm/endorsement.js";
@@ -63,4 +64,34 @@ export interface TlsClientKey {
    * @throws ERR_TLS_ENGINE_KEY (permanent: a wrong PIN is never retried, it would lock the token)
    */
   secureContext(input: TlsClientContextInput): Promise<SecureContext>;
+  /**
+   * Optional: a TLS connection to `host:port` whose handshake this key signs, made outside this
+   * process (TPM: one child per connection, see keys/tpm/tls-tunnel.ts). Offered where an in-process
+   * context cannot follow the key (tpm2-pkcs11 reads its objects once per process); callers that
+   * can use a byte stream (the MQTT sink) prefer it over `secureContext`.
+   * @throws ERR_TLS_ENGINE_KEY (permanent), ERR_MQTT_CONNECT (transient)
+   */
+  connect?(input: TlsTunnelInput): Promise<TlsTunnel>;
+}
+
+/** Where a `TlsClientKey.connect` connection goes. */
+export interface TlsTunnelInput extends TlsClientContextInput {
+  readonly host: string;
+  readonly port: number;
+  /** Expected server name (SNI and certificate check); default `host`. */
+  readonly servername?: string;
+  /** Handshake deadline (ms). */
+  readonly timeoutMs: number;
+}
+
+/** An established TLS connection made elsewhere: its plaintext as a stream. */
+export interface TlsTunnel {
+  /** The plaintext of the TLS connection; destroying it closes the connection. */
+  readonly stream: Duplex;
+  /** Serial (hex) of the client certificate presented in the handshake. */
+  readonly certSerial: string | undefined;
+  /** Closes the connection (ends whatever holds the key for it). */
+  close(): void;
+  /** Settles once whatever held the key for this connection is gone (TPM: the child exited). */
+  readonly closed: Promise<void>;
 }

@@ -37,6 +37,7 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
   /** The public key the registrar's verifier accepted from TPM2_Certify (the enrolled key). */
   let enrolledKey: KeyObject;
   let certPem: string;
+  let pinFile: string;
   const PIN = "tpm-user-pin-7319";
   const DEVICE = "dev-tpm";
 
@@ -56,7 +57,7 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
     process.env.DBUS_SESSION_BUS_ADDRESS = tpm.dbusAddress ?? "";
     dir = await mkdtemp(join(tmpdir(), "m2m-tpm-tls-"));
     await chmod(dir, 0o700);
-    const pinFile = join(dir, "token.pin");
+    pinFile = join(dir, "token.pin");
     await writeFile(pinFile, `${PIN}\n`, { mode: 0o600 });
 
     tlsKeys = new TpmTlsKeys({ storeDir: join(dir, "p11"), tcti: tpm.tcti, userPinFile: pinFile });
@@ -139,13 +140,17 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
     }
     const path = process.env.PATH;
     process.env.PATH = `${bin}:${path ?? "/usr/bin:/bin"}`;
+    // The provider linked its key into `tlsKeys` when it created it; a store of its own makes this
+    // test see the whole provisioning (init, addtoken, link) under the spy.
+    const spied = new TpmTlsKeys({ storeDir: join(dir, "p11-spy"), tcti: tpm.tcti, userPinFile: pinFile });
     try {
-      expect(await tlsKeys.isLinked(provider.keyHandle)).toBe(false);
-      const label = await tlsKeys.link(provider.keyHandle, provider.keyBlobPaths ?? { pub: "", priv: "" });
+      expect(await tlsKeys.isLinked(provider.keyHandle)).toBe(true); // linked at creation
+      expect(await spied.isLinked(provider.keyHandle)).toBe(false);
+      const label = await spied.link(provider.keyHandle, provider.keyBlobPaths ?? { pub: "", priv: "" });
       expect(label).toBe(tpmTlsKeyLabel(provider.keyHandle));
-      expect(await tlsKeys.isLinked(provider.keyHandle)).toBe(true);
+      expect(await spied.isLinked(provider.keyHandle)).toBe(true);
       // Idempotent: a second link leaves the token alone.
-      await tlsKeys.link(provider.keyHandle, provider.keyBlobPaths ?? { pub: "", priv: "" });
+      await spied.link(provider.keyHandle, provider.keyBlobPaths ?? { pub: "", priv: "" });
     } finally {
       process.env.PATH = path;
     }
@@ -159,7 +164,9 @@ describe("TPM device key for mTLS (tpm2-pkcs11 + pkcs11 engine)", () => {
         if (args[i] === "-p" || args[i] === "-P") expect(args[i + 1]).toMatch(/^file:/);
       }
     }
-    const st = await import("node:fs/promises").then((f) => f.stat(join(dir, "p11", "tpm2_pkcs11.sqlite3")));
+    const st = await import("node:fs/promises").then((f) =>
+      f.stat(join(dir, "p11-spy", "tpm2_pkcs11.sqlite3")),
+    );
     expect(st.mode & 0o777).toBe(0o600);
   }, 120_000);
 

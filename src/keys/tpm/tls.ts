@@ -24,6 +24,7 @@ import type { SecureContext } from "node:tls";
 import { execa } from "execa";
 import { M2mError } from "../../core/errors.js";
 import { Secret } from "../../core/secret.js";
+import type { TlsTunnel, TlsTunnelInput } from "../capabilities.js";
 import { createEngineSecureContext, type EngineKeyOptions } from "../pkcs11/engine-tls.js";
 import { hex32 } from "./transient.js";
 
@@ -329,6 +330,27 @@ export class TpmTlsKeys {
       certPem: tls.certPem,
       caPem: tls.caPem,
     });
+  }
+
+  /**
+   * A TLS connection signed by the key at `keyHandle`, made in a child process of its own
+   * (./tls-tunnel.ts): a fresh tpm2-pkcs11 instance per connection finds a key linked after this
+   * process first used the module (a rotated-in key). The module is never loaded in this process.
+   * @throws ERR_TLS_ENGINE_KEY (permanent), ERR_MQTT_CONNECT (transient)
+   */
+  async connect(keyHandle: number, input: TlsTunnelInput): Promise<TlsTunnel> {
+    requireResourceManagerTcti(this.tcti);
+    const { openTpmTlsTunnel } = await import("./tls-tunnel.js");
+    return openTpmTlsTunnel(
+      {
+        modulePath: this.modulePath,
+        tokenLabel: this.tokenLabel,
+        keyLabel: tpmTlsKeyLabel(keyHandle),
+        pinFile: this.#cfg.userPinFile,
+      },
+      { TPM2_PKCS11_STORE: this.storeDir, TPM2_PKCS11_TCTI: this.tcti },
+      input,
+    );
   }
 
   /**

@@ -182,22 +182,25 @@ export class TpmKeyProvider implements KeyProvider {
    * pkcs11 engine (./tls.ts). The key is linked into the token on first use (from the blobs kept at
    * creation). Undefined without a TLS config or a key blob dir.
    *
-   * Limit (measured, docs/credentials.md): tpm2-pkcs11 reads the token's objects once per process, so
-   * a key linked after the first handshake in this process (a rotated-in key) is found only after a
-   * restart: `secureContext` then fails with ERR_TLS_ENGINE_KEY.
+   * `connect` (what the MQTT sink uses) makes each connection in a child process of its own
+   * (./tls-tunnel.ts), so a key rotated in while the daemon runs is found: tpm2-pkcs11 reads the
+   * token's objects once per process. `secureContext` loads the module in THIS process: it sees only
+   * keys linked before its first use here (a rotated-in key then fails with ERR_TLS_ENGINE_KEY).
    */
   get tlsClient(): TlsClientKey | undefined {
     const tls = this.#tls;
     const blobs = this.keyBlobPaths;
     if (tls === undefined || blobs === undefined) return undefined;
+    const linked = (): Promise<void> => this.#linkTls();
     return {
       mechanism: "tpm2-pkcs11-engine",
       secureContext: async (input) => {
-        if (!this.#tlsLinked) {
-          if (!(await tls.isLinked(this.keyHandle))) await tls.link(this.keyHandle, blobs);
-          this.#tlsLinked = true;
-        }
+        await linked();
         return tls.createSecureContext(this.keyHandle, input);
+      },
+      connect: async (input) => {
+        await linked();
+        return tls.connect(this.keyHandle, input);
       },
     };
   }
@@ -265,7 +268,22 @@ export class TpmKeyProvider implements KeyProvider {
       }
       return { pub: created, created: !raced };
     });
-    return this.#accept(pub.pub, pub.created);
+    const info = await this.#accept(pub.pub, pub.created);
+    // A key created with TLS configured is linked into the tpm2-pkcs11 token now (≈ 2 s of tpm2_ptool),
+    // not at its first handshake: a rotated-in key is then ready before the rotation commits, so the
+    // MQTT sink's make-before-break switch only has to open a connection (well inside the owner's
+    // switch timeout, after which the old key is destroyed regardless).
+    if (pub.created) await this.#linkTls();
+    return info;
+  }
+
+  /** Links this key into the tpm2-pkcs11 token once (no-op without a TLS config or blob dir). */
+  async #linkTls(): Promise<void> {
+    const tls = this.#tls;
+    const blobs = this.keyBlobPaths;
+    if (tls === undefined || blobs === undefined || this.#tlsLinked) return;
+    if (!(await tls.isLinked(this.keyHandle))) await tls.link(this.keyHandle, blobs);
+    this.#tlsLinked = true;
   }
 
   /** Opens the existing key. @throws ERR_KEY_NOT_FOUND when the handle is empty; ERR_KEY_MISMATCH. */

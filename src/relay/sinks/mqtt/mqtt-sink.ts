@@ -7,7 +7,7 @@ import { asM2mError, M2mError } from "../../../core/errors.js";
 import { type Logger, silentLogger } from "../../../core/log.js";
 import type { Secret } from "../../../core/secret.js";
 import { tlsVerifyError } from "../../../core/tls-diagnosis.js";
-import type { TlsClientKey } from "../../../keys/capabilities.js";
+import type { TlsClientKey, TlsTunnel } from "../../../keys/capabilities.js";
 import { expandTopic } from "../../channel.js";
 import type { OutboxMessage } from "../../outbox/outbox.js";
 import { urlReachable } from "../probe.js";
@@ -97,6 +97,36 @@ interface Conn {
   closed: boolean;
   /** When the token used to connect expires (token auth). */
   readonly expiresAt?: number;
+  /** The TLS connection the key made itself (`TlsClientKey.connect`), if any. */
+  readonly tunnel?: TlsTunnel;
+}
+
+/**
+ * An MQTT client over a TLS connection the key made itself (`TlsClientKey.connect`): resolves on
+ * CONNACK, rejects on an error or a close before it (what `connectAsync(url, opts, false)` does).
+ */
+function connectOverStream(tunnel: TlsTunnel, opts: IClientOptions): Promise<MqttClient> {
+  return new Promise((resolve, reject) => {
+    const client = new mqtt.MqttClient(() => tunnel.stream, opts);
+    const done = (): void => {
+      client.off("connect", onConnect);
+      client.off("error", onError);
+      client.off("close", onClose);
+    };
+    const onConnect = (): void => {
+      done();
+      resolve(client);
+    };
+    const onError = (err: Error): void => {
+      done();
+      client.end(true);
+      reject(err);
+    };
+    const onClose = (): void => onError(new Error("Couldn't connect to server"));
+    client.on("connect", onConnect);
+    client.on("error", onError);
+    client.on("close", onClose);
+  });
 }
 
 const MQTT_DEBUG = /mqttjs/.test(process.env.DEBUG ?? "");
@@ -315,6 +345,7 @@ export class MqttSink implements Sink {
       ...(MQTT_DEBUG ? {} : { log: noopLog }),
     };
     let expiresAt: number | undefined;
+    let tunnel: TlsTunnel | undefined;
     switch (o.auth.kind) {
       case "mtls-file":
         opts.cert = o.auth.certPem;
@@ -326,6 +357,30 @@ export class MqttSink implements Sink {
         // A failed key load (wrong PIN, missing key) is never retried with the same inputs: each
         // attempt is a login, and repeated failed logins lock the token (or count towards TPM DA).
         if (this.#tlsError !== undefined && this.#tlsErrorFor === forKey) throw this.#tlsError;
+        if (id.key.connect !== undefined) {
+          // The key makes the TLS connection itself (TPM: a child process per connection).
+          const u = new URL(url);
+          this.counters.engineLoads++;
+          try {
+            tunnel = await id.key.connect({
+              certPem: id.certPem,
+              caPem: o.caPem,
+              host: u.hostname.replace(/^\[(.*)\]$/, "$1"),
+              port: u.port === "" ? 8883 : Number(u.port),
+              ...(o.servername === undefined ? {} : { servername: o.servername }),
+              timeoutMs: o.connectTimeoutMs ?? 10_000,
+            });
+          } catch (err) {
+            const e = asM2mError(err, "ERR_TLS_ENGINE_KEY");
+            if (e.retry === "permanent") {
+              this.#tlsError = e;
+              this.#tlsErrorFor = forKey;
+            }
+            throw e;
+          }
+          this.#tlsError = undefined;
+          break;
+        }
         if (this.#tlsContext === undefined || this.#tlsContextFor !== forKey) {
           this.counters.engineLoads++;
           try {
@@ -353,8 +408,12 @@ export class MqttSink implements Sink {
     }
     let client: MqttClient;
     try {
-      client = await mqtt.connectAsync(url, opts, false);
+      client =
+        tunnel === undefined
+          ? await mqtt.connectAsync(url, opts, false)
+          : await connectOverStream(tunnel, opts);
     } catch (err) {
+      tunnel?.close();
       const code = (err as { code?: unknown }).code;
       // CONNACK 0x86/0x87: the token may have been revoked or expired early: one forced refresh.
       if (
@@ -379,6 +438,7 @@ export class MqttSink implements Sink {
       pending: new Set(),
       closed: false,
       ...(expiresAt === undefined ? {} : { expiresAt }),
+      ...(tunnel === undefined ? {} : { tunnel }),
     };
     this.#live.add(conn);
     client.on("close", () => this.#onClose(conn));
@@ -403,7 +463,15 @@ export class MqttSink implements Sink {
 
   #install(conn: Conn): void {
     this.#conn = conn;
-    this.#log.info("broker connected", { url: conn.url });
+    // The serial of the client certificate this connection presented (mTLS): which identity the
+    // broker authenticated, e.g. the new certificate after a key rotation. Safe to log.
+    const stream = conn.client.stream as { getCertificate?: () => { serialNumber?: string } | null };
+    const certSerial = stream.getCertificate?.()?.serialNumber;
+    this.#log.info("broker connected", {
+      url: conn.url,
+      clientId: conn.clientId,
+      ...(certSerial === undefined ? {} : { certSerial }),
+    });
     if (conn.expiresAt !== undefined) this.#scheduleRenewal(conn);
   }
 
@@ -506,6 +574,14 @@ export class MqttSink implements Sink {
     const err = new Error("connection replaced");
     for (const settle of [...old.pending]) settle(err);
     await old.client.endAsync(false).catch(() => old.client.end(true));
+    if (old.tunnel !== undefined) {
+      // Security: the process that holds the old key for this connection is gone before `rekey()`
+      // returns, i.e. before the device-key owner destroys that key (bounded: 2 s, then SIGTERM again).
+      old.tunnel.close();
+      let t: NodeJS.Timeout | undefined;
+      await Promise.race([old.tunnel.closed, new Promise<void>((r) => (t = setTimeout(r, 2_000)))]);
+      clearTimeout(t);
+    }
   }
 
   async close(): Promise<void> {
