@@ -1,7 +1,6 @@
 import { M2mError } from "../core/errors.js";
-import { RSA_EK_HANDLE } from "../keys/capabilities.js";
+import { type EkCertificate, type EkPublic, RSA_EK_HANDLE } from "../keys/capabilities.js";
 import type { KeyProvider } from "../keys/key-provider.js";
-import type { EkCertificate, EkPublic } from "../keys/tpm/endorsement.js";
 import { certificatePublicKey } from "../tpm/ek-cert-key.js";
 import { decodeTpm2bPublic, publicKeyObject } from "../tpm/public.js";
 import type { EnrollTpmOps } from "./tpm.js";

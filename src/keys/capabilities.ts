@@ -13,6 +13,8 @@ import type { LockoutInfo } from "./tpm/runner.js";
 
 /** TCG low-range RSA EK handle: the first EK tried for credential activation. */
 export { RSA_EK_HANDLE } from "./tpm/endorsement.js";
+/** What the attestation capability returns, for callers outside src/keys/. */
+export type { AkPublic, CertifyResult, EkCertificate, EkPublic, QuoteResult };
 
 /** TPM attestation of THIS key and its platform: EK, AK, credential activation, TPM2_Certify, TPM2_Quote. */
 export interface TpmAttestation {
