@@ -3,7 +3,7 @@ import { mkdir, mkdtemp, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
+import { initSoftHsm, type SoftHsmHandle, softHsmKeysToml } from "../../hw/softhsm.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { assertBuilt, CLI, type Daemon, runCli, startDaemon } from "./daemon-cli-kit.js";
 
@@ -33,12 +33,7 @@ beforeAll(async () => {
       `state_dir = "${join(dir, "state")}"`,
       `runtime_dir = "${join(dir, "run")}"`,
       'log_level = "info"',
-      "[keys]",
-      'provider = "pkcs11"',
-      "[keys.pkcs11]",
-      `module = "${hsm.modulePath}"`,
-      `token_label = "${hsm.tokenLabel}"`,
-      `pin = { file = "${hsm.pinFile}" }`,
+      ...softHsmKeysToml(hsm),
       "[api]",
       `socket = "${join(dir, "run", "api.sock")}"`,
       "",
