@@ -1,7 +1,7 @@
-import { copyFile, mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { startSwtpm } from "../hw/swtpm.js";
+import { startSwtpm, writeEkTrustDir } from "../hw/swtpm.js";
 import { systemClock } from "../src/core/clock.js";
 import { tpmEvidenceSource } from "../src/credentials/oauth/attestation.js";
 import { OAuthClient } from "../src/credentials/oauth/client.js";
@@ -38,10 +38,7 @@ async function main(): Promise<void> {
   const tpm = await startSwtpm();
   const dir = await mkdtemp(join(tmpdir(), "m2m-bench-attest-"));
   try {
-    const trustDir = join(dir, "ek-trust");
-    await mkdir(trustDir);
-    await copyFile(tpm.rootCaPemPath, join(trustDir, "root.pem"));
-    await copyFile(tpm.intermediateCaPemPath, join(trustDir, "intermediate.pem"));
+    const trustDir = await writeEkTrustDir(tpm, dir);
     const paths = await initCa({ dir: join(dir, "ca") });
     const caPem = await readFile(caPaths(paths.dir).caCert, "utf8");
     const config = registrarConfigFrom(

@@ -53,6 +53,24 @@ export interface SoftHsmHandle {
   cleanup(): Promise<void>;
 }
 
+/**
+ * The agent.toml `[keys]` and `[keys.pkcs11]` tables (one line each entry) for a key on this token.
+ * `pin` is the TOML value of `pin`; by default the handle's PIN file.
+ */
+export function softHsmKeysToml(
+  hsm: Pick<SoftHsmHandle, "modulePath" | "tokenLabel" | "pinFile">,
+  pin = `{ file = "${hsm.pinFile}" }`,
+): string[] {
+  return [
+    "[keys]",
+    'provider = "pkcs11"',
+    "[keys.pkcs11]",
+    `module = "${hsm.modulePath}"`,
+    `token_label = "${hsm.tokenLabel}"`,
+    `pin = ${pin}`,
+  ];
+}
+
 /** Finds libsofthsm2.so. @throws ERR_PKCS11_MODULE when SoftHSM2 is not installed. */
 export function findSoftHsmModule(): string {
   const found = SOFTHSM_MODULE_CANDIDATES.find((p) => existsSync(p));

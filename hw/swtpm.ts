@@ -1,5 +1,5 @@
 import { existsSync } from "node:fs";
-import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { chmod, copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -540,6 +540,21 @@ class SwtpmInstance implements SwtpmHandle {
       await rm(this.dir, { recursive: true, force: true });
     }
   }
+}
+
+/**
+ * Makes `<parent>/ek-trust` holding the swtpm EK CA chain (root.pem, intermediate.pem): the
+ * directory a registrar group's `ek_trust_dir` names. Returns its path.
+ */
+export async function writeEkTrustDir(
+  tpm: Pick<SwtpmHandle, "rootCaPemPath" | "intermediateCaPemPath">,
+  parent: string,
+): Promise<string> {
+  const dir = join(parent, "ek-trust");
+  await mkdir(dir);
+  await copyFile(tpm.rootCaPemPath, join(dir, "root.pem"));
+  await copyFile(tpm.intermediateCaPemPath, join(dir, "intermediate.pem"));
+  return dir;
 }
 
 /** Creates an empty directory to share one swtpm local CA between several `startSwtpm({ caDir })`. */

@@ -25,6 +25,31 @@ function truncateBits(out: Uint8Array, bits: number): Uint8Array {
 const u32 = (n: number): Uint8Array => new TpmWriter().u32(n).finish();
 
 /**
+ * The counter loop KDFa and KDFe share: concatenates `block(hashName, [i]32, label ‖ 00)` for
+ * i = 1, 2, … until `bits` are covered, then truncates to `bits`.
+ */
+function counterKdf(
+  kdf: string,
+  hashAlg: number,
+  label: string,
+  bits: number,
+  block: (name: string, counter: Uint8Array, lbl: Uint8Array) => Buffer,
+): Uint8Array {
+  if (!Number.isInteger(bits) || bits <= 0 || bits > 8192) throw malformed(kdf, "bits", "out of range");
+  const name = hashName(hashAlg);
+  const lbl = labelBytes(label);
+  const need = Math.ceil(bits / 8);
+  const parts: Uint8Array[] = [];
+  let have = 0;
+  for (let i = 1; have < need; i++) {
+    const d = block(name, u32(i), lbl);
+    parts.push(d);
+    have += d.length;
+  }
+  return truncateBits(Buffer.concat(parts), bits);
+}
+
+/**
  * KDFa (TPM 2.0 Part 1 §11.4.10.2, SP 800-108 counter mode with HMAC):
  * K(i) = HMAC(key, [i]32 ‖ label ‖ 00 ‖ contextU ‖ contextV ‖ [bits]32).
  */
@@ -36,24 +61,15 @@ export function kdfa(
   contextV: Uint8Array,
   bits: number,
 ): Uint8Array {
-  if (!Number.isInteger(bits) || bits <= 0 || bits > 8192) throw malformed("KDFa", "bits", "out of range");
-  const name = hashName(hashAlg);
-  const lbl = labelBytes(label);
-  const need = Math.ceil(bits / 8);
-  const parts: Uint8Array[] = [];
-  let have = 0;
-  for (let i = 1; have < need; i++) {
-    const d = createHmac(name, key)
-      .update(u32(i))
+  return counterKdf("KDFa", hashAlg, label, bits, (name, counter, lbl) =>
+    createHmac(name, key)
+      .update(counter)
       .update(lbl)
       .update(contextU)
       .update(contextV)
       .update(u32(bits))
-      .digest();
-    parts.push(d);
-    have += d.length;
-  }
-  return truncateBits(Buffer.concat(parts), bits);
+      .digest(),
+  );
 }
 
 /**
@@ -68,22 +84,7 @@ export function kdfe(
   partyVInfo: Uint8Array,
   bits: number,
 ): Uint8Array {
-  if (!Number.isInteger(bits) || bits <= 0 || bits > 8192) throw malformed("KDFe", "bits", "out of range");
-  const name = hashName(hashAlg);
-  const lbl = labelBytes(label);
-  const need = Math.ceil(bits / 8);
-  const parts: Uint8Array[] = [];
-  let have = 0;
-  for (let i = 1; have < need; i++) {
-    const d = createHash(name)
-      .update(u32(i))
-      .update(z)
-      .update(lbl)
-      .update(partyUInfo)
-      .update(partyVInfo)
-      .digest();
-    parts.push(d);
-    have += d.length;
-  }
-  return truncateBits(Buffer.concat(parts), bits);
+  return counterKdf("KDFe", hashAlg, label, bits, (name, counter, lbl) =>
+    createHash(name).update(counter).update(z).update(lbl).update(partyUInfo).update(partyVInfo).digest(),
+  );
 }

@@ -1,31 +1,29 @@
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
+import { useTempDir } from "../kit/temp-dir.js";
 import { assertBuilt, runCli } from "./daemon-cli-kit.js";
 
 /** `m2m-agent keys …` against a SoftHSM2 token, as an operator runs it (no TTY). */
-let dir: string;
+const dir = useTempDir("m2m-cli-p11-");
 let hsm: SoftHsmHandle;
 let config: string;
 let env: NodeJS.ProcessEnv;
 
 beforeAll(async () => {
   assertBuilt();
-  dir = await mkdtemp(join(tmpdir(), "m2m-cli-p11-"));
   hsm = await initSoftHsm({ label: "m2m-cli-keys" });
-  config = join(dir, "agent.toml");
+  config = join(dir(), "agent.toml");
   await writeFile(
     config,
-    `[agent]\nstate_dir = "${join(dir, "state")}"\n[keys]\nprovider = "pkcs11"\n[keys.pkcs11]\nmodule = "${hsm.modulePath}"\ntoken_label = "${hsm.tokenLabel}"\npin = { env = "TEST_PIN" }\n`,
+    `[agent]\nstate_dir = "${join(dir(), "state")}"\n[keys]\nprovider = "pkcs11"\n[keys.pkcs11]\nmodule = "${hsm.modulePath}"\ntoken_label = "${hsm.tokenLabel}"\npin = { env = "TEST_PIN" }\n`,
   );
-  env = { PATH: process.env.PATH, HOME: dir, ...hsm.env, TEST_PIN: hsm.pin.reveal() };
+  env = { PATH: process.env.PATH, HOME: dir(), ...hsm.env, TEST_PIN: hsm.pin.reveal() };
 });
 
 afterAll(async () => {
   await hsm?.cleanup();
-  if (dir !== undefined) await rm(dir, { recursive: true, force: true });
 });
 
 const cli = (...args: string[]) => runCli(["--config", config, ...args], env);
@@ -62,7 +60,7 @@ describe("m2m-agent keys (PKCS#11 provider on SoftHSM2)", () => {
   });
 
   it("a literal PIN in the config is refused with exit 2, naming file and key, without echoing it", async () => {
-    const bad = join(dir, "literal.toml");
+    const bad = join(dir(), "literal.toml");
     await writeFile(
       bad,
       `[keys]\nprovider = "pkcs11"\n[keys.pkcs11]\nmodule = "${hsm.modulePath}"\ntoken_label = "x"\npin = "98765"\n`,

@@ -1,31 +1,29 @@
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
+import { useTempDir } from "../kit/temp-dir.js";
 import { assertBuilt, runCli } from "./daemon-cli-kit.js";
 
 /** `m2m-agent keys …` against swtpm (with EK certificates from the kit's local CA). */
-let dir: string;
+const dir = useTempDir("m2m-cli-tpm-");
 let tpm: SwtpmHandle;
 let config: string;
 let env: NodeJS.ProcessEnv;
 
 beforeAll(async () => {
   assertBuilt();
-  dir = await mkdtemp(join(tmpdir(), "m2m-cli-tpm-"));
   tpm = await startSwtpm();
-  config = join(dir, "agent.toml");
+  config = join(dir(), "agent.toml");
   await writeFile(
     config,
-    `[agent]\nstate_dir = "${join(dir, "state")}"\n[keys.tpm]\ntcti = "${tpm.tcti}"\nkey_handle = 0x81000010\n`,
+    `[agent]\nstate_dir = "${join(dir(), "state")}"\n[keys.tpm]\ntcti = "${tpm.tcti}"\nkey_handle = 0x81000010\n`,
   );
-  env = { PATH: process.env.PATH, HOME: dir };
+  env = { PATH: process.env.PATH, HOME: dir() };
 });
 
 afterAll(async () => {
   await tpm?.stop();
-  if (dir !== undefined) await rm(dir, { recursive: true, force: true });
 });
 
 const cli = (...args: string[]) => runCli(["--config", config, ...args], env);

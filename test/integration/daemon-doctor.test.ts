@@ -4,11 +4,11 @@ import { chmod, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import * as x509 from "@peculiar/x509";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
+import { initSoftHsm, type SoftHsmHandle, softHsmKeysToml } from "../../hw/softhsm.js";
 import type { CheckResult } from "../../src/daemon/doctor.js";
 import { writeEnrolmentState } from "../../src/enroll/state.js";
+import { throwawayDeviceCert } from "../kit/throwaway-cert.js";
 import { assertBuilt, runCli } from "./daemon-cli-kit.js";
 
 /** `m2m-agent doctor` against SoftHSM, a real TCP "broker", a closed registrar port and a real cert. */
@@ -35,12 +35,7 @@ const portOf = (s: Server): number => {
 function configText(pinFile: string): string {
   return `[agent]
 state_dir = "${stateDir}"
-[keys]
-provider = "pkcs11"
-[keys.pkcs11]
-module = "${hsm.modulePath}"
-token_label = "${hsm.tokenLabel}"
-pin = { file = "${pinFile}" }
+${softHsmKeysToml(hsm, `{ file = "${pinFile}" }`).join("\n")}
 [enroll]
 registrar_url = "https://127.0.0.1:${closedPort}"
 [relay.mqtt]
@@ -51,22 +46,14 @@ max_bytes = 1048576
 }
 
 /** Issues a certificate for `spkiPem` from a throwaway software CA (the registrar's role). */
-async function certFor(spkiPem: string, days: number): Promise<string> {
-  const ca = await webcrypto.subtle.generateKey(alg, true, ["sign", "verify"]);
-  const der = Buffer.from(spkiPem.replace(/-----[^-]+-----|\s/g, ""), "base64");
-  const pub = await webcrypto.subtle.importKey("spki", der, alg, true, ["verify"]);
+function certFor(spkiPem: string, days: number): Promise<string> {
   const now = Date.now();
-  const cert = await x509.X509CertificateGenerator.create({
+  return throwawayDeviceCert(spkiPem, {
     serialNumber: "0102",
-    subject: "CN=dev-1",
     issuer: "CN=test-ca",
     notBefore: new Date(now - 3600_000),
     notAfter: new Date(now + days * 86_400_000),
-    signingAlgorithm: alg,
-    publicKey: pub,
-    signingKey: ca.privateKey,
   });
-  return cert.toString("pem");
 }
 
 async function enrol(certificatePem: string, thumbprint: string): Promise<void> {

@@ -3,7 +3,7 @@ import { request } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
+import { initSoftHsm, type SoftHsmHandle, softHsmKeysToml } from "../../hw/softhsm.js";
 import { fetchStatus } from "../../src/cli/agent/status.js";
 import { assertBuilt, type Daemon, runCli, startDaemon } from "./daemon-cli-kit.js";
 import { bindNotifyListener, type NotifyListener } from "./notify-listener.js";
@@ -29,13 +29,7 @@ runtime_dir = "${dir}"
 log_level = "info"
 drain_timeout_ms = 5000
 
-[keys]
-provider = "pkcs11"
-
-[keys.pkcs11]
-module = "${hsm.modulePath}"
-token_label = "${hsm.tokenLabel}"
-pin = { file = "${hsm.pinFile}" }
+${softHsmKeysToml(hsm).join("\n")}
 
 [api]
 socket = "${join(dir, "api.sock")}"

@@ -1,8 +1,7 @@
-import { mkdtemp, rm, stat } from "node:fs/promises";
+import { stat } from "node:fs/promises";
 import { request } from "node:http";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { silentLogger } from "../../src/core/log.js";
 import { STATE_NAMES } from "../../src/daemon/lifecycle.js";
 import {
@@ -11,6 +10,7 @@ import {
   MetricsRegistry,
   startMetricsServer,
 } from "../../src/daemon/metrics.js";
+import { useTempDir } from "../kit/temp-dir.js";
 
 function get(opts: { url?: string; socketPath?: string; path?: string; method?: string }): Promise<{
   status: number;
@@ -40,13 +40,7 @@ function get(opts: { url?: string; socketPath?: string; path?: string; method?: 
   });
 }
 
-let dir: string;
-beforeAll(async () => {
-  dir = await mkdtemp(join(tmpdir(), "m2m-metrics-"));
-});
-afterAll(async () => {
-  await rm(dir, { recursive: true, force: true });
-});
+const dir = useTempDir("m2m-metrics-");
 
 describe("metrics registry", () => {
   it("renders counters, gauges and histograms in exposition format with escaped labels", () => {
@@ -126,7 +120,7 @@ describe("metrics HTTP exposition (real scrape)", () => {
   it("serves on a Unix socket (mode 0660)", async () => {
     const r = new MetricsRegistry();
     r.gauge("u_up", "Up.").set(1);
-    const path = join(dir, "metrics.sock");
+    const path = join(dir(), "metrics.sock");
     const srv = await startMetricsServer(r, path, silentLogger);
     try {
       expect(srv.address).toBe(`unix:${path}`);

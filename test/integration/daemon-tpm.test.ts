@@ -1,9 +1,9 @@
-import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { mkdir, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
 import { fetchStatus } from "../../src/cli/agent/status.js";
+import { useTempDir } from "../kit/temp-dir.js";
 import { assertBuilt, type Daemon, runCli, startDaemon } from "./daemon-cli-kit.js";
 import { bindNotifyListener, type NotifyListener } from "./notify-listener.js";
 
@@ -12,7 +12,7 @@ import { bindNotifyListener, type NotifyListener } from "./notify-listener.js";
  * a TPM that is gone at boot makes the agent READY but degraded, and it recovers by itself when the
  * TPM comes back (no restart, no operator).
  */
-let dir: string;
+const dir = useTempDir("m2m-daemon-tpm-");
 let tpm: SwtpmHandle;
 let listener: NotifyListener;
 let config: string;
@@ -21,23 +21,21 @@ const daemons: Daemon[] = [];
 
 beforeAll(async () => {
   assertBuilt();
-  dir = await mkdtemp(join(tmpdir(), "m2m-daemon-tpm-"));
-  await mkdir(join(dir, "state"), { mode: 0o700 });
+  await mkdir(join(dir(), "state"), { mode: 0o700 });
   tpm = await startSwtpm();
-  listener = await bindNotifyListener(join(dir, "notify.sock"));
-  config = join(dir, "agent.toml");
+  listener = await bindNotifyListener(join(dir(), "notify.sock"));
+  config = join(dir(), "agent.toml");
   await writeFile(
     config,
-    `[agent]\nstate_dir = "${join(dir, "state")}"\n[keys.tpm]\ntcti = "${tpm.tcti}"\ntimeout_ms = 3000\n[api]\nsocket = "${join(dir, "api.sock")}"\n`,
+    `[agent]\nstate_dir = "${join(dir(), "state")}"\n[keys.tpm]\ntcti = "${tpm.tcti}"\ntimeout_ms = 3000\n[api]\nsocket = "${join(dir(), "api.sock")}"\n`,
   );
-  env = { PATH: process.env.PATH, HOME: dir, NOTIFY_SOCKET: listener.path };
+  env = { PATH: process.env.PATH, HOME: dir(), NOTIFY_SOCKET: listener.path };
 });
 
 afterAll(async () => {
   for (const d of daemons) d.kill();
   listener?.close();
   await tpm?.stop();
-  if (dir !== undefined) await rm(dir, { recursive: true, force: true });
 });
 
 async function runUntilReady(): Promise<{ d: Daemon; ready: string; from: number }> {
@@ -59,19 +57,19 @@ describe("m2m-agent run on the TPM provider (swtpm)", () => {
   it("the identity survives an agent restart and a TPM power cycle", async () => {
     const init = await runCli(["--config", config, "--json", "keys", "init"], {
       PATH: process.env.PATH,
-      HOME: dir,
+      HOME: dir(),
     });
     expect(init.code).toBe(0);
     thumbprint = (JSON.parse(init.stdout) as { thumbprint: string }).thumbprint;
 
     const first = await runUntilReady();
     expect(first.ready).toBe("READY=1\nSTATUS=running");
-    expect((await fetchStatus(join(dir, "api.sock"))).key).toMatchObject({ provider: "tpm", thumbprint });
+    expect((await fetchStatus(join(dir(), "api.sock"))).key).toMatchObject({ provider: "tpm", thumbprint });
     await stop(first.d);
 
     await tpm.restart(); // orderly TPM2_Shutdown, process stop, start on the same state
     const second = await runUntilReady();
-    expect((await fetchStatus(join(dir, "api.sock"))).key?.thumbprint).toBe(thumbprint);
+    expect((await fetchStatus(join(dir(), "api.sock"))).key?.thumbprint).toBe(thumbprint);
     await stop(second.d);
   });
 
@@ -79,7 +77,7 @@ describe("m2m-agent run on the TPM provider (swtpm)", () => {
     await tpm.kill();
     const { d, ready, from } = await runUntilReady();
     expect(ready).toMatch(/^READY=1\nSTATUS=degraded: key: ERR_TPM_/);
-    const degraded = await fetchStatus(join(dir, "api.sock"));
+    const degraded = await fetchStatus(join(dir(), "api.sock"));
     expect(degraded.state).toBe("degraded");
     expect(degraded.reasons.key).toMatch(/^ERR_TPM_/);
     await d.waitLog((r) => r.msg === "device key unavailable; retrying");
@@ -87,7 +85,7 @@ describe("m2m-agent run on the TPM provider (swtpm)", () => {
     await tpm.restart();
     await tpm.resetDictionaryLockout();
     expect(await listener.waitFor((m) => m === "STATUS=running", from, 60_000)).toBe("STATUS=running");
-    const status = await fetchStatus(join(dir, "api.sock"));
+    const status = await fetchStatus(join(dir(), "api.sock"));
     expect(status).toMatchObject({ state: "running", reasons: {} });
     expect(status.key?.thumbprint).toBe(thumbprint);
     await stop(d);
@@ -95,7 +93,10 @@ describe("m2m-agent run on the TPM provider (swtpm)", () => {
 
   it("doctor reports DA lockout as a warning with a fix hint (the noDA device key keeps working)", async () => {
     const doctor = async () => {
-      const r = await runCli(["--config", config, "--json", "doctor"], { PATH: process.env.PATH, HOME: dir });
+      const r = await runCli(["--config", config, "--json", "doctor"], {
+        PATH: process.env.PATH,
+        HOME: dir(),
+      });
       const out = JSON.parse(r.stdout) as {
         overall: string;
         checks: { name: string; status: string; detail: string; hint?: string }[];

@@ -10,6 +10,7 @@ import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
 import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
 import { signCompactJws } from "../../src/keys/jws.js";
 import { TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
+import { postClientAssertion } from "../kit/token-request.js";
 import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
 import {
   AGENT_CLI,
@@ -320,19 +321,9 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
     expect(shown.status).toBe("revoked");
 
     const dispatcher = new Agent({ connect: { ca: await readFile(caCert, "utf8") } });
-    const res = await fetch(tokenEndpoint, {
-      method: "POST",
-      headers: { "content-type": "application/x-www-form-urlencoded" },
-      body: new URLSearchParams({
-        grant_type: "client_credentials",
-        client_id: deviceId,
-        client_assertion_type: "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-        client_assertion: assertion,
-      }).toString(),
-      dispatcher,
-    });
+    const res = await postClientAssertion(tokenEndpoint, deviceId, assertion, dispatcher);
     expect(res.status).toBe(401);
-    expect(((await res.json()) as { error: string }).error).toBe("invalid_client");
+    expect(res.json.error).toBe("invalid_client");
     await dispatcher.close();
 
     // The key is gone from the TPM and the state is wiped.

@@ -1,11 +1,11 @@
 import "reflect-metadata";
-import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { X509Certificate } from "@peculiar/x509";
 import { decodeJwt } from "jose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { freeLoopbackPort, type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
+import { freeLoopbackPort, type SwtpmHandle, startSwtpm, writeEkTrustDir } from "../../hw/swtpm.js";
 import { ManualClock } from "../../src/core/clock.js";
 import { EstClient } from "../../src/credentials/est/est-client.js";
 import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
@@ -42,10 +42,7 @@ describe("TPM device lifecycle: enrol → tokens → EST renewal → expiry offl
     // After swtpm_setup: the EK certificate must already be valid on the manual clock.
     clock = new ManualClock(new Date(Date.now() + 1000));
     dir = await mkdtemp(join(tmpdir(), "m2m-est-tpm-"));
-    const trustDir = join(dir, "ek-trust");
-    await mkdir(trustDir);
-    await copyFile(tpm.rootCaPemPath, join(trustDir, "root.pem"));
-    await copyFile(tpm.intermediateCaPemPath, join(trustDir, "intermediate.pem"));
+    const trustDir = await writeEkTrustDir(tpm, dir);
     const paths = await initCa({ dir: join(dir, "ca"), clock });
     caPem = await readFile(caPaths(paths.dir).caCert, "utf8");
     const port = await freeLoopbackPort();

@@ -7,11 +7,11 @@ import { createServer as createHttpServer, type Server as HttpServer, request } 
 import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import * as x509 from "@peculiar/x509";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
+import { initSoftHsm, type SoftHsmHandle, softHsmKeysToml } from "../../hw/softhsm.js";
 import type { CheckResult } from "../../src/daemon/doctor.js";
 import { writeEnrolmentState } from "../../src/enroll/state.js";
+import { throwawayDeviceCert } from "../kit/throwaway-cert.js";
 import { assertBuilt, CLI, runCli } from "./daemon-cli-kit.js";
 import { makeTestPki, startHttps, type TestPki } from "./oauth-fixtures.js";
 
@@ -46,12 +46,7 @@ async function freePort(): Promise<number> {
 function config(extra: string, o: { registrarCa?: string; socket?: string } = {}): string {
   return `[agent]
 state_dir = "${stateDir}"
-[keys]
-provider = "pkcs11"
-[keys.pkcs11]
-module = "${hsm.modulePath}"
-token_label = "${hsm.tokenLabel}"
-pin = { file = "${hsm.pinFile}" }
+${softHsmKeysToml(hsm).join("\n")}
 [enroll]
 registrar_url = "${tls.origin}"
 ${o.registrarCa === undefined ? "" : `registrar_ca_file = "${o.registrarCa}"`}
@@ -73,22 +68,14 @@ async function doctor(cfg: string): Promise<Map<string, CheckResult>> {
 }
 
 /** A certificate for the device key from a throwaway CA, valid from `ageDays` ago for `days`. */
-async function certFor(ageDays: number, days: number): Promise<string> {
-  const ca = await webcrypto.subtle.generateKey(alg, true, ["sign", "verify"]);
-  const der = Buffer.from(spkiPem.replace(/-----[^-]+-----|\s/g, ""), "base64");
-  const pub = await webcrypto.subtle.importKey("spki", der, alg, true, ["verify"]);
+function certFor(ageDays: number, days: number): Promise<string> {
   const nb = Date.now() - ageDays * 86_400_000;
-  const cert = await x509.X509CertificateGenerator.create({
+  return throwawayDeviceCert(spkiPem, {
     serialNumber: "0a0b",
-    subject: "CN=dev-1",
     issuer: "CN=fleet",
     notBefore: new Date(nb),
     notAfter: new Date(nb + days * 86_400_000),
-    signingAlgorithm: alg,
-    publicKey: pub,
-    signingKey: ca.privateKey,
   });
-  return cert.toString("pem");
 }
 
 async function enrol(certificatePem: string): Promise<void> {
@@ -251,12 +238,7 @@ describe("the built daemon: journald priorities, human/JSON logs, not-ready API,
       "daemon.toml",
       `[agent]
 state_dir = "${stateDir}"
-[keys]
-provider = "pkcs11"
-[keys.pkcs11]
-module = "${hsm.modulePath}"
-token_label = "${hsm.tokenLabel}"
-pin = { file = "${hsm.pinFile}" }
+${softHsmKeysToml(hsm).join("\n")}
 [api]
 socket = "${sock}"
 [relay]
@@ -335,12 +317,7 @@ auth = "mtls-pkcs11"
       "unprov.toml",
       `[agent]
 state_dir = "${join(dir, "state-u")}"
-[keys]
-provider = "pkcs11"
-[keys.pkcs11]
-module = "${hsm2.modulePath}"
-token_label = "${hsm2.tokenLabel}"
-pin = { file = "${hsm2.pinFile}" }
+${softHsmKeysToml(hsm2).join("\n")}
 [api]
 socket = "${sock}"
 [relay.mqtt]

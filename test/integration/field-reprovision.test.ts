@@ -1,9 +1,9 @@
 import { execFileSync } from "node:child_process";
-import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
+import { type SwtpmHandle, startSwtpm, writeEkTrustDir } from "../../hw/swtpm.js";
 import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
 import {
   AGENT_CLI,
@@ -37,10 +37,7 @@ describe("re-provisioning after tpm2_clear", () => {
     work = await mkdtemp(join(tmpdir(), "m2m-reprov-"));
     tpm = await startSwtpm();
     env = cliEnv();
-    const ekTrust = join(work, "ek-trust");
-    await mkdir(ekTrust);
-    await copyFile(tpm.rootCaPemPath, join(ekTrust, "root.pem"));
-    await copyFile(tpm.intermediateCaPemPath, join(ekTrust, "intermediate.pem"));
+    const ekTrust = await writeEkTrustDir(tpm, work);
     setup = await setupRegistrar({
       work,
       env,

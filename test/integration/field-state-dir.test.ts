@@ -1,10 +1,10 @@
 import { spawn } from "node:child_process";
-import { mkdir, mkdtemp, rm, stat, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { mkdir, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
+import { initSoftHsm, type SoftHsmHandle, softHsmKeysToml } from "../../hw/softhsm.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
+import { useTempDir } from "../kit/temp-dir.js";
 import { assertBuilt, CLI, type Daemon, runCli, startDaemon } from "./daemon-cli-kit.js";
 
 /**
@@ -13,7 +13,7 @@ import { assertBuilt, CLI, type Daemon, runCli, startDaemon } from "./daemon-cli
  * lock left by kill -9 is no obstacle), the API socket never world-accessible (umask 000 and a
  * poller stat-ing the path during start), and outbox files 0600 whatever the umask.
  */
-let dir: string;
+const dir = useTempDir("m2m-field-state-");
 let hsm: SoftHsmHandle;
 let configPath: string;
 let env: NodeJS.ProcessEnv;
@@ -21,30 +21,24 @@ const daemons: Daemon[] = [];
 
 beforeAll(async () => {
   assertBuilt();
-  dir = await mkdtemp(join(tmpdir(), "m2m-field-state-"));
-  await mkdir(join(dir, "state"), { mode: 0o700 });
-  await mkdir(join(dir, "run"), { mode: 0o755 });
+  await mkdir(join(dir(), "state"), { mode: 0o700 });
+  await mkdir(join(dir(), "run"), { mode: 0o755 });
   hsm = await initSoftHsm({ label: "m2m-field", pin: "pin-field-1234" });
-  configPath = join(dir, "agent.toml");
+  configPath = join(dir(), "agent.toml");
   await writeFile(
     configPath,
     [
       "[agent]",
-      `state_dir = "${join(dir, "state")}"`,
-      `runtime_dir = "${join(dir, "run")}"`,
+      `state_dir = "${join(dir(), "state")}"`,
+      `runtime_dir = "${join(dir(), "run")}"`,
       'log_level = "info"',
-      "[keys]",
-      'provider = "pkcs11"',
-      "[keys.pkcs11]",
-      `module = "${hsm.modulePath}"`,
-      `token_label = "${hsm.tokenLabel}"`,
-      `pin = { file = "${hsm.pinFile}" }`,
+      ...softHsmKeysToml(hsm),
       "[api]",
-      `socket = "${join(dir, "run", "api.sock")}"`,
+      `socket = "${join(dir(), "run", "api.sock")}"`,
       "",
     ].join("\n"),
   );
-  env = { PATH: process.env.PATH, HOME: dir, ...hsm.env };
+  env = { PATH: process.env.PATH, HOME: dir(), ...hsm.env };
   const init = await runCli(["--config", configPath, "keys", "init"], env);
   expect(init.code, init.stderr).toBe(0);
 });
@@ -52,7 +46,6 @@ beforeAll(async () => {
 afterAll(async () => {
   for (const d of daemons) d.kill();
   await hsm?.cleanup();
-  if (dir !== undefined) await rm(dir, { recursive: true, force: true });
 });
 
 const up = (d: Daemon) => d.waitLog((r) => r.msg === "lifecycle transition" && r.to === "running", 30_000);
@@ -90,7 +83,7 @@ describe("one agent per state directory", () => {
 
 describe("file modes", () => {
   it("under umask 000 the API socket is never seen with group/other write or other access", async () => {
-    const sock = join(dir, "run", "api.sock");
+    const sock = join(dir(), "run", "api.sock");
     const modes = new Set<number>();
     let polling = true;
     const poll = (async () => {
@@ -128,7 +121,7 @@ describe("file modes", () => {
   }, 60_000);
 
   it("outbox database, WAL and SHM are 0600 under umask 000, and 0644 files left by an older version are tightened", async () => {
-    const path = join(dir, "outbox.db");
+    const path = join(dir(), "outbox.db");
     const old = process.umask(0);
     try {
       const ob = SqliteOutbox.open({ path, sinks: ["a"] });
@@ -147,7 +140,7 @@ describe("file modes", () => {
     } finally {
       process.umask(old);
     }
-    const legacy = join(dir, "legacy.db");
+    const legacy = join(dir(), "legacy.db");
     for (const suffix of ["", "-wal", "-shm"]) await writeFile(legacy + suffix, "", { mode: 0o644 });
     const ob2 = SqliteOutbox.open({ path: legacy, sinks: ["a"] });
     for (const suffix of ["", "-wal", "-shm"])

@@ -1,5 +1,4 @@
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
@@ -7,26 +6,25 @@ import { Secret } from "../../src/core/secret.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { Relay } from "../../src/relay/relay.js";
 import { MqttSink } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
+import { useTempDir } from "../kit/temp-dir.js";
 import { startSubscriber, until } from "./relay-helpers.js";
 
 const enc = new TextEncoder();
 
 describe("MQTT sink against mosquitto (mTLS, use_identity_as_username, ACL devices/%u/#)", () => {
   let broker: Mosquitto;
-  let dir: string;
+  const dir = useTempDir("m2m-mqtt-acl-");
   beforeAll(async () => {
     broker = await startMosquitto();
-    dir = await mkdtemp(join(tmpdir(), "m2m-mqtt-acl-"));
   });
   afterAll(async () => {
     await broker?.cleanup();
-    await rm(dir, { recursive: true, force: true });
   });
 
   it("device A delivers to its own topics; a publish to device B's topic is refused (0x87), dead-lettered, and the stream continues", async () => {
     const { certPem, keyPem } = await broker.ca.issueClient("device-a");
     const sub = await startSubscriber(broker.plainUrl);
-    const outbox = SqliteOutbox.open({ path: join(dir, "acl.db"), sinks: ["mqtt"], ttlCheckMs: 0 });
+    const outbox = SqliteOutbox.open({ path: join(dir(), "acl.db"), sinks: ["mqtt"], ttlCheckMs: 0 });
     // Test-only template: the channel names the device, so one stream can address A's and B's topics.
     const sink = new MqttSink({
       urls: [broker.mtlsUrl],

@@ -1,27 +1,24 @@
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import mqtt from "mqtt";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { MqttSource } from "../../src/relay/sources/mqtt/mqtt-source.js";
+import { useTempDir } from "../kit/temp-dir.js";
 import { until } from "./relay-helpers.js";
 
 describe("MQTT source: local broker → outbox, PUBACK only after durable", () => {
   let broker: Mosquitto;
-  let dir: string;
+  const dir = useTempDir("m2m-source-");
   beforeAll(async () => {
     broker = await startMosquitto();
-    dir = await mkdtemp(join(tmpdir(), "m2m-source-"));
   });
   afterAll(async () => {
     await broker?.cleanup();
-    await rm(dir, { recursive: true, force: true });
   });
 
   it("relays QoS 1 publishes into the outbox with the topic as channel; the publisher's PUBACK follows storage", async () => {
-    const outbox = SqliteOutbox.open({ path: join(dir, "s.db"), sinks: ["mqtt"], ttlCheckMs: 0 });
+    const outbox = SqliteOutbox.open({ path: join(dir(), "s.db"), sinks: ["mqtt"], ttlCheckMs: 0 });
     const source = new MqttSource({
       url: broker.plainUrl,
       topics: ["sensors/#"],
@@ -51,7 +48,7 @@ describe("MQTT source: local broker → outbox, PUBACK only after durable", () =
   });
 
   it("a topic that cannot be a channel is refused (counted), others flow", async () => {
-    const outbox = SqliteOutbox.open({ path: join(dir, "s2.db"), sinks: ["mqtt"], ttlCheckMs: 0 });
+    const outbox = SqliteOutbox.open({ path: join(dir(), "s2.db"), sinks: ["mqtt"], ttlCheckMs: 0 });
     const source = new MqttSource({ url: broker.plainUrl, topics: ["raw/#"], outbox, clientId: "src-2" });
     await source.start();
     const pub = await mqtt.connectAsync(broker.plainUrl, { protocolVersion: 5 });

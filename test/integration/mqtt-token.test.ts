@@ -1,26 +1,23 @@
 import { randomBytes } from "node:crypto";
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { Relay } from "../../src/relay/relay.js";
 import { MqttSink } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
+import { useTempDir } from "../kit/temp-dir.js";
 import { startSubscriber, TestTokenSource, until } from "./relay-helpers.js";
 
 const enc = new TextEncoder();
 
 describe("MQTT sink with token auth: short-lived tokens renewed make-before-break", () => {
   let broker: Mosquitto;
-  let dir: string;
+  const dir = useTempDir("m2m-token-");
   beforeAll(async () => {
     broker = await startMosquitto({ passwordListener: true });
-    dir = await mkdtemp(join(tmpdir(), "m2m-token-"));
   });
   afterAll(async () => {
     await broker?.cleanup();
-    await rm(dir, { recursive: true, force: true });
   });
 
   it("several token expiries during a long session: no failed delivery, no loss", async () => {
@@ -35,7 +32,7 @@ describe("MQTT sink with token auth: short-lived tokens renewed make-before-brea
       1600,
     );
     const sub = await startSubscriber(broker.plainUrl, "devices/dev-tok/#");
-    const outbox = SqliteOutbox.open({ path: join(dir, "t.db"), sinks: ["mqtt"], ttlCheckMs: 0 });
+    const outbox = SqliteOutbox.open({ path: join(dir(), "t.db"), sinks: ["mqtt"], ttlCheckMs: 0 });
     const sink = new MqttSink({
       urls: [broker.passwordUrl ?? ""],
       caPem: broker.ca.caPem,

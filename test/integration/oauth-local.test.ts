@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { Command } from "commander";
 import { decodeJwt } from "jose";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
-import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
+import { initSoftHsm, type SoftHsmHandle, softHsmKeysToml } from "../../hw/softhsm.js";
 import { ApiServer } from "../../src/api/server.js";
 import { register } from "../../src/cli/agent/token.js";
 import { systemClock } from "../../src/core/clock.js";
@@ -185,12 +185,7 @@ describe("tokens for co-located programs", () => {
       [
         "[agent]",
         `state_dir = "${stateDir}"`,
-        "[keys]",
-        'provider = "pkcs11"',
-        "[keys.pkcs11]",
-        `module = "${hsm.modulePath}"`,
-        `token_label = "${hsm.tokenLabel}"`,
-        `pin = { file = "${hsm.pinFile}" }`,
+        ...softHsmKeysToml(hsm),
         "[credentials.oauth]",
         `issuer = "${srv.origin}"`,
         'scopes = ["telemetry:write"]',

@@ -7,7 +7,7 @@ import type { JWK } from "jose";
 import { decodeJwt, exportJWK, generateKeyPair } from "jose";
 import Provider, { errors } from "oidc-provider";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
+import { initSoftHsm, type SoftHsmHandle, softHsmKeysToml } from "../../hw/softhsm.js";
 import { assertBuilt, runCli } from "./daemon-cli-kit.js";
 import { makeTestPki, startHttps, type TestPki } from "./oauth-fixtures.js";
 
@@ -28,12 +28,7 @@ let thumbprint: string;
 function agentToml(extra: string): string {
   return `[agent]
 state_dir = "${join(dir, "state")}"
-[keys]
-provider = "pkcs11"
-[keys.pkcs11]
-module = "${hsm.modulePath}"
-token_label = "${hsm.tokenLabel}"
-pin = { file = "${hsm.pinFile}" }
+${softHsmKeysToml(hsm).join("\n")}
 [api]
 socket = "${join(dir, "api.sock")}"
 [credentials.oauth]

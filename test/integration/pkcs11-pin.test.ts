@@ -1,13 +1,13 @@
-import { chmod, mkdtemp, rm, symlink, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { chmod, mkdtemp, symlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { inspect } from "node:util";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { M2mError } from "../../src/core/errors.js";
 import { readPin } from "../../src/keys/pkcs11/pin.js";
+import { useTempDir } from "../kit/temp-dir.js";
 
 const PIN = "31415926";
-let dir: string;
+const dir = useTempDir("m2m-pin-");
 
 async function code(p: Promise<unknown>): Promise<M2mError> {
   const e = await p.then(
@@ -21,17 +21,10 @@ async function code(p: Promise<unknown>): Promise<M2mError> {
   return m;
 }
 
-beforeAll(async () => {
-  dir = await mkdtemp(join(tmpdir(), "m2m-pin-"));
-});
-afterAll(async () => {
-  await rm(dir, { recursive: true, force: true });
-});
-
 // PIN sources: real files with real modes on disk.
 describe("readPin", () => {
   it("reads a 0600 file and trims exactly one trailing newline; the Secret never prints", async () => {
-    const f = join(dir, "a.pin");
+    const f = join(dir(), "a.pin");
     await writeFile(f, `${PIN}\n\n`, { mode: 0o600 });
     const s = await readPin({ file: f });
     expect(s.reveal()).toBe(`${PIN}\n`);
@@ -41,7 +34,7 @@ describe("readPin", () => {
   });
 
   it("accepts 0400, refuses group- or world-readable files (mode & 0o077)", async () => {
-    const f = join(dir, "b.pin");
+    const f = join(dir(), "b.pin");
     await writeFile(f, PIN, { mode: 0o400 });
     expect((await readPin({ file: f })).reveal()).toBe(PIN);
     for (const mode of [0o640, 0o604, 0o644, 0o660, 0o606]) {
@@ -53,14 +46,14 @@ describe("readPin", () => {
   });
 
   it("refuses a missing file, a directory, a symlink and an empty PIN", async () => {
-    expect((await code(readPin({ file: join(dir, "missing") }))).code).toBe("ERR_PIN_FILE");
-    expect((await code(readPin({ file: dir }))).code).toBe("ERR_PIN_FILE");
-    const target = join(dir, "t.pin");
+    expect((await code(readPin({ file: join(dir(), "missing") }))).code).toBe("ERR_PIN_FILE");
+    expect((await code(readPin({ file: dir() }))).code).toBe("ERR_PIN_FILE");
+    const target = join(dir(), "t.pin");
     await writeFile(target, PIN, { mode: 0o600 });
-    const link = join(dir, "link.pin");
+    const link = join(dir(), "link.pin");
     await symlink(target, link);
     expect((await code(readPin({ file: link }))).code).toBe("ERR_PIN_FILE");
-    const empty = join(dir, "empty.pin");
+    const empty = join(dir(), "empty.pin");
     await writeFile(empty, "\n", { mode: 0o600 });
     expect((await code(readPin({ file: empty }))).code).toBe("ERR_PIN_EMPTY");
   });
@@ -73,7 +66,7 @@ describe("readPin", () => {
 
   it("credential: needs CREDENTIALS_DIRECTORY, a plain name, and an existing file", async () => {
     expect((await code(readPin({ credential: "m2m-pin" }, {}))).code).toBe("ERR_PIN_CREDENTIAL");
-    const creds = await mkdtemp(join(dir, "creds-"));
+    const creds = await mkdtemp(join(dir(), "creds-"));
     await writeFile(join(creds, "m2m-pin"), PIN, { mode: 0o400 });
     const env = { CREDENTIALS_DIRECTORY: creds };
     expect((await readPin({ credential: "m2m-pin" }, env)).reveal()).toBe(PIN);

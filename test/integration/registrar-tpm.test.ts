@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
+import { type SwtpmHandle, startSwtpm, writeEkTrustDir } from "../../hw/swtpm.js";
 import { ManualClock } from "../../src/core/clock.js";
 import { type EnrollTpmOps, RegistrarClient, runEnroll, tpmEnrollOps } from "../../src/enroll/index.js";
 import { createCsr } from "../../src/keys/csr.js";
@@ -88,10 +88,7 @@ describe("TPM attested enrolment end to end (swtpm + real registrar over HTTPS)"
   beforeAll(async () => {
     tpm = await startSwtpm();
     work = await mkdtemp(join(tmpdir(), "m2m-enroll-tpm-"));
-    trustDir = join(work, "ek-trust");
-    await mkdir(trustDir);
-    await copyFile(tpm.rootCaPemPath, join(trustDir, "root.pem"));
-    await copyFile(tpm.intermediateCaPemPath, join(trustDir, "intermediate.pem"));
+    trustDir = await writeEkTrustDir(tpm, work);
     provider = new TpmKeyProvider({ tcti: tpm.tcti });
     await provider.createOrOpen();
     ops = tpmEnrollOps(provider);

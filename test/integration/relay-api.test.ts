@@ -42,6 +42,10 @@ describe("local API: POST /v1/messages on the Unix socket", () => {
     await rm(dir, { recursive: true, force: true });
   });
 
+  /** POST /v1/messages on the API socket. */
+  const postMessages = (body: string, contentType?: string) =>
+    call(sock, "POST", "/v1/messages", body, contentType);
+
   it("socket is created 0660 (owner + group only)", async () => {
     const st = await stat(sock);
     expect(st.isSocket()).toBe(true);
@@ -49,10 +53,7 @@ describe("local API: POST /v1/messages on the Unix socket", () => {
   });
 
   it("one message → 200 with its id, stored durably with channel, payload and content type", async () => {
-    const r = await call(
-      sock,
-      "POST",
-      "/v1/messages",
+    const r = await postMessages(
       JSON.stringify({ channel: "sensors/temp", payload: { c: 21.5 }, ts: 1700000000000 }),
     );
     expect(r.status).toBe(200);
@@ -66,10 +67,7 @@ describe("local API: POST /v1/messages on the Unix socket", () => {
   });
 
   it("a JSON array and NDJSON batch; base64 payload with a content type", async () => {
-    const arr = await call(
-      sock,
-      "POST",
-      "/v1/messages",
+    const arr = await postMessages(
       JSON.stringify([
         { channel: "a", payload: 1 },
         {
@@ -81,10 +79,7 @@ describe("local API: POST /v1/messages on the Unix socket", () => {
     );
     expect(arr.status).toBe(200);
     expect(arr.json.ids).toHaveLength(2);
-    const nd = await call(
-      sock,
-      "POST",
-      "/v1/messages",
+    const nd = await postMessages(
       '{"channel":"a","payload":2}\n{"channel":"a","payload":3}\n',
       "application/x-ndjson",
     );
@@ -121,17 +116,14 @@ describe("local API: POST /v1/messages on the Unix socket", () => {
     ["empty batch", "[]", "ERR_API_INVALID_MESSAGE"],
   ])("%s → 400 with code %s, nothing stored", async (_name, body, code) => {
     const depth = outbox.stats().depth;
-    const r = await call(sock, "POST", "/v1/messages", body);
+    const r = await postMessages(body);
     expect(r.status).toBe(400);
     expect(r.json.error?.code).toBe(code);
     expect(outbox.stats().depth).toBe(depth);
   });
 
   it("one bad message refuses the whole batch (atomic) and names its index", async () => {
-    const r = await call(
-      sock,
-      "POST",
-      "/v1/messages",
+    const r = await postMessages(
       JSON.stringify([
         { channel: "a", payload: 1 },
         { channel: "a/#", payload: 2 },
@@ -143,24 +135,14 @@ describe("local API: POST /v1/messages on the Unix socket", () => {
   });
 
   it("size limits: body → 413, payload → 413, message count → 413, media type → 415", async () => {
-    expect((await call(sock, "POST", "/v1/messages", "x".repeat(70 * 1024))).status).toBe(413);
-    const big = await call(
-      sock,
-      "POST",
-      "/v1/messages",
-      JSON.stringify({ channel: "a", payload: "y".repeat(2000) }),
-    );
+    expect((await postMessages("x".repeat(70 * 1024))).status).toBe(413);
+    const big = await postMessages(JSON.stringify({ channel: "a", payload: "y".repeat(2000) }));
     expect([big.status, big.json.error?.code]).toEqual([413, "ERR_API_PAYLOAD_TOO_LARGE"]);
-    const many = await call(
-      sock,
-      "POST",
-      "/v1/messages",
+    const many = await postMessages(
       JSON.stringify(Array.from({ length: 101 }, () => ({ channel: "a", payload: 1 }))),
     );
     expect([many.status, many.json.error?.code]).toEqual([413, "ERR_API_TOO_MANY_MESSAGES"]);
-    expect(
-      (await call(sock, "POST", "/v1/messages", "a=b", "application/x-www-form-urlencoded")).status,
-    ).toBe(415);
+    expect((await postMessages("a=b", "application/x-www-form-urlencoded")).status).toBe(415);
     // Refusals are counted by code.
     expect(api.counters.refused.ERR_API_BODY_TOO_LARGE).toBe(1);
     expect(api.counters.refused.ERR_API_PAYLOAD_TOO_LARGE).toBe(1);

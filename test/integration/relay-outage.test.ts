@@ -46,14 +46,13 @@ describe("relay through a broker outage (mosquitto stopped and restarted)", () =
     await rm(dir, { recursive: true, force: true });
   });
 
+  /** An outbox for the MQTT sink in the test dir, holding at most `maxCount` messages (no TTL sweeps). */
+  const openOutbox = (file: string, maxCount: number) =>
+    SqliteOutbox.open({ path: join(dir, file), sinks: ["mqtt"], ttlCheckMs: 0, limits: { maxCount } });
+
   it("backlog builds within limits while the broker is down, then drains completely, in order per channel", async () => {
     const sub = await startSubscriber(broker.plainUrl, "devices/dev-out/#", "observer-outage");
-    const outbox = SqliteOutbox.open({
-      path: join(dir, "a.db"),
-      sinks: ["mqtt"],
-      ttlCheckMs: 0,
-      limits: { maxCount: 10_000 },
-    });
+    const outbox = openOutbox("a.db", 10_000);
     const sink = device.sink();
     const relay = new Relay({ outbox, sinks: [sink], retry: fast, stableAfterMs: 60_000 });
     relay.start();
@@ -97,12 +96,7 @@ describe("relay through a broker outage (mosquitto stopped and restarted)", () =
 
   it("count limit reached during an outage: oldest dropped and counted; the newest drain when the broker is back", async () => {
     const sub = await startSubscriber(broker.plainUrl, "devices/dev-out/lim", "observer-limit");
-    const outbox = SqliteOutbox.open({
-      path: join(dir, "b.db"),
-      sinks: ["mqtt"],
-      ttlCheckMs: 0,
-      limits: { maxCount: 100 },
-    });
+    const outbox = openOutbox("b.db", 100);
     await broker.stop();
     const sink = device.sink();
     const relay = new Relay({ outbox, sinks: [sink], retry: fast });

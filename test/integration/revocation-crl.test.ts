@@ -10,6 +10,7 @@ import { crlNumberOf, FleetCa } from "../../src/registrar/ca/index.js";
 import { DEFAULT_CERT_LIFETIME_SECONDS, registrarConfigFrom } from "../../src/registrar/config.js";
 import { CrlPublisher, type HookEvent, RevocationHook } from "../../src/registrar/revocation/index.js";
 import { SqliteRegistrarStore } from "../../src/registrar/store/index.js";
+import { useTempDir } from "../kit/temp-dir.js";
 import {
   addTestGroup,
   capturingLogger,
@@ -159,16 +160,10 @@ describe("fleet CA CRL", () => {
 });
 
 describe("revocation hook runner", () => {
-  let dir: string;
-  beforeAll(async () => {
-    dir = await mkdtemp(join(tmpdir(), "m2m-hook-"));
-  });
-  afterAll(async () => {
-    await rm(dir, { recursive: true, force: true });
-  });
+  const dir = useTempDir("m2m-hook-");
 
   const script = async (name: string, body: string): Promise<string> => {
-    const p = join(dir, name);
+    const p = join(dir(), name);
     await writeFile(p, `#!/bin/sh\n${body}\n`);
     await chmod(p, 0o755);
     return p;
@@ -183,7 +178,7 @@ describe("revocation hook runner", () => {
   };
 
   it("passes the event in M2M_* variables and nothing of the registrar's environment", async () => {
-    const out = join(dir, "env.txt");
+    const out = join(dir(), "env.txt");
     const file = await script("env", `env > ${out}`);
     process.env.M2M_TEST_SECRET_DB_URL = "postgres://user:pw@db/x";
     try {
@@ -207,7 +202,7 @@ describe("revocation hook runner", () => {
   });
 
   it("kills a hook that overruns its timeout (with its children) and reports a failure", async () => {
-    const pidFile = join(dir, "child.pid");
+    const pidFile = join(dir(), "child.pid");
     const file = await script("slow", `sleep 30 & echo $! > ${pidFile}; wait`);
     const { logger, lines } = capturingLogger();
     const hook = new RevocationHook({ command: [file], timeoutMs: 500 }, { clock: systemClock, log: logger });
@@ -226,7 +221,7 @@ describe("revocation hook runner", () => {
   });
 
   it("reports a non-zero exit with the hook's stderr, and runs events one at a time in order", async () => {
-    const log = join(dir, "order.txt");
+    const log = join(dir(), "order.txt");
     const file = await script(
       "fail",
       `echo "$M2M_EVENT" >> ${log}; sleep 0.1; echo broker refused >&2; exit 3`,

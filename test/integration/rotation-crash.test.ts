@@ -1,12 +1,12 @@
 import "reflect-metadata";
 import { spawn } from "node:child_process";
 import { createPublicKey } from "node:crypto";
-import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { X509Certificate } from "@peculiar/x509";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { freeLoopbackPort, type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
+import { freeLoopbackPort, type SwtpmHandle, startSwtpm, writeEkTrustDir } from "../../hw/swtpm.js";
 import { ManualClock } from "../../src/core/clock.js";
 import { EstClient } from "../../src/credentials/est/est-client.js";
 import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
@@ -48,10 +48,7 @@ describe("TPM key rotation: a crash between steps recovers", () => {
     tpm = await startSwtpm();
     clock = new ManualClock(new Date(Date.now() + 1000));
     dir = await mkdtemp(join(tmpdir(), "m2m-rot-crash-"));
-    const trustDir = join(dir, "ek-trust");
-    await mkdir(trustDir);
-    await copyFile(tpm.rootCaPemPath, join(trustDir, "root.pem"));
-    await copyFile(tpm.intermediateCaPemPath, join(trustDir, "intermediate.pem"));
+    const trustDir = await writeEkTrustDir(tpm, dir);
     const paths = await initCa({ dir: join(dir, "ca"), clock });
     caFile = caPaths(paths.dir).caCert;
     caPem = await readFile(caFile, "utf8");

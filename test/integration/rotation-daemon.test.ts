@@ -1,9 +1,9 @@
 import { X509Certificate } from "node:crypto";
-import { copyFile, mkdir, mkdtemp, readFile, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
+import { type SwtpmHandle, startSwtpm, writeEkTrustDir } from "../../hw/swtpm.js";
 import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
 import {
   AGENT_CLI,
@@ -52,10 +52,7 @@ describe("daemon TPM key rotation (built CLIs, swtpm)", () => {
     work = await mkdtemp(join(tmpdir(), "m2m-rot-daemon-"));
     tpm = await startSwtpm();
     env = cliEnv();
-    const ekTrust = join(work, "ek-trust");
-    await mkdir(ekTrust);
-    await copyFile(tpm.rootCaPemPath, join(ekTrust, "root.pem"));
-    await copyFile(tpm.intermediateCaPemPath, join(ekTrust, "intermediate.pem"));
+    const ekTrust = await writeEkTrustDir(tpm, work);
     const setup = await setupRegistrar({
       work,
       env,

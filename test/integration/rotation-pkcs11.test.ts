@@ -23,6 +23,7 @@ import { caPaths, FleetCa, initCa } from "../../src/registrar/ca/index.js";
 import { registrarConfigFrom } from "../../src/registrar/config.js";
 import { SqliteRegistrarStore } from "../../src/registrar/store/index.js";
 import { ROTATE_PATHS } from "../../src/wire/v1/index.js";
+import { postClientAssertion } from "../kit/token-request.js";
 
 /**
  * PKCS#11 key rotation through the registrar app: EST simplereenroll over mTLS with the CURRENT key
@@ -149,20 +150,7 @@ describe("PKCS#11 key rotation (SoftHSM + registrar app)", () => {
         exp: now + 60,
       },
     );
-    return async () => {
-      const res = await fetch(`${app.issuer}${APP_PATHS.token}`, {
-        method: "POST",
-        headers: { "content-type": "application/x-www-form-urlencoded" },
-        body: new URLSearchParams({
-          grant_type: "client_credentials",
-          client_id: deviceId,
-          client_assertion_type: "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-          client_assertion: assertion,
-        }).toString(),
-        dispatcher,
-      });
-      return { status: res.status, json: (await res.json()) as Record<string, unknown> };
-    };
+    return () => postClientAssertion(`${app.issuer}${APP_PATHS.token}`, deviceId, assertion, dispatcher);
   };
 
   it("rotates: new token key certified, registry key + certificate switched together, old key destroyed", async () => {

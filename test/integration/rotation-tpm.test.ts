@@ -27,6 +27,7 @@ import { caPaths, FleetCa, initCa } from "../../src/registrar/ca/index.js";
 import { registrarConfigFrom } from "../../src/registrar/config.js";
 import { SqliteRegistrarStore } from "../../src/registrar/store/index.js";
 import { ROTATE_PATHS } from "../../src/wire/v1/index.js";
+import { postClientAssertion } from "../kit/token-request.js";
 
 /**
  * TPM key rotation through the registrar app on swtpm: the new key is certified by the registered AK
@@ -247,20 +248,8 @@ describe("TPM key rotation (swtpm + registrar app)", () => {
         exp: iat + 300,
       },
     );
-  const postAssertion = async (assertion: string) => {
-    const res = await fetch(`${app.issuer}${APP_PATHS.token}`, {
-      method: "POST",
-      headers: { "content-type": "application/x-www-form-urlencoded" },
-      body: new URLSearchParams({
-        grant_type: "client_credentials",
-        client_id: deviceId,
-        client_assertion_type: "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-        client_assertion: assertion,
-      }).toString(),
-      dispatcher,
-    });
-    return { status: res.status, json: (await res.json()) as Record<string, unknown> };
-  };
+  const postAssertion = (assertion: string) =>
+    postClientAssertion(`${app.issuer}${APP_PATHS.token}`, deviceId, assertion, dispatcher);
 
   it("rotates end to end: new handle, new cert, registry updated, old handle evicted, old key refused", async () => {
     const certFile = join(dir, "device.pem");

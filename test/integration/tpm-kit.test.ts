@@ -1,36 +1,34 @@
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { execa } from "execa";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { createSharedSwtpmCaDir, type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
+import { useTempDir } from "../kit/temp-dir.js";
 
 describe("swtpm test kit", () => {
   let tpm: SwtpmHandle;
-  let work: string;
+  const work = useTempDir("m2m-tpm-kit-test-");
 
   beforeAll(async () => {
     tpm = await startSwtpm();
-    work = await mkdtemp(join(tmpdir(), "m2m-tpm-kit-test-"));
   });
   afterAll(async () => {
     await tpm?.stop();
-    if (work !== undefined) await rm(work, { recursive: true, force: true });
   });
 
   test("EK certificate in NV 0x01c00002 chains to the local CA", async () => {
-    const der = join(work, "ek.der");
+    const der = join(work(), "ek.der");
     await tpm.tpm("tpm2_nvread", ["0x01c00002", "-o", der]);
-    const pem = join(work, "ek.pem");
+    const pem = join(work(), "ek.pem");
     await execa("openssl", ["x509", "-inform", "der", "-in", der, "-out", pem]);
-    await writeFile(join(work, "root.pem"), tpm.caCertPems[0] ?? "");
-    await writeFile(join(work, "int.pem"), tpm.caCertPems[1] ?? "");
+    await writeFile(join(work(), "root.pem"), tpm.caCertPems[0] ?? "");
+    await writeFile(join(work(), "int.pem"), tpm.caCertPems[1] ?? "");
     const res = await execa("openssl", [
       "verify",
       "-CAfile",
-      join(work, "root.pem"),
+      join(work(), "root.pem"),
       "-untrusted",
-      join(work, "int.pem"),
+      join(work(), "int.pem"),
       pem,
     ]);
     expect(res.stdout).toContain(": OK");
@@ -54,7 +52,7 @@ describe("swtpm test kit", () => {
       expect(a.caCertPems).toEqual(b.caCertPems);
       expect(a.port).not.toBe(b.port);
       for (const t of [a, b]) {
-        const der = join(work, `ek-${t.port}.der`);
+        const der = join(work(), `ek-${t.port}.der`);
         await t.tpm("tpm2_nvread", ["0x01c00002", "-o", der]);
         const pem = `${der}.pem`;
         await execa("openssl", ["x509", "-inform", "der", "-in", der, "-out", pem]);

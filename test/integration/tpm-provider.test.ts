@@ -3,22 +3,13 @@ import { writeFile } from "node:fs/promises";
 import { compactVerify, importJWK } from "jose";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { freeLoopbackPortPair, type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
-import { isM2mError, type M2mError } from "../../src/core/errors.js";
+import type { M2mError } from "../../src/core/errors.js";
 import { signCompactJws } from "../../src/keys/jws.js";
 import type { JwsAlgorithm } from "../../src/keys/key-provider.js";
 import { type TpmLatencySample, TpmRunner } from "../../src/keys/tpm/runner.js";
 import { DEVICE_KEY_ATTRIBUTES, parseTpmKeyRef, TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
 import { ATTR } from "../../src/keys/tpm/tpmt.js";
-
-async function failure(p: Promise<unknown>): Promise<M2mError> {
-  try {
-    await p;
-  } catch (err) {
-    if (isM2mError(err)) return err;
-    throw err;
-  }
-  throw new Error("expected a failure");
-}
+import { rejectionOf } from "../kit/m2m-error.js";
 
 /** Persists an ECC signing key with the given attributes at `handle` (flushing the transients it leaves). */
 async function persistForeignKey(tpm: SwtpmHandle, handle: string, attrs: string, authFile?: string) {
@@ -121,10 +112,12 @@ describe("TpmKeyProvider on swtpm", () => {
         const { protectedHeader } = await compactVerify(jws, await importJWK(info.publicJwk, alg));
         expect(protectedHeader.alg).toBe(alg);
       }
-      expect((await failure(rsa.sign(new Uint8Array([1]), "ES256"))).code).toBe("ERR_KEY_ALG_UNSUPPORTED");
+      expect((await rejectionOf(rsa.sign(new Uint8Array([1]), "ES256"))).code).toBe(
+        "ERR_KEY_ALG_UNSUPPORTED",
+      );
       // An ECC provider pointed at the RSA key refuses to adopt it.
       const wrongAlg = new TpmKeyProvider({ tcti: tpm.tcti, keyHandle: 0x81000004, algorithm: "ec-p256" });
-      expect((await failure(wrongAlg.createOrOpen())).code).toBe("ERR_KEY_MISMATCH");
+      expect((await rejectionOf(wrongAlg.createOrOpen())).code).toBe("ERR_KEY_MISMATCH");
       await wrongAlg.close();
       await rsa.destroy();
     } finally {
@@ -137,11 +130,11 @@ describe("TpmKeyProvider on swtpm", () => {
     await persistForeignKey(tpm, "0x81000005", "fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign");
     const p = new TpmKeyProvider({ tcti: tpm.tcti, keyHandle: 0x81000005 });
     try {
-      const err = await failure(p.createOrOpen());
+      const err = await rejectionOf(p.createOrOpen());
       expect(err.code).toBe("ERR_KEY_MISMATCH");
       expect(err.retry).toBe("permanent");
-      expect((await failure(p.open())).code).toBe("ERR_KEY_MISMATCH");
-      expect((await failure(p.destroy())).code).toBe("ERR_KEY_MISMATCH");
+      expect((await rejectionOf(p.open())).code).toBe("ERR_KEY_MISMATCH");
+      expect((await rejectionOf(p.destroy())).code).toBe("ERR_KEY_MISMATCH");
       const h = await p.health();
       expect(h).toMatchObject({ ok: false, code: "ERR_KEY_MISMATCH" });
       const still = await tpm.tpm("tpm2_getcap", ["handles-persistent"]);
@@ -160,7 +153,7 @@ describe("TpmKeyProvider on swtpm", () => {
       akHandle: 0x81000008,
     });
     try {
-      expect((await failure(p.createOrOpen())).code).toBe("ERR_KEY_MISMATCH");
+      expect((await rejectionOf(p.createOrOpen())).code).toBe("ERR_KEY_MISMATCH");
     } finally {
       await p.close();
     }
@@ -191,8 +184,8 @@ describe("TpmKeyProvider on swtpm", () => {
   test("sign / open on an empty handle → ERR_KEY_NOT_FOUND; health reports it", async () => {
     const p = new TpmKeyProvider({ tcti: tpm.tcti, keyHandle: 0x81000009 });
     try {
-      expect((await failure(p.open())).code).toBe("ERR_KEY_NOT_FOUND");
-      expect((await failure(p.sign(new Uint8Array([1])))).code).toBe("ERR_KEY_NOT_FOUND");
+      expect((await rejectionOf(p.open())).code).toBe("ERR_KEY_NOT_FOUND");
+      expect((await rejectionOf(p.sign(new Uint8Array([1])))).code).toBe("ERR_KEY_NOT_FOUND");
       expect(await p.health()).toMatchObject({ ok: false, code: "ERR_KEY_NOT_FOUND" });
       await p.destroy(); // idempotent on an empty handle
     } finally {
@@ -207,7 +200,7 @@ describe("TpmKeyProvider on swtpm", () => {
       await p.createOrOpen();
       await q.destroy();
       await q.createOrOpen(); // another key of the same template now sits at the handle
-      expect((await failure(p.sign(new Uint8Array([1, 2, 3])))).code).toBe("ERR_KEY_MISMATCH");
+      expect((await rejectionOf(p.sign(new Uint8Array([1, 2, 3])))).code).toBe("ERR_KEY_MISMATCH");
     } finally {
       await q.destroy();
       await p.close();
@@ -254,7 +247,7 @@ describe("TpmKeyProvider on swtpm", () => {
       let lockout: M2mError | undefined;
       for (let i = 0; i < 6 && lockout === undefined; i++) {
         const callsBefore = samples.filter((s) => s.op === "da-sign").length;
-        const err = await failure(signWith("wrong"));
+        const err = await rejectionOf(signWith("wrong"));
         // Each failed call is exactly one tool run: authorization failures are never retried.
         expect(samples.filter((s) => s.op === "da-sign").length).toBe(callsBefore + 1);
         codes.push(err.code);
@@ -270,7 +263,7 @@ describe("TpmKeyProvider on swtpm", () => {
       expect(lockout?.details.recoveryAfterMs).toBe(1_000_000);
       expect(lockout?.hint).toContain("1000 s");
       // Even the right auth is refused while locked out…
-      expect((await failure(signWith("correct horse"))).code).toBe("ERR_TPM_LOCKOUT");
+      expect((await rejectionOf(signWith("correct horse"))).code).toBe("ERR_TPM_LOCKOUT");
       // …but the device key is noDA and keeps working; health says so.
       expect((await provider.sign(new Uint8Array([9]))).length).toBe(64);
       const h = await provider.health();
@@ -289,10 +282,10 @@ describe("TpmKeyProvider on swtpm", () => {
     const port = await freeLoopbackPortPair();
     const p = new TpmKeyProvider({ tcti: `swtpm:host=127.0.0.1,port=${port}`, timeoutMs: 5_000 });
     try {
-      const err = await failure(p.createOrOpen());
+      const err = await rejectionOf(p.createOrOpen());
       expect(err.code).toBe("ERR_TPM_UNREACHABLE");
       expect(err.retry).toBe("transient");
-      expect((await failure(p.sign(new Uint8Array([1])))).code).toBe("ERR_TPM_UNREACHABLE");
+      expect((await rejectionOf(p.sign(new Uint8Array([1])))).code).toBe("ERR_TPM_UNREACHABLE");
       expect(await p.health()).toMatchObject({ ok: false, code: "ERR_TPM_UNREACHABLE" });
     } finally {
       await p.close();
@@ -305,7 +298,7 @@ describe("TpmKeyProvider on swtpm", () => {
     try {
       await p.createOrOpen();
       await other.kill();
-      expect((await failure(p.sign(new Uint8Array([1])))).code).toBe("ERR_TPM_UNREACHABLE");
+      expect((await rejectionOf(p.sign(new Uint8Array([1])))).code).toBe("ERR_TPM_UNREACHABLE");
       await other.restart();
       expect(other.tcti).toBe(p.tcti);
       expect((await p.sign(new Uint8Array([1]))).length).toBe(64);

@@ -5,19 +5,10 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { freeLoopbackPortPair, type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
-import { isM2mError, type M2mError } from "../../src/core/errors.js";
+import { isM2mError } from "../../src/core/errors.js";
 import { classifyToolFailure, parseTpmRc } from "../../src/keys/tpm/errors.js";
 import { parseLockoutInfo, type TpmLatencySample, TpmRunner } from "../../src/keys/tpm/runner.js";
-
-async function codeOf(p: Promise<unknown>): Promise<M2mError> {
-  try {
-    await p;
-  } catch (err) {
-    if (isM2mError(err)) return err;
-    throw err;
-  }
-  throw new Error("expected a failure");
-}
+import { rejectionOf } from "../kit/m2m-error.js";
 
 describe("TpmRunner against swtpm", () => {
   let tpm: SwtpmHandle;
@@ -51,19 +42,19 @@ describe("TpmRunner against swtpm", () => {
   test("sendRaw: a TPM error rc maps to a typed error", async () => {
     // ReadPublic (0x173) of a missing persistent handle 0x81000099
     const cmd = Uint8Array.from([0x80, 0x01, 0, 0, 0, 14, 0, 0, 0x01, 0x73, 0x81, 0x00, 0x00, 0x99]);
-    const err = await codeOf(runner.sendRaw(cmd));
+    const err = await rejectionOf(runner.sendRaw(cmd));
     expect(err.code).toBe("ERR_TPM_HANDLE_MISSING");
   });
 
   test("missing handle → ERR_TPM_HANDLE_MISSING (permanent)", async () => {
-    const err = await codeOf(runner.run("tpm2_readpublic", ["-c", "0x81000077"]));
+    const err = await rejectionOf(runner.run("tpm2_readpublic", ["-c", "0x81000077"]));
     expect(err.code).toBe("ERR_TPM_HANDLE_MISSING");
     expect(err.retry).toBe("permanent");
     expect(err.details.rc).toBe("0x18b");
   });
 
   test("missing tool → ERR_TPM_TOOLS_MISSING with an install hint", async () => {
-    const err = await codeOf(runner.run("tpm2_no_such_tool", []));
+    const err = await rejectionOf(runner.run("tpm2_no_such_tool", []));
     expect(err.code).toBe("ERR_TPM_TOOLS_MISSING");
     expect(err.hint).toContain("apt-get install tpm2-tools");
   });
@@ -81,7 +72,7 @@ describe("TpmRunner against swtpm", () => {
   test("unreachable TCTI (unused port) → ERR_TPM_UNREACHABLE (transient)", async () => {
     const port = await freeLoopbackPortPair();
     const r = new TpmRunner({ tcti: `swtpm:host=127.0.0.1,port=${port}`, timeoutMs: 5_000 });
-    const err = await codeOf(r.run("tpm2_getcap", ["properties-fixed"]));
+    const err = await rejectionOf(r.run("tpm2_getcap", ["properties-fixed"]));
     expect(err.code).toBe("ERR_TPM_UNREACHABLE");
     expect(err.retry).toBe("transient");
     await r.close();
@@ -97,7 +88,7 @@ describe("TpmRunner against swtpm", () => {
     });
     const r = new TpmRunner({ tcti: `swtpm:host=127.0.0.1,port=${port}`, timeoutMs: 800 });
     try {
-      const err = await codeOf(r.run("tpm2_getcap", ["properties-fixed"]));
+      const err = await rejectionOf(r.run("tpm2_getcap", ["properties-fixed"]));
       expect(err.code).toBe("ERR_TPM_TIMEOUT");
       expect(err.retry).toBe("transient");
     } finally {
@@ -159,7 +150,7 @@ echo ok
   test("busy retries are bounded: ERR_TPM_BUSY after maxAttempts", async () => {
     const samples: TpmLatencySample[] = [];
     const r = new TpmRunner({ tcti: "none", busyRetry: fast, onLatency: (s) => samples.push(s) });
-    const err = await codeOf(r.run(await fakeTool("busy9", "902", 9), []));
+    const err = await rejectionOf(r.run(await fakeTool("busy9", "902", 9), []));
     expect(err.code).toBe("ERR_TPM_BUSY");
     expect(samples).toHaveLength(4);
     await r.close();
@@ -168,7 +159,7 @@ echo ok
   test("an authorization failure is never retried", async () => {
     const samples: TpmLatencySample[] = [];
     const r = new TpmRunner({ tcti: "none", busyRetry: fast, onLatency: (s) => samples.push(s) });
-    const err = await codeOf(r.run(await fakeTool("auth", "98e", 5), []));
+    const err = await rejectionOf(r.run(await fakeTool("auth", "98e", 5), []));
     expect(err.code).toBe("ERR_TPM_AUTH");
     expect(samples).toHaveLength(1);
     await r.close();

@@ -3,7 +3,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { configKeys, loadConfig, resolveSecret } from "../../src/config/index.js";
-import { isM2mError, type M2mError } from "../../src/core/errors.js";
+import type { M2mError } from "../../src/core/errors.js";
+import { rejectionOf } from "../kit/m2m-error.js";
 
 let dir: string;
 beforeAll(async () => {
@@ -23,15 +24,7 @@ async function setup(main: string | undefined, dropIns: Record<string, string> =
   return join(d, "agent.toml");
 }
 
-async function configError(p: Promise<unknown>): Promise<M2mError> {
-  try {
-    await p;
-  } catch (err) {
-    if (isM2mError(err)) return err;
-    throw err;
-  }
-  throw new Error("expected a config error");
-}
+const configError = (p: Promise<unknown>): Promise<M2mError> => rejectionOf(p, "a config error");
 
 describe("config: defaults", () => {
   it("an absent default file gives the built-in defaults", async () => {

@@ -1,24 +1,18 @@
-import { chmod, mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { chmod, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { ManualClock } from "../../src/core/clock.js";
 import { silentLogger } from "../../src/core/log.js";
 import { Secret } from "../../src/core/secret.js";
 import { AnomalyDetector, type AnomalyFlag, AuditLog } from "../../src/daemon/audit.js";
+import { useTempDir } from "../kit/temp-dir.js";
 
-let dir: string;
-beforeAll(async () => {
-  dir = await mkdtemp(join(tmpdir(), "m2m-audit-"));
-});
-afterAll(async () => {
-  await rm(dir, { recursive: true, force: true });
-});
+const dir = useTempDir("m2m-audit-");
 
 describe("audit log", () => {
   it("appends JSON lines with the injected clock, file 0600, secrets redacted", async () => {
     const clock = new ManualClock(new Date("2026-11-26T10:00:00Z"));
-    const path = join(dir, "state", "audit.log");
+    const path = join(dir(), "state", "audit.log");
     const log = await AuditLog.open(path, { clock, log: silentLogger });
     await log.record("enrolled", { deviceId: "dev-1", token: new Secret("bt-secret") });
     await clock.advance(1000);
@@ -41,7 +35,7 @@ describe("audit log", () => {
   });
 
   it("tightens a pre-existing group-readable file to 0600", async () => {
-    const path = join(dir, "loose.log");
+    const path = join(dir(), "loose.log");
     await writeFile(path, "");
     await chmod(path, 0o644);
     const log = await AuditLog.open(path, { clock: new ManualClock(), log: silentLogger });
@@ -50,7 +44,7 @@ describe("audit log", () => {
   });
 
   it("concurrent records are all written, in call order", async () => {
-    const path = join(dir, "concurrent.log");
+    const path = join(dir(), "concurrent.log");
     const log = await AuditLog.open(path, { clock: new ManualClock(), log: silentLogger });
     await Promise.all(Array.from({ length: 20 }, (_, i) => log.record("renewed", { i })));
     await log.close();

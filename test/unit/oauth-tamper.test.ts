@@ -261,22 +261,26 @@ describe("client assertion tamper table (RFC 7523, server side)", () => {
   });
 });
 
+/** A directory holding the active gateway dev-1 (with `attributes`), and a fresh registrar signing key. */
+async function gatewayDirectory(attributes: Record<string, string>) {
+  const directory = new InMemoryDeviceDirectory();
+  directory.put({
+    deviceId: "dev-1",
+    status: "active",
+    role: "gw",
+    attributes,
+    publicJwk: device.jwk,
+    group: "g",
+  });
+  const { privateKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
+  const signingKey = await signingKeyFromPem(privateKey.export({ format: "pem", type: "pkcs8" }).toString());
+  return { directory, signingKey };
+}
+
 describe("token endpoint maps refusals to RFC 6749 errors and never grants more than allowed", () => {
   it("invalid_scope when nothing requested is allowed; grant ∩ allowed otherwise", async () => {
     const clock = new ManualClock(new Date("2026-03-01T12:00:00Z"));
-    const directory = new InMemoryDeviceDirectory();
-    directory.put({
-      deviceId: "dev-1",
-      status: "active",
-      role: "gw",
-      attributes: { site: "a b" },
-      publicJwk: device.jwk,
-      group: "g",
-    });
-    const { privateKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
-    const signingKey = await signingKeyFromPem(
-      privateKey.export({ format: "pem", type: "pkcs8" }).toString(),
-    );
+    const { directory, signingKey } = await gatewayDirectory({ site: "a b" });
     const svc = new TokenService(
       {
         issuer: ISSUER,
@@ -313,19 +317,7 @@ describe("replay cache cannot be filled by unauthenticated requests", () => {
   it("a flood of valid self-signed DPoP proofs with bad client auth leaves room for real clients", async () => {
     const clock = new ManualClock(new Date("2026-03-01T12:00:00Z"));
     const now = clock.nowSeconds();
-    const directory = new InMemoryDeviceDirectory();
-    directory.put({
-      deviceId: "dev-1",
-      status: "active",
-      role: "gw",
-      attributes: {},
-      publicJwk: device.jwk,
-      group: "g",
-    });
-    const { privateKey } = generateKeyPairSync("ec", { namedCurve: "P-256" });
-    const signingKey = await signingKeyFromPem(
-      privateKey.export({ format: "pem", type: "pkcs8" }).toString(),
-    );
+    const { directory, signingKey } = await gatewayDirectory({});
     const svc = new TokenService(
       { issuer: ISSUER, audiences: ["api"], scopes: { roles: { gw: ["t:w"] } }, replayCacheEntries: 4 },
       { directory, signingKey, clock },

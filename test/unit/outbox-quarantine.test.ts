@@ -1,21 +1,15 @@
-import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { createLogger } from "../../src/core/log.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
+import { useTempDir } from "../kit/temp-dir.js";
 
 describe("SqliteOutbox: corruption is quarantined, never silently deleted", () => {
-  let dir: string;
-  beforeAll(async () => {
-    dir = await mkdtemp(join(tmpdir(), "m2m-quarantine-"));
-  });
-  afterAll(async () => {
-    await rm(dir, { recursive: true, force: true });
-  });
+  const dir = useTempDir("m2m-quarantine-");
 
   it("a file that is not a database is renamed aside (kept byte for byte), counted, reported; a fresh outbox starts", async () => {
-    const path = join(dir, "outbox.db");
+    const path = join(dir(), "outbox.db");
     const garbage = Buffer.from("this is not an sqlite database, it is a torn write ".repeat(200));
     await writeFile(path, garbage);
     const logs: string[] = [];
@@ -27,11 +21,11 @@ describe("SqliteOutbox: corruption is quarantined, never silently deleted", () =
       logger: createLogger({ write: (l) => logs.push(l) }),
       onQuarantine: (to) => moved.push(to),
     });
-    const files = await readdir(dir);
+    const files = await readdir(dir());
     const aside = files.find((f) => f.startsWith("outbox.db.corrupt-"));
     expect(aside).toBeDefined();
-    expect(moved).toEqual([join(dir, aside ?? "")]);
-    expect(await readFile(join(dir, aside ?? ""))).toEqual(garbage);
+    expect(moved).toEqual([join(dir(), aside ?? "")]);
+    expect(await readFile(join(dir(), aside ?? ""))).toEqual(garbage);
     expect(ob.stats().quarantined).toBe(1);
     expect(logs.some((l) => l.includes("ERR_OUTBOX_CORRUPT"))).toBe(true);
     // The fresh outbox works.
@@ -41,7 +35,7 @@ describe("SqliteOutbox: corruption is quarantined, never silently deleted", () =
   });
 
   it("a database whose header was overwritten is quarantined too", async () => {
-    const path = join(dir, "second.db");
+    const path = join(dir(), "second.db");
     const ob = SqliteOutbox.open({ path, sinks: ["mqtt"], ttlCheckMs: 0 });
     await ob.append([{ channel: "a", payload: new Uint8Array([1]) }]);
     await ob.close();
@@ -51,12 +45,12 @@ describe("SqliteOutbox: corruption is quarantined, never silently deleted", () =
     const again = SqliteOutbox.open({ path, sinks: ["mqtt"], ttlCheckMs: 0 });
     expect(again.stats().quarantined).toBe(1);
     expect(again.stats().depth).toBe(0);
-    expect((await readdir(dir)).some((f) => f.startsWith("second.db.corrupt-"))).toBe(true);
+    expect((await readdir(dir())).some((f) => f.startsWith("second.db.corrupt-"))).toBe(true);
     await again.close();
   });
 
   it("opening with a large backlog reads depth and bytes from the meta row (no scan): counts are exact", async () => {
-    const path = join(dir, "big.db");
+    const path = join(dir(), "big.db");
     const ob = SqliteOutbox.open({ path, sinks: ["mqtt"], ttlCheckMs: 0 });
     for (let i = 0; i < 20; i++) {
       await ob.append(Array.from({ length: 1000 }, () => ({ channel: "a", payload: new Uint8Array(10) })));

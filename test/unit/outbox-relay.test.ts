@@ -1,7 +1,5 @@
-import { mkdtemp, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { ManualClock } from "../../src/core/clock.js";
 import { expandTopic, isValidChannel, validateChannel } from "../../src/relay/channel.js";
 import { isMessageId, newMessageId } from "../../src/relay/ids.js";
@@ -11,6 +9,7 @@ import { Relay } from "../../src/relay/relay.js";
 import { parseRetryAfter } from "../../src/relay/sinks/https/https-sink.js";
 import { classifyPublishError } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
 import type { DeliveryOutcome, Sink } from "../../src/relay/sinks/sink.js";
+import { useTempDir } from "../kit/temp-dir.js";
 
 async function until(pred: () => boolean, what: string): Promise<void> {
   for (let i = 0; i < 2000; i++) {
@@ -44,17 +43,11 @@ class ScriptedSink implements Sink {
 }
 
 describe("Relay backoff", () => {
-  let dir: string;
-  beforeAll(async () => {
-    dir = await mkdtemp(join(tmpdir(), "m2m-relay-unit-"));
-  });
-  afterAll(async () => {
-    await rm(dir, { recursive: true, force: true });
-  });
+  const dir = useTempDir("m2m-relay-unit-");
 
   it("a flap (one success between failures) does not reset the backoff; sustained success does; order is kept", async () => {
     const clock = new ManualClock();
-    const outbox = SqliteOutbox.open({ path: join(dir, "flap.db"), sinks: ["s"], ttlCheckMs: 0, clock });
+    const outbox = SqliteOutbox.open({ path: join(dir(), "flap.db"), sinks: ["s"], ttlCheckMs: 0, clock });
     const sink = new ScriptedSink(["retry", "retry", "retry", "ok", "retry", "ok"]);
     const relay = new Relay({
       outbox,
@@ -101,7 +94,7 @@ describe("Relay backoff", () => {
   });
 
   it("a dead-lettered message leaves the queue and the next one flows", async () => {
-    const outbox = SqliteOutbox.open({ path: join(dir, "dead.db"), sinks: ["s"], ttlCheckMs: 0 });
+    const outbox = SqliteOutbox.open({ path: join(dir(), "dead.db"), sinks: ["s"], ttlCheckMs: 0 });
     const sink = new ScriptedSink(["dead", "ok"]);
     const relay = new Relay({ outbox, sinks: [sink] });
     const enc = new TextEncoder();

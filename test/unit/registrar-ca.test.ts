@@ -1,30 +1,24 @@
 import { execFile } from "node:child_process";
 import { createPublicKey } from "node:crypto";
-import { mkdtemp, rm, stat, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { createCsr } from "../../src/keys/csr.js";
 import { FakeKeyProvider } from "../../src/keys/fake/fake-provider.js";
 import { FleetCa, initCa, verifyCsr } from "../../src/registrar/ca/index.js";
+import { useTempDir } from "../kit/temp-dir.js";
 
 const run = promisify(execFile);
 
 describe("fleet CA and provider-signed CSRs", () => {
-  let dir: string;
-  beforeAll(async () => {
-    dir = await mkdtemp(join(tmpdir(), "m2m-ca-"));
-  });
-  afterAll(async () => {
-    await rm(dir, { recursive: true, force: true });
-  });
+  const dir = useTempDir("m2m-ca-");
 
   it("ca init writes 0600 keys and refuses to overwrite", async () => {
-    const paths = await initCa({ dir, sans: ["registrar.example", "10.0.0.1"] });
+    const paths = await initCa({ dir: dir(), sans: ["registrar.example", "10.0.0.1"] });
     expect((await stat(paths.caKey)).mode & 0o777).toBe(0o600);
     expect((await stat(paths.serverKey)).mode & 0o777).toBe(0o600);
-    await expect(initCa({ dir })).rejects.toMatchObject({ code: "ERR_CA_EXISTS" });
+    await expect(initCa({ dir: dir() })).rejects.toMatchObject({ code: "ERR_CA_EXISTS" });
     const { stdout } = await run("openssl", ["verify", "-CAfile", paths.caCert, paths.serverCert]);
     expect(stdout).toContain("OK");
     const { stdout: text } = await run("openssl", [
@@ -46,15 +40,15 @@ describe("fleet CA and provider-signed CSRs", () => {
       const info = await provider.createOrOpen();
       const der = await createCsr(provider, info, { commonName: "ignored" });
       const verified = await verifyCsr(der);
-      const ca = await FleetCa.load(dir);
+      const ca = await FleetCa.load(dir());
       const issued = await ca.issueDeviceCertificate(verified, {
         deviceId: "dev-1",
         expectedSpkiDer: createPublicKey(info.spkiPem).export({ format: "der", type: "spki" }),
         lifetimeSeconds: 3600,
       });
-      const certFile = join(dir, `dev-${algorithm}.pem`);
+      const certFile = join(dir(), `dev-${algorithm}.pem`);
       await writeFile(certFile, issued.pem);
-      const { stdout } = await run("openssl", ["verify", "-CAfile", join(dir, "ca.pem"), certFile]);
+      const { stdout } = await run("openssl", ["verify", "-CAfile", join(dir(), "ca.pem"), certFile]);
       expect(stdout).toContain("OK");
       const { stdout: text } = await run("openssl", ["x509", "-in", certFile, "-noout", "-text"]);
       expect(text).toContain("URI:urn:m2m:device:dev-1");
@@ -69,7 +63,7 @@ describe("fleet CA and provider-signed CSRs", () => {
     const ia = await a.createOrOpen();
     const ib = await b.createOrOpen();
     const der = await createCsr(a, ia, { commonName: "x" });
-    const ca = await FleetCa.load(dir);
+    const ca = await FleetCa.load(dir());
     await expect(
       ca.issueDeviceCertificate(await verifyCsr(der), {
         deviceId: "dev-2",

@@ -34,6 +34,13 @@ describe("m2m-registrar CLI (in process)", () => {
     await rm(dir, { recursive: true, force: true });
   });
 
+  /** `enrollment group add NAME --data-dir DATA …args --json` */
+  const groupAdd = (name: string, ...args: string[]) =>
+    cli(["enrollment", "group", "add", name, "--data-dir", dataDir, ...args, "--json"]);
+  /** `enrollment token create --group GROUP …args --data-dir DATA --json` */
+  const tokenCreate = (group: string, ...args: string[]) =>
+    cli(["enrollment", "token", "create", "--group", group, ...args, "--data-dir", dataDir, "--json"]);
+
   it("ca init, group add, token create (hash only stored), errors exit 2 with a JSON error", async () => {
     const init = await cli(["ca", "init", "--dir", caDir, "--san", "reg.example", "--json"]);
     expect(init.code).toBe(0);
@@ -41,13 +48,8 @@ describe("m2m-registrar CLI (in process)", () => {
     const again = await cli(["ca", "init", "--dir", caDir, "--json"]);
     expect(again).toMatchObject({ code: 2, json: { error: { code: "ERR_CA_EXISTS" } } });
 
-    const g = await cli([
-      "enrollment",
-      "group",
-      "add",
+    const g = await groupAdd(
       "sensors",
-      "--data-dir",
-      dataDir,
       "--role",
       "sensor",
       "--attr",
@@ -56,55 +58,19 @@ describe("m2m-registrar CLI (in process)", () => {
       "line=3",
       "--methods",
       "pkcs11",
-      "--json",
-    ]);
+    );
     expect(g.code).toBe(0);
     expect(g.json).toMatchObject({
       name: "sensors",
       role: "sensor",
       attributes: { site: "plant-1", line: "3" },
     });
-    const tpmNoTrust = await cli([
-      "enrollment",
-      "group",
-      "add",
-      "gw",
-      "--data-dir",
-      dataDir,
-      "--role",
-      "gw",
-      "--methods",
-      "tpm",
-      "--json",
-    ]);
+    const tpmNoTrust = await groupAdd("gw", "--role", "gw", "--methods", "tpm");
     expect(tpmNoTrust).toMatchObject({ code: 2, json: { error: { code: "ERR_GROUP_INVALID" } } });
-    const dup = await cli([
-      "enrollment",
-      "group",
-      "add",
-      "sensors",
-      "--data-dir",
-      dataDir,
-      "--role",
-      "x",
-      "--methods",
-      "pkcs11",
-      "--json",
-    ]);
+    const dup = await groupAdd("sensors", "--role", "x", "--methods", "pkcs11");
     expect(dup).toMatchObject({ code: 2, json: { error: { code: "ERR_GROUP_EXISTS" } } });
 
-    const t = await cli([
-      "enrollment",
-      "token",
-      "create",
-      "--group",
-      "sensors",
-      "--ttl",
-      "1h",
-      "--data-dir",
-      dataDir,
-      "--json",
-    ]);
+    const t = await tokenCreate("sensors", "--ttl", "1h");
     expect(t.code).toBe(0);
     const token = (t.json as { token: string }).token;
     expect(token).toMatch(/^m2mbt_[A-Za-z0-9_-]{43}$/);
@@ -113,26 +79,11 @@ describe("m2m-registrar CLI (in process)", () => {
     expect(db.includes(token)).toBe(false);
     expect(wal.includes(token)).toBe(false);
 
-    expect(
-      await cli(["enrollment", "token", "create", "--group", "nope", "--data-dir", dataDir, "--json"]),
-    ).toMatchObject({
+    expect(await tokenCreate("nope")).toMatchObject({
       code: 2,
       json: { error: { code: "ERR_GROUP_UNKNOWN" } },
     });
-    expect(
-      await cli([
-        "enrollment",
-        "token",
-        "create",
-        "--group",
-        "sensors",
-        "--ttl",
-        "forever",
-        "--data-dir",
-        dataDir,
-        "--json",
-      ]),
-    ).toMatchObject({
+    expect(await tokenCreate("sensors", "--ttl", "forever")).toMatchObject({
       code: 2,
       json: { error: { code: "ERR_USAGE" } },
     });

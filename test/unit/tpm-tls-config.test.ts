@@ -1,19 +1,13 @@
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { isM2mError } from "../../src/core/errors.js";
 import { requireResourceManagerTcti, TpmTlsKeys, tpmTlsKeyLabel } from "../../src/keys/tpm/tls.js";
+import { useTempDir } from "../kit/temp-dir.js";
 
 /** Input checks of keys/tpm/tls.ts that refuse before any TPM or tpm2_ptool is touched. */
 describe("TPM TLS keys: configuration checks", () => {
-  let dir: string;
-  beforeAll(async () => {
-    dir = await mkdtemp(join(tmpdir(), "m2m-tpm-tls-unit-"));
-  });
-  afterAll(async () => {
-    await rm(dir, { recursive: true, force: true });
-  });
+  const dir = useTempDir("m2m-tpm-tls-unit-");
 
   const codeOf = async (fn: () => unknown): Promise<string> => {
     try {
@@ -32,7 +26,7 @@ describe("TPM TLS keys: configuration checks", () => {
       expect(await codeOf(() => requireResourceManagerTcti(t))).toBe("ERR_KEY_CONFIG");
     }
     expect(
-      await codeOf(() => new TpmTlsKeys({ storeDir: dir, tcti: "device:/dev/tpm0", userPinFile: "/x" })),
+      await codeOf(() => new TpmTlsKeys({ storeDir: dir(), tcti: "device:/dev/tpm0", userPinFile: "/x" })),
     ).toBe("ERR_KEY_CONFIG");
   });
 
@@ -42,20 +36,22 @@ describe("TPM TLS keys: configuration checks", () => {
   });
 
   it("refuses missing key blobs, a missing PIN file, a PIN file others can read, an empty PIN", async () => {
-    const pub = join(dir, "k.pub");
-    const priv = join(dir, "k.priv");
+    const pub = join(dir(), "k.pub");
+    const priv = join(dir(), "k.priv");
     const keys = (pin: string) =>
-      new TpmTlsKeys({ storeDir: join(dir, "store"), tcti: "tabrmd", userPinFile: pin });
-    expect(await codeOf(() => keys(join(dir, "pin")).link(0x81000002, { pub, priv }))).toBe("ERR_KEY_CONFIG");
-    await writeFile(pub, "x");
-    await writeFile(priv, "x");
-    expect(await codeOf(() => keys(join(dir, "absent.pin")).link(0x81000002, { pub, priv }))).toBe(
+      new TpmTlsKeys({ storeDir: join(dir(), "store"), tcti: "tabrmd", userPinFile: pin });
+    expect(await codeOf(() => keys(join(dir(), "pin")).link(0x81000002, { pub, priv }))).toBe(
       "ERR_KEY_CONFIG",
     );
-    const open = join(dir, "open.pin");
+    await writeFile(pub, "x");
+    await writeFile(priv, "x");
+    expect(await codeOf(() => keys(join(dir(), "absent.pin")).link(0x81000002, { pub, priv }))).toBe(
+      "ERR_KEY_CONFIG",
+    );
+    const open = join(dir(), "open.pin");
     await writeFile(open, "1234", { mode: 0o644 });
     expect(await codeOf(() => keys(open).link(0x81000002, { pub, priv }))).toBe("ERR_KEY_CONFIG");
-    const empty = join(dir, "empty.pin");
+    const empty = join(dir(), "empty.pin");
     await writeFile(empty, "\n", { mode: 0o600 });
     expect(await codeOf(() => keys(empty).link(0x81000002, { pub, priv }))).toBe("ERR_KEY_CONFIG");
   });

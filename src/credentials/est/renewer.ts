@@ -168,13 +168,7 @@ export class CertificateRenewer {
       if (err instanceof M2mError && err.retry !== "transient") return false;
       throw err;
     }
-    const leaf = this.#verifyIssued(certs, info);
-    await this.#verifyChain(leaf);
-    const pem = leaf.toString("pem");
-    await (this.#deps.writeFile ?? ((p, d) => writeFileAtomic(p, d, 0o600)))(
-      this.#config.certFile,
-      `${pem}\n`,
-    );
+    const { leaf, pem } = await this.#installIssued(certs, info);
     await rotation.commit(next);
     this.#keys = next;
     await this.#deps.onRotated?.(next, pem);
@@ -282,14 +276,7 @@ export class CertificateRenewer {
         next !== undefined && this.#deps.issueWithNewKey !== undefined
           ? await this.#deps.issueWithNewKey(next, csr)
           : await this.#deps.est.simplereenroll(csr);
-      const leaf = this.#verifyIssued(certs, info);
-      await this.#verifyChain(leaf);
-      const pem = leaf.toString("pem");
-      // Atomic replacement: a crash leaves the old or the new certificate, never a torn file.
-      await (this.#deps.writeFile ?? ((p, d) => writeFileAtomic(p, d, 0o600)))(
-        this.#config.certFile,
-        `${pem}\n`,
-      );
+      const { leaf, pem } = await this.#installIssued(certs, info);
       written = true;
       if (next !== undefined) {
         // Only now, with the new certificate in place, may the old key go.
@@ -311,6 +298,25 @@ export class CertificateRenewer {
         await this.#deps.rotation?.abort(next).catch(() => undefined);
       throw err;
     }
+  }
+
+  /**
+   * Verifies the issued chain (leaf for `info`'s key, chaining to the trusted CA) and writes the leaf
+   * to the certificate file. Returns the leaf and its PEM.
+   */
+  async #installIssued(
+    certs: x509.X509Certificate[],
+    info: KeyInfo,
+  ): Promise<{ leaf: x509.X509Certificate; pem: string }> {
+    const leaf = this.#verifyIssued(certs, info);
+    await this.#verifyChain(leaf);
+    const pem = leaf.toString("pem");
+    // Atomic replacement: a crash leaves the old or the new certificate, never a torn file.
+    await (this.#deps.writeFile ?? ((p, d) => writeFileAtomic(p, d, 0o600)))(
+      this.#config.certFile,
+      `${pem}\n`,
+    );
+    return { leaf, pem };
   }
 
   /** @throws ERR_EST_CERT_* (permanent) when the server's answer is not a certificate we can use. */

@@ -17,6 +17,21 @@ export interface TokenSigningKey {
 export const SIGNING_KEY_FILE = "oauth-signing-key.pem";
 
 /**
+ * Reads a key file only its owner may read. File-system errors (ENOENT included) pass through.
+ * @throws ERR_OAUTH_SIGNING_KEY when the file is group/world readable.
+ */
+async function readOwnerOnlyPem(path: string): Promise<string> {
+  const st = await stat(path);
+  // Security: a signing key others can read lets them mint tokens for every device.
+  if ((st.mode & 0o077) !== 0) {
+    throw new M2mError("ERR_OAUTH_SIGNING_KEY", "permanent", `${path} is readable by group/others`, {
+      hint: `chmod 600 ${path}`,
+    });
+  }
+  return readFile(path, "utf8");
+}
+
+/**
  * Loads the registrar's ES256 signing key from `dataDir`, creating it (0600 from the first byte) when
  * absent. kid = RFC 7638 thumbprint so resource servers can pick the key after a rotation.
  * @throws ERR_OAUTH_SIGNING_KEY when the file is unreadable, not P-256, or group/world readable.
@@ -25,14 +40,7 @@ export async function loadOrCreateSigningKey(dataDir: string): Promise<TokenSign
   const path = join(dataDir, SIGNING_KEY_FILE);
   let pem: string | undefined;
   try {
-    const st = await stat(path);
-    // Security: a signing key others can read lets them mint tokens for every device.
-    if ((st.mode & 0o077) !== 0) {
-      throw new M2mError("ERR_OAUTH_SIGNING_KEY", "permanent", `${path} is readable by group/others`, {
-        hint: `chmod 600 ${path}`,
-      });
-    }
-    pem = await readFile(path, "utf8");
+    pem = await readOwnerOnlyPem(path);
   } catch (err) {
     if (err instanceof M2mError) throw err;
     if ((err as NodeJS.ErrnoException).code !== "ENOENT") {
@@ -78,14 +86,7 @@ export async function writeNewKeyFile(path: string, pem: string): Promise<void> 
 export async function loadSigningKeyFile(path: string): Promise<TokenSigningKey> {
   let pem: string;
   try {
-    const st = await stat(path);
-    // Security: a signing key others can read lets them mint tokens for every device.
-    if ((st.mode & 0o077) !== 0) {
-      throw new M2mError("ERR_OAUTH_SIGNING_KEY", "permanent", `${path} is readable by group/others`, {
-        hint: `chmod 600 ${path}`,
-      });
-    }
-    pem = await readFile(path, "utf8");
+    pem = await readOwnerOnlyPem(path);
   } catch (err) {
     if (err instanceof M2mError) throw err;
     throw new M2mError("ERR_OAUTH_SIGNING_KEY", "permanent", `cannot read ${path}`, { cause: err });
