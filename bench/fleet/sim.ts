@@ -47,6 +47,19 @@ export interface FleetOptions {
   readonly pkcs11?: { readonly tokens: readonly Secret[] };
   /** Devices in progress at once (each has its own connections). */
   readonly concurrency: number;
+  /**
+   * Devices whose attempt is being worked on by the simulator at once (default
+   * {@link DEFAULT_MAX_ACTIVE}). The simulator's one thread stands in for the CPUs of all its
+   * devices: a real device's TLS handshake and signatures run on its own CPU, here they queue behind
+   * every other device's. Unbounded, a storm of thousands queues so much client work in one event
+   * loop that a request's deadline expires before the simulator even reads the registrar's answer;
+   * each timed-out attempt reconnects (a fresh handshake on both sides) and times out again: a
+   * livelock of the simulator, not of the registrar. A device waits for a slot before an attempt
+   * (its request deadline starts when it has one) and gives it back when the attempt ends, so a
+   * device waiting out a Retry-After or a backoff holds no slot. Devices waiting for a slot are
+   * still powered on and counted in progress and in their step's latency.
+   */
+  readonly maxActive?: number;
   /** Steps each device runs, in order (a prefix of enrol → token → est → ingest). Default all. */
   readonly steps?: readonly FleetStep[];
   readonly retry?: RetryPolicy;
@@ -72,6 +85,30 @@ export const FLEET_RETRY: RetryPolicy = {
   maxRetryAfterMs: 60_000,
   retryAfterJitter: 0.5,
 };
+
+/** Default of {@link FleetOptions.maxActive}. */
+export const DEFAULT_MAX_ACTIVE = 256;
+
+/** A counting semaphore, FIFO: waiters are served in arrival order. */
+class Slots {
+  #free: number;
+  readonly #waiting: (() => void)[] = [];
+  constructor(n: number) {
+    this.#free = n;
+  }
+  async acquire(): Promise<void> {
+    if (this.#free > 0) {
+      this.#free--;
+      return;
+    }
+    await new Promise<void>((resolve) => this.#waiting.push(resolve));
+  }
+  release(): void {
+    const next = this.#waiting.shift();
+    if (next === undefined) this.#free++;
+    else next();
+  }
+}
 
 export type DevicePhase = "waiting" | FleetStep | "done" | "failed";
 
@@ -138,6 +175,17 @@ function statusOf(err: unknown): number | undefined {
     if (typeof s === "number") return s;
   }
   return undefined;
+}
+
+/** A network failure's underlying cause ("UND_ERR_CONNECT_TIMEOUT", "TimeoutError", "ECONNRESET"), for the outcome counts. */
+function causeOf(err: M2mError): string | undefined {
+  if (err.retry !== "transient" || statusOf(err) !== undefined) return undefined;
+  const c = err.cause;
+  if (c === null || typeof c !== "object") return undefined;
+  const code = (c as { code?: unknown }).code;
+  if (typeof code === "string") return code;
+  const name = (c as { name?: unknown }).name;
+  return typeof name === "string" ? name : undefined;
 }
 
 function percentile(sorted: readonly number[], p: number): number {
@@ -235,6 +283,7 @@ export async function runFleet(options: FleetOptions): Promise<FleetReport> {
   const tokenFor = new Map<number, Secret>();
   for (const d of run.devices) if (d.kind === "pkcs11") tokenFor.set(d.index, tokens[nextToken++] as Secret);
 
+  const slots = new Slots(Math.max(1, options.maxActive ?? DEFAULT_MAX_ACTIVE));
   const count = (key: string) => run.outcomes.set(key, (run.outcomes.get(key) ?? 0) + 1);
   const attemptStep = async <T>(d: DeviceOutcome, step: FleetStep, fn: () => Promise<T>): Promise<T> => {
     d.phase = step;
@@ -242,6 +291,7 @@ export async function runFleet(options: FleetOptions): Promise<FleetReport> {
     const value = await withRetry(
       policy,
       async () => {
+        await slots.acquire();
         d.attempts++;
         try {
           const v = await fn();
@@ -251,8 +301,11 @@ export async function runFleet(options: FleetOptions): Promise<FleetReport> {
           const e = asM2mError(err);
           const status = statusOf(e);
           if (status !== undefined && status >= 500) run.serverErrors++;
-          count(`${step} ${status ?? e.code}`);
+          const cause = causeOf(e);
+          count(`${step} ${status ?? e.code}${cause === undefined ? "" : `/${cause}`}`);
           throw e;
+        } finally {
+          slots.release();
         }
       },
       {
