@@ -89,24 +89,37 @@ export const FLEET_RETRY: RetryPolicy = {
 /** Default of {@link FleetOptions.maxActive}. */
 export const DEFAULT_MAX_ACTIVE = 256;
 
-/** A counting semaphore, FIFO: waiters are served in arrival order. */
+/**
+ * A counting semaphore. Waiters with a higher priority go first, FIFO within one priority: a device
+ * further along (token after enrol) is served before devices still waiting for their first attempt,
+ * as it would be if each device had its own CPU.
+ */
 class Slots {
   #free: number;
-  readonly #waiting: (() => void)[] = [];
+  readonly #waiting: (() => void)[][] = [];
   constructor(n: number) {
     this.#free = n;
   }
-  async acquire(): Promise<void> {
+  async acquire(priority: number): Promise<void> {
     if (this.#free > 0) {
       this.#free--;
       return;
     }
-    await new Promise<void>((resolve) => this.#waiting.push(resolve));
+    await new Promise<void>((resolve) => {
+      const queue = this.#waiting[priority] ?? [];
+      this.#waiting[priority] = queue;
+      queue.push(resolve);
+    });
   }
   release(): void {
-    const next = this.#waiting.shift();
-    if (next === undefined) this.#free++;
-    else next();
+    for (let p = this.#waiting.length - 1; p >= 0; p--) {
+      const next = this.#waiting[p]?.shift();
+      if (next !== undefined) {
+        next();
+        return;
+      }
+    }
+    this.#free++;
   }
 }
 
@@ -291,7 +304,7 @@ export async function runFleet(options: FleetOptions): Promise<FleetReport> {
     const value = await withRetry(
       policy,
       async () => {
-        await slots.acquire();
+        await slots.acquire(ALL_STEPS.indexOf(step));
         d.attempts++;
         try {
           const v = await fn();
