@@ -52,7 +52,7 @@ try {
     ...(values["max-active"] === undefined ? {} : { maxActive: Number(values["max-active"]) }),
     steps,
     onProgress: (r) => {
-      const lag = `simulator loop delay max ${Math.round(loopDelay.max / 1e6)} ms`;
+      const lag = `simulator loop delay max ${Math.round(loopDelay.max / 1e6)} ms, active limit ${r.activeLimit ?? "-"}`;
       loopDelay.reset();
       process.stderr.write(
         `${(r.elapsedMs / 1000).toFixed(0)} s: ${r.done} done, ${r.failed} failed, ${r.inProgress} in progress; ${lag}; ${JSON.stringify(r.outcomes)}\n`,

@@ -48,8 +48,9 @@ export interface FleetOptions {
   /** Devices in progress at once (each has its own connections). */
   readonly concurrency: number;
   /**
-   * Devices whose attempt is being worked on by the simulator at once (default
-   * {@link DEFAULT_MAX_ACTIVE}). The simulator's one thread stands in for the CPUs of all its
+   * At most this many devices have an attempt being worked on by the simulator at once (default
+   * {@link DEFAULT_MAX_ACTIVE}); the limit in force adapts below it to the simulator's event-loop
+   * delay (halved when the loop is more than 1 s behind, raised again when it keeps up). The simulator's one thread stands in for the CPUs of all its
    * devices: a real device's TLS handshake and signatures run on its own CPU, here they queue behind
    * every other device's. Unbounded, a storm of thousands queues so much client work in one event
    * loop that a request's deadline expires before the simulator even reads the registrar's answer;
@@ -90,19 +91,29 @@ export const FLEET_RETRY: RetryPolicy = {
 export const DEFAULT_MAX_ACTIVE = 256;
 
 /**
- * A counting semaphore. Waiters with a higher priority go first, FIFO within one priority: a device
- * further along (token after enrol) is served before devices still waiting for their first attempt,
- * as it would be if each device had its own CPU.
+ * The simulator's attempt slots: a counting semaphore whose limit adapts to the simulator's own
+ * event-loop delay (AIMD between {@link MIN_ACTIVE} and the configured maximum). On a shared machine
+ * the CPU the simulator gets changes from minute to minute; a fixed limit that fits an idle machine
+ * lets the loop fall tens of seconds behind on a busy one, and the devices' deadlines expire again.
+ * Waiters with a higher priority go first, FIFO within one priority: a device further along (token
+ * after enrol) is served before devices still waiting for their first attempt, as it would be if
+ * each device had its own CPU.
  */
 class Slots {
-  #free: number;
+  #limit: number;
+  readonly #max: number;
+  #active = 0;
   readonly #waiting: (() => void)[][] = [];
-  constructor(n: number) {
-    this.#free = n;
+  constructor(max: number) {
+    this.#max = max;
+    this.#limit = max;
+  }
+  get limit(): number {
+    return this.#limit;
   }
   async acquire(priority: number): Promise<void> {
-    if (this.#free > 0) {
-      this.#free--;
+    if (this.#active < this.#limit) {
+      this.#active++;
       return;
     }
     await new Promise<void>((resolve) => {
@@ -112,16 +123,34 @@ class Slots {
     });
   }
   release(): void {
-    for (let p = this.#waiting.length - 1; p >= 0; p--) {
-      const next = this.#waiting[p]?.shift();
-      if (next !== undefined) {
-        next();
-        return;
-      }
+    this.#active--;
+    this.#wake();
+  }
+  /** Feeds one event-loop delay sample (ms): far behind halves the limit, keeping up raises it. */
+  observeLoopDelay(delayMs: number): void {
+    if (delayMs > LOOP_DELAY_HIGH_MS)
+      this.#limit = Math.max(Math.min(MIN_ACTIVE, this.#max), Math.floor(this.#limit / 2));
+    else if (delayMs < LOOP_DELAY_LOW_MS) this.#limit = Math.min(this.#max, this.#limit + 4);
+    this.#wake();
+  }
+  #wake(): void {
+    while (this.#active < this.#limit) {
+      let next: (() => void) | undefined;
+      for (let p = this.#waiting.length - 1; p >= 0 && next === undefined; p--)
+        next = this.#waiting[p]?.shift();
+      if (next === undefined) return;
+      this.#active++;
+      next();
     }
-    this.#free++;
   }
 }
+
+/** Lower bound of the adaptive attempt limit. */
+const MIN_ACTIVE = 16;
+/** Event-loop delay above which the simulator takes on fewer devices at once, below which more. */
+const LOOP_DELAY_HIGH_MS = 1000;
+const LOOP_DELAY_LOW_MS = 100;
+const LOOP_SAMPLE_MS = 500;
 
 export type DevicePhase = "waiting" | FleetStep | "done" | "failed";
 
@@ -164,6 +193,8 @@ export interface FleetReport {
   readonly failures: readonly DeviceOutcome[];
   /** Time spent provisioning the simulated hardware of the devices that start at once (before elapsedMs). */
   readonly provisionMs?: number;
+  /** The simulator's current attempt limit (snapshots only; see {@link FleetOptions.maxActive}). */
+  readonly activeLimit?: number;
 }
 
 interface Hardware {
@@ -508,13 +539,24 @@ export async function runFleet(options: FleetOptions): Promise<FleetReport> {
       await runDevice(d);
     }
   };
+  // The simulator's own lateness: how late a 500 ms timer fires is how far its loop is behind.
+  let expected = performance.now() + LOOP_SAMPLE_MS;
+  const sampler = setInterval(() => {
+    const now = performance.now();
+    slots.observeLoopDelay(now - expected);
+    expected = now + LOOP_SAMPLE_MS;
+  }, LOOP_SAMPLE_MS);
   const timer =
     options.onProgress === undefined
       ? undefined
-      : setInterval(() => options.onProgress?.(summarise(run, clock)), options.progressEveryMs ?? 5000);
+      : setInterval(
+          () => options.onProgress?.({ ...summarise(run, clock), activeLimit: slots.limit }),
+          options.progressEveryMs ?? 5000,
+        );
   try {
     await Promise.all(Array.from({ length: workers }, worker));
   } finally {
+    clearInterval(sampler);
     if (timer !== undefined) clearInterval(timer);
   }
   return { ...summarise(run, clock), provisionMs: Math.round(provisionMs) };
