@@ -47,6 +47,20 @@ export interface FleetOptions {
   readonly pkcs11?: { readonly tokens: readonly Secret[] };
   /** Devices in progress at once (each has its own connections). */
   readonly concurrency: number;
+  /**
+   * At most this many devices have an attempt being worked on by the simulator at once (default
+   * {@link DEFAULT_MAX_ACTIVE}); the limit in force adapts below it to the simulator's event-loop
+   * delay (halved when the loop is more than 1 s behind, raised again when it keeps up). The simulator's one thread stands in for the CPUs of all its
+   * devices: a real device's TLS handshake and signatures run on its own CPU, here they queue behind
+   * every other device's. Unbounded, a storm of thousands queues so much client work in one event
+   * loop that a request's deadline expires before the simulator even reads the registrar's answer;
+   * each timed-out attempt reconnects (a fresh handshake on both sides) and times out again: a
+   * livelock of the simulator, not of the registrar. A device waits for a slot before an attempt
+   * (its request deadline starts when it has one) and gives it back when the attempt ends, so a
+   * device waiting out a Retry-After or a backoff holds no slot. Devices waiting for a slot are
+   * still powered on and counted in progress and in their step's latency.
+   */
+  readonly maxActive?: number;
   /** Steps each device runs, in order (a prefix of enrol → token → est → ingest). Default all. */
   readonly steps?: readonly FleetStep[];
   readonly retry?: RetryPolicy;
@@ -72,6 +86,71 @@ export const FLEET_RETRY: RetryPolicy = {
   maxRetryAfterMs: 60_000,
   retryAfterJitter: 0.5,
 };
+
+/** Default of {@link FleetOptions.maxActive}. */
+export const DEFAULT_MAX_ACTIVE = 256;
+
+/**
+ * The simulator's attempt slots: a counting semaphore whose limit adapts to the simulator's own
+ * event-loop delay (AIMD between {@link MIN_ACTIVE} and the configured maximum). On a shared machine
+ * the CPU the simulator gets changes from minute to minute; a fixed limit that fits an idle machine
+ * lets the loop fall tens of seconds behind on a busy one, and the devices' deadlines expire again.
+ * Waiters with a higher priority go first, FIFO within one priority: a device further along (token
+ * after enrol) is served before devices still waiting for their first attempt, as it would be if
+ * each device had its own CPU.
+ */
+class Slots {
+  #limit: number;
+  readonly #max: number;
+  #active = 0;
+  readonly #waiting: (() => void)[][] = [];
+  constructor(max: number) {
+    this.#max = max;
+    this.#limit = max;
+  }
+  get limit(): number {
+    return this.#limit;
+  }
+  async acquire(priority: number): Promise<void> {
+    if (this.#active < this.#limit) {
+      this.#active++;
+      return;
+    }
+    await new Promise<void>((resolve) => {
+      const queue = this.#waiting[priority] ?? [];
+      this.#waiting[priority] = queue;
+      queue.push(resolve);
+    });
+  }
+  release(): void {
+    this.#active--;
+    this.#wake();
+  }
+  /** Feeds one event-loop delay sample (ms): far behind halves the limit, keeping up raises it. */
+  observeLoopDelay(delayMs: number): void {
+    if (delayMs > LOOP_DELAY_HIGH_MS)
+      this.#limit = Math.max(Math.min(MIN_ACTIVE, this.#max), Math.floor(this.#limit / 2));
+    else if (delayMs < LOOP_DELAY_LOW_MS) this.#limit = Math.min(this.#max, this.#limit + 4);
+    this.#wake();
+  }
+  #wake(): void {
+    while (this.#active < this.#limit) {
+      let next: (() => void) | undefined;
+      for (let p = this.#waiting.length - 1; p >= 0 && next === undefined; p--)
+        next = this.#waiting[p]?.shift();
+      if (next === undefined) return;
+      this.#active++;
+      next();
+    }
+  }
+}
+
+/** Lower bound of the adaptive attempt limit. */
+const MIN_ACTIVE = 16;
+/** Event-loop delay above which the simulator takes on fewer devices at once, below which more. */
+const LOOP_DELAY_HIGH_MS = 1000;
+const LOOP_DELAY_LOW_MS = 100;
+const LOOP_SAMPLE_MS = 500;
 
 export type DevicePhase = "waiting" | FleetStep | "done" | "failed";
 
@@ -114,6 +193,8 @@ export interface FleetReport {
   readonly failures: readonly DeviceOutcome[];
   /** Time spent provisioning the simulated hardware of the devices that start at once (before elapsedMs). */
   readonly provisionMs?: number;
+  /** The simulator's current attempt limit (snapshots only; see {@link FleetOptions.maxActive}). */
+  readonly activeLimit?: number;
 }
 
 interface Hardware {
@@ -138,6 +219,17 @@ function statusOf(err: unknown): number | undefined {
     if (typeof s === "number") return s;
   }
   return undefined;
+}
+
+/** A network failure's underlying cause ("UND_ERR_CONNECT_TIMEOUT", "TimeoutError", "ECONNRESET"), for the outcome counts. */
+function causeOf(err: M2mError): string | undefined {
+  if (err.retry !== "transient" || statusOf(err) !== undefined) return undefined;
+  const c = err.cause;
+  if (c === null || typeof c !== "object") return undefined;
+  const code = (c as { code?: unknown }).code;
+  if (typeof code === "string") return code;
+  const name = (c as { name?: unknown }).name;
+  return typeof name === "string" ? name : undefined;
 }
 
 function percentile(sorted: readonly number[], p: number): number {
@@ -235,6 +327,7 @@ export async function runFleet(options: FleetOptions): Promise<FleetReport> {
   const tokenFor = new Map<number, Secret>();
   for (const d of run.devices) if (d.kind === "pkcs11") tokenFor.set(d.index, tokens[nextToken++] as Secret);
 
+  const slots = new Slots(Math.max(1, options.maxActive ?? DEFAULT_MAX_ACTIVE));
   const count = (key: string) => run.outcomes.set(key, (run.outcomes.get(key) ?? 0) + 1);
   const attemptStep = async <T>(d: DeviceOutcome, step: FleetStep, fn: () => Promise<T>): Promise<T> => {
     d.phase = step;
@@ -242,6 +335,7 @@ export async function runFleet(options: FleetOptions): Promise<FleetReport> {
     const value = await withRetry(
       policy,
       async () => {
+        await slots.acquire(ALL_STEPS.indexOf(step));
         d.attempts++;
         try {
           const v = await fn();
@@ -251,8 +345,11 @@ export async function runFleet(options: FleetOptions): Promise<FleetReport> {
           const e = asM2mError(err);
           const status = statusOf(e);
           if (status !== undefined && status >= 500) run.serverErrors++;
-          count(`${step} ${status ?? e.code}`);
+          const cause = causeOf(e);
+          count(`${step} ${status ?? e.code}${cause === undefined ? "" : `/${cause}`}`);
           throw e;
+        } finally {
+          slots.release();
         }
       },
       {
@@ -442,13 +539,24 @@ export async function runFleet(options: FleetOptions): Promise<FleetReport> {
       await runDevice(d);
     }
   };
+  // The simulator's own lateness: how late a 500 ms timer fires is how far its loop is behind.
+  let expected = performance.now() + LOOP_SAMPLE_MS;
+  const sampler = setInterval(() => {
+    const now = performance.now();
+    slots.observeLoopDelay(now - expected);
+    expected = now + LOOP_SAMPLE_MS;
+  }, LOOP_SAMPLE_MS);
   const timer =
     options.onProgress === undefined
       ? undefined
-      : setInterval(() => options.onProgress?.(summarise(run, clock)), options.progressEveryMs ?? 5000);
+      : setInterval(
+          () => options.onProgress?.({ ...summarise(run, clock), activeLimit: slots.limit }),
+          options.progressEveryMs ?? 5000,
+        );
   try {
     await Promise.all(Array.from({ length: workers }, worker));
   } finally {
+    clearInterval(sampler);
     if (timer !== undefined) clearInterval(timer);
   }
   return { ...summarise(run, clock), provisionMs: Math.round(provisionMs) };

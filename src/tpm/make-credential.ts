@@ -2,10 +2,10 @@ import {
   constants,
   createCipheriv,
   createDecipheriv,
+  createECDH,
   createHmac,
   createPrivateKey,
   diffieHellman,
-  generateKeyPairSync,
   type KeyObject,
   privateDecrypt,
   publicEncrypt,
@@ -73,6 +73,14 @@ function jwkCoord(key: KeyObject, c: "x" | "y", size: number): Uint8Array {
   return out;
 }
 
+/** A big-endian coordinate at its curve's fixed size. @throws ERR_TPM_CREDENTIAL_UNSUPPORTED when longer. */
+function leftPad(b: Uint8Array, size: number): Buffer {
+  if (b.length > size) throw unsupported("protector point coordinate is longer than its curve allows");
+  const out = Buffer.alloc(size);
+  out.set(b, size - b.length);
+  return out;
+}
+
 /** Seed and encrypted secret: RSA-OAEP("IDENTITY") or ECDH + KDFe("IDENTITY") (Part 1 §24.4, §B.10.3, §C.6.4). */
 function secretAndSeed(ek: TpmtPublic, p: ProtectorParams, opts: MakeCredentialOptions) {
   const ekKey = publicKeyObject(ek);
@@ -93,11 +101,32 @@ function secretAndSeed(ek: TpmtPublic, p: ProtectorParams, opts: MakeCredentialO
   }
   const curve = curveInfo(ek.parameters.curveId);
   if (curve === undefined) throw unsupported("protector curve is not supported");
-  const eph =
-    opts.ephemeralPrivateKey ?? generateKeyPairSync("ec", { namedCurve: curve.nodeCurve }).privateKey;
-  const z = diffieHellman({ privateKey: eph, publicKey: ekKey });
-  const ex = jwkCoord(eph, "x", curve.coordBytes);
-  const ey = jwkCoord(eph, "y", curve.coordBytes);
+  let z: Uint8Array;
+  let ex: Uint8Array;
+  let ey: Uint8Array;
+  if (opts.ephemeralPrivateKey !== undefined) {
+    const eph = opts.ephemeralPrivateKey;
+    z = diffieHellman({ privateKey: eph, publicKey: ekKey });
+    ex = jwkCoord(eph, "x", curve.coordBytes);
+    ey = jwkCoord(eph, "y", curve.coordBytes);
+  } else {
+    // Not generateKeyPairSync + a JWK export: on Node 20 a registrar doing that once per enrolment
+    // deadlocks under a storm (GC finalises a KeyGenJob while ExportJWK holds the key's mutex; seen
+    // after ≈ 700 enrolments: main thread in __lll_lock_wait under ~KeyGenJob inside ExportJWKEcKey,
+    // accept queue full, every device timing out). ECDH creates no KeyGenJob and no KeyObject.
+    const ecdh = createECDH(curve.nodeCurve);
+    ecdh.generateKeys();
+    // ekKey above already proved the EK's point is on the curve.
+    const ekPoint = Buffer.concat([
+      Buffer.of(0x04),
+      leftPad(ek.unique.x, curve.coordBytes),
+      leftPad(ek.unique.y, curve.coordBytes),
+    ]);
+    z = ecdh.computeSecret(ekPoint);
+    const point = ecdh.getPublicKey(); // 0x04 ‖ X ‖ Y, each coordBytes long
+    ex = new Uint8Array(point.subarray(1, 1 + curve.coordBytes));
+    ey = new Uint8Array(point.subarray(1 + curve.coordBytes));
+  }
   const seed = kdfe(p.nameAlg, z, "IDENTITY", ex, ek.unique.x, p.digestSize * 8);
   return { seed, encryptedSecret: eccPointBytes(ex, ey) };
 }
