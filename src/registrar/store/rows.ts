@@ -2,17 +2,23 @@ import type { Attributes, EnrolmentMethod } from "../../wire/v1/index.js";
 import type {
   AttestationPolicy,
   BootstrapTokenRecord,
+  CommitEnrolment,
   DeviceAttestation,
   DeviceRecord,
   EnrolmentGroup,
   EnrolmentSession,
+  NewBootstrapToken,
+  NewEnrolmentGroup,
+  ReplaceDeviceKey,
   RotationSessionRecord,
   SessionData,
 } from "./store.js";
 
 /**
- * Row shapes and row → record mapping shared by the SQLite and PostgreSQL stores (both keep
- * timestamps as integer milliseconds and JSON as text).
+ * Row shapes, row → record mapping and record → statement parameters shared by the SQLite and
+ * PostgreSQL stores (both keep timestamps as integer milliseconds and JSON as text). The parameter
+ * builders return values in the column order of the statements named in their TSDoc; both stores
+ * write those statements with the same column order.
  */
 
 export interface GroupRow {
@@ -219,4 +225,84 @@ export function deviceAttestationOf(row: DeviceAttestationRow): DeviceAttestatio
     anomaly: j.anomaly === null ? undefined : { ...j.anomaly, at: new Date(j.anomaly.at) },
     reboots: Number(j.reboots ?? 0),
   };
+}
+
+// --- record → statement parameters ------------------------------------------------------------------
+
+const jsonOrNull = (v: Record<string, unknown> | undefined): string | null =>
+  v === undefined ? null : JSON.stringify(v);
+
+/** `INSERT INTO groups (name, role, attributes, methods, ek_trust_dir, ek_allow, created_at)`. */
+export function groupParams(g: NewEnrolmentGroup): unknown[] {
+  return [
+    g.name,
+    g.role,
+    JSON.stringify(g.attributes),
+    JSON.stringify(g.methods),
+    g.ekTrustDir ?? null,
+    JSON.stringify(g.ekAllow),
+    g.createdAt.getTime(),
+  ];
+}
+
+/** `INSERT INTO bootstrap_tokens (hash, group_name, expires_at, created_at)`. */
+export function tokenParams(t: NewBootstrapToken): unknown[] {
+  return [t.hash, t.group, t.expiresAt.getTime(), t.createdAt.getTime()];
+}
+
+/**
+ * `INSERT INTO devices (device_id, method, status = 'active', group_name, role, attributes, public_jwk,
+ * thumbprint, ek_hash, hardware_serial, evidence, cert_serial, cert_not_after, created_at)`; the
+ * caller binds `updated_at` to the same `now`.
+ */
+export function newDeviceParams(input: CommitEnrolment, now: number): unknown[] {
+  return [
+    input.deviceId,
+    input.method,
+    input.group,
+    input.role,
+    JSON.stringify(input.attributes),
+    JSON.stringify(input.publicJwk),
+    input.thumbprint,
+    input.ekHash ?? null,
+    input.hardwareSerial,
+    jsonOrNull(input.evidence),
+    input.certSerial,
+    input.certNotAfter.getTime(),
+    now,
+  ];
+}
+
+/**
+ * `UPDATE devices SET group_name, role, attributes, evidence, cert_serial, cert_not_after, updated_at
+ * WHERE device_id = ? AND status = 'active'` (a re-enrolment of known hardware).
+ */
+export function reissueParams(input: CommitEnrolment, deviceId: string, now: number): unknown[] {
+  return [
+    input.group,
+    input.role,
+    JSON.stringify(input.attributes),
+    jsonOrNull(input.evidence),
+    input.certSerial,
+    input.certNotAfter.getTime(),
+    now,
+    deviceId,
+  ];
+}
+
+/**
+ * `UPDATE devices SET public_jwk, thumbprint, evidence, cert_serial, cert_not_after, updated_at
+ * WHERE device_id = ? AND thumbprint = ? AND status = 'active'` (a key rotation).
+ */
+export function replaceKeyParams(input: ReplaceDeviceKey): unknown[] {
+  return [
+    JSON.stringify(input.publicJwk),
+    input.thumbprint,
+    jsonOrNull(input.evidence),
+    input.certSerial,
+    input.certNotAfter.getTime(),
+    input.at.getTime(),
+    input.deviceId,
+    input.previousThumbprint,
+  ];
 }
