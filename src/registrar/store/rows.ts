@@ -153,42 +153,31 @@ export interface DeviceAttestationRow {
   updated_at: number;
 }
 
-/** The JSON document of a policy row (everything but group and version). */
+/** The fields of a policy kept in the row's JSON document (group, version, updated_at are columns). */
+const POLICY_FIELDS = [
+  "selection",
+  "golden",
+  "goldenEventLog",
+  "goldenSource",
+  "maxQuoteAgeSec",
+  "requireForTokens",
+  "requireForRenewal",
+  "nonAttestable",
+] as const satisfies readonly (keyof AttestationPolicy)[];
+type PolicyDocument = Pick<AttestationPolicy, (typeof POLICY_FIELDS)[number]>;
+
+/** The JSON document of a policy row; an absent optional is written as null. */
 export function policyJson(p: Omit<AttestationPolicy, "version">): string {
-  return JSON.stringify({
-    selection: p.selection,
-    golden: p.golden ?? null,
-    goldenEventLog: p.goldenEventLog ?? null,
-    goldenSource: p.goldenSource ?? null,
-    maxQuoteAgeSec: p.maxQuoteAgeSec,
-    requireForTokens: p.requireForTokens,
-    requireForRenewal: p.requireForRenewal,
-    nonAttestable: p.nonAttestable,
-  });
+  return JSON.stringify(Object.fromEntries(POLICY_FIELDS.map((k) => [k, p[k] ?? null])));
 }
 
 export function policyOf(row: PolicyRow): AttestationPolicy {
-  const j = JSON.parse(row.policy) as {
-    selection: AttestationPolicy["selection"];
-    golden: Record<string, string> | null;
-    goldenEventLog: string | null;
-    goldenSource: string | null;
-    maxQuoteAgeSec: number;
-    requireForTokens: boolean;
-    requireForRenewal: boolean;
-    nonAttestable: "claimless" | "refuse";
-  };
+  const j = JSON.parse(row.policy) as Record<string, unknown>;
+  const doc = Object.fromEntries(POLICY_FIELDS.map((k) => [k, j[k] ?? undefined])) as PolicyDocument;
   return {
     group: row.group_name,
     version: Number(row.version),
-    selection: j.selection,
-    golden: j.golden ?? undefined,
-    goldenEventLog: j.goldenEventLog ?? undefined,
-    goldenSource: j.goldenSource ?? undefined,
-    maxQuoteAgeSec: j.maxQuoteAgeSec,
-    requireForTokens: j.requireForTokens,
-    requireForRenewal: j.requireForRenewal,
-    nonAttestable: j.nonAttestable,
+    ...doc,
     updatedAt: new Date(Number(row.updated_at)),
   };
 }
