@@ -14,13 +14,11 @@ import {
 import { FakeKeyProvider } from "../src/keys/fake/fake-provider.js";
 import { TpmKeyProvider } from "../src/keys/tpm/tpm-provider.js";
 import { addEnrolmentGroup } from "../src/registrar/admin.js";
-import { caPaths, FleetCa, initCa } from "../src/registrar/ca/index.js";
-import { registrarConfigFrom } from "../src/registrar/config.js";
 import { startRegistrar } from "../src/registrar/server.js";
-import { SqliteRegistrarStore } from "../src/registrar/store/index.js";
 import { ekFingerprint } from "../src/registrar/verifier/tpm-verifier.js";
 import type { TpmtPublic } from "../src/tpm/public.js";
 import { softTpmOps as sharedSoftTpmOps } from "./fleet/soft-tpm.js";
+import { benchRegistrarSetup } from "./registrar-setup.js";
 
 /**
  * Enrolment benchmarks.
@@ -64,20 +62,9 @@ function stats(ms: number[]): {
 }
 
 async function startBenchRegistrar(dir: string) {
-  const paths = await initCa({ dir: join(dir, "ca") });
-  const config = registrarConfigFrom(
-    {
-      listen: { host: "127.0.0.1", port: 0 },
-      tls: { cert: paths.serverCert, key: paths.serverKey },
-      data_dir: join(dir, "data"),
-      ca_dir: paths.dir,
-    },
-    dir,
-  );
-  const store = new SqliteRegistrarStore(join(config.dataDir, "registrar.db"));
-  const ca = await FleetCa.load(paths.dir);
+  const { config, store, ca, caFile } = await benchRegistrarSetup(dir);
   const running = await startRegistrar(config, { store, ca });
-  return { store, running, caFile: caPaths(paths.dir).caCert };
+  return { store, running, caFile };
 }
 
 export interface EnrollBenchResult {
