@@ -86,8 +86,18 @@ usage: node dist/hw/demo.js [--quick] [--tpm-mqtt] [--keep] [--summary-json FILE
   --summary-json FILE  also write the summary as JSON (with the pids the demo started)
   --no-color           plain output even on a terminal`;
 
+/** What a gateway's agent reported about its identity and token (shown live and in the summary). */
+interface CredentialFacts {
+  deviceId?: string;
+  certNotAfter?: string;
+  tokenExpiresAt?: string;
+  tokenScope?: string;
+  tokenLifetimeS?: number;
+  dpop?: boolean;
+}
+
 /** One gateway of the story: its agent daemon and what it sent. */
-interface Device {
+interface Device extends CredentialFacts {
   readonly name: string;
   readonly label: string;
   readonly kind: "tpm" | "pkcs11";
@@ -96,12 +106,6 @@ interface Device {
   readonly socket: string;
   agent?: ManagedChild;
   notify?: NotifySocket;
-  deviceId?: string;
-  certNotAfter?: string;
-  tokenExpiresAt?: string;
-  tokenScope?: string;
-  tokenLifetimeS?: number;
-  dpop?: boolean;
   enrolled: boolean;
   attested: boolean;
   sent: number;
@@ -115,27 +119,31 @@ interface Summary {
   notAvailable: string[];
   workdir: string | undefined;
   attestation: { verified: boolean; deviceId?: string; detail?: string };
-  devices: {
+  devices: (CredentialFacts & {
     name: string;
     method: string;
     sink: string;
-    deviceId?: string;
-    certNotAfter?: string;
-    tokenExpiresAt?: string;
-    tokenScope?: string;
-    tokenLifetimeS?: number;
-    dpop?: boolean;
     sent: number;
     acked: number;
     delivered: number;
     lost: number;
     duplicates: number;
-  }[];
+  })[];
   messages: { sent: number; acked: number; delivered: number; lost: number; duplicates: number };
   outage: { durationMs: number; maxBacklog: number; drainMs: number | undefined; survived: boolean };
   pids: ProcInfo[];
   /** Started processes still alive after cleanup (must be empty). */
   leftover: ProcInfo[];
+}
+
+/** A JSON-lines record (log or audit line) as an object; undefined for any other line. */
+function jsonLine(line: string): Record<string, unknown> | undefined {
+  if (!line.startsWith("{")) return undefined;
+  try {
+    return JSON.parse(line) as Record<string, unknown>;
+  } catch {
+    return undefined;
+  }
 }
 
 /** TPMA_OBJECT bits that matter for a device key (hardware-notes: attribute bits). */
@@ -476,12 +484,8 @@ class Demo {
   }
 
   auditEvent(line: string): void {
-    let r: Record<string, unknown>;
-    try {
-      r = JSON.parse(line) as Record<string, unknown>;
-    } catch {
-      return;
-    }
+    const r = jsonLine(line);
+    if (r === undefined) return;
     const ev = String(r.event ?? "");
     const dev = r.deviceId === undefined ? "" : String(r.deviceId);
     if (r.outcome !== "success") {
@@ -503,13 +507,8 @@ class Demo {
 
   /** Surfaces the registrar's key events from its JSON log lines. */
   registrarEvent(line: string): void {
-    if (!line.startsWith("{")) return;
-    let rec: Record<string, unknown>;
-    try {
-      rec = JSON.parse(line) as Record<string, unknown>;
-    } catch {
-      return;
-    }
+    const rec = jsonLine(line);
+    if (rec === undefined) return;
     const msg = String(rec.msg ?? "");
     if (rec.level === "error") this.ui.event("registrar", `error: ${msg} ${String(rec.code ?? "")}`);
   }
@@ -777,13 +776,8 @@ class Demo {
 
   /** Agent JSON log lines → the few events worth showing. */
   agentEvent(d: Device, line: string): void {
-    if (!line.startsWith("{")) return;
-    let rec: Record<string, unknown>;
-    try {
-      rec = JSON.parse(line) as Record<string, unknown>;
-    } catch {
-      return;
-    }
+    const rec = jsonLine(line);
+    if (rec === undefined) return;
     const msg = String(rec.msg ?? "");
     if (msg === "enrolment step" && rec.status === "done") {
       this.ui.event(
