@@ -23,7 +23,14 @@ import {
   verifyActivationAndCertify,
   verifyEkCertificate,
 } from "../verifier/tpm-verifier.js";
-import { completeEnrolment, type EnrolmentDeps, keyIdentity, newDeviceId, requireGroup } from "./complete.js";
+import {
+  completeEnrolment,
+  type EnrolmentDeps,
+  enrolmentRoute,
+  keyIdentity,
+  newDeviceId,
+  requireGroup,
+} from "./complete.js";
 import { derToPem, loadEkTrustStore } from "./ek-trust.js";
 import { deviceKeyObject } from "./tpm-key.js";
 
@@ -78,13 +85,12 @@ async function trustedEk(
 
 /** POST /v1/enroll/tpm/begin and /finish, calling the pure verifier in src/registrar/verifier/. */
 export function tpmRoutes(deps: () => EnrolmentDeps): Route[] {
-  const begin: Route = {
-    method: "POST",
-    path: ENROLL_PATHS.tpmBegin,
-    audit: "enroll.tpm.begin",
-    async handle(ctx) {
-      const d = deps();
-      const body = ctx.json(tpmBeginRequestSchema);
+  const begin = enrolmentRoute(
+    ENROLL_PATHS.tpmBegin,
+    "enroll.tpm.begin",
+    tpmBeginRequestSchema,
+    deps,
+    async (body, d, ctx) => {
       ctx.auditFields({ method: "tpm", hardwareSerial: body.hardwareSerial, group: body.group });
       const group = await requireGroup(d.store, body.group, "tpm");
       const { ek, ekHash } = await trustedEk(d, group, body);
@@ -132,15 +138,14 @@ export function tpmRoutes(deps: () => EnrolmentDeps): Route[] {
       };
       return { status: 200, json: response };
     },
-  };
+  );
 
-  const finish: Route = {
-    method: "POST",
-    path: ENROLL_PATHS.tpmFinish,
-    audit: "enroll.tpm.finish",
-    async handle(ctx) {
-      const d = deps();
-      const body = ctx.json(tpmFinishRequestSchema);
+  const finish = enrolmentRoute(
+    ENROLL_PATHS.tpmFinish,
+    "enroll.tpm.finish",
+    tpmFinishRequestSchema,
+    deps,
+    async (body, d, ctx) => {
       ctx.auditFields({ method: "tpm", session: body.sessionId.slice(0, 8) });
       const session = await d.store.getSession(body.sessionId);
       // Security: early read-only checks; the atomic consume in commitEnrolment decides races.
@@ -216,7 +221,7 @@ export function tpmRoutes(deps: () => EnrolmentDeps): Route[] {
       ctx.auditFields({ deviceId: result.deviceId, reenrolled });
       return { status: 200, json: result };
     },
-  };
+  );
   return [begin, finish];
 }
 
