@@ -1,14 +1,15 @@
 #!/usr/bin/env node
 import { randomBytes } from "node:crypto";
-import { existsSync, realpathSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { chmod, mkdir, mkdtemp, open, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
-import { fileURLToPath, pathToFileURL } from "node:url";
+import { fileURLToPath } from "node:url";
 import { execa } from "execa";
 import mqtt, { type MqttClient } from "mqtt";
 import { sendMessage } from "../src/cli/agent/send.js";
 import { fetchStatus } from "../src/cli/agent/status.js";
+import { isMainModule } from "../src/core/main-module.js";
 import type { AgentStatus } from "../src/daemon/compose.js";
 import {
   bindNotifySocket,
@@ -1263,17 +1264,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   return summary.ok ? 0 : 1;
 }
 
-const invokedDirectly = (() => {
-  const entry = process.argv[1];
-  if (entry === undefined) return false;
-  try {
-    return import.meta.url === pathToFileURL(realpathSync(entry)).href;
-  } catch {
-    return false;
-  }
-})();
-
-if (invokedDirectly) {
+if (isMainModule(import.meta.url)) {
   process.exitCode = await main(process.argv.slice(2));
   // Open handles (the MQTT observer's timers) must not keep a finished demo alive.
   setTimeout(() => process.exit(process.exitCode ?? 0), 200).unref();
