@@ -12,10 +12,8 @@ import { addEnrolmentGroup } from "../src/registrar/admin.js";
 import { startRegistrarApp } from "../src/registrar/app.js";
 import { approveFromDevice, setAttestationPolicy } from "../src/registrar/attestation/policy.js";
 import { verifyQuote } from "../src/registrar/attestation/quote-verifier.js";
-import { caPaths, FleetCa, initCa } from "../src/registrar/ca/index.js";
-import { registrarConfigFrom } from "../src/registrar/config.js";
-import { SqliteRegistrarStore } from "../src/registrar/store/index.js";
 import { quoteQualifyingData } from "../src/wire/v1/index.js";
+import { benchRegistrarSetup } from "./registrar-setup.js";
 
 /**
  * Continuous attestation benchmark, one run, one swtpm:
@@ -39,20 +37,9 @@ async function main(): Promise<void> {
   const dir = await mkdtemp(join(tmpdir(), "m2m-bench-attest-"));
   try {
     const trustDir = await writeEkTrustDir(tpm, dir);
-    const paths = await initCa({ dir: join(dir, "ca") });
-    const caPem = await readFile(caPaths(paths.dir).caCert, "utf8");
-    const config = registrarConfigFrom(
-      {
-        listen: { host: "127.0.0.1", port: 0 },
-        tls: { cert: paths.serverCert, key: paths.serverKey },
-        data_dir: join(dir, "data"),
-        ca_dir: paths.dir,
-      },
-      dir,
-      "registrar.toml",
-    );
-    const store = new SqliteRegistrarStore(join(config.dataDir, "registrar.db"));
-    const app = await startRegistrarApp(config, { store, ca: await FleetCa.load(paths.dir) });
+    const { config, store, ca, caFile } = await benchRegistrarSetup(dir);
+    const caPem = await readFile(caFile, "utf8");
+    const app = await startRegistrarApp(config, { store, ca });
     addEnrolmentGroup(
       store,
       { name: "gw", role: "gateway", attributes: {}, methods: ["tpm"], ekTrustDir: trustDir },
@@ -69,7 +56,7 @@ async function main(): Promise<void> {
     const { state } = await runEnroll(
       {
         registrarUrl: app.url,
-        registrarCaFile: caPaths(paths.dir).caCert,
+        registrarCaFile: caFile,
         method: "tpm",
         group: "gw",
         hardwareSerial: "BENCH-1",

@@ -1,10 +1,9 @@
-import { createPublicKey, sign as cryptoSign, generateKeyPairSync, type KeyObject } from "node:crypto";
+import { generateKeyPairSync } from "node:crypto";
 import { copyFile, mkdir, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { startSwtpm } from "../hw/swtpm.js";
-import { Secret } from "../src/core/secret.js";
 import {
   type EnrollTpmOps,
   enrollTpm,
@@ -15,17 +14,11 @@ import {
 import { FakeKeyProvider } from "../src/keys/fake/fake-provider.js";
 import { TpmKeyProvider } from "../src/keys/tpm/tpm-provider.js";
 import { addEnrolmentGroup } from "../src/registrar/admin.js";
-import { caPaths, FleetCa, initCa } from "../src/registrar/ca/index.js";
-import { registrarConfigFrom } from "../src/registrar/config.js";
 import { startRegistrar } from "../src/registrar/server.js";
-import { SqliteRegistrarStore } from "../src/registrar/store/index.js";
-import { akQualifiedNameUnderEk, ekFingerprint } from "../src/registrar/verifier/tpm-verifier.js";
-import { encodeTpmsAttest } from "../src/tpm/attest.js";
-import { TPMA_OBJECT as A, TPM_ALG, TPM_GENERATED_VALUE, TPM_ST } from "../src/tpm/constants.js";
-import { decodeCredentialBlob } from "../src/tpm/credential-blob.js";
-import { activateCredentialWithPrivateKey } from "../src/tpm/make-credential.js";
-import { computeName, encodeTpm2bPublic, publicAreaFromKey, type TpmtPublic } from "../src/tpm/public.js";
-import { encodeTpmtSignature } from "../src/tpm/signature.js";
+import { ekFingerprint } from "../src/registrar/verifier/tpm-verifier.js";
+import type { TpmtPublic } from "../src/tpm/public.js";
+import { softTpmOps as sharedSoftTpmOps } from "./fleet/soft-tpm.js";
+import { benchRegistrarSetup } from "./registrar-setup.js";
 
 /**
  * Enrolment benchmarks.
@@ -36,66 +29,15 @@ import { encodeTpmtSignature } from "../src/tpm/signature.js";
  *     software keys encoded as TPM structures (prepared in advance), so the figure is the registrar's.
  */
 
-const EK_ATTRS =
-  A.fixedTPM | A.fixedParent | A.sensitiveDataOrigin | A.adminWithPolicy | A.restricted | A.decrypt;
-const AK_ATTRS =
-  A.fixedTPM | A.fixedParent | A.sensitiveDataOrigin | A.userWithAuth | A.noDA | A.restricted | A.sign;
-const DEV_ATTRS = A.fixedTPM | A.fixedParent | A.sensitiveDataOrigin | A.userWithAuth | A.noDA | A.sign;
-
-/** A software stand-in for the TPM's attestation operations (bench / tests only). */
+/** A software stand-in for the TPM's attestation operations (bench / tests only): RSA EK, P-256 AK. */
 export async function softTpmOps(
   device: FakeKeyProvider,
 ): Promise<{ ops: EnrollTpmOps; ekPublic: TpmtPublic }> {
-  const ek = generateKeyPairSync("rsa", { modulusLength: 2048 });
-  const ak = generateKeyPairSync("ec", { namedCurve: "P-256" });
-  const ekPub = publicAreaFromKey(ek.publicKey, {
-    objectAttributes: EK_ATTRS,
-    symmetric: { algorithm: TPM_ALG.AES, keyBits: 128, mode: TPM_ALG.CFB },
+  return sharedSoftTpmOps({
+    ek: generateKeyPairSync("rsa", { modulusLength: 2048 }),
+    ak: generateKeyPairSync("ec", { namedCurve: "P-256" }),
+    device,
   });
-  const akPub = publicAreaFromKey(ak.publicKey, {
-    objectAttributes: AK_ATTRS,
-    scheme: { scheme: TPM_ALG.ECDSA, hashAlg: TPM_ALG.SHA256 },
-  });
-  const info = await device.createOrOpen();
-  const devPub = publicAreaFromKey(createPublicKey(info.spkiPem), { objectAttributes: DEV_ATTRS });
-  const akName = computeName(akPub);
-  const signer = akQualifiedNameUnderEk(ekPub, akPub);
-  const devName = computeName(devPub);
-  const ekBytes = encodeTpm2bPublic(ekPub);
-  const akBytes = encodeTpm2bPublic(akPub);
-  const devBytes = encodeTpm2bPublic(devPub);
-  const akPriv: KeyObject = ak.privateKey;
-  return {
-    ekPublic: ekPub,
-    ops: {
-      readEndorsement: async () => ({ ekPublic: ekBytes }),
-      ensureAk: async () => ({ akPublic: akBytes }),
-      devicePublic: async () => devBytes,
-      activateCredential: async (blob) =>
-        new Secret(
-          activateCredentialWithPrivateKey(ekPub, ek.privateKey, akName, decodeCredentialBlob(blob)),
-        ),
-      certify: async (nonce) => {
-        const attest = encodeTpmsAttest({
-          magic: TPM_GENERATED_VALUE,
-          type: TPM_ST.ATTEST_CERTIFY,
-          qualifiedSigner: signer,
-          extraData: nonce,
-          clockInfo: { clock: 1n, resetCount: 0, restartCount: 0, safe: 1 },
-          firmwareVersion: 1n,
-          attested: { kind: "certify", name: devName, qualifiedName: devName },
-        });
-        const sig = cryptoSign("sha256", attest, { key: akPriv, dsaEncoding: "ieee-p1363" });
-        const signature = encodeTpmtSignature({
-          sigAlg: TPM_ALG.ECDSA,
-          hashAlg: TPM_ALG.SHA256,
-          r: sig.subarray(0, 32),
-          s: sig.subarray(32),
-        });
-        return { attest, signature };
-      },
-    },
-  };
 }
 
 function stats(ms: number[]): {
@@ -120,20 +62,9 @@ function stats(ms: number[]): {
 }
 
 async function startBenchRegistrar(dir: string) {
-  const paths = await initCa({ dir: join(dir, "ca") });
-  const config = registrarConfigFrom(
-    {
-      listen: { host: "127.0.0.1", port: 0 },
-      tls: { cert: paths.serverCert, key: paths.serverKey },
-      data_dir: join(dir, "data"),
-      ca_dir: paths.dir,
-    },
-    dir,
-  );
-  const store = new SqliteRegistrarStore(join(config.dataDir, "registrar.db"));
-  const ca = await FleetCa.load(paths.dir);
+  const { config, store, ca, caFile } = await benchRegistrarSetup(dir);
   const running = await startRegistrar(config, { store, ca });
-  return { store, running, caFile: caPaths(paths.dir).caCert };
+  return { store, running, caFile };
 }
 
 export interface EnrollBenchResult {

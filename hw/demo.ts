@@ -1,14 +1,15 @@
 #!/usr/bin/env node
 import { randomBytes } from "node:crypto";
-import { existsSync, realpathSync } from "node:fs";
+import { existsSync } from "node:fs";
 import { chmod, mkdir, mkdtemp, open, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
-import { fileURLToPath, pathToFileURL } from "node:url";
+import { fileURLToPath } from "node:url";
 import { execa } from "execa";
 import mqtt, { type MqttClient } from "mqtt";
 import { sendMessage } from "../src/cli/agent/send.js";
 import { fetchStatus } from "../src/cli/agent/status.js";
+import { isMainModule } from "../src/core/main-module.js";
 import type { AgentStatus } from "../src/daemon/compose.js";
 import {
   bindNotifySocket,
@@ -86,8 +87,18 @@ usage: node dist/hw/demo.js [--quick] [--tpm-mqtt] [--keep] [--summary-json FILE
   --summary-json FILE  also write the summary as JSON (with the pids the demo started)
   --no-color           plain output even on a terminal`;
 
+/** What a gateway's agent reported about its identity and token (shown live and in the summary). */
+interface CredentialFacts {
+  deviceId?: string;
+  certNotAfter?: string;
+  tokenExpiresAt?: string;
+  tokenScope?: string;
+  tokenLifetimeS?: number;
+  dpop?: boolean;
+}
+
 /** One gateway of the story: its agent daemon and what it sent. */
-interface Device {
+interface Device extends CredentialFacts {
   readonly name: string;
   readonly label: string;
   readonly kind: "tpm" | "pkcs11";
@@ -96,12 +107,6 @@ interface Device {
   readonly socket: string;
   agent?: ManagedChild;
   notify?: NotifySocket;
-  deviceId?: string;
-  certNotAfter?: string;
-  tokenExpiresAt?: string;
-  tokenScope?: string;
-  tokenLifetimeS?: number;
-  dpop?: boolean;
   enrolled: boolean;
   attested: boolean;
   sent: number;
@@ -115,27 +120,31 @@ interface Summary {
   notAvailable: string[];
   workdir: string | undefined;
   attestation: { verified: boolean; deviceId?: string; detail?: string };
-  devices: {
+  devices: (CredentialFacts & {
     name: string;
     method: string;
     sink: string;
-    deviceId?: string;
-    certNotAfter?: string;
-    tokenExpiresAt?: string;
-    tokenScope?: string;
-    tokenLifetimeS?: number;
-    dpop?: boolean;
     sent: number;
     acked: number;
     delivered: number;
     lost: number;
     duplicates: number;
-  }[];
+  })[];
   messages: { sent: number; acked: number; delivered: number; lost: number; duplicates: number };
   outage: { durationMs: number; maxBacklog: number; drainMs: number | undefined; survived: boolean };
   pids: ProcInfo[];
   /** Started processes still alive after cleanup (must be empty). */
   leftover: ProcInfo[];
+}
+
+/** A JSON-lines record (log or audit line) as an object; undefined for any other line. */
+function jsonLine(line: string): Record<string, unknown> | undefined {
+  if (!line.startsWith("{")) return undefined;
+  try {
+    return JSON.parse(line) as Record<string, unknown>;
+  } catch {
+    return undefined;
+  }
 }
 
 /** TPMA_OBJECT bits that matter for a device key (hardware-notes: attribute bits). */
@@ -476,12 +485,8 @@ class Demo {
   }
 
   auditEvent(line: string): void {
-    let r: Record<string, unknown>;
-    try {
-      r = JSON.parse(line) as Record<string, unknown>;
-    } catch {
-      return;
-    }
+    const r = jsonLine(line);
+    if (r === undefined) return;
     const ev = String(r.event ?? "");
     const dev = r.deviceId === undefined ? "" : String(r.deviceId);
     if (r.outcome !== "success") {
@@ -503,13 +508,8 @@ class Demo {
 
   /** Surfaces the registrar's key events from its JSON log lines. */
   registrarEvent(line: string): void {
-    if (!line.startsWith("{")) return;
-    let rec: Record<string, unknown>;
-    try {
-      rec = JSON.parse(line) as Record<string, unknown>;
-    } catch {
-      return;
-    }
+    const rec = jsonLine(line);
+    if (rec === undefined) return;
     const msg = String(rec.msg ?? "");
     if (rec.level === "error") this.ui.event("registrar", `error: ${msg} ${String(rec.code ?? "")}`);
   }
@@ -777,13 +777,8 @@ class Demo {
 
   /** Agent JSON log lines → the few events worth showing. */
   agentEvent(d: Device, line: string): void {
-    if (!line.startsWith("{")) return;
-    let rec: Record<string, unknown>;
-    try {
-      rec = JSON.parse(line) as Record<string, unknown>;
-    } catch {
-      return;
-    }
+    const rec = jsonLine(line);
+    if (rec === undefined) return;
     const msg = String(rec.msg ?? "");
     if (msg === "enrolment step" && rec.status === "done") {
       this.ui.event(
@@ -1269,17 +1264,7 @@ export async function main(argv: readonly string[]): Promise<number> {
   return summary.ok ? 0 : 1;
 }
 
-const invokedDirectly = (() => {
-  const entry = process.argv[1];
-  if (entry === undefined) return false;
-  try {
-    return import.meta.url === pathToFileURL(realpathSync(entry)).href;
-  } catch {
-    return false;
-  }
-})();
-
-if (invokedDirectly) {
+if (isMainModule(import.meta.url)) {
   process.exitCode = await main(process.argv.slice(2));
   // Open handles (the MQTT observer's timers) must not keep a finished demo alive.
   setTimeout(() => process.exit(process.exitCode ?? 0), 200).unref();

@@ -33,6 +33,17 @@ async function openssl(args: string[], cwd: string): Promise<void> {
 
 let serial = 0;
 
+/** openssl req arguments: a new P-256 key, unencrypted, written to `keyPath`. */
+const newP256Key = (keyPath: string): string[] => [
+  "-newkey",
+  "ec",
+  "-pkeyopt",
+  "ec_paramgen_curve:P-256",
+  "-nodes",
+  "-keyout",
+  keyPath,
+];
+
 export async function createTestCa(dir?: string): Promise<TestCa> {
   const d = dir ?? (await mkdtemp(join(tmpdir(), "m2m-ca-")));
   await chmod(d, 0o700);
@@ -42,13 +53,7 @@ export async function createTestCa(dir?: string): Promise<TestCa> {
     [
       "req",
       "-x509",
-      "-newkey",
-      "ec",
-      "-pkeyopt",
-      "ec_paramgen_curve:P-256",
-      "-nodes",
-      "-keyout",
-      caKey,
+      ...newP256Key(caKey),
       "-out",
       caCert,
       "-days",
@@ -76,24 +81,7 @@ export async function createTestCa(dir?: string): Promise<TestCa> {
     const certPath = join(d, `${n}.pem`);
     const extPath = join(d, `${n}.ext`);
     await writeFile(extPath, ext);
-    await openssl(
-      [
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        keyPath,
-        "-out",
-        csr,
-        "-subj",
-        `/CN=${cn}`,
-      ],
-      d,
-    );
+    await openssl(["req", "-new", ...newP256Key(keyPath), "-out", csr, "-subj", `/CN=${cn}`], d);
     const args = [
       "x509",
       "-req",

@@ -366,15 +366,24 @@ class SwtpmInstance implements SwtpmHandle {
     void proc.then(() => {
       if (this.#proc === proc) this.#exited = true;
     });
+    await this.#waitUntilAnswering({ TPM2TOOLS_TCTI: this.directTcti }, async () => {
+      if (!this.#exited) return;
+      const res = await proc;
+      throw new Error(`swtpm exited early: ${String(res.stderr ?? "").slice(-500)}`);
+    });
+  }
+
+  /**
+   * Polls `tpm2_getcap` with `env` (its TCTI) until a tool answers; throws the last error after
+   * readyTimeout. `gone` runs before each try and throws when the process behind the TCTI died.
+   */
+  async #waitUntilAnswering(env: Record<string, string>, gone?: () => Promise<void>): Promise<void> {
     const deadline = Date.now() + this.#limits.readyTimeout;
     for (;;) {
-      if (this.#exited) {
-        const res = await proc;
-        throw new Error(`swtpm exited early: ${String(res.stderr ?? "").slice(-500)}`);
-      }
+      await gone?.();
       try {
         await execa("tpm2_getcap", ["properties-fixed"], {
-          env: { TPM2TOOLS_TCTI: this.directTcti },
+          env,
           timeout: 2_000,
           killSignal: "SIGKILL",
           stdin: "ignore",
@@ -429,21 +438,7 @@ class SwtpmInstance implements SwtpmHandle {
       cleanup: true,
       env: { DBUS_SESSION_BUS_ADDRESS: this.#dbusAddress ?? "" },
     });
-    const deadline = Date.now() + this.#limits.readyTimeout;
-    for (;;) {
-      try {
-        await execa("tpm2_getcap", ["properties-fixed"], {
-          env: this.env,
-          timeout: 2_000,
-          killSignal: "SIGKILL",
-          stdin: "ignore",
-        });
-        return;
-      } catch (err) {
-        if (Date.now() > deadline) throw err;
-        await sleep(25);
-      }
-    }
+    await this.#waitUntilAnswering(this.env);
   }
 
   async #stopAbrmd(): Promise<void> {

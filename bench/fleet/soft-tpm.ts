@@ -37,58 +37,66 @@ import type { TestEkCa } from "./ek-ca.js";
  * data starting with TPM_GENERATED_VALUE that the TPM did not build); clock/firmware fields are made up.
  */
 
-const EK_ATTRS =
-  A.fixedTPM | A.fixedParent | A.sensitiveDataOrigin | A.adminWithPolicy | A.restricted | A.decrypt;
-const AK_ATTRS =
-  A.fixedTPM | A.fixedParent | A.sensitiveDataOrigin | A.userWithAuth | A.noDA | A.restricted | A.sign;
-const DEVICE_ATTRS = A.fixedTPM | A.fixedParent | A.sensitiveDataOrigin | A.userWithAuth | A.noDA | A.sign;
+/** objectAttributes of the software EK, AK and device key: those of the real templates. */
+export const SOFT_TPM_ATTRS = {
+  ek: A.fixedTPM | A.fixedParent | A.sensitiveDataOrigin | A.adminWithPolicy | A.restricted | A.decrypt,
+  ak: A.fixedTPM | A.fixedParent | A.sensitiveDataOrigin | A.userWithAuth | A.noDA | A.restricted | A.sign,
+  device: A.fixedTPM | A.fixedParent | A.sensitiveDataOrigin | A.userWithAuth | A.noDA | A.sign,
+} as const;
 /** TCG EK Credential Profile: PolicyA (PolicySecret(TPM_RH_ENDORSEMENT)), SHA-256. */
 const EK_POLICY_A = Buffer.from("837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa", "hex");
 
-export interface SoftTpmDevice {
-  /** The device key, held by a software KeyProvider (what the agent signs JWS, CSRs and DPoP with). */
-  readonly provider: FakeKeyProvider;
-  readonly ops: EnrollTpmOps;
-  readonly ekPublic: TpmtPublic;
+/** The keys a software TPM plays with (any EK type the verifier accepts; the AK is P-256). */
+export interface SoftTpmKeys {
+  readonly ek: { readonly publicKey: KeyObject; readonly privateKey: KeyObject };
+  readonly ak: { readonly publicKey: KeyObject; readonly privateKey: KeyObject };
+  /** Holds the device key (what the agent signs JWS, CSRs and DPoP with). */
+  readonly device: FakeKeyProvider;
+  /** EK authPolicy (PolicyA for a TCG-profile EK; empty when absent). */
+  readonly ekAuthPolicy?: Buffer;
+  /** EK certificate (DER), returned by readEndorsement when present. */
+  readonly ekCertDer?: Uint8Array;
+  /** TPMS_ATTEST firmwareVersion (default 1). */
+  readonly firmwareVersion?: bigint;
 }
 
 let clockCounter = 0n;
 
-/** Creates one simulated TPM (keys generated now) with its EK certificate from `ekCa`. */
-export async function createSoftTpmDevice(ekCa: TestEkCa, label: string): Promise<SoftTpmDevice> {
-  // Not generateKeyPairSync: see generateP256KeyPair (a Node 20 GC deadlock at fleet scale).
-  const ek = generateP256KeyPair();
-  const ak = generateP256KeyPair();
-  const provider = new FakeKeyProvider({ store: new FakeKeyStore(), label });
-  const info = await provider.createOrOpen();
-  const ekPub = publicAreaFromKey(ek.publicKey, {
-    objectAttributes: EK_ATTRS,
-    authPolicy: EK_POLICY_A,
+/**
+ * The TPM attestation operations of enrolment (`EnrollTpmOps`) played in software with `keys`:
+ * ActivateCredential with the EK private key, TPM2_Certify of the device key signed by the AK.
+ */
+export async function softTpmOps(keys: SoftTpmKeys): Promise<{ ops: EnrollTpmOps; ekPublic: TpmtPublic }> {
+  const ekPub = publicAreaFromKey(keys.ek.publicKey, {
+    objectAttributes: SOFT_TPM_ATTRS.ek,
+    ...(keys.ekAuthPolicy === undefined ? {} : { authPolicy: keys.ekAuthPolicy }),
     symmetric: { algorithm: TPM_ALG.AES, keyBits: 128, mode: TPM_ALG.CFB },
   });
-  const akPub = publicAreaFromKey(ak.publicKey, {
-    objectAttributes: AK_ATTRS,
+  const akPub = publicAreaFromKey(keys.ak.publicKey, {
+    objectAttributes: SOFT_TPM_ATTRS.ak,
     scheme: { scheme: TPM_ALG.ECDSA, hashAlg: TPM_ALG.SHA256 },
   });
-  const devPub = publicAreaFromKey(createPublicKey(info.spkiPem), { objectAttributes: DEVICE_ATTRS });
-  const ekCertDer = await ekCa.issue(ek.publicKey, label);
+  const info = await keys.device.createOrOpen();
+  const devPub = publicAreaFromKey(createPublicKey(info.spkiPem), {
+    objectAttributes: SOFT_TPM_ATTRS.device,
+  });
   const akName = computeName(akPub);
   const qualifiedSigner = akQualifiedNameUnderEk(ekPub, akPub);
   const devName = computeName(devPub);
   const ekBytes = encodeTpm2bPublic(ekPub);
   const akBytes = encodeTpm2bPublic(akPub);
   const devBytes = encodeTpm2bPublic(devPub);
-  const ekPriv: KeyObject = ek.privateKey;
-  const akPriv: KeyObject = ak.privateKey;
+  const { ekCertDer } = keys;
   return {
-    provider,
     ekPublic: ekPub,
     ops: {
-      readEndorsement: async () => ({ ekPublic: ekBytes, ekCertDer }),
+      readEndorsement: async () => ({ ekPublic: ekBytes, ...(ekCertDer === undefined ? {} : { ekCertDer }) }),
       ensureAk: async () => ({ akPublic: akBytes }),
       devicePublic: async () => devBytes,
       activateCredential: async (blob) =>
-        new Secret(activateCredentialWithPrivateKey(ekPub, ekPriv, akName, decodeCredentialBlob(blob))),
+        new Secret(
+          activateCredentialWithPrivateKey(ekPub, keys.ek.privateKey, akName, decodeCredentialBlob(blob)),
+        ),
       certify: async (nonce) => {
         clockCounter += 1000n;
         const attest = encodeTpmsAttest({
@@ -97,10 +105,10 @@ export async function createSoftTpmDevice(ekCa: TestEkCa, label: string): Promis
           qualifiedSigner,
           extraData: nonce,
           clockInfo: { clock: clockCounter, resetCount: 0, restartCount: 0, safe: 1 },
-          firmwareVersion: 0x2000_0000_0000_0000n,
+          firmwareVersion: keys.firmwareVersion ?? 1n,
           attested: { kind: "certify", name: devName, qualifiedName: devName },
         });
-        const sig = cryptoSign("sha256", attest, { key: akPriv, dsaEncoding: "ieee-p1363" });
+        const sig = cryptoSign("sha256", attest, { key: keys.ak.privateKey, dsaEncoding: "ieee-p1363" });
         const signature = encodeTpmtSignature({
           sigAlg: TPM_ALG.ECDSA,
           hashAlg: TPM_ALG.SHA256,
@@ -111,4 +119,29 @@ export async function createSoftTpmDevice(ekCa: TestEkCa, label: string): Promis
       },
     },
   };
+}
+
+export interface SoftTpmDevice {
+  /** The device key, held by a software KeyProvider (what the agent signs JWS, CSRs and DPoP with). */
+  readonly provider: FakeKeyProvider;
+  readonly ops: EnrollTpmOps;
+  readonly ekPublic: TpmtPublic;
+}
+
+/** Creates one simulated TPM (keys generated now) with its EK certificate from `ekCa`. */
+export async function createSoftTpmDevice(ekCa: TestEkCa, label: string): Promise<SoftTpmDevice> {
+  // Not generateKeyPairSync: see generateP256KeyPair (a Node 20 GC deadlock at fleet scale).
+  const ek = generateP256KeyPair();
+  const ak = generateP256KeyPair();
+  const provider = new FakeKeyProvider({ store: new FakeKeyStore(), label });
+  const ekCertDer = await ekCa.issue(ek.publicKey, label);
+  const soft = await softTpmOps({
+    ek,
+    ak,
+    device: provider,
+    ekAuthPolicy: EK_POLICY_A,
+    ekCertDer,
+    firmwareVersion: 0x2000_0000_0000_0000n,
+  });
+  return { provider, ...soft };
 }

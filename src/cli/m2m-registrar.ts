@@ -1,11 +1,10 @@
 #!/usr/bin/env node
-import { realpathSync } from "node:fs";
 import { join } from "node:path";
-import { pathToFileURL } from "node:url";
 import { Command, CommanderError, Option } from "commander";
 import { systemClock } from "../core/clock.js";
 import { M2mError } from "../core/errors.js";
 import { createLogger } from "../core/log.js";
+import { isMainModule } from "../core/main-module.js";
 import { agentVersion } from "../core/version.js";
 import {
   addEnrolmentGroup,
@@ -608,16 +607,6 @@ export async function runRegistrarCli(argv: readonly string[], io: CliIo = defau
   }
 }
 
-const invokedDirectly = (() => {
-  const entry = process.argv[1];
-  if (entry === undefined) return false;
-  try {
-    return import.meta.url === pathToFileURL(realpathSync(entry)).href;
-  } catch {
-    return false;
-  }
-})();
-
-if (invokedDirectly) {
+if (isMainModule(import.meta.url)) {
   process.exitCode = await runRegistrarCli(process.argv.slice(2));
 }

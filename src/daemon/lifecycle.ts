@@ -1,5 +1,6 @@
 import { M2mError } from "../core/errors.js";
 import type { Logger } from "../core/log.js";
+import { agentStateNameSchema } from "../wire/v1/local-api.js";
 
 /**
  * The agent's lifecycle as an explicit state machine (after rust-keylime's push-agent state machine):
@@ -38,17 +39,14 @@ export type ResumableState = Extract<
 >;
 
 export type StateName = State["name"];
-export const STATE_NAMES: readonly StateName[] = [
-  "starting",
-  "unprovisioned",
-  "enrolling",
-  "running",
-  "degraded",
-  "reprovision-required",
-  "reloading",
-  "stopping",
-  "stopped",
-];
+/**
+ * Every state name, as `GET /v1/status` reports it: the wire enum is the one list. Assigning it here
+ * fails to compile when the wire names a state the union lacks; the check below, the other way round.
+ */
+export const STATE_NAMES: readonly StateName[] = agentStateNameSchema.options;
+true satisfies [Exclude<StateName, (typeof agentStateNameSchema.options)[number]>] extends [never]
+  ? true
+  : never;
 
 export type LifecycleEvent =
   /** No usable identity and enrolment not enabled: waits for an operator. */

@@ -1,5 +1,4 @@
 import type { Secret } from "../core/secret.js";
-import { createCsr } from "../keys/csr.js";
 import type { KeyInfo, KeyProvider } from "../keys/key-provider.js";
 import {
   ENROLL_PATHS,
@@ -10,6 +9,7 @@ import {
 } from "../wire/v1/index.js";
 import type { RegistrarClient } from "./http.js";
 import { type ProgressFn, step } from "./progress.js";
+import { submitWithCsr } from "./submit.js";
 
 export interface EnrollPkcs11Input {
   readonly client: RegistrarClient;
@@ -48,28 +48,21 @@ export async function enrollPkcs11(
         }
       : // Any other backend claims nothing.
         { local: false, neverExtractable: false, alwaysSensitive: false };
-  const csr = await step(onProgress, "build-csr", () =>
-    createCsr(provider, key, { commonName: key.thumbprint }),
-  );
-  const result = await step(
-    onProgress,
-    "submit",
-    () =>
-      input.client.postJson(
-        ENROLL_PATHS.pkcs11,
-        {
-          v: WIRE_VERSION,
-          // The one place the bootstrap token is revealed: the TLS-protected request body.
-          bootstrapToken: input.bootstrapToken.reveal(),
-          csr: Buffer.from(csr).toString("base64url"),
-          evidence: wireEvidence,
-          hardwareSerial: input.hardwareSerial ?? `key-${key.thumbprint.slice(0, 32)}`,
-          requestedAttributes: input.requestedAttributes ?? {},
-        },
-        enrolmentResultSchema,
-        input.signal,
-      ),
-    (r) => r.deviceId,
+  const result = await submitWithCsr(provider, key, onProgress, (csr) =>
+    input.client.postJson(
+      ENROLL_PATHS.pkcs11,
+      {
+        v: WIRE_VERSION,
+        // The one place the bootstrap token is revealed: the TLS-protected request body.
+        bootstrapToken: input.bootstrapToken.reveal(),
+        csr,
+        evidence: wireEvidence,
+        hardwareSerial: input.hardwareSerial ?? `key-${key.thumbprint.slice(0, 32)}`,
+        requestedAttributes: input.requestedAttributes ?? {},
+      },
+      enrolmentResultSchema,
+      input.signal,
+    ),
   );
   return { result, key };
 }

@@ -1,7 +1,6 @@
 import { createHash } from "node:crypto";
 import { M2mError } from "../core/errors.js";
 import type { Secret } from "../core/secret.js";
-import { createCsr } from "../keys/csr.js";
 import type { KeyInfo, KeyProvider } from "../keys/key-provider.js";
 import {
   ENROLL_PATHS,
@@ -12,6 +11,7 @@ import {
 } from "../wire/v1/index.js";
 import type { RegistrarClient } from "./http.js";
 import { type ProgressFn, step } from "./progress.js";
+import { submitWithCsr } from "./submit.js";
 
 /**
  * The TPM operations enrolment needs beyond signing (implemented over tpm2-tools in
@@ -99,28 +99,21 @@ export async function enrollTpm(
     throw new M2mError("ERR_REGISTRAR_RESPONSE", "permanent", "registrar nonce has an unusable size");
   }
   const certified = await step(onProgress, "certify", () => tpm.certify(nonce));
-  const csr = await step(onProgress, "build-csr", () =>
-    createCsr(provider, key, { commonName: key.thumbprint }),
-  );
-  const result = await step(
-    onProgress,
-    "submit",
-    () =>
-      input.client.postJson(
-        ENROLL_PATHS.tpmFinish,
-        {
-          v: WIRE_VERSION,
-          sessionId: begin.sessionId,
-          // The recovered secret only ever travels inside the TLS-protected request body.
-          secret: b64(secret.reveal()),
-          attest: b64(certified.attest),
-          signature: b64(certified.signature),
-          csr: b64(csr),
-        },
-        enrolmentResultSchema,
-        input.signal,
-      ),
-    (r) => r.deviceId,
+  const result = await submitWithCsr(provider, key, onProgress, (csr) =>
+    input.client.postJson(
+      ENROLL_PATHS.tpmFinish,
+      {
+        v: WIRE_VERSION,
+        sessionId: begin.sessionId,
+        // The recovered secret only ever travels inside the TLS-protected request body.
+        secret: b64(secret.reveal()),
+        attest: b64(certified.attest),
+        signature: b64(certified.signature),
+        csr,
+      },
+      enrolmentResultSchema,
+      input.signal,
+    ),
   );
   return { result, key, ekSha256: ekFp };
 }

@@ -1,4 +1,5 @@
 import { randomBytes } from "node:crypto";
+import type { z } from "zod";
 import type { Clock } from "../../core/clock.js";
 import { M2mError } from "../../core/errors.js";
 import { describePublicKey } from "../../core/public-key.js";
@@ -6,6 +7,7 @@ import type { Attributes, EnrolmentMethod, EnrolmentResult } from "../../wire/v1
 import { WIRE_VERSION } from "../../wire/v1/index.js";
 import type { FleetCa, VerifiedCsr } from "../ca/index.js";
 import type { RegistrarConfig } from "../config.js";
+import type { Route, RouteContext, RouteResponse } from "../http/router.js";
 import type { EnrolmentGroup, EnrolmentProof, RegistrarStore } from "../store/index.js";
 
 /** Random, unguessable device ids (`dev-` + 20 hex chars); the registry is the only mapping. */
@@ -46,6 +48,28 @@ export interface EnrolmentDeps {
   readonly config: RegistrarConfig;
   /** Base URL the agent reached us at (for `endpoints.registrar` and defaults). */
   readonly baseUrl: string;
+}
+
+/**
+ * A POST endpoint of the enrolment API: deps are resolved per request (a reload replaces them), then
+ * the body is parsed and validated with `schema` before `handle` sees it.
+ */
+export function enrolmentRoute<S extends z.ZodType>(
+  path: string,
+  audit: string,
+  schema: S,
+  deps: () => EnrolmentDeps,
+  handle: (body: z.infer<S>, d: EnrolmentDeps, ctx: RouteContext) => Promise<RouteResponse>,
+): Route {
+  return {
+    method: "POST",
+    path,
+    audit,
+    async handle(ctx) {
+      const d = deps();
+      return handle(ctx.json(schema), d, ctx);
+    },
+  };
 }
 
 /**

@@ -3,7 +3,13 @@ import { M2mError } from "../../core/errors.js";
 import { ENROLL_PATHS, pkcs11EnrollRequestSchema } from "../../wire/v1/index.js";
 import { verifyCsr } from "../ca/index.js";
 import type { Route } from "../http/router.js";
-import { completeEnrolment, type EnrolmentDeps, keyIdentity, requireGroup } from "./complete.js";
+import {
+  completeEnrolment,
+  type EnrolmentDeps,
+  enrolmentRoute,
+  keyIdentity,
+  requireGroup,
+} from "./complete.js";
 
 /** SHA-256 (hex) of a bootstrap token: the only form the registrar ever stores. */
 export function hashBootstrapToken(token: string): string {
@@ -15,13 +21,12 @@ export function hashBootstrapToken(token: string): string {
  * are recorded as self-asserted evidence; the bootstrap token is the only authorisation.
  */
 export function pkcs11Route(deps: () => EnrolmentDeps): Route {
-  return {
-    method: "POST",
-    path: ENROLL_PATHS.pkcs11,
-    audit: "enroll.pkcs11",
-    async handle(ctx) {
-      const d = deps();
-      const body = ctx.json(pkcs11EnrollRequestSchema);
+  return enrolmentRoute(
+    ENROLL_PATHS.pkcs11,
+    "enroll.pkcs11",
+    pkcs11EnrollRequestSchema,
+    deps,
+    async (body, d, ctx) => {
       ctx.auditFields({ method: "pkcs11", hardwareSerial: body.hardwareSerial });
       const hash = hashBootstrapToken(body.bootstrapToken);
       const token = await d.store.getBootstrapToken(hash);
@@ -61,5 +66,5 @@ export function pkcs11Route(deps: () => EnrolmentDeps): Route {
       ctx.auditFields({ deviceId: result.deviceId, reenrolled });
       return { status: 200, json: result };
     },
-  };
+  );
 }

@@ -4,13 +4,15 @@ import { decodeTpmsAttest, decodeTpmtSignature, verifyTpmSignature } from "../..
 import { decodeTpm2bPublic, type TpmtPublic } from "../../tpm/public.js";
 import {
   ENROLL_PATHS,
+  type TpmBeginRequest,
   type TpmBeginResponse,
+  type TpmFinishRequest,
   tpmBeginRequestSchema,
   tpmFinishRequestSchema,
   WIRE_VERSION,
 } from "../../wire/v1/index.js";
 import { verifyCsr } from "../ca/index.js";
-import type { Route } from "../http/router.js";
+import type { Route, RouteContext, RouteResponse } from "../http/router.js";
 import type { EnrolmentGroup, SessionData } from "../store/index.js";
 import {
   beginActivation,
@@ -23,7 +25,14 @@ import {
   verifyActivationAndCertify,
   verifyEkCertificate,
 } from "../verifier/tpm-verifier.js";
-import { completeEnrolment, type EnrolmentDeps, keyIdentity, newDeviceId, requireGroup } from "./complete.js";
+import {
+  completeEnrolment,
+  type EnrolmentDeps,
+  enrolmentRoute,
+  keyIdentity,
+  newDeviceId,
+  requireGroup,
+} from "./complete.js";
 import { derToPem, loadEkTrustStore } from "./ek-trust.js";
 import { deviceKeyObject } from "./tpm-key.js";
 
@@ -78,146 +87,138 @@ async function trustedEk(
 
 /** POST /v1/enroll/tpm/begin and /finish, calling the pure verifier in src/registrar/verifier/. */
 export function tpmRoutes(deps: () => EnrolmentDeps): Route[] {
-  const begin: Route = {
-    method: "POST",
-    path: ENROLL_PATHS.tpmBegin,
-    audit: "enroll.tpm.begin",
-    async handle(ctx) {
-      const d = deps();
-      const body = ctx.json(tpmBeginRequestSchema);
-      ctx.auditFields({ method: "tpm", hardwareSerial: body.hardwareSerial, group: body.group });
-      const group = await requireGroup(d.store, body.group, "tpm");
-      const { ek, ekHash } = await trustedEk(d, group, body);
-      ctx.auditFields({ ekHash });
-      // Security: the AK must be a restricted, TPM-resident signing key, or its attestations mean nothing.
-      const ak = checkAkPublic(b(body.akPublic));
-      const devicePublicBytes = b(body.devicePublic);
-      const device = decodePublic("device public", devicePublicBytes);
-      // Security: refuse unfit device keys before spending a credential on them (finish re-checks).
-      checkDeviceKey(device);
-      const { thumbprint } = await keyIdentity(deviceKeyObject(device));
-      // Identity takeover is refused here already (same EK with another key, etc.); finish re-checks
-      // atomically. Nothing is written to the device registry by begin.
-      await d.store.planEnrolment({
-        method: "tpm",
-        thumbprint,
-        ekHash,
-        hardwareSerial: body.hardwareSerial,
-        proposedDeviceId: newDeviceId(),
-      });
-      const challenge = beginActivation(ek, ak.name);
-      const now = d.clock.now();
-      const expiresAt = new Date(now.getTime() + d.config.sessionTtlSeconds * 1000);
-      const sessionId = randomBytes(16).toString("hex");
-      const data: SessionData = {
-        group: group.name,
-        // Only the hash of the expected secret is stored; finish compares hashes in constant time.
-        secretHash: sha256(challenge.secret.reveal()).toString("hex"),
-        nonce: Buffer.from(challenge.nonce).toString("base64url"),
-        ekHash,
-        ekPublic: body.ekPublic,
-        akPublic: body.akPublic,
-        devicePublic: body.devicePublic,
-        hardwareSerial: body.hardwareSerial,
-        requestedAttributes: body.requestedAttributes,
-      };
-      await d.store.createSession({ id: sessionId, data, createdAt: now, expiresAt });
-      ctx.auditFields({ session: sessionId.slice(0, 8) });
-      const response: TpmBeginResponse = {
-        v: WIRE_VERSION,
-        sessionId,
-        credentialBlob: Buffer.from(challenge.blob).toString("base64url"),
-        nonce: data.nonce,
-        expiresAt: expiresAt.toISOString(),
-      };
-      return { status: 200, json: response };
-    },
-  };
+  return [
+    enrolmentRoute(ENROLL_PATHS.tpmBegin, "enroll.tpm.begin", tpmBeginRequestSchema, deps, beginTpm),
+    enrolmentRoute(ENROLL_PATHS.tpmFinish, "enroll.tpm.finish", tpmFinishRequestSchema, deps, finishTpm),
+  ];
+}
 
-  const finish: Route = {
-    method: "POST",
-    path: ENROLL_PATHS.tpmFinish,
-    audit: "enroll.tpm.finish",
-    async handle(ctx) {
-      const d = deps();
-      const body = ctx.json(tpmFinishRequestSchema);
-      ctx.auditFields({ method: "tpm", session: body.sessionId.slice(0, 8) });
-      const session = await d.store.getSession(body.sessionId);
-      // Security: early read-only checks; the atomic consume in commitEnrolment decides races.
-      if (session === undefined) throw new M2mError("ERR_SESSION_UNKNOWN", "permanent", "session not found");
-      if (session.consumedAt !== undefined)
-        throw new M2mError("ERR_SESSION_CONSUMED", "permanent", "session used");
-      if (session.expiresAt.getTime() <= d.clock.now().getTime()) {
-        throw new M2mError("ERR_SESSION_EXPIRED", "permanent", "session expired");
-      }
-      const s = session.data;
-      ctx.auditFields({ group: s.group, hardwareSerial: s.hardwareSerial, ekHash: s.ekHash });
-      const group = await requireGroup(d.store, s.group, "tpm");
-      // A wrong secret counts against the session only when the AK signed this session's nonce:
-      // only the device (its TPM's AK) can spend attempts, so nobody else can cancel its session.
-      const fromDevice = signedByAk(b(s.akPublic), b(body.attest), b(body.signature), b(s.nonce));
-      let verified: ReturnType<typeof verifyActivationAndCertify>;
-      try {
-        verified = verifyActivationAndCertify({
-          // Both sides hashed: equal-length constant-time compare without keeping the secret at rest.
-          expectedSecret: Buffer.from(s.secretHash, "hex"),
-          recoveredSecret: sha256(b(body.secret)),
-          ekPublic: decodePublic("EK public", b(s.ekPublic)),
-          akPublic: b(s.akPublic),
-          nonce: b(s.nonce),
-          attestBytes: b(body.attest),
-          signatureBytes: b(body.signature),
-          devicePublic: b(s.devicePublic),
-        });
-      } catch (err) {
-        if (
-          fromDevice &&
-          err instanceof M2mError &&
-          err.code === TPM_VERIFY_ERRORS.CREDENTIAL_SECRET_MISMATCH
-        ) {
-          const { attempts, discarded } = await d.store.recordFailedActivation(
-            body.sessionId,
-            d.config.maxActivationAttempts,
-            d.clock.now(),
-          );
-          ctx.auditFields({ failedAttempts: attempts, discarded });
-          if (discarded)
-            throw new M2mError(
-              "ERR_SESSION_DISCARDED",
-              "permanent",
-              `credential activation failed ${attempts} times: session discarded`,
-              { cause: err },
-            );
-        }
-        throw err;
-      }
-      // Security: the CSR signature proves the requester can use the certified key right now.
-      const csr = await verifyCsr(b(body.csr));
-      const deviceSpkiDer = verified.deviceKey.export({ format: "der", type: "spki" });
-      const { result, reenrolled } = await completeEnrolment(d, {
-        method: "tpm",
-        group,
-        proof: { kind: "session", id: body.sessionId },
-        csr,
-        deviceSpkiDer,
-        ekHash: s.ekHash,
-        hardwareSerial: s.hardwareSerial,
-        evidence: {
-          akName: Buffer.from(verified.akName).toString("hex"),
-          // Kept so key rotation can verify a later TPM2_Certify by this AK (registrar/rotation/).
-          akPublic: s.akPublic,
-          ekPublic: s.ekPublic,
-          devicePublic: s.devicePublic,
-          deviceName: Buffer.from(verified.deviceName).toString("hex"),
-          objectAttributes: verified.devicePublic.objectAttributes,
-          requestedAttributes: s.requestedAttributes,
-        },
-      });
-      ctx.auditFields({ deviceId: result.deviceId, reenrolled });
-      return { status: 200, json: result };
-    },
+/** begin: EK trusted, AK and device key checked; answers with a credential challenge and a nonce. */
+async function beginTpm(body: TpmBeginRequest, d: EnrolmentDeps, ctx: RouteContext): Promise<RouteResponse> {
+  ctx.auditFields({ method: "tpm", hardwareSerial: body.hardwareSerial, group: body.group });
+  const group = await requireGroup(d.store, body.group, "tpm");
+  const { ek, ekHash } = await trustedEk(d, group, body);
+  ctx.auditFields({ ekHash });
+  // Security: the AK must be a restricted, TPM-resident signing key, or its attestations mean nothing.
+  const ak = checkAkPublic(b(body.akPublic));
+  const devicePublicBytes = b(body.devicePublic);
+  const device = decodePublic("device public", devicePublicBytes);
+  // Security: refuse unfit device keys before spending a credential on them (finish re-checks).
+  checkDeviceKey(device);
+  const { thumbprint } = await keyIdentity(deviceKeyObject(device));
+  // Identity takeover is refused here already (same EK with another key, etc.); finish re-checks
+  // atomically. Nothing is written to the device registry by begin.
+  await d.store.planEnrolment({
+    method: "tpm",
+    thumbprint,
+    ekHash,
+    hardwareSerial: body.hardwareSerial,
+    proposedDeviceId: newDeviceId(),
+  });
+  const challenge = beginActivation(ek, ak.name);
+  const now = d.clock.now();
+  const expiresAt = new Date(now.getTime() + d.config.sessionTtlSeconds * 1000);
+  const sessionId = randomBytes(16).toString("hex");
+  const data: SessionData = {
+    group: group.name,
+    // Only the hash of the expected secret is stored; finish compares hashes in constant time.
+    secretHash: sha256(challenge.secret.reveal()).toString("hex"),
+    nonce: Buffer.from(challenge.nonce).toString("base64url"),
+    ekHash,
+    ekPublic: body.ekPublic,
+    akPublic: body.akPublic,
+    devicePublic: body.devicePublic,
+    hardwareSerial: body.hardwareSerial,
+    requestedAttributes: body.requestedAttributes,
   };
-  return [begin, finish];
+  await d.store.createSession({ id: sessionId, data, createdAt: now, expiresAt });
+  ctx.auditFields({ session: sessionId.slice(0, 8) });
+  const response: TpmBeginResponse = {
+    v: WIRE_VERSION,
+    sessionId,
+    credentialBlob: Buffer.from(challenge.blob).toString("base64url"),
+    nonce: data.nonce,
+    expiresAt: expiresAt.toISOString(),
+  };
+  return { status: 200, json: response };
+}
+
+/** finish: the activated secret and the AK's certification of the device key; issues the certificate. */
+async function finishTpm(
+  body: TpmFinishRequest,
+  d: EnrolmentDeps,
+  ctx: RouteContext,
+): Promise<RouteResponse> {
+  ctx.auditFields({ method: "tpm", session: body.sessionId.slice(0, 8) });
+  const session = await d.store.getSession(body.sessionId);
+  // Security: early read-only checks; the atomic consume in commitEnrolment decides races.
+  if (session === undefined) throw new M2mError("ERR_SESSION_UNKNOWN", "permanent", "session not found");
+  if (session.consumedAt !== undefined)
+    throw new M2mError("ERR_SESSION_CONSUMED", "permanent", "session used");
+  if (session.expiresAt.getTime() <= d.clock.now().getTime()) {
+    throw new M2mError("ERR_SESSION_EXPIRED", "permanent", "session expired");
+  }
+  const s = session.data;
+  ctx.auditFields({ group: s.group, hardwareSerial: s.hardwareSerial, ekHash: s.ekHash });
+  const group = await requireGroup(d.store, s.group, "tpm");
+  // A wrong secret counts against the session only when the AK signed this session's nonce:
+  // only the device (its TPM's AK) can spend attempts, so nobody else can cancel its session.
+  const fromDevice = signedByAk(b(s.akPublic), b(body.attest), b(body.signature), b(s.nonce));
+  let verified: ReturnType<typeof verifyActivationAndCertify>;
+  try {
+    verified = verifyActivationAndCertify({
+      // Both sides hashed: equal-length constant-time compare without keeping the secret at rest.
+      expectedSecret: Buffer.from(s.secretHash, "hex"),
+      recoveredSecret: sha256(b(body.secret)),
+      ekPublic: decodePublic("EK public", b(s.ekPublic)),
+      akPublic: b(s.akPublic),
+      nonce: b(s.nonce),
+      attestBytes: b(body.attest),
+      signatureBytes: b(body.signature),
+      devicePublic: b(s.devicePublic),
+    });
+  } catch (err) {
+    if (fromDevice && err instanceof M2mError && err.code === TPM_VERIFY_ERRORS.CREDENTIAL_SECRET_MISMATCH) {
+      const { attempts, discarded } = await d.store.recordFailedActivation(
+        body.sessionId,
+        d.config.maxActivationAttempts,
+        d.clock.now(),
+      );
+      ctx.auditFields({ failedAttempts: attempts, discarded });
+      if (discarded)
+        throw new M2mError(
+          "ERR_SESSION_DISCARDED",
+          "permanent",
+          `credential activation failed ${attempts} times: session discarded`,
+          { cause: err },
+        );
+    }
+    throw err;
+  }
+  // Security: the CSR signature proves the requester can use the certified key right now.
+  const csr = await verifyCsr(b(body.csr));
+  const deviceSpkiDer = verified.deviceKey.export({ format: "der", type: "spki" });
+  const { result, reenrolled } = await completeEnrolment(d, {
+    method: "tpm",
+    group,
+    proof: { kind: "session", id: body.sessionId },
+    csr,
+    deviceSpkiDer,
+    ekHash: s.ekHash,
+    hardwareSerial: s.hardwareSerial,
+    evidence: {
+      akName: Buffer.from(verified.akName).toString("hex"),
+      // Kept so key rotation can verify a later TPM2_Certify by this AK (registrar/rotation/).
+      akPublic: s.akPublic,
+      ekPublic: s.ekPublic,
+      devicePublic: s.devicePublic,
+      deviceName: Buffer.from(verified.deviceName).toString("hex"),
+      objectAttributes: verified.devicePublic.objectAttributes,
+      requestedAttributes: s.requestedAttributes,
+    },
+  });
+  ctx.auditFields({ deviceId: result.deviceId, reenrolled });
+  return { status: 200, json: result };
 }
 
 /**

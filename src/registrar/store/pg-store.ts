@@ -3,6 +3,13 @@ import { M2mError } from "../../core/errors.js";
 import { Secret } from "../../core/secret.js";
 import { MIGRATIONS, SCHEMA_VERSION } from "./migrations.js";
 import {
+  matchHardware as matchRules,
+  refused,
+  rotationRefusal,
+  schemaNewer,
+  sessionRefusal,
+} from "./refusals.js";
+import {
   type DeviceAttestationRow,
   type DeviceRow,
   deviceAttestationJson,
@@ -10,17 +17,21 @@ import {
   deviceOf,
   type GroupRow,
   groupOf,
+  groupParams,
+  newDeviceParams,
   type PolicyRow,
   policyJson,
   policyOf,
   type RotationRow,
+  reissueParams,
+  replaceKeyParams,
   rotationOf,
   type SessionRow,
   sessionOf,
   type TokenRow,
   tokenOf,
+  tokenParams,
 } from "./rows.js";
-import { refused, schemaNewer } from "./sqlite-store.js";
 import type {
   AttestationPolicy,
   AuditEvent,
@@ -32,6 +43,7 @@ import type {
   EnrolmentGroup,
   EnrolmentSession,
   NewAttestationPolicy,
+  NewBootstrapToken,
   NewEnrolmentGroup,
   NewEnrolmentSession,
   PlanEnrolment,
@@ -252,15 +264,7 @@ export class PgRegistrarStore implements RegistrarStore {
     const r = await this.#q(
       `INSERT INTO groups (name, role, attributes, methods, ek_trust_dir, ek_allow, created_at)
        VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT (name) DO NOTHING`,
-      [
-        group.name,
-        group.role,
-        JSON.stringify(group.attributes),
-        JSON.stringify(group.methods),
-        group.ekTrustDir ?? null,
-        JSON.stringify(group.ekAllow),
-        group.createdAt.getTime(),
-      ],
+      groupParams(group),
     );
     if (r.rowCount !== 1) throw refused("ERR_GROUP_EXISTS", `enrolment group ${group.name} already exists`);
     return group;
@@ -275,16 +279,11 @@ export class PgRegistrarStore implements RegistrarStore {
     return (await this.#q<GroupRow>("SELECT * FROM groups ORDER BY name")).rows.map(groupOf);
   }
 
-  async addBootstrapToken(token: {
-    hash: string;
-    group: string;
-    expiresAt: Date;
-    createdAt: Date;
-  }): Promise<void> {
+  async addBootstrapToken(token: NewBootstrapToken): Promise<void> {
     try {
       await this.#pool.query(
         "INSERT INTO bootstrap_tokens (hash, group_name, expires_at, created_at) VALUES ($1,$2,$3,$4)",
-        [token.hash, token.group, token.expiresAt.getTime(), token.createdAt.getTime()],
+        tokenParams(token),
       );
     } catch (err) {
       if (pgCode(err) === "23503")
@@ -424,16 +423,7 @@ export class PgRegistrarStore implements RegistrarStore {
           const r = await c.query<DeviceRow>(
             `UPDATE devices SET group_name = $1, role = $2, attributes = $3, evidence = $4, cert_serial = $5,
                cert_not_after = $6, updated_at = $7 WHERE device_id = $8 AND status = 'active' RETURNING *`,
-            [
-              input.group,
-              input.role,
-              JSON.stringify(input.attributes),
-              input.evidence === undefined ? null : JSON.stringify(input.evidence),
-              input.certSerial,
-              input.certNotAfter.getTime(),
-              now,
-              existing.deviceId,
-            ],
+            reissueParams(input, existing.deviceId, now),
           );
           const row = r.rows[0];
           // Security: revoked between the match and the update (cannot happen under FOR UPDATE; belt and braces).
@@ -453,21 +443,7 @@ export class PgRegistrarStore implements RegistrarStore {
           `INSERT INTO devices (device_id, method, status, group_name, role, attributes, public_jwk, thumbprint,
              ek_hash, hardware_serial, evidence, cert_serial, cert_not_after, created_at, updated_at)
            VALUES ($1, $2, 'active', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13) RETURNING *`,
-          [
-            input.deviceId,
-            input.method,
-            input.group,
-            input.role,
-            JSON.stringify(input.attributes),
-            JSON.stringify(input.publicJwk),
-            input.thumbprint,
-            input.ekHash ?? null,
-            input.hardwareSerial,
-            input.evidence === undefined ? null : JSON.stringify(input.evidence),
-            input.certSerial,
-            input.certNotAfter.getTime(),
-            now,
-          ],
+          newDeviceParams(input, now),
         );
         const row = r.rows[0];
         if (row === undefined)
@@ -569,16 +545,7 @@ export class PgRegistrarStore implements RegistrarStore {
         const r = await c.query<DeviceRow>(
           `UPDATE devices SET public_jwk = $1, thumbprint = $2, evidence = $3, cert_serial = $4, cert_not_after = $5,
              updated_at = $6 WHERE device_id = $7 AND thumbprint = $8 AND status = 'active' RETURNING *`,
-          [
-            JSON.stringify(input.publicJwk),
-            input.thumbprint,
-            input.evidence === undefined ? null : JSON.stringify(input.evidence),
-            input.certSerial,
-            input.certNotAfter.getTime(),
-            input.at.getTime(),
-            input.deviceId,
-            input.previousThumbprint,
-          ],
+          replaceKeyParams(input),
         );
         const row = r.rows[0];
         if (row === undefined)
@@ -640,14 +607,8 @@ export class PgRegistrarStore implements RegistrarStore {
     const row = r.rows[0];
     if (row !== undefined) return rotationOf(row);
     const s = (await this.#q<RotationRow>("SELECT * FROM rotation_sessions WHERE id = $1", [id])).rows[0];
-    if (s === undefined) throw refused("ERR_SESSION_UNKNOWN", "session not found");
-    // Security: a replayed finish must not get a second certificate.
-    if (s.consumed_at !== null) throw refused("ERR_SESSION_CONSUMED", "session used");
-    // Security: the nonce is another device's challenge; it is not consumed by a stranger's attempt.
-    if (s.device_id !== deviceId)
-      throw refused("ERR_ROTATION_SESSION_DEVICE", "session belongs to another device");
-    // Security: a short-lived nonce bounds how long a certification can be held back and used.
-    throw refused("ERR_SESSION_EXPIRED", "session expired");
+    // The conditional UPDATE matched nothing: say which rule refused it.
+    throw rotationRefusal(s, deviceId, t) ?? refused("ERR_SESSION_EXPIRED", "session expired");
   }
 
   async putAttestationPolicy(policy: NewAttestationPolicy): Promise<AttestationPolicy> {
@@ -856,51 +817,27 @@ async function consumeProof(c: Queryable, input: CommitEnrolment, now: number): 
   );
   if (r.rowCount === 1) return;
   const row = (await c.query<SessionRow>("SELECT * FROM sessions WHERE id = $1", [proof.id])).rows[0];
-  if (row === undefined) throw refused("ERR_SESSION_UNKNOWN", "enrolment session not found");
-  // Security: a session's proof (secret, nonce) counts once: replay and concurrent finishes lose.
-  if (row.consumed_at !== null) throw refused("ERR_SESSION_CONSUMED", "enrolment session already used");
-  throw refused("ERR_SESSION_EXPIRED", "enrolment session expired");
+  // The conditional UPDATE matched nothing: say which rule refused it.
+  throw sessionRefusal(row, now) ?? refused("ERR_SESSION_EXPIRED", "enrolment session expired");
 }
 
-/** Same rules as SqliteRegistrarStore#matchHardware (see there for the why of each check). */
+/** Reads the devices under the request's EK and key (locked when `lock`), then applies refusals.ts. */
 async function matchHardware(
   c: Queryable | pg.Pool,
   input: PlanEnrolment,
   lock: boolean,
 ): Promise<DeviceRecord | undefined> {
   const forUpdate = lock ? " FOR UPDATE" : "";
-  let byEk: DeviceRecord | undefined;
-  try {
-    if (input.ekHash !== undefined) {
+  const by = async (column: "ek_hash" | "thumbprint", value: string): Promise<DeviceRecord | undefined> => {
+    try {
       const row = (
-        await c.query<DeviceRow>(`SELECT * FROM devices WHERE ek_hash = $1${forUpdate}`, [input.ekHash])
+        await c.query<DeviceRow>(`SELECT * FROM devices WHERE ${column} = $1${forUpdate}`, [value])
       ).rows[0];
-      byEk = row === undefined ? undefined : deviceOf(row);
+      return row === undefined ? undefined : deviceOf(row);
+    } catch (err) {
+      throw storeError(err);
     }
-  } catch (err) {
-    throw storeError(err);
-  }
-  // Security: one EK is one TPM; a different device key under a registered EK would swap the identity's key.
-  if (byEk !== undefined && byEk.thumbprint !== input.thumbprint)
-    throw refused("ERR_EK_ALREADY_REGISTERED", "this endorsement key is already registered");
-  let byKey: DeviceRecord | undefined;
-  try {
-    const row = (
-      await c.query<DeviceRow>(`SELECT * FROM devices WHERE thumbprint = $1${forUpdate}`, [input.thumbprint])
-    ).rows[0];
-    byKey = row === undefined ? undefined : deviceOf(row);
-  } catch (err) {
-    throw storeError(err);
-  }
-  // Security: a key registered through another method or under another EK is another device.
-  if (byKey !== undefined && (byKey.ekHash !== input.ekHash || byKey.method !== input.method))
-    throw refused("ERR_KEY_ALREADY_REGISTERED", "this device key is already registered");
-  const existing = byEk ?? byKey;
-  if (existing === undefined) return undefined;
-  // Security: a self-asserted serial that differs means the request claims other hardware.
-  if (existing.hardwareSerial !== input.hardwareSerial)
-    throw refused("ERR_HARDWARE_MISMATCH", "hardware does not match the registered device");
-  // Security: a revoked identity stays revoked; re-enrolment must not resurrect it.
-  if (existing.status === "revoked") throw refused("ERR_DEVICE_REVOKED", "the device is revoked");
-  return existing;
+  };
+  const byEk = input.ekHash === undefined ? undefined : await by("ek_hash", input.ekHash);
+  return matchRules(input, byEk, await by("thumbprint", input.thumbprint));
 }

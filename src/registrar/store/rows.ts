@@ -2,17 +2,23 @@ import type { Attributes, EnrolmentMethod } from "../../wire/v1/index.js";
 import type {
   AttestationPolicy,
   BootstrapTokenRecord,
+  CommitEnrolment,
   DeviceAttestation,
   DeviceRecord,
   EnrolmentGroup,
   EnrolmentSession,
+  NewBootstrapToken,
+  NewEnrolmentGroup,
+  ReplaceDeviceKey,
   RotationSessionRecord,
   SessionData,
 } from "./store.js";
 
 /**
- * Row shapes and row → record mapping shared by the SQLite and PostgreSQL stores (both keep
- * timestamps as integer milliseconds and JSON as text).
+ * Row shapes, row → record mapping and record → statement parameters shared by the SQLite and
+ * PostgreSQL stores (both keep timestamps as integer milliseconds and JSON as text). The parameter
+ * builders return values in the column order of the statements named in their TSDoc; both stores
+ * write those statements with the same column order.
  */
 
 export interface GroupRow {
@@ -147,42 +153,31 @@ export interface DeviceAttestationRow {
   updated_at: number;
 }
 
-/** The JSON document of a policy row (everything but group and version). */
+/** The fields of a policy kept in the row's JSON document (group, version, updated_at are columns). */
+const POLICY_FIELDS = [
+  "selection",
+  "golden",
+  "goldenEventLog",
+  "goldenSource",
+  "maxQuoteAgeSec",
+  "requireForTokens",
+  "requireForRenewal",
+  "nonAttestable",
+] as const satisfies readonly (keyof AttestationPolicy)[];
+type PolicyDocument = Pick<AttestationPolicy, (typeof POLICY_FIELDS)[number]>;
+
+/** The JSON document of a policy row; an absent optional is written as null. */
 export function policyJson(p: Omit<AttestationPolicy, "version">): string {
-  return JSON.stringify({
-    selection: p.selection,
-    golden: p.golden ?? null,
-    goldenEventLog: p.goldenEventLog ?? null,
-    goldenSource: p.goldenSource ?? null,
-    maxQuoteAgeSec: p.maxQuoteAgeSec,
-    requireForTokens: p.requireForTokens,
-    requireForRenewal: p.requireForRenewal,
-    nonAttestable: p.nonAttestable,
-  });
+  return JSON.stringify(Object.fromEntries(POLICY_FIELDS.map((k) => [k, p[k] ?? null])));
 }
 
 export function policyOf(row: PolicyRow): AttestationPolicy {
-  const j = JSON.parse(row.policy) as {
-    selection: AttestationPolicy["selection"];
-    golden: Record<string, string> | null;
-    goldenEventLog: string | null;
-    goldenSource: string | null;
-    maxQuoteAgeSec: number;
-    requireForTokens: boolean;
-    requireForRenewal: boolean;
-    nonAttestable: "claimless" | "refuse";
-  };
+  const j = JSON.parse(row.policy) as Record<string, unknown>;
+  const doc = Object.fromEntries(POLICY_FIELDS.map((k) => [k, j[k] ?? undefined])) as PolicyDocument;
   return {
     group: row.group_name,
     version: Number(row.version),
-    selection: j.selection,
-    golden: j.golden ?? undefined,
-    goldenEventLog: j.goldenEventLog ?? undefined,
-    goldenSource: j.goldenSource ?? undefined,
-    maxQuoteAgeSec: j.maxQuoteAgeSec,
-    requireForTokens: j.requireForTokens,
-    requireForRenewal: j.requireForRenewal,
-    nonAttestable: j.nonAttestable,
+    ...doc,
     updatedAt: new Date(Number(row.updated_at)),
   };
 }
@@ -219,4 +214,84 @@ export function deviceAttestationOf(row: DeviceAttestationRow): DeviceAttestatio
     anomaly: j.anomaly === null ? undefined : { ...j.anomaly, at: new Date(j.anomaly.at) },
     reboots: Number(j.reboots ?? 0),
   };
+}
+
+// --- record → statement parameters ------------------------------------------------------------------
+
+const jsonOrNull = (v: Record<string, unknown> | undefined): string | null =>
+  v === undefined ? null : JSON.stringify(v);
+
+/** `INSERT INTO groups (name, role, attributes, methods, ek_trust_dir, ek_allow, created_at)`. */
+export function groupParams(g: NewEnrolmentGroup): unknown[] {
+  return [
+    g.name,
+    g.role,
+    JSON.stringify(g.attributes),
+    JSON.stringify(g.methods),
+    g.ekTrustDir ?? null,
+    JSON.stringify(g.ekAllow),
+    g.createdAt.getTime(),
+  ];
+}
+
+/** `INSERT INTO bootstrap_tokens (hash, group_name, expires_at, created_at)`. */
+export function tokenParams(t: NewBootstrapToken): unknown[] {
+  return [t.hash, t.group, t.expiresAt.getTime(), t.createdAt.getTime()];
+}
+
+/**
+ * `INSERT INTO devices (device_id, method, status = 'active', group_name, role, attributes, public_jwk,
+ * thumbprint, ek_hash, hardware_serial, evidence, cert_serial, cert_not_after, created_at)`; the
+ * caller binds `updated_at` to the same `now`.
+ */
+export function newDeviceParams(input: CommitEnrolment, now: number): unknown[] {
+  return [
+    input.deviceId,
+    input.method,
+    input.group,
+    input.role,
+    JSON.stringify(input.attributes),
+    JSON.stringify(input.publicJwk),
+    input.thumbprint,
+    input.ekHash ?? null,
+    input.hardwareSerial,
+    jsonOrNull(input.evidence),
+    input.certSerial,
+    input.certNotAfter.getTime(),
+    now,
+  ];
+}
+
+/**
+ * `UPDATE devices SET group_name, role, attributes, evidence, cert_serial, cert_not_after, updated_at
+ * WHERE device_id = ? AND status = 'active'` (a re-enrolment of known hardware).
+ */
+export function reissueParams(input: CommitEnrolment, deviceId: string, now: number): unknown[] {
+  return [
+    input.group,
+    input.role,
+    JSON.stringify(input.attributes),
+    jsonOrNull(input.evidence),
+    input.certSerial,
+    input.certNotAfter.getTime(),
+    now,
+    deviceId,
+  ];
+}
+
+/**
+ * `UPDATE devices SET public_jwk, thumbprint, evidence, cert_serial, cert_not_after, updated_at
+ * WHERE device_id = ? AND thumbprint = ? AND status = 'active'` (a key rotation).
+ */
+export function replaceKeyParams(input: ReplaceDeviceKey): unknown[] {
+  return [
+    JSON.stringify(input.publicJwk),
+    input.thumbprint,
+    jsonOrNull(input.evidence),
+    input.certSerial,
+    input.certNotAfter.getTime(),
+    input.at.getTime(),
+    input.deviceId,
+    input.previousThumbprint,
+  ];
 }

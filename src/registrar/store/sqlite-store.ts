@@ -1,8 +1,9 @@
 import { closeSync, constants, mkdirSync, openSync } from "node:fs";
 import { dirname } from "node:path";
 import Database from "better-sqlite3";
-import { type ErrorCode, M2mError } from "../../core/errors.js";
+import { M2mError } from "../../core/errors.js";
 import { MIGRATIONS, SCHEMA_VERSION } from "./migrations.js";
+import { matchHardware, refused, rotationRefusal, schemaNewer, sessionRefusal } from "./refusals.js";
 import {
   type DeviceAttestationRow,
   type DeviceRow,
@@ -11,15 +12,20 @@ import {
   deviceOf,
   type GroupRow,
   groupOf,
+  groupParams,
+  newDeviceParams,
   type PolicyRow,
   policyJson,
   policyOf,
   type RotationRow,
+  reissueParams,
+  replaceKeyParams,
   rotationOf,
   type SessionRow,
   sessionOf,
   type TokenRow,
   tokenOf,
+  tokenParams,
 } from "./rows.js";
 import type {
   AttestationPolicy,
@@ -32,6 +38,7 @@ import type {
   EnrolmentGroup,
   EnrolmentSession,
   NewAttestationPolicy,
+  NewBootstrapToken,
   NewEnrolmentGroup,
   NewEnrolmentSession,
   PlanEnrolment,
@@ -41,9 +48,6 @@ import type {
   RotationSessionRecord,
 } from "./store.js";
 import { isTokenRetry } from "./token-retry.js";
-
-export const refused = (code: ErrorCode, message: string): M2mError =>
-  new M2mError(code, "permanent", message);
 
 /**
  * SQLite registry (better-sqlite3 12): WAL journal, prepared statements, every decision in a
@@ -207,15 +211,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
     if (this.#stmt.getGroup.get(group.name) !== undefined) {
       throw refused("ERR_GROUP_EXISTS", `enrolment group ${group.name} already exists`);
     }
-    this.#stmt.insertGroup.run(
-      group.name,
-      group.role,
-      JSON.stringify(group.attributes),
-      JSON.stringify(group.methods),
-      group.ekTrustDir ?? null,
-      JSON.stringify(group.ekAllow),
-      group.createdAt.getTime(),
-    );
+    this.#stmt.insertGroup.run(groupParams(group));
     return group;
   }
 
@@ -276,16 +272,11 @@ export class SqliteRegistrarStore implements RegistrarStore {
       .immediate();
   }
 
-  async addBootstrapToken(token: {
-    hash: string;
-    group: string;
-    expiresAt: Date;
-    createdAt: Date;
-  }): Promise<void> {
+  async addBootstrapToken(token: NewBootstrapToken): Promise<void> {
     if (this.#stmt.getGroup.get(token.group) === undefined) {
       throw refused("ERR_GROUP_UNKNOWN", `enrolment group ${token.group} does not exist`);
     }
-    this.#stmt.insertToken.run(token.hash, token.group, token.expiresAt.getTime(), token.createdAt.getTime());
+    this.#stmt.insertToken.run(tokenParams(token));
   }
 
   async getBootstrapToken(hash: string): Promise<BootstrapTokenRecord | undefined> {
@@ -359,14 +350,8 @@ export class SqliteRegistrarStore implements RegistrarStore {
     return this.#db
       .transaction((): RotationSessionRecord => {
         const row = this.#stmt.getRotation.get(id);
-        if (row === undefined) throw refused("ERR_SESSION_UNKNOWN", "session not found");
-        // Security: a replayed finish must not get a second certificate.
-        if (row.consumed_at !== null) throw refused("ERR_SESSION_CONSUMED", "session used");
-        // Security: the nonce is another device's challenge; it is not consumed by a stranger's attempt.
-        if (row.device_id !== deviceId)
-          throw refused("ERR_ROTATION_SESSION_DEVICE", "session belongs to another device");
-        // Security: a short-lived nonce bounds how long a certification can be held back and used.
-        if (row.expires_at <= now.getTime()) throw refused("ERR_SESSION_EXPIRED", "session expired");
+        const refusal = rotationRefusal(row, deviceId, now.getTime());
+        if (refusal !== undefined || row === undefined) throw refusal;
         if (this.#stmt.takeRotation.run(now.getTime(), id, deviceId).changes !== 1)
           throw refused("ERR_SESSION_CONSUMED", "session used");
         return rotationOf(row);
@@ -481,33 +466,10 @@ export class SqliteRegistrarStore implements RegistrarStore {
       : { deviceId: existing.deviceId, existing: true };
   }
 
-  /**
-   * Finds the device this hardware already is, or refuses when the request would rebind an existing
-   * identity to different hardware.
-   */
+  /** The device this hardware already is (refusals.ts `matchHardware` says when it refuses). */
   #matchHardware(input: PlanEnrolment): DeviceRecord | undefined {
     const byEk = input.ekHash === undefined ? undefined : this.#deviceBy(this.#stmt.byEk.get(input.ekHash));
-    // Security: one EK is one TPM; a different device key under a registered EK would let whoever
-    // holds that TPM's AK swap the identity's key without proving possession of the old one.
-    if (byEk !== undefined && byEk.thumbprint !== input.thumbprint) {
-      throw refused("ERR_EK_ALREADY_REGISTERED", "this endorsement key is already registered");
-    }
-    const byKey = this.#deviceBy(this.#stmt.byThumb.get(input.thumbprint));
-    // Security: a key registered through another method or under another EK is another device.
-    if (byKey !== undefined && (byKey.ekHash !== input.ekHash || byKey.method !== input.method)) {
-      throw refused("ERR_KEY_ALREADY_REGISTERED", "this device key is already registered");
-    }
-    const existing = byEk ?? byKey;
-    if (existing === undefined) return undefined;
-    // Security: a self-asserted serial that differs means the request claims other hardware.
-    if (existing.hardwareSerial !== input.hardwareSerial) {
-      throw refused("ERR_HARDWARE_MISMATCH", "hardware does not match the registered device");
-    }
-    // Security: a revoked identity stays revoked; re-enrolment must not resurrect it.
-    if (existing.status === "revoked") {
-      throw refused("ERR_DEVICE_REVOKED", "the device is revoked");
-    }
-    return existing;
+    return matchHardware(input, byEk, this.#deviceBy(this.#stmt.byThumb.get(input.thumbprint)));
   }
 
   async commitEnrolment(input: CommitEnrolment): Promise<CommitResult> {
@@ -520,38 +482,14 @@ export class SqliteRegistrarStore implements RegistrarStore {
         if (existing.deviceId !== input.deviceId) {
           throw refused("ERR_KEY_ALREADY_REGISTERED", "this device key is already registered");
         }
-        this.#stmt.reissueDevice.run(
-          input.group,
-          input.role,
-          JSON.stringify(input.attributes),
-          input.evidence === undefined ? null : JSON.stringify(input.evidence),
-          input.certSerial,
-          input.certNotAfter.getTime(),
-          now,
-          existing.deviceId,
-        );
+        this.#stmt.reissueDevice.run(reissueParams(input, existing.deviceId, now));
         this.#stmt.insertCert.run(input.certSerial, existing.deviceId, input.certNotAfter.getTime(), now);
         return { device: this.#mustGet(existing.deviceId), reenrolled: true };
       }
       if (this.#stmt.getDevice.get(input.deviceId) !== undefined) {
         throw refused("ERR_KEY_ALREADY_REGISTERED", "device id already in use");
       }
-      this.#stmt.insertDevice.run(
-        input.deviceId,
-        input.method,
-        input.group,
-        input.role,
-        JSON.stringify(input.attributes),
-        JSON.stringify(input.publicJwk),
-        input.thumbprint,
-        input.ekHash ?? null,
-        input.hardwareSerial,
-        input.evidence === undefined ? null : JSON.stringify(input.evidence),
-        input.certSerial,
-        input.certNotAfter.getTime(),
-        now,
-        now,
-      );
+      this.#stmt.insertDevice.run(...newDeviceParams(input, now), now);
       this.#stmt.insertCert.run(input.certSerial, input.deviceId, input.certNotAfter.getTime(), now);
       return { device: this.#mustGet(input.deviceId), reenrolled: false };
     });
@@ -582,11 +520,8 @@ export class SqliteRegistrarStore implements RegistrarStore {
       if (changed !== 1) throw refused("ERR_TOKEN_USED", "bootstrap token already used");
       return;
     }
-    const row = this.#stmt.getSession.get(proof.id);
-    if (row === undefined) throw refused("ERR_SESSION_UNKNOWN", "enrolment session not found");
-    // Security: a session's proof (secret, nonce) counts once: replay and concurrent finishes lose.
-    if (row.consumed_at !== null) throw refused("ERR_SESSION_CONSUMED", "enrolment session already used");
-    if (row.expires_at <= now) throw refused("ERR_SESSION_EXPIRED", "enrolment session expired");
+    const refusal = sessionRefusal(this.#stmt.getSession.get(proof.id), now);
+    if (refusal !== undefined) throw refusal;
     const changed = this.#stmt.consumeSession.run(now, proof.id, now).changes;
     if (changed !== 1) throw refused("ERR_SESSION_CONSUMED", "enrolment session already used");
   }
@@ -638,16 +573,7 @@ export class SqliteRegistrarStore implements RegistrarStore {
       // Security: a key registered to any device (this one included) is never accepted as "new".
       if (other !== undefined)
         throw refused("ERR_KEY_ALREADY_REGISTERED", "this device key is already registered");
-      const changed = this.#stmt.replaceKey.run(
-        JSON.stringify(input.publicJwk),
-        input.thumbprint,
-        input.evidence === undefined ? null : JSON.stringify(input.evidence),
-        input.certSerial,
-        input.certNotAfter.getTime(),
-        input.at.getTime(),
-        input.deviceId,
-        input.previousThumbprint,
-      ).changes;
+      const changed = this.#stmt.replaceKey.run(replaceKeyParams(input)).changes;
       if (changed !== 1) throw refused("ERR_ROTATION_CONFLICT", "the device key changed during the rotation");
       this.#stmt.insertCert.run(
         input.certSerial,
@@ -726,13 +652,4 @@ export class SqliteRegistrarStore implements RegistrarStore {
     this.#flushAudit();
     if (this.#db.open) this.#db.close();
   }
-}
-
-export function schemaNewer(version: number): M2mError {
-  return new M2mError(
-    "ERR_STORE_SCHEMA_NEWER",
-    "permanent",
-    `the database schema (version ${version}) is newer than this registrar understands (${SCHEMA_VERSION})`,
-    { hint: "upgrade m2m-registrar on this host; every replica must run the same or a newer release" },
-  );
 }

@@ -23,7 +23,7 @@ export interface RegistrarStore {
 
   // --- bootstrap tokens (only the SHA-256 of the token is ever stored) ---------------------------
   /** @throws ERR_GROUP_UNKNOWN */
-  addBootstrapToken(token: { hash: string; group: string; expiresAt: Date; createdAt: Date }): Promise<void>;
+  addBootstrapToken(token: NewBootstrapToken): Promise<void>;
   /** Read-only lookup of a token (the CLI, and pre-checks that must not consume). */
   getBootstrapToken(hash: string): Promise<BootstrapTokenRecord | undefined>;
   /** Every bootstrap token (hashes only), newest first. */
@@ -234,6 +234,14 @@ export interface NewEnrolmentGroup {
   readonly createdAt: Date;
 }
 export type EnrolmentGroup = NewEnrolmentGroup;
+
+/** A bootstrap token as issued (its hash only; the token itself is shown once and never stored). */
+export interface NewBootstrapToken {
+  readonly hash: string;
+  readonly group: string;
+  readonly expiresAt: Date;
+  readonly createdAt: Date;
+}
 
 export interface BootstrapTokenRecord {
   readonly hash: string;

@@ -27,6 +27,13 @@ export function b64url(maxChars: number) {
 }
 
 const version = z.literal(WIRE_VERSION);
+/**
+ * A v1 message: it carries `v` and is strict (unknown keys refused, so a typo or a field from a newer
+ * protocol is an error, never silently dropped).
+ */
+export function v1Message<S extends z.ZodRawShape>(shape: S) {
+  return z.object({ v: version, ...shape }).strict();
+}
 /** A printable identifier (group names, serials, attribute keys). */
 const ident = (max: number) =>
   z
@@ -46,53 +53,49 @@ const TPM2B_PUBLIC_B64 = 2048;
 const CERT_B64 = 8192;
 const CSR_B64 = 8192;
 
-export const tpmBeginRequestSchema = z
-  .object({
-    v: version,
-    /** EK certificate (DER) read from the TPM's NV index, when the TPM has one. */
-    ekCertDer: b64url(CERT_B64).optional(),
-    /** Intermediate CA certificates (DER) that came with the EK certificate, if any. */
-    ekChainDer: z.array(b64url(CERT_B64)).max(4).optional(),
-    /** EK public area as TPM2B_PUBLIC: the key MakeCredential encrypts to. Always required. */
-    ekPublic: b64url(TPM2B_PUBLIC_B64),
-    /** AK public area (TPM2B_PUBLIC): restricted signing key under the EK. */
-    akPublic: b64url(TPM2B_PUBLIC_B64),
-    /** Device key public area (TPM2B_PUBLIC): the key that gets the certificate. */
-    devicePublic: b64url(TPM2B_PUBLIC_B64),
-    hardwareSerial: ident(128),
-    requestedAttributes: attributesSchema.default({}),
-    group: ident(64).optional(),
-  })
-  .strict();
+/** A TPM2_Certify of a device key by the AK, qualified with the registrar's nonce (enrolment, rotation). */
+export const tpmCertificationShape = {
+  /** TPMS_ATTEST produced by TPM2_Certify(device key, AK, nonce). */
+  attest: b64url(2048),
+  /** TPMT_SIGNATURE over `attest` by the AK. */
+  signature: b64url(1024),
+};
+
+export const tpmBeginRequestSchema = v1Message({
+  /** EK certificate (DER) read from the TPM's NV index, when the TPM has one. */
+  ekCertDer: b64url(CERT_B64).optional(),
+  /** Intermediate CA certificates (DER) that came with the EK certificate, if any. */
+  ekChainDer: z.array(b64url(CERT_B64)).max(4).optional(),
+  /** EK public area as TPM2B_PUBLIC: the key MakeCredential encrypts to. Always required. */
+  ekPublic: b64url(TPM2B_PUBLIC_B64),
+  /** AK public area (TPM2B_PUBLIC): restricted signing key under the EK. */
+  akPublic: b64url(TPM2B_PUBLIC_B64),
+  /** Device key public area (TPM2B_PUBLIC): the key that gets the certificate. */
+  devicePublic: b64url(TPM2B_PUBLIC_B64),
+  hardwareSerial: ident(128),
+  requestedAttributes: attributesSchema.default({}),
+  group: ident(64).optional(),
+});
 export type TpmBeginRequest = z.infer<typeof tpmBeginRequestSchema>;
 
-export const tpmBeginResponseSchema = z
-  .object({
-    v: version,
-    sessionId: ident(64),
-    /** tpm2-tools credential blob: `BADCC0DE 00000001 TPM2B_ID_OBJECT TPM2B_ENCRYPTED_SECRET`. */
-    credentialBlob: b64url(4096),
-    /** Fresh nonce to pass as qualifying data to TPM2_Certify. */
-    nonce: b64url(128),
-    expiresAt: z.iso.datetime(),
-  })
-  .strict();
+export const tpmBeginResponseSchema = v1Message({
+  sessionId: ident(64),
+  /** tpm2-tools credential blob: `BADCC0DE 00000001 TPM2B_ID_OBJECT TPM2B_ENCRYPTED_SECRET`. */
+  credentialBlob: b64url(4096),
+  /** Fresh nonce to pass as qualifying data to TPM2_Certify. */
+  nonce: b64url(128),
+  expiresAt: z.iso.datetime(),
+});
 export type TpmBeginResponse = z.infer<typeof tpmBeginResponseSchema>;
 
-export const tpmFinishRequestSchema = z
-  .object({
-    v: version,
-    sessionId: ident(64),
-    /** The secret recovered by TPM2_ActivateCredential. */
-    secret: b64url(128),
-    /** TPMS_ATTEST produced by TPM2_Certify(device key, AK, nonce). */
-    attest: b64url(2048),
-    /** TPMT_SIGNATURE over `attest` by the AK. */
-    signature: b64url(1024),
-    /** PKCS#10 CSR (DER) signed by the device key. */
-    csr: b64url(CSR_B64),
-  })
-  .strict();
+export const tpmFinishRequestSchema = v1Message({
+  sessionId: ident(64),
+  /** The secret recovered by TPM2_ActivateCredential. */
+  secret: b64url(128),
+  ...tpmCertificationShape,
+  /** PKCS#10 CSR (DER) signed by the device key. */
+  csr: b64url(CSR_B64),
+});
 export type TpmFinishRequest = z.infer<typeof tpmFinishRequestSchema>;
 
 /** PKCS#11 key attributes as the token reports them: self-asserted, recorded, never trusted. */
@@ -110,21 +113,18 @@ export const pkcs11EvidenceSchema = z
   .strict();
 export type Pkcs11Evidence = z.infer<typeof pkcs11EvidenceSchema>;
 
-export const pkcs11EnrollRequestSchema = z
-  .object({
-    v: version,
-    /** One-time bootstrap token issued by the operator. */
-    bootstrapToken: z
-      .string()
-      .min(16)
-      .max(256)
-      .regex(/^[A-Za-z0-9._~-]+$/),
-    csr: b64url(CSR_B64),
-    evidence: pkcs11EvidenceSchema,
-    hardwareSerial: ident(128),
-    requestedAttributes: attributesSchema.default({}),
-  })
-  .strict();
+export const pkcs11EnrollRequestSchema = v1Message({
+  /** One-time bootstrap token issued by the operator. */
+  bootstrapToken: z
+    .string()
+    .min(16)
+    .max(256)
+    .regex(/^[A-Za-z0-9._~-]+$/),
+  csr: b64url(CSR_B64),
+  evidence: pkcs11EvidenceSchema,
+  hardwareSerial: ident(128),
+  requestedAttributes: attributesSchema.default({}),
+});
 export type Pkcs11EnrollRequest = z.infer<typeof pkcs11EnrollRequestSchema>;
 
 export const enrolmentMethodSchema = z.enum(["tpm", "pkcs11"]);
@@ -145,18 +145,15 @@ export type Endpoints = z.infer<typeof endpointsSchema>;
 
 const pem = z.string().min(1).max(16_384);
 
-export const enrolmentResultSchema = z
-  .object({
-    v: version,
-    deviceId: ident(64),
-    role: ident(64),
-    attributes: attributesSchema,
-    certificatePem: pem,
-    caChainPem: z.array(pem).min(1).max(4),
-    endpoints: endpointsSchema,
-    method: enrolmentMethodSchema,
-  })
-  .strict();
+export const enrolmentResultSchema = v1Message({
+  deviceId: ident(64),
+  role: ident(64),
+  attributes: attributesSchema,
+  certificatePem: pem,
+  caChainPem: z.array(pem).min(1).max(4),
+  endpoints: endpointsSchema,
+  method: enrolmentMethodSchema,
+});
 export type EnrolmentResult = z.infer<typeof enrolmentResultSchema>;
 
 /**
@@ -194,20 +191,17 @@ export const ENROLL_ERROR_CODES = [
   "ERR_ATTESTATION",
 ] as const satisfies readonly ErrorCode[];
 
-export const errorBodySchema = z
-  .object({
-    v: version,
-    error: z
-      .object({
-        code: z
-          .string()
-          .max(64)
-          .regex(/^ERR_[A-Z0-9_]+$/),
-        message: z.string().max(512),
-        /** For ERR_SCHEMA only: the path of the first offending field (never its value). */
-        field: z.string().max(256).optional(),
-      })
-      .strict(),
-  })
-  .strict();
+export const errorBodySchema = v1Message({
+  error: z
+    .object({
+      code: z
+        .string()
+        .max(64)
+        .regex(/^ERR_[A-Z0-9_]+$/),
+      message: z.string().max(512),
+      /** For ERR_SCHEMA only: the path of the first offending field (never its value). */
+      field: z.string().max(256).optional(),
+    })
+    .strict(),
+});
 export type ErrorBody = z.infer<typeof errorBodySchema>;
