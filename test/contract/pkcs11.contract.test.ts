@@ -1,6 +1,7 @@
 import { expect } from "vitest";
 import { initSoftHsm, inspectKeyInNewProcess } from "../../hw/softhsm.js";
 import { finalizeModule, Pkcs11KeyProvider } from "../../src/keys/pkcs11/index.js";
+import { TOKEN_KEY_EVIDENCE } from "../kit/pkcs11-evidence.js";
 import { describeKeyProviderContract } from "./key-provider-contract.js";
 
 // The same KeyProvider contract as the TPM and the fake, against a real SoftHSM2 token.
@@ -34,15 +35,7 @@ describeKeyProviderContract("pkcs11 (SoftHSM2)", async () => {
         CKA_ALWAYS_SENSITIVE: true,
         CKA_LOCAL: true,
       });
-      expect(await provider.evidence()).toEqual({
-        kind: "pkcs11",
-        local: true,
-        neverExtractable: true,
-        alwaysSensitive: true,
-        extractable: false,
-        sensitive: true,
-        selfAsserted: true,
-      });
+      expect(await provider.evidence()).toEqual(TOKEN_KEY_EVIDENCE);
     },
     propertyRuns: 2000,
     teardown: async () => {

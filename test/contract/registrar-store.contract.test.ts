@@ -13,6 +13,7 @@ import {
   type SessionData,
   SqliteRegistrarStore,
 } from "../../src/registrar/store/index.js";
+import { enrolmentCommit } from "../kit/enrolment-commit.js";
 
 /**
  * One contract for RegistrarStore, run against SQLite and a real PostgreSQL (hw/postgres.ts). Every
@@ -80,24 +81,7 @@ function postgresBackend(): Backend {
 const T0 = new Date("2026-06-01T00:00:00Z");
 const at = (ms: number): Date => new Date(T0.getTime() + ms);
 
-const commit = (over: Partial<CommitEnrolment>): CommitEnrolment => ({
-  method: "pkcs11",
-  thumbprint: "thumb-1",
-  ekHash: undefined,
-  hardwareSerial: "SN-1",
-  proposedDeviceId: "dev-1",
-  deviceId: "dev-1",
-  proof: { kind: "token", hash: "none" },
-  now: T0,
-  group: "g",
-  role: "r",
-  attributes: {},
-  publicJwk: { kty: "EC" },
-  evidence: undefined,
-  certSerial: "01",
-  certNotAfter: at(86_400_000),
-  ...over,
-});
+const commit = (over: Partial<CommitEnrolment>): CommitEnrolment => enrolmentCommit(T0, at(86_400_000), over);
 
 const sessionData = (ekHash: string): SessionData => ({
   group: "g",

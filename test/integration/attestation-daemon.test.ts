@@ -1,22 +1,17 @@
-import { copyFile, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
-import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
+import { beforeAll, describe, expect, it } from "vitest";
+import type { SwtpmHandle } from "../../hw/swtpm.js";
+import { useCleanup } from "../kit/cleanup.js";
+import { startDaemon } from "./daemon-cli-kit.js";
 import {
   AGENT_CLI,
-  agentToml,
-  cliEnv,
-  ensureBuilt,
+  agentStatus,
   eventually,
   jwtClaims,
   REGISTRAR_CLI,
-  type RegistrarProcess,
   type RegistrarSetup,
   runNode,
-  setupRegistrar,
-  startRegistrarProcess,
+  startTpmGateway,
 } from "./e2e-kit.js";
 
 interface StatusJson {
@@ -32,75 +27,41 @@ interface StatusJson {
  * "PCR 7 differs from the policy"; approve again → running.
  */
 describe("continuous attestation: built registrar + agent daemon on swtpm", () => {
-  let work: string;
+  const defer = useCleanup();
   let tpm: SwtpmHandle;
   let env: NodeJS.ProcessEnv;
   let setup: RegistrarSetup;
-  let registrar: RegistrarProcess;
   let config: string;
-  let daemon: Daemon | undefined;
 
-  const status = async (): Promise<StatusJson> => {
-    const r = await runNode(AGENT_CLI, ["--config", config, "--json", "status"], env);
-    if (r.code !== 0 && r.code !== 3) throw new Error(`status exit ${r.code}: ${r.stderr}`);
-    return JSON.parse(r.stdout) as StatusJson;
-  };
+  const status = (): Promise<StatusJson> => agentStatus<StatusJson>(config, env);
 
   beforeAll(async () => {
-    ensureBuilt();
-    work = await mkdtemp(join(tmpdir(), "m2m-attest-e2e-"));
-    tpm = await startSwtpm();
-    env = cliEnv();
-    const ekTrust = join(work, "ek-trust");
-    await mkdir(ekTrust);
-    await copyFile(tpm.rootCaPemPath, join(ekTrust, "root.pem"));
-    await copyFile(tpm.intermediateCaPemPath, join(ekTrust, "intermediate.pem"));
-    setup = await setupRegistrar({
-      work,
-      env,
+    ({ tpm, env, setup, config } = await startTpmGateway(defer, {
+      prefix: "m2m-attest-e2e-",
       // Short tokens: the daemon refreshes (and so quotes) every few seconds.
-      extraConfig: ["[oauth]", 'access_token_ttl = "10s"'],
-      groups: [{ name: "gateways", role: "gateway", methods: "tpm", ekTrustDir: ekTrust }],
-    });
-    const pol = await setup.reg(["attestation", "policy", "set", "gateways", "--pcrs", "sha256:0,1,2,3,7"]);
-    expect(pol.code, pol.stderr + pol.stdout).toBe(0);
-    registrar = await startRegistrarProcess(setup.regConfig, env);
-    config = join(work, "agent.toml");
-    await writeFile(
-      config,
-      agentToml({
-        stateDir: join(work, "agent"),
-        runtimeDir: join(work, "run"),
-        agent: ['log_level = "info"', "drain_timeout_ms = 2000"],
-        keys: { tcti: tpm.tcti },
-        enroll: {
-          registrarUrl: registrar.url,
-          caFile: setup.caCert,
-          group: "gateways",
-          hardwareSerial: "GW-ATT-E2E",
-        },
-        sections: [
+      registrar: { extraConfig: ["[oauth]", 'access_token_ttl = "10s"'] },
+      beforeServe: async (s) => {
+        const pol = await s.reg(["attestation", "policy", "set", "gateways", "--pcrs", "sha256:0,1,2,3,7"]);
+        expect(pol.code, pol.stderr + pol.stdout).toBe(0);
+      },
+      agent: {
+        stateDir: "agent",
+        hardwareSerial: "GW-ATT-E2E",
+        keys: ["drain_timeout_ms = 2000"],
+        sections: async ({ work }) => [
           "[credentials.attestation]",
           `event_log = "${join(work, "no-event-log")}"`,
           "retry_base_s = 1",
           "retry_max_s = 2",
         ],
-        api: { socket: join(work, "api.sock"), mode0600: true },
-      }),
-      { mode: 0o600 },
-    );
+        apiMode0600: true,
+      },
+    }));
   }, 300_000);
 
-  afterAll(async () => {
-    daemon?.kill();
-    await daemon?.exited;
-    await registrar?.stop();
-    await tpm?.stop();
-    if (work !== undefined) await rm(work, { recursive: true, force: true });
-  });
-
   it("degraded with the reason while refused, recovers by itself after each operator approval", async () => {
-    daemon = startDaemon(["--config", config, "run"], env);
+    const daemon = startDaemon(["--config", config, "run"], env);
+    defer(daemon.close);
     const enrolled = await daemon.waitLog((r) => r.msg === "device enrolled", 60_000);
     const deviceId = String(enrolled.deviceId);
 

@@ -2,6 +2,7 @@ import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
+import { TOKEN_KEY_EVIDENCE } from "../kit/pkcs11-evidence.js";
 import { useTempDir } from "../kit/temp-dir.js";
 import { assertBuilt, runCli } from "./daemon-cli-kit.js";
 
@@ -42,15 +43,7 @@ describe("m2m-agent keys (PKCS#11 provider on SoftHSM2)", () => {
     const out = JSON.parse((await cli("--json", "keys", "show")).stdout) as {
       evidence: Record<string, unknown>;
     };
-    expect(out.evidence).toEqual({
-      kind: "pkcs11",
-      local: true,
-      neverExtractable: true,
-      alwaysSensitive: true,
-      extractable: false,
-      sensitive: true,
-      selfAsserted: true,
-    });
+    expect(out.evidence).toEqual(TOKEN_KEY_EVIDENCE);
   });
 
   it("test verifies a token signature with jose", async () => {

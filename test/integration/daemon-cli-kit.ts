@@ -84,6 +84,8 @@ export interface Daemon {
     timeoutMs?: number,
   ): Promise<Record<string, unknown>>;
   kill(): void;
+  /** `kill()` and wait for the exit: a closer for `useCleanup`. */
+  close(): Promise<void>;
 }
 
 export function startDaemon(args: readonly string[], env: NodeJS.ProcessEnv): Daemon {
@@ -95,6 +97,9 @@ export function startDaemon(args: readonly string[], env: NodeJS.ProcessEnv): Da
     for (const w of waiters) w();
   });
   const exited = new Promise<number | null>((res) => child.on("exit", (code) => res(code)));
+  const kill = (): void => {
+    if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+  };
   const records = (): Record<string, unknown>[] =>
     stderr
       .split("\n")
@@ -128,8 +133,10 @@ export function startDaemon(args: readonly string[], env: NodeJS.ProcessEnv): Da
         check();
       });
     },
-    kill() {
-      if (child.exitCode === null && child.signalCode === null) child.kill("SIGKILL");
+    kill,
+    async close() {
+      kill();
+      await exited;
     },
   };
 }

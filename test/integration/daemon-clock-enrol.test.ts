@@ -1,9 +1,9 @@
-import { execFileSync } from "node:child_process";
 import { mkdir, mkdtemp, rm } from "node:fs/promises";
 import { createServer, type Server } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createTestCa } from "../../hw/mosquitto.js";
 import { agentConfigSchema } from "../../src/config/index.js";
 import { ManualClock } from "../../src/core/clock.js";
 import { createLogger } from "../../src/core/log.js";
@@ -35,28 +35,7 @@ afterAll(async () => {
 describe("daemon enrolment and the clock gate", () => {
   it("waits for a trusted clock without sending anything, then enrols within seconds", async () => {
     await mkdir(join(dir, "state"), { mode: 0o700 });
-    const ca = join(dir, "ca.pem");
-    execFileSync(
-      "openssl",
-      [
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        join(dir, "ca.key"),
-        "-out",
-        ca,
-        "-days",
-        "1",
-        "-subj",
-        "/CN=clock-test",
-      ],
-      { stdio: "ignore", timeout: 20_000 },
-    );
+    const ca = (await createTestCa(await mkdtemp(join(dir, "ca-")))).caCertPath;
     const addr = server.address();
     const port = typeof addr === "object" && addr !== null ? addr.port : 0;
     const cfg = agentConfigSchema.parse({

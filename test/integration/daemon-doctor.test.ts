@@ -7,7 +7,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { initSoftHsm, type SoftHsmHandle, softHsmKeysToml } from "../../hw/softhsm.js";
 import type { CheckResult } from "../../src/daemon/doctor.js";
-import { writeEnrolmentState } from "../../src/enroll/state.js";
+import { writeGatewayEnrolment } from "../kit/enrolment-state.js";
 import { throwawayDeviceCert } from "../kit/throwaway-cert.js";
 import { assertBuilt, runCli } from "./daemon-cli-kit.js";
 
@@ -56,24 +56,17 @@ function certFor(spkiPem: string, days: number): Promise<string> {
   });
 }
 
-async function enrol(certificatePem: string, thumbprint: string): Promise<void> {
-  await writeEnrolmentState(stateDir, {
-    v: 1,
-    deviceId: "dev-1",
-    method: "pkcs11",
-    role: "gateway",
-    attributes: {},
+function enrol(certificatePem: string, thumbprint: string): Promise<void> {
+  return writeGatewayEnrolment(stateDir, {
     certificatePem,
     caChainPem: [certificatePem],
+    keyThumbprint: thumbprint,
+    registrarUrl: `https://127.0.0.1:${closedPort}`,
     endpoints: {
       registrar: "https://r.example",
       token: "https://r.example/token",
       est: "https://r.example/est",
     },
-    keyRef: "pkcs11:token=x",
-    keyThumbprint: thumbprint,
-    registrarUrl: `https://127.0.0.1:${closedPort}`,
-    enrolledAt: new Date().toISOString(),
   });
 }
 

@@ -1,19 +1,21 @@
 import { randomBytes, X509Certificate } from "node:crypto";
-import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import mqtt from "mqtt";
 import { Agent, fetch } from "undici";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { beforeAll, describe, expect, it } from "vitest";
 import { freePort, type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
-import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
+import { type SwtpmHandle, startSwtpm, writeEkTrustDir } from "../../hw/swtpm.js";
 import { signCompactJws } from "../../src/keys/jws.js";
 import { TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
+import { useCleanup } from "../kit/cleanup.js";
 import { postClientAssertion } from "../kit/token-request.js";
 import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
 import {
   AGENT_CLI,
+  agentStatus,
   agentToml,
   cliEnv,
   createBootstrapToken,
@@ -45,6 +47,7 @@ interface AgentStatusJson {
 }
 
 describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosquitto)", () => {
+  const defer = useCleanup();
   let work: string;
   let tpm: SwtpmHandle;
   let hsm: SoftHsmHandle;
@@ -64,14 +67,10 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
   const run = (config: string): Daemon => {
     const d = startDaemon(["--config", config, "run"], env);
     daemons.push(d);
+    defer(d.close);
     return d;
   };
-  const statusOf = async (config: string): Promise<AgentStatusJson> => {
-    const r = await agent(config, ["--json", "status"]);
-    // Exit 3 = reachable but not healthy (degraded): the JSON is still the status.
-    if (r.code !== 0 && r.code !== 3) throw new Error(`status exit ${r.code}: ${r.stderr}`);
-    return JSON.parse(r.stdout) as AgentStatusJson;
-  };
+  const statusOf = (config: string): Promise<AgentStatusJson> => agentStatus<AgentStatusJson>(config, env);
   const ingested = async (): Promise<{ id: string; deviceId: string; topic: string; payload: unknown }[]> => {
     const text = await readFile(ingestLog, "utf8").catch(() => "");
     return text
@@ -100,15 +99,15 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
   beforeAll(async () => {
     ensureBuilt();
     work = await mkdtemp(join(tmpdir(), "m2m-e2e-"));
+    defer(() => rm(work, { recursive: true, force: true }));
     tpm = await startSwtpm();
+    defer(() => tpm.stop());
     hsm = await initSoftHsm({ label: "e2e-sensor" });
+    defer(() => hsm.cleanup());
     env = cliEnv({ SOFTHSM2_CONF: hsm.env.SOFTHSM2_CONF });
 
     // The registrar trusts this TPM maker's EK CA (swtpm's local CA: root + intermediate).
-    const ekTrust = join(work, "ek-trust");
-    await mkdir(ekTrust);
-    await copyFile(tpm.rootCaPemPath, join(ekTrust, "root.pem"));
-    await copyFile(tpm.intermediateCaPemPath, join(ekTrust, "intermediate.pem"));
+    const ekTrust = await writeEkTrustDir(tpm, work);
 
     metricsPort = await freePort();
     ingestLog = join(work, "registrar-data", "ingest.ndjson");
@@ -134,21 +133,12 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
     });
     caCert = setup.caCert;
     registrar = await startRegistrarProcess(setup.regConfig, env);
+    defer(() => registrar.stop());
     agentConfig = join(work, "agent-tpm.toml");
     await writeFile(agentConfig, tpmAgentToml({ logLevel: "info", registrarUrl: registrar.url }), {
       mode: 0o600,
     });
   }, 300_000);
-
-  afterAll(async () => {
-    for (const d of daemons) d.kill();
-    await Promise.all(daemons.map((d) => d.exited));
-    await registrar?.stop();
-    await broker?.cleanup();
-    await tpm?.stop();
-    await hsm?.cleanup();
-    if (work !== undefined) await rm(work, { recursive: true, force: true });
-  });
 
   let deviceId = "";
 
@@ -343,6 +333,7 @@ describe("end to end: registrar + agent daemon (built CLIs, swtpm, SoftHSM, mosq
     const bootstrap = await createBootstrapToken(setup, "sensors");
 
     broker = await startMosquitto({ clientCaFile: caCert });
+    defer(() => broker.cleanup());
     const config = join(work, "agent-hsm.toml");
     await writeAgentToml(config, {
       stateDir: join(work, "agent-hsm"),

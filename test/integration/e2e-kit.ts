@@ -1,10 +1,13 @@
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import { existsSync, statSync } from "node:fs";
-import { writeFile } from "node:fs/promises";
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { expect } from "vitest";
 import type { Mosquitto } from "../../hw/mosquitto.js";
 import type { SoftHsmHandle } from "../../hw/softhsm.js";
+import { type SwtpmHandle, type SwtpmOptions, startSwtpm, writeEkTrustDir } from "../../hw/swtpm.js";
+import type { Defer } from "../kit/cleanup.js";
 import { type CliResult, REPO, runScript } from "./daemon-cli-kit.js";
 
 /**
@@ -306,6 +309,124 @@ export function agentToml(o: AgentTomlOptions): string {
   ].join("\n");
 }
 
+/** What `startTpmGateway` started and wrote. */
+export interface TpmGateway {
+  readonly work: string;
+  readonly tpm: SwtpmHandle;
+  readonly env: NodeJS.ProcessEnv;
+  readonly setup: RegistrarSetup;
+  readonly registrar: RegistrarProcess;
+  /** WORK/agent.toml (0600). */
+  readonly config: string;
+  readonly stateDir: string;
+}
+
+/**
+ * The built-CLI rig of a TPM gateway: a fresh work dir, a swtpm, the registrar (fleet CA, a
+ * "gateways" group with TPM attestation that trusts the swtpm's EK CAs, then `serve`), and
+ * WORK/agent.toml for a gateway of that group (info logs, runtime WORK/run, local API WORK/api.sock).
+ * Everything it starts is released through `defer` (last started, first stopped).
+ */
+export async function startTpmGateway(
+  defer: Defer,
+  o: {
+    /** mkdtemp prefix of the work dir. */
+    readonly prefix: string;
+    readonly swtpm?: SwtpmOptions;
+    /** Extra environment for the CLIs, from the started swtpm (e.g. its D-Bus address). */
+    readonly env?: (tpm: SwtpmHandle) => NodeJS.ProcessEnv;
+    /** `setupRegistrar`'s `topLevel` and `extraConfig`. */
+    readonly registrar?: { readonly topLevel?: readonly string[]; readonly extraConfig?: readonly string[] };
+    /** Runs after `setupRegistrar`, before `serve` (e.g. `attestation policy set`). */
+    readonly beforeServe?: (setup: RegistrarSetup) => Promise<void>;
+    readonly agent: {
+      /** The state dir, under WORK. */
+      readonly stateDir: string;
+      readonly hardwareSerial: string;
+      /** Further [agent] keys. */
+      readonly keys?: readonly string[];
+      /**
+       * Tables between [enroll] and [api]; as a function, made once the registrar is set up (it may
+       * start what they name, e.g. a broker trusting the fleet CA, and defer its cleanup).
+       */
+      readonly sections?:
+        | readonly string[]
+        | ((rig: { readonly work: string; readonly setup: RegistrarSetup }) => Promise<readonly string[]>);
+      readonly apiMode0600?: boolean;
+    };
+  },
+): Promise<TpmGateway> {
+  ensureBuilt();
+  const work = await mkdtemp(join(tmpdir(), o.prefix));
+  defer(() => rm(work, { recursive: true, force: true }));
+  const tpm = await startSwtpm(o.swtpm);
+  defer(() => tpm.stop());
+  const env = cliEnv(o.env?.(tpm));
+  const ekTrustDir = await writeEkTrustDir(tpm, work);
+  const setup = await setupRegistrar({
+    work,
+    env,
+    ...o.registrar,
+    groups: [{ name: "gateways", role: "gateway", methods: "tpm", ekTrustDir }],
+  });
+  await o.beforeServe?.(setup);
+  const registrar = await startRegistrarProcess(setup.regConfig, env);
+  defer(() => registrar.stop());
+  const config = join(work, "agent.toml");
+  const stateDir = join(work, o.agent.stateDir);
+  const sections =
+    typeof o.agent.sections === "function" ? await o.agent.sections({ work, setup }) : o.agent.sections;
+  await writeAgentToml(config, {
+    stateDir,
+    runtimeDir: join(work, "run"),
+    agent: ['log_level = "info"', ...(o.agent.keys ?? [])],
+    keys: { tcti: tpm.tcti },
+    enroll: {
+      registrarUrl: registrar.url,
+      caFile: setup.caCert,
+      group: "gateways",
+      hardwareSerial: o.agent.hardwareSerial,
+    },
+    ...(sections === undefined ? {} : { sections }),
+    api: { socket: join(work, "api.sock"), ...(o.agent.apiMode0600 === true ? { mode0600: true } : {}) },
+  });
+  return { work, tpm, env, setup, registrar, config, stateDir };
+}
+
+/** The usual SoftHSM sensor fleet's group for `setupRegistrar`: role sensor, PKCS#11 enrolment. */
+export const SENSORS_GROUP: EnrollmentGroup = { name: "sensors", role: "sensor", methods: "pkcs11" };
+
+/**
+ * Agent options for a SoftHSM sensor of `SENSORS_GROUP` enrolling with a bootstrap token: info logs,
+ * state WORK/state, runtime WORK/run, local API at WORK/api.sock; `agent` adds [agent] keys,
+ * `sections` go between [enroll] and [api].
+ */
+export function hsmSensorAgent(o: {
+  readonly work: string;
+  readonly hsm: Pick<SoftHsmHandle, "modulePath" | "tokenLabel" | "pinFile">;
+  readonly registrar: { readonly url: string; readonly caFile: string };
+  readonly bootstrapToken: string;
+  readonly hardwareSerial: string;
+  readonly agent?: readonly string[];
+  readonly sections?: readonly string[];
+  readonly apiMode0600?: boolean;
+}): AgentTomlOptions {
+  return {
+    stateDir: join(o.work, "state"),
+    runtimeDir: join(o.work, "run"),
+    agent: ['log_level = "info"', ...(o.agent ?? [])],
+    keys: { hsm: o.hsm },
+    enroll: {
+      registrarUrl: o.registrar.url,
+      caFile: o.registrar.caFile,
+      bootstrapToken: o.bootstrapToken,
+      hardwareSerial: o.hardwareSerial,
+    },
+    ...(o.sections === undefined ? {} : { sections: o.sections }),
+    api: { socket: join(o.work, "api.sock"), ...(o.apiMode0600 === true ? { mode0600: true } : {}) },
+  };
+}
+
 /** Writes `agentToml(o)` to `path` (0600: it names the PIN file and the bootstrap token). */
 export function writeAgentToml(path: string, o: AgentTomlOptions): Promise<void> {
   return writeFile(path, agentToml(o), { mode: 0o600 });
@@ -320,6 +441,16 @@ export function mqttSinkToml(broker: Pick<Mosquitto, "mtlsUrl" | "ca">, inflight
     `ca_file = "${broker.ca.caCertPath}"`,
     ...(inflight === undefined ? [] : [`inflight = ${inflight}`]),
   ];
+}
+
+/**
+ * `m2m-agent --config FILE --json status` of the running daemon, parsed. Exit 3 is reachable but not
+ * healthy (degraded): the JSON is still the status; any other non-zero exit throws.
+ */
+export async function agentStatus<T>(config: string, env: NodeJS.ProcessEnv): Promise<T> {
+  const r = await runNode(AGENT_CLI, ["--config", config, "--json", "status"], env);
+  if (r.code !== 0 && r.code !== 3) throw new Error(`status exit ${r.code}: ${r.stderr}`);
+  return JSON.parse(r.stdout) as T;
 }
 
 /** `m2m-agent --config FILE --json enroll`, which must succeed. */

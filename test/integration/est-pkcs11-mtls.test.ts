@@ -7,16 +7,16 @@ import { X509Certificate } from "@peculiar/x509";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
 import { systemClock } from "../../src/core/clock.js";
-import { EstClient } from "../../src/credentials/est/est-client.js";
+import type { EstClient } from "../../src/credentials/est/est-client.js";
 import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
 import { createCsr } from "../../src/keys/csr.js";
 import type { KeyInfo, KeyProvider } from "../../src/keys/key-provider.js";
-import { createEngineSecureContext } from "../../src/keys/pkcs11/engine-tls.js";
 import { Pkcs11KeyProvider } from "../../src/keys/pkcs11/index.js";
 import { AlternatingKeyRotation } from "../../src/keys/rotation.js";
 import { caPaths, FleetCa, initCa, verifyCsr } from "../../src/registrar/ca/fleet-ca.js";
 import { type EstDeps, estRoutes } from "../../src/registrar/est/est-service.js";
 import { InMemoryDeviceDirectory } from "../../src/registrar/oauth/directory.js";
+import { engineMtlsEstClient } from "../kit/engine-est-client.js";
 import { mountRoutes, startHttps } from "./oauth-fixtures.js";
 
 /**
@@ -106,23 +106,7 @@ function mtlsEstClient(
   certFile: string,
   keyLabel: () => string | Promise<string>,
 ): EstClient {
-  return new EstClient(
-    { baseUrl: origin, caPem: ca.certificatePem },
-    {
-      kind: "mtls",
-      certPem: () => readFile(certFile, "utf8"),
-      secureContext: async (certPem) =>
-        createEngineSecureContext({
-          modulePath: hsm.modulePath,
-          tokenLabel: hsm.tokenLabel,
-          keyLabel: await keyLabel(),
-          pinFile: hsm.pinFile,
-          certPem,
-          caPem: ca.certificatePem,
-        }),
-    },
-    systemClock,
-  );
+  return engineMtlsEstClient({ baseUrl: origin, caPem: ca.certificatePem, hsm, certFile, keyLabel });
 }
 
 describe("EST simplereenroll over mTLS with a PKCS#11 (SoftHSM) key", () => {

@@ -5,20 +5,23 @@ import { connect, createServer, type Server, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import mqtt from "mqtt";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { beforeAll, describe, expect, it } from "vitest";
 import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
-import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
+import { useCleanup } from "../kit/cleanup.js";
+import { startDaemon } from "./daemon-cli-kit.js";
 import {
   AGENT_CLI,
+  agentStatus,
   cliEnv,
   createBootstrapToken,
   enrollAgent,
   ensureBuilt,
   eventually,
-  type RegistrarProcess,
+  hsmSensorAgent,
   type RegistrarSetup,
   runNode,
+  SENSORS_GROUP,
   setupRegistrar,
   startRegistrarProcess,
   writeAgentToml,
@@ -98,22 +101,17 @@ describe("clock gating under libfaketime (built daemon, SoftHSM, mosquitto)", ()
   let work: string;
   let hsm: SoftHsmHandle;
   let broker: Mosquitto;
-  let registrar: RegistrarProcess;
   let setup: RegistrarSetup;
   let env: NodeJS.ProcessEnv;
   let config: string;
   let regProxy: CountingProxy;
   let mqttProxy: CountingProxy;
   let timeFile: string;
-  const daemons: Daemon[] = [];
+  const defer = useCleanup();
 
   const agent = (args: readonly string[], input?: string) =>
     runNode(AGENT_CLI, ["--config", config, ...args], env, input, 30_000);
-  const status = async (): Promise<StatusJson> => {
-    const r = await agent(["--json", "status"]);
-    if (r.code !== 0 && r.code !== 3) throw new Error(`status exit ${r.code}: ${r.stderr}`);
-    return JSON.parse(r.stdout) as StatusJson;
-  };
+  const status = (): Promise<StatusJson> => agentStatus<StatusJson>(config, env);
   const connections = () => ({ registrar: regProxy.connections, broker: mqttProxy.connections });
   const resetCounts = () => {
     regProxy.connections = 0;
@@ -124,10 +122,14 @@ describe("clock gating under libfaketime (built daemon, SoftHSM, mosquitto)", ()
   beforeAll(async () => {
     ensureBuilt();
     work = await mkdtemp(join(tmpdir(), "m2m-field-clock-"));
+    defer(() => rm(work, { recursive: true, force: true }));
     hsm = await initSoftHsm({ label: "field-clock" });
+    defer(() => hsm.cleanup());
     env = cliEnv({ SOFTHSM2_CONF: hsm.env.SOFTHSM2_CONF });
     regProxy = await countingProxy();
+    defer(() => regProxy.close());
     mqttProxy = await countingProxy();
+    defer(() => mqttProxy.close());
     setup = await setupRegistrar({
       work,
       env,
@@ -139,45 +141,34 @@ describe("clock gating under libfaketime (built daemon, SoftHSM, mosquitto)", ()
         "[oauth.roles]",
         'sensor = ["telemetry:write", "est"]',
       ],
-      groups: [{ name: "sensors", role: "sensor", methods: "pkcs11" }],
+      groups: [SENSORS_GROUP],
     });
-    registrar = await startRegistrarProcess(setup.regConfig, env);
+    const registrar = await startRegistrarProcess(setup.regConfig, env);
+    defer(() => registrar.stop());
     regProxy.target = Number(new URL(registrar.url).port);
     broker = await startMosquitto({ clientCaFile: setup.caCert });
+    defer(() => broker.cleanup());
     mqttProxy.target = Number(new URL(broker.mtlsUrl).port);
     config = join(work, "agent.toml");
-    await writeAgentToml(config, {
-      stateDir: join(work, "state"),
-      runtimeDir: join(work, "run"),
-      agent: ['log_level = "info"', "drain_timeout_ms = 3000"],
-      keys: { hsm },
-      enroll: {
-        registrarUrl: `https://127.0.0.1:${regProxy.port}`,
-        caFile: setup.caCert,
+    await writeAgentToml(
+      config,
+      hsmSensorAgent({
+        work,
+        hsm,
+        registrar: { url: `https://127.0.0.1:${regProxy.port}`, caFile: setup.caCert },
         bootstrapToken: await createBootstrapToken(setup, "sensors"),
         hardwareSerial: "CLOCK-1",
-      },
-      sections: [
-        "[relay.mqtt]",
-        `urls = ["mqtts://127.0.0.1:${mqttProxy.port}"]`,
-        'auth = "mtls-pkcs11"',
-        `ca_file = "${broker.ca.caCertPath}"`,
-      ],
-      api: { socket: join(work, "api.sock") },
-    });
+        agent: ["drain_timeout_ms = 3000"],
+        sections: [
+          "[relay.mqtt]",
+          `urls = ["mqtts://127.0.0.1:${mqttProxy.port}"]`,
+          'auth = "mtls-pkcs11"',
+          `ca_file = "${broker.ca.caCertPath}"`,
+        ],
+      }),
+    );
     timeFile = join(work, "faketime");
   }, 300_000);
-
-  afterAll(async () => {
-    for (const d of daemons) d.kill();
-    await Promise.all(daemons.map((d) => d.exited));
-    await registrar?.stop();
-    await broker?.cleanup();
-    await regProxy?.close();
-    await mqttProxy?.close();
-    await hsm?.cleanup();
-    if (work !== undefined) await rm(work, { recursive: true, force: true });
-  });
 
   it("untrusted clock: nothing sent, clock named; corrected: recovers within 10 s; +2 years: no storm", async () => {
     // Enrolment with the real clock (through the proxy: the proxy works).
@@ -200,7 +191,7 @@ describe("clock gating under libfaketime (built daemon, SoftHSM, mosquitto)", ()
         FAKETIME_DONT_FAKE_MONOTONIC: "1",
       };
       const d = startDaemon(["--config", config, "run"], { ...env, ...fake });
-      daemons.push(d);
+      defer(d.close);
       await d.waitLog((r) => r.msg === "local API listening", 30_000);
       // The daemon really runs in 2001 (libfaketime works for node): its log timestamps say so.
       expect(d.stderr()).toMatch(/"ts":"2001-01-01T/);

@@ -10,7 +10,7 @@ import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { initSoftHsm, type SoftHsmHandle, softHsmKeysToml } from "../../hw/softhsm.js";
 import type { CheckResult } from "../../src/daemon/doctor.js";
-import { writeEnrolmentState } from "../../src/enroll/state.js";
+import { writeGatewayEnrolment } from "../kit/enrolment-state.js";
 import { throwawayDeviceCert } from "../kit/throwaway-cert.js";
 import { assertBuilt, CLI, runCli } from "./daemon-cli-kit.js";
 import { makeTestPki, startHttps, type TestPki } from "./oauth-fixtures.js";
@@ -78,25 +78,18 @@ function certFor(ageDays: number, days: number): Promise<string> {
   });
 }
 
-async function enrol(certificatePem: string): Promise<void> {
-  await writeEnrolmentState(stateDir, {
-    v: 1,
-    deviceId: "dev-1",
-    method: "pkcs11",
-    role: "gateway",
-    attributes: {},
+function enrol(certificatePem: string): Promise<void> {
+  return writeGatewayEnrolment(stateDir, {
     certificatePem,
     caChainPem: [good.caPem],
+    keyThumbprint: thumbprint,
+    registrarUrl: tls.origin,
     endpoints: {
       registrar: tls.origin,
       token: `${tls.origin}/oauth2/token`,
       est: `${tls.origin}/.well-known/est`,
     },
-    keyRef: "pkcs11:token=x",
-    keyThumbprint: thumbprint,
-    registrarUrl: tls.origin,
-    enrolledAt: new Date().toISOString(),
-  } as Parameters<typeof writeEnrolmentState>[1]);
+  });
 }
 
 beforeAll(async () => {

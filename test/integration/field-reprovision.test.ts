@@ -1,21 +1,11 @@
 import { execFileSync } from "node:child_process";
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type SwtpmHandle, startSwtpm, writeEkTrustDir } from "../../hw/swtpm.js";
-import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
-import {
-  AGENT_CLI,
-  agentToml,
-  cliEnv,
-  ensureBuilt,
-  type RegistrarProcess,
-  type RegistrarSetup,
-  runNode,
-  setupRegistrar,
-  startRegistrarProcess,
-} from "./e2e-kit.js";
+import { beforeAll, describe, expect, it } from "vitest";
+import type { SwtpmHandle } from "../../hw/swtpm.js";
+import { useCleanup } from "../kit/cleanup.js";
+import { startDaemon } from "./daemon-cli-kit.js";
+import { AGENT_CLI, type RegistrarSetup, runNode, startTpmGateway } from "./e2e-kit.js";
 
 /**
  * TPM cleared after enrolment (swtpm, built CLIs): the agent enters "re-provisioning required"
@@ -24,53 +14,19 @@ import {
  * old identity is revoked with its certificate on the CRL.
  */
 describe("re-provisioning after tpm2_clear", () => {
+  const defer = useCleanup();
   let work: string;
   let tpm: SwtpmHandle;
   let setup: RegistrarSetup;
-  let registrar: RegistrarProcess;
   let env: NodeJS.ProcessEnv;
   let config: string;
-  const daemons: Daemon[] = [];
 
   beforeAll(async () => {
-    ensureBuilt();
-    work = await mkdtemp(join(tmpdir(), "m2m-reprov-"));
-    tpm = await startSwtpm();
-    env = cliEnv();
-    const ekTrust = await writeEkTrustDir(tpm, work);
-    setup = await setupRegistrar({
-      work,
-      env,
-      groups: [{ name: "gateways", role: "gateway", methods: "tpm", ekTrustDir: ekTrust }],
-    });
-    registrar = await startRegistrarProcess(setup.regConfig, env);
-    config = join(work, "agent.toml");
-    await writeFile(
-      config,
-      agentToml({
-        stateDir: join(work, "state"),
-        runtimeDir: join(work, "run"),
-        agent: ['log_level = "info"'],
-        keys: { tcti: tpm.tcti },
-        enroll: {
-          registrarUrl: registrar.url,
-          caFile: setup.caCert,
-          group: "gateways",
-          hardwareSerial: "GW-R1",
-        },
-        api: { socket: join(work, "api.sock"), mode0600: true },
-      }),
-      { mode: 0o600 },
-    );
+    ({ work, tpm, setup, env, config } = await startTpmGateway(defer, {
+      prefix: "m2m-reprov-",
+      agent: { stateDir: "state", hardwareSerial: "GW-R1", apiMode0600: true },
+    }));
   }, 300_000);
-
-  afterAll(async () => {
-    for (const d of daemons) d.kill();
-    await Promise.all(daemons.map((d) => d.exited));
-    await registrar?.stop();
-    await tpm?.stop();
-    if (work !== undefined) await rm(work, { recursive: true, force: true });
-  });
 
   const agent = (args: readonly string[]) => runNode(AGENT_CLI, ["--config", config, ...args], env);
 
@@ -87,7 +43,7 @@ describe("re-provisioning after tpm2_clear", () => {
     await tpm.tpm("tpm2_clear", ["-c", "p"]);
 
     const d = startDaemon(["--config", config, "run"], env);
-    daemons.push(d);
+    defer(d.close);
     const t = await d.waitLog(
       (r) => r.msg === "lifecycle transition" && r.to === "reprovision-required",
       60_000,
@@ -133,7 +89,7 @@ describe("re-provisioning after tpm2_clear", () => {
 
     // The daemon starts normally on the new identity.
     const d2 = startDaemon(["--config", config, "run"], env);
-    daemons.push(d2);
+    defer(d2.close);
     await d2.waitLog(
       (r) => r.msg === "lifecycle transition" && (r.to === "running" || r.to === "degraded"),
       60_000,

@@ -1,18 +1,14 @@
-import { mkdtemp, rm } from "node:fs/promises";
 import type { IncomingMessage, ServerResponse } from "node:http";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { createTestCa, type TestCa } from "../../hw/mosquitto.js";
-import { ingestRoutes } from "../../src/registrar/ingest/routes.js";
 import type { OutboxMessage } from "../../src/relay/outbox/outbox.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { Relay } from "../../src/relay/relay.js";
 import { HttpsSink } from "../../src/relay/sinks/https/https-sink.js";
 import { deadLetterReason } from "../../src/relay/sinks/sink.js";
+import { INGEST_AUD, type IngestRig, useIngestRig } from "./ingest-rig.js";
 import {
   createSoftwareDpop,
-  createTokenIssuer,
   jsonOutboxMessages,
   startRouteHost,
   TestTokenSource,
@@ -20,18 +16,10 @@ import {
 } from "./relay-helpers.js";
 
 const enc = new TextEncoder();
-const AUD = "https://ingest.test";
 
 const msgs = (n: number, channel = "temp"): OutboxMessage[] => jsonOutboxMessages(n, channel);
 
 describe("HTTPS sink against a local HTTPS ingest server with fault injection", () => {
-  let ca: TestCa;
-  let dir: string;
-  let issuer: Awaited<ReturnType<typeof createTokenIssuer>>;
-  let dpop: Awaited<ReturnType<typeof createSoftwareDpop>>;
-  let host: Awaited<ReturnType<typeof startRouteHost>>;
-  let other: Awaited<ReturnType<typeof startRouteHost>>;
-  let ingest: ReturnType<typeof ingestRoutes>;
   let mode:
     | "ok"
     | "500"
@@ -43,6 +31,7 @@ describe("HTTPS sink against a local HTTPS ingest server with fault injection", 
     | "redirect-same"
     | "big-response" = "ok";
   let faultsLeft = 0;
+  let other: Awaited<ReturnType<typeof startRouteHost>>;
   const otherSeen: { authorization: string | undefined }[] = [];
   let lastHeaders: IncomingMessage["headers"] = {};
 
@@ -87,50 +76,26 @@ describe("HTTPS sink against a local HTTPS ingest server with fault injection", 
     }
   };
 
+  const rig = useIngestRig("m2m-https-sink-", pre);
   beforeAll(async () => {
-    ca = await createTestCa();
-    dir = await mkdtemp(join(tmpdir(), "m2m-https-sink-"));
-    issuer = await createTokenIssuer();
-    dpop = await createSoftwareDpop();
-    let publicUrl = "";
-    ingest = ingestRoutes({
-      verifyAccessToken: (t) => issuer.verify(t),
-      audience: AUD,
-      publicUrl: () => publicUrl,
-    });
-    host = await startRouteHost(ca, ingest.routes, pre);
-    publicUrl = host.url;
-    other = await startRouteHost(ca, [], (req, res) => {
+    other = await startRouteHost(rig().ca, [], (req, res) => {
       otherSeen.push({ authorization: req.headers.authorization });
       res.writeHead(200).end("{}");
       return true;
     });
   });
   afterAll(async () => {
-    await host?.close();
     await other?.close();
-    await rm(dir, { recursive: true, force: true });
-    if (ca !== undefined) await rm(ca.dir, { recursive: true, force: true });
   });
 
-  const tokens = (opts: { scope?: string; aud?: string; sub?: string } = {}): TestTokenSource =>
-    new TestTokenSource(async () => ({
-      token: await issuer.issue({
-        sub: opts.sub ?? "device-a",
-        scope: opts.scope ?? "telemetry:write",
-        aud: opts.aud ?? AUD,
-        jkt: dpop.jkt,
-        ttlSec: 300,
-      }),
-      expiresAt: new Date(Date.now() + 300_000),
-    }));
+  const tokens: IngestRig["tokens"] = (o) => rig().tokens(o);
 
   const sink = (extra: Partial<ConstructorParameters<typeof HttpsSink>[0]> = {}): HttpsSink =>
     new HttpsSink({
-      url: host.url,
-      caPem: ca.caPem,
+      url: rig().host.url,
+      caPem: rig().ca.caPem,
       tokens: tokens(),
-      dpop: dpop.signer,
+      dpop: rig().dpop.signer,
       deviceId: "device-a",
       headersTimeoutMs: 2000,
       bodyTimeoutMs: 500,
@@ -147,18 +112,18 @@ describe("HTTPS sink against a local HTTPS ingest server with fault injection", 
     expect(lastHeaders.authorization).toMatch(/^DPoP /);
     expect(typeof lastHeaders.dpop).toBe("string");
     expect(lastHeaders["m2m-message-id"]).toBe(batch.map((m) => m.id).join(","));
-    for (const m of batch) expect(ingest.store.messages.get(m.id)?.topic).toBe("devices/device-a/temp");
+    for (const m of batch) expect(rig().ingest.store.messages.get(m.id)?.topic).toBe("devices/device-a/temp");
     // A redelivery (at-least-once) is recognised as a duplicate by id.
     const again = await s.deliver(batch);
     expect(again.every((o) => o.kind === "ok")).toBe(true);
-    expect(ingest.store.duplicates).toBeGreaterThanOrEqual(20);
+    expect(rig().ingest.store.duplicates).toBeGreaterThanOrEqual(20);
     await s.close();
   });
 
   it("5xx → retry; the relay delivers everything once the server recovers", async () => {
     mode = "500";
     faultsLeft = 3;
-    const outbox = SqliteOutbox.open({ path: join(dir, "5xx.db"), sinks: ["https"], ttlCheckMs: 0 });
+    const outbox = SqliteOutbox.open({ path: join(rig().dir, "5xx.db"), sinks: ["https"], ttlCheckMs: 0 });
     const s = sink({ maxBatch: 10 });
     const relay = new Relay({
       outbox,
@@ -171,7 +136,7 @@ describe("HTTPS sink against a local HTTPS ingest server with fault injection", 
     relay.start();
     await until(() => outbox.stats().depth === 0, 20_000, "drain");
     await relay.stop();
-    for (const id of ids) expect(ingest.store.messages.has(id)).toBe(true);
+    for (const id of ids) expect(rig().ingest.store.messages.has(id)).toBe(true);
     expect(relay.counters.https?.retried).toBeGreaterThan(0);
     await s.close();
     await outbox.close();
@@ -221,11 +186,11 @@ describe("HTTPS sink against a local HTTPS ingest server with fault injection", 
 
   it("a same-origin redirect is followed with a proof for the new URL", async () => {
     mode = "redirect-same";
-    const s = sink({ url: `${host.origin}/v1/old` });
+    const s = sink({ url: `${rig().host.origin}/v1/old` });
     const batch = msgs(2);
     const out = await s.deliver(batch);
     expect(out.every((o) => o.kind === "ok")).toBe(true);
-    expect(ingest.store.messages.has(batch[0]?.id ?? "")).toBe(true);
+    expect(rig().ingest.store.messages.has(batch[0]?.id ?? "")).toBe(true);
     await s.close();
   });
 
@@ -234,14 +199,14 @@ describe("HTTPS sink against a local HTTPS ingest server with fault injection", 
     let first = true;
     const ts = new TestTokenSource(async () => {
       // The first token is for another audience: refused with 401.
-      const aud = first ? "https://elsewhere" : AUD;
+      const aud = first ? "https://elsewhere" : INGEST_AUD;
       first = false;
       return {
-        token: await issuer.issue({
+        token: await rig().issuer.issue({
           sub: "device-a",
           scope: "telemetry:write",
           aud,
-          jkt: dpop.jkt,
+          jkt: rig().dpop.jkt,
           ttlSec: 300,
         }),
         expiresAt: new Date(Date.now() + 300_000),
@@ -257,11 +222,11 @@ describe("HTTPS sink against a local HTTPS ingest server with fault injection", 
 
   it("a persistent 401 is retried later, not refreshed in a loop", async () => {
     const ts = new TestTokenSource(async () => ({
-      token: await issuer.issue({
+      token: await rig().issuer.issue({
         sub: "device-a",
         scope: "telemetry:write",
         aud: "https://elsewhere",
-        jkt: dpop.jkt,
+        jkt: rig().dpop.jkt,
         ttlSec: 300,
       }),
       expiresAt: new Date(Date.now() + 300_000),
@@ -290,7 +255,7 @@ describe("HTTPS sink against a local HTTPS ingest server with fault injection", 
     const out = await s.deliver([...mine, ...theirs]);
     expect(out[0]?.kind).toBe("ok");
     expect(out[1]).toMatchObject({ kind: "dead-letter", code: "ERR_INGEST_TOPIC_NOT_OWNED" });
-    expect(ingest.store.messages.has(theirs[0]?.id ?? "")).toBe(false);
+    expect(rig().ingest.store.messages.has(theirs[0]?.id ?? "")).toBe(false);
     await s.close();
   });
 
@@ -313,7 +278,7 @@ describe("HTTPS sink against a local HTTPS ingest server with fault injection", 
 
   it("time-bounded batching: messages trickling in within lingerMs go out in one POST", async () => {
     mode = "ok";
-    const outbox = SqliteOutbox.open({ path: join(dir, "linger.db"), sinks: ["https"], ttlCheckMs: 0 });
+    const outbox = SqliteOutbox.open({ path: join(rig().dir, "linger.db"), sinks: ["https"], ttlCheckMs: 0 });
     // A generous linger and a batch of exactly 3: the batch leaves as soon as the third arrives.
     const s = sink({ lingerMs: 5000, maxBatch: 3 });
     const relay = new Relay({ outbox, sinks: [s] });
@@ -324,7 +289,7 @@ describe("HTTPS sink against a local HTTPS ingest server with fault injection", 
     }
     await until(() => outbox.stats().depth === 0, 10_000, "drain");
     expect(s.counters.requests).toBe(1);
-    for (const id of ids) expect(ingest.store.messages.has(id)).toBe(true);
+    for (const id of ids) expect(rig().ingest.store.messages.has(id)).toBe(true);
     await relay.stop();
     await s.close();
     await outbox.close();

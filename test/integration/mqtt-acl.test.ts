@@ -7,7 +7,7 @@ import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { Relay } from "../../src/relay/relay.js";
 import { MqttSink } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
 import { useTempDir } from "../kit/temp-dir.js";
-import { startSubscriber, until } from "./relay-helpers.js";
+import { jsonOutboxMessages, startSubscriber, until } from "./relay-helpers.js";
 
 const enc = new TextEncoder();
 
@@ -69,20 +69,10 @@ describe("MQTT sink against mosquitto (mTLS, use_identity_as_username, ACL devic
       deviceId: "device-a",
       connectTimeoutMs: 3000,
     });
-    const out = await sink.deliver([
-      {
-        id: "x",
-        seq: 1,
-        channel: "t",
-        payload: enc.encode("1"),
-        contentType: "application/json",
-        ts: 0,
-        ingestedAt: 0,
-        attempt: 1,
-      },
-    ]);
+    const msgs = jsonOutboxMessages(1, "t");
+    const out = await sink.deliver(msgs);
     // Said as what it is (the broker certificate is not trusted), not as "cannot connect".
-    expect(out).toEqual([{ id: "x", kind: "retry", code: "ERR_TLS_VERIFY" }]);
+    expect(out).toEqual([{ id: msgs[0]?.id, kind: "retry", code: "ERR_TLS_VERIFY" }]);
     expect(sink.connected).toBe(false);
     await sink.close();
     await rm(other.dir, { recursive: true, force: true });

@@ -6,7 +6,7 @@ import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { Relay } from "../../src/relay/relay.js";
 import { MqttSink } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
 import { useTempDir } from "../kit/temp-dir.js";
-import { startSubscriber, TestTokenSource, until } from "./relay-helpers.js";
+import { jsonOutboxMessages, startSubscriber, TestTokenSource, until } from "./relay-helpers.js";
 
 const enc = new TextEncoder();
 
@@ -77,18 +77,7 @@ describe("MQTT sink with token auth: short-lived tokens renewed make-before-brea
       auth: { kind: "token", username: "dev-tok", tokens: bad },
       deviceId: "dev-tok",
     });
-    const out = await sink.deliver([
-      {
-        id: "x",
-        seq: 1,
-        channel: "t",
-        payload: enc.encode("1"),
-        contentType: "application/json",
-        ts: 0,
-        ingestedAt: 0,
-        attempt: 1,
-      },
-    ]);
+    const out = await sink.deliver(jsonOutboxMessages(1, "t"));
     expect(out[0]).toMatchObject({ kind: "retry", code: "ERR_MQTT_AUTH" });
     expect(bad.invalidations).toBe(1);
     await sink.close();

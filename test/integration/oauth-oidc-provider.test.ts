@@ -12,6 +12,7 @@ import { FakeKeyProvider, FakeKeyStore } from "../../src/keys/fake/fake-provider
 import type { KeyProvider } from "../../src/keys/key-provider.js";
 import { Pkcs11KeyProvider } from "../../src/keys/pkcs11/index.js";
 import { TpmKeyProvider } from "../../src/keys/tpm/tpm-provider.js";
+import { DEVICE_CLIENT_METADATA } from "../kit/oidc-client.js";
 import { makeTestPki, startHttps, type TestPki } from "./oauth-fixtures.js";
 
 /**
@@ -48,12 +49,7 @@ describe("agent OAuthClient against oidc-provider (independent AS)", () => {
     provider = new Provider(srv.origin, {
       clients: clients.map((c) => ({
         ...c,
-        token_endpoint_auth_method: "private_key_jwt",
-        token_endpoint_auth_signing_alg: "ES256",
-        id_token_signed_response_alg: "ES256",
-        grant_types: ["client_credentials"],
-        response_types: [],
-        redirect_uris: [],
+        ...DEVICE_CLIENT_METADATA,
         scope: "telemetry:write status:read",
       })),
       jwks: { keys: [{ ...(await exportJWK(privateKey)), alg: "ES256", use: "sig", kid: "as-1" }] },

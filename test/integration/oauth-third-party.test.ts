@@ -8,6 +8,7 @@ import { decodeJwt, exportJWK, generateKeyPair } from "jose";
 import Provider, { errors } from "oidc-provider";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { initSoftHsm, type SoftHsmHandle, softHsmKeysToml } from "../../hw/softhsm.js";
+import { DEVICE_CLIENT_METADATA } from "../kit/oidc-client.js";
 import { assertBuilt, runCli } from "./daemon-cli-kit.js";
 import { makeTestPki, startHttps, type TestPki } from "./oauth-fixtures.js";
 
@@ -63,12 +64,7 @@ beforeAll(async () => {
       {
         client_id: "gw-3p",
         jwks: { keys: [{ ...show.publicJwk, alg: "ES256" }] },
-        token_endpoint_auth_method: "private_key_jwt",
-        token_endpoint_auth_signing_alg: "ES256",
-        id_token_signed_response_alg: "ES256",
-        grant_types: ["client_credentials"],
-        response_types: [],
-        redirect_uris: [],
+        ...DEVICE_CLIENT_METADATA,
         scope: "telemetry:write",
       },
     ],

@@ -2,6 +2,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { Agent, request } from "undici";
+import { expect } from "vitest";
 import type { Clock } from "../../src/core/clock.js";
 import { caPaths, FleetCa, initCa } from "../../src/registrar/ca/index.js";
 import { type RegistrarConfig, registrarConfigFrom } from "../../src/registrar/config.js";
@@ -80,4 +81,25 @@ export async function startTestRegistrar(
       await rm(dir, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * Tamper table: POSTs each case's body to `path` and expects a 4xx with the case's own error code in
+ * a v1 error body; `each` runs further checks after every refusal (nothing stored, nothing echoed).
+ */
+export async function expectRefusals(
+  reg: Pick<TestRegistrar, "post">,
+  path: string,
+  cases: readonly (readonly [name: string, body: unknown, code: string])[],
+  each?: (res: { status: number; json: unknown }) => Promise<void> | void,
+): Promise<void> {
+  for (const [name, body, code] of cases) {
+    const res = await reg.post(path, JSON.stringify(body));
+    expect({ name, refused: res.status >= 400 && res.status < 500, json: res.json }).toMatchObject({
+      name,
+      refused: true,
+      json: { v: 1, error: { code } },
+    });
+    await each?.(res);
+  }
 }

@@ -2,7 +2,7 @@ import { randomUUID } from "node:crypto";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { calculateJwkThumbprint, exportJWK, generateKeyPair, type JWK, SignJWT } from "jose";
+import { SignJWT } from "jose";
 import { Agent, fetch } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type PostgresHandle, startPostgres } from "../../hw/postgres.js";
@@ -11,6 +11,7 @@ import { caPaths, FleetCa, initCa } from "../../src/registrar/ca/index.js";
 import { registrarConfigFrom } from "../../src/registrar/config.js";
 import { generateSigningKeyPem, writeNewKeyFile } from "../../src/registrar/oauth/signing-key.js";
 import { openRegistrarStore, type RegistrarStore } from "../../src/registrar/store/index.js";
+import { type DevicePrivateKey, registerTokenDevice } from "../kit/registered-device.js";
 
 /**
  * Two registrar replicas (full app, HTTPS on loopback) on one real PostgreSQL, sharing the fleet CA
@@ -25,7 +26,7 @@ describe("registrar replicas on PostgreSQL", () => {
   const replicas: { app: RunningRegistrarApp; store: RegistrarStore }[] = [];
   let operator: RegistrarStore;
   let dispatcher: Agent;
-  let privateKey: Awaited<ReturnType<typeof generateKeyPair>>["privateKey"];
+  let privateKey: DevicePrivateKey;
   const deviceId = "dev-replica-1";
 
   beforeAll(async () => {
@@ -62,41 +63,19 @@ describe("registrar replicas on PostgreSQL", () => {
       ),
     );
     dispatcher = new Agent({ connect: { ca: await readFile(caPaths(paths.dir).caCert, "utf8") } });
-    const kp = await generateKeyPair("ES256", { extractable: true });
-    privateKey = kp.privateKey;
-    const jwk = await exportJWK(kp.publicKey);
-    const publicJwk: Record<string, string> = { kty: "EC", crv: "P-256", x: String(jwk.x), y: String(jwk.y) };
-    const now = new Date();
     await operator.addGroup({
       name: "gw",
       role: "gateway",
       attributes: {},
       methods: ["pkcs11"],
       ekAllow: [],
-      createdAt: now,
+      createdAt: new Date(),
     });
-    await operator.addBootstrapToken({
-      hash: "h",
-      group: "gw",
-      expiresAt: new Date(now.getTime() + 60_000),
-      createdAt: now,
-    });
-    await operator.commitEnrolment({
-      method: "pkcs11",
-      thumbprint: await calculateJwkThumbprint(publicJwk as JWK, "sha256"),
-      ekHash: undefined,
-      hardwareSerial: "SN-R",
-      proposedDeviceId: deviceId,
+    privateKey = await registerTokenDevice(operator, {
       deviceId,
-      proof: { kind: "token", hash: "h" },
-      now,
       group: "gw",
       role: "gateway",
-      attributes: {},
-      publicJwk,
-      evidence: undefined,
-      certSerial: "01",
-      certNotAfter: new Date(now.getTime() + 86_400_000),
+      hardwareSerial: "SN-R",
     });
   });
 

@@ -3,11 +3,12 @@ import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { request } from "node:https";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { calculateJwkThumbprint, exportJWK, generateKeyPair, type JWK, SignJWT } from "jose";
+import { SignJWT } from "jose";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { freeLoopbackPort } from "../../hw/swtpm.js";
 import { loadRegistrarConfig } from "../../src/registrar/config.js";
 import { openRegistrarStore } from "../../src/registrar/store/index.js";
+import { type DevicePrivateKey, registerTokenDevice } from "../kit/registered-device.js";
 import {
   cliEnv,
   ensureBuilt,
@@ -29,7 +30,7 @@ describe("registrar restart", () => {
   let ca: string;
   let running: RegistrarProcess | undefined;
   const deviceId = "dev-restart-1";
-  let privateKey: Awaited<ReturnType<typeof generateKeyPair>>["privateKey"];
+  let privateKey: DevicePrivateKey;
 
   beforeAll(async () => {
     ensureBuilt();
@@ -49,35 +50,13 @@ describe("registrar restart", () => {
     );
     ca = await readFile(setup.caCert, "utf8");
     // Register the device in the registrar's own database (enrolment is tested elsewhere).
-    const kp = await generateKeyPair("ES256", { extractable: true });
-    privateKey = kp.privateKey;
-    const jwk = (await exportJWK(kp.publicKey)) as JWK & Record<string, string>;
-    const publicJwk: Record<string, string> = { kty: "EC", crv: "P-256", x: String(jwk.x), y: String(jwk.y) };
     const store = await openRegistrarStore(await loadRegistrarConfig(setup.regConfig));
     try {
-      const now = new Date();
-      await store.addBootstrapToken({
-        hash: "h",
-        group: "gw",
-        expiresAt: new Date(now.getTime() + 60_000),
-        createdAt: now,
-      });
-      await store.commitEnrolment({
-        method: "pkcs11",
-        thumbprint: await calculateJwkThumbprint(publicJwk as JWK, "sha256"),
-        ekHash: undefined,
-        hardwareSerial: "SN-R",
-        proposedDeviceId: deviceId,
+      privateKey = await registerTokenDevice(store, {
         deviceId,
-        proof: { kind: "token", hash: "h" },
-        now,
         group: "gw",
         role: "gateway",
-        attributes: {},
-        publicJwk,
-        evidence: undefined,
-        certSerial: "01",
-        certNotAfter: new Date(now.getTime() + 86_400_000),
+        hardwareSerial: "SN-R",
       });
     } finally {
       await store.close();

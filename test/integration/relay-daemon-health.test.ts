@@ -1,18 +1,20 @@
 import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { beforeAll, describe, expect, it } from "vitest";
 import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
-import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
+import { initSoftHsm } from "../../hw/softhsm.js";
 import { fetchStatus } from "../../src/cli/agent/status.js";
-import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
+import { useCleanup } from "../kit/cleanup.js";
+import { startDaemon } from "./daemon-cli-kit.js";
 import {
   cliEnv,
   createBootstrapToken,
   enrollAgent,
   ensureBuilt,
+  hsmSensorAgent,
   mqttSinkToml,
-  type RegistrarProcess,
+  SENSORS_GROUP,
   setupRegistrar,
   startRegistrarProcess,
   writeAgentToml,
@@ -25,62 +27,54 @@ import { postMessages, until } from "./relay-helpers.js";
  * broker back → the backlog drains and the agent returns to running.
  */
 describe("daemon: a sink that cannot deliver degrades the agent; delivery resuming clears it", () => {
+  const defer = useCleanup();
   let work: string;
-  let hsm: SoftHsmHandle;
   let broker: Mosquitto;
-  let registrar: RegistrarProcess;
   let env: NodeJS.ProcessEnv;
   let agentConfig: string;
   let socketPath: string;
-  let daemon: Daemon | undefined;
 
   beforeAll(async () => {
     ensureBuilt();
     work = await mkdtemp(join(tmpdir(), "m2m-relay-health-"));
-    hsm = await initSoftHsm({ label: "health-sensor" });
+    defer(() => rm(work, { recursive: true, force: true }));
+    const hsm = await initSoftHsm({ label: "health-sensor" });
+    defer(() => hsm.cleanup());
     env = cliEnv({ SOFTHSM2_CONF: hsm.env.SOFTHSM2_CONF });
 
     const setup = await setupRegistrar({
       work,
       env,
       extraConfig: ["[oauth.roles]", 'sensor = ["telemetry:write", "est"]'],
-      groups: [{ name: "sensors", role: "sensor", methods: "pkcs11" }],
+      groups: [SENSORS_GROUP],
     });
     const bootstrap = await createBootstrapToken(setup, "sensors");
-    registrar = await startRegistrarProcess(setup.regConfig, env);
+    const registrar = await startRegistrarProcess(setup.regConfig, env);
+    defer(() => registrar.stop());
 
     broker = await startMosquitto({ clientCaFile: setup.caCert });
+    defer(() => broker.cleanup());
     socketPath = join(work, "api.sock");
     agentConfig = join(work, "agent.toml");
-    await writeAgentToml(agentConfig, {
-      stateDir: join(work, "state"),
-      runtimeDir: join(work, "run"),
-      agent: ['log_level = "info"', "drain_timeout_ms = 5000"],
-      keys: { hsm },
-      enroll: {
-        registrarUrl: registrar.url,
-        caFile: setup.caCert,
+    await writeAgentToml(
+      agentConfig,
+      hsmSensorAgent({
+        work,
+        hsm,
+        registrar: { url: registrar.url, caFile: setup.caCert },
         bootstrapToken: bootstrap,
         hardwareSerial: "HEALTH-1",
-      },
-      sections: ["[relay]", "unhealthy_after_s = 1.5", ...mqttSinkToml(broker, 64)],
-      api: { socket: socketPath, mode0600: true },
-    });
+        agent: ["drain_timeout_ms = 5000"],
+        sections: ["[relay]", "unhealthy_after_s = 1.5", ...mqttSinkToml(broker, 64)],
+        apiMode0600: true,
+      }),
+    );
     await enrollAgent(agentConfig, env);
   }, 180_000);
 
-  afterAll(async () => {
-    daemon?.kill();
-    await daemon?.exited;
-    await registrar?.stop();
-    await broker?.cleanup();
-    await hsm?.cleanup();
-    if (work !== undefined) await rm(work, { recursive: true, force: true });
-  });
-
   it("broker down with work waiting → degraded (relay.sink.mqtt, ERR_ code) → broker back → running, outbox drained", async () => {
     const d = startDaemon(["--config", agentConfig, "run"], env);
-    daemon = d;
+    defer(d.close);
     await d.waitLog((r) => r.msg === "lifecycle transition" && r.to === "running", 60_000);
     const body = (n: number): string =>
       JSON.stringify(Array.from({ length: n }, (_, i) => ({ channel: "h", payload: { i } })));

@@ -318,3 +318,59 @@ export function jsonOutboxMessages(n: number, channel: string, from = 0): Outbox
     attempt: 1,
   }));
 }
+
+/** A producer of numbered messages running against a daemon's local API. */
+export interface NumberedProducer {
+  /** Every `n` the daemon answered 200 for (it owes the sink exactly these). */
+  readonly accepted: Set<number>;
+  /** Keeps producing for `graceMs` more, then resolves when the last batch is answered. */
+  stop(graceMs: number): Promise<void>;
+}
+
+/**
+ * Posts `{ channel, payload: { n } }` with n = 0, 1, 2, … to the local API at `socket`, 50 a batch
+ * every 100 ms (≈ 500 msg/s), until `stop()`. A refused or failed batch is simply not accepted.
+ */
+export function startNumberedProducer(socket: string, channel: string): NumberedProducer {
+  const accepted = new Set<number>();
+  let seq = 0;
+  let stopAt = Number.POSITIVE_INFINITY;
+  const loop = (async () => {
+    while (Date.now() < stopAt) {
+      const batch = Array.from({ length: 50 }, () => seq++);
+      const status = await postMessages(
+        socket,
+        JSON.stringify(batch.map((n) => ({ channel, payload: { n } }))),
+      ).catch(() => 0);
+      if (status === 200) for (const n of batch) accepted.add(n);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  })();
+  return {
+    accepted,
+    stop(graceMs) {
+      stopAt = Date.now() + graceMs;
+      return loop;
+    },
+  };
+}
+
+/**
+ * The numbers in `accepted` that have not arrived at `sub` (messages on topics ending `/CHANNEL`, as
+ * `startNumberedProducer` posts them). Scans incrementally: re-parsing everything per poll would be
+ * quadratic in the message count (~10^4 messages took minutes) and starve the event loop.
+ */
+export function arrivals(
+  sub: { readonly received: readonly Received[] },
+  channel: string,
+): (accepted: ReadonlySet<number>) => number[] {
+  const arrived = new Set<number>();
+  let scanned = 0;
+  return (accepted) => {
+    for (; scanned < sub.received.length; scanned++) {
+      const m = sub.received[scanned];
+      if (m?.topic.endsWith(`/${channel}`) === true) arrived.add((JSON.parse(m.payload) as { n: number }).n);
+    }
+    return [...accepted].filter((n) => !arrived.has(n));
+  };
+}

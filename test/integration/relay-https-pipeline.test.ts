@@ -1,81 +1,37 @@
-import { mkdtemp, rm } from "node:fs/promises";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { type AddressInfo, createServer } from "node:net";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { createTestCa, type TestCa } from "../../hw/mosquitto.js";
-import { ingestRoutes } from "../../src/registrar/ingest/routes.js";
+import { describe, expect, it } from "vitest";
 import { newMessageId } from "../../src/relay/ids.js";
 import type { OutboxMessage } from "../../src/relay/outbox/outbox.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { Relay } from "../../src/relay/relay.js";
 import { HttpsSink } from "../../src/relay/sinks/https/https-sink.js";
-import {
-  createSoftwareDpop,
-  createTokenIssuer,
-  jsonOutboxMessages,
-  startRouteHost,
-  TestTokenSource,
-  until,
-} from "./relay-helpers.js";
+import { useIngestRig } from "./ingest-rig.js";
+import { jsonOutboxMessages, TestTokenSource, until } from "./relay-helpers.js";
 
 const enc = new TextEncoder();
-const AUD = "https://ingest.test";
 
 const msgs = (n: number, from: number): OutboxMessage[] => jsonOutboxMessages(n, "p", from);
 
 describe("HTTPS sink pipelining (next batch encoded during the POST; POSTs in order)", () => {
-  let ca: TestCa;
-  let dir: string;
-  let issuer: Awaited<ReturnType<typeof createTokenIssuer>>;
-  let dpop: Awaited<ReturnType<typeof createSoftwareDpop>>;
-  let host: Awaited<ReturnType<typeof startRouteHost>>;
-  let ingest: ReturnType<typeof ingestRoutes>;
   let failNext = 0;
   let posts = 0;
 
-  beforeAll(async () => {
-    ca = await createTestCa();
-    dir = await mkdtemp(join(tmpdir(), "m2m-https-pipe-"));
-    issuer = await createTokenIssuer();
-    dpop = await createSoftwareDpop();
-    let publicUrl = "";
-    ingest = ingestRoutes({
-      verifyAccessToken: (t) => issuer.verify(t),
-      audience: AUD,
-      publicUrl: () => publicUrl,
-    });
-    host = await startRouteHost(ca, ingest.routes, (_req: IncomingMessage, res: ServerResponse) => {
-      posts++;
-      if (failNext <= 0) return false;
-      failNext--;
-      res.writeHead(500).end();
-      return true;
-    });
-    publicUrl = host.url;
-  });
-  afterAll(async () => {
-    await host?.close();
-    await rm(dir, { recursive: true, force: true });
-    if (ca !== undefined) await rm(ca.dir, { recursive: true, force: true });
+  const rig = useIngestRig("m2m-https-pipe-", (_req: IncomingMessage, res: ServerResponse) => {
+    posts++;
+    if (failNext <= 0) return false;
+    failNext--;
+    res.writeHead(500).end();
+    return true;
   });
 
   const sink = (): HttpsSink =>
     new HttpsSink({
-      url: host.url,
-      caPem: ca.caPem,
-      tokens: new TestTokenSource(async () => ({
-        token: await issuer.issue({
-          sub: "device-a",
-          scope: "telemetry:write",
-          aud: AUD,
-          jkt: dpop.jkt,
-          ttlSec: 300,
-        }),
-        expiresAt: new Date(Date.now() + 300_000),
-      })),
-      dpop: dpop.signer,
+      url: rig().host.url,
+      caPem: rig().ca.caPem,
+      tokens: rig().tokens(),
+      dpop: rig().dpop.signer,
       deviceId: "device-a",
       maxBatch: 10,
     });
@@ -92,11 +48,11 @@ describe("HTTPS sink pipelining (next batch encoded during the POST; POSTs in or
     expect(ra.map((o) => o.kind)).toEqual(Array(10).fill("retry"));
     expect(rb.every((o) => o.kind === "retry" && o.code === "ERR_HTTPS_PREDECESSOR_FAILED")).toBe(true);
     expect(posts).toBe(1);
-    for (const m of b) expect(ingest.store.messages.has(m.id)).toBe(false);
+    for (const m of b) expect(rig().ingest.store.messages.has(m.id)).toBe(false);
     // Batches handed over after the failure flow normally, still one POST at a time, in order.
     const [ra2, rb2] = await Promise.all([s.deliver(a), s.deliver(b)]);
     expect([...ra2, ...rb2].every((o) => o.kind === "ok")).toBe(true);
-    const order = [...ingest.store.messages.keys()];
+    const order = [...rig().ingest.store.messages.keys()];
     expect(order.indexOf(a[9]?.id ?? "")).toBeLessThan(order.indexOf(b[0]?.id ?? ""));
     await s.close();
   });
@@ -133,7 +89,7 @@ describe("HTTPS sink pipelining (next batch encoded during the POST; POSTs in or
     await new Promise<void>((r) => spare.close(() => r()));
     const closed = new HttpsSink({
       url: `https://127.0.0.1:${port}/v1/ingest`,
-      caPem: ca.caPem,
+      caPem: rig().ca.caPem,
       tokens: new TestTokenSource(async () => {
         throw new Error("never asked");
       }),
@@ -145,7 +101,7 @@ describe("HTTPS sink pipelining (next batch encoded during the POST; POSTs in or
   });
 
   it("through the relay with 5xx faults: everything arrives, first arrivals in append order", async () => {
-    const outbox = SqliteOutbox.open({ path: join(dir, "pipe.db"), sinks: ["https"], ttlCheckMs: 0 });
+    const outbox = SqliteOutbox.open({ path: join(rig().dir, "pipe.db"), sinks: ["https"], ttlCheckMs: 0 });
     const s = sink();
     const relay = new Relay({
       outbox,
@@ -159,7 +115,7 @@ describe("HTTPS sink pipelining (next batch encoded during the POST; POSTs in or
     relay.start();
     await until(() => outbox.stats().depth === 0, 20_000, "drain");
     await relay.stop();
-    const seen = [...ingest.store.messages.keys()].filter((id) => ids.includes(id));
+    const seen = [...rig().ingest.store.messages.keys()].filter((id) => ids.includes(id));
     expect(seen).toEqual(ids);
     expect(relay.counters.https?.retried).toBeGreaterThan(0);
     await s.close();

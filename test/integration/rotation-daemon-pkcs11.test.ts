@@ -1,13 +1,15 @@
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { beforeAll, describe, expect, it } from "vitest";
 import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
 import { KEY_ROTATION_STATE_FILE } from "../../src/keys/rotation.js";
-import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
+import { useCleanup } from "../kit/cleanup.js";
+import { startDaemon } from "./daemon-cli-kit.js";
 import {
   AGENT_CLI,
+  agentStatus,
   cliEnv,
   createBootstrapToken,
   enrollAgent,
@@ -21,7 +23,7 @@ import {
   startRegistrarProcess,
   writeAgentToml,
 } from "./e2e-kit.js";
-import { postMessages, startSubscriber } from "./relay-helpers.js";
+import { arrivals, startNumberedProducer, startSubscriber } from "./relay-helpers.js";
 
 /**
  * The built daemon with `credentials.est.rotate_key = true` on a PKCS#11 key (SoftHSM) against the
@@ -32,18 +34,20 @@ import { postMessages, startSubscriber } from "./relay-helpers.js";
  * the new key make-before-break and every message the daemon accepted arrives (issue 11).
  */
 describe("daemon PKCS#11 key rotation (built CLIs, SoftHSM)", () => {
+  const defer = useCleanup();
   let work: string;
   let hsm: SoftHsmHandle;
   let registrar: RegistrarProcess;
   let env: NodeJS.ProcessEnv;
   let setup: RegistrarSetup;
   let broker: Mosquitto;
-  const daemons: Daemon[] = [];
 
   beforeAll(async () => {
     ensureBuilt();
     work = await mkdtemp(join(tmpdir(), "m2m-rot-daemon-p11-"));
+    defer(() => rm(work, { recursive: true, force: true }));
     hsm = await initSoftHsm({ label: "rot-daemon" });
+    defer(() => hsm.cleanup());
     env = cliEnv({ SOFTHSM2_CONF: hsm.env.SOFTHSM2_CONF });
     setup = await setupRegistrar({
       work,
@@ -54,17 +58,10 @@ describe("daemon PKCS#11 key rotation (built CLIs, SoftHSM)", () => {
       groups: [{ name: "sensors", role: "sensor", methods: "pkcs11" }],
     });
     registrar = await startRegistrarProcess(setup.regConfig, env);
+    defer(() => registrar.stop());
     broker = await startMosquitto({ clientCaFile: setup.caCert });
+    defer(() => broker.cleanup());
   }, 300_000);
-
-  afterAll(async () => {
-    for (const d of daemons) d.kill();
-    await Promise.all(daemons.map((d) => d.exited));
-    await registrar?.stop();
-    await broker?.cleanup();
-    await hsm?.cleanup();
-    if (work !== undefined) await rm(work, { recursive: true, force: true });
-  });
 
   it("rotates over EST mTLS (engine, current label), key_label ↔ key_label-alt, tokens follow", async () => {
     const bootstrap = await createBootstrapToken(setup, "sensors");
@@ -98,48 +95,27 @@ describe("daemon PKCS#11 key rotation (built CLIs, SoftHSM)", () => {
     expect(before.keyRef).toContain("object=m2m-device;");
     const sub = await startSubscriber(broker.plainUrl, "devices/#");
     const d = startDaemon(["--config", config, "run"], env);
-    daemons.push(d);
+    defer(d.close);
     // ≈ 500 msg/s through the local API until the rotation is done (and 2 s beyond).
-    const socket = join(work, "hsm-api.sock");
-    let seq = 0;
-    const accepted = new Set<number>();
+    const producer = startNumberedProducer(join(work, "hsm-api.sock"), "rot");
     let rotated = false;
-    let stopAt = Number.POSITIVE_INFINITY;
-    const producer = (async () => {
-      while (Date.now() < stopAt) {
-        const batch = Array.from({ length: 50 }, () => seq++);
-        const status = await postMessages(
-          socket,
-          JSON.stringify(batch.map((n) => ({ channel: "rot", payload: { n } }))),
-        ).catch(() => 0);
-        if (status === 200) for (const n of batch) accepted.add(n);
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    })();
     await d.waitLog((r) => r.msg === "device key rotated", 60_000);
     rotated = true;
     // Read at once: with 100 s certificates the daemon rotates again 12–28 s later (back to key_label).
     const rotatedTo = await state();
     expect(rotatedTo.keyRef).toContain("object=m2m-device-alt");
     expect(rotatedTo.keyThumbprint).not.toBe(before.keyThumbprint);
-    stopAt = Date.now() + 2_000;
-    await producer;
-    // Parse what arrived once per check (not once per accepted message: that is quadratic, ~10^4
-    // messages took minutes, and the daemon meanwhile rotated again, back to key_label).
-    const missing = (): number[] => {
-      const arrived = new Set(sub.received.map((m) => (JSON.parse(m.payload) as { n: number }).n));
-      return [...accepted].filter((n) => !arrived.has(n));
-    };
-    await sub.waitFor(() => missing().length === 0, 60_000).catch(() => undefined);
+    await producer.stop(2_000);
+    // Fast enough that the daemon does not meanwhile rotate again, back to key_label.
+    const missing = arrivals(sub, "rot");
+    await sub.waitFor(() => missing(producer.accepted).length === 0, 60_000).catch(() => undefined);
     expect(rotated).toBe(true);
-    expect(accepted.size).toBeGreaterThan(1_000);
-    expect(missing()).toEqual([]);
+    expect(producer.accepted.size).toBeGreaterThan(1_000);
+    expect(missing(producer.accepted)).toEqual([]);
     // The sink moved its live connection to the new key (make-before-break), and was never refused.
-    const st = JSON.parse(
-      (await runNode(AGENT_CLI, ["--config", config, "--json", "status"], env)).stdout,
-    ) as {
+    const st = await agentStatus<{
       stages: { relay: { sinks: { mqtt: { deadLettered: number; delivered: number } } } };
-    };
+    }>(config, env);
     expect(st.stages.relay.sinks.mqtt.deadLettered).toBe(0);
     await sub.close();
     // Stopped, the daemon rotates no more: state, rotation file and token agree on the key it ended on

@@ -1,25 +1,16 @@
 import { X509Certificate } from "node:crypto";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
-import { copyFile, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { beforeAll, describe, expect, it } from "vitest";
 import { type Mosquitto, startMosquitto } from "../../hw/mosquitto.js";
-import { type SwtpmHandle, startSwtpm } from "../../hw/swtpm.js";
+import type { SwtpmHandle } from "../../hw/swtpm.js";
 import { KEY_ROTATION_STATE_FILE } from "../../src/keys/rotation.js";
 import { TpmTlsKeys } from "../../src/keys/tpm/tls.js";
-import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
-import {
-  AGENT_CLI,
-  cliEnv,
-  ensureBuilt,
-  type RegistrarProcess,
-  runNode,
-  setupRegistrar,
-  startRegistrarProcess,
-  writeAgentToml,
-} from "./e2e-kit.js";
-import { postMessages, startSubscriber, until } from "./relay-helpers.js";
+import { useCleanup } from "../kit/cleanup.js";
+import { startDaemon } from "./daemon-cli-kit.js";
+import { agentStatus, startTpmGateway } from "./e2e-kit.js";
+import { arrivals, startNumberedProducer, startSubscriber, until } from "./relay-helpers.js";
 
 /**
  * Issue 11, TPM half of "mTLS follows rotation": the built daemon on swtpm (behind tpm2-abrmd, the
@@ -31,65 +22,47 @@ import { postMessages, startSubscriber, until } from "./relay-helpers.js";
  * rotated TPM key), and the old key is gone from the TPM, the key blobs and the tpm2-pkcs11 token.
  */
 describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs, swtpm + abrmd)", () => {
+  const defer = useCleanup();
   let work: string;
   let tpm: SwtpmHandle;
-  let registrar: RegistrarProcess;
   let broker: Mosquitto;
   let env: NodeJS.ProcessEnv;
   let config: string;
   let pinFile: string;
-  const daemons: Daemon[] = [];
   const stateDir = (): string => join(work, "agent");
 
   beforeAll(async () => {
-    ensureBuilt();
-    work = await mkdtemp(join(tmpdir(), "m2m-rot-tpm-mtls-"));
-    tpm = await startSwtpm({ resourceManager: "abrmd" });
-    // The tabrmd TCTI finds the broker on this bus: the daemon, its tools and the tpm2-pkcs11 module.
-    process.env.DBUS_SESSION_BUS_ADDRESS = tpm.dbusAddress ?? "";
-    env = cliEnv({ DBUS_SESSION_BUS_ADDRESS: tpm.dbusAddress ?? "" });
-    const ekTrust = join(work, "ek-trust");
-    await mkdir(ekTrust);
-    await copyFile(tpm.rootCaPemPath, join(ekTrust, "root.pem"));
-    await copyFile(tpm.intermediateCaPemPath, join(ekTrust, "intermediate.pem"));
-    const setup = await setupRegistrar({
-      work,
-      env,
+    ({ work, tpm, env, config } = await startTpmGateway(defer, {
+      prefix: "m2m-rot-tpm-mtls-",
+      swtpm: { resourceManager: "abrmd" },
+      // The tabrmd TCTI finds the broker on this bus: the daemon, its tools and the tpm2-pkcs11 module.
+      env: (t) => ({ DBUS_SESSION_BUS_ADDRESS: t.dbusAddress ?? "" }),
       // Certificates start 60 s back; renewal (and with it rotation) at half of 160 s ± 5 %: 12–28 s.
-      topLevel: ['cert_lifetime = "100s"'],
-      extraConfig: ["[rotation]", 'tpm = "tpm-certify"'],
-      groups: [{ name: "gateways", role: "gateway", methods: "tpm", ekTrustDir: ekTrust }],
-    });
-    registrar = await startRegistrarProcess(setup.regConfig, env);
-    // The broker trusts the fleet CA for client certificates; ACL: devices/%u/# with %u = cert CN.
-    broker = await startMosquitto({ clientCaFile: setup.caCert });
-    pinFile = join(work, "tpm-token.pin");
-    await writeFile(pinFile, "tpm-rot-pin-5521", { mode: 0o600 });
-    config = join(work, "agent.toml");
-    await writeAgentToml(config, {
-      stateDir: stateDir(),
-      runtimeDir: join(work, "run"),
-      agent: ['log_level = "info"'],
-      keys: { tcti: tpm.tcti },
-      enroll: {
-        registrarUrl: registrar.url,
-        caFile: setup.caCert,
-        group: "gateways",
+      registrar: { topLevel: ['cert_lifetime = "100s"'], extraConfig: ["[rotation]", 'tpm = "tpm-certify"'] },
+      agent: {
+        stateDir: "agent",
         hardwareSerial: "GW-ROT-MTLS",
+        sections: async ({ work, setup }) => {
+          // The broker trusts the fleet CA for client certificates; ACL: devices/%u/# with %u = cert CN.
+          broker = await startMosquitto({ clientCaFile: setup.caCert });
+          defer(() => broker.cleanup());
+          pinFile = join(work, "tpm-token.pin");
+          await writeFile(pinFile, "tpm-rot-pin-5521", { mode: 0o600 });
+          return [
+            `tls_pin_file = "${pinFile}"`,
+            "[credentials.est]",
+            "rotate_key = true",
+            "renew_fraction = 0.5",
+            "[relay.mqtt]",
+            `urls = ["${broker.mtlsUrl}"]`,
+            'auth = "mtls-tpm"',
+            `ca_file = "${broker.ca.caCertPath}"`,
+            "inflight = 200",
+          ];
+        },
       },
-      sections: [
-        `tls_pin_file = "${pinFile}"`,
-        "[credentials.est]",
-        "rotate_key = true",
-        "renew_fraction = 0.5",
-        "[relay.mqtt]",
-        `urls = ["${broker.mtlsUrl}"]`,
-        'auth = "mtls-tpm"',
-        `ca_file = "${broker.ca.caCertPath}"`,
-        "inflight = 200",
-      ],
-      api: { socket: join(work, "api.sock") },
-    });
+    }));
+    process.env.DBUS_SESSION_BUS_ADDRESS = env.DBUS_SESSION_BUS_ADDRESS;
     // tls_pin_file belongs to [keys.tpm]: move it there (the kit writes sections after [enroll]).
     const text = (await readFile(config, "utf8"))
       .replace(`tls_pin_file = "${pinFile}"\n`, "")
@@ -99,15 +72,6 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
       );
     await writeFile(config, text, { mode: 0o600 });
   }, 300_000);
-
-  afterAll(async () => {
-    for (const d of daemons) d.kill();
-    await Promise.all(daemons.map((d) => d.exited));
-    await registrar?.stop();
-    await broker?.cleanup();
-    await tpm?.stop();
-    if (work !== undefined) await rm(work, { recursive: true, force: true });
-  });
 
   it("publishes ≈ 500 msg/s, rotates the TPM key mid-stream, loses nothing, the broker sees the new certificate", async () => {
     const state = async () =>
@@ -122,27 +86,13 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
     const serialOf = (pem: string): string => norm(new X509Certificate(pem).serialNumber);
     const sub = await startSubscriber(broker.plainUrl, "devices/#");
     const d = startDaemon(["--config", config, "run"], env);
-    daemons.push(d);
+    defer(d.close);
     await d.waitLog((r) => r.msg === "device enrolled", 90_000);
     const before = await state();
     expect(before.keyRef).toContain("handle=0x81000002");
     // ≈ 500 msg/s through the local API until 3 s after the rotation.
-    const socket = join(work, "api.sock");
-    let seq = 0;
-    const accepted = new Set<number>();
-    let acceptedAtRotation = 0;
-    let stopAt = Number.POSITIVE_INFINITY;
-    const producer = (async () => {
-      while (Date.now() < stopAt) {
-        const batch = Array.from({ length: 50 }, () => seq++);
-        const status = await postMessages(
-          socket,
-          JSON.stringify(batch.map((n) => ({ channel: "rot", payload: { n } }))),
-        ).catch(() => 0);
-        if (status === 200) for (const n of batch) accepted.add(n);
-        await new Promise((r) => setTimeout(r, 100));
-      }
-    })();
+    const producer = startNumberedProducer(join(work, "api.sock"), "rot");
+    const accepted = producer.accepted;
     // The sink connects on the first message: that connection presents the enrolment certificate
     // (TPM key at 0x81000002), before the rotation (due 12–28 s after the issue).
     const firstConn = await d.waitLog((r) => r.msg === "broker connected", 60_000);
@@ -151,21 +101,11 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
     await d.waitLog((r) => r.msg === "device key rotated", 90_000);
     // Read now: with 100 s certificates the next rotation is due 12–28 s after this one.
     const after = await state();
-    acceptedAtRotation = accepted.size;
-    stopAt = Date.now() + 3_000;
-    await producer;
-    // Incremental (a fresh Set per poll would be quadratic in the message count and starve the loop).
-    const arrived = new Set<number>();
-    let scanned = 0;
-    const allArrived = (): boolean => {
-      for (; scanned < sub.received.length; scanned++) {
-        const m = sub.received[scanned];
-        if (m?.topic.endsWith("/rot") === true) arrived.add((JSON.parse(m.payload) as { n: number }).n);
-      }
-      return [...accepted].every((n) => arrived.has(n));
-    };
-    await sub.waitFor(allArrived, 60_000).catch(() => undefined);
-    const missing = [...accepted].filter((n) => !arrived.has(n));
+    const acceptedAtRotation = accepted.size;
+    await producer.stop(3_000);
+    const missingOf = arrivals(sub, "rot");
+    await sub.waitFor(() => missingOf(accepted).length === 0, 60_000).catch(() => undefined);
+    const missing = missingOf(accepted);
     expect(
       missing.length,
       `missing ${missing.length} of ${accepted.size}; daemon log tail:\n${d.stderr().slice(-4000)}`,
@@ -242,9 +182,10 @@ describe("daemon TPM key rotation with MQTT mTLS through tpm2-pkcs11 (built CLIs
     const accepts = [...log.matchAll(/New client connected from \S+ as (\S+) \([^)]*u'([^']*)'\)/g)];
     expect(accepts.find((m) => m[1] === newConn.clientId)?.[2]).toBe(before.deviceId);
 
-    const st = JSON.parse(
-      (await runNode(AGENT_CLI, ["--config", config, "--json", "status"], env)).stdout,
-    ) as { stages: { relay: { sinks: { mqtt: { deadLettered: number } } } } };
+    const st = await agentStatus<{ stages: { relay: { sinks: { mqtt: { deadLettered: number } } } } }>(
+      config,
+      env,
+    );
     expect(st.stages.relay.sinks.mqtt.deadLettered).toBe(0);
     d.child.kill("SIGTERM");
     expect(await d.exited).toBe(0);

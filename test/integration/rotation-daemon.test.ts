@@ -1,22 +1,10 @@
 import { X509Certificate } from "node:crypto";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { type SwtpmHandle, startSwtpm, writeEkTrustDir } from "../../hw/swtpm.js";
-import { type Daemon, startDaemon } from "./daemon-cli-kit.js";
-import {
-  AGENT_CLI,
-  cliEnv,
-  ensureBuilt,
-  eventually,
-  jwtClaims,
-  type RegistrarProcess,
-  runNode,
-  setupRegistrar,
-  startRegistrarProcess,
-  writeAgentToml,
-} from "./e2e-kit.js";
+import { beforeAll, describe, expect, it } from "vitest";
+import { useCleanup } from "../kit/cleanup.js";
+import { startDaemon } from "./daemon-cli-kit.js";
+import { AGENT_CLI, eventually, jwtClaims, runNode, startTpmGateway } from "./e2e-kit.js";
 
 /**
  * The built daemon with `credentials.est.rotate_key = true` on swtpm against the built registrar:
@@ -25,12 +13,10 @@ import {
  * using the key the rotation state names.
  */
 describe("daemon TPM key rotation (built CLIs, swtpm)", () => {
+  const defer = useCleanup();
   let work: string;
-  let tpm: SwtpmHandle;
-  let registrar: RegistrarProcess;
   let env: NodeJS.ProcessEnv;
   let agentConfig: string;
-  const daemons: Daemon[] = [];
   const stateDir = (): string => join(work, "agent");
 
   const agent = (args: readonly string[]) => runNode(AGENT_CLI, ["--config", agentConfig, ...args], env);
@@ -48,49 +34,23 @@ describe("daemon TPM key rotation (built CLIs, swtpm)", () => {
     };
 
   beforeAll(async () => {
-    ensureBuilt();
-    work = await mkdtemp(join(tmpdir(), "m2m-rot-daemon-"));
-    tpm = await startSwtpm();
-    env = cliEnv();
-    const ekTrust = await writeEkTrustDir(tpm, work);
-    const setup = await setupRegistrar({
-      work,
-      env,
+    const gw = await startTpmGateway(defer, {
+      prefix: "m2m-rot-daemon-",
       // Certificates start 60 s back (clock skew); at half of 160 s ± 5 %: renewal, and with it
       // rotation, 12–28 s after each issue (so a restart right after a rotation is not due yet).
-      topLevel: ['cert_lifetime = "100s"'],
-      extraConfig: ["[rotation]", 'tpm = "tpm-certify"'],
-      groups: [{ name: "gateways", role: "gateway", methods: "tpm", ekTrustDir: ekTrust }],
-    });
-    registrar = await startRegistrarProcess(setup.regConfig, env);
-    agentConfig = join(work, "agent.toml");
-    await writeAgentToml(agentConfig, {
-      stateDir: stateDir(),
-      runtimeDir: join(work, "run"),
-      agent: ['log_level = "info"'],
-      keys: { tcti: tpm.tcti },
-      enroll: {
-        registrarUrl: registrar.url,
-        caFile: setup.caCert,
-        group: "gateways",
+      registrar: { topLevel: ['cert_lifetime = "100s"'], extraConfig: ["[rotation]", 'tpm = "tpm-certify"'] },
+      agent: {
+        stateDir: "agent",
         hardwareSerial: "GW-ROT-D",
+        sections: ["[credentials.est]", "rotate_key = true", "renew_fraction = 0.5"],
       },
-      sections: ["[credentials.est]", "rotate_key = true", "renew_fraction = 0.5"],
-      api: { socket: join(work, "api.sock") },
     });
+    ({ work, env, config: agentConfig } = gw);
   }, 300_000);
-
-  afterAll(async () => {
-    for (const d of daemons) d.kill();
-    await Promise.all(daemons.map((d) => d.exited));
-    await registrar?.stop();
-    await tpm?.stop();
-    if (work !== undefined) await rm(work, { recursive: true, force: true });
-  });
 
   it("rotates at renewal, tokens follow the new key, a restart keeps it", async () => {
     const d = startDaemon(["--config", agentConfig, "run"], env);
-    daemons.push(d);
+    defer(d.close);
     await d.waitLog((r) => r.msg === "device enrolled", 60_000);
     await d.waitLog((r) => r.msg === "access token obtained", 30_000);
     const enrolled = await enrolmentState();
@@ -116,7 +76,7 @@ describe("daemon TPM key rotation (built CLIs, swtpm)", () => {
 
     // Restart: the key provider opens the handle the rotation state names; no re-enrolment.
     const d2 = startDaemon(["--config", agentConfig, "run"], env);
-    daemons.push(d2);
+    defer(d2.close);
     await d2.waitLog((r) => r.msg === "access token obtained", 30_000);
     expect(d2.stderr()).not.toContain('"msg":"device enrolled"');
     const jkt = await eventually(

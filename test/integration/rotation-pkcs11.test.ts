@@ -8,13 +8,11 @@ import { Agent, fetch } from "undici";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { initSoftHsm, type SoftHsmHandle } from "../../hw/softhsm.js";
 import { systemClock } from "../../src/core/clock.js";
-import { EstClient } from "../../src/credentials/est/est-client.js";
 import { CertificateRenewer } from "../../src/credentials/est/renewer.js";
 import { OAuthClient } from "../../src/credentials/oauth/client.js";
 import { runEnroll } from "../../src/enroll/index.js";
 import { signCompactJws } from "../../src/keys/jws.js";
 import type { KeyProvider } from "../../src/keys/key-provider.js";
-import { createEngineSecureContext } from "../../src/keys/pkcs11/engine-tls.js";
 import { finalizeModule, Pkcs11KeyProvider } from "../../src/keys/pkcs11/index.js";
 import { AlternatingKeyRotation } from "../../src/keys/rotation.js";
 import { addEnrolmentGroup, createBootstrapToken } from "../../src/registrar/admin.js";
@@ -23,6 +21,7 @@ import { caPaths, FleetCa, initCa } from "../../src/registrar/ca/index.js";
 import { registrarConfigFrom } from "../../src/registrar/config.js";
 import { SqliteRegistrarStore } from "../../src/registrar/store/index.js";
 import { ROTATE_PATHS } from "../../src/wire/v1/index.js";
+import { engineMtlsEstClient } from "../kit/engine-est-client.js";
 import { postClientAssertion } from "../kit/token-request.js";
 
 /**
@@ -104,24 +103,14 @@ describe("PKCS#11 key rotation (SoftHSM + registrar app)", () => {
     );
     const certFile = join(dir, `${group}.pem`);
     await (await import("node:fs/promises")).writeFile(certFile, out.state.certificatePem);
-    const est = new EstClient(
-      { baseUrl: app.issuer, caPem },
-      {
-        kind: "mtls",
-        certPem: () => readFile(certFile, "utf8"),
-        // The CURRENT key (label from the rotation state) authenticates the TLS handshake.
-        secureContext: async (certPem) =>
-          createEngineSecureContext({
-            modulePath: hsm.modulePath,
-            tokenLabel: hsm.tokenLabel,
-            keyLabel: await rotation.currentName(),
-            pinFile: hsm.pinFile,
-            certPem,
-            caPem,
-          }),
-      },
-      systemClock,
-    );
+    // The CURRENT key (label from the rotation state) authenticates the TLS handshake.
+    const est = engineMtlsEstClient({
+      baseUrl: app.issuer,
+      caPem,
+      hsm,
+      certFile,
+      keyLabel: () => rotation.currentName(),
+    });
     const renewer = new CertificateRenewer(
       {
         deviceId: out.state.deviceId,

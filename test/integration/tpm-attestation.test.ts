@@ -118,24 +118,33 @@ describe("TPM attestation ops (swtpm)", () => {
     expect(Buffer.from(again.name)).toEqual(Buffer.from(ak.name));
   });
 
-  test("activateCredential recovers a secret made by tpm2_makecredential for (EK, Name(AK))", async () => {
+  /** `tpm2_makecredential -T none` (software) for the RSA EK and `name`: the blob a registrar sends. */
+  const toolsCredentialBlob = async (
+    secret: Uint8Array,
+    name: Uint8Array,
+    tag: string,
+  ): Promise<Uint8Array> => {
     const rsa = eks.find((e) => e.handle === 0x81010001);
-    const secret = randomBytes(32);
     await writeFile(join(work, "ek.pub"), rsa?.tpm2bPublic ?? new Uint8Array());
-    await writeFile(join(work, "secret"), secret);
+    await writeFile(join(work, tag), secret);
     await tpm.tpm("tpm2_makecredential", [
       "-T",
       "none",
       "-u",
       join(work, "ek.pub"),
       "-s",
-      join(work, "secret"),
+      join(work, tag),
       "-n",
-      Buffer.from(ak.name).toString("hex"),
+      Buffer.from(name).toString("hex"),
       "-o",
-      join(work, "blob"),
+      join(work, `${tag}.blob`),
     ]);
-    const blob = new Uint8Array(await readFile(join(work, "blob")));
+    return new Uint8Array(await readFile(join(work, `${tag}.blob`)));
+  };
+
+  test("activateCredential recovers a secret made by tpm2_makecredential for (EK, Name(AK))", async () => {
+    const secret = randomBytes(32);
+    const blob = await toolsCredentialBlob(secret, ak.name, "secret");
     const got = await ops.activateCredential(blob);
     expect(Buffer.from(got.reveal())).toEqual(secret);
     expect(inspect(got)).not.toContain(secret.toString("hex"));
@@ -143,24 +152,9 @@ describe("TPM attestation ops (swtpm)", () => {
   });
 
   test("activateCredential refuses a credential bound to another AK name (TPM refuses)", async () => {
-    const rsa = eks.find((e) => e.handle === 0x81010001);
-    await writeFile(join(work, "ek.pub"), rsa?.tpm2bPublic ?? new Uint8Array());
-    await writeFile(join(work, "secret2"), randomBytes(32));
     const otherName = Buffer.from(ak.name);
     otherName[5] = (otherName[5] ?? 0) ^ 0xff;
-    await tpm.tpm("tpm2_makecredential", [
-      "-T",
-      "none",
-      "-u",
-      join(work, "ek.pub"),
-      "-s",
-      join(work, "secret2"),
-      "-n",
-      otherName.toString("hex"),
-      "-o",
-      join(work, "blob2"),
-    ]);
-    const blob = new Uint8Array(await readFile(join(work, "blob2")));
+    const blob = await toolsCredentialBlob(randomBytes(32), otherName, "secret2");
     await expect(ops.activateCredential(blob)).rejects.toSatisfy((e) => isM2mError(e, "ERR_TPM_COMMAND"));
     await expect(ops.activateCredential(blob.subarray(0, 20))).rejects.toSatisfy((e) =>
       isM2mError(e, "ERR_TPM_CREDENTIAL_BLOB"),

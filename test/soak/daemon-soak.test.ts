@@ -16,8 +16,10 @@ import {
   enrollAgent,
   ensureBuilt,
   eventually,
+  hsmSensorAgent,
   mqttSinkToml,
   type RegistrarProcess,
+  SENSORS_GROUP,
   setupRegistrar,
   startRegistrarProcess,
   writeAgentToml,
@@ -211,7 +213,7 @@ describe("daemon memory soak (built CLI, SoftHSM, registrar, mosquitto mTLS)", (
       work,
       env,
       extraConfig: ["[oauth.roles]", 'sensor = ["telemetry:write", "est"]'],
-      groups: [{ name: "sensors", role: "sensor", methods: "pkcs11" }],
+      groups: [SENSORS_GROUP],
     });
     const bootstrap = await createBootstrapToken(setup, "sensors");
     registrar = await startRegistrarProcess(setup.regConfig, env);
@@ -223,20 +225,19 @@ describe("daemon memory soak (built CLI, SoftHSM, registrar, mosquitto mTLS)", (
     });
     socketPath = join(work, "api.sock");
     agentConfig = join(work, "agent.toml");
-    await writeAgentToml(agentConfig, {
-      stateDir: join(work, "state"),
-      runtimeDir: join(work, "run"),
-      agent: ['log_level = "info"', "drain_timeout_ms = 5000"],
-      keys: { hsm },
-      enroll: {
-        registrarUrl: registrar.url,
-        caFile: setup.caCert,
+    await writeAgentToml(
+      agentConfig,
+      hsmSensorAgent({
+        work,
+        hsm,
+        registrar: { url: registrar.url, caFile: setup.caCert },
         bootstrapToken: bootstrap,
         hardwareSerial: "SOAK-1",
-      },
-      sections: mqttSinkToml(broker, 64),
-      api: { socket: socketPath, mode0600: true },
-    });
+        agent: ["drain_timeout_ms = 5000"],
+        sections: mqttSinkToml(broker, 64),
+        apiMode0600: true,
+      }),
+    );
     const enrolled = await enrollAgent(agentConfig, env);
     deviceId = (JSON.parse(enrolled.stdout) as { deviceId: string }).deviceId;
   }, 180_000);

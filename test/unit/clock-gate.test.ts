@@ -1,8 +1,8 @@
-import { execFileSync } from "node:child_process";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { createTestCa } from "../../hw/mosquitto.js";
 import { ManualClock } from "../../src/core/clock.js";
 import { silentLogger } from "../../src/core/log.js";
 import { EstClient } from "../../src/credentials/est/est-client.js";
@@ -186,29 +186,8 @@ describe("CLI gate (enroll, token --direct, decommission)", () => {
         clock: new ManualClock(new Date("2001-01-01T00:00:00Z")),
       }),
     ).rejects.toMatchObject({ code: "ERR_CLOCK_UNTRUSTED" });
-    const certPath = join(dir, "cli-cert.pem");
-    execFileSync(
-      "openssl",
-      [
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        join(dir, "cli.key"),
-        "-out",
-        certPath,
-        "-days",
-        "1",
-        "-subj",
-        "/CN=cli-gate",
-      ],
-      { stdio: "ignore", timeout: 20_000 },
-    );
-    const certificatePem = await readFile(certPath, "utf8");
+    // A certificate issued now (notBefore = now): the enrolled certificate's time floor.
+    const certificatePem = (await createTestCa(await mkdtemp(join(dir, "cli-ca-")))).caPem;
     // A day before the certificate was issued (yet above the build floor): untrusted because of it.
     const dayBefore = new ManualClock(new Date(Date.now() - 86_400_000));
     await expect(

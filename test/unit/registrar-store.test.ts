@@ -6,30 +6,15 @@ import { ManualClock } from "../../src/core/clock.js";
 import { addEnrolmentGroup, createBootstrapToken } from "../../src/registrar/admin.js";
 import { hashBootstrapToken } from "../../src/registrar/enrolment/pkcs11-route.js";
 import { type CommitEnrolment, SqliteRegistrarStore } from "../../src/registrar/store/index.js";
+import { enrolmentCommit } from "../kit/enrolment-commit.js";
 
 describe("SqliteRegistrarStore", () => {
   let dir: string;
   let store: SqliteRegistrarStore;
   const clock = new ManualClock(new Date("2026-06-01T00:00:00Z"));
 
-  const commit = (over: Partial<CommitEnrolment>): CommitEnrolment => ({
-    method: "pkcs11",
-    thumbprint: "thumb-1",
-    ekHash: undefined,
-    hardwareSerial: "SN-1",
-    proposedDeviceId: "dev-1",
-    deviceId: "dev-1",
-    proof: { kind: "token", hash: "none" },
-    now: clock.now(),
-    group: "g",
-    role: "r",
-    attributes: {},
-    publicJwk: { kty: "EC" },
-    evidence: undefined,
-    certSerial: "01",
-    certNotAfter: new Date(clock.now().getTime() + 1000),
-    ...over,
-  });
+  const commit = (over: Partial<CommitEnrolment>): CommitEnrolment =>
+    enrolmentCommit(clock.now(), new Date(clock.now().getTime() + 1000), over);
 
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), "m2m-store-"));
