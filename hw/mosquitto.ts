@@ -320,7 +320,10 @@ export async function startMosquitto(opts: MosquittoOptions = {}): Promise<Mosqu
     proc = p;
     p.catch(() => undefined);
     try {
-      await waitForPort(mtlsPort, 10_000);
+      // Every listener, not just the first: mosquitto opens them one by one, and a client of the plain
+      // listener connecting right after a (re)start was refused (ECONNREFUSED) on a loaded machine.
+      for (const port of [mtlsPort, plainPort, passwordPort])
+        if (port !== undefined) await waitForPort(port, 10_000);
     } catch (err) {
       p.kill("SIGKILL");
       const log = await readFile(join(dir, "mosquitto.log"), "utf8").catch(() => "");
