@@ -1,7 +1,6 @@
-import { mkdtemp, readFile, rm } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { mkdtemp, readFile } from "node:fs/promises";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { createTestCa } from "../../hw/mosquitto.js";
 import { ManualClock } from "../../src/core/clock.js";
 import { silentLogger } from "../../src/core/log.js";
@@ -11,27 +10,15 @@ import type { OutboxMessage } from "../../src/relay/outbox/outbox.js";
 import { SqliteOutbox } from "../../src/relay/outbox/sqlite/sqlite-outbox.js";
 import { Relay } from "../../src/relay/relay.js";
 import type { DeliveryOutcome, Sink } from "../../src/relay/sinks/sink.js";
+import { useTempDir } from "../kit/temp-dir.js";
+import { until } from "../kit/until.js";
 
 /**
  * The clock gate (issue 12, "clock gating everywhere"): one `ClockSanity.untrusted()` guard in front
  * of the relay's sinks (no lease, delivery or probe), EST and rotation; a corrected clock resumes
  * at once; a forward step of the wall clock is noticed and never becomes the persisted floor.
  */
-let dir: string;
-beforeAll(async () => {
-  dir = await mkdtemp(join(tmpdir(), "m2m-clock-gate-"));
-});
-afterAll(async () => {
-  await rm(dir, { recursive: true, force: true });
-});
-
-async function until(pred: () => boolean, what: string): Promise<void> {
-  for (let i = 0; i < 2000; i++) {
-    if (pred()) return;
-    await new Promise((r) => setTimeout(r, 2));
-  }
-  throw new Error(`timed out: ${what}`);
-}
+const tempDir = useTempDir("m2m-clock-gate-");
 
 /** Counts deliveries and probes (each would be a connection upstream). */
 class CountingSink implements Sink {
@@ -58,8 +45,13 @@ class CountingSink implements Sink {
 describe("relay hold gate", () => {
   it("while the clock is untrusted nothing is delivered or probed, the sink is reported held at once; a corrected clock delivers everything", async () => {
     const clock = new ManualClock(new Date("2001-01-01T00:00:00Z"));
-    const sanity = new ClockSanity({ clock, stateDir: join(dir, "relay"), log: silentLogger });
-    const outbox = SqliteOutbox.open({ path: join(dir, "hold.db"), sinks: ["s"], ttlCheckMs: 0, clock });
+    const sanity = new ClockSanity({ clock, stateDir: join(tempDir(), "relay"), log: silentLogger });
+    const outbox = SqliteOutbox.open({
+      path: join(tempDir(), "hold.db"),
+      sinks: ["s"],
+      ttlCheckMs: 0,
+      clock,
+    });
     const sink = new CountingSink();
     const relay = new Relay({
       outbox,
@@ -100,7 +92,7 @@ describe("relay hold gate", () => {
 describe("EST gate", () => {
   it("refuses with ERR_CLOCK_UNTRUSTED before any connection or token request", async () => {
     const clock = new ManualClock(new Date("2001-01-01T00:00:00Z"));
-    const sanity = new ClockSanity({ clock, stateDir: join(dir, "est"), log: silentLogger });
+    const sanity = new ClockSanity({ clock, stateDir: join(tempDir(), "est"), log: silentLogger });
     let tokenRequests = 0;
     const est = new EstClient(
       // Port 9 (discard) on a TEST-NET address: a connection attempt would hang or fail differently.
@@ -127,7 +119,7 @@ describe("EST gate", () => {
 
 describe("forward steps", () => {
   it("a two-year forward step is noticed and never persisted as the floor; corrected back, the clock is trusted", async () => {
-    const stateDir = join(dir, "step");
+    const stateDir = join(tempDir(), "step");
     const clock = new ManualClock(new Date("2027-03-01T12:00:00Z"));
     const cs = new ClockSanity({ clock, stateDir, log: silentLogger });
     await cs.load();
@@ -161,7 +153,7 @@ describe("forward steps", () => {
   });
 
   it("a clock untrusted at boot and corrected later anchors the floor at the corrected time", async () => {
-    const stateDir = join(dir, "boot");
+    const stateDir = join(tempDir(), "boot");
     const clock = new ManualClock(new Date("2001-01-01T00:00:00Z"));
     const cs = new ClockSanity({ clock, stateDir, log: silentLogger });
     expect(await cs.persist()).toBe(false);
@@ -178,7 +170,7 @@ describe("forward steps", () => {
 
 describe("CLI gate (enroll, token --direct, decommission)", () => {
   it("refuses below the build floor and below the enrolled certificate's notBefore", async () => {
-    const stateDir = join(dir, "cli");
+    const stateDir = join(tempDir(), "cli");
     await expect(
       assertClockTrustedForCli({
         stateDir,
@@ -187,7 +179,7 @@ describe("CLI gate (enroll, token --direct, decommission)", () => {
       }),
     ).rejects.toMatchObject({ code: "ERR_CLOCK_UNTRUSTED" });
     // A certificate issued now (notBefore = now): the enrolled certificate's time floor.
-    const certificatePem = (await createTestCa(await mkdtemp(join(dir, "cli-ca-")))).caPem;
+    const certificatePem = (await createTestCa(await mkdtemp(join(tempDir(), "cli-ca-")))).caPem;
     // A day before the certificate was issued (yet above the build floor): untrusted because of it.
     const dayBefore = new ManualClock(new Date(Date.now() - 86_400_000));
     await expect(

@@ -10,14 +10,7 @@ import { parseRetryAfter } from "../../src/relay/sinks/https/https-sink.js";
 import { classifyPublishError } from "../../src/relay/sinks/mqtt/mqtt-sink.js";
 import type { DeliveryOutcome, Sink } from "../../src/relay/sinks/sink.js";
 import { useTempDir } from "../kit/temp-dir.js";
-
-async function until(pred: () => boolean, what: string): Promise<void> {
-  for (let i = 0; i < 2000; i++) {
-    if (pred()) return;
-    await new Promise((r) => setTimeout(r, 2));
-  }
-  throw new Error(`timed out: ${what}`);
-}
+import { until } from "../kit/until.js";
 
 /** A sink following a script of outcomes, one entry per deliver call. */
 class ScriptedSink implements Sink {
