@@ -66,6 +66,12 @@ export interface FleetOptions {
   readonly retry?: RetryPolicy;
   /** Scope of the one token a device asks for (used for EST and ingest). */
   readonly scope?: string;
+  /**
+   * Tokens each device obtains in its token step (default 1). Above 1 the client drops its cached
+   * token and asks again, each a full client-assertion + DPoP request: bench:fleet uses it so the
+   * registrar CPU per token is measured over many tokens, not derived from one per enrolment.
+   */
+  readonly tokensPerDevice?: number;
   readonly requestTimeoutMs?: number;
   readonly clock?: Clock;
   readonly signal?: AbortSignal;
@@ -285,6 +291,7 @@ function summarise(run: Running, clock: Clock): FleetReport {
 export async function runFleet(options: FleetOptions): Promise<FleetReport> {
   const clock = options.clock ?? systemClock;
   const steps = options.steps ?? ALL_STEPS;
+  const tokensPerDevice = Math.max(1, Math.floor(options.tokensPerDevice ?? 1));
   const policy = options.retry ?? FLEET_RETRY;
   const scope = options.scope ?? "telemetry:write est";
   const timeoutMs = options.requestTimeoutMs ?? 30_000;
@@ -448,6 +455,10 @@ export async function runFleet(options: FleetOptions): Promise<FleetReport> {
           throw new M2mError("ERR_SIM_NOT_DPOP", "permanent", "token is not DPoP-bound");
         return t;
       });
+      for (let i = 1; i < tokensPerDevice; i++) {
+        oauth.invalidate();
+        await attemptStep(d, "token", () => oauth.getToken());
+      }
       const signer = await oauth.dpopSigner();
       if (signer === undefined) throw new M2mError("ERR_SIM", "permanent", "no DPoP signer");
       if (steps.includes("est")) {

@@ -6,9 +6,10 @@
  * the daemon had acknowledged by then. The gate calls it a leak only when all of these hold:
  *  1. trend: the Theil–Sen slope (median of all pairwise slopes; a GC that caught more in flight, or a
  *     scheduler stall on a loaded machine, moves a few pairs but not the median) exceeds the bound;
- *  2. sustained: the floor (lowest reading) still rises faster than half the bound from the middle third
- *     of the window to the last (warm-up growth such as glibc arenas or JIT code flattens out; a leak
- *     does not);
+ *  2. sustained: late in the window memory still rises faster than half the bound (the floor from the
+ *     middle third to the last, or the Theil–Sen slope of the later half: with a reading only every
+ *     5-6 s on a busy machine one of them alone missed 1-5 % of seeded leaks); warm-up growth such as
+ *     glibc arenas or JIT code flattens out, a leak does not;
  *  3. retained (when a reading after the load stopped and the outbox drained is given): what is still
  *     held then, above the window's starting level, exceeds the bound times the window's duration.
  *     A backlog that built up because a busy machine could not keep up is released by the drain;
@@ -81,9 +82,10 @@ export function theilSen(points: readonly { readonly x: number; readonly y: numb
 }
 
 /**
- * Growth of the floor from the middle third of the window to the last third (MiB/min). Readings only
- * ever add what a GC caught in flight, so the lowest reading of a third is its level: a leak lifts it
- * to the end, warm-up growth has flattened by then.
+ * Growth late in the window (MiB/min): the larger of the floor's rise from the middle third to the
+ * last third and the Theil–Sen slope of the later half. Readings only ever add what a GC caught in
+ * flight, so the lowest reading of a third is its level: a leak lifts it to the end, warm-up growth
+ * has flattened by then.
  */
 function lateFloorSlope(win: readonly MemoryPoint[]): number {
   if (win.length < 6) return 0;
@@ -95,7 +97,12 @@ function lateFloorSlope(win: readonly MemoryPoint[]): number {
   const centre = (pts: readonly MemoryPoint[]): number => pts.reduce((sum, p) => sum + p.t, 0) / pts.length;
   const mid = third(1);
   const last = third(2);
-  return ((floor(last) - floor(mid)) / (centre(last) - centre(mid))) * 60;
+  const floors = ((floor(last) - floor(mid)) / (centre(last) - centre(mid))) * 60;
+  // With few readings per third (a busy machine), one low reading moves a floor: the Theil–Sen slope
+  // of the later half is the second witness, and either one showing the growth is enough (the trend
+  // and, for the heap, the drain still have to agree).
+  const lateHalf = theilSen(win.filter((p) => p.t - t0 >= span / 2).map((p) => ({ x: p.t, y: p.mib }))) * 60;
+  return Math.max(floors, lateHalf);
 }
 
 /**

@@ -105,6 +105,50 @@ describe("soak leak gate (pure analysis of recorded series)", () => {
     expect(v.leak, v.why).toBe(true);
   });
 
+  it("sparse readings on a very busy machine (one per ~5.5 s, as at load average 40) still separate leak from no leak", () => {
+    // The soak's GC loop falls behind when the test process gets little CPU (14-18 readings in 90 s),
+    // so the soak runs on until it has 24 readings after the warm-up (MIN_READINGS).
+    const sparse = (seed: number, level: (t: number) => number): MemoryPoint[] => {
+      const r = rng(seed);
+      const out: MemoryPoint[] = [];
+      for (let t = 4 + r() * 2; out.filter((p) => p.t >= GATE.warmupS).length < 24; t += 4.5 + r() * 2) {
+        const inFlight = r() < 0.2 ? 2.5 : r() * 0.8;
+        out.push({ t, messages: Math.round(t * 200), mib: 34 + level(t) + inFlight });
+      }
+      return out;
+    };
+    for (const seed of SEEDS) {
+      const quiet = leakGate(
+        sparse(seed, () => 0),
+        GATE,
+        34.4,
+      );
+      expect(quiet.leak, `seed ${seed} (no leak): ${quiet.why}`).toBe(false);
+      const leak = (t: number): number => (1.7 * t) / 60;
+      const pts = sparse(seed, leak);
+      const leaking = leakGate(pts, GATE, 34 + leak((pts.at(-1)?.t ?? 0) + 10));
+      expect(leaking.leak, `seed ${seed} (1.7 MiB/min): ${leaking.why}`).toBe(true);
+    }
+  });
+
+  it("the RSS series recorded on a loaded machine with the backlog held (load average 38) is not a leak", () => {
+    // daemon-soak.test.ts, 2026-12-06 23:23, BACKLOG_CAP 2,000: post-GC VmRSS every ~5.5 s.
+    const mib = [
+      111.9, 110.9, 111.3, 110.6, 110.9, 111.9, 112.9, 112.8, 112.3, 111.3, 112.0, 112.6, 112.1, 113.0, 112.5,
+      112.7, 112.7,
+    ];
+    const pts = mib.map((m, i) => ({ t: 5 + i * 5.5, messages: (5 + i * 5.5) * 198, mib: m }));
+    const v = leakGate(pts, { boundMiBPerMin: 4, warmupS: 20 });
+    expect(v.leak, v.why).toBe(false);
+    // The same run without the cap (backlog to 25,000): a real rise, which the gate rightly reports;
+    // the soak holds the producer back so that the gate judges a steady state (see BACKLOG_CAP).
+    const unbounded = [
+      110.0, 114.0, 116.6, 117.3, 118.9, 119.1, 119.1, 117.8, 121.1, 122.8, 122.6, 122.8, 124.1, 124.5, 124.6,
+      124.3,
+    ].map((m, i) => ({ t: 5 + i * 5.6, messages: (5 + i * 5.6) * 300, mib: m }));
+    expect(leakGate(unbounded, { boundMiBPerMin: 4, warmupS: 20 }).slopeMiBPerMin).toBeGreaterThan(4);
+  });
+
   it("too few points never pass as a verdict of leak", () => {
     expect(leakGate(series(1, (t) => t).slice(0, 9), GATE).leak).toBe(false);
   });
