@@ -6,6 +6,7 @@ import { parseRetryAfter, type RetryPolicy, withRetry } from "../../src/core/ret
 import type { Secret } from "../../src/core/secret.js";
 import { EstClient } from "../../src/credentials/est/est-client.js";
 import { OAuthClient } from "../../src/credentials/oauth/client.js";
+import type { AccessToken } from "../../src/credentials/oauth/token-source.js";
 import { enrollPkcs11, enrollTpm, RegistrarClient } from "../../src/enroll/index.js";
 import { createCsr } from "../../src/keys/csr.js";
 import { FakeKeyProvider, FakeKeyStore } from "../../src/keys/fake/fake-provider.js";
@@ -72,6 +73,8 @@ export interface FleetOptions {
    * registrar CPU per token is measured over many tokens, not derived from one per enrolment.
    */
   readonly tokensPerDevice?: number;
+  /** Called with every access token a device obtains (tests check that each is a new one). */
+  readonly onToken?: (token: AccessToken) => void;
   readonly requestTimeoutMs?: number;
   readonly clock?: Clock;
   readonly signal?: AbortSignal;
@@ -448,16 +451,17 @@ export async function runFleet(options: FleetOptions): Promise<FleetReport> {
         { keys: provider, clock, retry: { ...policy, maxAttempts: 1 } },
       );
       closers.push(() => oauth.close());
-      await attemptStep(d, "token", async () => {
+      const first = await attemptStep(d, "token", async () => {
         const t = await oauth.getToken();
         // Security: the simulator insists on what a real agent insists on: a DPoP-bound token.
         if (t.tokenType !== "DPoP")
           throw new M2mError("ERR_SIM_NOT_DPOP", "permanent", "token is not DPoP-bound");
         return t;
       });
+      options.onToken?.(first);
       for (let i = 1; i < tokensPerDevice; i++) {
         oauth.invalidate();
-        await attemptStep(d, "token", () => oauth.getToken());
+        options.onToken?.(await attemptStep(d, "token", () => oauth.getToken()));
       }
       const signer = await oauth.dpopSigner();
       if (signer === undefined) throw new M2mError("ERR_SIM", "permanent", "no DPoP signer");
