@@ -1,5 +1,4 @@
 import { mkdtemp, readdir, readFile, stat, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { inspect } from "node:util";
 import { describe, expect, it } from "vitest";
@@ -9,6 +8,7 @@ import { M2mError } from "../../src/core/errors.js";
 import { createLogger } from "../../src/core/log.js";
 import { backoffDelay, defaultRetryPolicy, withRetry } from "../../src/core/retry.js";
 import { Secret } from "../../src/core/secret.js";
+import { useTempDir } from "../kit/temp-dir.js";
 
 describe("Secret", () => {
   it("never prints its value", () => {
@@ -86,8 +86,9 @@ describe("withRetry", () => {
 });
 
 describe("writeFileAtomic", () => {
+  const base = useTempDir("m2m-atomic-");
   it("writes 0600 and replaces without leaving temp files", async () => {
-    const dir = await mkdtemp(join(tmpdir(), "m2m-atomic-"));
+    const dir = await mkdtemp(join(base(), "case-"));
     const path = join(dir, "state.json");
     await writeFile(path, "old");
     await writeFileAtomic(path, "new");
@@ -97,7 +98,7 @@ describe("writeFileAtomic", () => {
   });
 
   it("fails with a stable code and leaves the old file intact", async () => {
-    const dir = await mkdtemp(join(tmpdir(), "m2m-atomic-"));
+    const dir = await mkdtemp(join(base(), "case-"));
     await expect(
       writeFileAtomic(join(dir, "missing-parent-is-a-file", "x"), "y").then(async () => {
         await writeFile(join(dir, "f"), "z");
